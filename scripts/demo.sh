@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The main job on the default model: fetch SmolLM2-135M, extract last-token hidden states at
+# every layer for a few multilingual sentences, then generate with and without steering.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/fetch-model.sh smollm2-135m
+cargo build --release --quiet
+RESID=target/release/resid
+MODEL=models/smollm2-135m
+mkdir -p out
+$RESID info --model $MODEL
+$RESID extract --model $MODEL --input data/demo/sentences.jsonl --out out/demo-hidden.safetensors
+# A steering vector from the extraction itself: mean(kind) − mean(cruel) sentences, per layer.
+python3 scripts/mean_diff_vector.py out/demo-hidden.safetensors data/demo/sentences.jsonl out/kindness.safetensors
+echo "--- unsteered"
+$RESID generate --model $MODEL --chat --prompt "Describe my new neighbour in one sentence." --max-new-tokens 40
+echo "--- steered toward kindness (layers 8-20, coef 6)"
+$RESID generate --model $MODEL --chat --prompt "Describe my new neighbour in one sentence." --max-new-tokens 40 \
+    --steer out/kindness.safetensors --coef 6 --steer-layers 8-20
+echo "--- steered away from kindness (coef -2.5)"
+$RESID generate --model $MODEL --chat --prompt "Describe my new neighbour in one sentence." --max-new-tokens 40 \
+    --steer out/kindness.safetensors --coef -2.5 --steer-layers 8-20

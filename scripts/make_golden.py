@@ -1,0 +1,788 @@
+#!/usr/bin/env python3
+"""Generate golden reference fixtures for resid from HF transformers (PyTorch, f32, CPU).
+
+How to run (from anywhere):
+
+    scripts/make-golden.sh                 # creates .venv-golden (torch, transformers 5.x, ...) and runs this
+    scripts/make-golden.sh --only tiny-llama-gqa --only smollm2-135m
+    .venv-golden/bin/python scripts/make_golden.py --help   # once the venv exists
+
+This is a developer tool, never run by CI.  It needs torch + transformers (5.x) + safetensors + numpy
+(+ gguf and accelerate for the smollm2 GGUF cross-check, --no-gguf-check skips it).  Everything is CPU f32 and single-threaded, so
+re-running it with the same versions reproduces the committed fixtures bit for bit.
+
+What it writes (paths relative to the repo root):
+
+  tests/fixtures/models/NAME/{config.json,model.safetensors}   random tiny Llama models (only built when
+                                                               missing, or with --rebuild-tiny)
+  tests/fixtures/golden/NAME.safetensors                       reference tensors (see below)
+  tests/fixtures/golden/NAME.json                              metadata: prompts, versions, tokenizer cases
+  tests/fixtures/golden/NAME.steer.safetensors                 the steering vector file ("directions" [L+1,H],
+                                                               metadata coef / layers)
+
+Models: tiny-llama-gqa (f32, GQA, biases, tied, llama3 rope scaling), tiny-llama-mha-bf16 (bf16 weights),
+tiny-llama-f16 (f16 weights, MQA), smollm2-135m (the real model in models/smollm2-135m, produced by
+scripts/fetch-model.sh smollm2-135m; skipped with a warning if it is missing).
+The bf16 / f16 models are always *computed* in float32 (f32 compute on rounded weights).
+
+Tensors in NAME.safetensors (f32 unless stated; L = num_hidden_layers, H = hidden, V = vocab, i = prompt index):
+  p{i}.ids                 i64 [T]      prompt token ids
+  p{i}.last                [L+1, H]     hidden_states[l][0, -1] as HF returns them (0 = embeddings,
+                                        L = after the final norm)
+  p{i}.mean                [L+1, H]     hidden_states[l][0].mean(0) (over all T prompt tokens)
+  p{i}.last_raw            [H]          raw output of the last decoder block (pre final norm), last token
+  p{i}.logits_last         [V]          logits at the last prompt position
+  p{i}.greedy              i64 [16]     16 greedy tokens (argmax loop with KV cache, no EOS stop)
+  p{i}.greedy_margin       [16]         top1 - top2 logit gap at each greedy step (near-tie indicator)
+  steer.directions         [L+1, H]     seeded gaussian rows, unit norm (row l used when l in steer.layers)
+  steer.layers             i64 [k]
+  steer.coef               [1]
+  p{i}.steer_add.{last,mean}  [L+1, H]  hidden states with block l-1 output += coef*directions[l]
+                                        (for every l in steer.layers, at every position incl. generated ones)
+  p{i}.steer_add.greedy    i64 [16]     (+ .greedy_margin [16])
+  p{i}.steer_pw.last       [L+1, H]     sign-aware add: h + coef*v*sign(<h,v>) per token row (torch.sign)
+  p{i}.steer_pw.greedy     i64 [16]     (+ .greedy_margin [16])
+  p{i}.steer_norm.last     [L+1, H]     h' = h + coef*v;  h' *= ||h|| / ||h'|| per token row
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import inspect
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN_DIR = os.path.join(REPO, "tests", "fixtures", "golden")
+TINY_MODELS_DIR = os.path.join(REPO, "tests", "fixtures", "models")
+SMOLLM2_DIR = os.path.join(REPO, "models", "smollm2-135m")
+
+N_GREEDY = 16
+TINY_PROMPT_LENGTHS = [1, 2, 7, 33, 130, 310]
+
+# ----------------------------------------------------------------------------------------------
+# model specs
+# ----------------------------------------------------------------------------------------------
+
+TINY_SPECS = {
+    "tiny-llama-gqa": dict(
+        config=dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=True,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-5,
+            initializer_range=0.1,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        rope_theta=10000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+        dtype=torch.float32,
+        seed=0,
+        steer_layers=[1, 3],
+        steer_coef=2.0,
+    ),
+    "tiny-llama-mha-bf16": dict(
+        config=dict(
+            vocab_size=256,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            num_key_value_heads=3,
+            head_dim=16,
+            attention_bias=False,
+            mlp_bias=False,
+            tie_word_embeddings=False,
+            max_position_embeddings=2048,
+            rms_norm_eps=1e-5,
+            initializer_range=0.1,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        rope_theta=500000.0,
+        rope_scaling=None,
+        dtype=torch.bfloat16,
+        seed=1,
+        steer_layers=[1, 2],
+        steer_coef=2.0,
+    ),
+    "tiny-llama-f16": dict(
+        config=dict(
+            vocab_size=256,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            attention_bias=False,
+            mlp_bias=False,
+            tie_word_embeddings=False,
+            max_position_embeddings=2048,
+            rms_norm_eps=1e-5,
+            initializer_range=0.1,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        rope_theta=500000.0,
+        rope_scaling=None,
+        dtype=torch.float16,
+        seed=2,
+        steer_layers=[1, 2],
+        steer_coef=2.0,
+    ),
+}
+
+SMOLLM2_STEER_LAYERS = [5, 12, 20]
+SMOLLM2_STEER_COEF = 8.0
+
+# Prompts for the real model: several languages / scripts / lengths.  p1 must be exactly one token.
+SMOLLM2_PROMPTS = [
+    "Hello",
+    "The",
+    "Le petit prince regarda les étoiles et se demanda pourquoi les adultes ne comprenaient jamais rien.",
+    "我们今天下午去公园散步，天气非常好，湖边有很多人在钓鱼。",
+    "東京は日本の首都で、世界で最も人口の多い都市の一つです。",
+    "Habari za asubuhi! Leo tunakwenda sokoni kununua matunda na mboga.",
+    "தமிழ் உலகின் மிகப் பழமையான மொழிகளில் ஒன்றாகும்.",
+    "Emoji test 😀👍🏽 👨‍👩‍👧‍👦\tcol1\tcol2\nnew line\n\n  indented 🎉 done",
+    (
+        "The history of the printing press is a story of many small improvements rather than a single "
+        "invention. Long before Johannes Gutenberg set up his workshop in Mainz around 1440, craftsmen in "
+        "China and Korea had carved wooden blocks and cast individual characters in clay and metal. What "
+        "Gutenberg contributed was a practical system: an adjustable hand mould that could cast large numbers "
+        "of uniform metal letters, an oil-based ink that stuck to metal type, and a screw press adapted from "
+        "the presses used to make wine and olive oil. Together these made it possible to print hundreds of "
+        "identical pages quickly and cheaply. Within fifty years, printing shops had spread to more than two "
+        "hundred cities across Europe, and millions of books had been produced. Prices fell, literacy rose, "
+        "and ideas travelled faster than ever before. Scholars could compare identical copies of a text, "
+        "which made it easier to correct errors and to build on the work of others. Religious reformers used "
+        "pamphlets to reach ordinary people, governments printed laws and proclamations, and merchants relied "
+        "on printed tables of exchange rates and distances. Newspapers appeared in the early seventeenth "
+        "century, first as weekly sheets of foreign news and later as daily papers with advertisements, "
+        "letters and essays. The technology itself changed surprisingly little for almost three hundred "
+        "years. Only in the nineteenth century did steam power, rotary presses and machines for setting type "
+        "transform printing into a true industry, making cheap newspapers and novels available to almost "
+        "everyone who could read. Today, when most text is displayed on screens, it is easy to forget how "
+        "radical that first change was, and how much of modern science, politics and culture depends on it."
+    ),
+]
+
+# Strings for the tokenizer golden cases (smollm2 only).  The chat-rendered text is appended at run time.
+TOKENIZER_CASES = [
+    "",
+    "Hello",
+    "Hello, world! How are you today?",
+    "   leading and trailing spaces   ",
+    "runs     of      spaces and\ttabs\t\tand\t \tmixed",
+    "line one\nline two\r\nline three\n\n\nend\r\n",
+    "Digits: 0 7 42 123 4567 12345678 3.14159 1,000,000 2024-06-01 +44 (0)20 7946 0958",
+    "def square(x: int) -> int:\n    return x ** 2  # comment\n\nprint([square(i) for i in range(10)])\n",
+    "Ça coûte 5 € — « déjà vu » à l'hôtel, n'est-ce pas ?",
+    "我们今天去公园散步，天气非常好。",
+    "東京は日本の首都です。ひらがなとカタカナも使います。",
+    "안녕하세요, 만나서 반갑습니다. 한국어 문장입니다.",
+    "தமிழ் ஒரு பழமையான மொழி.",
+    "తెలుగు ఒక అందమైన భాష.",
+    "Habari za asubuhi? Ninakwenda sokoni kununua matunda.",
+    "Moni, muli bwanji? Ndili bwino, zikomo kwambiri.",
+    "Tiếng Việt có nhiều dấu thanh: à á ả ã ạ, đường phố Hà Nội.",
+    "Hyvää huomenta! Järvessä ui pieniä kaloja.",
+    "Árvíztűrő tükörfúrógép és őrült ütközés.",
+    "Emoji: 😀 👍🏽 👨‍👩‍👧‍👦 🏳️‍🌈 ❤️‍🔥 🇫🇷 🧑🏿‍💻",
+    "<|im_start|>user\nHi there<|im_end|>\n<|endoftext|>",
+]
+
+CHAT_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def rel(p: str) -> str:
+    return os.path.relpath(p, REPO)
+
+
+def setup_determinism():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    try:
+        torch.use_deterministic_algorithms(True)
+    except Exception:  # pragma: no cover
+        pass
+
+
+def load_model(model_dir: str):
+    from transformers import LlamaForCausalLM
+
+    # transformers 5 calls it `dtype` (4.x: `torch_dtype`)
+    try:
+        model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32)
+    except TypeError:
+        model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="eager", torch_dtype=torch.float32)
+    model.eval()
+    for p in model.parameters():
+        assert p.dtype == torch.float32, p.dtype
+    return model
+
+
+def cache_kwarg_name(model) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def out_cache(out):
+    c = getattr(out, "cache", None)
+    if c is None:
+        c = getattr(out, "past_key_values", None)
+    return c
+
+
+@torch.no_grad()
+def greedy(model, ids: torch.Tensor, n: int):
+    """Manual argmax loop with KV cache, never stopping at EOS. Returns (tokens i64 [n], margins f32 [n])."""
+    from transformers import DynamicCache
+
+    ck = cache_kwarg_name(model)
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:
+        cache = DynamicCache()
+    out = model(input_ids=ids[None], use_cache=True, **{ck: cache})
+    toks, margins = [], []
+    logits = out.logits[0, -1]
+    for step in range(n):
+        top2 = torch.topk(logits, 2)
+        nxt = int(top2.indices[0])
+        toks.append(nxt)
+        margins.append(float(top2.values[0] - top2.values[1]))
+        if step == n - 1:
+            break
+        cache = out_cache(out)
+        out = model(input_ids=torch.tensor([[nxt]], dtype=torch.long), use_cache=True, **{ck: cache})
+        logits = out.logits[0, -1]
+    return torch.tensor(toks, dtype=torch.long), torch.tensor(margins, dtype=torch.float32)
+
+
+@torch.no_grad()
+def greedy_nocache(model, ids: torch.Tensor, n: int):
+    seq = ids.clone()
+    toks = []
+    for _ in range(n):
+        logits = model(input_ids=seq[None], use_cache=False).logits[0, -1]
+        nxt = int(torch.argmax(logits))
+        toks.append(nxt)
+        seq = torch.cat([seq, torch.tensor([nxt])])
+    return torch.tensor(toks, dtype=torch.long)
+
+
+def block_output(output):
+    """(tensor, rebuild) for a decoder layer's output: a tensor in transformers 5, a tuple in 4.x."""
+    if isinstance(output, tuple):
+        return output[0], lambda h: (h,) + tuple(output[1:])
+    return output, lambda h: h
+
+
+def make_steer_hook(vec: torch.Tensor, coef: float, mode: str):
+    v = vec.to(torch.float32)
+
+    def hook(module, args, output):
+        h, rebuild = block_output(output)
+        if mode == "add":
+            new = h + coef * v
+        elif mode == "pw":
+            sign = torch.sign((h * v).sum(-1, keepdim=True))
+            new = h + coef * v * sign
+        elif mode == "norm":
+            norm_pre = torch.norm(h, dim=-1, keepdim=True)
+            new = h + coef * v
+            norm_post = torch.norm(new, dim=-1, keepdim=True)
+            new = new / norm_post * norm_pre
+        else:
+            raise ValueError(mode)
+        return rebuild(new)
+
+    return hook
+
+
+class Steering:
+    """Context manager: steer the output of decoder block l-1 for every l in layers (RepE WrappedBlock style).
+
+    The hooks are *prepended* so they run before transformers' own output-capturing hooks, i.e. the recorded
+    hidden_states are the steered block outputs."""
+
+    def __init__(self, model, directions, layers, coef, mode):
+        self.model, self.directions, self.layers, self.coef, self.mode = model, directions, layers, coef, mode
+        self.handles = []
+
+    def __enter__(self):
+        for l in self.layers:
+            block = self.model.model.layers[l - 1]
+            self.handles.append(
+                block.register_forward_hook(make_steer_hook(self.directions[l], self.coef, self.mode), prepend=True)
+            )
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+@torch.no_grad()
+def forward_states(model, ids: torch.Tensor, check_hooks: bool = False):
+    """Returns (last [L+1,H], mean [L+1,H], last_raw [H], logits_last [V])."""
+    captured = {}
+
+    def raw_hook(module, args, output):
+        captured["raw"] = block_output(output)[0].detach().clone()
+
+    per_layer = {}
+    handles = [model.model.layers[-1].register_forward_hook(raw_hook)]
+    if check_hooks:
+        # independent record of every block output, registered last (sees the final, possibly steered output)
+        for i, layer in enumerate(model.model.layers):
+            handles.append(
+                layer.register_forward_hook(
+                    lambda m, a, o, i=i: per_layer.__setitem__(i, block_output(o)[0].detach().clone())
+                )
+            )
+    try:
+        out = model(input_ids=ids[None], output_hidden_states=True, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    hs = out.hidden_states
+    L = model.config.num_hidden_layers
+    assert len(hs) == L + 1, len(hs)
+    if check_hooks:
+        for l in range(1, L):
+            assert torch.equal(hs[l], per_layer[l - 1]), f"hidden_states[{l}] != output of block {l - 1}"
+        assert torch.equal(per_layer[L - 1], captured["raw"])
+        normed = model.model.norm(captured["raw"])
+        assert torch.equal(normed, hs[L]), "hidden_states[L] != norm(last block output)"
+    last = torch.stack([h[0, -1] for h in hs]).float().contiguous()
+    mean = torch.stack([h[0].mean(0) for h in hs]).float().contiguous()
+    raw = captured["raw"][0, -1].float().contiguous()
+    logits = out.logits[0, -1].float().contiguous()
+    return last, mean, raw, logits
+
+
+def make_directions(L: int, H: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(L + 1, H, generator=g, dtype=torch.float32)
+    d = d / d.norm(dim=-1, keepdim=True)
+    return d.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# tiny models
+# ----------------------------------------------------------------------------------------------
+
+
+def build_tiny_model(name: str, spec: dict, out_dir: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg_kw = dict(spec["config"])
+    rope = {"rope_type": "default", "rope_theta": spec["rope_theta"]}
+    if spec["rope_scaling"]:
+        rope = dict(spec["rope_scaling"])
+        rope["rope_theta"] = spec["rope_theta"]
+    cfg = LlamaConfig(rope_parameters=rope, **cfg_kw)
+    torch.manual_seed(spec["seed"])
+    model = LlamaForCausalLM(cfg)
+    # Explicit init (independent of transformers' init functions): linear/embedding weights N(0, 0.1),
+    # biases N(0, 0.1), norm weights U(0.5, 1.5).
+    g = torch.Generator().manual_seed(spec["seed"])
+    std = cfg_kw["initializer_range"]
+    with torch.no_grad():
+        for pname, p in sorted(model.named_parameters()):
+            if pname.endswith("norm.weight"):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    if spec["config"]["tie_word_embeddings"]:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    model = model.to(spec["dtype"])
+    os.makedirs(out_dir, exist_ok=True)
+    for f in glob.glob(os.path.join(out_dir, "*")):
+        os.remove(f)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    # Add the legacy (transformers 4.x / hub-style) keys next to transformers 5's `rope_parameters`/`dtype`
+    # so that both styles of config reader find them.  transformers 5 reads these consistently.
+    cpath = os.path.join(out_dir, "config.json")
+    with open(cpath) as f:
+        c = json.load(f)
+    c["rope_theta"] = spec["rope_theta"]
+    c["rope_scaling"] = dict(spec["rope_scaling"]) if spec["rope_scaling"] else None
+    c["torch_dtype"] = str(spec["dtype"]).replace("torch.", "")
+    c["dtype"] = c["torch_dtype"]
+    with open(cpath, "w") as f:
+        json.dump(c, f, indent=2, sort_keys=True)
+        f.write("\n")
+    for f in os.listdir(out_dir):
+        if f not in ("config.json", "model.safetensors"):
+            os.remove(os.path.join(out_dir, f))
+    log(f"  built {rel(out_dir)}: " + ", ".join(f"{f} {os.path.getsize(os.path.join(out_dir, f))} B" for f in sorted(os.listdir(out_dir))))
+
+
+def check_tiny_config(model, spec):
+    rp = model.config.rope_parameters
+    assert abs(rp["rope_theta"] - spec["rope_theta"]) < 1e-9, rp
+    if spec["rope_scaling"]:
+        for k, v in spec["rope_scaling"].items():
+            assert rp[k] == v, (k, rp)
+    else:
+        assert rp.get("rope_type", "default") == "default", rp
+    for k, v in spec["config"].items():
+        if k in ("initializer_range",):
+            continue
+        assert getattr(model.config, k) == v, (k, getattr(model.config, k), v)
+
+
+# ----------------------------------------------------------------------------------------------
+# main per-model work
+# ----------------------------------------------------------------------------------------------
+
+
+def run_model(name, model, prompts_ids, prompt_texts, steer_layers, steer_coef, steer_seed, extra_meta,
+              tokenizer=None, check_nocache=False):
+    from safetensors.torch import save_file
+    import transformers
+
+    L = model.config.num_hidden_layers
+    H = model.config.hidden_size
+    V = model.config.vocab_size
+    directions = make_directions(L, H, steer_seed)
+    tensors = {
+        "steer.directions": directions,
+        "steer.layers": torch.tensor(steer_layers, dtype=torch.long),
+        "steer.coef": torch.tensor([steer_coef], dtype=torch.float32),
+    }
+    summary = []
+    decoded = {}
+    for i, ids in enumerate(prompts_ids):
+        t0 = time.time()
+        ids = ids.to(torch.long).contiguous()
+        last, mean, raw, logits = forward_states(model, ids, check_hooks=(i == 0 or i == len(prompts_ids) - 1))
+        assert last.shape == (L + 1, H) and mean.shape == (L + 1, H) and raw.shape == (H,) and logits.shape == (V,)
+        g, gm = greedy(model, ids, N_GREEDY)
+        # the first greedy token is the argmax of logits_last
+        assert int(g[0]) == int(torch.argmax(logits)), "greedy[0] != argmax(logits_last)"
+        if check_nocache:
+            g2 = greedy_nocache(model, ids, N_GREEDY)
+            if not torch.equal(g, g2):
+                log(f"  WARNING {name} p{i}: greedy with cache {g.tolist()} != without cache {g2.tolist()}")
+        p = f"p{i}"
+        tensors.update({
+            f"{p}.ids": ids,
+            f"{p}.last": last,
+            f"{p}.mean": mean,
+            f"{p}.last_raw": raw,
+            f"{p}.logits_last": logits,
+            f"{p}.greedy": g,
+            f"{p}.greedy_margin": gm,
+        })
+        row = {"i": i, "T": int(ids.numel()), "greedy": g.tolist(), "min_margin": float(gm.min())}
+        # steering
+        for mode in ("add", "pw", "norm"):
+            with Steering(model, directions, steer_layers, steer_coef, mode):
+                s_last, s_mean, _, _ = forward_states(model, ids, check_hooks=(i == 0))
+                if mode in ("add", "pw"):
+                    sg, sgm = greedy(model, ids, N_GREEDY)
+            tensors[f"{p}.steer_{mode}.last"] = s_last
+            if mode == "add":
+                tensors[f"{p}.steer_add.mean"] = s_mean
+            if mode in ("add", "pw"):
+                tensors[f"{p}.steer_{mode}.greedy"] = sg
+                tensors[f"{p}.steer_{mode}.greedy_margin"] = sgm
+                row[f"steer_{mode}_greedy"] = sg.tolist()
+                row[f"steer_{mode}_changed"] = int((sg != g).sum())
+            # sanity: steering at layer l changes hidden_states[l] by exactly the hook's rule (first steered layer)
+            l0 = steer_layers[0]
+            if mode == "add" and l0 < L:
+                assert torch.allclose(s_last[l0] - last[l0], steer_coef * directions[l0], atol=1e-4), "steer_add mismatch"
+        if tokenizer is not None:
+            decoded[p] = {
+                "greedy": tokenizer.decode(row["greedy"]),
+                "steer_add": tokenizer.decode(row["steer_add_greedy"]),
+                "steer_pw": tokenizer.decode(row["steer_pw_greedy"]),
+            }
+        row["secs"] = round(time.time() - t0, 2)
+        summary.append(row)
+        log(f"  {name} p{i}: T={row['T']} greedy changed by steer_add={row['steer_add_changed']}/16 "
+            f"steer_pw={row['steer_pw_changed']}/16 min_margin={row['min_margin']:.4f} ({row['secs']}s)")
+        if tokenizer is not None:
+            for k, v in decoded[p].items():
+                log(f"      {k:9s}: {v!r}")
+
+    os.makedirs(GOLDEN_DIR, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    st_path = os.path.join(GOLDEN_DIR, f"{name}.safetensors")
+    save_file(tensors, st_path, metadata={"format": "pt", "model": name})
+    steer_path = os.path.join(GOLDEN_DIR, f"{name}.steer.safetensors")
+    save_file({"directions": directions}, steer_path,
+              metadata={"coef": repr(float(steer_coef)), "layers": ",".join(str(l) for l in steer_layers)})
+
+    meta = {
+        "model": name,
+        "model_dir": rel(extra_meta.pop("model_dir")),
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "num_prompts": len(prompts_ids),
+        "prompts": prompt_texts,
+        "prompt_lengths": [int(x.numel()) for x in prompts_ids],
+        "num_greedy": N_GREEDY,
+        "num_hidden_layers": L,
+        "hidden_size": H,
+        "vocab_size": V,
+        "steer": {"coef": float(steer_coef), "layers": list(steer_layers), "seed": steer_seed,
+                  "modes": {"add": "h + coef*v", "pw": "h + coef*v*sign(<h,v>)",
+                            "norm": "(h + coef*v) * ||h|| / ||h + coef*v||"},
+                  "applied_to": "output of decoder block l-1 for each l in layers, every position"},
+        "tensors": sorted(tensors.keys()),
+    }
+    if decoded:
+        meta["decoded"] = decoded
+    meta.update(extra_meta)
+    json_path = os.path.join(GOLDEN_DIR, f"{name}.json")
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    return {
+        "name": name,
+        "lengths": [r["T"] for r in summary],
+        "files": {rel(pth): os.path.getsize(pth) for pth in (st_path, json_path, steer_path)},
+        "rows": summary,
+    }
+
+
+def do_tiny(name, rebuild: bool):
+    spec = TINY_SPECS[name]
+    mdir = os.path.join(TINY_MODELS_DIR, name)
+    if rebuild or not os.path.exists(os.path.join(mdir, "model.safetensors")):
+        build_tiny_model(name, spec, mdir)
+    else:
+        log(f"  reusing {rel(mdir)} (pass --rebuild-tiny to regenerate the weights)")
+    model = load_model(mdir)
+    check_tiny_config(model, spec)
+    # prompts: seeded random ids
+    g = torch.Generator().manual_seed(1000 + spec["seed"])
+    V = spec["config"]["vocab_size"]
+    prompts = [torch.randint(0, V, (n,), generator=g, dtype=torch.long) for n in TINY_PROMPT_LENGTHS]
+    return run_model(name, model, prompts, [None] * len(prompts), spec["steer_layers"], spec["steer_coef"],
+                     steer_seed=2000 + spec["seed"], extra_meta={"model_dir": mdir,
+                                                                 "weights_dtype": str(spec["dtype"]).replace("torch.", ""),
+                                                                 "compute_dtype": "float32"},
+                     check_nocache=True)
+
+
+def find_gguf(explicit: str | None):
+    if explicit:
+        return explicit
+    cands = sorted(glob.glob(os.path.join(REPO, "models", "**", "*.gguf"), recursive=True))
+    cands += sorted(glob.glob(os.path.join(REPO, "models", ".cache", "**", "*.gguf"), recursive=True))
+    cands = [c for c in cands if "SmolLM2-135M" in os.path.basename(c)]
+    return cands[0] if cands else None
+
+
+def crosscheck_gguf(model_dir: str, gguf_path: str, strings: list[str]) -> dict:
+    """(a) HF's own GGUF loader vs our model.safetensors; (b) HF's GGUF tokenizer vs our tokenizer.json."""
+    from safetensors import safe_open
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    res = {"gguf": rel(gguf_path)}
+    gdir, gfile = os.path.dirname(gguf_path), os.path.basename(gguf_path)
+    log(f"  cross-check: loading {rel(gguf_path)} with transformers' GGUF loader ...")
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gfile, dtype=torch.float32)
+    except TypeError:
+        hf = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gfile, torch_dtype=torch.float32)
+    sd_hf = {k: v.detach().float() for k, v in hf.state_dict().items()}
+    ours = {}
+    with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
+        for k in f.keys():
+            ours[k] = f.get_tensor(k)
+    only_hf = sorted(set(sd_hf) - set(ours))
+    only_ours = sorted(set(ours) - set(sd_hf))
+    # a tied lm_head is legitimately absent from a safetensors file
+    if only_hf == ["lm_head.weight"] and torch.equal(sd_hf["lm_head.weight"], sd_hf["model.embed_tokens.weight"]):
+        res["lm_head"] = "tied (absent from ours; HF's equals embed_tokens)"
+        only_hf = []
+    res["keys_only_in_hf_gguf"] = only_hf
+    res["keys_only_in_ours"] = only_ours
+    diffs = {}
+    dtypes = set()
+    for k in sorted(set(sd_hf) & set(ours)):
+        a, b = sd_hf[k], ours[k]
+        dtypes.add(str(b.dtype))
+        if a.shape != b.shape:
+            diffs[k] = f"shape {tuple(a.shape)} vs ours {tuple(b.shape)}"
+            continue
+        d = float((a - b.float()).abs().max())
+        if d != 0.0:
+            diffs[k] = d
+    res["our_dtypes"] = sorted(dtypes)
+    res["tensors_compared"] = len(set(sd_hf) & set(ours))
+    res["tensors_differing"] = diffs
+    res["max_abs_diff"] = max([v for v in diffs.values() if isinstance(v, float)], default=0.0)
+    # config comparison
+    with open(os.path.join(model_dir, "config.json")) as f:
+        ours_cfg = json.load(f)
+    cfg_diff = {}
+    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings",
+              "bos_token_id", "eos_token_id", "head_dim"):
+        hv = getattr(hf.config, k, None)
+        ov = ours_cfg.get(k)
+        if hv != ov:
+            cfg_diff[k] = {"hf_gguf": hv, "ours": ov}
+    hf_theta = hf.config.rope_parameters.get("rope_theta") if getattr(hf.config, "rope_parameters", None) else None
+    our_theta = ours_cfg.get("rope_theta") or (ours_cfg.get("rope_parameters") or {}).get("rope_theta")
+    if hf_theta != our_theta:
+        cfg_diff["rope_theta"] = {"hf_gguf": hf_theta, "ours": our_theta}
+    res["config_differences"] = cfg_diff
+    del hf, sd_hf
+
+    # (b) tokenizer
+    tk_gguf = AutoTokenizer.from_pretrained(gdir, gguf_file=gfile)
+    tk_json = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    tk_auto = AutoTokenizer.from_pretrained(model_dir)
+    mism = []
+    for s in strings:
+        a = tk_gguf(s)["input_ids"]
+        b = tk_json.encode(s).ids
+        c = tk_auto(s)["input_ids"]
+        if not (a == b == c):
+            mism.append({"text": s, "hf_gguf": a, "tokenizer_json": b, "auto_from_dir": c})
+    res["tokenizer_strings"] = len(strings)
+    res["tokenizer_mismatches"] = mism
+    res["gguf_tokenizer_has_chat_template"] = bool(getattr(tk_gguf, "chat_template", None))
+    try:
+        res["gguf_chat_rendered"] = tk_gguf.apply_chat_template(CHAT_MESSAGES, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # pragma: no cover
+        res["gguf_chat_rendered"] = f"ERROR: {e}"
+    return res
+
+
+def do_smollm2(gguf_arg, check_gguf: bool, coef: float):
+    from transformers import AutoTokenizer
+
+    if not os.path.exists(os.path.join(SMOLLM2_DIR, "model.safetensors")):
+        log(f"  WARNING: {rel(SMOLLM2_DIR)}/model.safetensors missing (run scripts/fetch-model.sh smollm2-135m); skipping")
+        return None
+    tok = AutoTokenizer.from_pretrained(SMOLLM2_DIR)
+    chat_rendered = None
+    chat_source = None
+    if getattr(tok, "chat_template", None):
+        chat_rendered = tok.apply_chat_template(CHAT_MESSAGES, tokenize=False, add_generation_prompt=True)
+        chat_source = "model_dir"
+    gguf_path = find_gguf(gguf_arg)
+    checks = None
+    if check_gguf:
+        if gguf_path is None:
+            log("  WARNING: no SmolLM2 .gguf found under models/; skipping the GGUF cross-check")
+        else:
+            checks = crosscheck_gguf(SMOLLM2_DIR, gguf_path, TOKENIZER_CASES + SMOLLM2_PROMPTS)
+            if chat_rendered is None and isinstance(checks.get("gguf_chat_rendered"), str) \
+                    and not checks["gguf_chat_rendered"].startswith("ERROR"):
+                chat_rendered = checks["gguf_chat_rendered"]
+                chat_source = "gguf (model dir tokenizer has no chat template)"
+            elif chat_rendered is not None and checks.get("gguf_chat_rendered") != chat_rendered:
+                checks["chat_rendered_mismatch"] = True
+            log("  cross-check: " + json.dumps({k: v for k, v in checks.items() if k != "tokenizer_mismatches"},
+                                               ensure_ascii=False)[:3000])
+            log(f"  cross-check: tokenizer mismatches: {len(checks['tokenizer_mismatches'])}")
+            for m in checks["tokenizer_mismatches"]:
+                log(f"    {m!r}")
+    cases = list(TOKENIZER_CASES)
+    if chat_rendered is not None:
+        cases.append(chat_rendered)
+    tokenizer_cases = [{"text": s, "ids": tok(s)["input_ids"]} for s in cases]
+
+    model = load_model(SMOLLM2_DIR)
+    prompts = [torch.tensor(tok(s)["input_ids"], dtype=torch.long) for s in SMOLLM2_PROMPTS]
+    assert prompts[1].numel() == 1, f"p1 {SMOLLM2_PROMPTS[1]!r} is not a single token: {prompts[1].tolist()}"
+    assert prompts[-1].numel() >= 300, prompts[-1].numel()
+    assert all(p.numel() >= 1 for p in prompts)
+    extra = {"model_dir": SMOLLM2_DIR, "weights_dtype": "float32", "compute_dtype": "float32",
+             "tokenizer_cases": tokenizer_cases, "chat_messages": CHAT_MESSAGES,
+             "chat_rendered": chat_rendered, "chat_rendered_source": chat_source}
+    if checks is not None:
+        extra["gguf_crosscheck"] = checks
+    return run_model("smollm2-135m", model, prompts, list(SMOLLM2_PROMPTS), SMOLLM2_STEER_LAYERS, coef,
+                     steer_seed=3000, extra_meta=extra, tokenizer=tok)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", action="append", default=[],
+                    help="model NAME to (re)generate; repeatable (default: all)")
+    ap.add_argument("--rebuild-tiny", action="store_true",
+                    help="regenerate the tiny random model weights in tests/fixtures/models (default: reuse)")
+    ap.add_argument("--no-gguf-check", action="store_true", help="skip the smollm2 GGUF cross-check")
+    ap.add_argument("--gguf", default=None, help="path of SmolLM2-135M-Instruct*.gguf (default: search models/)")
+    ap.add_argument("--smollm2-coef", type=float, default=SMOLLM2_STEER_COEF)
+    args = ap.parse_args()
+
+    setup_determinism()
+    import transformers
+
+    log(f"torch {torch.__version__}, transformers {transformers.__version__}, python {sys.version.split()[0]}")
+    names = args.only or list(TINY_SPECS) + ["smollm2-135m"]
+    results = []
+    for name in names:
+        log(f"== {name}")
+        if name in TINY_SPECS:
+            results.append(do_tiny(name, args.rebuild_tiny))
+        elif name == "smollm2-135m":
+            r = do_smollm2(args.gguf, not args.no_gguf_check, args.smollm2_coef)
+            if r:
+                results.append(r)
+        else:
+            sys.exit(f"unknown model {name!r}; known: {list(TINY_SPECS) + ['smollm2-135m']}")
+
+    log("\n== summary")
+    total = 0
+    for r in results:
+        log(f"{r['name']}: {len(r['lengths'])} prompts, token lengths {r['lengths']}")
+        for f, sz in r["files"].items():
+            log(f"    {f}: {sz / 1024:.1f} KiB")
+    for root in (GOLDEN_DIR, TINY_MODELS_DIR):
+        for dp, _, fs in os.walk(root):
+            for f in fs:
+                total += os.path.getsize(os.path.join(dp, f))
+    log(f"total size of tests/fixtures/golden + tests/fixtures/models: {total / 1024 / 1024:.2f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+//! The fused residual step: steer each row, capture it, and normalise it for the next sub-layer.
+use super::norm::rms_norm_row;
+use crate::backend::ResidualStep;
+use crate::engine::capture::{CapturePosition, CaptureSink};
+use crate::engine::plan::BatchPlan;
+use crate::engine::steer::{SlotSteer, SteerOp};
+use rayon::prelude::*;
+
+fn norm2(v: &[f32]) -> f32 {
+    v.iter().map(|x| x * x).sum::<f32>().sqrt()
+}
+
+/// Applies one steering slot to one residual row.
+pub fn steer_row(row: &mut [f32], s: &SlotSteer) {
+    let before = if s.preserve_norm { norm2(row) } else { 0.0 };
+    let scale = match s.op {
+        SteerOp::Add => s.coef,
+        SteerOp::SignAware => {
+            let d: f32 = row.iter().zip(s.vector).map(|(a, b)| a * b).sum();
+            // torch.sign: 0 stays 0
+            let sign = if d > 0.0 { 1.0 } else if d < 0.0 { -1.0 } else { 0.0 };
+            s.coef * sign
+        }
+    };
+    for (h, &v) in row.iter_mut().zip(s.vector) {
+        *h += scale * v;
+    }
+    if s.preserve_norm {
+        let after = norm2(row);
+        if after > 0.0 {
+            let r = before / after;
+            row.iter_mut().for_each(|h| *h *= r);
+        }
+    }
+}
+
+/// Writes the rows `src` holds for each sequence of `plan` into capture slot `slot`.
+/// Means are summed in row order in f64, so they do not depend on the batch.
+pub fn capture_rows(src: &[f32], hidden: usize, plan: &BatchPlan, sink: &mut CaptureSink, slot: usize) {
+    let position = sink.spec.position;
+    for (i, seq) in plan.seqs.iter().enumerate() {
+        let out_row = sink.seq_row[i];
+        match position {
+            CapturePosition::Last => {
+                let r = seq.start + seq.len - 1;
+                sink.out.row_mut(out_row, slot).copy_from_slice(&src[r * hidden..(r + 1) * hidden]);
+            }
+            CapturePosition::Mean => {
+                let mut acc = vec![0f64; hidden];
+                for r in seq.rows() {
+                    for (a, &v) in acc.iter_mut().zip(&src[r * hidden..(r + 1) * hidden]) {
+                        *a += v as f64;
+                    }
+                }
+                let dst = sink.out.row_mut(out_row, slot);
+                for (d, a) in dst.iter_mut().zip(acc) {
+                    *d = (a / seq.len as f64) as f32;
+                }
+            }
+            CapturePosition::All => {
+                for (j, r) in seq.rows().enumerate() {
+                    sink.out.row_mut(out_row + j, slot).copy_from_slice(&src[r * hidden..(r + 1) * hidden]);
+                }
+            }
+        }
+    }
+}
+
+pub fn residual_step(x: &mut [f32], hidden: usize, norm: &[f32], eps: f32, normed: &mut [f32], step: ResidualStep) {
+    if let Some(st) = step.steer {
+        x.par_chunks_mut(hidden).zip(st.row_slot.par_iter()).for_each(|(row, &slot)| {
+            if slot >= 0 {
+                steer_row(row, &st.slots[slot as usize]);
+            }
+        });
+    }
+    let mut sink = step.sink;
+    if let (Some(slot), Some(sink)) = (step.capture_residual, sink.as_deref_mut()) {
+        capture_rows(x, hidden, step.plan, sink, slot);
+    }
+    normed.par_chunks_mut(hidden).zip(x.par_chunks(hidden)).for_each(|(o, r)| rms_norm_row(r, norm, eps, o));
+    if let (Some(slot), Some(sink)) = (step.capture_normed, sink.as_deref_mut()) {
+        capture_rows(normed, hidden, step.plan, sink, slot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steering_operators() {
+        let v = [1.0f32, 0.0, 0.0];
+        let add = SlotSteer { vector: &v, coef: 2.0, op: SteerOp::Add, preserve_norm: false };
+        let mut row = [-1.0f32, 1.0, 0.0];
+        steer_row(&mut row, &add);
+        assert_eq!(row, [1.0, 1.0, 0.0]);
+
+        let pw = SlotSteer { op: SteerOp::SignAware, ..add };
+        let mut row = [-1.0f32, 1.0, 0.0];
+        steer_row(&mut row, &pw);
+        assert_eq!(row, [-3.0, 1.0, 0.0]);
+        let mut zero_dot = [0.0f32, 1.0, 0.0];
+        steer_row(&mut zero_dot, &pw);
+        assert_eq!(zero_dot, [0.0, 1.0, 0.0]);
+
+        let keep = SlotSteer { preserve_norm: true, ..add };
+        let mut row = [3.0f32, 4.0, 0.0];
+        steer_row(&mut row, &keep);
+        assert!((norm2(&row) - 5.0).abs() < 1e-5);
+        assert!(row[0] > 3.0 * 5.0 / 5.0);
+    }
+}

@@ -1,0 +1,80 @@
+//! Rotary position embeddings in Hugging Face's `rotate_half` convention: element i pairs with
+//! element i + d/2 of the same head.
+use crate::backend::RopeRows;
+use crate::model::config::{ModelConfig, RopeScaling};
+
+/// Inverse frequencies, with the config's scaling applied, computed in f32 as HF does.
+pub fn inverse_frequencies(c: &ModelConfig) -> Vec<f32> {
+    let d = c.head_dim;
+    let base = c.rope_theta;
+    let inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32)).collect();
+    match c.rope_scaling {
+        RopeScaling::None => inv,
+        RopeScaling::Linear { factor } => inv.into_iter().map(|f| f / factor).collect(),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            let low_wavelen = original_max_position_embeddings / low_freq_factor;
+            let high_wavelen = original_max_position_embeddings / high_freq_factor;
+            inv.into_iter()
+                .map(|f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (original_max_position_embeddings / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// cos/sin for each packed row's position.
+pub fn rope_rows(inv_freq: &[f32], positions: &[u32]) -> RopeRows {
+    let half = inv_freq.len();
+    let mut cos = Vec::with_capacity(positions.len() * half);
+    let mut sin = Vec::with_capacity(positions.len() * half);
+    for &p in positions {
+        for &f in inv_freq {
+            let angle = p as f32 * f;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    RopeRows { cos, sin, half }
+}
+
+/// Rotates every head of one row in place.
+pub fn rotate_row(row: &mut [f32], heads: usize, head_dim: usize, cos: &[f32], sin: &[f32]) {
+    let half = head_dim / 2;
+    for h in 0..heads {
+        let head = &mut row[h * head_dim..(h + 1) * head_dim];
+        for i in 0..half {
+            let (a, b) = (head[i], head[i + half]);
+            head[i] = a * cos[i] - b * sin[i];
+            head[i + half] = b * cos[i] + a * sin[i];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_preserves_norm_and_position_zero_is_identity() {
+        let inv = vec![1.0, 0.1];
+        let r = rope_rows(&inv, &[0, 3]);
+        let mut row = vec![1.0, 2.0, 3.0, 4.0];
+        rotate_row(&mut row, 1, 4, &r.cos[..2], &r.sin[..2]);
+        assert_eq!(row, vec![1.0, 2.0, 3.0, 4.0]);
+        rotate_row(&mut row, 1, 4, &r.cos[2..], &r.sin[2..]);
+        let n: f32 = row.iter().map(|v| v * v).sum();
+        assert!((n - 30.0).abs() < 1e-4);
+        // pair (0, 2) rotated by angle 3.0
+        assert!((row[0] - (3.0f32.cos() - 3.0 * 3.0f32.sin())).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,458 @@
+//! The `resid` command line.
+mod input;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use resid::engine::capture::{CapturePoint, CapturePosition, CaptureSpec};
+use resid::engine::steer::{parse_layer_list, SteerOp, SteerPositions, Steering};
+use resid::io::{check_writable, read_directions, write_safetensors, OutTensor, TensorData};
+use resid::{CpuEngine, GenerateOptions, Sampling};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(name = "resid", version, about = "Read and steer the residual stream of language models")]
+struct Cli {
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Describe a model directory and check its tensors.
+    Info(InfoArgs),
+    /// Capture hidden states for every line of a JSONL file.
+    Extract(ExtractArgs),
+    /// Generate text, optionally with steering.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Hugging Face model directory (config.json, tokenizer.json, *.safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// Compute device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SteerArgs {
+    /// Steering vector file: safetensors with f32 `directions` [L+1, hidden].
+    #[arg(long)]
+    steer: Option<PathBuf>,
+    /// Steering coefficient.
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
+    coef: f32,
+    /// Hidden-state indices to steer (steering at l changes the output of block l-1), e.g. 10-15.
+    #[arg(long)]
+    steer_layers: Option<String>,
+    /// add (h + c·v) or piecewise (h + c·v·sign(⟨h,v⟩)).
+    #[arg(long, default_value = "add")]
+    steer_op: String,
+    /// Rescale each steered row back to its norm before steering.
+    #[arg(long)]
+    steer_preserve_norm: bool,
+    /// Which tokens to steer: all, prompt or generated.
+    #[arg(long, default_value = "all")]
+    steer_positions: String,
+}
+
+#[derive(Args)]
+struct ExtractArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// JSONL input: one object per line with `text` (or `ids`).
+    #[arg(long)]
+    input: PathBuf,
+    /// Output safetensors file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Token position to capture: last, mean or all.
+    #[arg(long, default_value = "last")]
+    position: String,
+    /// Hidden-state indices (HF output_hidden_states), e.g. 0,5,10-20; `raw` adds the last block's
+    /// pre-norm output (recorded as -1). Default: all, 0..=L.
+    #[arg(long)]
+    layers: Option<String>,
+    /// Token budget of one packed batch.
+    #[arg(long, default_value_t = resid::engine::DEFAULT_BATCH_TOKENS)]
+    batch_tokens: usize,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    steer: SteerArgs,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text; repeat to generate several prompts as one batch.
+    #[arg(long, required = true)]
+    prompt: Vec<String>,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Greedy decoding (the default unless --temperature is given).
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
+    greedy: bool,
+    /// Sample with this temperature.
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Nucleus sampling mass.
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Keep only the k most likely tokens (0 = all).
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Wrap the prompt in the model's own chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print one JSON object per prompt with `tokens` and `text`.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    steer: SteerArgs,
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn run() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            eprintln!("error: --threads must be at least 1");
+            return 2;
+        }
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+            eprintln!("error: cannot start {n} threads: {e}");
+            return 1;
+        }
+    }
+    let result = match cli.command {
+        Command::Info(a) => info(a),
+        Command::Extract(a) => extract(a),
+        Command::Generate(a) => generate(a),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            e.chain().find_map(|c| c.downcast_ref::<resid::Error>()).map_or(1, resid::Error::exit_code)
+        }
+    }
+}
+
+fn load(args: &ModelArgs) -> Result<CpuEngine> {
+    match args.device.as_str() {
+        "cpu" => {}
+        d if d == "cuda" || d.strip_prefix("cuda:").is_some_and(|n| n.parse::<u32>().is_ok()) => {
+            resid::backend::cuda::unavailable(d)?;
+        }
+        other => bail!(resid::Error::input(format!("--device `{other}`: expected cpu, cuda or cuda:N"))),
+    }
+    Ok(CpuEngine::load(&args.model)?)
+}
+
+fn steering(engine: &CpuEngine, a: &SteerArgs) -> Result<Option<Arc<Steering>>> {
+    let Some(path) = &a.steer else {
+        if a.steer_layers.is_some() {
+            bail!(resid::Error::input("--steer-layers needs --steer FILE"));
+        }
+        return Ok(None);
+    };
+    let layers = a
+        .steer_layers
+        .as_deref()
+        .ok_or_else(|| resid::Error::input("--steer needs --steer-layers (e.g. --steer-layers 10-15)"))?;
+    let layers = parse_layer_list(layers)?;
+    let (n_layers, hidden) = (engine.num_layers(), engine.hidden_size());
+    let t = read_directions(path, n_layers, hidden)?;
+    let s = Steering {
+        directions: Arc::new(t.data),
+        hidden,
+        layers,
+        coef: a.coef,
+        op: a.steer_op.parse::<SteerOp>()?,
+        preserve_norm: a.steer_preserve_norm,
+        positions: a.steer_positions.parse::<SteerPositions>()?,
+    };
+    s.validate(n_layers, hidden).map_err(|e| anyhow!(e).context(format!("{}", path.display())))?;
+    Ok(Some(Arc::new(s)))
+}
+
+fn steering_description(s: &Option<Arc<Steering>>, a: &SteerArgs) -> String {
+    match s {
+        None => "none".into(),
+        Some(s) => serde_json::json!({
+            "file": a.steer.as_ref().map(|p| p.display().to_string()),
+            "coef": s.coef,
+            "layers": s.layers,
+            "op": s.op.name(),
+            "preserve_norm": s.preserve_norm,
+            "positions": s.positions.name(),
+        })
+        .to_string(),
+    }
+}
+
+fn info(a: InfoArgs) -> Result<()> {
+    let engine = load(&a.model)?;
+    let m = &engine.model;
+    let c = &m.config;
+    let summary = serde_json::json!({
+        "model": m.dir.display().to_string(),
+        "architecture": c.architecture,
+        "family": c.family.name(),
+        "layers": c.num_layers,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "attention_heads": c.num_heads,
+        "kv_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "context": c.max_position_embeddings,
+        "dtype": m.store.dominant_dtype(),
+        "parameters": m.parameter_count(),
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "tensor_check": format!("ok: all {} expected tensors present with expected dtypes and shapes", m.spec.expected_tensors(c).len()),
+        "tokenizer": m.tokenizer.is_some(),
+        "backend": resid::backend::Backend::name(&engine.backend),
+    });
+    if a.json {
+        println!("{summary}");
+    } else {
+        for (k, v) in summary.as_object().into_iter().flatten() {
+            println!("{k:>20}: {}", v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string()));
+        }
+    }
+    Ok(())
+}
+
+fn tokenize_items(engine: &CpuEngine, items: Vec<input::InputItem>, input: &Path) -> Result<Vec<Vec<u32>>> {
+    let mut seqs = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let at = format!("{}: line {}", input.display(), i + 1);
+        let ids = match item {
+            input::InputItem::Ids(ids) => ids,
+            input::InputItem::Text(text) => engine
+                .model
+                .tokenizer
+                .as_ref()
+                .ok_or_else(|| resid::Error::input(format!("{at}: the model has no tokenizer.json; give `ids` instead of `text`")))?
+                .encode(&text)
+                .map_err(|e| resid::Error::input(format!("{at}: {e}")))?,
+        };
+        engine.check_tokens(&ids, &at)?;
+        seqs.push(ids);
+    }
+    Ok(seqs)
+}
+
+fn extract(a: ExtractArgs) -> Result<()> {
+    let position: CapturePosition = a.position.parse()?;
+    let items = input::read_jsonl(&a.input)?;
+    check_writable(&a.out)?;
+    let engine = load(&a.model)?;
+    let n_layers = engine.num_layers();
+    let points: Vec<CapturePoint> = match &a.layers {
+        None => (0..=n_layers).map(CapturePoint::Hidden).collect(),
+        Some(list) => {
+            let mut points = Vec::new();
+            let raw = list.split(',').any(|p| p.trim() == "raw");
+            let rest: Vec<&str> = list.split(',').filter(|p| p.trim() != "raw").collect();
+            if !rest.is_empty() {
+                points.extend(parse_layer_list(&rest.join(","))?.into_iter().map(CapturePoint::Hidden));
+            }
+            if raw {
+                points.push(CapturePoint::LastBlockRaw);
+            }
+            points
+        }
+    };
+    let spec = CaptureSpec { points, position };
+    spec.validate(n_layers)?;
+    let steer = steering(&engine, &a.steer)?;
+    let seqs = tokenize_items(&engine, items, &a.input)?;
+    let total_tokens: usize = seqs.iter().map(Vec::len).sum();
+
+    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(seqs.len() as u64) };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} extract [{bar:30}] {pos}/{len} seqs {msg} ({elapsed} < {eta})")
+            .map_err(|e| anyhow!("progress template: {e}"))?
+            .progress_chars("=> "),
+    );
+    let started = std::time::Instant::now();
+    let mut done_tokens = 0usize;
+    let per_seq = vec![steer.clone(); seqs.len()];
+    let captured = engine.extract(&seqs, &spec, &per_seq, a.batch_tokens, |n, t| {
+        done_tokens += t;
+        bar.inc(n as u64);
+        bar.set_message(format!("{:.0} tok/s", done_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)));
+    })?;
+    bar.finish_and_clear();
+    if let Some(i) = captured.data.iter().position(|v| !v.is_finite()) {
+        let row = i / (captured.points * captured.hidden);
+        bail!(resid::Error::input(format!(
+            "{}: NaN or Inf in captured activations (output row {row}, layer slot {}); nothing written",
+            a.input.display(),
+            (i / captured.hidden) % captured.points
+        )));
+    }
+
+    let layer_ids: Vec<i64> = spec
+        .points
+        .iter()
+        .map(|p| match p {
+            CapturePoint::Hidden(l) => *l as i64,
+            CapturePoint::LastBlockRaw => -1,
+        })
+        .collect();
+    let mut tensors = vec![
+        OutTensor {
+            name: "hidden_states".into(),
+            shape: vec![captured.rows, captured.points, captured.hidden],
+            data: TensorData::F32(captured.data),
+        },
+        OutTensor { name: "layers".into(), shape: vec![layer_ids.len()], data: TensorData::I64(layer_ids) },
+    ];
+    if position == CapturePosition::All {
+        tensors.push(OutTensor {
+            name: "offsets".into(),
+            shape: vec![captured.offsets.len()],
+            data: TensorData::I64(captured.offsets.iter().map(|&o| o as i64).collect()),
+        });
+    }
+    let metadata: HashMap<String, String> = [
+        ("model", engine.model.dir.display().to_string()),
+        ("architecture", engine.model.config.architecture.clone()),
+        ("position", position.name().to_string()),
+        ("dtype", "float32".to_string()),
+        ("weights_dtype", engine.model.store.dominant_dtype()),
+        ("steering", steering_description(&steer, &a.steer)),
+        ("layers_note", "HF output_hidden_states indices; -1 = raw pre-norm output of the last block".to_string()),
+        ("sequences", seqs.len().to_string()),
+        ("tokens", total_tokens.to_string()),
+        ("resid_version", env!("CARGO_PKG_VERSION").to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    write_safetensors(&a.out, &tensors, metadata)?;
+    if !a.quiet {
+        eprintln!(
+            "wrote {} ({} sequences, {} tokens, {:.1} s, {:.0} tokens/s)",
+            a.out.display(),
+            seqs.len(),
+            total_tokens,
+            started.elapsed().as_secs_f64(),
+            total_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+fn stop_tokens(engine: &CpuEngine) -> Vec<u32> {
+    let mut stops = engine.model.config.eos_token_ids.clone();
+    let gen_cfg = engine.model.dir.join("generation_config.json");
+    if let Ok(text) = std::fs::read_to_string(&gen_cfg) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+            match v.get("eos_token_id") {
+                Some(serde_json::Value::Number(n)) => stops.extend(n.as_u64().map(|x| x as u32)),
+                Some(serde_json::Value::Array(a)) => stops.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32)),
+                _ => {}
+            }
+        }
+    }
+    if let Some(tok) = &engine.model.tokenizer {
+        if let Some(id) = tok.eos_token().and_then(|t| tok.token_id(t)) {
+            stops.push(id);
+        }
+    }
+    stops.sort_unstable();
+    stops.dedup();
+    stops
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let sampling = match (a.greedy, a.temperature) {
+        (false, Some(t)) => {
+            if !(t.is_finite() && t >= 0.0) {
+                bail!(resid::Error::input(format!("--temperature {t}: must be a non-negative number")));
+            }
+            let top_p = a.top_p.unwrap_or(1.0);
+            if !(top_p > 0.0 && top_p <= 1.0) {
+                bail!(resid::Error::input(format!("--top-p {top_p}: must be in (0, 1]")));
+            }
+            Sampling::Sample { temperature: t, top_k: a.top_k.unwrap_or(0), top_p, seed: a.seed }
+        }
+        (false, None) if a.top_p.is_some() || a.top_k.is_some() => {
+            bail!(resid::Error::input("--top-p and --top-k need --temperature"))
+        }
+        _ => Sampling::Greedy,
+    };
+    let engine = load(&a.model)?;
+    let tok = engine
+        .model
+        .tokenizer
+        .as_ref()
+        .ok_or_else(|| resid::Error::model(format!("{}: no tokenizer.json; generate needs one", a.model.model.display())))?;
+    let steer = steering(&engine, &a.steer)?;
+    let mut prompts = Vec::with_capacity(a.prompt.len());
+    for (i, p) in a.prompt.iter().enumerate() {
+        let text = if a.chat { tok.render_chat(p)? } else { p.clone() };
+        // A rendered chat template already carries its special tokens.
+        let ids = tok.encode_with(&text, !a.chat).with_context(|| format!("prompt {}", i + 1))?;
+        prompts.push(ids);
+    }
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        stop_tokens: if a.ignore_eos { Vec::new() } else { stop_tokens(&engine) },
+    };
+    let out = engine.generate(&prompts, &vec![steer; prompts.len()], &opts)?;
+    for (g, p) in out.iter().zip(&prompts) {
+        let shown: Vec<u32> = g.tokens.iter().copied().filter(|t| !opts.stop_tokens.contains(t)).collect();
+        let text = tok.decode(&shown)?;
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "tokens": g.tokens,
+                    "text": text,
+                    "prompt_tokens": p.len(),
+                    "finish_reason": match g.finish { resid::FinishReason::Stop => "stop", resid::FinishReason::Length => "length" },
+                })
+            );
+        } else {
+            println!("{text}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,259 @@
+//! The engine: the one forward pass, batching, KV cache, capture and steering, generation.
+pub mod capture;
+pub mod generate;
+pub mod plan;
+pub mod sample;
+pub mod steer;
+
+use crate::backend::cpu::rope::{inverse_frequencies, rope_rows};
+use crate::backend::{Backend, Heads, ResidualStep};
+use crate::error::{Error, Result};
+use crate::model::{ModelDir, ModelWeights};
+use capture::{CapturePoint, CapturePosition, CaptureSink, CaptureSpec, Captured};
+use plan::BatchPlan;
+use std::sync::Arc;
+use steer::{plan_point, Steering};
+
+/// A loaded model on one backend. Immutable after loading: share it across threads.
+pub struct Engine<B: Backend> {
+    pub backend: B,
+    pub model: ModelDir,
+    pub weights: ModelWeights<B>,
+    inv_freq: Vec<f32>,
+    heads: Heads,
+}
+
+/// One forward pass over a packed batch.
+pub struct Pass<'a, 'b> {
+    pub ids: &'a [u32],
+    pub plan: &'a BatchPlan,
+    /// Whether the rows are generated tokens (decode) rather than prompt tokens.
+    pub generated: bool,
+    /// Steering per sequence of the batch.
+    pub steering: &'a [Option<Arc<Steering>>],
+    pub capture: Option<CaptureSink<'b>>,
+    /// Rows that need logits (none for extraction: the LM head is never computed).
+    pub logits_rows: &'a [usize],
+}
+
+/// Default token budget of one extraction batch.
+pub const DEFAULT_BATCH_TOKENS: usize = 2048;
+
+impl<B: Backend> Engine<B> {
+    pub fn new(backend: B, model: ModelDir) -> Result<Self> {
+        let weights = ModelWeights::load(&backend, &model)?;
+        let c = &model.config;
+        let heads = Heads { q_heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim };
+        Ok(Engine { inv_freq: inverse_frequencies(c), heads, backend, model, weights })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.model.config.num_layers
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.model.config.hidden_size
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.heads.kv_heads * self.heads.head_dim
+    }
+
+    /// Checks token ids and lengths before any compute.
+    pub fn check_tokens(&self, ids: &[u32], what: &str) -> Result<()> {
+        let c = &self.model.config;
+        if ids.is_empty() {
+            return Err(Error::input(format!("{what}: no tokens")));
+        }
+        if ids.len() > c.max_position_embeddings {
+            return Err(Error::input(format!(
+                "{what}: {} tokens exceed the model's context of {} (max_position_embeddings)",
+                ids.len(),
+                c.max_position_embeddings
+            )));
+        }
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
+            return Err(Error::input(format!("{what}: token id {bad} is outside the vocabulary of {}", c.vocab_size)));
+        }
+        Ok(())
+    }
+
+    /// Runs one packed pass; returns logits `[logits_rows.len(), vocab]`.
+    pub fn forward(&self, kv: &mut B::Kv, pass: Pass) -> Vec<f32> {
+        let be = &self.backend;
+        let c = &self.model.config;
+        let w = &self.weights;
+        let (h, inter, eps, n_layers) = (c.hidden_size, c.intermediate_size, c.norm_eps, c.num_layers);
+        let plan = pass.plan;
+        let rows = plan.rows();
+        let (qd, kvd) = (self.heads.q_heads * self.heads.head_dim, self.kv_dim());
+        let rope = rope_rows(&self.inv_freq, &plan.positions);
+        let mut sink = pass.capture;
+        // Without logits, stop after the deepest captured point.
+        let last_point = if !pass.logits_rows.is_empty() {
+            n_layers
+        } else {
+            sink.as_ref()
+                .map(|s| {
+                    s.spec.points.iter().map(|p| match p {
+                        CapturePoint::Hidden(l) => *l,
+                        CapturePoint::LastBlockRaw => n_layers,
+                    })
+                    .max()
+                    .unwrap_or(0)
+                })
+                .unwrap_or(n_layers)
+        };
+
+        let mut x = be.act(rows, h);
+        let mut normed = be.act(rows, h);
+        be.embed(&w.embed, pass.ids, &mut x);
+        let point = |l: usize, x: &mut B::Act, normed: &mut B::Act, sink: &mut Option<CaptureSink<'_>>| {
+            let norm = if l < n_layers { &w.layers[l].attn_norm } else { &w.final_norm };
+            let steer = plan_point(l, pass.steering, &plan.row_seq, pass.generated);
+            let slot = |p| sink.as_ref().and_then(|s| s.spec.slot(p));
+            let (capture_residual, capture_normed) = if l < n_layers {
+                (slot(CapturePoint::Hidden(l)), None)
+            } else {
+                (slot(CapturePoint::LastBlockRaw), slot(CapturePoint::Hidden(l)))
+            };
+            be.residual_step(
+                x,
+                norm,
+                eps,
+                normed,
+                ResidualStep { steer: steer.as_ref(), capture_residual, capture_normed, sink: sink.as_mut(), plan },
+            );
+        };
+        point(0, &mut x, &mut normed, &mut sink);
+
+        if last_point > 0 {
+            let (mut q, mut k, mut v, mut attn) = (be.act(rows, qd), be.act(rows, kvd), be.act(rows, kvd), be.act(rows, qd));
+            let (mut gate, mut up, mut act) = (be.act(rows, inter), be.act(rows, inter), be.act(rows, inter));
+            for (l, lw) in w.layers.iter().enumerate().take(last_point) {
+                be.linear(&normed, &lw.q, lw.q_bias.as_ref(), &mut q, false);
+                be.linear(&normed, &lw.k, lw.k_bias.as_ref(), &mut k, false);
+                be.linear(&normed, &lw.v, lw.v_bias.as_ref(), &mut v, false);
+                be.rope_store_kv(&mut q, &mut k, &v, &rope, self.heads, kv, l, plan);
+                be.attention(&q, kv, l, self.heads, plan, &mut attn);
+                be.linear(&attn, &lw.o, lw.o_bias.as_ref(), &mut x, true);
+                be.residual_step(
+                    &mut x,
+                    &lw.mlp_norm,
+                    eps,
+                    &mut normed,
+                    ResidualStep { steer: None, capture_residual: None, capture_normed: None, sink: None, plan },
+                );
+                be.linear(&normed, &lw.gate, lw.gate_bias.as_ref(), &mut gate, false);
+                be.linear(&normed, &lw.up, lw.up_bias.as_ref(), &mut up, false);
+                be.swiglu(&gate, &up, &mut act);
+                be.linear(&act, &lw.down, lw.down_bias.as_ref(), &mut x, true);
+                point(l + 1, &mut x, &mut normed, &mut sink);
+            }
+        }
+
+        if pass.logits_rows.is_empty() {
+            return Vec::new();
+        }
+        let last = be.gather_rows(&normed, pass.logits_rows);
+        let mut logits = be.act(pass.logits_rows.len(), c.vocab_size);
+        be.linear(&last, w.lm_head(), None, &mut logits, false);
+        be.to_host(&logits)
+    }
+
+    /// Captures hidden states for many sequences, packed into batches of about `batch_tokens`
+    /// tokens. Results are identical whatever the batching. `progress` is told how many
+    /// sequences and tokens each finished batch held.
+    pub fn extract(
+        &self,
+        seqs: &[Vec<u32>],
+        spec: &CaptureSpec,
+        steering: &[Option<Arc<Steering>>],
+        batch_tokens: usize,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Captured> {
+        spec.validate(self.num_layers())?;
+        if steering.len() != seqs.len() {
+            return Err(Error::input(format!("{} steering entries for {} sequences", steering.len(), seqs.len())));
+        }
+        for s in steering.iter().flatten() {
+            s.validate(self.num_layers(), self.hidden_size())?;
+        }
+        for (i, ids) in seqs.iter().enumerate() {
+            self.check_tokens(ids, &format!("sequence {}", i + 1))?;
+        }
+        let total_tokens: usize = seqs.iter().map(Vec::len).sum();
+        let (rows, offsets) = match spec.position {
+            CapturePosition::All => {
+                let mut offsets = vec![0];
+                for s in seqs {
+                    offsets.push(offsets.last().copied().unwrap_or(0) + s.len());
+                }
+                (total_tokens, offsets)
+            }
+            _ => (seqs.len(), Vec::new()),
+        };
+        let mut out = Captured::new(rows, spec.points.len(), self.hidden_size(), offsets);
+        let mut start = 0;
+        while start < seqs.len() {
+            let mut end = start;
+            let mut tokens = 0;
+            while end < seqs.len() && (end == start || tokens + seqs[end].len() <= batch_tokens.max(1)) {
+                tokens += seqs[end].len();
+                end += 1;
+            }
+            let batch = &seqs[start..end];
+            let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
+            let mut kv_starts = Vec::with_capacity(lens.len());
+            let mut acc = 0;
+            for l in &lens {
+                kv_starts.push(acc);
+                acc += l;
+            }
+            let plan = BatchPlan::new(&lens, &vec![0; lens.len()], &kv_starts);
+            let ids: Vec<u32> = batch.iter().flatten().copied().collect();
+            let seq_row = match spec.position {
+                CapturePosition::All => (start..end).map(|i| out.offsets[i]).collect(),
+                _ => (start..end).collect(),
+            };
+            let mut kv = self.backend.kv(1, tokens, self.kv_dim());
+            self.forward(
+                &mut kv,
+                Pass {
+                    ids: &ids,
+                    plan: &plan,
+                    generated: false,
+                    steering: &steering[start..end],
+                    capture: Some(CaptureSink { spec, out: &mut out, seq_row }),
+                    logits_rows: &[],
+                },
+            );
+            progress(end - start, tokens);
+            start = end;
+        }
+        Ok(out)
+    }
+
+    /// Logits at the last position of each sequence (one packed pass, no cache kept).
+    pub fn last_logits(&self, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        for (i, ids) in seqs.iter().enumerate() {
+            self.check_tokens(ids, &format!("sequence {}", i + 1))?;
+        }
+        let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        let mut kv_starts = Vec::new();
+        let mut acc = 0;
+        for l in &lens {
+            kv_starts.push(acc);
+            acc += l;
+        }
+        let plan = BatchPlan::new(&lens, &vec![0; lens.len()], &kv_starts);
+        let ids: Vec<u32> = seqs.iter().flatten().copied().collect();
+        let mut kv = self.backend.kv(1, acc, self.kv_dim());
+        let none = vec![None; seqs.len()];
+        let logits = self.forward(
+            &mut kv,
+            Pass { ids: &ids, plan: &plan, generated: false, steering: &none, capture: None, logits_rows: &plan.last_rows() },
+        );
+        Ok(logits.chunks(self.model.config.vocab_size).map(<[f32]>::to_vec).collect())
+    }
+}

@@ -1,0 +1,220 @@
+//! Writing the residual stream: steering vectors, operators, and the per-point plan a kernel reads.
+use crate::error::{Error, Result};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SteerOp {
+    /// h + c·v (RepE `linear_comb`).
+    Add,
+    /// h + c·v·sign(⟨h, v⟩) (RepE `piecewise_linear`).
+    SignAware,
+}
+
+impl std::str::FromStr for SteerOp {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "add" | "linear_comb" => Ok(SteerOp::Add),
+            "piecewise" | "piecewise_linear" | "sign-aware" => Ok(SteerOp::SignAware),
+            other => Err(Error::input(format!("unknown steering operator `{other}` (expected add or piecewise)"))),
+        }
+    }
+}
+
+impl SteerOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            SteerOp::Add => "add",
+            SteerOp::SignAware => "piecewise",
+        }
+    }
+}
+
+/// Which tokens are steered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SteerPositions {
+    All,
+    Prompt,
+    Generated,
+}
+
+impl std::str::FromStr for SteerPositions {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "all" => Ok(SteerPositions::All),
+            "prompt" => Ok(SteerPositions::Prompt),
+            "generated" => Ok(SteerPositions::Generated),
+            other => Err(Error::input(format!("unknown steering positions `{other}` (expected all, prompt or generated)"))),
+        }
+    }
+}
+
+impl SteerPositions {
+    pub fn name(self) -> &'static str {
+        match self {
+            SteerPositions::All => "all",
+            SteerPositions::Prompt => "prompt",
+            SteerPositions::Generated => "generated",
+        }
+    }
+
+    fn applies(self, generated: bool) -> bool {
+        match self {
+            SteerPositions::All => true,
+            SteerPositions::Prompt => !generated,
+            SteerPositions::Generated => generated,
+        }
+    }
+}
+
+/// One steering intervention: per-layer directions (row l used at hidden-state index l),
+/// the layers it acts on, and how.
+#[derive(Debug, Clone)]
+pub struct Steering {
+    /// `[num_layers + 1, hidden]`, row-major.
+    pub directions: Arc<Vec<f32>>,
+    pub hidden: usize,
+    pub layers: Vec<usize>,
+    pub coef: f32,
+    pub op: SteerOp,
+    pub preserve_norm: bool,
+    pub positions: SteerPositions,
+}
+
+impl Steering {
+    pub fn validate(&self, num_layers: usize, hidden: usize) -> Result<()> {
+        if self.hidden != hidden {
+            return Err(Error::input(format!(
+                "steering vectors have hidden size {}, the model has {hidden}",
+                self.hidden
+            )));
+        }
+        let rows = self.directions.len() / hidden.max(1);
+        if rows * hidden != self.directions.len() || rows < num_layers + 1 {
+            return Err(Error::input(format!(
+                "steering directions have {rows} rows, the model needs {} (hidden-state indices 0..={num_layers})",
+                num_layers + 1
+            )));
+        }
+        if !self.coef.is_finite() {
+            return Err(Error::input(format!("steering coefficient {} is not finite", self.coef)));
+        }
+        for &l in &self.layers {
+            if l > num_layers {
+                return Err(Error::input(format!(
+                    "steering layer {l} is out of range: this model has hidden-state indices 0..={num_layers}"
+                )));
+            }
+            if self.direction(l).iter().any(|v| !v.is_finite()) {
+                return Err(Error::input(format!("steering direction for layer {l} contains NaN or Inf")));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn direction(&self, layer: usize) -> &[f32] {
+        &self.directions[layer * self.hidden..(layer + 1) * self.hidden]
+    }
+}
+
+/// What the fused residual kernel needs at one point: a slot per packed row (-1 = untouched)
+/// and, per slot, the vector and its settings.
+pub struct PointSteering<'a> {
+    pub row_slot: Vec<i32>,
+    pub slots: Vec<SlotSteer<'a>>,
+}
+
+#[derive(Clone, Copy)]
+pub struct SlotSteer<'a> {
+    pub vector: &'a [f32],
+    pub coef: f32,
+    pub op: SteerOp,
+    pub preserve_norm: bool,
+}
+
+/// Builds the plan for hidden-state index `layer`, or None when nothing steers there (the
+/// kernel then skips steering entirely: no cost when steering is off).
+/// `seq_steering[i]` is sequence i's intervention; `generated` says whether this pass's rows
+/// are generated tokens (decode) or prompt tokens (prefill).
+pub fn plan_point<'a>(
+    layer: usize,
+    seq_steering: &'a [Option<Arc<Steering>>],
+    row_seq: &[u32],
+    generated: bool,
+) -> Option<PointSteering<'a>> {
+    let mut slots: Vec<SlotSteer<'a>> = Vec::new();
+    let mut seq_slot = vec![-1i32; seq_steering.len()];
+    for (i, s) in seq_steering.iter().enumerate() {
+        let Some(s) = s else { continue };
+        if !s.layers.contains(&layer) || !s.positions.applies(generated) {
+            continue;
+        }
+        seq_slot[i] = slots.len() as i32;
+        slots.push(SlotSteer { vector: s.direction(layer), coef: s.coef, op: s.op, preserve_norm: s.preserve_norm });
+    }
+    if slots.is_empty() {
+        return None;
+    }
+    Some(PointSteering { row_slot: row_seq.iter().map(|&s| seq_slot[s as usize]).collect(), slots })
+}
+
+/// Parses layer lists such as `0,5,10-20`.
+pub fn parse_layer_list(text: &str) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || Error::input(format!("invalid layer list `{text}`: `{part}` is not a layer or a range like 10-20"));
+        if let Some((a, b)) = part.split_once('-') {
+            let (a, b): (usize, usize) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+            if a > b {
+                return Err(bad());
+            }
+            out.extend(a..=b);
+        } else {
+            out.push(part.parse().map_err(|_| bad())?);
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::input(format!("invalid layer list `{text}`: no layers")));
+    }
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|l| seen.insert(*l));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_lists() {
+        assert_eq!(parse_layer_list("0,5,10-12").unwrap(), vec![0, 5, 10, 11, 12]);
+        assert_eq!(parse_layer_list("3, 3,2").unwrap(), vec![3, 2]);
+        assert!(parse_layer_list("5-2").is_err());
+        assert!(parse_layer_list("a").is_err());
+        assert!(parse_layer_list("").is_err());
+    }
+
+    #[test]
+    fn per_sequence_slots_and_positions() {
+        let s = |layers: Vec<usize>, positions| {
+            Some(Arc::new(Steering {
+                directions: Arc::new(vec![1.0; 3 * 2]),
+                hidden: 2,
+                layers,
+                coef: 1.0,
+                op: SteerOp::Add,
+                preserve_norm: false,
+                positions,
+            }))
+        };
+        let seqs = vec![s(vec![1], SteerPositions::All), None, s(vec![1, 2], SteerPositions::Generated)];
+        let rows = [0u32, 0, 1, 2];
+        let p = plan_point(1, &seqs, &rows, false).unwrap();
+        assert_eq!(p.row_slot, vec![0, 0, -1, -1]);
+        let p = plan_point(1, &seqs, &rows, true).unwrap();
+        assert_eq!(p.row_slot, vec![0, 0, -1, 1]);
+        assert!(plan_point(2, &seqs, &rows, false).is_none());
+        assert!(plan_point(0, &seqs, &rows, true).is_none());
+    }
+}

@@ -1,0 +1,46 @@
+//! Typed errors for the library. Each variant maps to one documented exit code class.
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Something the user supplied (input file, vector file, flag value) is wrong.
+    #[error("{0}")]
+    Input(String),
+    /// The model directory, its config or its weights are unusable.
+    #[error("{0}")]
+    Model(String),
+    /// A compute device could not be used.
+    #[error("{0}")]
+    Device(String),
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub fn input(msg: impl Into<String>) -> Self {
+        Error::Input(msg.into())
+    }
+    pub fn model(msg: impl Into<String>) -> Self {
+        Error::Model(msg.into())
+    }
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+
+    /// Process exit code for this error class (documented in README.md).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Input(_) => 3,
+            Error::Model(_) => 4,
+            Error::Device(_) => 5,
+            Error::Io { .. } => 6,
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Reading and writing tensor files: atomic safetensors output and steering-vector files.
+use crate::error::{Error, Result};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub enum TensorData {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
+
+pub struct OutTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: TensorData,
+}
+
+/// A file path that is renamed into place on `commit` and removed if dropped before.
+pub struct AtomicPath {
+    tmp: PathBuf,
+    dest: PathBuf,
+    committed: bool,
+}
+
+impl AtomicPath {
+    pub fn new(dest: &Path) -> Self {
+        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+        let tmp = dest.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+        AtomicPath { tmp, dest: dest.to_owned(), committed: false }
+    }
+
+    pub fn tmp(&self) -> &Path {
+        &self.tmp
+    }
+
+    pub fn commit(mut self) -> Result<()> {
+        std::fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for AtomicPath {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Checks that `path` can be created (its directory exists and is writable) before any compute.
+pub fn check_writable(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        return Err(Error::input(format!("{}: is a directory, expected an output file path", path.display())));
+    }
+    let probe = AtomicPath::new(path);
+    std::fs::File::create(probe.tmp()).map_err(|e| Error::io(path, e))?;
+    Ok(())
+}
+
+/// Writes a safetensors file through a temporary name, flushed and renamed, so that a failure
+/// never leaves a partial file at `path`.
+pub fn write_safetensors(path: &Path, tensors: &[OutTensor], metadata: HashMap<String, String>) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|t| match &t.data {
+            TensorData::F32(v) => bytemuck::cast_slice(v).to_vec(),
+            TensorData::I64(v) => bytemuck::cast_slice(v).to_vec(),
+        })
+        .collect();
+    let mut views = Vec::with_capacity(tensors.len());
+    for (t, b) in tensors.iter().zip(&bytes) {
+        let dtype = match t.data {
+            TensorData::F32(_) => Dtype::F32,
+            TensorData::I64(_) => Dtype::I64,
+        };
+        let view = TensorView::new(dtype, t.shape.clone(), b)
+            .map_err(|e| Error::input(format!("tensor `{}`: {e}", t.name)))?;
+        views.push((t.name.clone(), view));
+    }
+    let data = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| Error::input(format!("{}: cannot serialize: {e}", path.display())))?;
+    let out = AtomicPath::new(path);
+    let mut file = std::fs::File::create(out.tmp()).map_err(|e| Error::io(path, e))?;
+    file.write_all(&data).map_err(|e| Error::io(path, e))?;
+    file.sync_all().map_err(|e| Error::io(path, e))?;
+    drop(file);
+    out.commit()
+}
+
+/// A tensor read fully into f32, with the file's metadata.
+pub struct LoadedTensor {
+    pub data: Vec<f32>,
+    pub shape: Vec<usize>,
+    pub metadata: HashMap<String, String>,
+}
+
+/// Reads tensor `name` (f32, bf16 or f16) from a safetensors file.
+pub fn read_f32_tensor(path: &Path, name: &str) -> Result<LoadedTensor> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::input(format!("{}: not a valid safetensors file: {e}", path.display())))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::input(format!("{}: not a valid safetensors file: {e}", path.display())))?;
+    let view = st.tensor(name).map_err(|_| {
+        Error::input(format!("{}: no tensor `{name}` (found: {})", path.display(), st.names().join(", ")))
+    })?;
+    let raw = view.data();
+    let data: Vec<f32> = match view.dtype() {
+        Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::BF16 => raw.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F16 => raw.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        other => {
+            return Err(Error::input(format!(
+                "{}: tensor `{name}` has dtype {other:?}, expected f32, bf16 or f16",
+                path.display()
+            )))
+        }
+    };
+    Ok(LoadedTensor { data, shape: view.shape().to_vec(), metadata: meta.metadata().clone().unwrap_or_default() })
+}
+
+/// Reads a steering/concept vector file: tensor `directions` of shape `[L+1, hidden]`.
+pub fn read_directions(path: &Path, num_layers: usize, hidden: usize) -> Result<LoadedTensor> {
+    let t = read_f32_tensor(path, "directions")?;
+    if t.shape.len() != 2 || t.shape[1] != hidden {
+        return Err(Error::input(format!(
+            "{}: `directions` has shape {:?}, expected [{}, {hidden}] for this model",
+            path.display(),
+            t.shape,
+            num_layers + 1
+        )));
+    }
+    if t.shape[0] != num_layers + 1 {
+        return Err(Error::input(format!(
+            "{}: `directions` has {} rows, expected {} (one per hidden-state index 0..={num_layers})",
+            path.display(),
+            t.shape[0],
+            num_layers + 1
+        )));
+    }
+    if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
+        return Err(Error::input(format!(
+            "{}: `directions` contains NaN or Inf (row {}, column {})",
+            path.display(),
+            i / hidden,
+            i % hidden
+        )));
+    }
+    Ok(t)
+}

@@ -1,0 +1,175 @@
+//! Declarative descriptions of the supported architectures. The forward pass reads these;
+//! adding a family means adding a description (and kernels for genuinely new operations).
+use super::config::ModelConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormKind {
+    Rms,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PositionKind {
+    Rope,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlpKind {
+    /// down(silu(gate(x)) * up(x))
+    SwiGlu,
+}
+
+/// The tensors a decoder layer may hold, by role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LayerTensor {
+    AttnNorm,
+    Q,
+    K,
+    V,
+    O,
+    QBias,
+    KBias,
+    VBias,
+    OBias,
+    MlpNorm,
+    Gate,
+    Up,
+    Down,
+    GateBias,
+    UpBias,
+    DownBias,
+}
+
+#[derive(Debug, Clone)]
+pub struct ArchSpec {
+    pub family: Family,
+    pub norm: NormKind,
+    pub position: PositionKind,
+    pub mlp: MlpKind,
+    pub embed: &'static str,
+    pub final_norm: &'static str,
+    pub lm_head: &'static str,
+    /// `{}` is replaced by the layer index.
+    pub layer_prefix: &'static str,
+    pub layer_names: &'static [(LayerTensor, &'static str)],
+}
+
+const LLAMA_LAYER_NAMES: &[(LayerTensor, &str)] = &[
+    (LayerTensor::AttnNorm, "input_layernorm.weight"),
+    (LayerTensor::Q, "self_attn.q_proj.weight"),
+    (LayerTensor::K, "self_attn.k_proj.weight"),
+    (LayerTensor::V, "self_attn.v_proj.weight"),
+    (LayerTensor::O, "self_attn.o_proj.weight"),
+    (LayerTensor::QBias, "self_attn.q_proj.bias"),
+    (LayerTensor::KBias, "self_attn.k_proj.bias"),
+    (LayerTensor::VBias, "self_attn.v_proj.bias"),
+    (LayerTensor::OBias, "self_attn.o_proj.bias"),
+    (LayerTensor::MlpNorm, "post_attention_layernorm.weight"),
+    (LayerTensor::Gate, "mlp.gate_proj.weight"),
+    (LayerTensor::Up, "mlp.up_proj.weight"),
+    (LayerTensor::Down, "mlp.down_proj.weight"),
+    (LayerTensor::GateBias, "mlp.gate_proj.bias"),
+    (LayerTensor::UpBias, "mlp.up_proj.bias"),
+    (LayerTensor::DownBias, "mlp.down_proj.bias"),
+];
+
+/// Architecture names accepted in `config.json`'s `architectures`, with their family.
+const SUPPORTED: &[(&str, Family)] = &[
+    ("LlamaForCausalLM", Family::Llama),
+    ("MistralForCausalLM", Family::Llama),
+    ("llama", Family::Llama),
+    ("mistral", Family::Llama),
+];
+
+impl Family {
+    pub fn from_architecture(name: &str) -> Option<Family> {
+        SUPPORTED.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
+    }
+
+    pub fn supported_names() -> Vec<&'static str> {
+        SUPPORTED.iter().map(|(n, _)| *n).filter(|n| n.contains("For")).collect()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+        }
+    }
+
+    pub fn spec(self) -> ArchSpec {
+        match self {
+            Family::Llama => ArchSpec {
+                family: self,
+                norm: NormKind::Rms,
+                position: PositionKind::Rope,
+                mlp: MlpKind::SwiGlu,
+                embed: "model.embed_tokens.weight",
+                final_norm: "model.norm.weight",
+                lm_head: "lm_head.weight",
+                layer_prefix: "model.layers.{}.",
+                layer_names: LLAMA_LAYER_NAMES,
+            },
+        }
+    }
+}
+
+/// One tensor the checkpoint must (or may) hold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpectedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+impl ArchSpec {
+    pub fn layer_tensor_name(&self, role: LayerTensor, layer: usize) -> String {
+        let suffix = self
+            .layer_names
+            .iter()
+            .find(|(r, _)| *r == role)
+            .map(|(_, s)| *s)
+            .unwrap_or_else(|| unreachable!("every family names every role it uses"));
+        format!("{}{}", self.layer_prefix.replace("{}", &layer.to_string()), suffix)
+    }
+
+    /// Shape of a layer tensor, or None when this config does not use it.
+    pub fn layer_tensor_shape(&self, role: LayerTensor, c: &ModelConfig) -> Option<Vec<usize>> {
+        let (h, q, kv, i) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+        use LayerTensor::*;
+        let shape = match role {
+            AttnNorm | MlpNorm => vec![h],
+            Q => vec![q, h],
+            K | V => vec![kv, h],
+            O => vec![h, q],
+            Gate | Up => vec![i, h],
+            Down => vec![h, i],
+            QBias if c.attention_bias => vec![q],
+            KBias | VBias if c.attention_bias => vec![kv],
+            OBias if c.attention_bias => vec![h],
+            GateBias | UpBias if c.mlp_bias => vec![i],
+            DownBias if c.mlp_bias => vec![h],
+            _ => return None,
+        };
+        Some(shape)
+    }
+
+    /// Every tensor a checkpoint of this config must hold, in load order.
+    pub fn expected_tensors(&self, c: &ModelConfig) -> Vec<ExpectedTensor> {
+        let mut out = vec![ExpectedTensor { name: self.embed.into(), shape: vec![c.vocab_size, c.hidden_size] }];
+        for layer in 0..c.num_layers {
+            for (role, _) in self.layer_names {
+                if let Some(shape) = self.layer_tensor_shape(*role, c) {
+                    out.push(ExpectedTensor { name: self.layer_tensor_name(*role, layer), shape });
+                }
+            }
+        }
+        out.push(ExpectedTensor { name: self.final_norm.into(), shape: vec![c.hidden_size] });
+        if !c.tie_word_embeddings {
+            out.push(ExpectedTensor { name: self.lm_head.into(), shape: vec![c.vocab_size, c.hidden_size] });
+        }
+        out
+    }
+}

@@ -1,0 +1,236 @@
+//! `config.json` parsing into one normalised description, whatever the family's key names.
+use crate::error::{Error, Result};
+use serde_json::Value;
+use std::path::Path;
+
+use super::arch::Family;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (HF "linear").
+    Linear { factor: f32 },
+    /// Llama 3 frequency-dependent scaling.
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: f32 },
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub family: Family,
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub norm_eps: f32,
+    pub rope_theta: f32,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub torch_dtype: Option<String>,
+}
+
+struct Keys<'a> {
+    obj: &'a serde_json::Map<String, Value>,
+    file: &'a str,
+}
+
+impl Keys<'_> {
+    fn usize_req(&self, key: &str) -> Result<usize> {
+        self.usize_opt(key)?.ok_or_else(|| Error::model(format!("{}: missing required key `{key}`", self.file)))
+    }
+    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if n > 0 && n < (1 << 40) => Ok(Some(n as usize)),
+                _ => Err(Error::model(format!("{}: `{key}` must be a positive integer, got {v}", self.file))),
+            },
+        }
+    }
+    fn f32_opt(&self, key: &str) -> Result<Option<f32>> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() => Ok(Some(x as f32)),
+                _ => Err(Error::model(format!("{}: `{key}` must be a number, got {v}", self.file))),
+            },
+        }
+    }
+    fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(Error::model(format!("{}: `{key}` must be true or false, got {v}", self.file))),
+        }
+    }
+    fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
+        let bad = |v: &Value| Error::model(format!("{}: `{key}` must be a token id or a list of them, got {v}", self.file));
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(vec![]),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_u64().filter(|&n| n <= u32::MAX as u64).map(|n| n as u32).ok_or_else(|| bad(v)))
+                .collect(),
+            Some(v) => v.as_u64().filter(|&n| n <= u32::MAX as u64).map(|n| vec![n as u32]).ok_or_else(|| bad(v)),
+        }
+    }
+}
+
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json_str(&text, &path.display().to_string())
+    }
+
+    /// `file` names the source in error messages.
+    pub fn from_json_str(text: &str, file: &str) -> Result<Self> {
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| Error::model(format!("{file}: invalid JSON: {e}")))?;
+        let obj = value.as_object().ok_or_else(|| Error::model(format!("{file}: expected a JSON object")))?;
+        let keys = Keys { obj, file };
+        let architecture = obj
+            .get("architectures")
+            .and_then(|a| a.as_array())
+            .and_then(|a| a.first())
+            .and_then(|a| a.as_str())
+            .map(str::to_owned)
+            .or_else(|| obj.get("model_type").and_then(|m| m.as_str()).map(str::to_owned))
+            .ok_or_else(|| Error::model(format!("{file}: no `architectures` or `model_type` entry")))?;
+        let family = Family::from_architecture(&architecture).ok_or_else(|| {
+            Error::model(format!(
+                "{file}: unsupported architecture `{architecture}`; supported: {}",
+                Family::supported_names().join(", ")
+            ))
+        })?;
+
+        let hidden_size = keys.usize_req("hidden_size")?;
+        let num_heads = keys.usize_req("num_attention_heads")?;
+        let num_kv_heads = keys.usize_opt("num_key_value_heads")?.unwrap_or(num_heads);
+        let head_dim = keys.usize_opt("head_dim")?.unwrap_or(hidden_size / num_heads);
+        if num_heads % num_kv_heads != 0 {
+            return Err(Error::model(format!(
+                "{file}: num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
+            )));
+        }
+        if head_dim % 2 != 0 {
+            return Err(Error::model(format!("{file}: head_dim ({head_dim}) must be even for rotary embeddings")));
+        }
+        if obj.get("sliding_window").is_some_and(|v| !v.is_null())
+            && obj.get("use_sliding_window").and_then(Value::as_bool).unwrap_or(true)
+            && architecture == "MistralForCausalLM"
+        {
+            return Err(Error::model(format!("{file}: sliding-window attention is not supported; set `sliding_window` to null")));
+        }
+        // transformers 5 writes `rope_parameters`; older configs `rope_scaling` (often null).
+        let rope_scaling = match obj.get("rope_parameters").filter(|v| v.is_object()) {
+            Some(params) => parse_rope_scaling(Some(params), file)?,
+            None => parse_rope_scaling(obj.get("rope_scaling"), file)?,
+        };
+        let rope_theta = match keys.f32_opt("rope_theta")? {
+            Some(t) => t,
+            None => obj
+                .get("rope_parameters")
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(Value::as_f64)
+                .map(|t| t as f32)
+                .unwrap_or(10000.0),
+        };
+        let config = ModelConfig {
+            family,
+            architecture,
+            vocab_size: keys.usize_req("vocab_size")?,
+            hidden_size,
+            intermediate_size: keys.usize_req("intermediate_size")?,
+            num_layers: keys.usize_req("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            norm_eps: keys.f32_opt("rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: keys.usize_opt("max_position_embeddings")?.unwrap_or(2048),
+            tie_word_embeddings: keys.bool_opt("tie_word_embeddings")?.unwrap_or(false),
+            attention_bias: keys.bool_opt("attention_bias")?.unwrap_or(false),
+            mlp_bias: keys.bool_opt("mlp_bias")?.unwrap_or(false),
+            bos_token_id: keys.token_ids("bos_token_id")?.first().copied(),
+            eos_token_ids: keys.token_ids("eos_token_id")?,
+            torch_dtype: obj
+                .get("torch_dtype")
+                .or_else(|| obj.get("dtype"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+        };
+        Ok(config)
+    }
+}
+
+fn parse_rope_scaling(value: Option<&Value>, file: &str) -> Result<RopeScaling> {
+    let Some(obj) = value.and_then(Value::as_object) else {
+        return Ok(RopeScaling::None);
+    };
+    let kind = obj.get("rope_type").or_else(|| obj.get("type")).and_then(Value::as_str).unwrap_or("default");
+    let num = |key: &str| -> Result<f32> {
+        obj.get(key)
+            .and_then(Value::as_f64)
+            .map(|x| x as f32)
+            .filter(|x| x.is_finite() && *x > 0.0)
+            .ok_or_else(|| Error::model(format!("{file}: rope_scaling of type `{kind}` needs a positive number `{key}`")))
+    };
+    match kind {
+        "default" => Ok(RopeScaling::None),
+        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        }),
+        other => Err(Error::model(format!(
+            "{file}: rope_scaling type `{other}` is not supported (supported: default, linear, llama3)"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LLAMA: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
+        "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"vocab_size":100,
+        "rms_norm_eps":1e-5,"rope_theta":500000.0,"eos_token_id":[1,2],
+        "rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#;
+
+    #[test]
+    fn parses_llama3() {
+        let c = ModelConfig::from_json_str(LLAMA, "config.json").unwrap();
+        assert_eq!(c.head_dim, 16);
+        assert_eq!(c.num_kv_heads, 2);
+        assert_eq!(c.eos_token_ids, vec![1, 2]);
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { .. }));
+    }
+
+    #[test]
+    fn rejects_unknown_architecture_listing_supported() {
+        let text = LLAMA.replace("LlamaForCausalLM", "GPTNeoXForCausalLM");
+        let err = ModelConfig::from_json_str(&text, "x/config.json").unwrap_err().to_string();
+        assert!(err.contains("x/config.json") && err.contains("GPTNeoXForCausalLM") && err.contains("LlamaForCausalLM"), "{err}");
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let text = LLAMA.replace("\"hidden_size\":64", "\"hidden_size\":-3");
+        let err = ModelConfig::from_json_str(&text, "c.json").unwrap_err().to_string();
+        assert!(err.contains("hidden_size"), "{err}");
+        assert!(ModelConfig::from_json_str("{", "c.json").unwrap_err().to_string().contains("invalid JSON"));
+        let text = LLAMA.replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3");
+        assert!(ModelConfig::from_json_str(&text, "c.json").is_err());
+    }
+}

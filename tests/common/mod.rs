@@ -1,0 +1,102 @@
+//! Tiny random-weight Llama models written to a temporary directory.
+#![allow(dead_code)]
+use resid::io::{write_safetensors, OutTensor, TensorData};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub struct TinySpec {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub inter: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub bias: bool,
+    pub tie: bool,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        TinySpec { vocab: 97, hidden: 32, inter: 48, layers: 3, heads: 4, kv_heads: 2, bias: true, tie: false }
+    }
+}
+
+pub fn pseudo_random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15).wrapping_add(0x2545F4914F6CDD1D);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+        })
+        .collect()
+}
+
+pub fn config_json(s: &TinySpec) -> String {
+    serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": s.vocab, "hidden_size": s.hidden, "intermediate_size": s.inter,
+        "num_hidden_layers": s.layers, "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": s.tie, "attention_bias": s.bias, "mlp_bias": s.bias,
+        "bos_token_id": 1, "eos_token_id": 2
+    })
+    .to_string()
+}
+
+pub fn tensors(s: &TinySpec) -> Vec<OutTensor> {
+    let hd = s.hidden / s.heads;
+    let (q, kv) = (s.heads * hd, s.kv_heads * hd);
+    let mut shapes: Vec<(String, Vec<usize>, f32)> = vec![("model.embed_tokens.weight".into(), vec![s.vocab, s.hidden], 1.0)];
+    for l in 0..s.layers {
+        let p = format!("model.layers.{l}.");
+        let mut add = |n: &str, shape: Vec<usize>, scale: f32| shapes.push((format!("{p}{n}"), shape, scale));
+        add("input_layernorm.weight", vec![s.hidden], -1.0);
+        add("post_attention_layernorm.weight", vec![s.hidden], -1.0);
+        add("self_attn.q_proj.weight", vec![q, s.hidden], 0.3);
+        add("self_attn.k_proj.weight", vec![kv, s.hidden], 0.3);
+        add("self_attn.v_proj.weight", vec![kv, s.hidden], 0.3);
+        add("self_attn.o_proj.weight", vec![s.hidden, q], 0.3);
+        add("mlp.gate_proj.weight", vec![s.inter, s.hidden], 0.3);
+        add("mlp.up_proj.weight", vec![s.inter, s.hidden], 0.3);
+        add("mlp.down_proj.weight", vec![s.hidden, s.inter], 0.3);
+        if s.bias {
+            for (n, d) in [("self_attn.q_proj.bias", q), ("self_attn.k_proj.bias", kv), ("self_attn.v_proj.bias", kv), ("self_attn.o_proj.bias", s.hidden), ("mlp.gate_proj.bias", s.inter), ("mlp.up_proj.bias", s.inter), ("mlp.down_proj.bias", s.hidden)] {
+                add(n, vec![d], 0.1);
+            }
+        }
+    }
+    shapes.push(("model.norm.weight".into(), vec![s.hidden], -1.0));
+    if !s.tie {
+        shapes.push(("lm_head.weight".into(), vec![s.vocab, s.hidden], 0.5));
+    }
+    shapes
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, shape, scale))| {
+            let n = shape.iter().product();
+            // Norm weights (scale < 0) around 1.
+            let data = if scale < 0.0 { pseudo_random(n, i as u64, 0.2).into_iter().map(|v| 1.0 + v).collect() } else { pseudo_random(n, i as u64, scale) };
+            OutTensor { name, shape, data: TensorData::F32(data) }
+        })
+        .collect()
+}
+
+/// Writes a tiny model directory and returns its path (kept alive by the TempDir).
+pub fn write_tiny(dir: &Path, s: &TinySpec) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), config_json(s)).unwrap();
+    write_safetensors(&dir.join("model.safetensors"), &tensors(s), HashMap::new()).unwrap();
+    dir.to_owned()
+}
+
+pub fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    pseudo_random(n, seed, 0.5).into_iter().map(|v| (((v + 0.5) * vocab as f32) as usize).min(vocab - 1) as u32).collect()
+}
+
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}

@@ -1,0 +1,204 @@
+//! Engine properties on tiny random models: packing, batch and thread invariance, KV-cache
+//! decoding against full recomputation, capture and steering semantics.
+mod common;
+
+use common::*;
+use resid::engine::sample::argmax;
+use resid::{CapturePoint, CapturePosition, CaptureSpec, CpuEngine, GenerateOptions, Sampling, SteerOp, SteerPositions, Steering};
+use std::sync::Arc;
+
+fn engine(spec: &TinySpec) -> (tempfile::TempDir, CpuEngine) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = write_tiny(&tmp.path().join("m"), spec);
+    let e = CpuEngine::load(&dir).unwrap();
+    (tmp, e)
+}
+
+fn all_points(e: &CpuEngine) -> Vec<CapturePoint> {
+    let mut p: Vec<CapturePoint> = (0..=e.num_layers()).map(CapturePoint::Hidden).collect();
+    p.push(CapturePoint::LastBlockRaw);
+    p
+}
+
+fn seqs() -> Vec<Vec<u32>> {
+    [5usize, 1, 17, 9, 33, 2].iter().enumerate().map(|(i, &n)| random_ids(n, 97, i as u64 + 10)).collect()
+}
+
+#[test]
+fn packed_batches_equal_one_at_a_time_bit_for_bit() {
+    let (_t, e) = engine(&TinySpec::default());
+    let seqs = seqs();
+    for position in [CapturePosition::Last, CapturePosition::Mean, CapturePosition::All] {
+        let spec = CaptureSpec { points: all_points(&e), position };
+        let none = vec![None; seqs.len()];
+        let packed = e.extract(&seqs, &spec, &none, 4096, |_, _| {}).unwrap();
+        let small_batches = e.extract(&seqs, &spec, &none, 10, |_, _| {}).unwrap();
+        assert_eq!(packed.data, small_batches.data, "{position:?}: batching changed results");
+        let mut alone = Vec::new();
+        for s in &seqs {
+            alone.extend(e.extract(std::slice::from_ref(s), &spec, &[None], 4096, |_, _| {}).unwrap().data);
+        }
+        assert_eq!(packed.data, alone, "{position:?}: packed differs from one at a time");
+    }
+}
+
+#[test]
+fn results_do_not_depend_on_thread_count() {
+    let (_t, e) = engine(&TinySpec::default());
+    let seqs = seqs();
+    let spec = CaptureSpec { points: all_points(&e), position: CapturePosition::Mean };
+    let none = vec![None; seqs.len()];
+    let run = |n| {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap().install(|| e.extract(&seqs, &spec, &none, 4096, |_, _| {}).unwrap().data)
+    };
+    assert_eq!(run(1), run(3));
+}
+
+#[test]
+fn capture_layout_and_hf_indexing() {
+    let (_t, e) = engine(&TinySpec::default());
+    let seqs = seqs();
+    let none = vec![None; seqs.len()];
+    let all = e.extract(&seqs, &CaptureSpec { points: all_points(&e), position: CapturePosition::All }, &none, 4096, |_, _| {}).unwrap();
+    let last = e.extract(&seqs, &CaptureSpec { points: all_points(&e), position: CapturePosition::Last }, &none, 4096, |_, _| {}).unwrap();
+    let mean = e.extract(&seqs, &CaptureSpec { points: all_points(&e), position: CapturePosition::Mean }, &none, 4096, |_, _| {}).unwrap();
+    assert_eq!(all.rows, seqs.iter().map(Vec::len).sum::<usize>());
+    assert_eq!(all.offsets.len(), seqs.len() + 1);
+    let h = e.hidden_size();
+    for (i, s) in seqs.iter().enumerate() {
+        let end = all.offsets[i + 1];
+        assert_eq!(end - all.offsets[i], s.len());
+        for slot in 0..all.points {
+            assert_eq!(all.row(end - 1, slot), last.row(i, slot));
+            let mut m = vec![0f64; h];
+            for r in all.offsets[i]..end {
+                for (a, v) in m.iter_mut().zip(all.row(r, slot)) {
+                    *a += *v as f64;
+                }
+            }
+            let m: Vec<f32> = m.iter().map(|v| (*v / s.len() as f64) as f32).collect();
+            assert!(rel_err(mean.row(i, slot), &m) < 1e-6);
+        }
+    }
+    // Index 0 is the embedding row of the token itself.
+    let emb = &e.model.store.f32("model.embed_tokens.weight", &[97, h]).unwrap();
+    let t = seqs[0][4] as usize;
+    assert_eq!(last.row(0, 0), &emb[t * h..(t + 1) * h]);
+    // Index L is the final norm of the raw last-block output.
+    let raw = last.row(0, e.num_layers() + 1);
+    let w = e.model.store.f32("model.norm.weight", &[h]).unwrap();
+    let ms = raw.iter().map(|v| v * v).sum::<f32>() / h as f32;
+    let normed: Vec<f32> = raw.iter().zip(w.iter()).map(|(v, g)| g * (v / (ms + 1e-5).sqrt())).collect();
+    assert!(rel_err(last.row(0, e.num_layers()), &normed) < 1e-5);
+}
+
+#[test]
+fn capturing_shallow_layers_only_is_identical_and_skips_nothing_needed() {
+    let (_t, e) = engine(&TinySpec::default());
+    let seqs = seqs();
+    let none = vec![None; seqs.len()];
+    let full = e.extract(&seqs, &CaptureSpec { points: all_points(&e), position: CapturePosition::Last }, &none, 4096, |_, _| {}).unwrap();
+    let shallow = e.extract(&seqs, &CaptureSpec { points: vec![CapturePoint::Hidden(1)], position: CapturePosition::Last }, &none, 4096, |_, _| {}).unwrap();
+    for i in 0..seqs.len() {
+        assert_eq!(shallow.row(i, 0), full.row(i, 1));
+    }
+}
+
+fn steering(e: &CpuEngine, layers: Vec<usize>, coef: f32, op: SteerOp, positions: SteerPositions) -> Arc<Steering> {
+    let h = e.hidden_size();
+    Arc::new(Steering {
+        directions: Arc::new(pseudo_random((e.num_layers() + 1) * h, 99, 1.0)),
+        hidden: h,
+        layers,
+        coef,
+        op,
+        preserve_norm: false,
+        positions,
+    })
+}
+
+#[test]
+fn steering_at_l_changes_hidden_state_l_and_not_before() {
+    let (_t, e) = engine(&TinySpec::default());
+    let seqs = seqs();
+    let spec = CaptureSpec { points: all_points(&e), position: CapturePosition::All };
+    let none = vec![None; seqs.len()];
+    let base = e.extract(&seqs, &spec, &none, 4096, |_, _| {}).unwrap();
+    let s = steering(&e, vec![2], 3.0, SteerOp::Add, SteerPositions::All);
+    let steered = e.extract(&seqs, &spec, &vec![Some(s.clone()); seqs.len()], 4096, |_, _| {}).unwrap();
+    for r in 0..base.rows {
+        for l in 0..2 {
+            assert_eq!(base.row(r, l), steered.row(r, l), "layer {l} changed");
+        }
+        let want: Vec<f32> = base.row(r, 2).iter().zip(s.direction(2)).map(|(h, v)| h + 3.0 * v).collect();
+        assert!(rel_err(steered.row(r, 2), &want) < 1e-6, "index 2 is not the block output plus c·v");
+    }
+    // Zero coefficient and no steering are the same computation.
+    let zero = steering(&e, vec![1, 2, 3], 0.0, SteerOp::Add, SteerPositions::All);
+    let z = e.extract(&seqs, &spec, &vec![Some(zero); seqs.len()], 4096, |_, _| {}).unwrap();
+    assert_eq!(z.data, base.data);
+}
+
+#[test]
+fn per_sequence_steering_within_one_batch() {
+    let (_t, e) = engine(&TinySpec::default());
+    let seqs = seqs();
+    let spec = CaptureSpec { points: all_points(&e), position: CapturePosition::Last };
+    let a = steering(&e, vec![1, 3], 2.0, SteerOp::Add, SteerPositions::All);
+    let b = steering(&e, vec![2], -1.5, SteerOp::SignAware, SteerPositions::All);
+    let mixed: Vec<_> = (0..seqs.len()).map(|i| [Some(a.clone()), None, Some(b.clone())][i % 3].clone()).collect();
+    let together = e.extract(&seqs, &spec, &mixed, 4096, |_, _| {}).unwrap();
+    for (i, s) in seqs.iter().enumerate() {
+        let alone = e.extract(std::slice::from_ref(s), &spec, &mixed[i..i + 1], 4096, |_, _| {}).unwrap();
+        for slot in 0..spec.points.len() {
+            assert_eq!(together.row(i, slot), alone.row(0, slot), "sequence {i}");
+        }
+    }
+}
+
+#[test]
+fn cached_decoding_matches_full_recomputation() {
+    let (_t, e) = engine(&TinySpec { tie: true, ..TinySpec::default() });
+    let prompts: Vec<Vec<u32>> = vec![random_ids(7, 97, 1), random_ids(1, 97, 2), random_ids(20, 97, 3)];
+    let opts = GenerateOptions { max_new_tokens: 8, sampling: Sampling::Greedy, stop_tokens: vec![] };
+    let out = e.generate(&prompts, &[None, None, None], &opts).unwrap();
+    for (p, g) in prompts.iter().zip(&out) {
+        assert_eq!(g.tokens.len(), 8);
+        let mut seq = p.clone();
+        for &t in &g.tokens {
+            let logits = e.last_logits(std::slice::from_ref(&seq)).unwrap();
+            assert_eq!(argmax(&logits[0]), t);
+            seq.push(t);
+        }
+    }
+    // Generating one prompt alone gives the same tokens as in the batch.
+    let alone = e.generate(&prompts[2..], &[None], &opts).unwrap();
+    assert_eq!(alone[0].tokens, out[2].tokens);
+}
+
+#[test]
+fn steering_positions_prompt_and_generated() {
+    let (_t, e) = engine(&TinySpec::default());
+    let prompt = vec![random_ids(9, 97, 5)];
+    let opts = GenerateOptions { max_new_tokens: 6, sampling: Sampling::Greedy, stop_tokens: vec![] };
+    let plain = e.generate(&prompt, &[None], &opts).unwrap();
+    let only_gen = steering(&e, vec![1, 2], 8.0, SteerOp::Add, SteerPositions::Generated);
+    let g = e.generate(&prompt, &[Some(only_gen)], &opts).unwrap();
+    // The first token comes from the unsteered prompt pass.
+    assert_eq!(g[0].tokens[0], plain[0].tokens[0]);
+    let all = steering(&e, vec![1, 2], 8.0, SteerOp::Add, SteerPositions::All);
+    let a = e.generate(&prompt, &[Some(all)], &opts).unwrap();
+    assert_ne!(a[0].tokens, plain[0].tokens, "a strong steer should change greedy tokens");
+}
+
+#[test]
+fn stop_tokens_end_generation() {
+    let (_t, e) = engine(&TinySpec::default());
+    let prompt = vec![random_ids(4, 97, 8)];
+    let free = e.generate(&prompt, &[None], &GenerateOptions { max_new_tokens: 5, sampling: Sampling::Greedy, stop_tokens: vec![] }).unwrap();
+    let stop = free[0].tokens[2];
+    let cut = e.generate(&prompt, &[None], &GenerateOptions { max_new_tokens: 5, sampling: Sampling::Greedy, stop_tokens: vec![stop] }).unwrap();
+    let first = free[0].tokens.iter().position(|&t| t == stop).unwrap();
+    assert_eq!(cut[0].tokens, free[0].tokens[..=first]);
+    assert_eq!(cut[0].finish, resid::FinishReason::Stop);
+}
