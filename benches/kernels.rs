@@ -2,7 +2,7 @@
 //! intermediate 1536). Run: `cargo bench --bench kernels`.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use resid::backend::cpu::{attention, gemm, residual};
-use resid::backend::{Heads, ResidualStep};
+use resid::backend::Heads;
 use resid::engine::plan::BatchPlan;
 use resid::engine::steer::{PointSteering, SlotSteer, SteerOp};
 use std::hint::black_box;
@@ -47,7 +47,6 @@ fn bench_attention(c: &mut Criterion) {
 fn bench_residual(c: &mut Criterion) {
     let h = 576;
     let rows = 512;
-    let plan = BatchPlan::new(&[rows], &[0], &[0]);
     let norm = vec![1.0f32; h];
     let vector = data(h, 7);
     let mut g = c.benchmark_group("residual_step");
@@ -55,20 +54,16 @@ fn bench_residual(c: &mut Criterion) {
     for steered in [false, true] {
         let mut x = data(rows * h, 6);
         let mut normed = vec![0f32; rows * h];
-        g.bench_function(if steered { "steer_add" } else { "plain" }, |b| {
+        let steer = PointSteering {
+            row_slot: vec![0; rows],
+            slots: vec![SlotSteer { vector: &vector, coef: 1e-6, op: SteerOp::Add, preserve_norm: false }],
+        };
+        g.bench_function(if steered { "steer_add_norm" } else { "norm" }, |b| {
             b.iter(|| {
-                let steer = PointSteering {
-                    row_slot: vec![0; rows],
-                    slots: vec![SlotSteer { vector: &vector, coef: 1e-6, op: SteerOp::Add, preserve_norm: false }],
-                };
-                let step = ResidualStep {
-                    steer: if steered { Some(&steer) } else { None },
-                    capture_residual: None,
-                    capture_normed: None,
-                    sink: None,
-                    plan: &plan,
-                };
-                residual::residual_step(black_box(&mut x), h, &norm, 1e-5, &mut normed, step)
+                if steered {
+                    residual::steer_rows(black_box(&mut x), h, &steer);
+                }
+                residual::norm_rows(black_box(&x), h, &norm, 1e-5, &mut normed)
             })
         });
     }

@@ -1,9 +1,10 @@
 //! The small interface the one forward pass is written over. A backend owns weight storage,
-//! activations and the KV arena; the forward pass only sequences its operations.
+//! activations, the KV arena and the per-pass index maps; the forward pass only sequences its
+//! operations.
 pub mod cpu;
 pub mod cuda;
 
-use crate::engine::capture::CaptureSink;
+use crate::engine::capture::{CapturePosition, CaptureSink};
 use crate::engine::plan::BatchPlan;
 use crate::engine::steer::PointSteering;
 use crate::error::Result;
@@ -17,22 +18,19 @@ pub struct Heads {
     pub head_dim: usize,
 }
 
-/// Rotary tables for the packed rows of one pass: `cos[row * head_dim/2 + i]`.
-pub struct RopeRows {
-    pub cos: Vec<f32>,
-    pub sin: Vec<f32>,
-    pub half: usize,
+/// What an activation buffer holds: the residual stream (always f32) or a sub-layer's
+/// input/output (f32 on the CPU, bf16 on CUDA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActKind {
+    Residual,
+    Hidden,
 }
 
-/// What the fused residual step does at one point besides the norm.
-pub struct ResidualStep<'a, 'b> {
-    pub steer: Option<&'a PointSteering<'a>>,
-    /// Capture slot for the (steered) residual itself.
-    pub capture_residual: Option<usize>,
-    /// Capture slot for the normalised output (hidden-state index L, as HF returns it).
-    pub capture_normed: Option<usize>,
-    pub sink: Option<&'a mut CaptureSink<'b>>,
-    pub plan: &'a BatchPlan,
+/// Capture buffers of one pass: `slots` capture points, rows per `position`.
+#[derive(Debug, Clone, Copy)]
+pub struct CaptureLayout {
+    pub slots: usize,
+    pub position: CapturePosition,
 }
 
 pub trait Backend: Send + Sync {
@@ -43,28 +41,46 @@ pub trait Backend: Send + Sync {
     type Act: Send;
     /// Key/value arena.
     type Kv: Send;
+    /// Per-pass state: the batch's index maps, rotary tables and capture buffers.
+    type Pass: Send;
 
     fn name(&self) -> String;
     fn matrix(&self, data: F32Data, rows: usize, cols: usize) -> Result<Self::Matrix>;
     fn vector(&self, data: F32Data) -> Result<Self::Vector>;
-    fn act(&self, rows: usize, cols: usize) -> Self::Act;
+    fn act(&self, rows: usize, cols: usize, kind: ActKind) -> Result<Self::Act>;
     /// `stored_layers` may be 1 when no pass reuses the cache (extraction): layers then share it.
-    fn kv(&self, stored_layers: usize, slots: usize, kv_dim: usize) -> Self::Kv;
-    fn to_host(&self, a: &Self::Act) -> Vec<f32>;
+    fn kv(&self, stored_layers: usize, slots: usize, kv_dim: usize) -> Result<Self::Kv>;
+    fn to_host(&self, a: &Self::Act) -> Result<Vec<f32>>;
 
-    fn embed(&self, table: &Self::Matrix, ids: &[u32], out: &mut Self::Act);
+    fn begin_pass(&self, plan: &BatchPlan, inv_freq: &[f32], capture: Option<CaptureLayout>, hidden: usize) -> Result<Self::Pass>;
+    /// Copies the pass's captured rows into the caller's output.
+    fn end_pass(&self, pass: Self::Pass, sink: Option<&mut CaptureSink>) -> Result<()>;
+
+    fn embed(&self, table: &Self::Matrix, ids: &[u32], out: &mut Self::Act) -> Result<()>;
     /// `out = x·Wᵀ + b`, or `out += x·Wᵀ + b` when `accumulate` (the residual add).
-    fn linear(&self, x: &Self::Act, w: &Self::Matrix, b: Option<&Self::Vector>, out: &mut Self::Act, accumulate: bool);
+    fn linear(&self, x: &Self::Act, w: &Self::Matrix, b: Option<&Self::Vector>, out: &mut Self::Act, accumulate: bool) -> Result<()>;
     /// Rotates q and k in place and stores k, v at each row's arena slot for `layer`.
     #[allow(clippy::too_many_arguments)]
-    fn rope_store_kv(&self, q: &mut Self::Act, k: &mut Self::Act, v: &Self::Act, rope: &RopeRows, heads: Heads, kv: &mut Self::Kv, layer: usize, plan: &BatchPlan);
+    fn rope_store_kv(&self, pass: &Self::Pass, q: &mut Self::Act, k: &mut Self::Act, v: &Self::Act, heads: Heads, kv: &mut Self::Kv, layer: usize) -> Result<()>;
     /// Causal attention of each row over its own sequence's cached keys.
-    fn attention(&self, q: &Self::Act, kv: &Self::Kv, layer: usize, heads: Heads, plan: &BatchPlan, out: &mut Self::Act);
+    fn attention(&self, pass: &Self::Pass, q: &Self::Act, kv: &Self::Kv, layer: usize, heads: Heads, out: &mut Self::Act) -> Result<()>;
     /// `out = silu(gate) * up`.
-    fn swiglu(&self, gate: &Self::Act, up: &Self::Act, out: &mut Self::Act);
-    /// The fused residual step: steer the residual rows, capture them, and write the RMS-normed
-    /// rows (weight `norm`) that feed the next sub-layer.
-    fn residual_step(&self, x: &mut Self::Act, norm: &Self::Vector, eps: f32, normed: &mut Self::Act, step: ResidualStep<'_, '_>);
+    fn swiglu(&self, gate: &Self::Act, up: &Self::Act, out: &mut Self::Act) -> Result<()>;
+    /// The fused residual step: steer the residual rows, capture them (slot `capture_residual`),
+    /// write the RMS-normed rows (weight `norm`) that feed the next sub-layer, and capture those
+    /// (slot `capture_normed`, used for hidden-state index L).
+    #[allow(clippy::too_many_arguments)]
+    fn residual_step(
+        &self,
+        pass: &mut Self::Pass,
+        x: &mut Self::Act,
+        norm: &Self::Vector,
+        eps: f32,
+        normed: &mut Self::Act,
+        steer: Option<&PointSteering>,
+        capture_residual: Option<usize>,
+        capture_normed: Option<usize>,
+    ) -> Result<()>;
     /// Copies the given rows of `x` into a new activation.
-    fn gather_rows(&self, x: &Self::Act, rows: &[usize]) -> Self::Act;
+    fn gather_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Self::Act>;
 }

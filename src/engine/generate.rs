@@ -49,7 +49,7 @@ impl<B: Backend> Engine<B> {
             kv_starts.push(slots);
             slots += c;
         }
-        let mut kv = self.backend.kv(self.num_layers(), slots, self.kv_dim());
+        let mut kv = self.backend.kv(self.num_layers(), slots, self.kv_dim())?;
         let mut samplers: Vec<Sampler> = (0..prompts.len()).map(|i| Sampler::new(opts.sampling, i)).collect();
         let mut out: Vec<Generation> =
             prompts.iter().map(|_| Generation { tokens: Vec::new(), finish: FinishReason::Length }).collect();
@@ -63,7 +63,7 @@ impl<B: Backend> Engine<B> {
         let logits = self.forward(
             &mut kv,
             Pass { ids: &ids, plan: &plan, generated: false, steering, capture: None, logits_rows: &plan.last_rows() },
-        );
+        )?;
         let vocab = self.model.config.vocab_size;
         let mut active: Vec<usize> = Vec::new();
         for (i, row) in logits.chunks(vocab).enumerate() {
@@ -90,7 +90,7 @@ impl<B: Backend> Engine<B> {
             let logits = self.forward(
                 &mut kv,
                 Pass { ids: &ids, plan: &plan, generated: true, steering: &steer, capture: None, logits_rows: &plan.last_rows() },
-            );
+            )?;
             let mut still = Vec::with_capacity(active.len());
             for (row, &i) in logits.chunks(vocab).zip(&active) {
                 let t = samplers[i].next(row);

@@ -5,8 +5,8 @@ pub mod plan;
 pub mod sample;
 pub mod steer;
 
-use crate::backend::cpu::rope::{inverse_frequencies, rope_rows};
-use crate::backend::{Backend, Heads, ResidualStep};
+use crate::backend::cpu::rope::inverse_frequencies;
+use crate::backend::{ActKind, Backend, CaptureLayout, Heads};
 use crate::error::{Error, Result};
 use crate::model::{ModelDir, ModelWeights};
 use capture::{CapturePoint, CapturePosition, CaptureSink, CaptureSpec, Captured};
@@ -79,7 +79,7 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Runs one packed pass; returns logits `[logits_rows.len(), vocab]`.
-    pub fn forward(&self, kv: &mut B::Kv, pass: Pass) -> Vec<f32> {
+    pub fn forward(&self, kv: &mut B::Kv, pass: Pass) -> Result<Vec<f32>> {
         let be = &self.backend;
         let c = &self.model.config;
         let w = &self.weights;
@@ -87,77 +87,69 @@ impl<B: Backend> Engine<B> {
         let plan = pass.plan;
         let rows = plan.rows();
         let (qd, kvd) = (self.heads.q_heads * self.heads.head_dim, self.kv_dim());
-        let rope = rope_rows(&self.inv_freq, &plan.positions);
         let mut sink = pass.capture;
+        let spec = sink.as_ref().map(|s| s.spec);
         // Without logits, stop after the deepest captured point.
-        let last_point = if !pass.logits_rows.is_empty() {
-            n_layers
-        } else {
-            sink.as_ref()
-                .map(|s| {
-                    s.spec.points.iter().map(|p| match p {
-                        CapturePoint::Hidden(l) => *l,
-                        CapturePoint::LastBlockRaw => n_layers,
-                    })
-                    .max()
-                    .unwrap_or(0)
+        let last_point = match spec {
+            Some(spec) if pass.logits_rows.is_empty() => spec
+                .points
+                .iter()
+                .map(|p| match p {
+                    CapturePoint::Hidden(l) => *l,
+                    CapturePoint::LastBlockRaw => n_layers,
                 })
-                .unwrap_or(n_layers)
+                .max()
+                .unwrap_or(0),
+            _ => n_layers,
         };
+        let layout = spec.map(|s| CaptureLayout { slots: s.points.len(), position: s.position });
+        let mut state = be.begin_pass(plan, &self.inv_freq, layout, h)?;
 
-        let mut x = be.act(rows, h);
-        let mut normed = be.act(rows, h);
-        be.embed(&w.embed, pass.ids, &mut x);
-        let point = |l: usize, x: &mut B::Act, normed: &mut B::Act, sink: &mut Option<CaptureSink<'_>>| {
+        let mut x = be.act(rows, h, ActKind::Residual)?;
+        let mut normed = be.act(rows, h, ActKind::Hidden)?;
+        be.embed(&w.embed, pass.ids, &mut x)?;
+        // The fused residual step at hidden-state index l: steer, capture, and normalise for
+        // the next sub-layer (the final norm at l = L).
+        let point = |l: usize, state: &mut B::Pass, x: &mut B::Act, normed: &mut B::Act| -> Result<()> {
             let norm = if l < n_layers { &w.layers[l].attn_norm } else { &w.final_norm };
             let steer = plan_point(l, pass.steering, &plan.row_seq, pass.generated);
-            let slot = |p| sink.as_ref().and_then(|s| s.spec.slot(p));
-            let (capture_residual, capture_normed) = if l < n_layers {
+            let slot = |p| spec.and_then(|s| s.slot(p));
+            let (residual_slot, normed_slot) = if l < n_layers {
                 (slot(CapturePoint::Hidden(l)), None)
             } else {
                 (slot(CapturePoint::LastBlockRaw), slot(CapturePoint::Hidden(l)))
             };
-            be.residual_step(
-                x,
-                norm,
-                eps,
-                normed,
-                ResidualStep { steer: steer.as_ref(), capture_residual, capture_normed, sink: sink.as_mut(), plan },
-            );
+            be.residual_step(state, x, norm, eps, normed, steer.as_ref(), residual_slot, normed_slot)
         };
-        point(0, &mut x, &mut normed, &mut sink);
+        point(0, &mut state, &mut x, &mut normed)?;
 
         if last_point > 0 {
-            let (mut q, mut k, mut v, mut attn) = (be.act(rows, qd), be.act(rows, kvd), be.act(rows, kvd), be.act(rows, qd));
-            let (mut gate, mut up, mut act) = (be.act(rows, inter), be.act(rows, inter), be.act(rows, inter));
+            let hidden = |cols| be.act(rows, cols, ActKind::Hidden);
+            let (mut q, mut k, mut v, mut attn) = (hidden(qd)?, hidden(kvd)?, hidden(kvd)?, hidden(qd)?);
+            let (mut gate, mut up, mut act) = (hidden(inter)?, hidden(inter)?, hidden(inter)?);
             for (l, lw) in w.layers.iter().enumerate().take(last_point) {
-                be.linear(&normed, &lw.q, lw.q_bias.as_ref(), &mut q, false);
-                be.linear(&normed, &lw.k, lw.k_bias.as_ref(), &mut k, false);
-                be.linear(&normed, &lw.v, lw.v_bias.as_ref(), &mut v, false);
-                be.rope_store_kv(&mut q, &mut k, &v, &rope, self.heads, kv, l, plan);
-                be.attention(&q, kv, l, self.heads, plan, &mut attn);
-                be.linear(&attn, &lw.o, lw.o_bias.as_ref(), &mut x, true);
-                be.residual_step(
-                    &mut x,
-                    &lw.mlp_norm,
-                    eps,
-                    &mut normed,
-                    ResidualStep { steer: None, capture_residual: None, capture_normed: None, sink: None, plan },
-                );
-                be.linear(&normed, &lw.gate, lw.gate_bias.as_ref(), &mut gate, false);
-                be.linear(&normed, &lw.up, lw.up_bias.as_ref(), &mut up, false);
-                be.swiglu(&gate, &up, &mut act);
-                be.linear(&act, &lw.down, lw.down_bias.as_ref(), &mut x, true);
-                point(l + 1, &mut x, &mut normed, &mut sink);
+                be.linear(&normed, &lw.q, lw.q_bias.as_ref(), &mut q, false)?;
+                be.linear(&normed, &lw.k, lw.k_bias.as_ref(), &mut k, false)?;
+                be.linear(&normed, &lw.v, lw.v_bias.as_ref(), &mut v, false)?;
+                be.rope_store_kv(&state, &mut q, &mut k, &v, self.heads, kv, l)?;
+                be.attention(&state, &q, kv, l, self.heads, &mut attn)?;
+                be.linear(&attn, &lw.o, lw.o_bias.as_ref(), &mut x, true)?;
+                be.residual_step(&mut state, &mut x, &lw.mlp_norm, eps, &mut normed, None, None, None)?;
+                be.linear(&normed, &lw.gate, lw.gate_bias.as_ref(), &mut gate, false)?;
+                be.linear(&normed, &lw.up, lw.up_bias.as_ref(), &mut up, false)?;
+                be.swiglu(&gate, &up, &mut act)?;
+                be.linear(&act, &lw.down, lw.down_bias.as_ref(), &mut x, true)?;
+                point(l + 1, &mut state, &mut x, &mut normed)?;
             }
         }
+        be.end_pass(state, sink.as_mut())?;
 
         if pass.logits_rows.is_empty() {
-            return Vec::new();
+            return Ok(Vec::new());
         }
-        let last = be.gather_rows(&normed, pass.logits_rows);
-        let mut logits = be.act(pass.logits_rows.len(), c.vocab_size);
-        be.linear(&last, w.lm_head(), None, &mut logits, false);
+        let last = be.gather_rows(&normed, pass.logits_rows)?;
+        let mut logits = be.act(pass.logits_rows.len(), c.vocab_size, ActKind::Hidden)?;
+        be.linear(&last, w.lm_head(), None, &mut logits, false)?;
         be.to_host(&logits)
     }
 
@@ -216,7 +208,7 @@ impl<B: Backend> Engine<B> {
                 CapturePosition::All => (start..end).map(|i| out.offsets[i]).collect(),
                 _ => (start..end).collect(),
             };
-            let mut kv = self.backend.kv(1, tokens, self.kv_dim());
+            let mut kv = self.backend.kv(1, tokens, self.kv_dim())?;
             self.forward(
                 &mut kv,
                 Pass {
@@ -227,7 +219,7 @@ impl<B: Backend> Engine<B> {
                     capture: Some(CaptureSink { spec, out: &mut out, seq_row }),
                     logits_rows: &[],
                 },
-            );
+            )?;
             progress(end - start, tokens);
             start = end;
         }
@@ -248,12 +240,12 @@ impl<B: Backend> Engine<B> {
         }
         let plan = BatchPlan::new(&lens, &vec![0; lens.len()], &kv_starts);
         let ids: Vec<u32> = seqs.iter().flatten().copied().collect();
-        let mut kv = self.backend.kv(1, acc, self.kv_dim());
+        let mut kv = self.backend.kv(1, acc, self.kv_dim())?;
         let none = vec![None; seqs.len()];
         let logits = self.forward(
             &mut kv,
             Pass { ids: &ids, plan: &plan, generated: false, steering: &none, capture: None, logits_rows: &plan.last_rows() },
-        );
+        )?;
         Ok(logits.chunks(self.model.config.vocab_size).map(<[f32]>::to_vec).collect())
     }
 }

@@ -1,9 +1,8 @@
 //! The fused residual step: steer each row, capture it, and normalise it for the next sub-layer.
 use super::norm::rms_norm_row;
-use crate::backend::ResidualStep;
-use crate::engine::capture::{CapturePosition, CaptureSink};
+use crate::engine::capture::{CapturePosition, Captured};
 use crate::engine::plan::BatchPlan;
-use crate::engine::steer::{SlotSteer, SteerOp};
+use crate::engine::steer::{PointSteering, SlotSteer, SteerOp};
 use rayon::prelude::*;
 
 fn norm2(v: &[f32]) -> f32 {
@@ -34,16 +33,15 @@ pub fn steer_row(row: &mut [f32], s: &SlotSteer) {
     }
 }
 
-/// Writes the rows `src` holds for each sequence of `plan` into capture slot `slot`.
+/// Writes the rows `src` holds for each sequence of `plan` into capture slot `slot` of the
+/// pass-local buffer (row = sequence for last/mean, row = packed row for all).
 /// Means are summed in row order in f64, so they do not depend on the batch.
-pub fn capture_rows(src: &[f32], hidden: usize, plan: &BatchPlan, sink: &mut CaptureSink, slot: usize) {
-    let position = sink.spec.position;
+pub fn capture_rows(src: &[f32], hidden: usize, plan: &BatchPlan, out: &mut Captured, position: CapturePosition, slot: usize) {
     for (i, seq) in plan.seqs.iter().enumerate() {
-        let out_row = sink.seq_row[i];
         match position {
             CapturePosition::Last => {
                 let r = seq.start + seq.len - 1;
-                sink.out.row_mut(out_row, slot).copy_from_slice(&src[r * hidden..(r + 1) * hidden]);
+                out.row_mut(i, slot).copy_from_slice(&src[r * hidden..(r + 1) * hidden]);
             }
             CapturePosition::Mean => {
                 let mut acc = vec![0f64; hidden];
@@ -52,36 +50,31 @@ pub fn capture_rows(src: &[f32], hidden: usize, plan: &BatchPlan, sink: &mut Cap
                         *a += v as f64;
                     }
                 }
-                let dst = sink.out.row_mut(out_row, slot);
-                for (d, a) in dst.iter_mut().zip(acc) {
+                for (d, a) in out.row_mut(i, slot).iter_mut().zip(acc) {
                     *d = (a / seq.len as f64) as f32;
                 }
             }
             CapturePosition::All => {
-                for (j, r) in seq.rows().enumerate() {
-                    sink.out.row_mut(out_row + j, slot).copy_from_slice(&src[r * hidden..(r + 1) * hidden]);
+                for r in seq.rows() {
+                    out.row_mut(r, slot).copy_from_slice(&src[r * hidden..(r + 1) * hidden]);
                 }
             }
         }
     }
 }
 
-pub fn residual_step(x: &mut [f32], hidden: usize, norm: &[f32], eps: f32, normed: &mut [f32], step: ResidualStep) {
-    if let Some(st) = step.steer {
-        x.par_chunks_mut(hidden).zip(st.row_slot.par_iter()).for_each(|(row, &slot)| {
-            if slot >= 0 {
-                steer_row(row, &st.slots[slot as usize]);
-            }
-        });
-    }
-    let mut sink = step.sink;
-    if let (Some(slot), Some(sink)) = (step.capture_residual, sink.as_deref_mut()) {
-        capture_rows(x, hidden, step.plan, sink, slot);
-    }
+/// Steers every row that has a slot.
+pub fn steer_rows(x: &mut [f32], hidden: usize, st: &PointSteering) {
+    x.par_chunks_mut(hidden).zip(st.row_slot.par_iter()).for_each(|(row, &slot)| {
+        if slot >= 0 {
+            steer_row(row, &st.slots[slot as usize]);
+        }
+    });
+}
+
+/// RMS-normalises every row of `x` into `normed`.
+pub fn norm_rows(x: &[f32], hidden: usize, norm: &[f32], eps: f32, normed: &mut [f32]) {
     normed.par_chunks_mut(hidden).zip(x.par_chunks(hidden)).for_each(|(o, r)| rms_norm_row(r, norm, eps, o));
-    if let (Some(slot), Some(sink)) = (step.capture_normed, sink.as_deref_mut()) {
-        capture_rows(normed, hidden, step.plan, sink, slot);
-    }
 }
 
 #[cfg(test)]

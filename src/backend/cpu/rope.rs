@@ -1,6 +1,5 @@
 //! Rotary position embeddings in Hugging Face's `rotate_half` convention: element i pairs with
 //! element i + d/2 of the same head.
-use crate::backend::RopeRows;
 use crate::model::config::{ModelConfig, RopeScaling};
 
 /// Inverse frequencies, with the config's scaling applied, computed in f32 as HF does.
@@ -30,6 +29,13 @@ pub fn inverse_frequencies(c: &ModelConfig) -> Vec<f32> {
                 .collect()
         }
     }
+}
+
+/// Rotary tables for the packed rows of one pass: `cos[row * half + i]`.
+pub struct RopeRows {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub half: usize,
 }
 
 /// cos/sin for each packed row's position.
