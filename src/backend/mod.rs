@@ -24,6 +24,8 @@ pub struct Heads {
 pub enum ActKind {
     Residual,
     Hidden,
+    /// LM-head output (always f32: sampling reads it).
+    Logits,
 }
 
 /// Capture buffers of one pass: `slots` capture points, rows per `position`.
@@ -59,13 +61,15 @@ pub trait Backend: Send + Sync {
     fn embed(&self, table: &Self::Matrix, ids: &[u32], out: &mut Self::Act) -> Result<()>;
     /// `out = x·Wᵀ + b`, or `out += x·Wᵀ + b` when `accumulate` (the residual add).
     fn linear(&self, x: &Self::Act, w: &Self::Matrix, b: Option<&Self::Vector>, out: &mut Self::Act, accumulate: bool) -> Result<()>;
-    /// Rotates q and k in place and stores k, v at each row's arena slot for `layer`.
+    /// From the stacked QKV projection `[rows, (nq + 2·nkv)·hd]` (plus its bias): writes the
+    /// rotated queries to `q` and stores the rotated keys and the values at each row's arena
+    /// slot for `layer`.
     #[allow(clippy::too_many_arguments)]
-    fn rope_store_kv(&self, pass: &Self::Pass, q: &mut Self::Act, k: &mut Self::Act, v: &Self::Act, heads: Heads, kv: &mut Self::Kv, layer: usize) -> Result<()>;
+    fn rope_store_kv(&self, pass: &Self::Pass, qkv: &Self::Act, bias: Option<&Self::Vector>, heads: Heads, kv: &mut Self::Kv, layer: usize, q: &mut Self::Act) -> Result<()>;
     /// Causal attention of each row over its own sequence's cached keys.
     fn attention(&self, pass: &Self::Pass, q: &Self::Act, kv: &Self::Kv, layer: usize, heads: Heads, out: &mut Self::Act) -> Result<()>;
-    /// `out = silu(gate) * up`.
-    fn swiglu(&self, gate: &Self::Act, up: &Self::Act, out: &mut Self::Act) -> Result<()>;
+    /// `out = silu(gate) * up` from the stacked projection `[rows, 2·I]` (gate first).
+    fn swiglu(&self, gate_up: &Self::Act, out: &mut Self::Act) -> Result<()>;
     /// The fused residual step: steer the residual rows, capture them (slot `capture_residual`),
     /// write the RMS-normed rows (weight `norm`) that feed the next sub-layer, and capture those
     /// (slot `capture_normed`, used for hidden-state index L).

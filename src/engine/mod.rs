@@ -125,19 +125,17 @@ impl<B: Backend> Engine<B> {
 
         if last_point > 0 {
             let hidden = |cols| be.act(rows, cols, ActKind::Hidden);
-            let (mut q, mut k, mut v, mut attn) = (hidden(qd)?, hidden(kvd)?, hidden(kvd)?, hidden(qd)?);
-            let (mut gate, mut up, mut act) = (hidden(inter)?, hidden(inter)?, hidden(inter)?);
+            let (mut qkv, mut q, mut attn) = (hidden(qd + 2 * kvd)?, hidden(qd)?, hidden(qd)?);
+            let (mut gate_up, mut act) = (hidden(2 * inter)?, hidden(inter)?);
             for (l, lw) in w.layers.iter().enumerate().take(last_point) {
-                be.linear(&normed, &lw.q, lw.q_bias.as_ref(), &mut q, false)?;
-                be.linear(&normed, &lw.k, lw.k_bias.as_ref(), &mut k, false)?;
-                be.linear(&normed, &lw.v, lw.v_bias.as_ref(), &mut v, false)?;
-                be.rope_store_kv(&state, &mut q, &mut k, &v, self.heads, kv, l)?;
+                // The QKV bias is added by the rotary kernel.
+                be.linear(&normed, &lw.qkv, None, &mut qkv, false)?;
+                be.rope_store_kv(&state, &qkv, lw.qkv_bias.as_ref(), self.heads, kv, l, &mut q)?;
                 be.attention(&state, &q, kv, l, self.heads, &mut attn)?;
                 be.linear(&attn, &lw.o, lw.o_bias.as_ref(), &mut x, true)?;
                 be.residual_step(&mut state, &mut x, &lw.mlp_norm, eps, &mut normed, None, None, None)?;
-                be.linear(&normed, &lw.gate, lw.gate_bias.as_ref(), &mut gate, false)?;
-                be.linear(&normed, &lw.up, lw.up_bias.as_ref(), &mut up, false)?;
-                be.swiglu(&gate, &up, &mut act)?;
+                be.linear(&normed, &lw.gate_up, lw.gate_up_bias.as_ref(), &mut gate_up, false)?;
+                be.swiglu(&gate_up, &mut act)?;
                 be.linear(&act, &lw.down, lw.down_bias.as_ref(), &mut x, true)?;
                 point(l + 1, &mut state, &mut x, &mut normed)?;
             }
@@ -148,7 +146,7 @@ impl<B: Backend> Engine<B> {
             return Ok(Vec::new());
         }
         let last = be.gather_rows(&normed, pass.logits_rows)?;
-        let mut logits = be.act(pass.logits_rows.len(), c.vocab_size, ActKind::Hidden)?;
+        let mut logits = be.act(pass.logits_rows.len(), c.vocab_size, ActKind::Logits)?;
         be.linear(&last, w.lm_head(), None, &mut logits, false)?;
         be.to_host(&logits)
     }

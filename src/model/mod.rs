@@ -10,7 +10,7 @@ use arch::{ArchSpec, LayerTensor};
 use config::ModelConfig;
 use std::path::{Path, PathBuf};
 use tokenizer::TextTokenizer;
-use weights::WeightStore;
+use weights::{F32Data, WeightStore};
 
 /// A checked model directory: everything but the backend's copy of the weights.
 pub struct ModelDir {
@@ -49,20 +49,16 @@ impl ModelDir {
 
 pub struct LayerWeights<B: Backend> {
     pub attn_norm: B::Vector,
-    pub q: B::Matrix,
-    pub k: B::Matrix,
-    pub v: B::Matrix,
+    /// Q, K and V projections stacked into one `[(nq + 2·nkv)·hd, H]` matrix (one GEMM).
+    pub qkv: B::Matrix,
+    pub qkv_bias: Option<B::Vector>,
     pub o: B::Matrix,
-    pub q_bias: Option<B::Vector>,
-    pub k_bias: Option<B::Vector>,
-    pub v_bias: Option<B::Vector>,
     pub o_bias: Option<B::Vector>,
     pub mlp_norm: B::Vector,
-    pub gate: B::Matrix,
-    pub up: B::Matrix,
+    /// Gate and up projections stacked into one `[2·I, H]` matrix (one GEMM).
+    pub gate_up: B::Matrix,
+    pub gate_up_bias: Option<B::Vector>,
     pub down: B::Matrix,
-    pub gate_bias: Option<B::Vector>,
-    pub up_bias: Option<B::Vector>,
     pub down_bias: Option<B::Vector>,
 }
 
@@ -75,54 +71,80 @@ pub struct ModelWeights<B: Backend> {
     pub lm_head: Option<B::Matrix>,
 }
 
+/// Stacks tensors along their first axis into one owned buffer.
+fn stack(parts: Vec<F32Data>) -> F32Data {
+    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in &parts {
+        out.extend_from_slice(p);
+    }
+    F32Data::Owned(out)
+}
+
 impl<B: Backend> ModelWeights<B> {
     pub fn load(be: &B, m: &ModelDir) -> Result<Self> {
         let c = &m.config;
         let spec = &m.spec;
-        let matrix = |name: &str, rows: usize, cols: usize| be.matrix(m.store.f32(name, &[rows, cols])?, rows, cols);
-        let layer_matrix = |role: LayerTensor, l: usize| -> Result<B::Matrix> {
-            let shape = spec.layer_tensor_shape(role, c).unwrap_or_default();
-            matrix(&spec.layer_tensor_name(role, l), shape[0], shape[1])
-        };
-        let layer_vector = |role: LayerTensor, l: usize| -> Result<Option<B::Vector>> {
+        let tensor = |role: LayerTensor, l: usize| -> Result<Option<(F32Data, Vec<usize>)>> {
             match spec.layer_tensor_shape(role, c) {
                 None => Ok(None),
-                Some(shape) => Ok(Some(be.vector(m.store.f32(&spec.layer_tensor_name(role, l), &shape)?)?)),
+                Some(shape) => Ok(Some((m.store.f32(&spec.layer_tensor_name(role, l), &shape)?, shape))),
             }
         };
-        let required = |role: LayerTensor, l: usize| -> Result<B::Vector> {
-            layer_vector(role, l)?.ok_or_else(|| Error::model(format!("{role:?} is required")))
+        let required = |role: LayerTensor, l: usize| -> Result<(F32Data, Vec<usize>)> {
+            tensor(role, l)?.ok_or_else(|| Error::model(format!("{}: {role:?} is required", spec.layer_tensor_name(role, l))))
         };
+        let matrix = |(data, shape): (F32Data, Vec<usize>)| be.matrix(data, shape[0], shape[1]);
+        let vector = |t: Option<(F32Data, Vec<usize>)>| t.map(|(d, _)| be.vector(d)).transpose();
+        // Stacked matrices; a stacked bias exists when any part has one (missing parts are zero).
+        let stacked = |roles: &[LayerTensor], l: usize| -> Result<B::Matrix> {
+            let mut rows = 0;
+            let mut parts = Vec::new();
+            for &r in roles {
+                let (d, shape) = required(r, l)?;
+                rows += shape[0];
+                parts.push(d);
+            }
+            be.matrix(stack(parts), rows, c.hidden_size)
+        };
+        let stacked_bias = |biases: &[(LayerTensor, usize)], l: usize| -> Result<Option<B::Vector>> {
+            let mut any = false;
+            let mut parts = Vec::new();
+            for &(r, len) in biases {
+                match tensor(r, l)? {
+                    Some((d, _)) => {
+                        any = true;
+                        parts.push(d);
+                    }
+                    None => parts.push(F32Data::Owned(vec![0.0; len])),
+                }
+            }
+            if any { Ok(Some(be.vector(stack(parts))?)) } else { Ok(None) }
+        };
+        let (qd, kvd, inter) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             use LayerTensor::*;
             layers.push(LayerWeights {
-                attn_norm: required(AttnNorm, l)?,
-                q: layer_matrix(Q, l)?,
-                k: layer_matrix(K, l)?,
-                v: layer_matrix(V, l)?,
-                o: layer_matrix(O, l)?,
-                q_bias: layer_vector(QBias, l)?,
-                k_bias: layer_vector(KBias, l)?,
-                v_bias: layer_vector(VBias, l)?,
-                o_bias: layer_vector(OBias, l)?,
-                mlp_norm: required(MlpNorm, l)?,
-                gate: layer_matrix(Gate, l)?,
-                up: layer_matrix(Up, l)?,
-                down: layer_matrix(Down, l)?,
-                gate_bias: layer_vector(GateBias, l)?,
-                up_bias: layer_vector(UpBias, l)?,
-                down_bias: layer_vector(DownBias, l)?,
+                attn_norm: be.vector(required(AttnNorm, l)?.0)?,
+                qkv: stacked(&[Q, K, V], l)?,
+                qkv_bias: stacked_bias(&[(QBias, qd), (KBias, kvd), (VBias, kvd)], l)?,
+                o: matrix(required(O, l)?)?,
+                o_bias: vector(tensor(OBias, l)?)?,
+                mlp_norm: be.vector(required(MlpNorm, l)?.0)?,
+                gate_up: stacked(&[Gate, Up], l)?,
+                gate_up_bias: stacked_bias(&[(GateBias, inter), (UpBias, inter)], l)?,
+                down: matrix(required(Down, l)?)?,
+                down_bias: vector(tensor(DownBias, l)?)?,
             });
         }
         Ok(ModelWeights {
-            embed: matrix(spec.embed, c.vocab_size, c.hidden_size)?,
+            embed: be.matrix(m.store.f32(spec.embed, &[c.vocab_size, c.hidden_size])?, c.vocab_size, c.hidden_size)?,
             layers,
             final_norm: be.vector(m.store.f32(spec.final_norm, &[c.hidden_size])?)?,
             lm_head: if c.tie_word_embeddings {
                 None
             } else {
-                Some(matrix(spec.lm_head, c.vocab_size, c.hidden_size)?)
+                Some(be.matrix(m.store.f32(spec.lm_head, &[c.vocab_size, c.hidden_size])?, c.vocab_size, c.hidden_size)?)
             },
         })
     }

@@ -30,7 +30,6 @@ pub struct CpuAct {
 
 pub struct CpuKv {
     stored_layers: usize,
-    kv_dim: usize,
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
 }
@@ -78,7 +77,6 @@ impl Backend for CpuBackend {
     fn kv(&self, stored_layers: usize, slots: usize, kv_dim: usize) -> Result<CpuKv> {
         Ok(CpuKv {
             stored_layers: stored_layers.max(1),
-            kv_dim,
             k: (0..stored_layers.max(1)).map(|_| vec![0.0; slots * kv_dim]).collect(),
             v: (0..stored_layers.max(1)).map(|_| vec![0.0; slots * kv_dim]).collect(),
         })
@@ -128,22 +126,27 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn rope_store_kv(&self, pass: &CpuPass, q: &mut CpuAct, k: &mut CpuAct, v: &CpuAct, heads: Heads, kv: &mut CpuKv, layer: usize) -> Result<()> {
+    fn rope_store_kv(&self, pass: &CpuPass, qkv: &CpuAct, bias: Option<&F32Data>, heads: Heads, kv: &mut CpuKv, layer: usize, q: &mut CpuAct) -> Result<()> {
         let (rope, plan) = (&pass.rope, &pass.plan);
-        let half = rope.half;
-        let hd = heads.head_dim;
-        q.data.par_chunks_mut(q.cols).enumerate().for_each(|(r, row)| {
-            rope::rotate_row(row, heads.q_heads, hd, &rope.cos[r * half..(r + 1) * half], &rope.sin[r * half..(r + 1) * half]);
-        });
-        k.data.par_chunks_mut(k.cols).enumerate().for_each(|(r, row)| {
-            rope::rotate_row(row, heads.kv_heads, hd, &rope.cos[r * half..(r + 1) * half], &rope.sin[r * half..(r + 1) * half]);
-        });
+        let (half, hd) = (rope.half, heads.head_dim);
+        let (qd, kvd) = (heads.q_heads * hd, heads.kv_heads * hd);
         let l = kv.layer(layer);
-        let d = kv.kv_dim;
-        for (r, &pos) in plan.positions.iter().enumerate() {
-            let slot = plan.seqs[plan.row_seq[r] as usize].kv_start + pos as usize;
-            kv.k[l][slot * d..(slot + 1) * d].copy_from_slice(&k.data[r * d..(r + 1) * d]);
-            kv.v[l][slot * d..(slot + 1) * d].copy_from_slice(&v.data[r * d..(r + 1) * d]);
+        let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
+        let mut row = vec![0f32; qkv.cols];
+        for r in 0..qkv.rows {
+            row.copy_from_slice(&qkv.data[r * qkv.cols..(r + 1) * qkv.cols]);
+            if let Some(b) = bias {
+                row.iter_mut().zip(b.iter()).for_each(|(x, b)| *x += b);
+            }
+            let (cos, sin) = (&rope.cos[r * half..(r + 1) * half], &rope.sin[r * half..(r + 1) * half]);
+            let (qpart, rest) = row.split_at_mut(qd);
+            let (kpart, vpart) = rest.split_at_mut(kvd);
+            rope::rotate_row(qpart, heads.q_heads, hd, cos, sin);
+            rope::rotate_row(kpart, heads.kv_heads, hd, cos, sin);
+            q.data[r * qd..(r + 1) * qd].copy_from_slice(qpart);
+            let slot = plan.seqs[plan.row_seq[r] as usize].kv_start + plan.positions[r] as usize;
+            k_cache[slot * kvd..(slot + 1) * kvd].copy_from_slice(kpart);
+            v_cache[slot * kvd..(slot + 1) * kvd].copy_from_slice(vpart);
         }
         Ok(())
     }
@@ -154,9 +157,13 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn swiglu(&self, gate: &CpuAct, up: &CpuAct, out: &mut CpuAct) -> Result<()> {
-        out.data.par_iter_mut().zip(gate.data.par_iter().zip(up.data.par_iter())).for_each(|(o, (&g, &u))| {
-            *o = silu(g) * u;
+    fn swiglu(&self, gate_up: &CpuAct, out: &mut CpuAct) -> Result<()> {
+        let inter = out.cols;
+        out.data.par_chunks_mut(inter).zip(gate_up.data.par_chunks(2 * inter)).for_each(|(o, gu)| {
+            let (gate, up) = gu.split_at(inter);
+            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                *o = silu(g) * u;
+            }
         });
         Ok(())
     }
