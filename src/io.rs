@@ -63,9 +63,15 @@ pub fn check_writable(path: &Path) -> Result<()> {
 /// Writes a safetensors file through a temporary name, flushed and renamed, so that a failure
 /// never leaves a partial file at `path`.
 pub fn write_safetensors(path: &Path, tensors: &[OutTensor], metadata: HashMap<String, String>) -> Result<()> {
+    write_safetensors_typed(path, tensors, metadata, false)
+}
+
+/// As [`write_safetensors`], storing f32 tensors as bf16 when `f32_as_bf16`.
+pub fn write_safetensors_typed(path: &Path, tensors: &[OutTensor], metadata: HashMap<String, String>, f32_as_bf16: bool) -> Result<()> {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
         .map(|t| match &t.data {
+            TensorData::F32(v) if f32_as_bf16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
             TensorData::F32(v) => bytemuck::cast_slice(v).to_vec(),
             TensorData::I64(v) => bytemuck::cast_slice(v).to_vec(),
         })
@@ -73,6 +79,7 @@ pub fn write_safetensors(path: &Path, tensors: &[OutTensor], metadata: HashMap<S
     let mut views = Vec::with_capacity(tensors.len());
     for (t, b) in tensors.iter().zip(&bytes) {
         let dtype = match t.data {
+            TensorData::F32(_) if f32_as_bf16 => Dtype::BF16,
             TensorData::F32(_) => Dtype::F32,
             TensorData::I64(_) => Dtype::I64,
         };

@@ -1,5 +1,6 @@
 //! The `resid` command line.
 mod input;
+mod selftest;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -7,7 +8,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use resid::engine::capture::{CapturePoint, CapturePosition, CaptureSpec};
 use resid::engine::steer::{parse_layer_list, SteerOp, SteerPositions, Steering};
 use resid::io::{check_writable, read_directions, write_safetensors, OutTensor, TensorData};
-use resid::{CpuEngine, GenerateOptions, Sampling};
+use resid::backend::cuda::{parse_device, CudaBackend};
+use resid::backend::Backend;
+use resid::{CpuBackend, Engine, GenerateOptions, Sampling};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,16 +33,18 @@ enum Command {
     Extract(ExtractArgs),
     /// Generate text, optionally with steering.
     Generate(GenerateArgs),
+    /// Check a device backend against the CPU backend on random models.
+    Selftest(selftest::SelftestArgs),
 }
 
 #[derive(Args)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// Hugging Face model directory (config.json, tokenizer.json, *.safetensors).
     #[arg(long)]
-    model: PathBuf,
+    pub(crate) model: PathBuf,
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub(crate) device: String,
 }
 
 #[derive(Args)]
@@ -159,6 +164,7 @@ pub fn run() -> i32 {
         Command::Info(a) => info(a),
         Command::Extract(a) => extract(a),
         Command::Generate(a) => generate(a),
+        Command::Selftest(a) => selftest::run(a),
     };
     match result {
         Ok(()) => 0,
@@ -169,18 +175,54 @@ pub fn run() -> i32 {
     }
 }
 
-fn load(args: &ModelArgs) -> Result<CpuEngine> {
-    match args.device.as_str() {
-        "cpu" => {}
-        d if d == "cuda" || d.strip_prefix("cuda:").is_some_and(|n| n.parse::<u32>().is_ok()) => {
-            resid::backend::cuda::unavailable(d)?;
-        }
-        other => bail!(resid::Error::input(format!("--device `{other}`: expected cpu, cuda or cuda:N"))),
-    }
-    Ok(CpuEngine::load(&args.model)?)
+/// A loaded model on whichever backend `--device` named.
+pub(crate) enum AnyEngine {
+    Cpu(Engine<CpuBackend>),
+    Cuda(Box<Engine<CudaBackend>>),
 }
 
-fn steering(engine: &CpuEngine, a: &SteerArgs) -> Result<Option<Arc<Steering>>> {
+/// Runs `$body` with `$e` bound to the engine, whatever its backend.
+macro_rules! with_engine {
+    ($any:expr, $e:ident => $body:expr) => {
+        match $any {
+            $crate::cli::AnyEngine::Cpu($e) => $body,
+            $crate::cli::AnyEngine::Cuda($e) => {
+                let $e = &**$e;
+                $body
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use with_engine;
+
+pub(crate) fn load(args: &ModelArgs) -> Result<AnyEngine> {
+    load_backend_engine(&args.device, &args.model)
+}
+
+/// Loads the model in `dir` on the backend `device` names.
+pub(crate) fn load_backend_engine(device: &str, dir: &Path) -> Result<AnyEngine> {
+    let device = parse_device(device)?;
+    let model = resid::model::ModelDir::open(dir)?;
+    Ok(match device {
+        None => AnyEngine::Cpu(Engine::new(CpuBackend, model)?),
+        Some(ordinal) => {
+            let started = std::time::Instant::now();
+            let backend = CudaBackend::new(ordinal)?;
+            let engine = Engine::new(backend, model)?;
+            engine.backend.synchronize()?;
+            eprintln!(
+                "{}: weights uploaded in {:.1} s; device memory in use {:.2} GiB",
+                Backend::name(&engine.backend),
+                started.elapsed().as_secs_f64(),
+                engine.backend.memory_used()? as f64 / (1u64 << 30) as f64
+            );
+            AnyEngine::Cuda(Box::new(engine))
+        }
+    })
+}
+
+fn steering<B: Backend>(engine: &Engine<B>, a: &SteerArgs) -> Result<Option<Arc<Steering>>> {
     let Some(path) = &a.steer else {
         if a.steer_layers.is_some() {
             bail!(resid::Error::input("--steer-layers needs --steer FILE"));
@@ -223,7 +265,11 @@ fn steering_description(s: &Option<Arc<Steering>>, a: &SteerArgs) -> String {
 }
 
 fn info(a: InfoArgs) -> Result<()> {
-    let engine = load(&a.model)?;
+    let any = load(&a.model)?;
+    with_engine!(&any, engine => info_on(engine, &a))
+}
+
+fn info_on<B: Backend>(engine: &Engine<B>, a: &InfoArgs) -> Result<()> {
     let m = &engine.model;
     let c = &m.config;
     let summary = serde_json::json!({
@@ -243,7 +289,7 @@ fn info(a: InfoArgs) -> Result<()> {
         "tie_word_embeddings": c.tie_word_embeddings,
         "tensor_check": format!("ok: all {} expected tensors present with expected dtypes and shapes", m.spec.expected_tensors(c).len()),
         "tokenizer": m.tokenizer.is_some(),
-        "backend": resid::backend::Backend::name(&engine.backend),
+        "backend": engine.backend.name(),
     });
     if a.json {
         println!("{summary}");
@@ -255,7 +301,7 @@ fn info(a: InfoArgs) -> Result<()> {
     Ok(())
 }
 
-fn tokenize_items(engine: &CpuEngine, items: Vec<input::InputItem>, input: &Path) -> Result<Vec<Vec<u32>>> {
+fn tokenize_items<B: Backend>(engine: &Engine<B>, items: Vec<input::InputItem>, input: &Path) -> Result<Vec<Vec<u32>>> {
     let mut seqs = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let at = format!("{}: line {}", input.display(), i + 1);
@@ -279,7 +325,11 @@ fn extract(a: ExtractArgs) -> Result<()> {
     let position: CapturePosition = a.position.parse()?;
     let items = input::read_jsonl(&a.input)?;
     check_writable(&a.out)?;
-    let engine = load(&a.model)?;
+    let any = load(&a.model)?;
+    with_engine!(&any, engine => extract_on(engine, &a, position, items))
+}
+
+fn extract_on<B: Backend>(engine: &Engine<B>, a: &ExtractArgs, position: CapturePosition, items: Vec<input::InputItem>) -> Result<()> {
     let n_layers = engine.num_layers();
     let points: Vec<CapturePoint> = match &a.layers {
         None => (0..=n_layers).map(CapturePoint::Hidden).collect(),
@@ -298,8 +348,8 @@ fn extract(a: ExtractArgs) -> Result<()> {
     };
     let spec = CaptureSpec { points, position };
     spec.validate(n_layers)?;
-    let steer = steering(&engine, &a.steer)?;
-    let seqs = tokenize_items(&engine, items, &a.input)?;
+    let steer = steering(engine, &a.steer)?;
+    let seqs = tokenize_items(engine, items, &a.input)?;
     let total_tokens: usize = seqs.iter().map(Vec::len).sum();
 
     let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(seqs.len() as u64) };
@@ -378,7 +428,7 @@ fn extract(a: ExtractArgs) -> Result<()> {
     Ok(())
 }
 
-fn stop_tokens(engine: &CpuEngine) -> Vec<u32> {
+fn stop_tokens<B: Backend>(engine: &Engine<B>) -> Vec<u32> {
     let mut stops = engine.model.config.eos_token_ids.clone();
     let gen_cfg = engine.model.dir.join("generation_config.json");
     if let Ok(text) = std::fs::read_to_string(&gen_cfg) {
@@ -417,13 +467,17 @@ fn generate(a: GenerateArgs) -> Result<()> {
         }
         _ => Sampling::Greedy,
     };
-    let engine = load(&a.model)?;
+    let any = load(&a.model)?;
+    with_engine!(&any, engine => generate_on(engine, &a, sampling))
+}
+
+fn generate_on<B: Backend>(engine: &Engine<B>, a: &GenerateArgs, sampling: Sampling) -> Result<()> {
     let tok = engine
         .model
         .tokenizer
         .as_ref()
         .ok_or_else(|| resid::Error::model(format!("{}: no tokenizer.json; generate needs one", a.model.model.display())))?;
-    let steer = steering(&engine, &a.steer)?;
+    let steer = steering(engine, &a.steer)?;
     let mut prompts = Vec::with_capacity(a.prompt.len());
     for (i, p) in a.prompt.iter().enumerate() {
         let text = if a.chat { tok.render_chat(p)? } else { p.clone() };
@@ -434,7 +488,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampling,
-        stop_tokens: if a.ignore_eos { Vec::new() } else { stop_tokens(&engine) },
+        stop_tokens: if a.ignore_eos { Vec::new() } else { stop_tokens(engine) },
     };
     let out = engine.generate(&prompts, &vec![steer; prompts.len()], &opts)?;
     for (g, p) in out.iter().zip(&prompts) {

@@ -1,0 +1,161 @@
+// kernels/fused_residual.cu -- steering + last-token capture + next-sub-layer
+// norm, in one read and (at most) one write of each residual row.
+//
+// Runs at every "residual point": after the embedding (point 0) and after
+// each sub-layer, once the sub-layer's output GEMM has accumulated into the
+// residual (cuBLASLt epilogue, beta = 1). Mean capture is NOT done here: see
+// mean_capture.cu (deterministic, no atomics), which the host launches right
+// after this kernel when a mean capture is requested at this point.
+//
+// Entry points (identical argument lists):
+//   fused_residual_rms  -- norm = RMSNorm   (norm_b ignored)
+//   fused_residual_ln   -- norm = LayerNorm (norm_b may be null = no bias)
+//
+// Arguments, in order:
+//   float*        resid        [T, H] f32 residual stream, in/out (row-major)
+//   int           T            rows (tokens)
+//   int           H            hidden size, H <= 16 * blockDim.x (<= 16384)
+//   const int*    steer_slot   [T] slot index or -1 (no steering); null = none
+//   const float*  steer_vecs   [nslots, H] f32 steering vectors
+//   const float*  steer_coefs  [nslots] f32 coefficients
+//   const int*    steer_mode   [nslots] bit 0: sign-aware add (RepE
+//                              piecewise_linear), bit 1: preserve L2 norm;
+//                              null = all slots plain add
+//   const int*    capture_row  [T] row in capture_buf or -1; null = none
+//   float*        capture_buf  [ncap, H] f32
+//   const bf16_t* norm_w       [H] bf16 norm weight
+//   const bf16_t* norm_b       [H] bf16 norm bias (LN only; may be null)
+//   float         eps
+//   bf16_t*       norm_out     [T, H] bf16; null = skip the norm entirely
+//
+// Launch: grid = (T, 1, 1); block = (B, 1, 1) with B a multiple of 32,
+//   B = min(1024, max(128, roundup32(ceil(H / 8)))) recommended; B must be a
+//   function of H only (never of T) so results do not depend on the batch.
+//   Shared memory: static only (< 1 KiB). Traps if H > 16 * B.
+//   f32 row pointers must be 16-byte aligned and bf16 ones 8-byte aligned
+//   (cudaMalloc bases) -- the float4 path is used when H % 4 == 0.
+//
+// CPU reference, per row t (h = resid[t, :], f32; "sum" = f32 sum, order
+// unspecified; fmaf = single-rounding fused multiply-add):
+//   s = steer_slot[t]
+//   if s >= 0:
+//     v = steer_vecs[s, :], c = steer_coefs[s], m = steer_mode[s] (0 if null)
+//     n0 = sqrtf(sum_i h_i^2)                      (only needed if m & 2)
+//     k  = (m & 1) ? c * sign(sum_i h_i * v_i) : c (sign(0) = 0)
+//     h_i = fmaf(k, v_i, h_i)
+//     if m & 2: n1 = sqrtf(sum_i h_i^2); if n1 > 0: h_i = h_i * (n0 / n1)
+//     resid[t, :] = h                              (row written only if s >= 0)
+//   r = capture_row[t]; if r >= 0: capture_buf[r, :] = h
+//   if norm_out: norm_out[t, :] = RMSNorm/LayerNorm(h) as in rownorm.cuh
+// (The RepE sign-aware operator with a coefficient folded into the vector
+// would use sign(dot(h, c*v)); here the sign is of dot(h, v) by spec.)
+#include "rownorm.cuh"
+
+template <int NORM, bool AL>
+__device__ __forceinline__ void fused_residual_body(
+    float* __restrict__ resid, int H, int t,
+    const int* __restrict__ steer_slot, const float* __restrict__ steer_vecs,
+    const float* __restrict__ steer_coefs, const int* __restrict__ steer_mode,
+    const int* __restrict__ capture_row, float* __restrict__ capture_buf,
+    const bf16_t* __restrict__ norm_w, const bf16_t* __restrict__ norm_b, float eps,
+    bf16_t* __restrict__ norm_out) {
+    const int nq = (H + 3) >> 2;
+    float* row = resid + (size_t)t * H;
+    float x[RESID_ROW_ITEMS];
+    row_load<AL>(row, H, x);
+
+    const int slot = steer_slot != nullptr ? steer_slot[t] : -1;  // block-uniform
+    if (slot >= 0) {
+        const float* v = steer_vecs + (size_t)slot * H;
+        const float c = steer_coefs[slot];
+        const int mode = steer_mode != nullptr ? steer_mode[slot] : 0;
+        const bool sign_aware = (mode & 1) != 0;
+        const bool keep_norm = (mode & 2) != 0;
+        float n0sq = 0.0f, dot = 0.0f;
+        if (sign_aware || keep_norm) {
+#pragma unroll
+            for (int it = 0; it < RESID_ROW_QUADS; ++it) {
+                const int q = row_quad(it);
+                if (q < nq) {
+                    float vv[4];
+                    ld_f32x4<AL>(v, q, H, vv);  // 0 beyond H, as x
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const float h = x[4 * it + j];
+                        dot += h * vv[j];
+                        n0sq += h * h;
+                    }
+                }
+            }
+            block_sum2(n0sq, dot);
+        }
+        const float k = sign_aware ? c * resid_signf(dot) : c;
+        float n1sq = 0.0f;
+#pragma unroll
+        for (int it = 0; it < RESID_ROW_QUADS; ++it) {
+            const int q = row_quad(it);
+            if (q < nq) {
+                float vv[4];
+                ld_f32x4<AL>(v, q, H, vv);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const float h = fmaf(k, vv[j], x[4 * it + j]);  // padding stays 0
+                    x[4 * it + j] = h;
+                    n1sq += h * h;
+                }
+            }
+        }
+        if (keep_norm) {
+            n1sq = block_sum(n1sq);
+            if (n1sq > 0.0f) {
+                const float scale = sqrtf(n0sq) / sqrtf(n1sq);
+#pragma unroll
+                for (int i = 0; i < RESID_ROW_ITEMS; ++i) x[i] = x[i] * scale;
+            }
+        }
+        row_store<AL>(row, H, x);
+    }
+
+    const int cap = capture_row != nullptr ? capture_row[t] : -1;
+    if (cap >= 0) row_store<AL>(capture_buf + (size_t)cap * H, H, x);
+
+    if (norm_out != nullptr)
+        row_norm_store<NORM, AL>(x, H, norm_w, norm_b, eps, norm_out + (size_t)t * H);
+}
+
+template <int NORM>
+__device__ __forceinline__ void fused_residual_dispatch(
+    float* resid, int T, int H, const int* steer_slot, const float* steer_vecs,
+    const float* steer_coefs, const int* steer_mode, const int* capture_row,
+    float* capture_buf, const bf16_t* norm_w, const bf16_t* norm_b, float eps,
+    bf16_t* norm_out) {
+    row_guard(H);
+    const int t = blockIdx.x;
+    if (t >= T) return;
+    if ((H & 3) == 0)
+        fused_residual_body<NORM, true>(resid, H, t, steer_slot, steer_vecs, steer_coefs, steer_mode,
+                                     capture_row, capture_buf, norm_w, norm_b, eps, norm_out);
+    else
+        fused_residual_body<NORM, false>(resid, H, t, steer_slot, steer_vecs, steer_coefs, steer_mode,
+                                     capture_row, capture_buf, norm_w, norm_b, eps, norm_out);
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+fused_residual_rms(float* resid, int T, int H, const int* steer_slot, const float* steer_vecs,
+                   const float* steer_coefs, const int* steer_mode, const int* capture_row,
+                   float* capture_buf, const bf16_t* norm_w, const bf16_t* norm_b, float eps,
+                   bf16_t* norm_out) {
+    fused_residual_dispatch<RESID_NORM_RMS>(resid, T, H, steer_slot, steer_vecs, steer_coefs,
+                                            steer_mode, capture_row, capture_buf, norm_w, norm_b,
+                                            eps, norm_out);
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+fused_residual_ln(float* resid, int T, int H, const int* steer_slot, const float* steer_vecs,
+                  const float* steer_coefs, const int* steer_mode, const int* capture_row,
+                  float* capture_buf, const bf16_t* norm_w, const bf16_t* norm_b, float eps,
+                  bf16_t* norm_out) {
+    fused_residual_dispatch<RESID_NORM_LAYER>(resid, T, H, steer_slot, steer_vecs, steer_coefs,
+                                              steer_mode, capture_row, capture_buf, norm_w, norm_b,
+                                              eps, norm_out);
+}

@@ -1,0 +1,94 @@
+//! Random-weight models for self-tests and benchmarks: a Llama-family model directory written
+//! with deterministic pseudo-random weights.
+use crate::error::Result;
+use crate::io::{write_safetensors_typed, OutTensor, TensorData};
+use std::path::Path;
+
+#[derive(Debug, Clone)]
+pub struct RandomLlama {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub bias: bool,
+    pub tie: bool,
+    pub context: usize,
+    pub seed: u64,
+}
+
+/// xorshift values in [-scale, scale).
+pub fn pseudo_random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15).wrapping_add(0x2545F4914F6CDD1D) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+        })
+        .collect()
+}
+
+impl RandomLlama {
+    pub fn config_json(&self) -> String {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": self.vocab, "hidden_size": self.hidden, "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": self.context,
+            "tie_word_embeddings": self.tie, "attention_bias": self.bias, "mlp_bias": self.bias,
+            "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"
+        })
+        .to_string()
+    }
+
+    /// Writes `config.json` and `model.safetensors` (bf16 weights) into `dir`.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+        std::fs::write(dir.join("config.json"), self.config_json()).map_err(|e| crate::Error::io(dir.join("config.json"), e))?;
+        let (h, q, kv, i) = (self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate);
+        // Scales keep activations O(1) through the layers.
+        let (sh, si) = (1.0 / (h as f32).sqrt(), 1.0 / (i as f32).sqrt());
+        let mut specs: Vec<(String, Vec<usize>, f32)> = vec![("model.embed_tokens.weight".into(), vec![self.vocab, h], 1.0)];
+        for l in 0..self.layers {
+            let p = format!("model.layers.{l}.");
+            specs.push((format!("{p}input_layernorm.weight"), vec![h], -1.0));
+            specs.push((format!("{p}post_attention_layernorm.weight"), vec![h], -1.0));
+            specs.push((format!("{p}self_attn.q_proj.weight"), vec![q, h], 2.0 * sh));
+            specs.push((format!("{p}self_attn.k_proj.weight"), vec![kv, h], 2.0 * sh));
+            specs.push((format!("{p}self_attn.v_proj.weight"), vec![kv, h], sh));
+            specs.push((format!("{p}self_attn.o_proj.weight"), vec![h, q], sh));
+            specs.push((format!("{p}mlp.gate_proj.weight"), vec![i, h], sh));
+            specs.push((format!("{p}mlp.up_proj.weight"), vec![i, h], sh));
+            specs.push((format!("{p}mlp.down_proj.weight"), vec![h, i], si));
+            if self.bias {
+                for (n, d) in [("self_attn.q_proj.bias", q), ("self_attn.k_proj.bias", kv), ("self_attn.v_proj.bias", kv), ("self_attn.o_proj.bias", h), ("mlp.gate_proj.bias", i), ("mlp.up_proj.bias", i), ("mlp.down_proj.bias", h)] {
+                    specs.push((format!("{p}{n}"), vec![d], 0.05));
+                }
+            }
+        }
+        specs.push(("model.norm.weight".into(), vec![h], -1.0));
+        if !self.tie {
+            specs.push(("lm_head.weight".into(), vec![self.vocab, h], 4.0 * sh));
+        }
+        let tensors: Vec<OutTensor> = specs
+            .into_iter()
+            .enumerate()
+            .map(|(k, (name, shape, scale))| {
+                let n = shape.iter().product();
+                let seed = self.seed.wrapping_mul(1000).wrapping_add(k as u64);
+                let data = if scale < 0.0 {
+                    pseudo_random(n, seed, 0.2).into_iter().map(|v| 1.0 + v).collect()
+                } else {
+                    pseudo_random(n, seed, scale)
+                };
+                OutTensor { name, shape, data: TensorData::F32(data) }
+            })
+            .collect();
+        write_safetensors_typed(&dir.join("model.safetensors"), &tensors, Default::default(), true)
+    }
+}
