@@ -367,6 +367,7 @@ fn extract_on<B: Backend>(engine: &Engine<B>, a: &ExtractArgs, position: Capture
         bar.set_message(format!("{:.0} tok/s", done_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)));
     })?;
     bar.finish_and_clear();
+    let extract_seconds = started.elapsed().as_secs_f64();
     if let Some(i) = captured.data.iter().position(|v| !v.is_finite()) {
         let row = i / (captured.points * captured.hidden);
         bail!(resid::Error::input(format!(
@@ -417,12 +418,13 @@ fn extract_on<B: Backend>(engine: &Engine<B>, a: &ExtractArgs, position: Capture
     write_safetensors(&a.out, &tensors, metadata)?;
     if !a.quiet {
         eprintln!(
-            "wrote {} ({} sequences, {} tokens, {:.1} s, {:.0} tokens/s)",
+            "wrote {} ({} sequences, {} tokens; extraction {:.2} s, {:.0} tokens/s; with writing {:.1} s)",
             a.out.display(),
             seqs.len(),
             total_tokens,
+            extract_seconds,
+            total_tokens as f64 / extract_seconds.max(1e-9),
             started.elapsed().as_secs_f64(),
-            total_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)
         );
     }
     Ok(())

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The one command to run on a machine with an NVIDIA GPU, nvcc, PyTorch and transformers, but no
+# Rust toolchain and no network:
+#
+#   bash scripts/gpu-check.sh OUTDIR
+#
+# It needs a resid binary built beforehand on a development machine:
+#   bash scripts/build-gpu-binary.sh          # writes target/gpu/resid (~8 MB, kernels embedded)
+# and carried along with the working tree (the device tool: carry ["target/gpu"]).
+#
+# Steps: locate the CUDA libraries; `resid selftest --device cuda` (every kernel path against the
+# CPU backend); bf16 GEMM rate and copy bandwidth (torch); random-weight Llama-2-7B and 1B models
+# (bf16 safetensors written here with torch); the same token workload through Hugging Face
+# transformers as the paper's code uses it and through `resid extract --device cuda`; decode
+# tokens/s (batch 1 and 32, unsteered and steered) through `resid bench` when the binary has it.
+# Everything lands in OUTDIR as JSON (gpu-check.json collects it), with a short table last.
+# Sizes: GPU_CHECK_SEQS_1B (default 2048) and GPU_CHECK_SEQS_7B (default 512) sequences of
+# 16..512 tokens. Budget: under 8 minutes on one H100.
+set -uo pipefail
+OUT="${1:?usage: scripts/gpu-check.sh OUTDIR}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RESID="${RESID_BIN:-$ROOT/target/gpu/resid}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+WORK="${GPU_CHECK_WORK:-/tmp/resid-gpu-check}"
+mkdir -p "$WORK"
+log() { printf '[gpu-check %s] %s\n' "$(date +%H:%M:%S)" "$*" | tee -a "$OUT/gpu-check.log" >&2; }
+[ -x "$RESID" ] || { log "no resid binary at $RESID: run scripts/build-gpu-binary.sh on a dev machine and carry target/gpu"; exit 2; }
+
+# --- CUDA libraries: the toolkit's, or the nvidia-* wheels PyTorch brings; unversioned links.
+LIBS="$WORK/libs"; mkdir -p "$LIBS"
+SITE="$("$PY" -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null)"
+for lib in libnvrtc libcublasLt libcublas; do
+    found=""
+    for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu $(for s in $SITE; do ls -d "$s"/nvidia/*/lib 2>/dev/null; done); do
+        f="$(ls "$d/$lib.so"* 2>/dev/null | grep -v alt | head -1)"
+        if [ -n "$f" ]; then found="$f"; break; fi
+    done
+    if [ -n "$found" ]; then ln -sf "$found" "$LIBS/$lib.so"; log "$lib: $found"; else log "$lib: not found"; fi
+done
+export LD_LIBRARY_PATH="$LIBS:${LD_LIBRARY_PATH:-}"
+export RESID_KERNEL_CACHE="$WORK/kernel-cache"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+"$RESID" --version > "$OUT/resid-version.txt" 2>&1 || true
+
+# --- 1. selftest
+log "selftest"
+timeout 300 "$RESID" selftest --device cuda --json "$OUT/selftest.json" > "$OUT/selftest.log" 2>&1
+log "selftest exit $? ($(tail -1 "$OUT/selftest.log"))"
+
+# --- 2. machine rates
+log "bf16 GEMM rate and copy bandwidth"
+timeout 120 "$PY" "$ROOT/scripts/gpu_bench.py" rates "$OUT/rates.json" >> "$OUT/gpu-check.log" 2>&1 || log "rates failed"
+
+# --- 3. extraction: HF vs resid on the same ids, then decode
+for model in llama-1b llama2-7b; do
+    dir="$WORK/$model"
+    if [ ! -f "$dir/model.safetensors" ]; then
+        log "writing random-weight $model"
+        timeout 300 "$PY" "$ROOT/scripts/gpu_bench.py" make-model "$model" "$dir" >> "$OUT/gpu-check.log" 2>&1 || { log "make-model $model failed"; continue; }
+    fi
+    if [ "$model" = llama2-7b ]; then n="${GPU_CHECK_SEQS_7B:-512}"; else n="${GPU_CHECK_SEQS_1B:-2048}"; fi
+    "$PY" "$ROOT/scripts/gpu_bench.py" make-input "$WORK/$model.jsonl" "$n" 16 512 0
+    log "$model: HF transformers extraction ($n sequences)"
+    timeout 400 "$PY" "$ROOT/scripts/gpu_bench.py" hf-extract "$dir" "$WORK/$model.jsonl" 16 "$OUT/hf-$model.json" >> "$OUT/gpu-check.log" 2>&1 || log "HF extract $model failed"
+    log "$model: resid extraction"
+    timeout 400 "$RESID" extract --model "$dir" --device cuda --input "$WORK/$model.jsonl" --out "$WORK/$model-hidden.safetensors" --batch-tokens 16384 > "$OUT/resid-$model.log" 2>&1
+    log "resid extract exit $?: $(tail -1 "$OUT/resid-$model.log")"
+    "$PY" - "$OUT/resid-$model.log" "$OUT/resid-$model.json" <<'PYEOF'
+import json, re, sys
+text = open(sys.argv[1]).read()
+m = re.search(r"\((\d+) sequences, (\d+) tokens; extraction ([\d.]+) s, (\d+) tokens/s", text)
+mem = re.search(r"device memory in use ([\d.]+) GiB", text)
+up = re.search(r"weights uploaded in ([\d.]+) s", text)
+if m:
+    json.dump({"engine": "resid", "sequences": int(m[1]), "tokens": int(m[2]), "seconds": float(m[3]),
+               "tokens_per_s": float(m[4]), "memory_gib_after_load": float(mem[1]) if mem else None,
+               "upload_seconds": float(up[1]) if up else None}, open(sys.argv[2], "w"))
+PYEOF
+    rm -f "$WORK/$model-hidden.safetensors"
+    if "$RESID" bench --help >/dev/null 2>&1; then
+        for b in 1 32; do
+            log "$model: decode batch $b"
+            timeout 120 "$RESID" bench --model "$dir" --device cuda --workload decode --batch "$b" --steps 64 --json > "$OUT/decode-$model-b$b.json" 2>> "$OUT/gpu-check.log" || log "decode b$b failed"
+        done
+    else
+        log "this resid binary has no bench command: decode benchmarks skipped"
+    fi
+done
+
+"$PY" "$ROOT/scripts/gpu_bench.py" summary "$OUT"
