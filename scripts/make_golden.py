@@ -157,10 +157,10 @@ TINY_SPECS = {
 SMOLLM2_STEER_LAYERS = [5, 12, 20]
 SMOLLM2_STEER_COEF = 8.0
 
-# Prompts for the real model: several languages / scripts / lengths.  p1 must be exactly one token.
+# Prompts for the real model: several languages / scripts / lengths.  p0 ("Hello") is exactly one token, so it
+# doubles as the 1-token prompt (asserted below); the fixture stays under ~6 MB with these 8 prompts.
 SMOLLM2_PROMPTS = [
     "Hello",
-    "The",
     "Le petit prince regarda les étoiles et se demanda pourquoi les adultes ne comprenaient jamais rien.",
     "我们今天下午去公园散步，天气非常好，湖边有很多人在钓鱼。",
     "東京は日本の首都で、世界で最も人口の多い都市の一つです。",
@@ -396,6 +396,40 @@ def forward_states(model, ids: torch.Tensor, check_hooks: bool = False):
     return last, mean, raw, logits
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def save_safetensors(tensors: dict, path: str, metadata: dict | None = None):
+    """Byte-deterministic safetensors writer (safetensors' own serializer orders __metadata__ keys via a Rust
+    HashMap, so its output bytes differ from run to run).  Tensors in name order, header keys sorted,
+    header padded with spaces to a multiple of 8 (as safetensors does).  Read back and checked."""
+    from safetensors import safe_open
+
+    header, blobs, off = {}, [], 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + len(raw)]}
+        blobs.append(raw)
+        off += len(raw)
+    hb = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
+    hb += b" " * (-len(hb) % 8)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little"))
+        f.write(hb)
+        for b in blobs:
+            f.write(b)
+    with safe_open(tmp, "pt") as f:
+        assert sorted(f.keys()) == sorted(tensors)
+        for name in tensors:
+            assert torch.equal(f.get_tensor(name), tensors[name].detach().cpu()), name
+        assert (f.metadata() or {}) == (header.get("__metadata__") or {})
+    os.replace(tmp, path)
+
+
 def make_directions(L: int, H: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     d = torch.randn(L + 1, H, generator=g, dtype=torch.float32)
@@ -475,7 +509,6 @@ def check_tiny_config(model, spec):
 
 def run_model(name, model, prompts_ids, prompt_texts, steer_layers, steer_coef, steer_seed, extra_meta,
               tokenizer=None, check_nocache=False):
-    from safetensors.torch import save_file
     import transformers
 
     L = model.config.num_hidden_layers
@@ -547,9 +580,9 @@ def run_model(name, model, prompts_ids, prompt_texts, steer_layers, steer_coef, 
     os.makedirs(GOLDEN_DIR, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     st_path = os.path.join(GOLDEN_DIR, f"{name}.safetensors")
-    save_file(tensors, st_path, metadata={"format": "pt", "model": name})
+    save_safetensors(tensors, st_path, metadata={"format": "pt", "model": name})
     steer_path = os.path.join(GOLDEN_DIR, f"{name}.steer.safetensors")
-    save_file({"directions": directions}, steer_path,
+    save_safetensors({"directions": directions}, steer_path,
               metadata={"coef": repr(float(steer_coef)), "layers": ",".join(str(l) for l in steer_layers)})
 
     meta = {
@@ -712,7 +745,8 @@ def do_smollm2(gguf_arg, check_gguf: bool, coef: float):
         if gguf_path is None:
             log("  WARNING: no SmolLM2 .gguf found under models/; skipping the GGUF cross-check")
         else:
-            checks = crosscheck_gguf(SMOLLM2_DIR, gguf_path, TOKENIZER_CASES + SMOLLM2_PROMPTS)
+            checks = crosscheck_gguf(SMOLLM2_DIR, gguf_path,
+                                     TOKENIZER_CASES + ([chat_rendered] if chat_rendered else []) + SMOLLM2_PROMPTS)
             if chat_rendered is None and isinstance(checks.get("gguf_chat_rendered"), str) \
                     and not checks["gguf_chat_rendered"].startswith("ERROR"):
                 chat_rendered = checks["gguf_chat_rendered"]
@@ -731,7 +765,7 @@ def do_smollm2(gguf_arg, check_gguf: bool, coef: float):
 
     model = load_model(SMOLLM2_DIR)
     prompts = [torch.tensor(tok(s)["input_ids"], dtype=torch.long) for s in SMOLLM2_PROMPTS]
-    assert prompts[1].numel() == 1, f"p1 {SMOLLM2_PROMPTS[1]!r} is not a single token: {prompts[1].tolist()}"
+    assert prompts[0].numel() == 1, f"p0 {SMOLLM2_PROMPTS[0]!r} is not a single token: {prompts[0].tolist()}"
     assert prompts[-1].numel() >= 300, prompts[-1].numel()
     assert all(p.numel() >= 1 for p in prompts)
     extra = {"model_dir": SMOLLM2_DIR, "weights_dtype": "float32", "compute_dtype": "float32",
