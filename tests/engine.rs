@@ -202,3 +202,37 @@ fn stop_tokens_end_generation() {
     assert_eq!(cut[0].tokens, free[0].tokens[..=first]);
     assert_eq!(cut[0].finish, resid::FinishReason::Stop);
 }
+
+#[test]
+fn sharded_checkpoint_with_index_matches_single_file() {
+    let spec = TinySpec::default();
+    let (_t, single) = engine(&spec);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sharded");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), config_json(&spec)).unwrap();
+    let all = tensors(&spec);
+    let half = all.len() / 2;
+    let mut map = serde_json::Map::new();
+    let (first, second): (Vec<_>, Vec<_>) = all.into_iter().enumerate().partition(|(i, _)| *i < half);
+    for (file, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+        let part: Vec<_> = part.into_iter().map(|(_, t)| t).collect();
+        for t in &part {
+            map.insert(t.name.clone(), serde_json::Value::String(file.into()));
+        }
+        resid::io::write_safetensors(&dir.join(file), &part, Default::default()).unwrap();
+    }
+    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": map}).to_string()).unwrap();
+    let sharded = CpuEngine::load(&dir).unwrap();
+    let seqs = seqs();
+    let spec = CaptureSpec { points: all_points(&single), position: CapturePosition::Last };
+    let none = vec![None; seqs.len()];
+    assert_eq!(
+        single.extract(&seqs, &spec, &none, 4096, |_, _| {}).unwrap().data,
+        sharded.extract(&seqs, &spec, &none, 4096, |_, _| {}).unwrap().data
+    );
+    // A shard named outside the model directory is refused.
+    std::fs::write(dir.join("model.safetensors.index.json"), r#"{"weight_map": {"x": "../evil.safetensors"}}"#).unwrap();
+    let err = CpuEngine::load(&dir).err().unwrap().to_string();
+    assert!(err.contains("plain file name"), "{err}");
+}
