@@ -13,7 +13,7 @@ re-running it with the same versions reproduces the committed fixtures bit for b
 
 What it writes (paths relative to the repo root):
 
-  tests/fixtures/models/NAME/{config.json,model.safetensors}   random tiny Llama models (only built when
+  tests/fixtures/models/NAME/{config.json,model.safetensors}   random tiny models (only built when
                                                                missing, or with --rebuild-tiny)
   tests/fixtures/golden/NAME.safetensors                       reference tensors (see below)
   tests/fixtures/golden/NAME.json                              metadata: prompts, versions, tokenizer cases
@@ -21,9 +21,14 @@ What it writes (paths relative to the repo root):
                                                                metadata coef / layers)
 
 Models: tiny-llama-gqa (f32, GQA, biases, tied, llama3 rope scaling), tiny-llama-mha-bf16 (bf16 weights),
-tiny-llama-f16 (f16 weights, MQA), smollm2-135m (the real model in models/smollm2-135m, produced by
+tiny-llama-f16 (f16 weights, MQA), tiny-qwen2 (Qwen2ForCausalLM: GQA, q/k/v biases, untied),
+tiny-qwen3 (Qwen3ForCausalLM: q_norm/k_norm, tied, bf16 weights), tiny-bloom (BloomForCausalLM: 5 heads, i.e. ALiBi
+slopes for a head count that is not a power of two), tiny-bloom-postln (6 heads,
+apply_residual_connection_post_layernorm), smollm2-135m (the real model in models/smollm2-135m, produced by
 scripts/fetch-model.sh smollm2-135m; skipped with a warning if it is missing).
-The bf16 / f16 models are always *computed* in float32 (f32 compute on rounded weights).
+The bf16 / f16 models are always *computed* in float32 (f32 compute on rounded weights).  The non-Llama tiny models'
+JSON also has "family", "architecture" and "semantics" (notes on the HF behaviour the Rust side must match; for BLOOM
+checked against an independent float64 re-implementation at generation time).
 
 Tensors in NAME.safetensors (f32 unless stated; L = num_hidden_layers, H = hidden, V = vocab, i = prompt index):
   p{i}.ids                 i64 [T]      prompt token ids
@@ -152,6 +157,160 @@ TINY_SPECS = {
         steer_layers=[1, 2],
         steer_coef=2.0,
     ),
+    # Qwen2 / Qwen2.5: the Llama block with biases on q/k/v (not o_proj); GQA; untied; no sliding window.
+    # Qwen2Config has no head_dim field: head_dim = hidden_size / num_attention_heads = 16.
+    "tiny-qwen2": dict(
+        family="qwen2",
+        config=dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            use_sliding_window=False,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-6,
+            initializer_range=0.1,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        rope_theta=10000.0,
+        rope_scaling=None,
+        dtype=torch.float32,
+        seed=7,  # seeds of the new families picked so that no greedy step is a near-tie (all margins > 1e-3)
+        steer_layers=[1, 3],
+        steer_coef=2.0,
+    ),
+    # Qwen3: per-head RMSNorm on q and k (before RoPE), no attention bias; tied; bf16 weights.
+    "tiny-qwen3": dict(
+        family="qwen3",
+        config=dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            attention_bias=False,
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-6,
+            initializer_range=0.1,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        rope_theta=10000.0,
+        rope_scaling=None,
+        dtype=torch.bfloat16,
+        seed=4,
+        steer_layers=[2, 3],
+        steer_coef=2.0,
+    ),
+    # BLOOM: LayerNorm after the embeddings, ALiBi (5 heads: not a power of two), fused interleaved qkv, tanh-GELU
+    # MLP (4*hidden) with biases, tied LM head.  initializer_range 0.2, not 0.1: with N(0, 0.1) the LayerNorm'd
+    # embedding (~10x the tied embedding row) dominates the blocks' contributions, so the tied head just copies the
+    # last input token (greedy = that token 16 times, for every prompt, steered or not).
+    "tiny-bloom": dict(
+        family="bloom",
+        config=dict(
+            vocab_size=256,
+            hidden_size=60,
+            n_layer=3,
+            n_head=5,
+            layer_norm_epsilon=1e-5,
+            apply_residual_connection_post_layernorm=False,
+            tie_word_embeddings=True,
+            initializer_range=0.2,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        dtype=torch.float32,
+        seed=17,
+        steer_layers=[1, 3],
+        steer_coef=4.0,
+    ),
+    # ... with the residual taken after the LayerNorm (apply_residual_connection_post_layernorm), 6 heads (head_dim 10).
+    "tiny-bloom-postln": dict(
+        family="bloom",
+        config=dict(
+            vocab_size=256,
+            hidden_size=60,
+            n_layer=3,
+            n_head=6,
+            layer_norm_epsilon=1e-5,
+            apply_residual_connection_post_layernorm=True,
+            tie_word_embeddings=True,
+            initializer_range=0.2,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        dtype=torch.float32,
+        seed=10,
+        steer_layers=[2, 3],
+        steer_coef=2.0,
+    ),
+}
+
+# model classes per family (transformers names)
+FAMILY_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "bloom": ("BloomConfig", "BloomForCausalLM"),
+}
+
+
+def _alibi_slopes_py(n: int) -> list[float]:
+    """ALiBi slopes exactly as transformers' BLOOM computes them (for the JSON notes; checked against HF at run time)."""
+    import math
+
+    p = 2 ** math.floor(math.log2(n))
+    base = 2.0 ** (-(2.0 ** -(math.log2(p) - 3)))
+    s = [base ** k for k in range(1, p + 1)]
+    if p != n:
+        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * p) - 3)))
+        s += [extra ** k for k in range(1, 1 + 2 * min(p, n - p), 2)]
+    return s
+
+
+# Semantics notes written into NAME.json for the non-Llama families (what the Rust side has to match).
+FAMILY_NOTES = {
+    "qwen2": {
+        "block": "Llama block: x += o_proj(attn(rope(q_proj(rms(x))), rope(k_proj(..)), v_proj(..))); "
+                 "x += down(silu(gate(rms(x))) * up(rms(x)))",
+        "biases": "q_proj, k_proj, v_proj have biases (added before RoPE); o_proj and the MLP have none",
+        "head_dim": "hidden_size / num_attention_heads (Qwen2Config has no head_dim key)",
+        "sliding_window": "off (use_sliding_window false; transformers saves sliding_window null)",
+        "hidden_states": "0 = embed_tokens output (unscaled); l = output of block l-1; L = norm(last block output)",
+    },
+    "qwen3": {
+        "block": "Llama block with q = rope(q_norm(q_proj(x) per head)), k = rope(k_norm(k_proj(x) per head)); "
+                 "q_norm/k_norm are RMSNorm over head_dim (eps rms_norm_eps) with weight [head_dim] shared by "
+                 "all heads, applied before RoPE",
+        "biases": "none (attention_bias false)",
+        "hidden_states": "0 = embed_tokens output (unscaled); l = output of block l-1; L = norm(last block output)",
+    },
+    "bloom": {
+        "hidden_states": "0 = word_embeddings_layernorm(word_embeddings(ids)) (the LayerNorm'd embeddings, "
+                         "not the raw lookup); l = output of block l-1; L = ln_f(output of block L-1)",
+        "last_raw": "output of the last block (transformer.h[L-1]) before ln_f",
+        "block": "ln1 = input_layernorm(x); r1 = ln1 if apply_residual_connection_post_layernorm else x; "
+                 "a = r1 + dense(attn(ln1)); ln2 = post_attention_layernorm(a); "
+                 "r2 = ln2 if apply_residual_connection_post_layernorm else a; "
+                 "out = r2 + dense_4h_to_h(gelu_tanh(dense_h_to_4h(ln2)))",
+        "qkv": "query_key_value.weight [3*H, H] rows interleaved per head: view(n_head, 3, head_dim) -> "
+               "row block (h, 0) = q of head h, (h, 1) = k, (h, 2) = v; same for the bias",
+        "attention": "scores = slope_h * j + (q . k_j) / sqrt(head_dim) for key position j (absolute, 0-based; "
+                     "HF adds slope_h * j, equal under softmax to slope_h * (j - i)), causal mask, softmax in f32",
+        "alibi_slopes": "p = 2^floor(log2 n); slopes = [b^1..b^p] with b = 2^(-8/p); if p != n append "
+                        "[e^1, e^3, e^5, ...] (min(p, n-p) terms) with e = 2^(-4/p) (= 2^(-8/(2p)))",
+        "gelu": "x * 0.5 * (1 + tanh(0.79788456 * x * (1 + 0.044715 * x * x)))",
+        "lm_head": "tied to word_embeddings (no lm_head.weight in the file)",
+    },
 }
 
 SMOLLM2_STEER_LAYERS = [5, 12, 20]
@@ -240,14 +399,35 @@ def setup_determinism():
         pass
 
 
-def load_model(model_dir: str):
-    from transformers import LlamaForCausalLM
+def model_class(family: str, which: int = 1):
+    import transformers
+
+    return getattr(transformers, FAMILY_CLASSES[family][which])
+
+
+def decoder_blocks(model):
+    """The decoder blocks: model.model.layers (Llama, Qwen2, Qwen3) or model.transformer.h (BLOOM)."""
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "layers"):
+        return inner.layers
+    return model.transformer.h
+
+
+def final_norm(model):
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "norm"):
+        return inner.norm
+    return model.transformer.ln_f
+
+
+def load_model(model_dir: str, family: str = "llama"):
+    cls = model_class(family)
 
     # transformers 5 calls it `dtype` (4.x: `torch_dtype`)
     try:
-        model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32)
+        model = cls.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32)
     except TypeError:
-        model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="eager", torch_dtype=torch.float32)
+        model = cls.from_pretrained(model_dir, attn_implementation="eager", torch_dtype=torch.float32)
     model.eval()
     for p in model.parameters():
         assert p.dtype == torch.float32, p.dtype
@@ -345,7 +525,7 @@ class Steering:
 
     def __enter__(self):
         for l in self.layers:
-            block = self.model.model.layers[l - 1]
+            block = decoder_blocks(self.model)[l - 1]
             self.handles.append(
                 block.register_forward_hook(make_steer_hook(self.directions[l], self.coef, self.mode), prepend=True)
             )
@@ -366,10 +546,11 @@ def forward_states(model, ids: torch.Tensor, check_hooks: bool = False):
         captured["raw"] = block_output(output)[0].detach().clone()
 
     per_layer = {}
-    handles = [model.model.layers[-1].register_forward_hook(raw_hook)]
+    blocks = decoder_blocks(model)
+    handles = [blocks[-1].register_forward_hook(raw_hook)]
     if check_hooks:
         # independent record of every block output, registered last (sees the final, possibly steered output)
-        for i, layer in enumerate(model.model.layers):
+        for i, layer in enumerate(blocks):
             handles.append(
                 layer.register_forward_hook(
                     lambda m, a, o, i=i: per_layer.__setitem__(i, block_output(o)[0].detach().clone())
@@ -387,7 +568,7 @@ def forward_states(model, ids: torch.Tensor, check_hooks: bool = False):
         for l in range(1, L):
             assert torch.equal(hs[l], per_layer[l - 1]), f"hidden_states[{l}] != output of block {l - 1}"
         assert torch.equal(per_layer[L - 1], captured["raw"])
-        normed = model.model.norm(captured["raw"])
+        normed = final_norm(model)(captured["raw"])
         assert torch.equal(normed, hs[L]), "hidden_states[L] != norm(last block output)"
     last = torch.stack([h[0, -1] for h in hs]).float().contiguous()
     mean = torch.stack([h[0].mean(0) for h in hs]).float().contiguous()
@@ -443,28 +624,39 @@ def make_directions(L: int, H: int, seed: int) -> torch.Tensor:
 
 
 def build_tiny_model(name: str, spec: dict, out_dir: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    family = spec.get("family", "llama")
+    cfg_cls, model_cls = model_class(family, 0), model_class(family, 1)
 
     cfg_kw = dict(spec["config"])
-    rope = {"rope_type": "default", "rope_theta": spec["rope_theta"]}
-    if spec["rope_scaling"]:
-        rope = dict(spec["rope_scaling"])
-        rope["rope_theta"] = spec["rope_theta"]
-    cfg = LlamaConfig(rope_parameters=rope, **cfg_kw)
+    if "rope_theta" in spec:
+        rope = {"rope_type": "default", "rope_theta": spec["rope_theta"]}
+        if spec["rope_scaling"]:
+            rope = dict(spec["rope_scaling"])
+            rope["rope_theta"] = spec["rope_theta"]
+        cfg_kw["rope_parameters"] = rope
+    cfg = cfg_cls(**cfg_kw)
     torch.manual_seed(spec["seed"])
-    model = LlamaForCausalLM(cfg)
-    # Explicit init (independent of transformers' init functions): linear/embedding weights N(0, 0.1),
-    # biases N(0, 0.1), norm weights U(0.5, 1.5).
+    model = model_cls(cfg)
+    # Explicit init (independent of transformers' init functions): linear/embedding weights N(0, std),
+    # biases N(0, std), norm weights U(0.5, 1.5), LayerNorm biases N(0, std); std = initializer_range (0.1; BLOOM 0.2).  Parameters in name order; the norm
+    # parameters are those of the RMSNorm / LayerNorm modules (for Llama exactly the names ending in "norm.weight",
+    # so the Llama weights are the same as before the other families were added).
+    norm_params = set()
+    for mname, mod in model.named_modules():
+        if isinstance(mod, torch.nn.LayerNorm) or type(mod).__name__.endswith("RMSNorm"):
+            norm_params.add(f"{mname}.weight")
     g = torch.Generator().manual_seed(spec["seed"])
     std = cfg_kw["initializer_range"]
     with torch.no_grad():
         for pname, p in sorted(model.named_parameters()):
-            if pname.endswith("norm.weight"):
+            if pname in norm_params:
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     if spec["config"]["tie_word_embeddings"]:
-        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    else:
+        assert model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
     model = model.to(spec["dtype"])
     os.makedirs(out_dir, exist_ok=True)
     for f in glob.glob(os.path.join(out_dir, "*")):
@@ -475,8 +667,9 @@ def build_tiny_model(name: str, spec: dict, out_dir: str):
     cpath = os.path.join(out_dir, "config.json")
     with open(cpath) as f:
         c = json.load(f)
-    c["rope_theta"] = spec["rope_theta"]
-    c["rope_scaling"] = dict(spec["rope_scaling"]) if spec["rope_scaling"] else None
+    if "rope_theta" in spec:
+        c["rope_theta"] = spec["rope_theta"]
+        c["rope_scaling"] = dict(spec["rope_scaling"]) if spec["rope_scaling"] else None
     c["torch_dtype"] = str(spec["dtype"]).replace("torch.", "")
     c["dtype"] = c["torch_dtype"]
     with open(cpath, "w") as f:
@@ -489,17 +682,87 @@ def build_tiny_model(name: str, spec: dict, out_dir: str):
 
 
 def check_tiny_config(model, spec):
-    rp = model.config.rope_parameters
-    assert abs(rp["rope_theta"] - spec["rope_theta"]) < 1e-9, rp
-    if spec["rope_scaling"]:
-        for k, v in spec["rope_scaling"].items():
-            assert rp[k] == v, (k, rp)
-    else:
-        assert rp.get("rope_type", "default") == "default", rp
+    if "rope_theta" in spec:
+        rp = model.config.rope_parameters
+        assert abs(rp["rope_theta"] - spec["rope_theta"]) < 1e-9, rp
+        if spec["rope_scaling"]:
+            for k, v in spec["rope_scaling"].items():
+                assert rp[k] == v, (k, rp)
+        else:
+            assert rp.get("rope_type", "default") == "default", rp
     for k, v in spec["config"].items():
         if k in ("initializer_range",):
             continue
         assert getattr(model.config, k) == v, (k, getattr(model.config, k), v)
+    family = spec.get("family", "llama")
+    if family in ("qwen2", "qwen3"):
+        attn = decoder_blocks(model)[0].self_attn
+        assert attn.head_dim == 16, attn.head_dim
+        assert attn.q_proj.bias is not None and attn.k_proj.bias is not None and attn.v_proj.bias is not None \
+            if family == "qwen2" else attn.q_proj.bias is None, family
+        assert attn.o_proj.bias is None
+        assert all(lt == "full_attention" for lt in model.config.layer_types), model.config.layer_types
+        assert getattr(attn, "sliding_window", None) is None
+        if family == "qwen3":
+            assert tuple(attn.q_norm.weight.shape) == (16,) and tuple(attn.k_norm.weight.shape) == (16,)
+    if family == "bloom":
+        n = model.config.n_head
+        from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+        hf = _get_alibi_slopes(n, torch.device("cpu")).tolist()
+        assert hf == _alibi_slopes_py(n), (hf, _alibi_slopes_py(n))
+        assert model.lm_head.weight.data_ptr() == model.transformer.word_embeddings.weight.data_ptr()
+
+
+@torch.no_grad()
+def bloom_reference_check(model, ids: torch.Tensor, last: torch.Tensor, logits: torch.Tensor):
+    """Independent re-implementation of the BLOOM forward (the notes in FAMILY_NOTES["bloom"]), in float64, compared
+    with what HF returned: guards the semantics recorded in the JSON."""
+    cfg = model.config
+    tr = model.transformer
+    H, n = cfg.hidden_size, cfg.n_head
+    hd = H // n
+    eps = cfg.layer_norm_epsilon
+    post = cfg.apply_residual_connection_post_layernorm
+    d = lambda t: t.detach().double()
+
+    def ln(x, m):
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + eps) * d(m.weight) + d(m.bias)
+
+    def gelu(x):
+        return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+    T = ids.numel()
+    slopes = torch.tensor(_alibi_slopes_py(n), dtype=torch.float64)
+    pos = torch.arange(T, dtype=torch.float64)
+    bias = slopes[:, None, None] * (pos[None, None, :] - pos[None, :, None])  # slope * (j - i)
+    causal = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
+    x = ln(d(tr.word_embeddings.weight)[ids], tr.word_embeddings_layernorm)
+    hs = [x]
+    for blk in tr.h:
+        l1 = ln(x, blk.input_layernorm)
+        r1 = l1 if post else x
+        qkv = l1 @ d(blk.self_attention.query_key_value.weight).T + d(blk.self_attention.query_key_value.bias)
+        qkv = qkv.view(T, n, 3, hd)
+        q, k, v = qkv[:, :, 0].transpose(0, 1), qkv[:, :, 1].transpose(0, 1), qkv[:, :, 2].transpose(0, 1)
+        sc = q @ k.transpose(-1, -2) / (hd ** 0.5) + bias
+        sc = sc.masked_fill(causal, float("-inf"))
+        ctx = (torch.softmax(sc, -1) @ v).transpose(0, 1).reshape(T, H)
+        a = r1 + ctx @ d(blk.self_attention.dense.weight).T + d(blk.self_attention.dense.bias)
+        l2 = ln(a, blk.post_attention_layernorm)
+        r2 = l2 if post else a
+        m = gelu(l2 @ d(blk.mlp.dense_h_to_4h.weight).T + d(blk.mlp.dense_h_to_4h.bias))
+        x = r2 + m @ d(blk.mlp.dense_4h_to_h.weight).T + d(blk.mlp.dense_4h_to_h.bias)
+        hs.append(x)
+    hs[-1] = ln(x, tr.ln_f)
+    ref_last = torch.stack([h[-1] for h in hs]).float()
+    ref_logits = (hs[-1][-1] @ d(tr.word_embeddings.weight).T).float()
+    err = float(((ref_last - last).norm(dim=-1) / ref_last.norm(dim=-1)).max())
+    err_l = float((ref_logits - logits).norm() / ref_logits.norm())
+    assert err < 1e-5 and err_l < 1e-5, (err, err_l)
+    return max(err, err_l)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -625,17 +888,31 @@ def do_tiny(name, rebuild: bool):
         build_tiny_model(name, spec, mdir)
     else:
         log(f"  reusing {rel(mdir)} (pass --rebuild-tiny to regenerate the weights)")
-    model = load_model(mdir)
+    family = spec.get("family", "llama")
+    model = load_model(mdir, family)
     check_tiny_config(model, spec)
     # prompts: seeded random ids
     g = torch.Generator().manual_seed(1000 + spec["seed"])
     V = spec["config"]["vocab_size"]
     prompts = [torch.randint(0, V, (n,), generator=g, dtype=torch.long) for n in TINY_PROMPT_LENGTHS]
+    extra = {"model_dir": mdir, "weights_dtype": str(spec["dtype"]).replace("torch.", ""), "compute_dtype": "float32"}
+    if family != "llama":
+        # (the committed tiny-llama-* JSON files predate these keys)
+        extra["family"] = family
+        extra["architecture"] = FAMILY_CLASSES[family][1]
+        notes = dict(FAMILY_NOTES[family])
+        if family == "bloom":
+            notes["alibi_slopes_values"] = _alibi_slopes_py(model.config.n_head)
+            notes["head_dim"] = model.config.hidden_size // model.config.n_head
+            notes["apply_residual_connection_post_layernorm"] = model.config.apply_residual_connection_post_layernorm
+            errs = []
+            for p in prompts:
+                last, _, _, logits = forward_states(model, p)
+                errs.append(bloom_reference_check(model, p, last, logits))
+            notes["reference_check_max_rel_err"] = float(f"{max(errs):.3g}")
+        extra["semantics"] = notes
     return run_model(name, model, prompts, [None] * len(prompts), spec["steer_layers"], spec["steer_coef"],
-                     steer_seed=2000 + spec["seed"], extra_meta={"model_dir": mdir,
-                                                                 "weights_dtype": str(spec["dtype"]).replace("torch.", ""),
-                                                                 "compute_dtype": "float32"},
-                     check_nocache=True)
+                     steer_seed=2000 + spec["seed"], extra_meta=extra, check_nocache=True)
 
 
 def find_gguf(explicit: str | None):

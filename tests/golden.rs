@@ -217,3 +217,13 @@ fn smollm2_tokenizer_matches_hf() {
     let rendered = tok.render_chat("What is the capital of France?").unwrap();
     assert_eq!(rendered, g.meta["chat_rendered"].as_str().unwrap());
 }
+
+#[test]
+fn tiny_qwen2_qkv_bias_matches_hf() {
+    run_fixture("tiny-qwen2");
+}
+
+#[test]
+fn tiny_qwen3_qk_norm_bf16_matches_hf() {
+    run_fixture("tiny-qwen3");
+}

@@ -65,7 +65,18 @@ pub trait Backend: Send + Sync {
     /// rotated queries to `q` and stores the rotated keys and the values at each row's arena
     /// slot for `layer`.
     #[allow(clippy::too_many_arguments)]
-    fn rope_store_kv(&self, pass: &Self::Pass, qkv: &Self::Act, bias: Option<&Self::Vector>, heads: Heads, kv: &mut Self::Kv, layer: usize, q: &mut Self::Act) -> Result<()>;
+    /// `qk_norm`: per-head RMSNorm weights for Q and K (and eps), applied before rotation.
+    fn rope_store_kv(
+        &self,
+        pass: &Self::Pass,
+        qkv: &Self::Act,
+        bias: Option<&Self::Vector>,
+        qk_norm: Option<(&Self::Vector, &Self::Vector, f32)>,
+        heads: Heads,
+        kv: &mut Self::Kv,
+        layer: usize,
+        q: &mut Self::Act,
+    ) -> Result<()>;
     /// Causal attention of each row over its own sequence's cached keys.
     fn attention(&self, pass: &Self::Pass, q: &Self::Act, kv: &Self::Kv, layer: usize, heads: Heads, out: &mut Self::Act) -> Result<()>;
     /// `out = silu(gate) * up` from the stacked projection `[rows, 2·I]` (gate first).

@@ -130,7 +130,8 @@ impl<B: Backend> Engine<B> {
             for (l, lw) in w.layers.iter().enumerate().take(last_point) {
                 // The QKV bias is added by the rotary kernel.
                 be.linear(&normed, &lw.qkv, None, &mut qkv, false)?;
-                be.rope_store_kv(&state, &qkv, lw.qkv_bias.as_ref(), self.heads, kv, l, &mut q)?;
+                let qk_norm = lw.q_norm.as_ref().zip(lw.k_norm.as_ref()).map(|(qn, kn)| (qn, kn, eps));
+                be.rope_store_kv(&state, &qkv, lw.qkv_bias.as_ref(), qk_norm, self.heads, kv, l, &mut q)?;
                 be.attention(&state, &q, kv, l, self.heads, &mut attn)?;
                 be.linear(&attn, &lw.o, lw.o_bias.as_ref(), &mut x, true)?;
                 be.residual_step(&mut state, &mut x, &lw.mlp_norm, eps, &mut normed, None, None, None)?;

@@ -30,8 +30,13 @@ pub struct ModelConfig {
     pub rope_scaling: RopeScaling,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
-    pub attention_bias: bool,
+    /// Biases on the Q, K and V projections.
+    pub qkv_bias: bool,
+    /// Bias on the attention output projection.
+    pub o_bias: bool,
     pub mlp_bias: bool,
+    /// Per-head RMSNorm on Q and K before RoPE (Qwen3).
+    pub qk_norm: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub torch_dtype: Option<String>,
@@ -111,21 +116,15 @@ impl ModelConfig {
             ))
         })?;
 
+        if family == Family::QwenChat {
+            return qwen_chat(&keys, architecture);
+        }
         let hidden_size = keys.usize_req("hidden_size")?;
         let num_heads = keys.usize_req("num_attention_heads")?;
         let num_kv_heads = keys.usize_opt("num_key_value_heads")?.unwrap_or(num_heads);
         let head_dim = keys.usize_opt("head_dim")?.unwrap_or(hidden_size / num_heads);
-        if num_heads % num_kv_heads != 0 {
-            return Err(Error::model(format!(
-                "{file}: num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
-            )));
-        }
-        if head_dim % 2 != 0 {
-            return Err(Error::model(format!("{file}: head_dim ({head_dim}) must be even for rotary embeddings")));
-        }
         if obj.get("sliding_window").is_some_and(|v| !v.is_null())
-            && obj.get("use_sliding_window").and_then(Value::as_bool).unwrap_or(true)
-            && architecture == "MistralForCausalLM"
+            && obj.get("use_sliding_window").and_then(Value::as_bool).unwrap_or(architecture == "MistralForCausalLM")
         {
             return Err(Error::model(format!("{file}: sliding-window attention is not supported; set `sliding_window` to null")));
         }
@@ -143,6 +142,7 @@ impl ModelConfig {
                 .map(|t| t as f32)
                 .unwrap_or(10000.0),
         };
+        let attention_bias = keys.bool_opt("attention_bias")?.unwrap_or(false);
         let config = ModelConfig {
             family,
             architecture,
@@ -158,8 +158,11 @@ impl ModelConfig {
             rope_scaling,
             max_position_embeddings: keys.usize_opt("max_position_embeddings")?.unwrap_or(2048),
             tie_word_embeddings: keys.bool_opt("tie_word_embeddings")?.unwrap_or(false),
-            attention_bias: keys.bool_opt("attention_bias")?.unwrap_or(false),
+            // Qwen2 always has Q/K/V biases and never an output bias.
+            qkv_bias: family == Family::Qwen2 || attention_bias,
+            o_bias: family != Family::Qwen2 && attention_bias,
             mlp_bias: keys.bool_opt("mlp_bias")?.unwrap_or(false),
+            qk_norm: family == Family::Qwen3,
             bos_token_id: keys.token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: keys.token_ids("eos_token_id")?,
             torch_dtype: obj
@@ -168,8 +171,66 @@ impl ModelConfig {
                 .and_then(Value::as_str)
                 .map(str::to_owned),
         };
+        config.validate(file)?;
         Ok(config)
     }
+}
+
+impl ModelConfig {
+    fn validate(&self, file: &str) -> Result<()> {
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(Error::model(format!(
+                "{file}: num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.num_heads, self.num_kv_heads
+            )));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(Error::model(format!("{file}: head_dim ({}) must be even for rotary embeddings", self.head_dim)));
+        }
+        Ok(())
+    }
+}
+
+/// Qwen-chat's own config keys (`kv_channels`, `layer_norm_epsilon`, `rotary_emb_base`,
+/// `seq_length`; `intermediate_size` counts both MLP halves).
+fn qwen_chat(keys: &Keys, architecture: String) -> Result<ModelConfig> {
+    let file = keys.file;
+    let obj = keys.obj;
+    let hidden_size = keys.usize_req("hidden_size")?;
+    let num_heads = keys.usize_req("num_attention_heads")?;
+    if let Some(pct) = keys.f32_opt("rotary_pct")? {
+        if pct != 1.0 {
+            return Err(Error::model(format!("{file}: rotary_pct {pct} is not supported (only 1.0)")));
+        }
+    }
+    let inter2 = keys.usize_req("intermediate_size")?;
+    // Dynamic NTK and log-n scaling act only beyond seq_length: longer inputs are refused.
+    let seq_length = keys.usize_opt("seq_length")?.or(keys.usize_opt("max_position_embeddings")?).unwrap_or(2048);
+    let config = ModelConfig {
+        family: Family::QwenChat,
+        architecture,
+        vocab_size: keys.usize_req("vocab_size")?,
+        hidden_size,
+        intermediate_size: inter2 / 2,
+        num_layers: keys.usize_req("num_hidden_layers")?,
+        num_heads,
+        num_kv_heads: num_heads,
+        head_dim: keys.usize_opt("kv_channels")?.unwrap_or(hidden_size / num_heads),
+        norm_eps: keys.f32_opt("layer_norm_epsilon")?.unwrap_or(1e-6),
+        rope_theta: keys.f32_opt("rotary_emb_base")?.unwrap_or(10000.0),
+        rope_scaling: RopeScaling::None,
+        max_position_embeddings: seq_length,
+        tie_word_embeddings: keys.bool_opt("tie_word_embeddings")?.unwrap_or(false),
+        qkv_bias: true,
+        o_bias: !keys.bool_opt("no_bias")?.unwrap_or(true),
+        mlp_bias: false,
+        qk_norm: false,
+        bos_token_id: keys.token_ids("bos_token_id")?.first().copied(),
+        eos_token_ids: keys.token_ids("eos_token_id")?,
+        torch_dtype: obj.get("torch_dtype").and_then(Value::as_str).map(str::to_owned),
+    };
+    config.validate(file)?;
+    Ok(config)
 }
 
 fn parse_rope_scaling(value: Option<&Value>, file: &str) -> Result<RopeScaling> {

@@ -52,6 +52,9 @@ pub struct LayerWeights<B: Backend> {
     /// Q, K and V projections stacked into one `[(nq + 2·nkv)·hd, H]` matrix (one GEMM).
     pub qkv: B::Matrix,
     pub qkv_bias: Option<B::Vector>,
+    /// Per-head RMSNorm weights for Q and K (Qwen3).
+    pub q_norm: Option<B::Vector>,
+    pub k_norm: Option<B::Vector>,
     pub o: B::Matrix,
     pub o_bias: Option<B::Vector>,
     pub mlp_norm: B::Vector,
@@ -126,8 +129,14 @@ impl<B: Backend> ModelWeights<B> {
             use LayerTensor::*;
             layers.push(LayerWeights {
                 attn_norm: be.vector(required(AttnNorm, l)?.0)?,
-                qkv: stacked(&[Q, K, V], l)?,
-                qkv_bias: stacked_bias(&[(QBias, qd), (KBias, kvd), (VBias, kvd)], l)?,
+                qkv: if spec.fused_qkv { matrix(required(Qkv, l)?)? } else { stacked(&[Q, K, V], l)? },
+                qkv_bias: if spec.fused_qkv {
+                    vector(tensor(QkvBias, l)?)?
+                } else {
+                    stacked_bias(&[(QBias, qd), (KBias, kvd), (VBias, kvd)], l)?
+                },
+                q_norm: vector(tensor(QNorm, l)?)?,
+                k_norm: vector(tensor(KNorm, l)?)?,
                 o: matrix(required(O, l)?)?,
                 o_bias: vector(tensor(OBias, l)?)?,
                 mlp_norm: be.vector(required(MlpNorm, l)?.0)?,

@@ -1,158 +1,702 @@
 //! `y = x · Wᵀ (+ b)` for row-major activations x [T, K] and HF-layout weights W [N, K].
 //!
-//! Every output element is one dot product computed in exactly the same order whatever
-//! the batch: 8 accumulation lanes over K in steps of 8, a fixed pairwise lane sum, then the
-//! K tail in sequence. The register blocking (which tokens and rows share a pass) never changes
-//! that order, so a sentence's activations are bit-identical whatever shares its batch.
+//! Weights are repacked once into K-major panels of [`NR`] = 32 output columns
+//! (`panel[p][k][j] = W[32p + j, k]`, zero-padded, 64-byte aligned), so a microkernel streams a
+//! panel contiguously while it broadcasts activations. Register-blocked microkernels exist per
+//! instruction set, chosen at run time: AVX-512F (up to 8 tokens × 32 columns, or 4 × 64),
+//! AVX2+FMA (3 × 32, or 1 × 64), a portable `mul_add` loop for other CPUs, and AVX512-BF16
+//! (`vdpbf16ps`: bf16 weights and activations, f32 accumulation) for the bf16 compute path.
+//!
+//! **One order per output element.** Every `y[t, n]` is one fused-multiply-add chain over
+//! k = 0, 1, …, K−1 (f32), or over k-pairs (bf16), started from zero; then `+ b[n]`, then
+//! `y + ·` when accumulating. Which tokens share a register block, how many panels a kernel
+//! handles at once, how the work is split between threads and the thread count never change
+//! that chain, so a sentence's activations are bit-identical whatever shares its batch and
+//! however many threads run. In f32, the AVX-512, AVX2 and portable paths even agree bit for bit
+//! (they issue the same FMA chain); the bf16 path differs (it rounds its inputs).
+//!
+//! Work is split along N (panel groups) and along T (blocks of rows sized to stay in L2), over
+//! rayon's persistent pool; nothing is allocated per call on the f32 path (the bf16 path reuses
+//! a per-thread scratch buffer for the converted activations).
 use rayon::prelude::*;
+use std::cell::RefCell;
+use std::sync::OnceLock;
 
-/// Weight rows handled by one parallel task: enough to stream a panel per thread.
-const ROWS_PER_TASK: usize = 16;
+/// Output columns per packed panel.
+pub const NR: usize = 32;
+
+/// Arithmetic of a packed matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compute {
+    /// f32 weights and activations, f32 FMA (HF parity ≤ 1e-4).
+    F32,
+    /// bf16 weights and activations (round to nearest even), f32 accumulation (AVX512-BF16).
+    Bf16,
+}
+
+impl Compute {
+    pub fn name(self) -> &'static str {
+        match self {
+            Compute::F32 => "f32",
+            Compute::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for Compute {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "fp32" | "float32" => Ok(Compute::F32),
+            "bf16" | "bfloat16" => Ok(Compute::Bf16),
+            other => Err(format!("unknown compute type `{other}` (expected f32 or bf16)")),
+        }
+    }
+}
+
+/// The f32 microkernel family in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512f",
+            Isa::Avx2 => "avx2+fma",
+            Isa::Portable => "portable",
+        }
+    }
+}
+
+fn detect_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            return Isa::Avx512;
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Portable
+}
+
+/// The f32 kernels used: the best the CPU has, or lower when `RESID_CPU_ISA` names
+/// `avx2` or `portable` (for tests and comparisons; a request above the CPU is ignored).
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let best = detect_isa();
+        let rank = |i: Isa| match i {
+            Isa::Portable => 0,
+            Isa::Avx2 => 1,
+            Isa::Avx512 => 2,
+        };
+        let asked = match std::env::var("RESID_CPU_ISA").ok().as_deref() {
+            Some("portable") => Some(Isa::Portable),
+            Some("avx2") => Some(Isa::Avx2),
+            Some("avx512") | Some("avx512f") => Some(Isa::Avx512),
+            _ => None,
+        };
+        match asked {
+            Some(a) if rank(a) <= rank(best) => a,
+            _ => best,
+        }
+    })
+}
+
+/// Whether the CPU has AVX512-BF16 dot products (the bf16 compute path).
+pub fn has_bf16() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// A 64-byte aligned, zero-initialised heap buffer.
+struct AlignedBuf {
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+// SAFETY: the buffer is plain memory, written only while packing (before it is shared).
+unsafe impl Send for AlignedBuf {}
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    fn zeroed(bytes: usize) -> Self {
+        let bytes = bytes.max(64);
+        let layout = std::alloc::Layout::from_size_align(bytes, 64).expect("packed matrix layout");
+        // SAFETY: non-zero size; the pointer is checked.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        AlignedBuf { ptr, bytes }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, std::alloc::Layout::from_size_align_unchecked(self.bytes, 64)) }
+    }
+}
+
+/// A weight matrix `W [n, k]` repacked into panels of [`NR`] columns.
+pub struct PackedMatrix {
+    pub n: usize,
+    pub k: usize,
+    pub format: Compute,
+    panels: usize,
+    /// Elements along K per panel row: k (f32) or ⌈k/2⌉ pairs (bf16).
+    kdepth: usize,
+    buf: AlignedBuf,
+}
 
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint column ranges of y.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+struct SendPtr<T>(*mut T);
+// SAFETY: users write disjoint regions.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
 
-/// Computes `y[t, n] = Σ_k x[t, k]·w[n, k] + bias[n]`, adding to y instead when `accumulate`.
+impl PackedMatrix {
+    /// Packs `w` (`[n, k]`, row-major) for `format`. bf16 falls back to f32 when the CPU has no
+    /// AVX512-BF16 (see [`effective_compute`]).
+    pub fn pack(w: &[f32], n: usize, k: usize, format: Compute) -> Self {
+        assert_eq!(w.len(), n * k, "w shape");
+        let format = effective_compute(format);
+        let panels = n.div_ceil(NR);
+        let kdepth = match format {
+            Compute::F32 => k,
+            Compute::Bf16 => k.div_ceil(2),
+        };
+        // f32: kdepth × NR f32; bf16: kdepth × NR pairs of u16 — 4 bytes per slot either way.
+        let panel_bytes = kdepth * NR * 4;
+        let buf = AlignedBuf::zeroed(panels * panel_bytes);
+        let base = SendPtr(buf.ptr);
+        let fill = |p: usize| {
+            let base = base;
+            let rows = (n - p * NR).min(NR);
+            // SAFETY: panel p owns bytes [p·panel_bytes, (p+1)·panel_bytes).
+            unsafe {
+                let dst = base.0.add(p * panel_bytes);
+                match format {
+                    Compute::F32 => {
+                        let dst = dst as *mut f32;
+                        for j in 0..rows {
+                            let src = &w[(p * NR + j) * k..(p * NR + j + 1) * k];
+                            for (kk, &v) in src.iter().enumerate() {
+                                *dst.add(kk * NR + j) = v;
+                            }
+                        }
+                    }
+                    Compute::Bf16 => {
+                        let dst = dst as *mut u16;
+                        for j in 0..rows {
+                            let src = &w[(p * NR + j) * k..(p * NR + j + 1) * k];
+                            for (kk, &v) in src.iter().enumerate() {
+                                *dst.add((kk / 2) * NR * 2 + j * 2 + kk % 2) = half::bf16::from_f32(v).to_bits();
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if panels * panel_bytes > (1 << 20) {
+            (0..panels).into_par_iter().for_each(fill);
+        } else {
+            (0..panels).for_each(fill);
+        }
+        PackedMatrix { n, k, format, panels, kdepth, buf }
+    }
+
+    /// Bytes of the packed weights (what one pass over the matrix reads).
+    pub fn bytes(&self) -> usize {
+        self.panels * self.kdepth * NR * 4
+    }
+
+    fn panel_bytes(&self) -> usize {
+        self.kdepth * NR * 4
+    }
+
+    /// Copies row `row` of W (as packed: exact for f32, bf16-rounded for bf16) into `out`.
+    pub fn row(&self, row: usize, out: &mut [f32]) {
+        assert!(row < self.n && out.len() == self.k);
+        let (p, j) = (row / NR, row % NR);
+        // SAFETY: indices are inside panel p.
+        unsafe {
+            let base = self.buf.ptr.add(p * self.panel_bytes());
+            match self.format {
+                Compute::F32 => {
+                    let b = base as *const f32;
+                    for (kk, o) in out.iter_mut().enumerate() {
+                        *o = *b.add(kk * NR + j);
+                    }
+                }
+                Compute::Bf16 => {
+                    let b = base as *const u16;
+                    for (kk, o) in out.iter_mut().enumerate() {
+                        *o = half::bf16::from_bits(*b.add((kk / 2) * NR * 2 + j * 2 + kk % 2)).to_f32();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The compute type actually used for `asked`: bf16 needs AVX512-BF16 and the AVX-512 kernels.
+pub fn effective_compute(asked: Compute) -> Compute {
+    match asked {
+        Compute::Bf16 if has_bf16() && isa() == Isa::Avx512 => Compute::Bf16,
+        _ => Compute::F32,
+    }
+}
+
+/// Where a kernel writes: `y[row0.., col0..]` with leading dimension `ldy`.
+#[derive(Clone, Copy)]
+struct Out {
+    y: *mut f32,
+    ldy: usize,
+    /// Valid columns from `col0` (may be fewer than the kernel's width at the matrix edge).
+    cols: usize,
+    bias: *const f32,
+    accumulate: bool,
+}
+
+// SAFETY: tasks write disjoint blocks of y; bias is read-only.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The epilogue of one element, in the one order every path uses: `acc + b`, then `y + ·`.
+    #[inline(always)]
+    unsafe fn scalar(&self, row: usize, col: usize, acc: f32) {
+        let mut v = acc;
+        if !self.bias.is_null() {
+            v += *self.bias.add(col);
+        }
+        let dst = self.y.add(row * self.ldy + col);
+        *dst = if self.accumulate { *dst + v } else { v };
+    }
+}
+
+/// Convenience: packs `w` in f32 and computes `y = x·Wᵀ + b` (or `y +=` when `accumulate`).
+/// Engine code packs once and calls [`gemm`].
+#[allow(clippy::too_many_arguments)]
 pub fn linear(x: &[f32], tokens: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>, y: &mut [f32], accumulate: bool) {
+    let p = PackedMatrix::pack(w, n, k, Compute::F32);
+    gemm(x, tokens, &p, bias, y, accumulate);
+}
+
+thread_local! {
+    static BF16_SCRATCH: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `y[t, n] = Σ_k x[t, k]·W[n, k] + b[n]`, adding to y instead when `accumulate`.
+pub fn gemm(x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, y: &mut [f32], accumulate: bool) {
+    let (n, k) = (w.n, w.k);
     assert_eq!(x.len(), tokens * k, "x shape");
-    assert_eq!(w.len(), n * k, "w shape");
     assert_eq!(y.len(), tokens * n, "y shape");
     if let Some(b) = bias {
         assert_eq!(b.len(), n, "bias shape");
     }
-    let out = SendPtr(y.as_mut_ptr());
-    let tasks = n.div_ceil(ROWS_PER_TASK);
-    (0..tasks).into_par_iter().for_each(|task| {
-        let n0 = task * ROWS_PER_TASK;
-        let n1 = (n0 + ROWS_PER_TASK).min(n);
-        let out = out;
-        // SAFETY: each task owns columns n0..n1 of every row; indices are bounded by the asserts above.
-        unsafe { panel(x, tokens, k, w, n, n0, n1, bias, out.0, accumulate) };
-    });
-}
-
-#[allow(clippy::too_many_arguments)]
-unsafe fn panel(x: &[f32], tokens: usize, k: usize, w: &[f32], n: usize, n0: usize, n1: usize, bias: Option<&[f32]>, y: *mut f32, accumulate: bool) {
-    let mut t = 0;
-    while t < tokens {
-        let mt = (tokens - t).min(4);
-        let mut j = n0;
-        while j < n1 {
-            let nt = (n1 - j).min(2);
-            let mut dots = [[0f32; 2]; 4];
-            dot_block(x, k, w, t, mt, j, nt, &mut dots);
-            for (i, row) in dots.iter().enumerate().take(mt) {
-                for (jj, &d) in row.iter().enumerate().take(nt) {
-                    let col = j + jj;
-                    let v = d + bias.map_or(0.0, |b| b[col]);
-                    let dst = y.add((t + i) * n + col);
-                    *dst = if accumulate { *dst + v } else { v };
-                }
-            }
-            j += nt;
+    if tokens == 0 || n == 0 {
+        return;
+    }
+    let out = Out { y: y.as_mut_ptr(), ldy: n, cols: n, bias: bias.map_or(std::ptr::null(), |b| b.as_ptr()), accumulate };
+    match w.format {
+        Compute::F32 => {
+            let isa = isa();
+            let mr = match isa {
+                Isa::Avx512 => 8,
+                Isa::Avx2 => 3,
+                Isa::Portable => 4,
+            };
+            drive(tokens, k, w, mr, 4, &|t0, mr, p, np| {
+                // SAFETY: t0 + mr ≤ tokens, panels p..p+np exist, the task owns these outputs.
+                unsafe { kernel_f32(isa, x.as_ptr().add(t0 * k), k, w, p, np, mr, t0, out) }
+            });
         }
-        t += mt;
+        Compute::Bf16 => {
+            let kp = w.kdepth;
+            BF16_SCRATCH.with(|s| {
+                // A nested call on this thread (work stolen while waiting) gets its own buffer.
+                let mut own = Vec::new();
+                let mut guard = s.try_borrow_mut();
+                let s = match guard.as_mut() {
+                    Ok(s) => &mut **s,
+                    Err(_) => &mut own,
+                };
+                if s.len() < tokens * kp {
+                    s.resize(tokens * kp, 0);
+                }
+                let xb = &mut s[..tokens * kp];
+                to_bf16_pairs(x, tokens, k, xb);
+                let xb = &*xb;
+                drive(tokens, kp, w, 8, 4, &|t0, mr, p, np| {
+                    // SAFETY: as above; bf16 matrices exist only when the CPU has AVX512-BF16.
+                    unsafe { kernel_bf16(xb.as_ptr().add(t0 * kp), kp, w, p, np, mr, t0, out) }
+                });
+            });
+        }
     }
 }
 
-/// Dot products of x rows t..t+mt with w rows j..j+nt.
+/// Rows of x as bf16 pairs (low half = even k), zero-padded to an even K.
+fn to_bf16_pairs(x: &[f32], tokens: usize, k: usize, out: &mut [u32]) {
+    let kp = k.div_ceil(2);
+    let conv = |(t, o): (usize, &mut [u32])| {
+        let row = &x[t * k..(t + 1) * k];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if has_bf16() {
+                // SAFETY: feature checked.
+                unsafe { simd512::row_to_bf16(row, o) };
+                return;
+            }
+        }
+        for (i, o) in o.iter_mut().enumerate() {
+            let lo = half::bf16::from_f32(row[2 * i]).to_bits() as u32;
+            let hi = if 2 * i + 1 < k { half::bf16::from_f32(row[2 * i + 1]).to_bits() as u32 } else { 0 };
+            *o = lo | (hi << 16);
+        }
+    };
+    if tokens * k > 1 << 16 {
+        out.par_chunks_mut(kp).enumerate().for_each(conv);
+    } else {
+        out.chunks_mut(kp).enumerate().for_each(conv);
+    }
+}
+
+/// Splits the work into (row block × panel group) tasks and runs `kern(t0, mr, panel, np)`
+/// over them. The split only decides who computes an element, never how.
+fn drive(tokens: usize, kdepth: usize, w: &PackedMatrix, mr_max: usize, np_small_rows: usize, kern: &(dyn Fn(usize, usize, usize, usize) + Sync)) {
+    let panels = w.panels;
+    // A row block of activations (kdepth × 4 bytes per row) plus one panel stay in L2.
+    let mc = ((384 * 1024) / (kdepth * 4).max(1) / mr_max * mr_max).max(mr_max);
+    let mblocks = tokens.div_ceil(mc);
+    let threads = rayon::current_num_threads().max(1);
+    let target = if threads == 1 { 1 } else { 8 * threads };
+    let groups = target.div_ceil(mblocks).clamp(1, panels);
+    let g = panels.div_ceil(groups);
+    let ngroups = panels.div_ceil(g);
+    let task = |i: usize| {
+        let (mb, gi) = (i / ngroups, i % ngroups);
+        let (m0, m1) = (mb * mc, ((mb + 1) * mc).min(tokens));
+        let (p0, p1) = (gi * g, ((gi + 1) * g).min(panels));
+        let mut p = p0;
+        while p < p1 {
+            let rows = m1 - m0;
+            // Few rows: two panels at once, for more independent FMA chains.
+            let np = if rows <= np_small_rows && p + 1 < p1 { 2 } else { 1 };
+            let mut t0 = m0;
+            while t0 < m1 {
+                let mr = (m1 - t0).min(mr_max);
+                kern(t0, mr, p, np);
+                t0 += mr;
+            }
+            p += np;
+        }
+    };
+    if threads == 1 || mblocks * ngroups == 1 {
+        (0..mblocks * ngroups).for_each(task);
+    } else {
+        (0..mblocks * ngroups).into_par_iter().for_each(task);
+    }
+}
+
+/// Dispatches an f32 block: rows t0..t0+mr of x (at `a`), panels p..p+np.
 #[allow(clippy::too_many_arguments)]
-fn dot_block(x: &[f32], k: usize, w: &[f32], t: usize, mt: usize, j: usize, nt: usize, out: &mut [[f32; 2]; 4]) {
+unsafe fn kernel_f32(isa: Isa, a: *const f32, lda: usize, w: &PackedMatrix, p: usize, np: usize, mr: usize, t0: usize, out: Out) {
+    let b = w.buf.ptr.add(p * w.panel_bytes()) as *const f32;
+    let pstride = w.kdepth * NR;
+    let col0 = p * NR;
+    let out = Out { y: out.y.add(t0 * out.ldy + col0), cols: out.cols - col0, bias: if out.bias.is_null() { out.bias } else { out.bias.add(col0) }, ..out };
     #[cfg(target_arch = "x86_64")]
     {
-        if simd::has_avx2_fma() {
-            // SAFETY: feature presence checked at run time.
-            unsafe { simd::dot_block_avx2(x, k, w, t, mt, j, nt, out) };
-            return;
+        match isa {
+            Isa::Avx512 => return simd512::f32_block(a, lda, b, pstride, w.k, mr, np, out),
+            Isa::Avx2 => return simd256::f32_block(a, lda, b, pstride, w.k, mr, np, out),
+            Isa::Portable => {}
         }
     }
-    dot_block_portable(x, k, w, t, mt, j, nt, out);
-}
-
-fn lane_sum(l: &[f32; 8]) -> f32 {
-    ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
+    let _ = isa;
+    portable_f32(a, lda, b, pstride, w.k, mr, np, out)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn dot_block_portable(x: &[f32], k: usize, w: &[f32], t: usize, mt: usize, j: usize, nt: usize, out: &mut [[f32; 2]; 4]) {
-    let k8 = k / 8 * 8;
-    for i in 0..mt {
-        let xr = &x[(t + i) * k..(t + i + 1) * k];
-        for jj in 0..nt {
-            let wr = &w[(j + jj) * k..(j + jj + 1) * k];
-            let mut lanes = [0f32; 8];
-            for (xc, wc) in xr[..k8].chunks_exact(8).zip(wr[..k8].chunks_exact(8)) {
-                for l in 0..8 {
-                    lanes[l] += xc[l] * wc[l];
+unsafe fn kernel_bf16(a: *const u32, lda: usize, w: &PackedMatrix, p: usize, np: usize, mr: usize, t0: usize, out: Out) {
+    let b = w.buf.ptr.add(p * w.panel_bytes()) as *const u32;
+    let pstride = w.kdepth * NR;
+    let col0 = p * NR;
+    let out = Out { y: out.y.add(t0 * out.ldy + col0), cols: out.cols - col0, bias: if out.bias.is_null() { out.bias } else { out.bias.add(col0) }, ..out };
+    #[cfg(target_arch = "x86_64")]
+    {
+        simd512::bf16_block(a, lda, b, pstride, w.kdepth, mr, np, out)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (a, lda, b, pstride, mr, np, out);
+        unreachable!("bf16 matrices are only packed on CPUs with AVX512-BF16")
+    }
+}
+
+/// The portable kernel: the same FMA chain per element, through `f32::mul_add`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn portable_f32(a: *const f32, lda: usize, b: *const f32, pstride: usize, k: usize, mr: usize, np: usize, out: Out) {
+    for q in 0..np {
+        let bp = b.add(q * pstride);
+        let mut i = 0;
+        while i < mr {
+            let rows = (mr - i).min(4);
+            let mut acc = [[0f32; NR]; 4];
+            for kk in 0..k {
+                let wv = std::slice::from_raw_parts(bp.add(kk * NR), NR);
+                for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
+                    let xv = *a.add((i + r) * lda + kk);
+                    for (c, &wj) in acc_r.iter_mut().zip(wv) {
+                        *c = xv.mul_add(wj, *c);
+                    }
                 }
             }
-            let mut s = lane_sum(&lanes);
-            for kk in k8..k {
-                s += xr[kk] * wr[kk];
+            for (r, acc_r) in acc.iter().enumerate().take(rows) {
+                for (j, &v) in acc_r.iter().enumerate() {
+                    let col = q * NR + j;
+                    if col < out.cols {
+                        out.scalar(i + r, col, v);
+                    }
+                }
             }
-            out[i][jj] = s;
+            i += rows;
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod simd {
+mod simd512 {
+    use super::{Out, NR};
     use std::arch::x86_64::*;
-    use std::sync::OnceLock;
 
-    pub fn has_avx2_fma() -> bool {
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    /// Stores one 16-column group of a row through the epilogue.
+    #[inline(always)]
+    unsafe fn store16(out: &Out, row: usize, col: usize, acc: __m512) {
+        if col >= out.cols {
+            return;
+        }
+        let valid = (out.cols - col).min(16);
+        let m: __mmask16 = if valid == 16 { 0xffff } else { (1u32 << valid) as u16 - 1 };
+        let mut v = acc;
+        if !out.bias.is_null() {
+            v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, out.bias.add(col)));
+        }
+        let dst = out.y.add(row * out.ldy + col);
+        if out.accumulate {
+            v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), v);
+        }
+        _mm512_mask_storeu_ps(dst, m, v);
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn f32_block(a: *const f32, lda: usize, b: *const f32, pstride: usize, k: usize, mr: usize, np: usize, out: Out) {
+        match (mr, np) {
+            (1, 2) => f32_kern::<1, 4>(a, lda, b, pstride, k, out),
+            (2, 2) => f32_kern::<2, 4>(a, lda, b, pstride, k, out),
+            (3, 2) => f32_kern::<3, 4>(a, lda, b, pstride, k, out),
+            (4, 2) => f32_kern::<4, 4>(a, lda, b, pstride, k, out),
+            (1, _) => f32_kern::<1, 2>(a, lda, b, pstride, k, out),
+            (2, _) => f32_kern::<2, 2>(a, lda, b, pstride, k, out),
+            (3, _) => f32_kern::<3, 2>(a, lda, b, pstride, k, out),
+            (4, _) => f32_kern::<4, 2>(a, lda, b, pstride, k, out),
+            (5, _) => f32_kern::<5, 2>(a, lda, b, pstride, k, out),
+            (6, _) => f32_kern::<6, 2>(a, lda, b, pstride, k, out),
+            (7, _) => f32_kern::<7, 2>(a, lda, b, pstride, k, out),
+            _ => f32_kern::<8, 2>(a, lda, b, pstride, k, out),
+        }
+    }
+
+    /// MR rows × NV 16-column vectors (NV/2 panels).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn f32_kern<const MR: usize, const NV: usize>(a: *const f32, lda: usize, b: *const f32, pstride: usize, k: usize, out: Out) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        let mut bp = [b; NV];
+        for (j, p) in bp.iter_mut().enumerate() {
+            *p = b.add((j / 2) * pstride + (j % 2) * 16);
+        }
+        let mut ap = [a; MR];
+        for (i, p) in ap.iter_mut().enumerate() {
+            *p = a.add(i * lda);
+        }
+        for kk in 0..k {
+            let mut wv = [_mm512_setzero_ps(); NV];
+            for j in 0..NV {
+                wv[j] = _mm512_load_ps(bp[j].add(kk * NR));
+            }
+            for i in 0..MR {
+                let xv = _mm512_set1_ps(*ap[i].add(kk));
+                for j in 0..NV {
+                    acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                store16(&out, i, (j / 2) * NR + (j % 2) * 16, v);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn bf16_block(a: *const u32, lda: usize, b: *const u32, pstride: usize, kp: usize, mr: usize, np: usize, out: Out) {
+        match (mr, np) {
+            (1, 2) => bf16_kern::<1, 4>(a, lda, b, pstride, kp, out),
+            (2, 2) => bf16_kern::<2, 4>(a, lda, b, pstride, kp, out),
+            (3, 2) => bf16_kern::<3, 4>(a, lda, b, pstride, kp, out),
+            (4, 2) => bf16_kern::<4, 4>(a, lda, b, pstride, kp, out),
+            (1, _) => bf16_kern::<1, 2>(a, lda, b, pstride, kp, out),
+            (2, _) => bf16_kern::<2, 2>(a, lda, b, pstride, kp, out),
+            (3, _) => bf16_kern::<3, 2>(a, lda, b, pstride, kp, out),
+            (4, _) => bf16_kern::<4, 2>(a, lda, b, pstride, kp, out),
+            (5, _) => bf16_kern::<5, 2>(a, lda, b, pstride, kp, out),
+            (6, _) => bf16_kern::<6, 2>(a, lda, b, pstride, kp, out),
+            (7, _) => bf16_kern::<7, 2>(a, lda, b, pstride, kp, out),
+            _ => bf16_kern::<8, 2>(a, lda, b, pstride, kp, out),
+        }
+    }
+
+    /// `vdpbf16ps`: each 32-bit lane multiplies a bf16 pair of x by the pair of its column.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[inline]
+    unsafe fn bf16_kern<const MR: usize, const NV: usize>(a: *const u32, lda: usize, b: *const u32, pstride: usize, kp: usize, out: Out) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        let mut bp = [b; NV];
+        for (j, p) in bp.iter_mut().enumerate() {
+            *p = b.add((j / 2) * pstride + (j % 2) * 16);
+        }
+        let mut ap = [a; MR];
+        for (i, p) in ap.iter_mut().enumerate() {
+            *p = a.add(i * lda);
+        }
+        for kk in 0..kp {
+            let mut wv = [_mm512_setzero_si512(); NV];
+            for j in 0..NV {
+                wv[j] = _mm512_load_si512(bp[j].add(kk * NR) as *const __m512i);
+            }
+            for i in 0..MR {
+                let xv: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap[i].add(kk) as i32));
+                for j in 0..NV {
+                    acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, std::mem::transmute::<__m512i, __m512bh>(wv[j]));
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                store16(&out, i, (j / 2) * NR + (j % 2) * 16, v);
+            }
+        }
+    }
+
+    /// One row of f32 as bf16 (round to nearest even) pairs, zero-padded to an even length.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn row_to_bf16(row: &[f32], out: &mut [u32]) {
+        let k = row.len();
+        let dst = out.as_mut_ptr() as *mut u16;
+        let mut i = 0;
+        while i + 16 <= k {
+            let v = _mm512_loadu_ps(row.as_ptr().add(i));
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+            _mm256_storeu_si256(dst.add(i) as *mut __m256i, h);
+            i += 16;
+        }
+        if i < k {
+            let m: __mmask16 = (1u32 << (k - i)) as u16 - 1;
+            let v = _mm512_maskz_loadu_ps(m, row.as_ptr().add(i));
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+            let mut tmp = [0u16; 16];
+            _mm256_storeu_si256(tmp.as_mut_ptr() as *mut __m256i, h);
+            for (j, &t) in tmp.iter().enumerate().take(k - i) {
+                *dst.add(i + j) = t;
+            }
+        }
+        if k % 2 == 1 {
+            *dst.add(k) = 0;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd256 {
+    use super::{Out, NR};
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn store8(out: &Out, row: usize, col: usize, acc: __m256) {
+        if col >= out.cols {
+            return;
+        }
+        if out.cols - col >= 8 {
+            let mut v = acc;
+            if !out.bias.is_null() {
+                v = _mm256_add_ps(v, _mm256_loadu_ps(out.bias.add(col)));
+            }
+            let dst = out.y.add(row * out.ldy + col);
+            if out.accumulate {
+                v = _mm256_add_ps(_mm256_loadu_ps(dst), v);
+            }
+            _mm256_storeu_ps(dst, v);
+        } else {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+            for (j, &l) in lanes.iter().enumerate().take(out.cols - col) {
+                out.scalar(row, col + j, l);
+            }
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn dot_block_avx2(x: &[f32], k: usize, w: &[f32], t: usize, mt: usize, j: usize, nt: usize, out: &mut [[f32; 2]; 4]) {
-        match (mt, nt) {
-            (4, 2) => block::<4, 2>(x, k, w, t, j, out),
-            (4, 1) => block::<4, 1>(x, k, w, t, j, out),
-            (3, 2) => block::<3, 2>(x, k, w, t, j, out),
-            (3, 1) => block::<3, 1>(x, k, w, t, j, out),
-            (2, 2) => block::<2, 2>(x, k, w, t, j, out),
-            (2, 1) => block::<2, 1>(x, k, w, t, j, out),
-            (1, 2) => block::<1, 2>(x, k, w, t, j, out),
-            _ => block::<1, 1>(x, k, w, t, j, out),
+    pub unsafe fn f32_block(a: *const f32, lda: usize, b: *const f32, pstride: usize, k: usize, mr: usize, np: usize, out: Out) {
+        match (mr, np) {
+            (1, 2) => f32_kern::<1, 8>(a, lda, b, pstride, k, out),
+            (1, _) => f32_kern::<1, 4>(a, lda, b, pstride, k, out),
+            (2, _) => f32_kern::<2, 4>(a, lda, b, pstride, k, out),
+            _ => f32_kern::<3, 4>(a, lda, b, pstride, k, out),
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn block<const MT: usize, const NT: usize>(x: &[f32], k: usize, w: &[f32], t: usize, j: usize, out: &mut [[f32; 2]; 4]) {
-        let k8 = k / 8 * 8;
-        let xp = x.as_ptr().add(t * k);
-        let wp = w.as_ptr().add(j * k);
-        let mut acc = [[_mm256_setzero_ps(); NT]; MT];
-        let mut kk = 0;
-        while kk < k8 {
-            let mut wv = [_mm256_setzero_ps(); NT];
-            for (jj, v) in wv.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(wp.add(jj * k + kk));
-            }
-            for (i, acc_row) in acc.iter_mut().enumerate() {
-                let xv = _mm256_loadu_ps(xp.add(i * k + kk));
-                for (jj, a) in acc_row.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(xv, wv[jj], *a);
-                }
-            }
-            kk += 8;
+    unsafe fn f32_kern<const MR: usize, const NV: usize>(a: *const f32, lda: usize, b: *const f32, pstride: usize, k: usize, out: Out) {
+        let mut acc = [[_mm256_setzero_ps(); NV]; MR];
+        let mut bp = [b; NV];
+        for (j, p) in bp.iter_mut().enumerate() {
+            *p = b.add((j / 4) * pstride + (j % 4) * 8);
         }
-        for i in 0..MT {
-            for jj in 0..NT {
-                let mut lanes = [0f32; 8];
-                _mm256_storeu_ps(lanes.as_mut_ptr(), acc[i][jj]);
-                let mut s = super::lane_sum(&lanes);
-                for kt in k8..k {
-                    s += *xp.add(i * k + kt) * *wp.add(jj * k + kt);
+        for kk in 0..k {
+            for i in 0..MR {
+                let xv = _mm256_set1_ps(*a.add(i * lda + kk));
+                for j in 0..NV {
+                    acc[i][j] = _mm256_fmadd_ps(xv, _mm256_load_ps(bp[j].add(kk * NR)), acc[i][j]);
                 }
-                out[i][jj] = s;
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                store8(&out, i, (j / 4) * NR + (j % 4) * 8, v);
             }
         }
     }
@@ -176,7 +720,28 @@ mod tests {
         y
     }
 
-    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
+    /// The chain every path must reproduce bit for bit.
+    fn chain(x: &[f32], t: usize, k: usize, w: &[f32], n: usize, b: Option<&[f32]>, y0: Option<&[f32]>) -> Vec<f32> {
+        let mut y = vec![0f32; t * n];
+        for i in 0..t {
+            for j in 0..n {
+                let mut s = 0f32;
+                for kk in 0..k {
+                    s = x[i * k + kk].mul_add(w[j * k + kk], s);
+                }
+                if let Some(b) = b {
+                    s += b[j];
+                }
+                y[i * n + j] = match y0 {
+                    Some(y0) => y0[i * n + j] + s,
+                    None => s,
+                };
+            }
+        }
+        y
+    }
+
+    pub(crate) fn pseudo(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
         (0..n)
             .map(|_| {
@@ -188,9 +753,11 @@ mod tests {
             .collect()
     }
 
+    const SHAPES: &[(usize, usize, usize)] = &[(1, 1, 1), (3, 7, 5), (5, 17, 33), (9, 64, 19), (4, 576, 40), (17, 33, 97), (1, 100, 64), (2, 9, 65)];
+
     #[test]
     fn matches_reference_on_odd_shapes() {
-        for &(t, k, n) in &[(1, 1, 1), (3, 7, 5), (5, 17, 33), (9, 64, 19), (4, 576, 40)] {
+        for &(t, k, n) in SHAPES {
             let x = pseudo(t * k, 1);
             let w = pseudo(n * k, 2);
             let b = pseudo(n, 3);
@@ -209,16 +776,83 @@ mod tests {
     }
 
     #[test]
-    fn rows_are_batch_invariant() {
-        let (k, n) = (100, 23);
-        let x = pseudo(7 * k, 4);
-        let w = pseudo(n * k, 5);
-        let mut all = vec![0f32; 7 * n];
-        linear(&x, 7, k, &w, n, None, &mut all, false);
-        for t in 0..7 {
-            let mut one = vec![0f32; n];
-            linear(&x[t * k..(t + 1) * k], 1, k, &w, n, None, &mut one, false);
-            assert_eq!(one, all[t * n..(t + 1) * n], "row {t} differs when computed alone");
+    fn every_kernel_is_the_same_fma_chain() {
+        let isa = isa();
+        for &(t, k, n) in SHAPES {
+            let x = pseudo(t * k, 4);
+            let w = pseudo(n * k, 5);
+            let b = pseudo(n, 6);
+            let y0 = pseudo(t * n, 7);
+            let p = PackedMatrix::pack(&w, n, k, Compute::F32);
+            for (bias, acc) in [(None, false), (Some(&b[..]), false), (Some(&b[..]), true)] {
+                let want = chain(&x, t, k, &w, n, bias, if acc { Some(&y0) } else { None });
+                let mut y = if acc { y0.clone() } else { vec![0f32; t * n] };
+                gemm(&x, t, &p, bias, &mut y, acc);
+                assert_eq!(y, want, "{isa:?} {t}x{k}x{n} bias={} acc={acc}", bias.is_some());
+                // The lower instruction sets too, where the CPU has them.
+                let mut y2 = if acc { y0.clone() } else { vec![0f32; t * n] };
+                let out = Out { y: y2.as_mut_ptr(), ldy: n, cols: n, bias: bias.map_or(std::ptr::null(), |b| b.as_ptr()), accumulate: acc };
+                for lower in [Isa::Avx2, Isa::Portable] {
+                    if lower == Isa::Avx2 && detect_isa() == Isa::Portable {
+                        continue;
+                    }
+                    y2.copy_from_slice(&if acc { y0.clone() } else { vec![0f32; t * n] });
+                    let mr = if lower == Isa::Avx2 { 3 } else { 4 };
+                    drive(t, k, &p, mr, 4, &|t0, mr, pp, np| unsafe { kernel_f32(lower, x.as_ptr().add(t0 * k), k, &p, pp, np, mr, t0, out) });
+                    assert_eq!(y2, want, "{lower:?} {t}x{k}x{n}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_are_batch_and_thread_invariant() {
+        for compute in [Compute::F32, Compute::Bf16] {
+            let (k, n) = (100, 70);
+            let x = pseudo(13 * k, 4);
+            let w = pseudo(n * k, 5);
+            let p = PackedMatrix::pack(&w, n, k, compute);
+            let mut all = vec![0f32; 13 * n];
+            gemm(&x, 13, &p, None, &mut all, false);
+            for t in 0..13 {
+                let mut one = vec![0f32; n];
+                gemm(&x[t * k..(t + 1) * k], 1, &p, None, &mut one, false);
+                assert_eq!(one, all[t * n..(t + 1) * n], "{compute:?}: row {t} differs when computed alone");
+            }
+            let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+            let mut one_thread = vec![0f32; 13 * n];
+            single.install(|| gemm(&x, 13, &p, None, &mut one_thread, false));
+            assert_eq!(one_thread, all, "{compute:?}: thread count changed results");
+        }
+    }
+
+    #[test]
+    fn bf16_is_close_to_f32() {
+        if !has_bf16() {
+            eprintln!("no AVX512-BF16 here: the bf16 path falls back to f32");
+        }
+        for &(t, k, n) in SHAPES {
+            let x = pseudo(t * k, 8);
+            let w = pseudo(n * k, 9);
+            let want = reference(&x, t, k, &w, n, None);
+            let p = PackedMatrix::pack(&w, n, k, Compute::Bf16);
+            let mut y = vec![0f32; t * n];
+            gemm(&x, t, &p, None, &mut y, false);
+            let err: f64 = y.iter().zip(&want).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+            let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt();
+            assert!(err <= 1e-2 * norm.max(1e-3), "{t}x{k}x{n}: bf16 relative error {}", err / norm);
+        }
+    }
+
+    #[test]
+    fn packed_rows_read_back() {
+        let (n, k) = (37, 11);
+        let w = pseudo(n * k, 10);
+        let p = PackedMatrix::pack(&w, n, k, Compute::F32);
+        let mut row = vec![0f32; k];
+        for r in 0..n {
+            p.row(r, &mut row);
+            assert_eq!(row, w[r * k..(r + 1) * k]);
         }
     }
 }

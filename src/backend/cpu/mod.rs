@@ -1,5 +1,12 @@
-//! The CPU backend: f32 compute over memory-mapped (f32) or converted (bf16/f16) weights.
-//! Also the reference the CUDA kernels are checked against.
+//! The CPU backend: f32 compute over memory-mapped (f32) or converted (bf16/f16) weights, or
+//! bf16 compute (AVX512-BF16) when asked for. Also the reference the CUDA kernels are checked
+//! against.
+//!
+//! Weight matrices are repacked into cache-friendly panels (see [`gemm`]) the first time a GEMM
+//! needs them; the memory-mapped original stays mapped (its pages are released after packing).
+//! The compute type is chosen per process, before the model is loaded: [`set_compute`], or the
+//! environment variable `RESID_CPU_COMPUTE=f32|bf16` (default f32). bf16 needs AVX512-BF16;
+//! elsewhere it falls back to f32.
 pub mod attention;
 pub mod gemm;
 pub mod norm;
@@ -12,14 +19,106 @@ use crate::engine::plan::BatchPlan;
 use crate::engine::steer::PointSteering;
 use crate::error::Result;
 use crate::model::weights::F32Data;
+pub use gemm::Compute;
+use gemm::PackedMatrix;
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
 
 pub struct CpuBackend;
 
+static COMPUTE: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the compute type of matrices created from now on (process-wide).
+pub fn set_compute(c: Compute) {
+    COMPUTE.store(if c == Compute::Bf16 { 2 } else { 1 }, Ordering::SeqCst);
+}
+
+/// The compute type asked for: [`set_compute`], else `RESID_CPU_COMPUTE`, else f32.
+pub fn requested_compute() -> Compute {
+    match COMPUTE.load(Ordering::SeqCst) {
+        1 => Compute::F32,
+        2 => Compute::Bf16,
+        _ => {
+            let c = match std::env::var("RESID_CPU_COMPUTE") {
+                Ok(v) => v.parse::<Compute>().unwrap_or_else(|e| {
+                    eprintln!("warning: RESID_CPU_COMPUTE: {e}; using f32");
+                    Compute::F32
+                }),
+                Err(_) => Compute::F32,
+            };
+            let _ = COMPUTE.compare_exchange(0, if c == Compute::Bf16 { 2 } else { 1 }, Ordering::SeqCst, Ordering::SeqCst);
+            c
+        }
+    }
+}
+
+/// The compute type matrices created now get (bf16 only where the CPU has AVX512-BF16).
+pub fn compute() -> Compute {
+    gemm::effective_compute(requested_compute())
+}
+
+/// Kernels in use, for reports: e.g. `f32 avx512f` or `bf16 avx512bf16`.
+pub fn kernel_description() -> String {
+    match compute() {
+        Compute::F32 => format!("f32 {}", gemm::isa().name()),
+        Compute::Bf16 => "bf16 avx512bf16 (f32 accumulation)".into(),
+    }
+}
+
 pub struct CpuMatrix {
+    /// The original values (`[rows, cols]`), or empty once packed when they were an owned copy
+    /// (stacked or converted weights): the packed panels then are the only copy.
     pub data: F32Data,
     pub rows: usize,
     pub cols: usize,
+    compute: Compute,
+    packed: OnceLock<PackedMatrix>,
+}
+
+impl CpuMatrix {
+    pub fn new(data: F32Data, rows: usize, cols: usize, compute: Compute) -> Self {
+        let m = CpuMatrix { data, rows, cols, compute: gemm::effective_compute(compute), packed: OnceLock::new() };
+        // Owned f32 copies are packed now and dropped: the panels hold the same values exactly.
+        if !m.data.is_mapped() && m.compute == Compute::F32 && m.rows * m.cols > 0 {
+            let packed = PackedMatrix::pack(&m.data, rows, cols, Compute::F32);
+            let _ = m.packed.set(packed);
+            return CpuMatrix { data: F32Data::Owned(Vec::new()), ..m };
+        }
+        m
+    }
+
+    /// The packed panels, made on first use.
+    pub fn packed(&self) -> &PackedMatrix {
+        self.packed.get_or_init(|| {
+            let p = PackedMatrix::pack(&self.data, self.rows, self.cols, self.compute);
+            release_pages(&self.data);
+            p
+        })
+    }
+
+    /// Row `r` in f32, exactly as stored in the checkpoint.
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        if self.data.len() == self.rows * self.cols {
+            out.copy_from_slice(&self.data[r * self.cols..(r + 1) * self.cols]);
+        } else {
+            self.packed().row(r, out);
+        }
+    }
+
+    pub fn compute(&self) -> Compute {
+        self.compute
+    }
+}
+
+/// Lets the kernel drop the resident pages of a mapped tensor once it has been packed (they are
+/// read back from the file if ever needed again).
+fn release_pages(data: &F32Data) {
+    #[cfg(unix)]
+    if let F32Data::Mapped { mmap, start, len } = data {
+        // SAFETY: the mapping is read-only and file-backed; dropped pages are re-read on access.
+        let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *start, *len * 4) };
+    }
 }
 
 pub struct CpuAct {
@@ -59,11 +158,11 @@ impl Backend for CpuBackend {
     type Pass = CpuPass;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        format!("cpu ({} threads, {})", rayon::current_num_threads(), kernel_description())
     }
 
     fn matrix(&self, data: F32Data, rows: usize, cols: usize) -> Result<CpuMatrix> {
-        Ok(CpuMatrix { data, rows, cols })
+        Ok(CpuMatrix::new(data, rows, cols, requested_compute()))
     }
 
     fn vector(&self, data: F32Data) -> Result<F32Data> {
@@ -115,18 +214,27 @@ impl Backend for CpuBackend {
     fn embed(&self, table: &CpuMatrix, ids: &[u32], out: &mut CpuAct) -> Result<()> {
         let h = table.cols;
         for (row, &id) in out.data.chunks_exact_mut(h).zip(ids) {
-            let id = id as usize;
-            row.copy_from_slice(&table.data[id * h..(id + 1) * h]);
+            table.row_into(id as usize, row);
         }
         Ok(())
     }
 
     fn linear(&self, x: &CpuAct, w: &CpuMatrix, b: Option<&F32Data>, out: &mut CpuAct, accumulate: bool) -> Result<()> {
-        gemm::linear(&x.data, x.rows, x.cols, &w.data, w.rows, b.map(|b| &b[..]), &mut out.data, accumulate);
+        gemm::gemm(&x.data, x.rows, w.packed(), b.map(|b| &b[..]), &mut out.data, accumulate);
         Ok(())
     }
 
-    fn rope_store_kv(&self, pass: &CpuPass, qkv: &CpuAct, bias: Option<&F32Data>, heads: Heads, kv: &mut CpuKv, layer: usize, q: &mut CpuAct) -> Result<()> {
+    fn rope_store_kv(
+        &self,
+        pass: &CpuPass,
+        qkv: &CpuAct,
+        bias: Option<&F32Data>,
+        qk_norm: Option<(&F32Data, &F32Data, f32)>,
+        heads: Heads,
+        kv: &mut CpuKv,
+        layer: usize,
+        q: &mut CpuAct,
+    ) -> Result<()> {
         let (rope, plan) = (&pass.rope, &pass.plan);
         let (half, hd) = (rope.half, heads.head_dim);
         let (qd, kvd) = (heads.q_heads * hd, heads.kv_heads * hd);
@@ -141,6 +249,15 @@ impl Backend for CpuBackend {
             let (cos, sin) = (&rope.cos[r * half..(r + 1) * half], &rope.sin[r * half..(r + 1) * half]);
             let (qpart, rest) = row.split_at_mut(qd);
             let (kpart, vpart) = rest.split_at_mut(kvd);
+            if let Some((qn, kn, eps)) = qk_norm {
+                let mut head = vec![0f32; hd];
+                for (part, w) in [(&mut *qpart, qn), (&mut *kpart, kn)] {
+                    for chunk in part.chunks_exact_mut(hd) {
+                        norm::rms_norm_row(chunk, w, eps, &mut head);
+                        chunk.copy_from_slice(&head);
+                    }
+                }
+            }
             rope::rotate_row(qpart, heads.q_heads, hd, cos, sin);
             rope::rotate_row(kpart, heads.kv_heads, hd, cos, sin);
             q.data[r * qd..(r + 1) * qd].copy_from_slice(qpart);

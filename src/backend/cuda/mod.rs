@@ -400,7 +400,20 @@ impl Backend for CudaBackend {
         self.blas.matmul(self.stream.cu_stream() as _, wp, xp, dp, bias, w.rows, x.rows, w.cols, ty, accumulate)
     }
 
-    fn rope_store_kv(&self, pass: &CudaPass, qkv: &CudaAct, bias: Option<&CudaVector>, heads: Heads, kv: &mut CudaKv, layer: usize, q: &mut CudaAct) -> Result<()> {
+    fn rope_store_kv(
+        &self,
+        pass: &CudaPass,
+        qkv: &CudaAct,
+        bias: Option<&CudaVector>,
+        qk_norm: Option<(&CudaVector, &CudaVector, f32)>,
+        heads: Heads,
+        kv: &mut CudaKv,
+        layer: usize,
+        q: &mut CudaAct,
+    ) -> Result<()> {
+        if qk_norm.is_some() {
+            return Err(Error::Device("per-head Q/K norm (Qwen3) has no CUDA kernel yet: use --device cpu".into()));
+        }
         let (Buf::Bf16(qkv_s), Buf::Bf16(q_s)) = (&qkv.buf, &mut q.buf) else {
             return Err(Error::Device("rotary kernel works on bf16 activations".into()));
         };
