@@ -227,3 +227,13 @@ fn tiny_qwen2_qkv_bias_matches_hf() {
 fn tiny_qwen3_qk_norm_bf16_matches_hf() {
     run_fixture("tiny-qwen3");
 }
+
+#[test]
+fn tiny_bloom_layernorm_alibi_gelu_matches_hf() {
+    run_fixture("tiny-bloom");
+}
+
+#[test]
+fn tiny_bloom_post_layernorm_residual_matches_hf() {
+    run_fixture("tiny-bloom-postln");
+}

@@ -8,6 +8,7 @@ use crate::engine::capture::{CapturePosition, CaptureSink};
 use crate::engine::plan::BatchPlan;
 use crate::engine::steer::PointSteering;
 use crate::error::Result;
+use crate::model::arch::{MlpKind, NormKind};
 use crate::model::weights::F32Data;
 
 /// Attention geometry.
@@ -26,6 +27,15 @@ pub enum ActKind {
     Hidden,
     /// LM-head output (always f32: sampling reads it).
     Logits,
+}
+
+/// The normalisation feeding a sub-layer.
+pub struct Norm<'a, V> {
+    pub kind: NormKind,
+    pub weight: &'a V,
+    /// LayerNorm bias (None for RMSNorm, or a LayerNorm without bias).
+    pub bias: Option<&'a V>,
+    pub eps: f32,
 }
 
 /// Capture buffers of one pass: `slots` capture points, rows per `position`.
@@ -59,6 +69,8 @@ pub trait Backend: Send + Sync {
     fn end_pass(&self, pass: Self::Pass, sink: Option<&mut CaptureSink>) -> Result<()>;
 
     fn embed(&self, table: &Self::Matrix, ids: &[u32], out: &mut Self::Act) -> Result<()>;
+    /// Normalises every row in place (BLOOM's LayerNorm on the embeddings).
+    fn normalize(&self, x: &mut Self::Act, norm: Norm<'_, Self::Vector>) -> Result<()>;
     /// `out = x·Wᵀ + b`, or `out += x·Wᵀ + b` when `accumulate` (the residual add).
     fn linear(&self, x: &Self::Act, w: &Self::Matrix, b: Option<&Self::Vector>, out: &mut Self::Act, accumulate: bool) -> Result<()>;
     /// From the stacked QKV projection `[rows, (nq + 2·nkv)·hd]` (plus its bias): writes the
@@ -78,24 +90,41 @@ pub trait Backend: Send + Sync {
         q: &mut Self::Act,
     ) -> Result<()>;
     /// Causal attention of each row over its own sequence's cached keys.
-    fn attention(&self, pass: &Self::Pass, q: &Self::Act, kv: &Self::Kv, layer: usize, heads: Heads, out: &mut Self::Act) -> Result<()>;
-    /// `out = silu(gate) * up` from the stacked projection `[rows, 2·I]` (gate first).
-    fn swiglu(&self, gate_up: &Self::Act, out: &mut Self::Act) -> Result<()>;
-    /// The fused residual step: steer the residual rows, capture them (slot `capture_residual`),
-    /// write the RMS-normed rows (weight `norm`) that feed the next sub-layer, and capture those
-    /// (slot `capture_normed`, used for hidden-state index L).
+    /// `alibi`: per-head slopes adding `slope·(key − query position)` to the scores.
     #[allow(clippy::too_many_arguments)]
+    fn attention(&self, pass: &Self::Pass, q: &Self::Act, kv: &Self::Kv, layer: usize, heads: Heads, alibi: Option<&[f32]>, out: &mut Self::Act) -> Result<()>;
+    /// The MLP activation: `silu(gate) * up` from the stacked projection `[rows, 2·I]` (gate
+    /// first), or `gelu_tanh(up)` from `[rows, I]`.
+    fn activation(&self, kind: MlpKind, input: &Self::Act, out: &mut Self::Act) -> Result<()>;
+    /// The fused residual step: steer the residual rows, capture them (slot `capture_residual`),
+    /// write the normalised rows that feed the next sub-layer, and capture those (slot
+    /// `capture_normed`, used for hidden-state index L).
+    #[allow(clippy::too_many_arguments)]
+    /// With `post_ln`, the residual then continues from the normed rows (BLOOM's
+    /// `apply_residual_connection_post_layernorm`).
     fn residual_step(
         &self,
         pass: &mut Self::Pass,
         x: &mut Self::Act,
-        norm: &Self::Vector,
-        eps: f32,
+        norm: Norm<'_, Self::Vector>,
         normed: &mut Self::Act,
         steer: Option<&PointSteering>,
         capture_residual: Option<usize>,
         capture_normed: Option<usize>,
+        post_ln: bool,
     ) -> Result<()>;
     /// Copies the given rows of `x` into a new activation.
     fn gather_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Self::Act>;
+
+    // --- For benchmarks (`resid bench`).
+
+    /// Waits until all queued work is done (a no-op for synchronous backends); timers call it.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Bytes one pass over `m` reads, as the backend stores it.
+    fn matrix_bytes(&self, m: &Self::Matrix) -> usize;
+    /// Copy bandwidth of the backend's memory in bytes/s, counting bytes read plus bytes
+    /// written (the STREAM convention): the best of `reps` copies of `bytes` bytes.
+    fn copy_bandwidth(&self, bytes: usize, reps: usize) -> Result<f64>;
 }

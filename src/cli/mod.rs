@@ -1,4 +1,5 @@
 //! The `resid` command line.
+mod bench;
 mod input;
 mod selftest;
 
@@ -35,6 +36,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Check a device backend against the CPU backend on random models.
     Selftest(selftest::SelftestArgs),
+    /// Measure extraction, decode and steering throughput against the machine's own limits.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -165,6 +168,7 @@ pub fn run() -> i32 {
         Command::Extract(a) => extract(a),
         Command::Generate(a) => generate(a),
         Command::Selftest(a) => selftest::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(()) => 0,

@@ -8,6 +8,8 @@ pub mod steer;
 use crate::backend::cpu::rope::inverse_frequencies;
 use crate::backend::{ActKind, Backend, CaptureLayout, Heads};
 use crate::error::{Error, Result};
+use crate::backend::Norm;
+use crate::model::arch::{alibi_slopes, MlpKind, PositionKind};
 use crate::model::{ModelDir, ModelWeights};
 use capture::{CapturePoint, CapturePosition, CaptureSink, CaptureSpec, Captured};
 use plan::BatchPlan;
@@ -19,7 +21,9 @@ pub struct Engine<B: Backend> {
     pub backend: B,
     pub model: ModelDir,
     pub weights: ModelWeights<B>,
+    /// Rotary inverse frequencies (empty for ALiBi models).
     inv_freq: Vec<f32>,
+    alibi: Option<Vec<f32>>,
     heads: Heads,
 }
 
@@ -44,7 +48,11 @@ impl<B: Backend> Engine<B> {
         let weights = ModelWeights::load(&backend, &model)?;
         let c = &model.config;
         let heads = Heads { q_heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim };
-        Ok(Engine { inv_freq: inverse_frequencies(c), heads, backend, model, weights })
+        let (inv_freq, alibi) = match model.spec.position {
+            PositionKind::Rope => (inverse_frequencies(c), None),
+            PositionKind::Alibi => (Vec::new(), Some(alibi_slopes(c.num_heads))),
+        };
+        Ok(Engine { inv_freq, alibi, heads, backend, model, weights })
     }
 
     pub fn num_layers(&self) -> usize {
@@ -78,6 +86,10 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
+    fn norm<'v>(&self, weight: &'v B::Vector, bias: Option<&'v B::Vector>) -> Norm<'v, B::Vector> {
+        Norm { kind: self.model.spec.norm, weight, bias, eps: self.model.config.norm_eps }
+    }
+
     /// Runs one packed pass; returns logits `[logits_rows.len(), vocab]`.
     pub fn forward(&self, kv: &mut B::Kv, pass: Pass) -> Result<Vec<f32>> {
         let be = &self.backend;
@@ -107,11 +119,19 @@ impl<B: Backend> Engine<B> {
 
         let mut x = be.act(rows, h, ActKind::Residual)?;
         let mut normed = be.act(rows, h, ActKind::Hidden)?;
+        let post_ln = c.post_ln_residual;
         be.embed(&w.embed, pass.ids, &mut x)?;
+        if let Some((weight, bias)) = &w.embed_norm {
+            be.normalize(&mut x, self.norm(weight, Some(bias)))?;
+        }
         // The fused residual step at hidden-state index l: steer, capture, and normalise for
         // the next sub-layer (the final norm at l = L).
         let point = |l: usize, state: &mut B::Pass, x: &mut B::Act, normed: &mut B::Act| -> Result<()> {
-            let norm = if l < n_layers { &w.layers[l].attn_norm } else { &w.final_norm };
+            let (weight, bias) = if l < n_layers {
+                (&w.layers[l].attn_norm, w.layers[l].attn_norm_bias.as_ref())
+            } else {
+                (&w.final_norm, w.final_norm_bias.as_ref())
+            };
             let steer = plan_point(l, pass.steering, &plan.row_seq, pass.generated);
             let slot = |p| spec.and_then(|s| s.slot(p));
             let (residual_slot, normed_slot) = if l < n_layers {
@@ -119,24 +139,28 @@ impl<B: Backend> Engine<B> {
             } else {
                 (slot(CapturePoint::LastBlockRaw), slot(CapturePoint::Hidden(l)))
             };
-            be.residual_step(state, x, norm, eps, normed, steer.as_ref(), residual_slot, normed_slot)
+            // The final norm feeds only the LM head, never the residual.
+            be.residual_step(state, x, self.norm(weight, bias), normed, steer.as_ref(), residual_slot, normed_slot, post_ln && l < n_layers)
         };
         point(0, &mut state, &mut x, &mut normed)?;
 
         if last_point > 0 {
             let hidden = |cols| be.act(rows, cols, ActKind::Hidden);
             let (mut qkv, mut q, mut attn) = (hidden(qd + 2 * kvd)?, hidden(qd)?, hidden(qd)?);
-            let (mut gate_up, mut act) = (hidden(2 * inter)?, hidden(inter)?);
+            let mlp = self.model.spec.mlp;
+            let up_rows = if mlp == MlpKind::SwiGlu { 2 * inter } else { inter };
+            let (mut gate_up, mut act) = (hidden(up_rows)?, hidden(inter)?);
             for (l, lw) in w.layers.iter().enumerate().take(last_point) {
                 // The QKV bias is added by the rotary kernel.
                 be.linear(&normed, &lw.qkv, None, &mut qkv, false)?;
                 let qk_norm = lw.q_norm.as_ref().zip(lw.k_norm.as_ref()).map(|(qn, kn)| (qn, kn, eps));
                 be.rope_store_kv(&state, &qkv, lw.qkv_bias.as_ref(), qk_norm, self.heads, kv, l, &mut q)?;
-                be.attention(&state, &q, kv, l, self.heads, &mut attn)?;
+                be.attention(&state, &q, kv, l, self.heads, self.alibi.as_deref(), &mut attn)?;
                 be.linear(&attn, &lw.o, lw.o_bias.as_ref(), &mut x, true)?;
-                be.residual_step(&mut state, &mut x, &lw.mlp_norm, eps, &mut normed, None, None, None)?;
+                let mlp_norm = self.norm(&lw.mlp_norm, lw.mlp_norm_bias.as_ref());
+                be.residual_step(&mut state, &mut x, mlp_norm, &mut normed, None, None, None, post_ln)?;
                 be.linear(&normed, &lw.gate_up, lw.gate_up_bias.as_ref(), &mut gate_up, false)?;
-                be.swiglu(&gate_up, &mut act)?;
+                be.activation(mlp, &gate_up, &mut act)?;
                 be.linear(&act, &lw.down, lw.down_bias.as_ref(), &mut x, true)?;
                 point(l + 1, &mut state, &mut x, &mut normed)?;
             }

@@ -11,28 +11,38 @@ pub enum Family {
     Qwen3,
     /// First-generation Qwen-chat (`QWenLMHeadModel`, remote code in HF): fused `c_attn`.
     QwenChat,
+    /// BLOOM / BLOOMZ: LayerNorms with biases, ALiBi, GELU MLP, per-head interleaved QKV.
+    Bloom,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NormKind {
     Rms,
+    /// LayerNorm with weight and bias.
+    Layer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PositionKind {
     Rope,
+    /// Linear attention biases per head (BLOOM); no rotation.
+    Alibi,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MlpKind {
     /// down(silu(gate(x)) * up(x))
     SwiGlu,
+    /// down(gelu_tanh(up(x) + b) + b) (BLOOM)
+    GeluTanh,
 }
 
 /// The tensors a decoder layer may hold, by role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LayerTensor {
     AttnNorm,
+    AttnNormBias,
+    MlpNormBias,
     /// Q, K and V stacked in one checkpoint tensor.
     Qkv,
     QkvBias,
@@ -70,6 +80,12 @@ pub struct ArchSpec {
     pub layer_names: &'static [(LayerTensor, &'static str)],
     /// The checkpoint stores Q, K, V as one tensor (`Qkv`) rather than three.
     pub fused_qkv: bool,
+    /// The fused QKV rows are interleaved per head (`[heads, 3, head_dim]`, BLOOM) rather than
+    /// stacked `[q; k; v]`; the loader reorders them.
+    pub qkv_interleaved: bool,
+    /// LayerNorm (weight, bias) applied to the embeddings (BLOOM).
+    pub embed_norm: Option<(&'static str, &'static str)>,
+    pub final_norm_bias: Option<&'static str>,
 }
 
 const LLAMA_LAYER_NAMES: &[(LayerTensor, &str)] = &[
@@ -93,6 +109,21 @@ const LLAMA_LAYER_NAMES: &[(LayerTensor, &str)] = &[
     (LayerTensor::KNorm, "self_attn.k_norm.weight"),
 ];
 
+const BLOOM_LAYER_NAMES: &[(LayerTensor, &str)] = &[
+    (LayerTensor::AttnNorm, "input_layernorm.weight"),
+    (LayerTensor::AttnNormBias, "input_layernorm.bias"),
+    (LayerTensor::Qkv, "self_attention.query_key_value.weight"),
+    (LayerTensor::QkvBias, "self_attention.query_key_value.bias"),
+    (LayerTensor::O, "self_attention.dense.weight"),
+    (LayerTensor::OBias, "self_attention.dense.bias"),
+    (LayerTensor::MlpNorm, "post_attention_layernorm.weight"),
+    (LayerTensor::MlpNormBias, "post_attention_layernorm.bias"),
+    (LayerTensor::Up, "mlp.dense_h_to_4h.weight"),
+    (LayerTensor::UpBias, "mlp.dense_h_to_4h.bias"),
+    (LayerTensor::Down, "mlp.dense_4h_to_h.weight"),
+    (LayerTensor::DownBias, "mlp.dense_4h_to_h.bias"),
+];
+
 /// Qwen-chat: `w1(x) * silu(w2(x))`, so w2 is the gate and w1 the up projection.
 const QWEN_CHAT_LAYER_NAMES: &[(LayerTensor, &str)] = &[
     (LayerTensor::AttnNorm, "ln_1.weight"),
@@ -113,6 +144,8 @@ const SUPPORTED: &[(&str, Family)] = &[
     ("Qwen2ForCausalLM", Family::Qwen2),
     ("Qwen3ForCausalLM", Family::Qwen3),
     ("QWenLMHeadModel", Family::QwenChat),
+    ("BloomForCausalLM", Family::Bloom),
+    ("bloom", Family::Bloom),
     ("llama", Family::Llama),
     ("mistral", Family::Llama),
     ("qwen2", Family::Qwen2),
@@ -135,6 +168,7 @@ impl Family {
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
             Family::QwenChat => "qwen-chat",
+            Family::Bloom => "bloom",
         }
     }
 
@@ -150,6 +184,9 @@ impl Family {
             layer_prefix: "model.layers.{}.",
             layer_names: LLAMA_LAYER_NAMES,
             fused_qkv: false,
+            qkv_interleaved: false,
+            embed_norm: None,
+            final_norm_bias: None,
         };
         match self {
             Family::Llama | Family::Qwen2 | Family::Qwen3 => llama_like,
@@ -159,6 +196,20 @@ impl Family {
                 layer_prefix: "transformer.h.{}.",
                 layer_names: QWEN_CHAT_LAYER_NAMES,
                 fused_qkv: true,
+                ..llama_like
+            },
+            Family::Bloom => ArchSpec {
+                norm: NormKind::Layer,
+                position: PositionKind::Alibi,
+                mlp: MlpKind::GeluTanh,
+                embed: "transformer.word_embeddings.weight",
+                final_norm: "transformer.ln_f.weight",
+                final_norm_bias: Some("transformer.ln_f.bias"),
+                embed_norm: Some(("transformer.word_embeddings_layernorm.weight", "transformer.word_embeddings_layernorm.bias")),
+                layer_prefix: "transformer.h.{}.",
+                layer_names: BLOOM_LAYER_NAMES,
+                fused_qkv: true,
+                qkv_interleaved: true,
                 ..llama_like
             },
         }
@@ -188,8 +239,11 @@ impl ArchSpec {
         let (h, q, kv, i) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
         use LayerTensor::*;
         let fused = self.fused_qkv;
+        let gelu = self.mlp == MlpKind::GeluTanh;
         let shape = match role {
             AttnNorm | MlpNorm => vec![h],
+            AttnNormBias | MlpNormBias if self.norm == NormKind::Layer => vec![h],
+            Gate | GateBias if gelu => return None,
             Qkv if fused => vec![q + 2 * kv, h],
             QkvBias if fused && c.qkv_bias => vec![q + 2 * kv],
             Q if !fused => vec![q, h],
@@ -218,10 +272,41 @@ impl ArchSpec {
                 }
             }
         }
+        if let Some((w, b)) = self.embed_norm {
+            out.push(ExpectedTensor { name: w.into(), shape: vec![c.hidden_size] });
+            out.push(ExpectedTensor { name: b.into(), shape: vec![c.hidden_size] });
+        }
         out.push(ExpectedTensor { name: self.final_norm.into(), shape: vec![c.hidden_size] });
+        if let Some(b) = self.final_norm_bias {
+            out.push(ExpectedTensor { name: b.into(), shape: vec![c.hidden_size] });
+        }
         if !c.tie_word_embeddings {
             out.push(ExpectedTensor { name: self.lm_head.into(), shape: vec![c.vocab_size, c.hidden_size] });
         }
         out
+    }
+}
+
+/// ALiBi slopes as BLOOM computes them: for the largest power of two p ≤ n, 2^(-8i/p) for
+/// i = 1..p, then for the remaining heads the odd powers of 2^(-4/p).
+pub fn alibi_slopes(n: usize) -> Vec<f32> {
+    let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
+    let base = 2f64.powf(-8.0 / p as f64);
+    let mut out: Vec<f32> = (1..=p).map(|i| base.powi(i as i32) as f32).collect();
+    if p != n {
+        let extra = 2f64.powf(-4.0 / p as f64);
+        out.extend((0..(n - p).min(p)).map(|i| extra.powi(2 * i as i32 + 1) as f32));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn alibi_slopes_match_bloom() {
+        assert_eq!(super::alibi_slopes(4), vec![0.25, 0.0625, 0.015625, 0.00390625]);
+        // 5 heads: the power-of-two slopes of 4, then 2^(-4/4)^1.
+        assert_eq!(super::alibi_slopes(5), vec![0.25, 0.0625, 0.015625, 0.00390625, 0.5]);
+        assert_eq!(super::alibi_slopes(6)[4..], [0.5, 0.125]);
     }
 }

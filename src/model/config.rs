@@ -37,6 +37,9 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     /// Per-head RMSNorm on Q and K before RoPE (Qwen3).
     pub qk_norm: bool,
+    /// The residual stream continues from the normed value (BLOOM's
+    /// `apply_residual_connection_post_layernorm`).
+    pub post_ln_residual: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub torch_dtype: Option<String>,
@@ -119,6 +122,9 @@ impl ModelConfig {
         if family == Family::QwenChat {
             return qwen_chat(&keys, architecture);
         }
+        if family == Family::Bloom {
+            return bloom(&keys, architecture);
+        }
         let hidden_size = keys.usize_req("hidden_size")?;
         let num_heads = keys.usize_req("num_attention_heads")?;
         let num_kv_heads = keys.usize_opt("num_key_value_heads")?.unwrap_or(num_heads);
@@ -163,6 +169,7 @@ impl ModelConfig {
             o_bias: family != Family::Qwen2 && attention_bias,
             mlp_bias: keys.bool_opt("mlp_bias")?.unwrap_or(false),
             qk_norm: family == Family::Qwen3,
+            post_ln_residual: false,
             bos_token_id: keys.token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: keys.token_ids("eos_token_id")?,
             torch_dtype: obj
@@ -225,11 +232,58 @@ fn qwen_chat(keys: &Keys, architecture: String) -> Result<ModelConfig> {
         o_bias: !keys.bool_opt("no_bias")?.unwrap_or(true),
         mlp_bias: false,
         qk_norm: false,
+        post_ln_residual: false,
         bos_token_id: keys.token_ids("bos_token_id")?.first().copied(),
         eos_token_ids: keys.token_ids("eos_token_id")?,
         torch_dtype: obj.get("torch_dtype").and_then(Value::as_str).map(str::to_owned),
     };
     config.validate(file)?;
+    Ok(config)
+}
+
+/// BLOOM's keys (`n_layer`, `n_head`, `layer_norm_epsilon`; hidden size may be `n_embed`).
+fn bloom(keys: &Keys, architecture: String) -> Result<ModelConfig> {
+    let file = keys.file;
+    let hidden_size = match keys.usize_opt("hidden_size")? {
+        Some(h) => h,
+        None => keys.usize_req("n_embed")?,
+    };
+    let num_heads = match keys.usize_opt("n_head")? {
+        Some(n) => n,
+        None => keys.usize_req("num_attention_heads")?,
+    };
+    let num_layers = match keys.usize_opt("n_layer")? {
+        Some(n) => n,
+        None => keys.usize_req("num_hidden_layers")?,
+    };
+    if hidden_size % num_heads != 0 {
+        return Err(Error::model(format!("{file}: hidden size {hidden_size} is not a multiple of n_head {num_heads}")));
+    }
+    let config = ModelConfig {
+        family: Family::Bloom,
+        architecture,
+        vocab_size: keys.usize_req("vocab_size")?,
+        hidden_size,
+        intermediate_size: 4 * hidden_size,
+        num_layers,
+        num_heads,
+        num_kv_heads: num_heads,
+        head_dim: hidden_size / num_heads,
+        norm_eps: keys.f32_opt("layer_norm_epsilon")?.unwrap_or(1e-5),
+        rope_theta: 0.0,
+        rope_scaling: RopeScaling::None,
+        // ALiBi has no trained context limit; this bounds memory, not the model.
+        max_position_embeddings: keys.usize_opt("seq_length")?.unwrap_or(1 << 16),
+        tie_word_embeddings: keys.bool_opt("tie_word_embeddings")?.unwrap_or(true),
+        qkv_bias: true,
+        o_bias: true,
+        mlp_bias: true,
+        qk_norm: false,
+        post_ln_residual: keys.bool_opt("apply_residual_connection_post_layernorm")?.unwrap_or(false),
+        bos_token_id: keys.token_ids("bos_token_id")?.first().copied(),
+        eos_token_ids: keys.token_ids("eos_token_id")?,
+        torch_dtype: keys.obj.get("torch_dtype").and_then(Value::as_str).map(str::to_owned),
+    };
     Ok(config)
 }
 

@@ -6,7 +6,7 @@ pub mod weights;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use arch::{ArchSpec, LayerTensor};
+use arch::{ArchSpec, LayerTensor, MlpKind};
 use config::ModelConfig;
 use std::path::{Path, PathBuf};
 use tokenizer::TextTokenizer;
@@ -49,6 +49,9 @@ impl ModelDir {
 
 pub struct LayerWeights<B: Backend> {
     pub attn_norm: B::Vector,
+    /// LayerNorm biases (BLOOM).
+    pub attn_norm_bias: Option<B::Vector>,
+    pub mlp_norm_bias: Option<B::Vector>,
     /// Q, K and V projections stacked into one `[(nq + 2·nkv)·hd, H]` matrix (one GEMM).
     pub qkv: B::Matrix,
     pub qkv_bias: Option<B::Vector>,
@@ -58,7 +61,8 @@ pub struct LayerWeights<B: Backend> {
     pub o: B::Matrix,
     pub o_bias: Option<B::Vector>,
     pub mlp_norm: B::Vector,
-    /// Gate and up projections stacked into one `[2·I, H]` matrix (one GEMM).
+    /// Gate and up projections stacked into one `[2·I, H]` matrix (one GEMM); for a GELU MLP
+    /// the up projection alone.
     pub gate_up: B::Matrix,
     pub gate_up_bias: Option<B::Vector>,
     pub down: B::Matrix,
@@ -68,10 +72,28 @@ pub struct LayerWeights<B: Backend> {
 /// The weights as a backend holds them.
 pub struct ModelWeights<B: Backend> {
     pub embed: B::Matrix,
+    /// LayerNorm (weight, bias) on the embeddings (BLOOM).
+    pub embed_norm: Option<(B::Vector, B::Vector)>,
+    pub final_norm_bias: Option<B::Vector>,
     pub layers: Vec<LayerWeights<B>>,
     pub final_norm: B::Vector,
     /// None when tied to the embeddings.
     pub lm_head: Option<B::Matrix>,
+}
+
+/// Reorders a fused QKV tensor whose rows are interleaved per head (`[heads, 3, head_dim, ..]`)
+/// into stacked `[q; k; v]` rows. `row_len` is 1 for a bias.
+fn deinterleave_qkv(data: &[f32], heads: usize, head_dim: usize, row_len: usize) -> F32Data {
+    let block = head_dim * row_len;
+    let mut out = vec![0f32; data.len()];
+    for h in 0..heads {
+        for part in 0..3 {
+            let src = (h * 3 + part) * block;
+            let dst = (part * heads + h) * block;
+            out[dst..dst + block].copy_from_slice(&data[src..src + block]);
+        }
+    }
+    F32Data::Owned(out)
 }
 
 /// Stacks tensors along their first axis into one owned buffer.
@@ -129,8 +151,17 @@ impl<B: Backend> ModelWeights<B> {
             use LayerTensor::*;
             layers.push(LayerWeights {
                 attn_norm: be.vector(required(AttnNorm, l)?.0)?,
-                qkv: if spec.fused_qkv { matrix(required(Qkv, l)?)? } else { stacked(&[Q, K, V], l)? },
-                qkv_bias: if spec.fused_qkv {
+                qkv: match (spec.fused_qkv, spec.qkv_interleaved) {
+                    (true, true) => {
+                        let (d, shape) = required(Qkv, l)?;
+                        be.matrix(deinterleave_qkv(&d, c.num_heads, c.head_dim, c.hidden_size), shape[0], shape[1])?
+                    }
+                    (true, false) => matrix(required(Qkv, l)?)?,
+                    (false, _) => stacked(&[Q, K, V], l)?,
+                },
+                qkv_bias: if spec.fused_qkv && spec.qkv_interleaved {
+                    tensor(QkvBias, l)?.map(|(d, _)| be.vector(deinterleave_qkv(&d, c.num_heads, c.head_dim, 1))).transpose()?
+                } else if spec.fused_qkv {
                     vector(tensor(QkvBias, l)?)?
                 } else {
                     stacked_bias(&[(QBias, qd), (KBias, kvd), (VBias, kvd)], l)?
@@ -140,13 +171,29 @@ impl<B: Backend> ModelWeights<B> {
                 o: matrix(required(O, l)?)?,
                 o_bias: vector(tensor(OBias, l)?)?,
                 mlp_norm: be.vector(required(MlpNorm, l)?.0)?,
-                gate_up: stacked(&[Gate, Up], l)?,
-                gate_up_bias: stacked_bias(&[(GateBias, inter), (UpBias, inter)], l)?,
+                gate_up: match spec.mlp {
+                    MlpKind::SwiGlu => stacked(&[Gate, Up], l)?,
+                    MlpKind::GeluTanh => matrix(required(Up, l)?)?,
+                },
+                gate_up_bias: match spec.mlp {
+                    MlpKind::SwiGlu => stacked_bias(&[(GateBias, inter), (UpBias, inter)], l)?,
+                    MlpKind::GeluTanh => vector(tensor(UpBias, l)?)?,
+                },
+                attn_norm_bias: vector(tensor(AttnNormBias, l)?)?,
+                mlp_norm_bias: vector(tensor(MlpNormBias, l)?)?,
                 down: matrix(required(Down, l)?)?,
                 down_bias: vector(tensor(DownBias, l)?)?,
             });
         }
+        let h = c.hidden_size;
+        let embed_norm = match spec.embed_norm {
+            Some((w, b)) => Some((be.vector(m.store.f32(w, &[h])?)?, be.vector(m.store.f32(b, &[h])?)?)),
+            None => None,
+        };
+        let final_norm_bias = spec.final_norm_bias.map(|b| be.vector(m.store.f32(b, &[h])?)).transpose()?;
         Ok(ModelWeights {
+            embed_norm,
+            final_norm_bias,
             embed: be.matrix(m.store.f32(spec.embed, &[c.vocab_size, c.hidden_size])?, c.vocab_size, c.hidden_size)?,
             layers,
             final_norm: be.vector(m.store.f32(spec.final_norm, &[c.hidden_size])?)?,

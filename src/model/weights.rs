@@ -114,12 +114,18 @@ impl WeightStore {
         self.index.is_empty()
     }
 
+    /// Finds a tensor; names under `transformer.` also match without that prefix (BLOOM
+    /// checkpoints on the hub store `h.0.…`, transformers writes `transformer.h.0.…`).
+    fn lookup(&self, name: &str) -> Option<&(usize, TensorInfo)> {
+        self.index.get(name).or_else(|| name.strip_prefix("transformer.").and_then(|n| self.index.get(n)))
+    }
+
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        self.lookup(name).is_some()
     }
 
     pub fn file_of(&self, name: &str) -> Option<&Path> {
-        self.index.get(name).map(|(f, _)| self.files[*f].path.as_path())
+        self.lookup(name).map(|(f, _)| self.files[*f].path.as_path())
     }
 
     /// The dtype shared by the checkpoint's floating-point tensors (the most common one).
@@ -136,7 +142,7 @@ impl WeightStore {
     pub fn check(&self, expected: &[ExpectedTensor]) -> Result<()> {
         let mut problems = Vec::new();
         for e in expected {
-            match self.index.get(&e.name) {
+            match self.lookup(&e.name) {
                 None => problems.push(format!("missing tensor `{}` (expected shape {:?})", e.name, e.shape)),
                 Some((f, info)) => {
                     let file = self.files[*f].path.display();
@@ -164,8 +170,7 @@ impl WeightStore {
 
     /// Loads a tensor as f32: borrowed from the map when stored as aligned f32, converted otherwise.
     pub fn f32(&self, name: &str, shape: &[usize]) -> Result<F32Data> {
-        let (f, info) =
-            self.index.get(name).ok_or_else(|| Error::model(format!("missing tensor `{name}`")))?;
+        let (f, info) = self.lookup(name).ok_or_else(|| Error::model(format!("missing tensor `{name}`")))?;
         let file = &self.files[*f];
         if info.shape != shape {
             return Err(Error::model(format!(

@@ -5,7 +5,8 @@ use crate::engine::plan::BatchPlan;
 use rayon::prelude::*;
 
 /// `k_cache`/`v_cache`: `[slots, kv_heads * head_dim]`. `out`: `[rows, q_heads * head_dim]`.
-pub fn attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, out: &mut [f32]) {
+/// `alibi`: per-head slopes adding `slope·(j − p)` to the score of key j for a query at p.
+pub fn attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, out: &mut [f32]) {
     let qd = heads.q_heads * heads.head_dim;
     let kvd = heads.kv_heads * heads.head_dim;
     let group = heads.q_heads / heads.kv_heads;
@@ -22,7 +23,7 @@ pub fn attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan
             for (j, s) in scores.iter_mut().enumerate() {
                 let slot = seq.kv_start + j;
                 let kh = &k_cache[slot * kvd + kvh * hd..slot * kvd + (kvh + 1) * hd];
-                *s = dot(qh, kh) * scale;
+                *s = dot(qh, kh) * scale + alibi.map_or(0.0, |a| a[h] * (j as f32 - (keys - 1) as f32));
                 max = max.max(*s);
             }
             let mut sum = 0f32;
@@ -104,7 +105,7 @@ mod tests {
         let kv_starts = [0usize, 3, 4];
         let plan = BatchPlan::new(&lens, &[0, 0, 0], &kv_starts);
         let mut out = vec![0f32; rows * 32];
-        attention(&q, &k, &v, heads, &plan, &mut out);
+        attention(&q, &k, &v, heads, &plan, None, &mut out);
         let want = reference(&q, &k, &v, heads, &lens);
         for (a, b) in out.iter().zip(&want) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");

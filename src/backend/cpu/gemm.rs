@@ -610,6 +610,19 @@ mod simd512 {
         }
     }
 
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn fma_burst(iters: usize) -> f64 {
+        let mut acc = [_mm512_setzero_ps(); 16];
+        let (a, b) = (std::hint::black_box(_mm512_set1_ps(1e-7)), std::hint::black_box(_mm512_set1_ps(0.999)));
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm512_fmadd_ps(a, b, *v);
+            }
+        }
+        std::hint::black_box(&acc);
+        (iters * 16 * 16 * 2) as f64
+    }
+
     /// One row of f32 as bf16 (round to nearest even) pairs, zero-padded to an even length.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn row_to_bf16(row: &[f32], out: &mut [u32]) {
@@ -668,6 +681,19 @@ mod simd256 {
     }
 
     #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn fma_burst(iters: usize) -> f64 {
+        let mut acc = [_mm256_setzero_ps(); 12];
+        let (a, b) = (std::hint::black_box(_mm256_set1_ps(1e-7)), std::hint::black_box(_mm256_set1_ps(0.999)));
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm256_fmadd_ps(a, b, *v);
+            }
+        }
+        std::hint::black_box(&acc);
+        (iters * 12 * 8 * 2) as f64
+    }
+
+    #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn f32_block(a: *const f32, lda: usize, b: *const f32, pstride: usize, k: usize, mr: usize, np: usize, out: Out) {
         match (mr, np) {
@@ -700,6 +726,48 @@ mod simd256 {
             }
         }
     }
+}
+
+/// The CPU's f32 FMA rate in GFLOP/s over rayon's threads: register-only FMA chains in the
+/// widest vectors the f32 kernels use, for about `seconds`. The ceiling no GEMM can pass.
+pub fn fma_peak_gflops(seconds: f64) -> f64 {
+    let threads = rayon::current_num_threads().max(1);
+    let isa = isa();
+    let per_thread: Vec<f64> = (0..threads)
+        .into_par_iter()
+        .map(|_| {
+            let start = std::time::Instant::now();
+            let mut flops = 0f64;
+            while start.elapsed().as_secs_f64() < seconds {
+                flops += fma_burst(isa);
+            }
+            flops / start.elapsed().as_secs_f64()
+        })
+        .collect();
+    per_thread.iter().sum::<f64>() / 1e9
+}
+
+/// Runs a burst of independent FMA chains; returns the FLOPs done.
+fn fma_burst(isa: Isa) -> f64 {
+    const ITERS: usize = 1 << 16;
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: features checked by `isa()`.
+        match isa {
+            Isa::Avx512 => return unsafe { simd512::fma_burst(ITERS) },
+            Isa::Avx2 => return unsafe { simd256::fma_burst(ITERS) },
+            Isa::Portable => {}
+        }
+    }
+    let _ = isa;
+    let mut acc = [0f32; 64];
+    for _ in 0..ITERS / 16 {
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = (i as f32).mul_add(1e-7, *a);
+        }
+    }
+    std::hint::black_box(&acc);
+    (ITERS / 16 * 64 * 2) as f64
 }
 
 #[cfg(test)]

@@ -13,7 +13,8 @@ pub mod norm;
 pub mod residual;
 pub mod rope;
 
-use super::{ActKind, Backend, CaptureLayout, Heads};
+use super::{ActKind, Backend, CaptureLayout, Heads, Norm};
+use crate::model::arch::{MlpKind, NormKind};
 use crate::engine::capture::{CapturePosition, CaptureSink, Captured};
 use crate::engine::plan::BatchPlan;
 use crate::engine::steer::PointSteering;
@@ -146,6 +147,18 @@ pub struct CpuPass {
     capture: Option<(Captured, CapturePosition)>,
 }
 
+fn apply_norm(x: &[f32], h: usize, norm: &Norm<'_, F32Data>, out: &mut [f32]) {
+    match norm.kind {
+        NormKind::Rms => residual::norm_rows(x, h, norm.weight, norm.eps, out),
+        NormKind::Layer => residual::layer_norm_rows(x, h, norm.weight, norm.bias.map(|b| &b[..]), norm.eps, out),
+    }
+}
+
+/// BLOOM's tanh approximation, with its constant.
+fn gelu_tanh(x: f32) -> f32 {
+    x * 0.5 * (1.0 + (0.797_884_56 * x * (1.0 + 0.044715 * x * x)).tanh())
+}
+
 fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
@@ -258,8 +271,10 @@ impl Backend for CpuBackend {
                     }
                 }
             }
-            rope::rotate_row(qpart, heads.q_heads, hd, cos, sin);
-            rope::rotate_row(kpart, heads.kv_heads, hd, cos, sin);
+            if half > 0 {
+                rope::rotate_row(qpart, heads.q_heads, hd, cos, sin);
+                rope::rotate_row(kpart, heads.kv_heads, hd, cos, sin);
+            }
             q.data[r * qd..(r + 1) * qd].copy_from_slice(qpart);
             let slot = plan.seqs[plan.row_seq[r] as usize].kv_start + plan.positions[r] as usize;
             k_cache[slot * kvd..(slot + 1) * kvd].copy_from_slice(kpart);
@@ -268,20 +283,30 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn attention(&self, pass: &CpuPass, q: &CpuAct, kv: &CpuKv, layer: usize, heads: Heads, out: &mut CpuAct) -> Result<()> {
+    fn attention(&self, pass: &CpuPass, q: &CpuAct, kv: &CpuKv, layer: usize, heads: Heads, alibi: Option<&[f32]>, out: &mut CpuAct) -> Result<()> {
         let l = kv.layer(layer);
-        attention::attention(&q.data, &kv.k[l], &kv.v[l], heads, &pass.plan, &mut out.data);
+        attention::attention(&q.data, &kv.k[l], &kv.v[l], heads, &pass.plan, alibi, &mut out.data);
         Ok(())
     }
 
-    fn swiglu(&self, gate_up: &CpuAct, out: &mut CpuAct) -> Result<()> {
+    fn activation(&self, kind: MlpKind, input: &CpuAct, out: &mut CpuAct) -> Result<()> {
         let inter = out.cols;
-        out.data.par_chunks_mut(inter).zip(gate_up.data.par_chunks(2 * inter)).for_each(|(o, gu)| {
-            let (gate, up) = gu.split_at(inter);
-            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-                *o = silu(g) * u;
-            }
-        });
+        match kind {
+            MlpKind::SwiGlu => out.data.par_chunks_mut(inter).zip(input.data.par_chunks(2 * inter)).for_each(|(o, gu)| {
+                let (gate, up) = gu.split_at(inter);
+                for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                    *o = silu(g) * u;
+                }
+            }),
+            MlpKind::GeluTanh => out.data.par_iter_mut().zip(input.data.par_iter()).for_each(|(o, &x)| *o = gelu_tanh(x)),
+        }
+        Ok(())
+    }
+
+    fn normalize(&self, x: &mut CpuAct, norm: Norm<'_, F32Data>) -> Result<()> {
+        let h = x.cols;
+        let src = x.data.clone();
+        apply_norm(&src, h, &norm, &mut x.data);
         Ok(())
     }
 
@@ -289,12 +314,12 @@ impl Backend for CpuBackend {
         &self,
         pass: &mut CpuPass,
         x: &mut CpuAct,
-        norm: &F32Data,
-        eps: f32,
+        norm: Norm<'_, F32Data>,
         normed: &mut CpuAct,
         steer: Option<&PointSteering>,
         capture_residual: Option<usize>,
         capture_normed: Option<usize>,
+        post_ln: bool,
     ) -> Result<()> {
         let h = x.cols;
         if let Some(st) = steer {
@@ -303,9 +328,12 @@ impl Backend for CpuBackend {
         if let (Some(slot), Some((buf, position))) = (capture_residual, pass.capture.as_mut()) {
             residual::capture_rows(&x.data, h, &pass.plan, buf, *position, slot);
         }
-        residual::norm_rows(&x.data, h, norm, eps, &mut normed.data);
+        apply_norm(&x.data, h, &norm, &mut normed.data);
         if let (Some(slot), Some((buf, position))) = (capture_normed, pass.capture.as_mut()) {
             residual::capture_rows(&normed.data, h, &pass.plan, buf, *position, slot);
+        }
+        if post_ln {
+            x.data.copy_from_slice(&normed.data);
         }
         Ok(())
     }
@@ -317,4 +345,30 @@ impl Backend for CpuBackend {
         }
         Ok(CpuAct { data, rows: rows.len(), cols: x.cols })
     }
+
+    fn matrix_bytes(&self, m: &CpuMatrix) -> usize {
+        m.rows.div_ceil(gemm::NR) * gemm::NR * m.cols * if m.compute == Compute::Bf16 { 2 } else { 4 }
+    }
+
+    fn copy_bandwidth(&self, bytes: usize, reps: usize) -> Result<f64> {
+        Ok(copy_bandwidth(bytes, reps))
+    }
+}
+
+/// Memory copy bandwidth (bytes read + written per second) over rayon's threads: the best of
+/// `reps` copies of `bytes` bytes, each thread copying its own contiguous part.
+pub fn copy_bandwidth(bytes: usize, reps: usize) -> f64 {
+    let n = (bytes / 8).max(1);
+    let src: Vec<u64> = (0..n as u64).collect();
+    let mut dst = vec![0u64; n];
+    let parts = rayon::current_num_threads().max(1);
+    let chunk = n.div_ceil(parts);
+    let mut best = f64::MAX;
+    for _ in 0..reps.max(1) + 1 {
+        let t = std::time::Instant::now();
+        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
+        best = best.min(t.elapsed().as_secs_f64());
+        std::hint::black_box(&dst);
+    }
+    2.0 * (n * 8) as f64 / best.max(1e-12)
 }

@@ -77,6 +77,11 @@ pub fn norm_rows(x: &[f32], hidden: usize, norm: &[f32], eps: f32, normed: &mut 
     normed.par_chunks_mut(hidden).zip(x.par_chunks(hidden)).for_each(|(o, r)| rms_norm_row(r, norm, eps, o));
 }
 
+/// LayerNorm of every row of `x` into `normed`.
+pub fn layer_norm_rows(x: &[f32], hidden: usize, w: &[f32], b: Option<&[f32]>, eps: f32, normed: &mut [f32]) {
+    normed.par_chunks_mut(hidden).zip(x.par_chunks(hidden)).for_each(|(o, r)| super::norm::layer_norm_row(r, w, b, eps, o));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,8 @@
 pub mod gemm;
 pub mod modules;
 
-use super::{ActKind, Backend, CaptureLayout, Heads};
+use super::{ActKind, Backend, CaptureLayout, Heads, Norm};
+use crate::model::arch::{MlpKind, NormKind};
 use crate::engine::capture::{CapturePosition, CaptureSink, Captured};
 use crate::engine::plan::BatchPlan;
 use crate::engine::steer::{PointSteering, SteerOp};
@@ -435,7 +436,14 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn attention(&self, pass: &CudaPass, q: &CudaAct, kv: &CudaKv, layer: usize, heads: Heads, out: &mut CudaAct) -> Result<()> {
+    fn normalize(&self, _x: &mut CudaAct, _norm: Norm<'_, CudaVector>) -> Result<()> {
+        Err(Error::Device("BLOOM's embedding LayerNorm is not wired into the CUDA backend yet: use --device cpu".into()))
+    }
+
+    fn attention(&self, pass: &CudaPass, q: &CudaAct, kv: &CudaKv, layer: usize, heads: Heads, alibi: Option<&[f32]>, out: &mut CudaAct) -> Result<()> {
+        if alibi.is_some() {
+            return Err(Error::Device("ALiBi attention is not wired into the CUDA backend yet: use --device cpu".into()));
+        }
         let (Buf::Bf16(q_s), Buf::Bf16(o_s)) = (&q.buf, &mut out.buf) else {
             return Err(Error::Device("attention works on bf16 activations".into()));
         };
@@ -478,7 +486,10 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn swiglu(&self, gate_up: &CudaAct, out: &mut CudaAct) -> Result<()> {
+    fn activation(&self, kind: MlpKind, gate_up: &CudaAct, out: &mut CudaAct) -> Result<()> {
+        if kind != MlpKind::SwiGlu {
+            return Err(Error::Device("the GELU MLP is not wired into the CUDA backend yet: use --device cpu".into()));
+        }
         let (Buf::Bf16(gu), Buf::Bf16(o)) = (&gate_up.buf, &mut out.buf) else {
             return Err(Error::Device("swiglu works on bf16 activations".into()));
         };
@@ -492,13 +503,17 @@ impl Backend for CudaBackend {
         &self,
         pass: &mut CudaPass,
         x: &mut CudaAct,
-        norm: &CudaVector,
-        eps: f32,
+        norm: Norm<'_, CudaVector>,
         normed: &mut CudaAct,
         steer: Option<&PointSteering>,
         capture_residual: Option<usize>,
         capture_normed: Option<usize>,
+        post_ln: bool,
     ) -> Result<()> {
+        if post_ln || norm.kind != NormKind::Rms {
+            return Err(Error::Device("LayerNorm and post-LN residuals are not wired into the CUDA backend yet: use --device cpu".into()));
+        }
+        let (eps, norm) = (norm.eps, norm.weight);
         let (Buf::F32(resid), Buf::Bf16(norm_out)) = (&mut x.buf, &mut normed.buf) else {
             return Err(Error::Device("residual step needs an f32 residual and a bf16 output".into()));
         };
@@ -579,5 +594,28 @@ impl Backend for CudaBackend {
             self.stream.memcpy_dtod(&from, &mut to).map_err(dev_err("device copy"))?;
         }
         Ok(CudaAct { buf: Buf::Bf16(dst), rows: rows.len(), cols: x.cols })
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(dev_err("synchronize"))
+    }
+
+    fn matrix_bytes(&self, m: &CudaMatrix) -> usize {
+        m.rows * m.cols * 2
+    }
+
+    fn copy_bandwidth(&self, bytes: usize, reps: usize) -> Result<f64> {
+        let src = self.zeros::<u8>(bytes)?;
+        let mut dst = self.zeros::<u8>(bytes)?;
+        self.stream.memcpy_dtod(&src, &mut dst).map_err(dev_err("device copy"))?;
+        self.stream.synchronize().map_err(dev_err("synchronize"))?;
+        let mut best = f64::MAX;
+        for _ in 0..reps.max(1) {
+            let t = std::time::Instant::now();
+            self.stream.memcpy_dtod(&src, &mut dst).map_err(dev_err("device copy"))?;
+            self.stream.synchronize().map_err(dev_err("synchronize"))?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(2.0 * bytes as f64 / best.max(1e-12))
     }
 }
