@@ -68,9 +68,9 @@ pub trait Backend: Send + Sync {
     /// Copies the pass's captured rows into the caller's output.
     fn end_pass(&self, pass: Self::Pass, sink: Option<&mut CaptureSink>) -> Result<()>;
 
-    fn embed(&self, table: &Self::Matrix, ids: &[u32], out: &mut Self::Act) -> Result<()>;
-    /// Normalises every row in place (BLOOM's LayerNorm on the embeddings).
-    fn normalize(&self, x: &mut Self::Act, norm: Norm<'_, Self::Vector>) -> Result<()>;
+    /// Gathers embedding rows into the residual, then applies `norm` in place when given
+    /// (BLOOM's LayerNorm on the embeddings).
+    fn embed(&self, table: &Self::Matrix, ids: &[u32], norm: Option<Norm<'_, Self::Vector>>, out: &mut Self::Act) -> Result<()>;
     /// `out = x·Wᵀ + b`, or `out += x·Wᵀ + b` when `accumulate` (the residual add).
     fn linear(&self, x: &Self::Act, w: &Self::Matrix, b: Option<&Self::Vector>, out: &mut Self::Act, accumulate: bool) -> Result<()>;
     /// From the stacked QKV projection `[rows, (nq + 2·nkv)·hd]` (plus its bias): writes the

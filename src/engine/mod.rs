@@ -120,10 +120,8 @@ impl<B: Backend> Engine<B> {
         let mut x = be.act(rows, h, ActKind::Residual)?;
         let mut normed = be.act(rows, h, ActKind::Hidden)?;
         let post_ln = c.post_ln_residual;
-        be.embed(&w.embed, pass.ids, &mut x)?;
-        if let Some((weight, bias)) = &w.embed_norm {
-            be.normalize(&mut x, self.norm(weight, Some(bias)))?;
-        }
+        let embed_norm = w.embed_norm.as_ref().map(|(weight, bias)| self.norm(weight, Some(bias)));
+        be.embed(&w.embed, pass.ids, embed_norm, &mut x)?;
         // The fused residual step at hidden-state index l: steer, capture, and normalise for
         // the next sub-layer (the final norm at l = L).
         let point = |l: usize, state: &mut B::Pass, x: &mut B::Act, normed: &mut B::Act| -> Result<()> {

@@ -79,6 +79,10 @@ pub struct CpuMatrix {
 
 impl CpuMatrix {
     pub fn new(data: F32Data, rows: usize, cols: usize, compute: Compute) -> Self {
+        let mut compute = compute;
+        if let Ok(v) = std::env::var("RESID_EXP_F32_SHAPES") {
+            if v.split(',').any(|s| s == format!("{rows}x{cols}")) { compute = Compute::F32; }
+        }
         let m = CpuMatrix { data, rows, cols, compute: gemm::effective_compute(compute), packed: OnceLock::new() };
         // Owned f32 copies are packed now and dropped: the panels hold the same values exactly.
         if !m.data.is_mapped() && m.compute == Compute::F32 && m.rows * m.cols > 0 {
@@ -224,10 +228,14 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn embed(&self, table: &CpuMatrix, ids: &[u32], out: &mut CpuAct) -> Result<()> {
+    fn embed(&self, table: &CpuMatrix, ids: &[u32], norm: Option<Norm<'_, F32Data>>, out: &mut CpuAct) -> Result<()> {
         let h = table.cols;
         for (row, &id) in out.data.chunks_exact_mut(h).zip(ids) {
             table.row_into(id as usize, row);
+        }
+        if let Some(norm) = norm {
+            let src = out.data.clone();
+            apply_norm(&src, h, &norm, &mut out.data);
         }
         Ok(())
     }
@@ -303,12 +311,6 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn normalize(&self, x: &mut CpuAct, norm: Norm<'_, F32Data>) -> Result<()> {
-        let h = x.cols;
-        let src = x.data.clone();
-        apply_norm(&src, h, &norm, &mut x.data);
-        Ok(())
-    }
 
     fn residual_step(
         &self,

@@ -112,7 +112,17 @@ struct DeviceCapture {
     seg_weight: CudaSlice<f32>,
     /// Raw residual rows of every token for a capture of the normed point (index L), normalised
     /// on the host in f32 at the end of the pass: `[rows_of_pass, hidden]`, slot, norm weight, eps.
-    normed: Option<(CudaSlice<f32>, usize, Vec<f32>, f32)>,
+    normed: Option<HostNorm>,
+}
+
+/// Raw residual rows kept for a capture of the normed point, normalised on the host in f32.
+struct HostNorm {
+    raw: CudaSlice<f32>,
+    slot: usize,
+    kind: NormKind,
+    weight: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    eps: f32,
 }
 
 pub struct CudaPass {
@@ -354,13 +364,16 @@ impl Backend for CudaBackend {
                 local.row_mut(r, slot).copy_from_slice(src);
             }
         }
-        if let Some((raw, slot, w, eps)) = &cap.normed {
-            let raw = self.stream.clone_dtoh(raw).map_err(dev_err("capture copy"))?;
+        if let Some(n) = &cap.normed {
+            let raw = self.stream.clone_dtoh(&n.raw).map_err(dev_err("capture copy"))?;
             let mut normed = vec![0f32; pass.rows * h];
-            for r in 0..pass.rows {
-                crate::backend::cpu::norm::rms_norm_row(&raw[r * h..(r + 1) * h], w, *eps, &mut normed[r * h..(r + 1) * h]);
+            for (src, dst) in raw.chunks_exact(h).zip(normed.chunks_exact_mut(h)).take(pass.rows) {
+                match n.kind {
+                    NormKind::Rms => crate::backend::cpu::norm::rms_norm_row(src, &n.weight, n.eps, dst),
+                    NormKind::Layer => crate::backend::cpu::norm::layer_norm_row(src, &n.weight, n.bias.as_deref(), n.eps, dst),
+                }
             }
-            crate::backend::cpu::residual::capture_rows(&normed, h, &pass.plan, &mut local, cap.position, *slot);
+            crate::backend::cpu::residual::capture_rows(&normed, h, &pass.plan, &mut local, cap.position, n.slot);
         }
         for (i, seq) in pass.plan.seqs.iter().enumerate() {
             let dst = sink.seq_row[i];
@@ -378,11 +391,30 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn embed(&self, table: &CudaMatrix, ids: &[u32], out: &mut CudaAct) -> Result<()> {
+    fn embed(&self, table: &CudaMatrix, ids: &[u32], norm: Option<Norm<'_, CudaVector>>, out: &mut CudaAct) -> Result<()> {
         let Buf::F32(resid) = &mut out.buf else { return Err(Error::Device("embedding output must be the f32 residual".into())) };
         let ids_dev = self.upload(&ids.iter().map(|&i| i as i32).collect::<Vec<_>>())?;
         let (t, h, vocab, scale) = (ids.len() as i32, table.cols as i32, table.rows as i32, 1.0f32);
-        launch!(self, "embedding_gather", cfg((ids.len() as u32, 1, 1), 256), &table.w, &ids_dev, resid, &t, &h, &vocab, &scale);
+        match norm {
+            None => launch!(self, "embedding_gather", cfg((ids.len() as u32, 1, 1), 256), &table.w, &ids_dev, resid, &t, &h, &vocab, &scale),
+            Some(n) => {
+                if n.kind != NormKind::Layer {
+                    return Err(Error::Device("only a LayerNorm on the embeddings has a CUDA kernel".into()));
+                }
+                let null = 0u64;
+                let f = self.f("embedding_gather_ln")?;
+                let mut b = self.stream.launch_builder(f);
+                b.arg(&table.w).arg(&ids_dev).arg(resid).arg(&t).arg(&h).arg(&vocab).arg(&scale).arg(&n.weight.bf16);
+                match n.bias {
+                    Some(bias) => b.arg(&bias.bf16),
+                    None => b.arg(&null),
+                };
+                b.arg(&n.eps);
+                // SAFETY: argument list follows kernels/embedding.cu.
+                unsafe { b.launch(cfg((ids.len() as u32, 1, 1), row_block(table.cols))) }
+                    .map_err(|e| Error::Device(format!("kernel embedding_gather_ln launch: {e}")))?;
+            }
+        }
         Ok(())
     }
 
@@ -436,14 +468,8 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn normalize(&self, _x: &mut CudaAct, _norm: Norm<'_, CudaVector>) -> Result<()> {
-        Err(Error::Device("BLOOM's embedding LayerNorm is not wired into the CUDA backend yet: use --device cpu".into()))
-    }
-
     fn attention(&self, pass: &CudaPass, q: &CudaAct, kv: &CudaKv, layer: usize, heads: Heads, alibi: Option<&[f32]>, out: &mut CudaAct) -> Result<()> {
-        if alibi.is_some() {
-            return Err(Error::Device("ALiBi attention is not wired into the CUDA backend yet: use --device cpu".into()));
-        }
+
         let (Buf::Bf16(q_s), Buf::Bf16(o_s)) = (&q.buf, &mut out.buf) else {
             return Err(Error::Device("attention works on bf16 activations".into()));
         };
@@ -455,7 +481,8 @@ impl Backend for CudaBackend {
         let nseq = pass.plan.seqs.len() as i32;
         let (nq, nkv) = (heads.q_heads as i32, heads.kv_heads as i32);
         let scale = 1.0 / (hd as f32).sqrt();
-        let null = 0u64;
+        let slopes = alibi.map(|a| self.upload(a)).transpose()?;
+        let alibi_ptr: u64 = slopes.as_ref().map_or(0, |s| self.ptr(s));
         if pass.decode {
             let max_splits = pass.max_kv_len.div_ceil(256).max(1);
             let mut part_o = self.zeros::<f32>(pass.plan.seqs.len() * heads.q_heads * max_splits * hd)?;
@@ -468,7 +495,7 @@ impl Backend for CudaBackend {
                 &name,
                 cfg((max_splits as u32, (heads.kv_heads * groups) as u32, nseq as u32), 128),
                 q_s, &kv.k[l], &kv.v[l], &mut *o_s, &mut part_o, &mut part_ml, &pass.kv_start, &pass.kv_len,
-                &nseq, &nq, &nkv, &ms, &scale, &null
+                &nseq, &nq, &nkv, &ms, &scale, &alibi_ptr
             );
             if max_splits > 1 {
                 let hdi = hd as i32;
@@ -480,15 +507,22 @@ impl Backend for CudaBackend {
                 self,
                 &name,
                 cfg((pass.max_q_len.div_ceil(64) as u32, nq as u32, nseq as u32), 128),
-                q_s, &kv.k[l], &kv.v[l], o_s, &pass.cu_seqlens, &pass.kv_start, &pass.kv_len, &nseq, &nq, &nkv, &scale, &null
+                q_s, &kv.k[l], &kv.v[l], o_s, &pass.cu_seqlens, &pass.kv_start, &pass.kv_len, &nseq, &nq, &nkv, &scale, &alibi_ptr
             );
         }
         Ok(())
     }
 
     fn activation(&self, kind: MlpKind, gate_up: &CudaAct, out: &mut CudaAct) -> Result<()> {
-        if kind != MlpKind::SwiGlu {
-            return Err(Error::Device("the GELU MLP is not wired into the CUDA backend yet: use --device cpu".into()));
+        if kind == MlpKind::GeluTanh {
+            let (Buf::Bf16(x), Buf::Bf16(o)) = (&gate_up.buf, &mut out.buf) else {
+                return Err(Error::Device("gelu works on bf16 activations".into()));
+            };
+            // The bias was added by the GEMM epilogue.
+            let (t, i, null) = (out.rows as i32, out.cols as i32, 0u64);
+            let grid = ((out.rows * out.cols).div_ceil(8 * 256)).clamp(1, 1 << 20) as u32;
+            launch!(self, "gelu_tanh_bias", cfg((grid, 1, 1), 256), x, &null, o, &t, &i);
+            return Ok(());
         }
         let (Buf::Bf16(gu), Buf::Bf16(o)) = (&gate_up.buf, &mut out.buf) else {
             return Err(Error::Device("swiglu works on bf16 activations".into()));
@@ -510,10 +544,14 @@ impl Backend for CudaBackend {
         capture_normed: Option<usize>,
         post_ln: bool,
     ) -> Result<()> {
-        if post_ln || norm.kind != NormKind::Rms {
-            return Err(Error::Device("LayerNorm and post-LN residuals are not wired into the CUDA backend yet: use --device cpu".into()));
+        if post_ln {
+            return Err(Error::Device("post-LayerNorm residuals (apply_residual_connection_post_layernorm) have no CUDA kernel yet: use --device cpu".into()));
         }
-        let (eps, norm) = (norm.eps, norm.weight);
+        let (eps, kind, norm_bias, norm) = (norm.eps, norm.kind, norm.bias, norm.weight);
+        let kernel = match kind {
+            NormKind::Rms => "fused_residual_rms",
+            NormKind::Layer => "fused_residual_ln",
+        };
         let (Buf::F32(resid), Buf::Bf16(norm_out)) = (&mut x.buf, &mut normed.buf) else {
             return Err(Error::Device("residual step needs an f32 residual and a bf16 output".into()));
         };
@@ -541,7 +579,7 @@ impl Backend for CudaBackend {
             }
         }
         {
-            let f = self.f("fused_residual_rms")?;
+            let f = self.f(kernel)?;
             let mut b = self.stream.launch_builder(f);
             b.arg(&mut *resid).arg(&t).arg(&h);
             match &steer_dev {
@@ -558,10 +596,15 @@ impl Backend for CudaBackend {
                     b.arg(&null).arg(&null);
                 }
             }
-            b.arg(&norm.bf16).arg(&null).arg(&eps).arg(&mut *norm_out);
+            b.arg(&norm.bf16);
+            match norm_bias {
+                Some(bias) => b.arg(&bias.bf16),
+                None => b.arg(&null),
+            };
+            b.arg(&eps).arg(&mut *norm_out);
             // SAFETY: argument list follows kernels/fused_residual.cu.
             unsafe { b.launch(cfg((pass.rows as u32, 1, 1), row_block(pass.hidden))) }
-                .map_err(|e| Error::Device(format!("kernel fused_residual_rms launch: {e}")))?;
+                .map_err(|e| Error::Device(format!("kernel {kernel} launch: {e}")))?;
         }
         if let (Some(slot), Some(c)) = (capture_residual, pass.capture.as_mut()) {
             if c.position == CapturePosition::Mean {
@@ -580,7 +623,7 @@ impl Backend for CudaBackend {
             // Keep every raw row; the host applies the final norm in f32 at the end of the pass.
             let mut raw = self.zeros::<f32>(pass.rows * hidden)?;
             self.stream.memcpy_dtod(&*resid, &mut raw).map_err(dev_err("device copy"))?;
-            c.normed = Some((raw, slot, norm.host.clone(), eps));
+            c.normed = Some(HostNorm { raw, slot, kind, weight: norm.host.clone(), bias: norm_bias.map(|b| b.host.clone()), eps });
         }
         Ok(())
     }
