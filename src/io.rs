@@ -1,6 +1,6 @@
 //! Reading and writing tensor files: atomic safetensors output and steering-vector files.
 use crate::error::{Error, Result};
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::io::Write;
@@ -68,33 +68,62 @@ pub fn write_safetensors(path: &Path, tensors: &[OutTensor], metadata: HashMap<S
 
 /// As [`write_safetensors`], storing f32 tensors as bf16 when `f32_as_bf16`.
 pub fn write_safetensors_typed(path: &Path, tensors: &[OutTensor], metadata: HashMap<String, String>, f32_as_bf16: bool) -> Result<()> {
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|t| match &t.data {
-            TensorData::F32(v) if f32_as_bf16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
-            TensorData::F32(v) => bytemuck::cast_slice(v).to_vec(),
-            TensorData::I64(v) => bytemuck::cast_slice(v).to_vec(),
-        })
-        .collect();
-    let mut views = Vec::with_capacity(tensors.len());
-    for (t, b) in tensors.iter().zip(&bytes) {
-        let dtype = match t.data {
-            TensorData::F32(_) if f32_as_bf16 => Dtype::BF16,
-            TensorData::F32(_) => Dtype::F32,
-            TensorData::I64(_) => Dtype::I64,
-        };
-        let view = TensorView::new(dtype, t.shape.clone(), b)
-            .map_err(|e| Error::input(format!("tensor `{}`: {e}", t.name)))?;
-        views.push((t.name.clone(), view));
-    }
-    let data = safetensors::serialize(views, Some(metadata))
-        .map_err(|e| Error::input(format!("{}: cannot serialize: {e}", path.display())))?;
+    let data = serialize_safetensors(tensors, &metadata, f32_as_bf16)?;
     let out = AtomicPath::new(path);
     let mut file = std::fs::File::create(out.tmp()).map_err(|e| Error::io(path, e))?;
     file.write_all(&data).map_err(|e| Error::io(path, e))?;
     file.sync_all().map_err(|e| Error::io(path, e))?;
     drop(file);
     out.commit()
+}
+
+/// Safetensors bytes with a deterministic header (metadata keys sorted, tensors in the given
+/// order with 8-byte elements first so every tensor is aligned), so the same tensors always give
+/// the same file, byte for byte. The `safetensors` crate writes metadata from a `HashMap`, whose
+/// order changes from run to run.
+pub fn serialize_safetensors(tensors: &[OutTensor], metadata: &HashMap<String, String>, f32_as_bf16: bool) -> Result<Vec<u8>> {
+    let mut order: Vec<&OutTensor> = tensors.iter().collect();
+    order.sort_by_key(|t| match t.data {
+        TensorData::I64(_) => 0,
+        TensorData::F32(_) => 1,
+    });
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let sorted: std::collections::BTreeMap<&String, &String> = metadata.iter().collect();
+        header.insert("__metadata__".into(), serde_json::to_value(sorted).map_err(|e| Error::input(e.to_string()))?);
+    }
+    let mut offset = 0usize;
+    let mut body = Vec::new();
+    for t in &order {
+        let (dtype, bytes): (&str, Vec<u8>) = match &t.data {
+            TensorData::F32(v) if f32_as_bf16 => ("BF16", v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect()),
+            TensorData::F32(v) => ("F32", bytemuck::cast_slice(v).to_vec()),
+            TensorData::I64(v) => ("I64", bytemuck::cast_slice(v).to_vec()),
+        };
+        let elems: usize = t.shape.iter().product();
+        let elem_size = if dtype == "BF16" { 2 } else if dtype == "F32" { 4 } else { 8 };
+        if elems * elem_size != bytes.len() {
+            return Err(Error::input(format!("tensor `{}`: shape {:?} does not match its {} values", t.name, t.shape, bytes.len() / elem_size)));
+        }
+        if header.contains_key(&t.name) {
+            return Err(Error::input(format!("tensor `{}` appears twice", t.name)));
+        }
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({ "dtype": dtype, "shape": t.shape, "data_offsets": [offset, offset + bytes.len()] }),
+        );
+        offset += bytes.len();
+        body.extend_from_slice(&bytes);
+    }
+    let mut head = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| Error::input(e.to_string()))?;
+    while head.len() % 8 != 0 {
+        head.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + head.len() + body.len());
+    out.extend_from_slice(&(head.len() as u64).to_le_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&body);
+    Ok(out)
 }
 
 /// A tensor read fully into f32, with the file's metadata.

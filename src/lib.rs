@@ -17,6 +17,7 @@ pub mod engine;
 pub mod error;
 pub mod io;
 pub mod model;
+pub mod store;
 pub mod testing;
 
 pub use backend::cpu::CpuBackend;

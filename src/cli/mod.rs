@@ -34,6 +34,10 @@ enum Command {
     Extract(ExtractArgs),
     /// Generate text, optionally with steering.
     Generate(GenerateArgs),
+    /// Check a sharded extraction directory against its manifest.
+    Verify(VerifyArgs),
+    /// Join the outputs of `extract --shard i/N` runs into one directory.
+    Merge(MergeArgs),
     /// Check a device backend against the CPU backend on random models.
     Selftest(selftest::SelftestArgs),
     /// Measure extraction, decode and steering throughput against the machine's own limits.
@@ -48,6 +52,22 @@ pub(crate) struct ModelArgs {
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// Directory written by `resid extract --out DIR`.
+    dir: PathBuf,
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// New directory for the merged output.
+    #[arg(long)]
+    out: PathBuf,
+    /// The part directories (any order).
+    #[arg(required = true)]
+    parts: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -88,9 +108,17 @@ struct ExtractArgs {
     /// JSONL input: one object per line with `text` (or `ids`).
     #[arg(long)]
     input: PathBuf,
-    /// Output safetensors file.
+    /// Output: a `.safetensors` file, or a directory for crash-safe, resumable output in
+    /// numbered shards with a manifest (rerun the same command to resume).
     #[arg(long)]
     out: PathBuf,
+    /// Process only part i of N of the input (contiguous, deterministic), e.g. 0/4; join the
+    /// parts with `resid merge`. Needs a directory output.
+    #[arg(long)]
+    shard: Option<String>,
+    /// Sequences per output shard (directory output).
+    #[arg(long, default_value_t = 1024)]
+    shard_sequences: usize,
     /// Token position to capture: last, mean or all.
     #[arg(long, default_value = "last")]
     position: String,
@@ -168,6 +196,8 @@ pub fn run() -> i32 {
         Command::Extract(a) => extract(a),
         Command::Generate(a) => generate(a),
         Command::Selftest(a) => selftest::run(a),
+        Command::Verify(a) => verify(a),
+        Command::Merge(a) => merge(a),
         Command::Bench(a) => bench::run(a),
     };
     match result {
@@ -328,7 +358,11 @@ fn tokenize_items<B: Backend>(engine: &Engine<B>, items: Vec<input::InputItem>, 
 fn extract(a: ExtractArgs) -> Result<()> {
     let position: CapturePosition = a.position.parse()?;
     let items = input::read_jsonl(&a.input)?;
-    check_writable(&a.out)?;
+    if a.out.extension().is_some_and(|e| e == "safetensors") {
+        check_writable(&a.out)?;
+    } else {
+        std::fs::create_dir_all(&a.out).map_err(|e| resid::Error::io(&a.out, e))?;
+    }
     let any = load(&a.model)?;
     with_engine!(&any, engine => extract_on(engine, &a, position, items))
 }
@@ -356,7 +390,19 @@ fn extract_on<B: Backend>(engine: &Engine<B>, a: &ExtractArgs, position: Capture
     let seqs = tokenize_items(engine, items, &a.input)?;
     let total_tokens: usize = seqs.iter().map(Vec::len).sum();
 
-    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(seqs.len() as u64) };
+    let sharded = a.out.extension().is_none_or(|e| e != "safetensors");
+    if !sharded && a.shard.is_some() {
+        bail!(resid::Error::input("--shard needs a directory output (--out DIR), not a single .safetensors file"));
+    }
+    let (range_start, range_end) = match &a.shard {
+        Some(p) => {
+            let (i, n) = resid::store::parse_part(p)?;
+            resid::store::part_range(seqs.len(), i, n)
+        }
+        None => (0, seqs.len()),
+    };
+    let part_tokens: usize = seqs[range_start..range_end].iter().map(Vec::len).sum();
+    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new((range_end - range_start) as u64) };
     bar.set_style(
         ProgressStyle::with_template("{spinner} extract [{bar:30}] {pos}/{len} seqs {msg} ({elapsed} < {eta})")
             .map_err(|e| anyhow!("progress template: {e}"))?
@@ -365,73 +411,187 @@ fn extract_on<B: Backend>(engine: &Engine<B>, a: &ExtractArgs, position: Capture
     let started = std::time::Instant::now();
     let mut done_tokens = 0usize;
     let per_seq = vec![steer.clone(); seqs.len()];
-    let captured = engine.extract(&seqs, &spec, &per_seq, a.batch_tokens, |n, t| {
-        done_tokens += t;
-        bar.inc(n as u64);
-        bar.set_message(format!("{:.0} tok/s", done_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)));
-    })?;
-    bar.finish_and_clear();
-    let extract_seconds = started.elapsed().as_secs_f64();
-    if let Some(i) = captured.data.iter().position(|v| !v.is_finite()) {
-        let row = i / (captured.points * captured.hidden);
-        bail!(resid::Error::input(format!(
-            "{}: NaN or Inf in captured activations (output row {row}, layer slot {}); nothing written",
-            a.input.display(),
-            (i / captured.hidden) % captured.points
-        )));
+    let meta = |sequences: usize, tokens: usize| -> HashMap<String, String> {
+        [
+            ("model", engine.model.dir.display().to_string()),
+            ("architecture", engine.model.config.architecture.clone()),
+            ("position", position.name().to_string()),
+            ("dtype", "float32".to_string()),
+            ("weights_dtype", engine.model.store.dominant_dtype()),
+            ("steering", steering_description(&steer, &a.steer)),
+            ("layers_note", "HF output_hidden_states indices; -1 = raw pre-norm output of the last block".to_string()),
+            ("sequences", sequences.to_string()),
+            ("tokens", tokens.to_string()),
+            ("resid_version", env!("CARGO_PKG_VERSION").to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    };
+    let mut run = |range: std::ops::Range<usize>| -> Result<Vec<OutTensor>> {
+        let captured = engine.extract(&seqs[range.clone()], &spec, &per_seq[range.clone()], a.batch_tokens, |n, t| {
+            done_tokens += t;
+            bar.inc(n as u64);
+            bar.set_message(format!("{:.0} tok/s", done_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)));
+        })?;
+        if let Some(i) = captured.data.iter().position(|v| !v.is_finite()) {
+            let row = i / (captured.points * captured.hidden);
+            let line = if position == CapturePosition::All {
+                range.start + captured.offsets.iter().rposition(|&o| o <= row).unwrap_or(0)
+            } else {
+                range.start + row
+            };
+            bail!(resid::Error::input(format!(
+                "{}: line {}: NaN or Inf in captured activations at layer {:?}; nothing written for it",
+                a.input.display(),
+                line + 1,
+                spec.points[(i / captured.hidden) % captured.points]
+            )));
+        }
+        Ok(output_tensors(captured, &spec))
+    };
+
+    if !sharded {
+        let tensors = run(0..seqs.len())?;
+        let extract_seconds = started.elapsed().as_secs_f64();
+        bar.finish_and_clear();
+        write_safetensors(&a.out, &tensors, meta(seqs.len(), total_tokens))?;
+        if !a.quiet {
+            eprintln!(
+                "wrote {} ({} sequences, {} tokens; extraction {:.2} s, {:.0} tokens/s; with writing {:.1} s)",
+                a.out.display(),
+                seqs.len(),
+                total_tokens,
+                extract_seconds,
+                total_tokens as f64 / extract_seconds.max(1e-9),
+                started.elapsed().as_secs_f64(),
+            );
+        }
+        return Ok(());
     }
 
-    let layer_ids: Vec<i64> = spec
-        .points
+    // Directory output: numbered shards plus a manifest, resumable after any interruption.
+    let dir = &a.out;
+    std::fs::create_dir_all(dir).map_err(|e| resid::Error::io(dir, e))?;
+    let input_bytes = std::fs::read(&a.input).map_err(|e| resid::Error::io(&a.input, e))?;
+    let config_bytes = std::fs::read(engine.model.dir.join("config.json")).unwrap_or_default();
+    let options = serde_json::json!({
+        "model_config_sha256": resid::store::sha256_hex(&config_bytes),
+        "architecture": engine.model.config.architecture,
+        "parameters": engine.model.parameter_count(),
+        "weights_dtype": engine.model.store.dominant_dtype(),
+        "device": if a.model.device == "cpu" { "cpu" } else { "cuda" },
+        "position": position.name(),
+        "layers": layer_ids(&spec),
+        "steering": steering_description(&steer, &a.steer),
+        "steering_file_sha256": a.steer.steer.as_ref().map(|p| resid::store::sha256_file(p)).transpose()?,
+    });
+    let wanted = resid::store::Manifest {
+        format: "resid-extract-v1".into(),
+        input: a.input.display().to_string(),
+        input_sha256: resid::store::sha256_hex(&input_bytes),
+        input_sequences: seqs.len(),
+        range_start,
+        range_end,
+        part: a.shard.clone(),
+        options,
+        shard_sequences: a.shard_sequences.max(1),
+        shards: Vec::new(),
+        complete: false,
+    };
+    let mut manifest = match resid::store::Manifest::load(dir)? {
+        None => wanted,
+        Some(existing) => {
+            if let Some(why) = existing.incompatibility(&wanted) {
+                bail!(resid::Error::input(format!("{}: refusing to mix results with the extraction already there: {why}", dir.display())));
+            }
+            existing
+        }
+    };
+    if manifest.complete {
+        if !a.quiet {
+            eprintln!("{}: already complete ({} shards); nothing to do", dir.display(), manifest.shards.len());
+        }
+        return Ok(());
+    }
+    let resume = manifest.resume_point();
+    bar.inc((resume - range_start) as u64);
+    let mut start = resume;
+    while start < range_end {
+        let end = (start + manifest.shard_sequences).min(range_end);
+        let mut tensors = run(start..end)?;
+        tensors.push(OutTensor { name: "index".into(), shape: vec![end - start], data: TensorData::I64((start..end).map(|i| i as i64).collect()) });
+        let file = format!("shard-{:05}.safetensors", manifest.shards.len());
+        let tokens: usize = seqs[start..end].iter().map(Vec::len).sum();
+        write_safetensors(&dir.join(&file), &tensors, meta(end - start, tokens))?;
+        let sha256 = resid::store::sha256_file(&dir.join(&file))?;
+        manifest.shards.push(resid::store::ShardEntry { file, start, end, sha256 });
+        manifest.complete = end == range_end;
+        manifest.save(dir)?;
+        start = end;
+    }
+    if range_end == range_start {
+        manifest.complete = true;
+        manifest.save(dir)?;
+    }
+    bar.finish_and_clear();
+    if !a.quiet {
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!(
+            "wrote {} ({} shards, sequences {range_start}..{range_end} of {}, {part_tokens} tokens; {:.1} s)",
+            dir.display(),
+            manifest.shards.len(),
+            seqs.len(),
+            secs
+        );
+    }
+    Ok(())
+}
+
+fn verify(a: VerifyArgs) -> Result<()> {
+    let m = resid::store::verify(&a.dir)?;
+    println!(
+        "{}: ok ({} shards, sequences {}..{} of {}, all checksums match)",
+        a.dir.display(),
+        m.shards.len(),
+        m.range_start,
+        m.range_end,
+        m.input_sequences
+    );
+    Ok(())
+}
+
+fn merge(a: MergeArgs) -> Result<()> {
+    let m = resid::store::merge(&a.out, &a.parts)?;
+    println!("{}: merged {} parts into {} shards covering all {} sequences", a.out.display(), a.parts.len(), m.shards.len(), m.input_sequences);
+    Ok(())
+}
+
+fn layer_ids(spec: &CaptureSpec) -> Vec<i64> {
+    spec.points
         .iter()
         .map(|p| match p {
             CapturePoint::Hidden(l) => *l as i64,
             CapturePoint::LastBlockRaw => -1,
         })
-        .collect();
+        .collect()
+}
+
+/// `hidden_states`, `layers` and (for all tokens) `offsets`, as the CLI contract lays them out.
+fn output_tensors(captured: resid::Captured, spec: &CaptureSpec) -> Vec<OutTensor> {
+    let ids = layer_ids(spec);
     let mut tensors = vec![
-        OutTensor {
-            name: "hidden_states".into(),
-            shape: vec![captured.rows, captured.points, captured.hidden],
-            data: TensorData::F32(captured.data),
-        },
-        OutTensor { name: "layers".into(), shape: vec![layer_ids.len()], data: TensorData::I64(layer_ids) },
+        OutTensor { name: "hidden_states".into(), shape: vec![captured.rows, captured.points, captured.hidden], data: TensorData::F32(captured.data) },
+        OutTensor { name: "layers".into(), shape: vec![ids.len()], data: TensorData::I64(ids) },
     ];
-    if position == CapturePosition::All {
+    if spec.position == CapturePosition::All {
         tensors.push(OutTensor {
             name: "offsets".into(),
             shape: vec![captured.offsets.len()],
             data: TensorData::I64(captured.offsets.iter().map(|&o| o as i64).collect()),
         });
     }
-    let metadata: HashMap<String, String> = [
-        ("model", engine.model.dir.display().to_string()),
-        ("architecture", engine.model.config.architecture.clone()),
-        ("position", position.name().to_string()),
-        ("dtype", "float32".to_string()),
-        ("weights_dtype", engine.model.store.dominant_dtype()),
-        ("steering", steering_description(&steer, &a.steer)),
-        ("layers_note", "HF output_hidden_states indices; -1 = raw pre-norm output of the last block".to_string()),
-        ("sequences", seqs.len().to_string()),
-        ("tokens", total_tokens.to_string()),
-        ("resid_version", env!("CARGO_PKG_VERSION").to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    write_safetensors(&a.out, &tensors, metadata)?;
-    if !a.quiet {
-        eprintln!(
-            "wrote {} ({} sequences, {} tokens; extraction {:.2} s, {:.0} tokens/s; with writing {:.1} s)",
-            a.out.display(),
-            seqs.len(),
-            total_tokens,
-            extract_seconds,
-            total_tokens as f64 / extract_seconds.max(1e-9),
-            started.elapsed().as_secs_f64(),
-        );
-    }
-    Ok(())
+    tensors
 }
 
 fn stop_tokens<B: Backend>(engine: &Engine<B>) -> Vec<u32> {

@@ -1,0 +1,226 @@
+//! Crash-safe, resumable extraction output: numbered safetensors shards plus a manifest.
+//!
+//! Every file is written to a temporary name, flushed and renamed, shard first and manifest
+//! second, so a killed run leaves only complete shards that the manifest lists with their
+//! checksums. A rerun with the same input and options resumes after the last listed shard; one
+//! with different input or options refuses to mix results.
+use crate::error::{Error, Result};
+use crate::io::AtomicPath;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const MANIFEST: &str = "manifest.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ShardEntry {
+    pub file: String,
+    /// Input sequences `start..end` (0-based line indices of the whole input).
+    pub start: usize,
+    pub end: usize,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format: String,
+    pub input: String,
+    pub input_sha256: String,
+    /// Sequences in the whole input.
+    pub input_sequences: usize,
+    /// The part of the input this output covers (all of it unless run with `--shard i/N`).
+    pub range_start: usize,
+    pub range_end: usize,
+    /// `i/N` when this output is one part of a data-parallel run.
+    pub part: Option<String>,
+    /// Model identity and extraction options; results are only ever mixed when these agree.
+    pub options: serde_json::Value,
+    pub shard_sequences: usize,
+    pub shards: Vec<ShardEntry>,
+    pub complete: bool,
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    Ok(sha256_hex(&bytes))
+}
+
+/// Writes `bytes` to `path` through a flushed temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let out = AtomicPath::new(path);
+    let mut f = std::fs::File::create(out.tmp()).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))?;
+    drop(f);
+    out.commit()?;
+    if let Some(dir) = path.parent() {
+        // Make the rename itself durable.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+impl Manifest {
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(MANIFEST)
+    }
+
+    pub fn load(dir: &Path) -> Result<Option<Manifest>> {
+        let path = Self::path(dir);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::input(format!("{}: not a resid extraction manifest: {e}", path.display())))
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self).map_err(|e| Error::input(format!("manifest: {e}")))?;
+        write_atomic(&Self::path(dir), text.as_bytes())
+    }
+
+    /// Explains why `self` (found on disk) cannot be continued by a run described by `new`.
+    pub fn incompatibility(&self, new: &Manifest) -> Option<String> {
+        if self.input_sha256 != new.input_sha256 {
+            return Some(format!("the input changed (sha256 {} on disk, {} now)", &self.input_sha256[..12], &new.input_sha256[..12]));
+        }
+        if self.options != new.options {
+            return Some(format!("the model or options differ (on disk: {}; now: {})", self.options, new.options));
+        }
+        if (self.range_start, self.range_end, &self.part) != (new.range_start, new.range_end, &new.part) {
+            return Some(format!("the --shard part differs ({:?} on disk, {:?} now)", self.part, new.part));
+        }
+        if self.shard_sequences != new.shard_sequences {
+            return Some(format!("--shard-sequences differs ({} on disk, {} now)", self.shard_sequences, new.shard_sequences));
+        }
+        None
+    }
+
+    /// Next input sequence to process.
+    pub fn resume_point(&self) -> usize {
+        self.shards.last().map_or(self.range_start, |s| s.end)
+    }
+}
+
+/// Checks a finished output against its manifest: every shard present with its checksum, the
+/// shards contiguous and covering the manifest's range, and the manifest marked complete.
+pub fn verify(dir: &Path) -> Result<Manifest> {
+    let m = Manifest::load(dir)?.ok_or_else(|| Error::input(format!("{}: no {MANIFEST} (not a resid extraction directory)", dir.display())))?;
+    let mut next = m.range_start;
+    for s in &m.shards {
+        if s.start != next || s.end <= s.start {
+            return Err(Error::input(format!("{}: shard {} covers sequences {}..{}, expected to start at {next}", dir.display(), s.file, s.start, s.end)));
+        }
+        let path = dir.join(&s.file);
+        if s.file.contains('/') || s.file.contains("..") {
+            return Err(Error::input(format!("{}: shard name `{}` is not a plain file name", dir.display(), s.file)));
+        }
+        let sum = sha256_file(&path)?;
+        if sum != s.sha256 {
+            return Err(Error::input(format!("{}: checksum mismatch (manifest {}, file {})", path.display(), &s.sha256[..12], &sum[..12])));
+        }
+        next = s.end;
+    }
+    if next != m.range_end {
+        return Err(Error::input(format!("{}: shards cover sequences {}..{next} of {}..{}", dir.display(), m.range_start, m.range_start, m.range_end)));
+    }
+    if !m.complete {
+        return Err(Error::input(format!("{}: the extraction is not complete (rerun the same command to resume)", dir.display())));
+    }
+    Ok(m)
+}
+
+/// Splits `n` sequences into `parts` contiguous ranges; part `i` gets `i*n/parts..(i+1)*n/parts`.
+pub fn part_range(n: usize, i: usize, parts: usize) -> (usize, usize) {
+    (i * n / parts, (i + 1) * n / parts)
+}
+
+/// Parses `i/N`.
+pub fn parse_part(text: &str) -> Result<(usize, usize)> {
+    let bad = || Error::input(format!("--shard `{text}`: expected i/N with 0 <= i < N, e.g. 0/4"));
+    let (i, n) = text.split_once('/').ok_or_else(bad)?;
+    let (i, n): (usize, usize) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+    if n == 0 || i >= n {
+        return Err(bad());
+    }
+    Ok((i, n))
+}
+
+/// Joins the outputs of the parts of a data-parallel run into one directory: validates that
+/// they come from the same input and options, are complete, and tile the whole input.
+pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<Manifest> {
+    if inputs.is_empty() {
+        return Err(Error::input("merge: no input directories"));
+    }
+    let mut parts: Vec<(PathBuf, Manifest)> = Vec::new();
+    for dir in inputs {
+        parts.push((dir.clone(), verify(dir)?));
+    }
+    parts.sort_by_key(|(_, m)| m.range_start);
+    let first = &parts[0].1;
+    let mut next = 0;
+    for (dir, m) in &parts {
+        if m.input_sha256 != first.input_sha256 {
+            return Err(Error::input(format!("{}: extracted from a different input than {}", dir.display(), parts[0].0.display())));
+        }
+        if m.options != first.options {
+            return Err(Error::input(format!("{}: different model or options than {}", dir.display(), parts[0].0.display())));
+        }
+        if m.range_start != next {
+            return Err(Error::input(format!("{}: covers sequences {}..{}, expected to start at {next} (a part is missing or overlaps)", dir.display(), m.range_start, m.range_end)));
+        }
+        next = m.range_end;
+    }
+    if next != first.input_sequences {
+        return Err(Error::input(format!("merge: the parts cover sequences 0..{next} of {}", first.input_sequences)));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    if Manifest::load(out)?.is_some() {
+        return Err(Error::input(format!("{}: already holds an extraction; merge into a new directory", out.display())));
+    }
+    let mut shards = Vec::new();
+    for (dir, m) in &parts {
+        for s in &m.shards {
+            let file = format!("shard-{:05}.safetensors", shards.len());
+            let bytes = std::fs::read(dir.join(&s.file)).map_err(|e| Error::io(dir.join(&s.file), e))?;
+            write_atomic(&out.join(&file), &bytes)?;
+            shards.push(ShardEntry { file, ..s.clone() });
+        }
+    }
+    let merged = Manifest {
+        range_start: 0,
+        range_end: first.input_sequences,
+        part: None,
+        shards,
+        complete: true,
+        ..first.clone()
+    };
+    merged.save(out)?;
+    Ok(merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_tile_the_input() {
+        let n = 10;
+        let ranges: Vec<_> = (0..3).map(|i| part_range(n, i, 3)).collect();
+        assert_eq!(ranges, vec![(0, 3), (3, 6), (6, 10)]);
+        assert_eq!(parse_part("2/4").unwrap(), (2, 4));
+        assert!(parse_part("4/4").is_err());
+        assert!(parse_part("x").is_err());
+        assert!(parse_part("1/0").is_err());
+    }
+}
