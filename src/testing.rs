@@ -4,8 +4,19 @@ use crate::error::Result;
 use crate::io::{write_safetensors_typed, OutTensor, TensorData};
 use std::path::Path;
 
+/// Which family's names and config keys to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestArch {
+    Llama,
+    /// Q/K/V biases, no output bias.
+    Qwen2,
+    /// LayerNorms, ALiBi, GELU, interleaved fused QKV (heads = kv_heads, intermediate = 4·hidden).
+    Bloom,
+}
+
 #[derive(Debug, Clone)]
 pub struct RandomLlama {
+    pub arch: TestArch,
     pub vocab: usize,
     pub hidden: usize,
     pub intermediate: usize,
@@ -34,6 +45,29 @@ pub fn pseudo_random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 
 impl RandomLlama {
     pub fn config_json(&self) -> String {
+        match self.arch {
+            TestArch::Bloom => {
+                return serde_json::json!({
+                    "architectures": ["BloomForCausalLM"], "vocab_size": self.vocab, "hidden_size": self.hidden,
+                    "n_layer": self.layers, "n_head": self.heads, "layer_norm_epsilon": 1e-5,
+                    "apply_residual_connection_post_layernorm": false, "bos_token_id": 1, "eos_token_id": 2,
+                    "torch_dtype": "bfloat16"
+                })
+                .to_string()
+            }
+            TestArch::Qwen2 => {
+                return serde_json::json!({
+                    "architectures": ["Qwen2ForCausalLM"],
+                    "vocab_size": self.vocab, "hidden_size": self.hidden, "intermediate_size": self.intermediate,
+                    "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+                    "num_key_value_heads": self.kv_heads, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                    "max_position_embeddings": self.context, "tie_word_embeddings": self.tie,
+                    "use_sliding_window": false, "sliding_window": null, "torch_dtype": "bfloat16"
+                })
+                .to_string()
+            }
+            TestArch::Llama => {}
+        }
         serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
             "vocab_size": self.vocab, "hidden_size": self.hidden, "intermediate_size": self.intermediate,
@@ -53,6 +87,9 @@ impl RandomLlama {
         let (h, q, kv, i) = (self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate);
         // Scales keep activations O(1) through the layers.
         let (sh, si) = (1.0 / (h as f32).sqrt(), 1.0 / (i as f32).sqrt());
+        if self.arch == TestArch::Bloom {
+            return self.write_bloom(dir);
+        }
         let mut specs: Vec<(String, Vec<usize>, f32)> = vec![("model.embed_tokens.weight".into(), vec![self.vocab, h], 1.0)];
         for l in 0..self.layers {
             let p = format!("model.layers.{l}.");
@@ -65,7 +102,11 @@ impl RandomLlama {
             specs.push((format!("{p}mlp.gate_proj.weight"), vec![i, h], sh));
             specs.push((format!("{p}mlp.up_proj.weight"), vec![i, h], sh));
             specs.push((format!("{p}mlp.down_proj.weight"), vec![h, i], si));
-            if self.bias {
+            if self.arch == TestArch::Qwen2 {
+                for (n, d) in [("self_attn.q_proj.bias", q), ("self_attn.k_proj.bias", kv), ("self_attn.v_proj.bias", kv)] {
+                    specs.push((format!("{p}{n}"), vec![d], 0.05));
+                }
+            } else if self.bias {
                 for (n, d) in [("self_attn.q_proj.bias", q), ("self_attn.k_proj.bias", kv), ("self_attn.v_proj.bias", kv), ("self_attn.o_proj.bias", h), ("mlp.gate_proj.bias", i), ("mlp.up_proj.bias", i), ("mlp.down_proj.bias", h)] {
                     specs.push((format!("{p}{n}"), vec![d], 0.05));
                 }
@@ -75,6 +116,42 @@ impl RandomLlama {
         if !self.tie {
             specs.push(("lm_head.weight".into(), vec![self.vocab, h], 4.0 * sh));
         }
+        self.write_tensors(dir, specs)
+    }
+
+    fn write_bloom(&self, dir: &Path) -> Result<()> {
+        let h = self.hidden;
+        let sh = 1.0 / (h as f32).sqrt();
+        let mut specs: Vec<(String, Vec<usize>, f32)> = vec![
+            ("transformer.word_embeddings.weight".into(), vec![self.vocab, h], 1.0),
+            ("transformer.word_embeddings_layernorm.weight".into(), vec![h], -1.0),
+            ("transformer.word_embeddings_layernorm.bias".into(), vec![h], 0.05),
+        ];
+        for l in 0..self.layers {
+            let p = format!("transformer.h.{l}.");
+            for (n, shape, scale) in [
+                ("input_layernorm.weight", vec![h], -1.0),
+                ("input_layernorm.bias", vec![h], 0.05),
+                ("self_attention.query_key_value.weight", vec![3 * h, h], 2.0 * sh),
+                ("self_attention.query_key_value.bias", vec![3 * h], 0.05),
+                ("self_attention.dense.weight", vec![h, h], sh),
+                ("self_attention.dense.bias", vec![h], 0.05),
+                ("post_attention_layernorm.weight", vec![h], -1.0),
+                ("post_attention_layernorm.bias", vec![h], 0.05),
+                ("mlp.dense_h_to_4h.weight", vec![4 * h, h], sh),
+                ("mlp.dense_h_to_4h.bias", vec![4 * h], 0.05),
+                ("mlp.dense_4h_to_h.weight", vec![h, 4 * h], 0.5 * sh),
+                ("mlp.dense_4h_to_h.bias", vec![h], 0.05),
+            ] {
+                specs.push((format!("{p}{n}"), shape, scale));
+            }
+        }
+        specs.push(("transformer.ln_f.weight".into(), vec![h], -1.0));
+        specs.push(("transformer.ln_f.bias".into(), vec![h], 0.05));
+        self.write_tensors(dir, specs)
+    }
+
+    fn write_tensors(&self, dir: &Path, specs: Vec<(String, Vec<usize>, f32)>) -> Result<()> {
         let tensors: Vec<OutTensor> = specs
             .into_iter()
             .enumerate()

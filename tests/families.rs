@@ -104,3 +104,34 @@ fn unsupported_architecture_lists_supported_families() {
         assert!(err.contains(name), "{name} missing from: {err}");
     }
 }
+
+/// The random models `resid selftest` builds for each family load and run on the CPU.
+#[test]
+fn selftest_random_models_of_every_family_run() {
+    use resid::testing::{RandomLlama, TestArch};
+    let tmp = tempfile::tempdir().unwrap();
+    for (arch, heads, kv, name) in [(TestArch::Llama, 4, 2, "llama"), (TestArch::Qwen2, 4, 2, "qwen2"), (TestArch::Bloom, 5, 5, "bloom")] {
+        let spec = RandomLlama {
+            arch,
+            vocab: 64,
+            hidden: 80,
+            intermediate: 320,
+            layers: 2,
+            heads,
+            kv_heads: kv,
+            head_dim: 80 / heads,
+            bias: false,
+            tie: true,
+            context: 128,
+            seed: 1,
+        };
+        let dir = tmp.path().join(name);
+        spec.write(&dir).unwrap();
+        let e = CpuEngine::load(&dir).unwrap();
+        assert_eq!(e.model.config.family.name(), name);
+        let seqs = vec![random_ids(9, 64, 1), random_ids(30, 64, 2)];
+        let cap = CaptureSpec { points: vec![CapturePoint::Hidden(2)], position: CapturePosition::Last };
+        let c = e.extract(&seqs, &cap, &[None, None], 4096, |_, _| {}).unwrap();
+        assert!(c.data.iter().all(|v| v.is_finite()) && c.data.iter().any(|v| *v != 0.0));
+    }
+}

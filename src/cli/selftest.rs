@@ -7,7 +7,7 @@ use anyhow::bail;
 use clap::Args;
 use resid::backend::Backend;
 use resid::engine::sample::argmax;
-use resid::testing::{pseudo_random, RandomLlama};
+use resid::testing::{pseudo_random, RandomLlama, TestArch};
 use resid::{CapturePoint, CapturePosition, CaptureSpec, CpuBackend, Engine, GenerateOptions, Sampling, SteerOp, SteerPositions, Steering};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,6 +32,7 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 
 fn shapes() -> Vec<(&'static str, RandomLlama)> {
     let base = RandomLlama {
+        arch: TestArch::Llama,
         vocab: 512,
         hidden: 256,
         intermediate: 512,
@@ -47,7 +48,10 @@ fn shapes() -> Vec<(&'static str, RandomLlama)> {
     vec![
         ("mqa-hd64", base.clone()),
         ("gqa-hd128-bias", RandomLlama { hidden: 512, heads: 4, kv_heads: 2, head_dim: 128, bias: true, tie: false, seed: 2, ..base.clone() }),
-        ("mha-hd64-3layers", RandomLlama { hidden: 384, heads: 6, kv_heads: 6, layers: 3, intermediate: 768, seed: 3, ..base }),
+        ("mha-hd64-3layers", RandomLlama { hidden: 384, heads: 6, kv_heads: 6, layers: 3, intermediate: 768, seed: 3, ..base.clone() }),
+        ("qwen2-gqa-qkv-bias", RandomLlama { arch: TestArch::Qwen2, hidden: 512, heads: 8, kv_heads: 2, seed: 4, ..base.clone() }),
+        // ALiBi with a head count that is not a power of two.
+        ("bloom-alibi-5heads", RandomLlama { arch: TestArch::Bloom, hidden: 320, heads: 5, kv_heads: 5, intermediate: 1280, seed: 5, ..base }),
     ]
 }
 
