@@ -10,6 +10,8 @@ pub enum TestArch {
     Llama,
     /// Q/K/V biases, no output bias.
     Qwen2,
+    /// Per-head RMSNorm on Q and K.
+    Qwen3,
     /// LayerNorms, ALiBi, GELU, interleaved fused QKV (heads = kv_heads, intermediate = 4·hidden).
     Bloom,
 }
@@ -55,9 +57,10 @@ impl RandomLlama {
                 })
                 .to_string()
             }
-            TestArch::Qwen2 => {
+            TestArch::Qwen2 | TestArch::Qwen3 => {
+                let name = if self.arch == TestArch::Qwen2 { "Qwen2ForCausalLM" } else { "Qwen3ForCausalLM" };
                 return serde_json::json!({
-                    "architectures": ["Qwen2ForCausalLM"],
+                    "architectures": [name], "head_dim": self.head_dim,
                     "vocab_size": self.vocab, "hidden_size": self.hidden, "intermediate_size": self.intermediate,
                     "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
                     "num_key_value_heads": self.kv_heads, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
@@ -102,6 +105,10 @@ impl RandomLlama {
             specs.push((format!("{p}mlp.gate_proj.weight"), vec![i, h], sh));
             specs.push((format!("{p}mlp.up_proj.weight"), vec![i, h], sh));
             specs.push((format!("{p}mlp.down_proj.weight"), vec![h, i], si));
+            if self.arch == TestArch::Qwen3 {
+                specs.push((format!("{p}self_attn.q_norm.weight"), vec![self.head_dim], -1.0));
+                specs.push((format!("{p}self_attn.k_norm.weight"), vec![self.head_dim], -1.0));
+            }
             if self.arch == TestArch::Qwen2 {
                 for (n, d) in [("self_attn.q_proj.bias", q), ("self_attn.k_proj.bias", kv), ("self_attn.v_proj.bias", kv)] {
                     specs.push((format!("{p}{n}"), vec![d], 0.05));

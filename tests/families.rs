@@ -110,7 +110,7 @@ fn unsupported_architecture_lists_supported_families() {
 fn selftest_random_models_of_every_family_run() {
     use resid::testing::{RandomLlama, TestArch};
     let tmp = tempfile::tempdir().unwrap();
-    for (arch, heads, kv, name) in [(TestArch::Llama, 4, 2, "llama"), (TestArch::Qwen2, 4, 2, "qwen2"), (TestArch::Bloom, 5, 5, "bloom")] {
+    for (arch, heads, kv, name) in [(TestArch::Llama, 4, 2, "llama"), (TestArch::Qwen2, 4, 2, "qwen2"), (TestArch::Qwen3, 4, 2, "qwen3"), (TestArch::Bloom, 5, 5, "bloom")] {
         let spec = RandomLlama {
             arch,
             vocab: 64,

@@ -50,6 +50,7 @@ fn shapes() -> Vec<(&'static str, RandomLlama)> {
         ("gqa-hd128-bias", RandomLlama { hidden: 512, heads: 4, kv_heads: 2, head_dim: 128, bias: true, tie: false, seed: 2, ..base.clone() }),
         ("mha-hd64-3layers", RandomLlama { hidden: 384, heads: 6, kv_heads: 6, layers: 3, intermediate: 768, seed: 3, ..base.clone() }),
         ("qwen2-gqa-qkv-bias", RandomLlama { arch: TestArch::Qwen2, hidden: 512, heads: 8, kv_heads: 2, seed: 4, ..base.clone() }),
+        ("qwen3-qk-norm", RandomLlama { arch: TestArch::Qwen3, hidden: 256, heads: 4, kv_heads: 2, head_dim: 128, seed: 6, ..base.clone() }),
         // ALiBi with a head count that is not a power of two.
         ("bloom-alibi-5heads", RandomLlama { arch: TestArch::Bloom, hidden: 320, heads: 5, kv_heads: 5, intermediate: 1280, seed: 5, ..base }),
     ]

@@ -444,11 +444,29 @@ impl Backend for CudaBackend {
         layer: usize,
         q: &mut CudaAct,
     ) -> Result<()> {
-        if qk_norm.is_some() {
-            return Err(Error::Device("per-head Q/K norm (Qwen3) has no CUDA kernel yet: use --device cpu".into()));
-        }
         let (Buf::Bf16(qkv_s), Buf::Bf16(q_s)) = (&qkv.buf, &mut q.buf) else {
             return Err(Error::Device("rotary kernel works on bf16 activations".into()));
+        };
+        // Qwen3: normalise Q and K heads in place first; that kernel also adds the bias.
+        let mut normed_qkv;
+        let (qkv_s, bias) = match qk_norm {
+            None => (qkv_s, bias),
+            Some((qn, kn, eps)) => {
+                normed_qkv = self.stream.clone_dtod(qkv_s).map_err(dev_err("device copy"))?;
+                let (t, nq, nkv, hd) = (pass.rows as i32, heads.q_heads as i32, heads.kv_heads as i32, heads.head_dim as i32);
+                let null = 0u64;
+                let f = self.f("qk_norm")?;
+                let mut b = self.stream.launch_builder(f);
+                b.arg(&mut normed_qkv);
+                match bias {
+                    Some(bias) => b.arg(&bias.bf16),
+                    None => b.arg(&null),
+                };
+                b.arg(&qn.bf16).arg(&kn.bf16).arg(&eps).arg(&t).arg(&nq).arg(&nkv).arg(&hd);
+                // SAFETY: argument list follows kernels/qk_norm.cu.
+                unsafe { b.launch(cfg((pass.rows as u32, 1, 1), 256)) }.map_err(|e| Error::Device(format!("kernel qk_norm launch: {e}")))?;
+                (&normed_qkv, None)
+            }
         };
         let l = layer % kv.stored_layers;
         let null = 0u64;
