@@ -562,9 +562,6 @@ impl Backend for CudaBackend {
         capture_normed: Option<usize>,
         post_ln: bool,
     ) -> Result<()> {
-        if post_ln {
-            return Err(Error::Device("post-LayerNorm residuals (apply_residual_connection_post_layernorm) have no CUDA kernel yet: use --device cpu".into()));
-        }
         let (eps, kind, norm_bias, norm) = (norm.eps, norm.kind, norm.bias, norm.weight);
         let kernel = match kind {
             NormKind::Rms => "fused_residual_rms",
@@ -642,6 +639,12 @@ impl Backend for CudaBackend {
             let mut raw = self.zeros::<f32>(pass.rows * hidden)?;
             self.stream.memcpy_dtod(&*resid, &mut raw).map_err(dev_err("device copy"))?;
             c.normed = Some(HostNorm { raw, slot, kind, weight: norm.host.clone(), bias: norm_bias.map(|b| b.host.clone()), eps });
+        }
+        if post_ln {
+            // The residual continues from the normed rows (as the model dtype holds them).
+            let n = (pass.rows * pass.hidden) as i32;
+            let grid = (pass.rows * pass.hidden).div_ceil(256).clamp(1, 1 << 20) as u32;
+            launch!(self, "bf16_to_f32", cfg((grid, 1, 1), 256), &*norm_out, &mut *resid, &n);
         }
         Ok(())
     }
