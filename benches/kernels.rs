@@ -1,36 +1,68 @@
 //! CPU kernel benchmarks at SmolLM2-135M's shapes (hidden 576, 9 q / 3 kv heads of 64,
-//! intermediate 1536). Run: `cargo bench --bench kernels`.
+//! intermediate 1536, 30 layers). Run: `cargo bench --bench kernels` (all groups) or e.g.
+//! `cargo bench --bench kernels -- gemm_f32`. Throughput is reported in FLOP/s for the GEMMs
+//! (criterion's "elements" are FLOPs there) and in rows/s elsewhere.
+//!
+//! Groups: `gemm_f32` and `gemm_bf16` (the packed microkernels through `gemm::gemm` at the stacked
+//! QKV, O, stacked gate/up and down shapes, for 1, 64 and 512 tokens), `attention_prefill`
+//! (causal attention of 4 sequences of 64, 512 and 2,048 tokens), `attention_decode` (one new
+//! row over 512 and 4,096 cached keys), `residual_step` (norm; steer + norm; steer + capture +
+//! norm) and `layer` (one whole decoder layer through the backend: 1 and 512 tokens).
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use resid::backend::cpu::{attention, gemm, residual};
-use resid::backend::Heads;
+use resid::backend::cpu::gemm::{self, Compute, PackedMatrix};
+use resid::backend::cpu::{attention, residual, CpuBackend, CpuMatrix};
+use resid::backend::{ActKind, Backend, CaptureLayout, Heads, Norm};
+use resid::model::arch::{MlpKind, NormKind};
+use resid::engine::capture::{CapturePosition, Captured};
 use resid::engine::plan::BatchPlan;
 use resid::engine::steer::{PointSteering, SlotSteer, SteerOp};
+use resid::model::weights::F32Data;
 use std::hint::black_box;
+use std::time::Duration;
+
+const H: usize = 576;
+const INTER: usize = 1536;
+const HEADS: Heads = Heads { q_heads: 9, kv_heads: 3, head_dim: 64 };
 
 fn data(n: usize, seed: u32) -> Vec<f32> {
     (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) as f32 / u32::MAX as f32) - 0.5).collect()
 }
 
-fn bench_gemm(c: &mut Criterion) {
-    let mut g = c.benchmark_group("gemm");
-    for &(name, n, k) in &[("qkv_q", 576, 576), ("gate", 1536, 576), ("down", 576, 1536)] {
+fn shapes() -> [(&'static str, usize, usize); 4] {
+    [("qkv", 960, H), ("o", H, H), ("gate_up", 2 * INTER, H), ("down", H, INTER)]
+}
+
+fn bench_gemm_with(c: &mut Criterion, group: &str, compute: Compute) {
+    if compute == Compute::Bf16 && gemm::effective_compute(Compute::Bf16) != Compute::Bf16 {
+        eprintln!("{group}: this CPU has no AVX512-BF16; skipped");
+        return;
+    }
+    let mut g = c.benchmark_group(group);
+    for (name, n, k) in shapes() {
+        let w = PackedMatrix::pack(&data(n * k, 2), n, k, compute);
         for &tokens in &[1usize, 64, 512] {
             let x = data(tokens * k, 1);
-            let w = data(n * k, 2);
             let mut y = vec![0f32; tokens * n];
             g.throughput(Throughput::Elements((2 * tokens * n * k) as u64));
             g.bench_with_input(BenchmarkId::new(name, tokens), &tokens, |b, &t| {
-                b.iter(|| gemm::linear(black_box(&x), t, k, &w, n, None, &mut y, false))
+                b.iter(|| gemm::gemm(black_box(&x), t, &w, None, &mut y, false))
             });
         }
     }
     g.finish();
 }
 
+fn bench_gemm_f32(c: &mut Criterion) {
+    bench_gemm_with(c, "gemm_f32", Compute::F32);
+}
+
+fn bench_gemm_bf16(c: &mut Criterion) {
+    bench_gemm_with(c, "gemm_bf16", Compute::Bf16);
+}
+
 fn bench_attention(c: &mut Criterion) {
-    let heads = Heads { q_heads: 9, kv_heads: 3, head_dim: 64 };
     let mut g = c.benchmark_group("attention_prefill");
-    for &len in &[64usize, 512] {
+    for &len in &[64usize, 512, 2048] {
         let seqs = 4;
         let rows = seqs * len;
         let plan = BatchPlan::new(&vec![len; seqs], &vec![0; seqs], &(0..seqs).map(|i| i * len).collect::<Vec<_>>());
@@ -38,37 +70,95 @@ fn bench_attention(c: &mut Criterion) {
         let mut out = vec![0f32; rows * 576];
         g.throughput(Throughput::Elements(rows as u64));
         g.bench_with_input(BenchmarkId::from_parameter(len), &len, |b, _| {
-            b.iter(|| attention::attention(black_box(&q), &k, &v, heads, &plan, &mut out))
+            b.iter(|| attention::attention(black_box(&q), &k, &v, HEADS, &plan, None, &mut out))
+        });
+    }
+    g.finish();
+    let mut g = c.benchmark_group("attention_decode");
+    for &past in &[512usize, 4096] {
+        let plan = BatchPlan::new(&[1], &[past], &[0]);
+        let (q, k, v) = (data(576, 3), data((past + 1) * 192, 4), data((past + 1) * 192, 5));
+        let mut out = vec![0f32; 576];
+        g.throughput(Throughput::Elements(1));
+        g.bench_with_input(BenchmarkId::from_parameter(past), &past, |b, _| {
+            b.iter(|| attention::attention(black_box(&q), &k, &v, HEADS, &plan, None, &mut out))
         });
     }
     g.finish();
 }
 
 fn bench_residual(c: &mut Criterion) {
-    let h = 576;
     let rows = 512;
-    let norm = vec![1.0f32; h];
-    let vector = data(h, 7);
+    let norm = vec![1.0f32; H];
+    let vector = data(H, 7);
+    let plan = BatchPlan::new(&vec![16; rows / 16], &vec![0; rows / 16], &(0..rows / 16).map(|i| i * 16).collect::<Vec<_>>());
     let mut g = c.benchmark_group("residual_step");
     g.throughput(Throughput::Elements(rows as u64));
-    for steered in [false, true] {
-        let mut x = data(rows * h, 6);
-        let mut normed = vec![0f32; rows * h];
+    for variant in ["norm", "steer_add_norm", "steer_capture_norm"] {
+        let mut x = data(rows * H, 6);
+        let mut normed = vec![0f32; rows * H];
+        let mut cap = Captured::new(plan.seqs.len(), 1, H, Vec::new());
         let steer = PointSteering {
             row_slot: vec![0; rows],
             slots: vec![SlotSteer { vector: &vector, coef: 1e-6, op: SteerOp::Add, preserve_norm: false }],
         };
-        g.bench_function(if steered { "steer_add_norm" } else { "norm" }, |b| {
+        g.bench_function(variant, |b| {
             b.iter(|| {
-                if steered {
-                    residual::steer_rows(black_box(&mut x), h, &steer);
+                if variant != "norm" {
+                    residual::steer_rows(black_box(&mut x), H, &steer);
                 }
-                residual::norm_rows(black_box(&x), h, &norm, 1e-5, &mut normed)
+                if variant == "steer_capture_norm" {
+                    residual::capture_rows(&x, H, &plan, &mut cap, CapturePosition::Last, 0);
+                }
+                residual::norm_rows(black_box(&x), H, &norm, 1e-5, &mut normed)
             })
         });
     }
     g.finish();
 }
 
-criterion_group!(benches, bench_gemm, bench_attention, bench_residual);
+/// One decoder layer through the backend, as the engine runs it.
+fn bench_layer(c: &mut Criterion) {
+    let be = CpuBackend;
+    let (qd, kvd) = (HEADS.q_heads * HEADS.head_dim, HEADS.kv_heads * HEADS.head_dim);
+    let m = |n: usize, k: usize, seed| -> CpuMatrix { be.matrix(F32Data::Owned(data(n * k, seed)), n, k).unwrap() };
+    let (qkv_w, o_w, gu_w, down_w) = (m(qd + 2 * kvd, H, 11), m(H, qd, 12), m(2 * INTER, H, 13), m(H, INTER, 14));
+    let norm = F32Data::Owned(vec![1.0; H]);
+    let inv_freq: Vec<f32> = (0..32).map(|i| 1.0 / 10000f32.powf(i as f32 / 32.0)).collect();
+    let mut g = c.benchmark_group("layer");
+    for &(seqs, len) in &[(1usize, 1usize), (16, 32)] {
+        let rows = seqs * len;
+        let plan = BatchPlan::new(&vec![len; seqs], &vec![0; seqs], &(0..seqs).map(|i| i * len).collect::<Vec<_>>());
+        let mut kv = be.kv(1, rows, kvd).unwrap();
+        let mut pass = be.begin_pass(&plan, &inv_freq, Some(CaptureLayout { slots: 1, position: CapturePosition::Last }), H).unwrap();
+        let act = |cols| be.act(rows, cols, ActKind::Hidden).unwrap();
+        let mut x = be.act(rows, H, ActKind::Residual).unwrap();
+        x.data.copy_from_slice(&data(rows * H, 15));
+        let (mut normed, mut qkv, mut q, mut attn, mut gu, mut a) = (act(H), act(qd + 2 * kvd), act(qd), act(qd), act(2 * INTER), act(INTER));
+        g.throughput(Throughput::Elements(rows as u64));
+        g.bench_function(BenchmarkId::from_parameter(rows), |b| {
+            b.iter(|| {
+                let n = || Norm { kind: NormKind::Rms, weight: &norm, bias: None, eps: 1e-5 };
+                be.residual_step(&mut pass, &mut x, n(), &mut normed, None, Some(0), None, false).unwrap();
+                be.linear(&normed, &qkv_w, None, &mut qkv, false).unwrap();
+                be.rope_store_kv(&pass, &qkv, None, None, HEADS, &mut kv, 0, &mut q).unwrap();
+                be.attention(&pass, &q, &kv, 0, HEADS, None, &mut attn).unwrap();
+                be.linear(&attn, &o_w, None, &mut x, true).unwrap();
+                be.residual_step(&mut pass, &mut x, n(), &mut normed, None, None, None, false).unwrap();
+                be.linear(&normed, &gu_w, None, &mut gu, false).unwrap();
+                be.activation(MlpKind::SwiGlu, &gu, &mut a).unwrap();
+                be.linear(&a, &down_w, None, &mut x, true).unwrap();
+                // Keep the residual bounded across iterations.
+                x.data.iter_mut().for_each(|v| *v = v.clamp(-4.0, 4.0));
+            })
+        });
+    }
+    g.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2)).sample_size(20)
+}
+
+criterion_group! { name = benches; config = config(); targets = bench_gemm_f32, bench_gemm_bf16, bench_attention, bench_residual, bench_layer }
 criterion_main!(benches);

@@ -53,7 +53,8 @@ impl Drop for AtomicPath {
 /// Checks that `path` can be created (its directory exists and is writable) before any compute.
 pub fn check_writable(path: &Path) -> Result<()> {
     if path.is_dir() {
-        return Err(Error::input(format!("{}: is a directory, expected an output file path", path.display())));
+        let e = std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory, expected an output file path");
+        return Err(Error::io(path, e));
     }
     let probe = AtomicPath::new(path);
     std::fs::File::create(probe.tmp()).map_err(|e| Error::io(path, e))?;
@@ -136,54 +137,120 @@ pub struct LoadedTensor {
 /// Reads tensor `name` (f32, bf16 or f16) from a safetensors file.
 pub fn read_f32_tensor(path: &Path, name: &str) -> Result<LoadedTensor> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::input(format!("{}: not a valid safetensors file: {e}", path.display())))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes)
-        .map_err(|e| Error::input(format!("{}: not a valid safetensors file: {e}", path.display())))?;
+    f32_tensor_from_bytes(&bytes, &path.display().to_string(), name)
+}
+
+/// As [`read_f32_tensor`] on the bytes of a safetensors file; `file` names it in errors.
+pub fn f32_tensor_from_bytes(bytes: &[u8], file: &str, name: &str) -> Result<LoadedTensor> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::input(format!("{file}: not a valid safetensors file: {e}")))?;
+    let (_, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::input(format!("{file}: not a valid safetensors file: {e}")))?;
     let view = st.tensor(name).map_err(|_| {
-        Error::input(format!("{}: no tensor `{name}` (found: {})", path.display(), st.names().join(", ")))
+        let mut names = st.names();
+        names.sort_unstable();
+        Error::input(format!("{file}: no tensor `{name}` (found: {})", names.join(", ")))
     })?;
     let raw = view.data();
     let data: Vec<f32> = match view.dtype() {
         Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         Dtype::BF16 => raw.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         Dtype::F16 => raw.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        other => {
-            return Err(Error::input(format!(
-                "{}: tensor `{name}` has dtype {other:?}, expected f32, bf16 or f16",
-                path.display()
-            )))
-        }
+        other => return Err(Error::input(format!("{file}: tensor `{name}` has dtype {other:?}, expected f32, bf16 or f16"))),
     };
     Ok(LoadedTensor { data, shape: view.shape().to_vec(), metadata: meta.metadata().clone().unwrap_or_default() })
 }
 
-/// Reads a steering/concept vector file: tensor `directions` of shape `[L+1, hidden]`.
+/// Reads a steering/concept vector file: tensor `directions` of shape `[L+1, hidden]`, finite.
 pub fn read_directions(path: &Path, num_layers: usize, hidden: usize) -> Result<LoadedTensor> {
-    let t = read_f32_tensor(path, "directions")?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_directions(&bytes, &path.display().to_string(), num_layers, hidden)
+}
+
+/// As [`read_directions`] on the bytes of a safetensors file; `file` names it in errors.
+pub fn parse_directions(bytes: &[u8], file: &str, num_layers: usize, hidden: usize) -> Result<LoadedTensor> {
+    let t = f32_tensor_from_bytes(bytes, file, "directions")?;
     if t.shape.len() != 2 || t.shape[1] != hidden {
         return Err(Error::input(format!(
-            "{}: `directions` has shape {:?}, expected [{}, {hidden}] for this model",
-            path.display(),
+            "{file}: `directions` has shape {:?}, expected [{}, {hidden}] for this model",
             t.shape,
             num_layers + 1
         )));
     }
     if t.shape[0] != num_layers + 1 {
         return Err(Error::input(format!(
-            "{}: `directions` has {} rows, expected {} (one per hidden-state index 0..={num_layers})",
-            path.display(),
+            "{file}: `directions` has {} rows, expected {} (one per hidden-state index 0..={num_layers})",
             t.shape[0],
             num_layers + 1
         )));
     }
     if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
         return Err(Error::input(format!(
-            "{}: `directions` contains NaN or Inf (row {}, column {})",
-            path.display(),
-            i / hidden,
-            i % hidden
+            "{file}: `directions` contains NaN or Inf (row {}, column {})",
+            i / hidden.max(1),
+            i % hidden.max(1)
         )));
     }
     Ok(t)
+}
+
+/// One line of an `extract` input file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InputItem {
+    Text(String),
+    /// Pre-tokenized input.
+    Ids(Vec<u32>),
+}
+
+/// Parses JSONL input: one object per line with a string `text` or a list `ids` of token ids.
+/// Blank lines, invalid UTF-8 and an input without lines are errors; `file` names the source
+/// in error messages (`FILE: line N: ...`).
+pub fn parse_jsonl(bytes: &[u8], file: &str) -> Result<Vec<InputItem>> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        let line = 1 + bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+        Error::input(format!("{file}: line {line}: invalid UTF-8"))
+    })?;
+    let mut items = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let at = || format!("{file}: line {n}");
+        if line.trim().is_empty() {
+            return Err(Error::input(format!("{}: empty line (expected a JSON object with a `text` field)", at())));
+        }
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| Error::input(format!("{}: malformed JSON: {e}", at())))?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| Error::input(format!("{}: expected a JSON object, got {}", at(), json_kind(&value))))?;
+        match (obj.get("text"), obj.get("ids")) {
+            (Some(serde_json::Value::String(s)), _) => items.push(InputItem::Text(s.clone())),
+            (Some(other), _) => {
+                return Err(Error::input(format!("{}: `text` must be a string, got {}", at(), json_kind(other))))
+            }
+            (None, Some(serde_json::Value::Array(ids))) => {
+                let ids: Option<Vec<u32>> =
+                    ids.iter().map(|v| v.as_u64().filter(|&x| x <= u32::MAX as u64).map(|x| x as u32)).collect();
+                match ids {
+                    Some(ids) => items.push(InputItem::Ids(ids)),
+                    None => return Err(Error::input(format!("{}: `ids` must be a list of non-negative integers", at()))),
+                }
+            }
+            _ => return Err(Error::input(format!("{}: no `text` field", at()))),
+        }
+    }
+    if items.is_empty() {
+        return Err(Error::input(format!("{file}: no input lines")));
+    }
+    Ok(items)
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
 }

@@ -17,6 +17,7 @@ pub mod engine;
 pub mod error;
 pub mod io;
 pub mod model;
+pub mod repe;
 pub mod store;
 pub mod testing;
 

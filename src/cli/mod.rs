@@ -2,6 +2,7 @@
 mod bench;
 mod input;
 mod selftest;
+mod study;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -42,6 +43,14 @@ enum Command {
     Selftest(selftest::SelftestArgs),
     /// Measure extraction, decode and steering throughput against the machine's own limits.
     Bench(bench::BenchArgs),
+    /// Concept vectors for one concept and language (vector file, optional llama.cpp GGUF).
+    Vectors(study::VectorsArgs),
+    /// Per-layer recognition accuracy of concept vectors on JSONL train/test pairs.
+    Recognize(study::RecognizeArgs),
+    /// The whole multilingual value-concept study: report, tables, figures.
+    Study(study::StudyArgs),
+    /// The cross-lingual control (steering) experiment on its own.
+    Control(study::ControlOnlyArgs),
 }
 
 #[derive(Args)]
@@ -199,6 +208,10 @@ pub fn run() -> i32 {
         Command::Verify(a) => verify(a),
         Command::Merge(a) => merge(a),
         Command::Bench(a) => bench::run(a),
+        Command::Vectors(a) => study::vectors(a),
+        Command::Recognize(a) => study::recognize(a),
+        Command::Study(a) => study::study(a),
+        Command::Control(a) => study::control(a),
     };
     match result {
         Ok(()) => 0,
@@ -269,7 +282,11 @@ fn steering<B: Backend>(engine: &Engine<B>, a: &SteerArgs) -> Result<Option<Arc<
         .ok_or_else(|| resid::Error::input("--steer needs --steer-layers (e.g. --steer-layers 10-15)"))?;
     let layers = parse_layer_list(layers)?;
     let (n_layers, hidden) = (engine.num_layers(), engine.hidden_size());
-    let t = read_directions(path, n_layers, hidden)?;
+    let t = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        resid::repe::gguf::read_control_vector(path, n_layers, hidden)?
+    } else {
+        read_directions(path, n_layers, hidden)?
+    };
     let s = Steering {
         directions: Arc::new(t.data),
         hidden,

@@ -103,3 +103,23 @@ pub struct CaptureSink<'a> {
     /// Output row of each sequence of the batch (its first token row for `All`).
     pub seq_row: Vec<usize>,
 }
+
+impl CaptureSink<'_> {
+    /// Copies a pass's local capture rows (row = sequence of the pass for last/mean, packed row
+    /// for all) into their places in the output.
+    pub fn absorb(&mut self, plan: &crate::engine::plan::BatchPlan, local: &Captured) {
+        for (i, seq) in plan.seqs.iter().enumerate() {
+            let dst = self.seq_row[i];
+            for slot in 0..local.points {
+                match self.spec.position {
+                    CapturePosition::All => {
+                        for j in 0..seq.len {
+                            self.out.row_mut(dst + j, slot).copy_from_slice(local.row(seq.start + j, slot));
+                        }
+                    }
+                    _ => self.out.row_mut(dst, slot).copy_from_slice(local.row(i, slot)),
+                }
+            }
+        }
+    }
+}

@@ -3,6 +3,7 @@ pub mod capture;
 pub mod generate;
 pub mod plan;
 pub mod sample;
+pub mod score;
 pub mod steer;
 
 use crate::backend::cpu::rope::inverse_frequencies;

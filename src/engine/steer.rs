@@ -161,6 +161,16 @@ pub fn plan_point<'a>(
 
 /// Parses layer lists such as `0,5,10-20`.
 pub fn parse_layer_list(text: &str) -> Result<Vec<usize>> {
+    // No model has more layers than a config may declare; this also bounds a range's length.
+    let check_index = |l: usize| {
+        if l > crate::model::config::MAX_LAYERS {
+            return Err(Error::input(format!(
+                "invalid layer list `{text}`: layer {l} is out of range (models have at most {} layers)",
+                crate::model::config::MAX_LAYERS
+            )));
+        }
+        Ok(())
+    };
     let mut out = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let bad = || Error::input(format!("invalid layer list `{text}`: `{part}` is not a layer or a range like 10-20"));
@@ -169,9 +179,12 @@ pub fn parse_layer_list(text: &str) -> Result<Vec<usize>> {
             if a > b {
                 return Err(bad());
             }
+            check_index(b)?;
             out.extend(a..=b);
         } else {
-            out.push(part.parse().map_err(|_| bad())?);
+            let l = part.parse().map_err(|_| bad())?;
+            check_index(l)?;
+            out.push(l);
         }
     }
     if out.is_empty() {
@@ -193,6 +206,10 @@ mod tests {
         assert!(parse_layer_list("5-2").is_err());
         assert!(parse_layer_list("a").is_err());
         assert!(parse_layer_list("").is_err());
+        // A huge range is refused, not materialized.
+        let err = parse_layer_list("0-18446744073709551615").unwrap_err();
+        assert!(err.to_string().contains("out of range"), "{err}");
+        assert_eq!(err.exit_code(), 3);
     }
 
     #[test]

@@ -45,6 +45,13 @@ pub struct ModelConfig {
     pub torch_dtype: Option<String>,
 }
 
+/// Reads a text file of a model directory; invalid UTF-8 is a model error (exit 4), not I/O.
+pub(crate) fn read_model_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    String::from_utf8(bytes)
+        .map_err(|e| Error::model(format!("{}: invalid UTF-8 at byte {}", path.display(), e.utf8_error().valid_up_to())))
+}
+
 struct Keys<'a> {
     obj: &'a serde_json::Map<String, Value>,
     file: &'a str,
@@ -94,12 +101,18 @@ impl Keys<'_> {
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = read_model_text(path)?;
         Self::from_json_str(&text, &path.display().to_string())
     }
 
     /// `file` names the source in error messages.
     pub fn from_json_str(text: &str, file: &str) -> Result<Self> {
+        let config = Self::parse_json(text, file)?;
+        config.check_sizes(file)?;
+        Ok(config)
+    }
+
+    fn parse_json(text: &str, file: &str) -> Result<Self> {
         let value: Value =
             serde_json::from_str(text).map_err(|e| Error::model(format!("{file}: invalid JSON: {e}")))?;
         let obj = value.as_object().ok_or_else(|| Error::model(format!("{file}: expected a JSON object")))?;
@@ -183,7 +196,34 @@ impl ModelConfig {
     }
 }
 
+/// Most decoder layers a config may declare (the largest published models have under 200).
+pub const MAX_LAYERS: usize = 4096;
+
 impl ModelConfig {
+    /// Sizes every family must satisfy: no zero dimension, a bounded layer count, and tensor
+    /// shapes whose element counts (and their total) fit in `usize`, so that no later product
+    /// of config values can overflow.
+    fn check_sizes(&self, file: &str) -> Result<()> {
+        for (name, v) in [("head dimension", self.head_dim), ("intermediate size", self.intermediate_size)] {
+            if v == 0 {
+                return Err(Error::model(format!("{file}: the {name} works out to 0")));
+            }
+        }
+        if self.num_layers > MAX_LAYERS {
+            return Err(Error::model(format!("{file}: {} layers; at most {MAX_LAYERS} are supported", self.num_layers)));
+        }
+        let overflow = || Error::model(format!("{file}: tensor sizes overflow (hidden, heads, head_dim, vocabulary or layers too large)"));
+        let q = self.num_heads.checked_mul(self.head_dim).ok_or_else(overflow)?;
+        let kv = self.num_kv_heads.checked_mul(self.head_dim).ok_or_else(overflow)?;
+        kv.checked_mul(2).and_then(|k| k.checked_add(q)).ok_or_else(overflow)?;
+        let mut total = 0usize;
+        for t in self.family.spec().expected_tensors(self) {
+            let n = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(overflow)?;
+            total = total.checked_add(n).ok_or_else(overflow)?;
+        }
+        Ok(())
+    }
+
     fn validate(&self, file: &str) -> Result<()> {
         if self.num_heads % self.num_kv_heads != 0 {
             return Err(Error::model(format!(
@@ -347,5 +387,20 @@ mod tests {
         assert!(ModelConfig::from_json_str("{", "c.json").unwrap_err().to_string().contains("invalid JSON"));
         let text = LLAMA.replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3");
         assert!(ModelConfig::from_json_str(&text, "c.json").is_err());
+    }
+
+    /// Sizes that once exhausted memory (a tensor list of 2^39 layers) or overflowed.
+    #[test]
+    fn rejects_impossible_sizes() {
+        let cases: [(&[(&str, &str)], &str); 3] = [
+            (&[("\"num_hidden_layers\":2", "\"num_hidden_layers\":549755813888")], "at most 4096"),
+            (&[("\"vocab_size\":100", "\"vocab_size\":549755813888"), ("\"hidden_size\":64", "\"hidden_size\":549755813888")], "overflow"),
+            (&[("\"num_attention_heads\":4", "\"num_attention_heads\":128")], "head dimension works out to 0"),
+        ];
+        for (edits, needle) in cases {
+            let text = edits.iter().fold(LLAMA.to_string(), |t, (from, to)| t.replace(from, to));
+            let err = ModelConfig::from_json_str(&text, "c.json").unwrap_err();
+            assert!(err.to_string().contains(needle) && err.exit_code() == 4, "{edits:?}: {err}");
+        }
     }
 }

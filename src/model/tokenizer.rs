@@ -30,7 +30,7 @@ impl TextTokenizer {
         let cfg_path = dir.join("tokenizer_config.json");
         let (mut chat_template, mut bos_token, mut eos_token) = (None, None, None);
         if cfg_path.is_file() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+            let text = super::config::read_model_text(&cfg_path)?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::model(format!("{}: invalid JSON: {e}", cfg_path.display())))?;
             chat_template = match v.get("chat_template") {

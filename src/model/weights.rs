@@ -1,7 +1,7 @@
 //! Memory-mapped safetensors checkpoints (single file or sharded with an index).
 use crate::error::{Error, Result};
 use memmap2::Mmap;
-use safetensors::tensor::{Dtype, TensorInfo};
+use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use safetensors::SafeTensors;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -46,6 +46,15 @@ fn dtype_name(d: Dtype) -> String {
     format!("{d:?}").to_lowercase()
 }
 
+/// Parses and validates a safetensors file's header against the whole file's bytes: header
+/// length, JSON, dtypes, shapes, and data offsets that are contiguous, non-overlapping, match
+/// each tensor's size and end exactly at the end of the file. Returns the header length and the
+/// tensors' descriptions; every offset in them is then safe to slice with.
+pub fn read_header(bytes: &[u8], path: &Path) -> Result<(usize, Metadata)> {
+    SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::model(format!("{}: not a valid safetensors file: {e}", path.display())))
+}
+
 impl WeightStore {
     /// Opens `model.safetensors`, or the shards named by `model.safetensors.index.json`.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -54,7 +63,7 @@ impl WeightStore {
         let shard_paths: Vec<PathBuf> = if single.is_file() {
             vec![single]
         } else if index_path.is_file() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let text = super::config::read_model_text(&index_path)?;
             let value: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::model(format!("{}: invalid JSON: {e}", index_path.display())))?;
             let map = value.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
@@ -87,8 +96,7 @@ impl WeightStore {
             let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
             // SAFETY: the map is read-only; we treat concurrent modification of a model file as user error.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
-                .map_err(|e| Error::model(format!("{}: not a valid safetensors file: {e}", path.display())))?;
+            let (header_len, metadata) = read_header(&mmap, &path)?;
             let file_idx = files.len();
             for (name, info) in metadata.tensors() {
                 if let Some((other, _)) = index.get(&name) {

@@ -21,17 +21,7 @@ impl Default for TinySpec {
     }
 }
 
-pub fn pseudo_random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15).wrapping_add(0x2545F4914F6CDD1D);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-        })
-        .collect()
-}
+pub use resid::testing::pseudo_random;
 
 pub fn config_json(s: &TinySpec) -> String {
     serde_json::json!({

@@ -1,73 +1,363 @@
-//! Causal attention of packed rows over each sequence's cached keys and values.
-//! Each (row, head) is computed alone, so results do not depend on the batch.
+//! Causal attention of packed rows over each sequence's cached keys and values, flash-style:
+//! keys are visited in tiles of [`KEY_TILE`] positions with an online softmax (running max,
+//! running sum, rescaled output), so no row ever holds all its scores and a tile of keys and
+//! values is reused, while it is in cache, by every query of a block (up to [`QUERY_BLOCK`]
+//! rows of one sequence × the query heads sharing a key/value head).
+//!
+//! **One order per (row, head).** Tiles start at absolute key positions 0, 64, 128, …; a
+//! score is one fixed computation (in prefill on AVX-512, one FMA chain over the head dimension
+//! against a transposed key tile; otherwise a 16-lane dot product with a fixed lane tree); the
+//! tile's exponentials are summed in a fixed tree; values are accumulated key by key in order.
+//! None of this depends on which other rows or sequences share the pass, the block or the
+//! thread, so results are bit-identical whatever the batch. (Decode rows, scored one key at a
+//! time, agree with prefill to rounding.)
 use crate::backend::Heads;
 use crate::engine::plan::BatchPlan;
 use rayon::prelude::*;
+
+/// Keys per online-softmax tile.
+pub const KEY_TILE: usize = 64;
+/// Query rows of one sequence handled together (they share every key/value tile).
+pub const QUERY_BLOCK: usize = 16;
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes the heads of its own group in its own rows only.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
 
 /// `k_cache`/`v_cache`: `[slots, kv_heads * head_dim]`. `out`: `[rows, q_heads * head_dim]`.
 /// `alibi`: per-head slopes adding `slope·(j − p)` to the score of key j for a query at p.
 pub fn attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, out: &mut [f32]) {
     let qd = heads.q_heads * heads.head_dim;
-    let kvd = heads.kv_heads * heads.head_dim;
-    let group = heads.q_heads / heads.kv_heads;
-    let hd = heads.head_dim;
-    let scale = 1.0 / (hd as f32).sqrt();
-    out.par_chunks_mut(qd).enumerate().for_each(|(row, out_row)| {
-        let seq = &plan.seqs[plan.row_seq[row] as usize];
-        let keys = plan.positions[row] as usize + 1;
-        let mut scores = vec![0f32; keys];
-        for h in 0..heads.q_heads {
-            let qh = &q[row * qd + h * hd..row * qd + (h + 1) * hd];
-            let kvh = h / group;
-            let mut max = f32::NEG_INFINITY;
-            for (j, s) in scores.iter_mut().enumerate() {
-                let slot = seq.kv_start + j;
-                let kh = &k_cache[slot * kvd + kvh * hd..slot * kvd + (kvh + 1) * hd];
-                *s = dot(qh, kh) * scale + alibi.map_or(0.0, |a| a[h] * (j as f32 - (keys - 1) as f32));
-                max = max.max(*s);
+    assert_eq!(q.len(), plan.rows() * qd, "q shape");
+    assert_eq!(out.len(), plan.rows() * qd, "out shape");
+    if let Some(a) = alibi {
+        assert_eq!(a.len(), heads.q_heads, "alibi slopes");
+    }
+    // Tasks: (sequence, key/value head, block of the sequence's rows).
+    let mut tasks = Vec::new();
+    for (s, seq) in plan.seqs.iter().enumerate() {
+        for g in 0..heads.kv_heads {
+            let mut r = 0;
+            while r < seq.len {
+                let n = (seq.len - r).min(QUERY_BLOCK);
+                tasks.push((s, g, seq.start + r, n));
+                r += n;
             }
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
+        }
+    }
+    let ptr = OutPtr(out.as_mut_ptr());
+    let run = |&(s, g, row0, nrows): &(usize, usize, usize, usize)| {
+        let ptr = ptr;
+        // SAFETY: rows row0..row0+nrows, heads of group g: disjoint between tasks.
+        unsafe {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if super::gemm::isa() == super::gemm::Isa::Avx512 {
+                    // Prefill (several new rows of one sequence): scores 16 keys at a time
+                    // against a transposed key tile. Decode: one dot product per key.
+                    if plan.seqs[s].len > 1 {
+                        return block_avx512_tiled(q, k_cache, v_cache, heads, plan, alibi, s, g, row0, nrows, ptr.0);
+                    }
+                    return block_avx512(q, k_cache, v_cache, heads, plan, alibi, s, g, row0, nrows, ptr.0);
+                }
             }
-            let inv = 1.0 / sum;
-            let oh = &mut out_row[h * hd..(h + 1) * hd];
-            oh.fill(0.0);
-            for (j, &p) in scores.iter().enumerate() {
-                let slot = seq.kv_start + j;
-                let vh = &v_cache[slot * kvd + kvh * hd..slot * kvd + (kvh + 1) * hd];
-                let w = p * inv;
-                for (o, &v) in oh.iter_mut().zip(vh) {
-                    *o += w * v;
+            block::<Portable>(q, k_cache, v_cache, heads, plan, alibi, s, g, row0, nrows, ptr.0)
+        };
+    };
+    // Short contexts (decode of a few rows) are cheaper on the calling thread.
+    let work: usize = plan.positions.iter().map(|&p| p as usize + 1).sum::<usize>() * qd;
+    if tasks.len() > 1 && rayon::current_num_threads() > 1 && work >= 1 << 18 {
+        tasks.par_iter().for_each(run);
+    } else {
+        tasks.iter().for_each(run);
+    }
+}
+
+/// The vector operations of a block, inlined into one function per instruction set.
+trait Ops {
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32;
+    unsafe fn exp_sub_sum(x: &mut [f32], m: f32) -> f32;
+    /// `o = o·corr`, then `o = p[j]·v_j + o` for each j in order (`v_j` at `v + j·stride`).
+    unsafe fn scale_accumulate(o: &mut [f32], corr: f32, p: &[f32], v: *const f32, stride: usize) {
+        if corr != 1.0 {
+            o.iter_mut().for_each(|x| *x *= corr);
+        }
+        for (j, &pj) in p.iter().enumerate() {
+            super::vmath::axpy(pj, std::slice::from_raw_parts(v.add(j * stride), o.len()), o);
+        }
+    }
+}
+
+struct Portable;
+
+impl Ops for Portable {
+    #[inline(always)]
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        super::vmath::dot(a, b)
+    }
+    #[inline(always)]
+    unsafe fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
+        super::vmath::exp_sub_sum(x, m)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl Ops for Avx512 {
+    #[inline(always)]
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        super::vmath::avx512::dot(a, b)
+    }
+    #[inline(always)]
+    unsafe fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
+        super::vmath::avx512::exp_sub_sum(x, m)
+    }
+    #[inline(always)]
+    unsafe fn scale_accumulate(o: &mut [f32], corr: f32, p: &[f32], v: *const f32, stride: usize) {
+        // The output row stays in registers for the whole tile (up to 256 values).
+        match o.len().div_ceil(16) {
+            1 => pv::<1>(o, corr, p, v, stride),
+            2 => pv::<2>(o, corr, p, v, stride),
+            3 => pv::<3>(o, corr, p, v, stride),
+            4 => pv::<4>(o, corr, p, v, stride),
+            5 => pv::<5>(o, corr, p, v, stride),
+            6 => pv::<6>(o, corr, p, v, stride),
+            7 => pv::<7>(o, corr, p, v, stride),
+            8 => pv::<8>(o, corr, p, v, stride),
+            9..=16 => pv::<16>(o, corr, p, v, stride),
+            _ => {
+                if corr != 1.0 {
+                    o.iter_mut().for_each(|x| *x *= corr);
+                }
+                for (j, &pj) in p.iter().enumerate() {
+                    super::vmath::avx512::axpy(pj, std::slice::from_raw_parts(v.add(j * stride), o.len()), o);
                 }
             }
         }
-    });
+    }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ta, tb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            lanes[l] += x[l] * y[l];
+/// `scale_accumulate` for outputs of at most 16·C values, in C registers. Per element the same
+/// operations as the generic version: one multiply by `corr` (skipped when 1), then one FMA per key.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn pv<const C: usize>(o: &mut [f32], corr: f32, p: &[f32], v: *const f32, stride: usize) {
+    use std::arch::x86_64::*;
+    let n = o.len();
+    let mask = |c: usize| -> __mmask16 {
+        let left = n.saturating_sub(c * 16);
+        if left >= 16 {
+            0xffff
+        } else {
+            (1u32 << left) as u16 - 1
+        }
+    };
+    let mut acc = [_mm512_setzero_ps(); C];
+    for (c, a) in acc.iter_mut().enumerate() {
+        *a = _mm512_maskz_loadu_ps(mask(c), o.as_ptr().add(c * 16));
+        if corr != 1.0 {
+            *a = _mm512_mul_ps(*a, _mm512_set1_ps(corr));
         }
     }
-    let mut s = lanes.iter().sum::<f32>();
-    for (x, y) in ta.iter().zip(tb) {
-        s += x * y;
+    for (j, &pj) in p.iter().enumerate() {
+        let pv = _mm512_set1_ps(pj);
+        let row = v.add(j * stride);
+        for (c, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(mask(c), row.add(c * 16)), *a);
+        }
     }
-    s
+    for (c, a) in acc.iter().enumerate() {
+        _mm512_mask_storeu_ps(o.as_mut_ptr().add(c * 16), mask(c), *a);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_avx512(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, s: usize, g: usize, row0: usize, nrows: usize, out: *mut f32) {
+    block::<Avx512>(q, k_cache, v_cache, heads, plan, alibi, s, g, row0, nrows, out)
+}
+
+/// A prefill block on AVX-512: each key tile is transposed once (`kt[d][j]`), then every query
+/// of the block scores 16 keys per vector, each score one FMA chain over d = 0..hd in order
+/// (no horizontal sums). Per (row, head) the operations depend only on its position and data.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_avx512_tiled(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, s: usize, g: usize, row0: usize, nrows: usize, out: *mut f32) {
+    use std::arch::x86_64::*;
+    let (hd, qd, kvd) = (heads.head_dim, heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
+    let group = heads.q_heads / heads.kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let seq = &plan.seqs[s];
+    let nq = nrows * group;
+    let mut m = vec![f32::NEG_INFINITY; nq];
+    let mut l = vec![0f32; nq];
+    let mut o = vec![0f32; nq * hd];
+    let mut kt = vec![0f32; hd * KEY_TILE];
+    let mut scores = [0f32; KEY_TILE];
+    let keys_max = plan.positions[row0 + nrows - 1] as usize + 1;
+    let mut t0 = 0;
+    while t0 < keys_max {
+        let nk = (keys_max - t0).min(KEY_TILE);
+        // Transpose keys t0..t0+nk of head g into kt[d][j] (8×8 blocks, then the edges).
+        let key = |j: usize| k_cache.as_ptr().add((seq.kv_start + t0 + j) * kvd + g * hd);
+        let (j8, d8) = (nk / 8 * 8, hd / 8 * 8);
+        for j in (0..j8).step_by(8) {
+            for d in (0..d8).step_by(8) {
+                let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(key(j + i).add(d)));
+                let c = super::gemm::simd256::transpose8(r);
+                for (dd, v) in c.iter().enumerate() {
+                    _mm256_storeu_ps(kt.as_mut_ptr().add((d + dd) * KEY_TILE + j), *v);
+                }
+            }
+            for i in 0..8 {
+                for d in d8..hd {
+                    kt[d * KEY_TILE + j + i] = *key(j + i).add(d);
+                }
+            }
+        }
+        for j in j8..nk {
+            for d in 0..hd {
+                kt[d * KEY_TILE + j] = *key(j).add(d);
+            }
+        }
+        for i in 0..nrows {
+            let row = row0 + i;
+            let pos = plan.positions[row] as usize;
+            if t0 > pos {
+                continue;
+            }
+            let n = (pos + 1 - t0).min(KEY_TILE);
+            for hq in 0..group {
+                let h = g * group + hq;
+                let qv = &q[row * qd + h * hd..row * qd + (h + 1) * hd];
+                let qi = i * group + hq;
+                match n.div_ceil(16) {
+                    1 => qk_tile::<1>(qv, &kt, &mut scores),
+                    2 => qk_tile::<2>(qv, &kt, &mut scores),
+                    3 => qk_tile::<3>(qv, &kt, &mut scores),
+                    _ => qk_tile::<4>(qv, &kt, &mut scores),
+                }
+                let mut tile_max = f32::NEG_INFINITY;
+                for (j, sc) in scores[..n].iter_mut().enumerate() {
+                    *sc = *sc * scale + alibi.map_or(0.0, |a| a[h] * ((t0 + j) as f32 - pos as f32));
+                    tile_max = tile_max.max(*sc);
+                }
+                let m_new = m[qi].max(tile_max);
+                let corr = if m[qi] == f32::NEG_INFINITY { 0.0 } else { (m[qi] - m_new).exp() };
+                let sum = super::vmath::avx512::exp_sub_sum(&mut scores[..n], m_new);
+                l[qi] = l[qi] * corr + sum;
+                m[qi] = m_new;
+                let oq = &mut o[qi * hd..(qi + 1) * hd];
+                let vbase = v_cache[(seq.kv_start + t0) * kvd + g * hd..].as_ptr();
+                Avx512::scale_accumulate(oq, corr, &scores[..n], vbase, kvd);
+            }
+        }
+        t0 += KEY_TILE;
+    }
+    for i in 0..nrows {
+        for hq in 0..group {
+            let (h, qi) = (g * group + hq, i * group + hq);
+            let inv = 1.0 / l[qi];
+            let dst = out.add((row0 + i) * qd + h * hd);
+            for (d, &v) in o[qi * hd..(qi + 1) * hd].iter().enumerate() {
+                *dst.add(d) = v * inv;
+            }
+        }
+    }
+}
+
+/// Scores of one query against the first 16·NV keys of a transposed tile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn qk_tile<const NV: usize>(qv: &[f32], kt: &[f32], scores: &mut [f32; KEY_TILE]) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); NV];
+    for (d, &x) in qv.iter().enumerate() {
+        let xv = _mm512_set1_ps(x);
+        let row = kt.as_ptr().add(d * KEY_TILE);
+        for (v, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_fmadd_ps(xv, _mm512_loadu_ps(row.add(v * 16)), *a);
+        }
+    }
+    for (v, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(scores.as_mut_ptr().add(v * 16), *a);
+    }
+}
+
+/// One task: rows row0..row0+nrows of sequence `s`, the query heads of key/value head `g`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn block<O: Ops>(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, s: usize, g: usize, row0: usize, nrows: usize, out: *mut f32) {
+    let (hd, qd, kvd) = (heads.head_dim, heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
+    let group = heads.q_heads / heads.kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let seq = &plan.seqs[s];
+    let nq = nrows * group;
+    // Per query vector: running max, running sum, output accumulator.
+    let mut m = vec![f32::NEG_INFINITY; nq];
+    let mut l = vec![0f32; nq];
+    let mut o = vec![0f32; nq * hd];
+    let mut scores = [0f32; KEY_TILE];
+    let keys_max = plan.positions[row0 + nrows - 1] as usize + 1;
+    let mut t0 = 0;
+    while t0 < keys_max {
+        for i in 0..nrows {
+            let row = row0 + i;
+            let pos = plan.positions[row] as usize;
+            if t0 > pos {
+                continue;
+            }
+            let n = (pos + 1 - t0).min(KEY_TILE);
+            for hq in 0..group {
+                let h = g * group + hq;
+                let qv = &q[row * qd + h * hd..row * qd + (h + 1) * hd];
+                let qi = i * group + hq;
+                let mut tile_max = f32::NEG_INFINITY;
+                for (j, sc) in scores[..n].iter_mut().enumerate() {
+                    let key = t0 + j;
+                    let slot = seq.kv_start + key;
+                    let kv = &k_cache[slot * kvd + g * hd..slot * kvd + (g + 1) * hd];
+                    *sc = O::dot(qv, kv) * scale + alibi.map_or(0.0, |a| a[h] * (key as f32 - pos as f32));
+                    tile_max = tile_max.max(*sc);
+                }
+                let m_new = m[qi].max(tile_max);
+                let corr = if m[qi] == f32::NEG_INFINITY { 0.0 } else { (m[qi] - m_new).exp() };
+                let sum = O::exp_sub_sum(&mut scores[..n], m_new);
+                l[qi] = l[qi] * corr + sum;
+                m[qi] = m_new;
+                let oq = &mut o[qi * hd..(qi + 1) * hd];
+                let vbase = v_cache[(seq.kv_start + t0) * kvd + g * hd..].as_ptr();
+                O::scale_accumulate(oq, corr, &scores[..n], vbase, kvd);
+            }
+        }
+        t0 += KEY_TILE;
+    }
+    for i in 0..nrows {
+        for hq in 0..group {
+            let (h, qi) = (g * group + hq, i * group + hq);
+            let inv = 1.0 / l[qi];
+            let dst = out.add((row0 + i) * qd + h * hd);
+            for (d, &v) in o[qi * hd..(qi + 1) * hd].iter().enumerate() {
+                *dst.add(d) = v * inv;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Plain softmax(QKᵀ/√d)V per sequence in f64, with an explicit causal mask.
-    fn reference(q: &[f32], k: &[f32], v: &[f32], heads: Heads, lens: &[usize]) -> Vec<f32> {
+    /// Plain softmax(QKᵀ/√d + ALiBi)V per sequence in f64, with an explicit causal mask.
+    fn reference(q: &[f32], k: &[f32], v: &[f32], heads: Heads, lens: &[usize], alibi: Option<&[f32]>) -> Vec<f32> {
         let (hd, qd, kvd) = (heads.head_dim, heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
         let mut out = vec![0f32; q.len()];
         let mut start = 0;
@@ -79,6 +369,7 @@ mod tests {
                         .map(|j| {
                             (0..hd).map(|d| q[(start + i) * qd + h * hd + d] as f64 * k[(start + j) * kvd + kvh * hd + d] as f64).sum::<f64>()
                                 / (hd as f64).sqrt()
+                                + alibi.map_or(0.0, |a| a[h] as f64 * (j as f64 - i as f64))
                         })
                         .collect();
                     let m = s.iter().cloned().fold(f64::MIN, f64::max);
@@ -95,20 +386,76 @@ mod tests {
         out
     }
 
+    fn f(n: usize, s: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32 + s) * 0.731).sin()).collect()
+    }
+
+    fn packed(lens: &[usize]) -> BatchPlan {
+        let mut starts = Vec::new();
+        let mut acc = 0;
+        for l in lens {
+            starts.push(acc);
+            acc += l;
+        }
+        BatchPlan::new(lens, &vec![0; lens.len()], &starts)
+    }
+
     #[test]
     fn packed_gqa_matches_reference() {
-        let heads = Heads { q_heads: 4, kv_heads: 2, head_dim: 8 };
-        let lens = [3usize, 1, 6];
-        let rows: usize = lens.iter().sum();
-        let f = |n: usize, s: f32| (0..n).map(|i| ((i as f32 + s) * 0.731).sin()).collect::<Vec<f32>>();
-        let (q, k, v) = (f(rows * 32, 0.0), f(rows * 16, 1.0), f(rows * 16, 2.0));
-        let kv_starts = [0usize, 3, 4];
-        let plan = BatchPlan::new(&lens, &[0, 0, 0], &kv_starts);
-        let mut out = vec![0f32; rows * 32];
-        attention(&q, &k, &v, heads, &plan, None, &mut out);
-        let want = reference(&q, &k, &v, heads, &lens);
-        for (a, b) in out.iter().zip(&want) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        for (heads, lens, alibi) in [
+            (Heads { q_heads: 4, kv_heads: 2, head_dim: 8 }, vec![3usize, 1, 6], None),
+            (Heads { q_heads: 6, kv_heads: 2, head_dim: 20 }, vec![150usize, 1, 70], Some(vec![0.5f32, 0.25, 0.125, 0.0625, 0.03, 0.01])),
+            (Heads { q_heads: 3, kv_heads: 3, head_dim: 64 }, vec![200usize], None),
+        ] {
+            let (qd, kvd) = (heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
+            let rows: usize = lens.iter().sum();
+            let (q, k, v) = (f(rows * qd, 0.0), f(rows * kvd, 1.0), f(rows * kvd, 2.0));
+            let plan = packed(&lens);
+            let mut out = vec![0f32; rows * qd];
+            attention(&q, &k, &v, heads, &plan, alibi.as_deref(), &mut out);
+            let want = reference(&q, &k, &v, heads, &lens, alibi.as_deref());
+            for (a, b) in out.iter().zip(&want) {
+                assert!((a - b).abs() < 2e-5, "{heads:?} {lens:?}: {a} vs {b}");
+            }
         }
+    }
+
+    #[test]
+    fn rows_are_batch_invariant_and_decode_matches_prefill() {
+        let heads = Heads { q_heads: 6, kv_heads: 2, head_dim: 24 };
+        let (qd, kvd) = (heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
+        let lens = [5usize, 130, 17];
+        let rows: usize = lens.iter().sum();
+        let (q, k, v) = (f(rows * qd, 3.0), f(rows * kvd, 4.0), f(rows * kvd, 5.0));
+        let mut all = vec![0f32; rows * qd];
+        attention(&q, &k, &v, heads, &packed(&lens), None, &mut all);
+        // The middle sequence alone.
+        let (s0, n) = (5, 130);
+        let mut alone = vec![0f32; n * qd];
+        attention(&q[s0 * qd..(s0 + n) * qd], &k[s0 * kvd..(s0 + n) * kvd], &v[s0 * kvd..(s0 + n) * kvd], heads, &packed(&[n]), None, &mut alone);
+        assert_eq!(alone, all[s0 * qd..(s0 + n) * qd]);
+        // Its row at position 100 as a decode step over the cached keys: the same values (not
+        // necessarily the same bits: on AVX-512, prefill scores keys 16 at a time).
+        let p = 100;
+        let plan = BatchPlan::new(&[1], &[p], &[0]);
+        let mut one = vec![0f32; qd];
+        attention(&q[(s0 + p) * qd..(s0 + p + 1) * qd], &k[s0 * kvd..(s0 + n) * kvd], &v[s0 * kvd..(s0 + n) * kvd], heads, &plan, None, &mut one);
+        for (a, b) in one.iter().zip(&all[(s0 + p) * qd..(s0 + p + 1) * qd]) {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        // A decode step is itself batch-invariant.
+        let two = BatchPlan::new(&[1, 1], &[p, 3], &[0, n]);
+        let mut q2 = q[(s0 + p) * qd..(s0 + p + 1) * qd].to_vec();
+        q2.extend_from_slice(&q[..qd]);
+        let (mut k2, mut v2) = (k[s0 * kvd..(s0 + n) * kvd].to_vec(), v[s0 * kvd..(s0 + n) * kvd].to_vec());
+        k2.extend_from_slice(&k[..4 * kvd]);
+        v2.extend_from_slice(&v[..4 * kvd]);
+        let mut out2 = vec![0f32; 2 * qd];
+        attention(&q2, &k2, &v2, heads, &two, None, &mut out2);
+        assert_eq!(out2[..qd], one[..]);
+        // One thread.
+        let mut single = vec![0f32; rows * qd];
+        rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| attention(&q, &k, &v, heads, &packed(&lens), None, &mut single));
+        assert_eq!(single, all);
     }
 }

@@ -302,6 +302,41 @@ pub fn linear(x: &[f32], tokens: usize, k: usize, w: &[f32], n: usize, bias: Opt
 
 thread_local! {
     static BF16_SCRATCH: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    static A_SCRATCH: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Row-major activations as 4-byte elements (f32 bits, or bf16 pairs).
+#[derive(Clone, Copy)]
+struct Src(*const u32);
+// SAFETY: read-only while the GEMM runs.
+unsafe impl Send for Src {}
+unsafe impl Sync for Src {}
+
+/// Packs rows t0..t0+mr (of `ld` elements) into a micro-panel `[kdepth][mr]`: the kernel then
+/// reads its activations as one contiguous stream.
+unsafe fn pack_a(src: Src, ld: usize, t0: usize, mr: usize, kdepth: usize, dst: *mut u32) {
+    if mr == 8 {
+        let rows: [*const u32; 8] = std::array::from_fn(|i| src.0.add((t0 + i) * ld));
+        #[cfg(target_arch = "x86_64")]
+        {
+            if isa() != Isa::Portable {
+                simd256::pack8(&rows, kdepth, dst);
+                return;
+            }
+        }
+        for kk in 0..kdepth {
+            for (i, r) in rows.iter().enumerate() {
+                *dst.add(kk * 8 + i) = *r.add(kk);
+            }
+        }
+        return;
+    }
+    for i in 0..mr {
+        let row = src.0.add((t0 + i) * ld);
+        for kk in 0..kdepth {
+            *dst.add(kk * mr + i) = *row.add(kk);
+        }
+    }
 }
 
 /// `y[t, n] = Σ_k x[t, k]·W[n, k] + b[n]`, adding to y instead when `accumulate`.
@@ -324,9 +359,11 @@ pub fn gemm(x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, y:
                 Isa::Avx2 => 3,
                 Isa::Portable => 4,
             };
-            drive(tokens, k, w, mr, 4, &|t0, mr, p, np| {
-                // SAFETY: t0 + mr ≤ tokens, panels p..p+np exist, the task owns these outputs.
-                unsafe { kernel_f32(isa, x.as_ptr().add(t0 * k), k, w, p, np, mr, t0, out) }
+            let src = Src(x.as_ptr() as *const u32);
+            drive(tokens, k, src, w, mr, 4, &|a, t0, mr, p, np| {
+                // SAFETY: `a` is the packed micro-panel of rows t0..t0+mr, panels p..p+np
+                // exist, the task owns these outputs.
+                unsafe { kernel_f32(isa, a as *const f32, w, p, np, mr, t0, out) }
             });
         }
         Compute::Bf16 => {
@@ -344,10 +381,10 @@ pub fn gemm(x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, y:
                 }
                 let xb = &mut s[..tokens * kp];
                 to_bf16_pairs(x, tokens, k, xb);
-                let xb = &*xb;
-                drive(tokens, kp, w, 8, 4, &|t0, mr, p, np| {
+                let src = Src(xb.as_ptr());
+                drive(tokens, kp, src, w, 8, 4, &|a, t0, mr, p, np| {
                     // SAFETY: as above; bf16 matrices exist only when the CPU has AVX512-BF16.
-                    unsafe { kernel_bf16(xb.as_ptr().add(t0 * kp), kp, w, p, np, mr, t0, out) }
+                    unsafe { kernel_bf16(a, w, p, np, mr, t0, out) }
                 });
             });
         }
@@ -380,9 +417,11 @@ fn to_bf16_pairs(x: &[f32], tokens: usize, k: usize, out: &mut [u32]) {
     }
 }
 
-/// Splits the work into (row block × panel group) tasks and runs `kern(t0, mr, panel, np)`
-/// over them. The split only decides who computes an element, never how.
-fn drive(tokens: usize, kdepth: usize, w: &PackedMatrix, mr_max: usize, np_small_rows: usize, kern: &(dyn Fn(usize, usize, usize, usize) + Sync)) {
+/// Splits the work into (row block × panel group) tasks and runs `kern(a, t0, rows, panel, np)`
+/// over them, `a` being rows t0..t0+rows packed as consecutive micro-panels of `mr_max` rows. The split only decides who
+/// computes an element, never how.
+#[allow(clippy::type_complexity)]
+fn drive(tokens: usize, kdepth: usize, src: Src, w: &PackedMatrix, mr_max: usize, np_small_rows: usize, kern: &(dyn Fn(*const u32, usize, usize, usize, usize) + Sync)) {
     let panels = w.panels;
     // A row block of activations (kdepth × 4 bytes per row) plus one panel stay in L2.
     let mc = ((384 * 1024) / (kdepth * 4).max(1) / mr_max * mr_max).max(mr_max);
@@ -392,34 +431,56 @@ fn drive(tokens: usize, kdepth: usize, w: &PackedMatrix, mr_max: usize, np_small
     let groups = target.div_ceil(mblocks).clamp(1, panels);
     let g = panels.div_ceil(groups);
     let ngroups = panels.div_ceil(g);
-    let task = |i: usize| {
-        let (mb, gi) = (i / ngroups, i % ngroups);
-        let (m0, m1) = (mb * mc, ((mb + 1) * mc).min(tokens));
-        let (p0, p1) = (gi * g, ((gi + 1) * g).min(panels));
-        let mut p = p0;
-        while p < p1 {
-            let rows = m1 - m0;
-            // Few rows: two panels at once, for more independent FMA chains.
-            let np = if rows <= np_small_rows && p + 1 < p1 { 2 } else { 1 };
-            let mut t0 = m0;
-            while t0 < m1 {
-                let mr = (m1 - t0).min(mr_max);
-                kern(t0, mr, p, np);
-                t0 += mr;
-            }
-            p += np;
+    A_SCRATCH.with(|cell| {
+        // A nested call on this thread (work stolen while waiting) gets its own buffer.
+        let mut own = Vec::new();
+        let mut guard = cell.try_borrow_mut();
+        let buf = match guard.as_mut() {
+            Ok(b) => &mut **b,
+            Err(_) => &mut own,
+        };
+        if buf.len() < tokens * kdepth {
+            buf.resize(tokens * kdepth, 0);
         }
-    };
-    if threads == 1 || mblocks * ngroups == 1 {
-        (0..mblocks * ngroups).for_each(task);
-    } else {
-        (0..mblocks * ngroups).into_par_iter().for_each(task);
-    }
+        // Every micro-panel once: rows t0..t0+mr at offset t0·kdepth, t0 a multiple of mr_max.
+        let dst = Src(buf.as_mut_ptr() as *const u32);
+        let pack = |b: usize| {
+            let (t0, dst) = (b * mr_max, dst);
+            // SAFETY: rows t0..t0+mr exist; micro-panels are disjoint.
+            unsafe { pack_a(src, kdepth, t0, (tokens - t0).min(mr_max), kdepth, (dst.0 as *mut u32).add(t0 * kdepth)) };
+        };
+        let nb = tokens.div_ceil(mr_max);
+        if threads > 1 && tokens * kdepth > 1 << 15 {
+            (0..nb).into_par_iter().for_each(pack);
+        } else {
+            (0..nb).for_each(pack);
+        }
+        let a = Src(buf.as_ptr());
+        let task = |i: usize| {
+            let a = a;
+            let (mb, gi) = (i / ngroups, i % ngroups);
+            let (m0, m1) = (mb * mc, ((mb + 1) * mc).min(tokens));
+            let (p0, p1) = (gi * g, ((gi + 1) * g).min(panels));
+            let mut p = p0;
+            while p < p1 {
+                // Few rows: two panels at once, for more independent FMA chains.
+                let np = if m1 - m0 <= np_small_rows && p + 1 < p1 { 2 } else { 1 };
+                // SAFETY: the micro-panels of rows m0..m1 lie inside the packed buffer.
+                kern(unsafe { a.0.add(m0 * kdepth) }, m0, m1 - m0, p, np);
+                p += np;
+            }
+        };
+        if threads == 1 || mblocks * ngroups == 1 {
+            (0..mblocks * ngroups).for_each(task);
+        } else {
+            (0..mblocks * ngroups).into_par_iter().for_each(task);
+        }
+    });
 }
 
 /// Dispatches an f32 block: rows t0..t0+mr of x (at `a`), panels p..p+np.
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel_f32(isa: Isa, a: *const f32, lda: usize, w: &PackedMatrix, p: usize, np: usize, mr: usize, t0: usize, out: Out) {
+unsafe fn kernel_f32(isa: Isa, a: *const f32, w: &PackedMatrix, p: usize, np: usize, rows: usize, t0: usize, out: Out) {
     let b = w.buf.ptr.add(p * w.panel_bytes()) as *const f32;
     let pstride = w.kdepth * NR;
     let col0 = p * NR;
@@ -427,45 +488,47 @@ unsafe fn kernel_f32(isa: Isa, a: *const f32, lda: usize, w: &PackedMatrix, p: u
     #[cfg(target_arch = "x86_64")]
     {
         match isa {
-            Isa::Avx512 => return simd512::f32_block(a, lda, b, pstride, w.k, mr, np, out),
-            Isa::Avx2 => return simd256::f32_block(a, lda, b, pstride, w.k, mr, np, out),
+            Isa::Avx512 => return simd512::f32_block(a, b, pstride, w.k, rows, np, out),
+            Isa::Avx2 => return simd256::f32_block(a, b, pstride, w.k, rows, np, out),
             Isa::Portable => {}
         }
     }
     let _ = isa;
-    portable_f32(a, lda, b, pstride, w.k, mr, np, out)
+    portable_f32(a, b, pstride, w.k, rows, np, out)
 }
 
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel_bf16(a: *const u32, lda: usize, w: &PackedMatrix, p: usize, np: usize, mr: usize, t0: usize, out: Out) {
+unsafe fn kernel_bf16(a: *const u32, w: &PackedMatrix, p: usize, np: usize, rows: usize, t0: usize, out: Out) {
     let b = w.buf.ptr.add(p * w.panel_bytes()) as *const u32;
     let pstride = w.kdepth * NR;
     let col0 = p * NR;
     let out = Out { y: out.y.add(t0 * out.ldy + col0), cols: out.cols - col0, bias: if out.bias.is_null() { out.bias } else { out.bias.add(col0) }, ..out };
     #[cfg(target_arch = "x86_64")]
     {
-        simd512::bf16_block(a, lda, b, pstride, w.kdepth, mr, np, out)
+        simd512::bf16_block(a, b, pstride, w.kdepth, rows, np, out)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (a, lda, b, pstride, mr, np, out);
+        let _ = (a, b, pstride, rows, np, out);
         unreachable!("bf16 matrices are only packed on CPUs with AVX512-BF16")
     }
 }
 
 /// The portable kernel: the same FMA chain per element, through `f32::mul_add`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn portable_f32(a: *const f32, lda: usize, b: *const f32, pstride: usize, k: usize, mr: usize, np: usize, out: Out) {
+unsafe fn portable_f32(a: *const f32, b: *const f32, pstride: usize, k: usize, total: usize, np: usize, out: Out) {
     for q in 0..np {
         let bp = b.add(q * pstride);
         let mut i = 0;
-        while i < mr {
-            let rows = (mr - i).min(4);
+        while i < total {
+            // Micro-panels of 4 rows (`[k][rows]`) start at row i.
+            let rows = (total - i).min(4);
+            let ai = a.add(i * k);
             let mut acc = [[0f32; NR]; 4];
             for kk in 0..k {
                 let wv = std::slice::from_raw_parts(bp.add(kk * NR), NR);
                 for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
-                    let xv = *a.add((i + r) * lda + kk);
+                    let xv = *ai.add(kk * rows + r);
                     for (c, &wj) in acc_r.iter_mut().zip(wv) {
                         *c = xv.mul_add(wj, *c);
                     }
@@ -510,35 +573,37 @@ mod simd512 {
 
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn f32_block(a: *const f32, lda: usize, b: *const f32, pstride: usize, k: usize, mr: usize, np: usize, out: Out) {
-        match (mr, np) {
-            (1, 2) => f32_kern::<1, 4>(a, lda, b, pstride, k, out),
-            (2, 2) => f32_kern::<2, 4>(a, lda, b, pstride, k, out),
-            (3, 2) => f32_kern::<3, 4>(a, lda, b, pstride, k, out),
-            (4, 2) => f32_kern::<4, 4>(a, lda, b, pstride, k, out),
-            (1, _) => f32_kern::<1, 2>(a, lda, b, pstride, k, out),
-            (2, _) => f32_kern::<2, 2>(a, lda, b, pstride, k, out),
-            (3, _) => f32_kern::<3, 2>(a, lda, b, pstride, k, out),
-            (4, _) => f32_kern::<4, 2>(a, lda, b, pstride, k, out),
-            (5, _) => f32_kern::<5, 2>(a, lda, b, pstride, k, out),
-            (6, _) => f32_kern::<6, 2>(a, lda, b, pstride, k, out),
-            (7, _) => f32_kern::<7, 2>(a, lda, b, pstride, k, out),
-            _ => f32_kern::<8, 2>(a, lda, b, pstride, k, out),
+    pub unsafe fn f32_block(a: *const f32, b: *const f32, pstride: usize, k: usize, rows: usize, np: usize, out: Out) {
+        let mut i = 0;
+        while i < rows {
+            let mr = (rows - i).min(8);
+            let (a, out) = (a.add(i * k), Out { y: out.y.add(i * out.ldy), ..out });
+            match (mr, np) {
+                (1, 2) => f32_kern::<1, 4>(a, b, pstride, k, out),
+                (2, 2) => f32_kern::<2, 4>(a, b, pstride, k, out),
+                (3, 2) => f32_kern::<3, 4>(a, b, pstride, k, out),
+                (4, 2) => f32_kern::<4, 4>(a, b, pstride, k, out),
+                (1, _) => f32_kern::<1, 2>(a, b, pstride, k, out),
+                (2, _) => f32_kern::<2, 2>(a, b, pstride, k, out),
+                (3, _) => f32_kern::<3, 2>(a, b, pstride, k, out),
+                (4, _) => f32_kern::<4, 2>(a, b, pstride, k, out),
+                (5, _) => f32_kern::<5, 2>(a, b, pstride, k, out),
+                (6, _) => f32_kern::<6, 2>(a, b, pstride, k, out),
+                (7, _) => f32_kern::<7, 2>(a, b, pstride, k, out),
+                _ => f32_kern::<8, 2>(a, b, pstride, k, out),
+            }
+            i += mr;
         }
     }
 
-    /// MR rows × NV 16-column vectors (NV/2 panels).
+    /// MR rows (a micro-panel `[k][MR]`) × NV 16-column vectors (NV/2 panels).
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn f32_kern<const MR: usize, const NV: usize>(a: *const f32, lda: usize, b: *const f32, pstride: usize, k: usize, out: Out) {
+    unsafe fn f32_kern<const MR: usize, const NV: usize>(a: *const f32, b: *const f32, pstride: usize, k: usize, out: Out) {
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
         let mut bp = [b; NV];
         for (j, p) in bp.iter_mut().enumerate() {
             *p = b.add((j / 2) * pstride + (j % 2) * 16);
-        }
-        let mut ap = [a; MR];
-        for (i, p) in ap.iter_mut().enumerate() {
-            *p = a.add(i * lda);
         }
         for kk in 0..k {
             let mut wv = [_mm512_setzero_ps(); NV];
@@ -546,7 +611,7 @@ mod simd512 {
                 wv[j] = _mm512_load_ps(bp[j].add(kk * NR));
             }
             for i in 0..MR {
-                let xv = _mm512_set1_ps(*ap[i].add(kk));
+                let xv = _mm512_set1_ps(*a.add(kk * MR + i));
                 for j in 0..NV {
                     acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
                 }
@@ -561,35 +626,37 @@ mod simd512 {
 
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn bf16_block(a: *const u32, lda: usize, b: *const u32, pstride: usize, kp: usize, mr: usize, np: usize, out: Out) {
-        match (mr, np) {
-            (1, 2) => bf16_kern::<1, 4>(a, lda, b, pstride, kp, out),
-            (2, 2) => bf16_kern::<2, 4>(a, lda, b, pstride, kp, out),
-            (3, 2) => bf16_kern::<3, 4>(a, lda, b, pstride, kp, out),
-            (4, 2) => bf16_kern::<4, 4>(a, lda, b, pstride, kp, out),
-            (1, _) => bf16_kern::<1, 2>(a, lda, b, pstride, kp, out),
-            (2, _) => bf16_kern::<2, 2>(a, lda, b, pstride, kp, out),
-            (3, _) => bf16_kern::<3, 2>(a, lda, b, pstride, kp, out),
-            (4, _) => bf16_kern::<4, 2>(a, lda, b, pstride, kp, out),
-            (5, _) => bf16_kern::<5, 2>(a, lda, b, pstride, kp, out),
-            (6, _) => bf16_kern::<6, 2>(a, lda, b, pstride, kp, out),
-            (7, _) => bf16_kern::<7, 2>(a, lda, b, pstride, kp, out),
-            _ => bf16_kern::<8, 2>(a, lda, b, pstride, kp, out),
+    pub unsafe fn bf16_block(a: *const u32, b: *const u32, pstride: usize, kp: usize, rows: usize, np: usize, out: Out) {
+        let mut i = 0;
+        while i < rows {
+            let mr = (rows - i).min(8);
+            let (a, out) = (a.add(i * kp), Out { y: out.y.add(i * out.ldy), ..out });
+            match (mr, np) {
+                (1, 2) => bf16_kern::<1, 4>(a, b, pstride, kp, out),
+                (2, 2) => bf16_kern::<2, 4>(a, b, pstride, kp, out),
+                (3, 2) => bf16_kern::<3, 4>(a, b, pstride, kp, out),
+                (4, 2) => bf16_kern::<4, 4>(a, b, pstride, kp, out),
+                (1, _) => bf16_kern::<1, 2>(a, b, pstride, kp, out),
+                (2, _) => bf16_kern::<2, 2>(a, b, pstride, kp, out),
+                (3, _) => bf16_kern::<3, 2>(a, b, pstride, kp, out),
+                (4, _) => bf16_kern::<4, 2>(a, b, pstride, kp, out),
+                (5, _) => bf16_kern::<5, 2>(a, b, pstride, kp, out),
+                (6, _) => bf16_kern::<6, 2>(a, b, pstride, kp, out),
+                (7, _) => bf16_kern::<7, 2>(a, b, pstride, kp, out),
+                _ => bf16_kern::<8, 2>(a, b, pstride, kp, out),
+            }
+            i += mr;
         }
     }
 
     /// `vdpbf16ps`: each 32-bit lane multiplies a bf16 pair of x by the pair of its column.
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[inline]
-    unsafe fn bf16_kern<const MR: usize, const NV: usize>(a: *const u32, lda: usize, b: *const u32, pstride: usize, kp: usize, out: Out) {
+    unsafe fn bf16_kern<const MR: usize, const NV: usize>(a: *const u32, b: *const u32, pstride: usize, kp: usize, out: Out) {
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
         let mut bp = [b; NV];
         for (j, p) in bp.iter_mut().enumerate() {
             *p = b.add((j / 2) * pstride + (j % 2) * 16);
-        }
-        let mut ap = [a; MR];
-        for (i, p) in ap.iter_mut().enumerate() {
-            *p = a.add(i * lda);
         }
         for kk in 0..kp {
             let mut wv = [_mm512_setzero_si512(); NV];
@@ -597,7 +664,7 @@ mod simd512 {
                 wv[j] = _mm512_load_si512(bp[j].add(kk * NR) as *const __m512i);
             }
             for i in 0..MR {
-                let xv: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap[i].add(kk) as i32));
+                let xv: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(kk * MR + i) as i32));
                 for j in 0..NV {
                     acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, std::mem::transmute::<__m512i, __m512bh>(wv[j]));
                 }
@@ -652,7 +719,7 @@ mod simd512 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod simd256 {
+pub(crate) mod simd256 {
     use super::{Out, NR};
     use std::arch::x86_64::*;
 
@@ -680,6 +747,60 @@ mod simd256 {
         }
     }
 
+    /// Packs 8 rows into a micro-panel `[kdepth][8]`, 8×8 blocks at a time through transposes.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn pack8(rows: &[*const u32; 8], kdepth: usize, dst: *mut u32) {
+        let mut kk = 0;
+        while kk + 8 <= kdepth {
+            let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(rows[i].add(kk) as *const f32));
+            let cols = transpose8(r);
+            for (j, c) in cols.iter().enumerate() {
+                _mm256_storeu_ps(dst.add((kk + j) * 8) as *mut f32, *c);
+            }
+            kk += 8;
+        }
+        while kk < kdepth {
+            for (i, r) in rows.iter().enumerate() {
+                *dst.add(kk * 8 + i) = *r.add(kk);
+            }
+            kk += 1;
+        }
+    }
+
+    /// 8×8 transpose: `out[j][i] = r[i][j]` (pure data movement).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        {
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            [
+                _mm256_permute2f128_ps::<0x20>(u0, u4),
+                _mm256_permute2f128_ps::<0x20>(u1, u5),
+                _mm256_permute2f128_ps::<0x20>(u2, u6),
+                _mm256_permute2f128_ps::<0x20>(u3, u7),
+                _mm256_permute2f128_ps::<0x31>(u0, u4),
+                _mm256_permute2f128_ps::<0x31>(u1, u5),
+                _mm256_permute2f128_ps::<0x31>(u2, u6),
+                _mm256_permute2f128_ps::<0x31>(u3, u7),
+            ]
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn fma_burst(iters: usize) -> f64 {
         let mut acc = [_mm256_setzero_ps(); 12];
@@ -695,18 +816,32 @@ mod simd256 {
 
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn f32_block(a: *const f32, lda: usize, b: *const f32, pstride: usize, k: usize, mr: usize, np: usize, out: Out) {
-        match (mr, np) {
-            (1, 2) => f32_kern::<1, 8>(a, lda, b, pstride, k, out),
-            (1, _) => f32_kern::<1, 4>(a, lda, b, pstride, k, out),
-            (2, _) => f32_kern::<2, 4>(a, lda, b, pstride, k, out),
-            _ => f32_kern::<3, 4>(a, lda, b, pstride, k, out),
+    pub(super) unsafe fn f32_block(a: *const f32, b: *const f32, pstride: usize, k: usize, rows: usize, np: usize, out: Out) {
+        let mut i = 0;
+        while i < rows {
+            let mr = (rows - i).min(3);
+            let (a, out) = (a.add(i * k), Out { y: out.y.add(i * out.ldy), ..out });
+            let second = Out { y: out.y.add(NR), cols: out.cols.saturating_sub(NR), bias: if out.bias.is_null() { out.bias } else { out.bias.add(NR) }, ..out };
+            match (mr, np) {
+                (1, 2) => f32_kern::<1, 8>(a, b, pstride, k, out),
+                (1, _) => f32_kern::<1, 4>(a, b, pstride, k, out),
+                (2, _) => f32_kern::<2, 4>(a, b, pstride, k, out),
+                _ => f32_kern::<3, 4>(a, b, pstride, k, out),
+            }
+            // Two panels at once only pay for one row; otherwise the second panel separately.
+            if np == 2 && mr > 1 {
+                match mr {
+                    2 => f32_kern::<2, 4>(a, b.add(pstride), pstride, k, second),
+                    _ => f32_kern::<3, 4>(a, b.add(pstride), pstride, k, second),
+                }
+            }
+            i += mr;
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn f32_kern<const MR: usize, const NV: usize>(a: *const f32, lda: usize, b: *const f32, pstride: usize, k: usize, out: Out) {
+    unsafe fn f32_kern<const MR: usize, const NV: usize>(a: *const f32, b: *const f32, pstride: usize, k: usize, out: Out) {
         let mut acc = [[_mm256_setzero_ps(); NV]; MR];
         let mut bp = [b; NV];
         for (j, p) in bp.iter_mut().enumerate() {
@@ -714,7 +849,7 @@ mod simd256 {
         }
         for kk in 0..k {
             for i in 0..MR {
-                let xv = _mm256_set1_ps(*a.add(i * lda + kk));
+                let xv = _mm256_set1_ps(*a.add(kk * MR + i));
                 for j in 0..NV {
                     acc[i][j] = _mm256_fmadd_ps(xv, _mm256_load_ps(bp[j].add(kk * NR)), acc[i][j]);
                 }
@@ -821,7 +956,8 @@ mod tests {
             .collect()
     }
 
-    const SHAPES: &[(usize, usize, usize)] = &[(1, 1, 1), (3, 7, 5), (5, 17, 33), (9, 64, 19), (4, 576, 40), (17, 33, 97), (1, 100, 64), (2, 9, 65)];
+    const SHAPES: &[(usize, usize, usize)] =
+        &[(1, 1, 1), (3, 7, 5), (5, 17, 33), (9, 64, 19), (4, 576, 40), (17, 33, 97), (1, 100, 64), (2, 9, 65), (3, 20, 130), (4, 11, 100), (25, 40, 70)];
 
     #[test]
     fn matches_reference_on_odd_shapes() {
@@ -854,9 +990,11 @@ mod tests {
             let p = PackedMatrix::pack(&w, n, k, Compute::F32);
             for (bias, acc) in [(None, false), (Some(&b[..]), false), (Some(&b[..]), true)] {
                 let want = chain(&x, t, k, &w, n, bias, if acc { Some(&y0) } else { None });
-                let mut y = if acc { y0.clone() } else { vec![0f32; t * n] };
-                gemm(&x, t, &p, bias, &mut y, acc);
-                assert_eq!(y, want, "{isa:?} {t}x{k}x{n} bias={} acc={acc}", bias.is_some());
+                for threads in [1, 2] {
+                    let mut y = if acc { y0.clone() } else { vec![0f32; t * n] };
+                    rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| gemm(&x, t, &p, bias, &mut y, acc));
+                    assert_eq!(y, want, "{isa:?} {t}x{k}x{n} bias={} acc={acc} threads {threads}", bias.is_some());
+                }
                 // The lower instruction sets too, where the CPU has them.
                 let mut y2 = if acc { y0.clone() } else { vec![0f32; t * n] };
                 let out = Out { y: y2.as_mut_ptr(), ldy: n, cols: n, bias: bias.map_or(std::ptr::null(), |b| b.as_ptr()), accumulate: acc };
@@ -866,8 +1004,14 @@ mod tests {
                     }
                     y2.copy_from_slice(&if acc { y0.clone() } else { vec![0f32; t * n] });
                     let mr = if lower == Isa::Avx2 { 3 } else { 4 };
-                    drive(t, k, &p, mr, 4, &|t0, mr, pp, np| unsafe { kernel_f32(lower, x.as_ptr().add(t0 * k), k, &p, pp, np, mr, t0, out) });
-                    assert_eq!(y2, want, "{lower:?} {t}x{k}x{n}");
+                    // One thread: one panel group, so small row counts take the two-panel kernels.
+                    for threads in [1, 2] {
+                        y2.copy_from_slice(&if acc { y0.clone() } else { vec![0f32; t * n] });
+                        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| {
+                            drive(t, k, Src(x.as_ptr() as *const u32), &p, mr, 4, &|a, t0, mr, pp, np| unsafe { kernel_f32(lower, a as *const f32, &p, pp, np, mr, t0, out) })
+                        });
+                        assert_eq!(y2, want, "{lower:?} {t}x{k}x{n} threads {threads}");
+                    }
                 }
             }
         }
@@ -910,6 +1054,39 @@ mod tests {
             let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt();
             assert!(err <= 1e-2 * norm.max(1e-3), "{t}x{k}x{n}: bf16 relative error {}", err / norm);
         }
+    }
+
+    /// On-CPU nanoseconds of this thread (from the scheduler), so rates ignore time lost to other
+    /// processes.
+    fn thread_cpu_ns() -> f64 {
+        let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+        s.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN)
+    }
+
+    /// `RESID_PROBE=f32|bf16 cargo test --release --lib probe -- --ignored --nocapture`: FLOPs per
+    /// on-CPU second of the microkernels on one thread, against the FMA-chain peak of that thread.
+    #[test]
+    #[ignore]
+    fn probe_gemm_rate() {
+        let compute: Compute = std::env::var("RESID_PROBE").unwrap_or("f32".into()).parse().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        pool.install(|| {
+            let c0 = thread_cpu_ns();
+            let f: f64 = (0..2000).map(|_| fma_burst(isa())).sum();
+            let peak = f / (thread_cpu_ns() - c0);
+            for &(t, k, n) in &[(512usize, 576usize, 3072usize), (512, 1536, 576), (2048, 576, 960), (64, 576, 3072), (1, 576, 3072)] {
+                let x = pseudo(t * k, 1);
+                let p = PackedMatrix::pack(&pseudo(n * k, 2), n, k, compute);
+                let mut y = vec![0f32; t * n];
+                let reps = (4e9 / (2.0 * (t * n * k) as f64)).ceil() as usize;
+                let c0 = thread_cpu_ns();
+                for _ in 0..reps {
+                    gemm(&x, t, &p, None, &mut y, false);
+                }
+                let rate = 2.0 * (t * n * k * reps) as f64 / (thread_cpu_ns() - c0);
+                eprintln!("{compute:?} {t}x{k}x{n}: {rate:.1} GFLOP per CPU-s; f32 FMA peak {peak:.1}; ratio {:.2}", rate / peak);
+            }
+        });
     }
 
     #[test]

@@ -63,23 +63,40 @@ pub fn capture_rows(src: &[f32], hidden: usize, plan: &BatchPlan, out: &mut Capt
     }
 }
 
+/// Below this many values a row-wise step runs on the calling thread: waking the pool costs
+/// more than the work (decode steps), and more still on a loaded machine.
+pub const PAR_MIN_VALUES: usize = 1 << 15;
+
 /// Steers every row that has a slot.
 pub fn steer_rows(x: &mut [f32], hidden: usize, st: &PointSteering) {
-    x.par_chunks_mut(hidden).zip(st.row_slot.par_iter()).for_each(|(row, &slot)| {
+    let one = |(row, &slot): (&mut [f32], &i32)| {
         if slot >= 0 {
             steer_row(row, &st.slots[slot as usize]);
         }
-    });
+    };
+    if x.len() < PAR_MIN_VALUES {
+        x.chunks_mut(hidden).zip(st.row_slot.iter()).for_each(one);
+    } else {
+        x.par_chunks_mut(hidden).zip(st.row_slot.par_iter()).for_each(one);
+    }
 }
 
 /// RMS-normalises every row of `x` into `normed`.
 pub fn norm_rows(x: &[f32], hidden: usize, norm: &[f32], eps: f32, normed: &mut [f32]) {
-    normed.par_chunks_mut(hidden).zip(x.par_chunks(hidden)).for_each(|(o, r)| rms_norm_row(r, norm, eps, o));
+    if x.len() < PAR_MIN_VALUES {
+        normed.chunks_mut(hidden).zip(x.chunks(hidden)).for_each(|(o, r)| rms_norm_row(r, norm, eps, o));
+    } else {
+        normed.par_chunks_mut(hidden).zip(x.par_chunks(hidden)).for_each(|(o, r)| rms_norm_row(r, norm, eps, o));
+    }
 }
 
 /// LayerNorm of every row of `x` into `normed`.
 pub fn layer_norm_rows(x: &[f32], hidden: usize, w: &[f32], b: Option<&[f32]>, eps: f32, normed: &mut [f32]) {
-    normed.par_chunks_mut(hidden).zip(x.par_chunks(hidden)).for_each(|(o, r)| super::norm::layer_norm_row(r, w, b, eps, o));
+    if x.len() < PAR_MIN_VALUES {
+        normed.chunks_mut(hidden).zip(x.chunks(hidden)).for_each(|(o, r)| super::norm::layer_norm_row(r, w, b, eps, o));
+    } else {
+        normed.par_chunks_mut(hidden).zip(x.par_chunks(hidden)).for_each(|(o, r)| super::norm::layer_norm_row(r, w, b, eps, o));
+    }
 }
 
 #[cfg(test)]

@@ -375,19 +375,7 @@ impl Backend for CudaBackend {
             }
             crate::backend::cpu::residual::capture_rows(&normed, h, &pass.plan, &mut local, cap.position, n.slot);
         }
-        for (i, seq) in pass.plan.seqs.iter().enumerate() {
-            let dst = sink.seq_row[i];
-            for slot in 0..cap.slots {
-                match cap.position {
-                    CapturePosition::All => {
-                        for j in 0..seq.len {
-                            sink.out.row_mut(dst + j, slot).copy_from_slice(local.row(seq.start + j, slot));
-                        }
-                    }
-                    _ => sink.out.row_mut(dst, slot).copy_from_slice(local.row(i, slot)),
-                }
-            }
-        }
+        sink.absorb(&pass.plan, &local);
         Ok(())
     }
 

@@ -1,0 +1,486 @@
+//! `resid vectors`, `resid recognize`, `resid study` and `resid control`: the multilingual
+//! value-concept study (see `resid::repe`).
+use super::{load, with_engine, ModelArgs};
+use anyhow::{bail, Result};
+use clap::Args;
+use resid::engine::steer::parse_layer_list;
+use resid::repe::analysis::ResourceGroups;
+use resid::repe::cache::HiddenCache;
+use resid::repe::control::ControlSettings;
+use resid::repe::data::{self, parse_list, Split};
+use resid::repe::study::{self, ControlPlan, StudyConfig};
+use resid::repe::vectors::Method;
+use resid::backend::Backend;
+use resid::Engine;
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct PairArgs {
+    /// Prompt template wrapping every stimulus; `{input}` is replaced by it
+    /// (e.g. "[INST] {input} [/INST] " for LLaMA-2-chat).
+    #[arg(long, default_value = "{input}")]
+    template: String,
+    /// Seed of the 80/20 split, PCA sign flips and random directions.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Hidden-state cache directory (safetensors shards keyed by model, template and text).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Token budget of one packed batch.
+    #[arg(long, default_value_t = resid::engine::DEFAULT_BATCH_TOKENS)]
+    batch_tokens: usize,
+    /// No progress bars or summaries on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+pub struct VectorsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// MVALUE data directory (DIR/{concept}/{concept}_{lang}.json); needs --concept and --lang.
+    #[arg(long, conflicts_with = "train")]
+    data: Option<PathBuf>,
+    #[arg(long, requires = "data")]
+    concept: Option<String>,
+    #[arg(long, requires = "data")]
+    lang: Option<String>,
+    /// With --data: `train` uses the 80% training split, `all` every pair.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// JSONL pairs ({"pos", "neg"} per line) to fit on, instead of --data.
+    #[arg(long)]
+    train: Option<PathBuf>,
+    /// JSONL pairs to report test accuracy on (with --train).
+    #[arg(long, requires = "train")]
+    test: Option<PathBuf>,
+    /// mean-diff (default), pca or random.
+    #[arg(long, default_value = "mean-diff")]
+    method: String,
+    /// Output vector file: safetensors `directions` [L+1, hidden], `signs`, `train_accuracy`, `scale`.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Also write a llama.cpp control-vector GGUF (direction.k = hidden-state index k+1).
+    #[arg(long)]
+    gguf: Option<PathBuf>,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    pairs: PairArgs,
+}
+
+#[derive(Args)]
+pub struct RecognizeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// JSONL training pairs ({"pos", "neg"} per line, optional "scenario" or "question").
+    #[arg(long)]
+    train: PathBuf,
+    /// JSONL test pairs.
+    #[arg(long)]
+    test: PathBuf,
+    /// mean-diff (default), pca or random.
+    #[arg(long, default_value = "mean-diff")]
+    method: String,
+    /// Print one JSON object: layers, accuracy, best_layer, best_accuracy.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    pairs: PairArgs,
+}
+
+#[derive(Args)]
+pub struct ControlArgs {
+    /// Concepts to steer (default: every concept of the study; `resid control`: required).
+    #[arg(long = "control-concepts")]
+    concepts: Option<String>,
+    /// Source languages of the steering vectors.
+    #[arg(long = "control-sources", default_value = "en")]
+    sources: String,
+    /// Target languages (default: every language of the concept).
+    #[arg(long = "control-targets")]
+    targets: Option<String>,
+    /// Steered hidden-state indices, e.g. 8-12 (default: the source's best layer ± radius).
+    #[arg(long = "control-layers")]
+    layers: Option<String>,
+    #[arg(long = "control-radius", default_value_t = 2)]
+    radius: usize,
+    /// Prompts per concept and target language (the first test pairs' negative stimuli).
+    #[arg(long = "control-prompts", default_value_t = 2)]
+    prompts: usize,
+    /// Steering coefficients, in units of the source's mean pair separation per layer.
+    #[arg(long, default_value = "-2,0,2", allow_hyphen_values = true)]
+    coefs: String,
+    /// add or piecewise.
+    #[arg(long, default_value = "add")]
+    steer_op: String,
+    /// all, prompt or generated.
+    #[arg(long, default_value = "all")]
+    steer_positions: String,
+    #[arg(long)]
+    steer_preserve_norm: bool,
+    #[arg(long, default_value_t = 16)]
+    max_new_tokens: usize,
+}
+
+#[derive(Args)]
+pub struct StudyArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// MVALUE data directory: DIR/{concept}/{concept}_{lang}.json.
+    #[arg(long)]
+    data: PathBuf,
+    /// Comma-separated concepts (default: all found).
+    #[arg(long)]
+    concepts: Option<String>,
+    /// Comma-separated languages (default: all found per concept).
+    #[arg(long)]
+    langs: Option<String>,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Method behind cross-lingual matrices, consistency, transfer and control.
+    #[arg(long, default_value = "mean-diff")]
+    method: String,
+    /// High-resource languages for the transfer summary (default: en,fr,zh,es,pt,ja).
+    #[arg(long)]
+    high: Option<String>,
+    /// Low-resource languages (default: vi,ca,id,ko,fi,hu,ta,te,sw,ny).
+    #[arg(long)]
+    low: Option<String>,
+    /// Language-similarity matrix (CSV with a header row of languages) to correlate with the
+    /// cosine similarities.
+    #[arg(long)]
+    lang_similarity: Option<PathBuf>,
+    /// Skip the control experiment.
+    #[arg(long)]
+    no_control: bool,
+    /// Skip the figures.
+    #[arg(long)]
+    no_figures: bool,
+    #[command(flatten)]
+    control: ControlArgs,
+    #[command(flatten)]
+    pairs: PairArgs,
+}
+
+#[derive(Args)]
+pub struct ControlOnlyArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// MVALUE data directory.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output directory (control.json, control.csv, control_generations.jsonl, figures).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value = "mean-diff")]
+    method: String,
+    #[arg(long)]
+    no_figures: bool,
+    #[command(flatten)]
+    control: ControlArgs,
+    #[command(flatten)]
+    pairs: PairArgs,
+}
+
+fn check_batch(p: &PairArgs) -> Result<()> {
+    if p.batch_tokens == 0 {
+        bail!(resid::Error::input("--batch-tokens must be at least 1"));
+    }
+    data::check_template(&p.template)?;
+    Ok(())
+}
+
+fn stimuli(split: &Split, template: &str) -> Vec<resid::repe::cache::Stimulus> {
+    study::stimuli_of(split, template)
+}
+
+fn nonempty(split: &Split, train: &Path, test: Option<&Path>) -> Result<()> {
+    if split.train.is_empty() {
+        bail!(resid::Error::input(format!("{}: no training pairs left after dropping identical pairs", train.display())));
+    }
+    if let Some(test) = test {
+        if split.test.is_empty() {
+            bail!(resid::Error::input(format!("{}: no test pairs left after dropping identical pairs", test.display())));
+        }
+    }
+    Ok(())
+}
+
+pub fn recognize(a: RecognizeArgs) -> Result<()> {
+    check_batch(&a.pairs)?;
+    let method: Method = a.method.parse()?;
+    let split = data::explicit_split(data::load_jsonl(&a.train)?, data::load_jsonl(&a.test)?);
+    nonempty(&split, &a.train, Some(&a.test))?;
+    let any = load(&a.model)?;
+    with_engine!(&any, engine => recognize_on(engine, &a, &split, method))
+}
+
+fn recognize_on<B: Backend>(engine: &Engine<B>, a: &RecognizeArgs, split: &Split, method: Method) -> Result<()> {
+    let mut cache = HiddenCache::open(a.pairs.cache.as_deref(), engine)?;
+    cache.ensure(engine, &stimuli(split, &a.pairs.template), a.pairs.batch_tokens, a.pairs.quiet)?;
+    let train = study::reps(&cache, &split.train, &a.pairs.template)?;
+    let test = study::reps(&cache, &split.test, &a.pairs.template)?;
+    let r = study::recognize(&train, &test, method, engine.num_layers(), engine.hidden_size(), a.pairs.seed)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "layers": (1..=engine.num_layers()).collect::<Vec<_>>(),
+                "accuracy": r.accuracy,
+                "best_layer": r.best_layer,
+                "best_accuracy": r.best_accuracy,
+            })
+        );
+    } else {
+        println!("{:>5}  {:>8}  {:>8}", "layer", "train", "test");
+        for (i, (te, tr)) in r.accuracy.iter().zip(&r.train_accuracy).enumerate() {
+            println!("{:>5}  {:>8.4}  {:>8.4}", i + 1, tr, te);
+        }
+        println!(
+            "best layer {} accuracy {:.4} ({} method, {} train / {} test pairs)",
+            r.best_layer,
+            r.best_accuracy,
+            method.name(),
+            split.train.len(),
+            split.test.len()
+        );
+    }
+    Ok(())
+}
+
+fn model_hint<B: Backend>(engine: &Engine<B>) -> String {
+    std::fs::read_to_string(engine.model.dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("model_type").and_then(|m| m.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| engine.model.config.family.name().to_string())
+}
+
+pub fn vectors(a: VectorsArgs) -> Result<()> {
+    check_batch(&a.pairs)?;
+    let method: Method = a.method.parse()?;
+    if a.out.is_none() && a.gguf.is_none() {
+        bail!(resid::Error::input("give --out FILE.safetensors and/or --gguf FILE.gguf"));
+    }
+    let (split, source, label) = match (&a.data, &a.train) {
+        (Some(dir), None) => {
+            let (Some(concept), Some(lang)) = (&a.concept, &a.lang) else {
+                bail!(resid::Error::input("--data needs --concept and --lang"));
+            };
+            let pairs = data::load_mvalue(dir, concept, lang)?;
+            let file = data::mvalue_path(dir, concept, lang);
+            let split = match a.split.as_str() {
+                "train" => data::split_pairs(pairs, a.pairs.seed, data::TRAIN_FRACTION),
+                "all" => data::explicit_split(pairs, Vec::new()),
+                other => bail!(resid::Error::input(format!("--split `{other}`: expected train or all"))),
+            };
+            (split, file, vec![("concept", concept.clone()), ("lang", lang.clone())])
+        }
+        (None, Some(train)) => {
+            let test = match &a.test {
+                Some(t) => data::load_jsonl(t)?,
+                None => Vec::new(),
+            };
+            (data::explicit_split(data::load_jsonl(train)?, test), train.clone(), Vec::new())
+        }
+        _ => bail!(resid::Error::input("give --data DIR --concept C --lang L, or --train FILE.jsonl")),
+    };
+    nonempty(&split, &source, None)?;
+    for p in [&a.out, &a.gguf].into_iter().flatten() {
+        resid::io::check_writable(p)?;
+    }
+    let any = load(&a.model)?;
+    with_engine!(&any, engine => vectors_on(engine, &a, &split, method, &source, label.clone()))
+}
+
+fn vectors_on<B: Backend>(engine: &Engine<B>, a: &VectorsArgs, split: &Split, method: Method, source: &Path, label: Vec<(&'static str, String)>) -> Result<()> {
+    let mut cache = HiddenCache::open(a.pairs.cache.as_deref(), engine)?;
+    cache.ensure(engine, &stimuli(split, &a.pairs.template), a.pairs.batch_tokens, a.pairs.quiet)?;
+    let train = study::reps(&cache, &split.train, &a.pairs.template)?;
+    let test = study::reps(&cache, &split.test, &a.pairs.template)?;
+    let r = study::recognize(&train, &test, method, engine.num_layers(), engine.hidden_size(), a.pairs.seed)?;
+    let v = r.vectors.as_ref().ok_or_else(|| anyhow::anyhow!("internal: no vectors"))?;
+    let mut meta: Vec<(&str, String)> = label;
+    meta.push(("source", source.display().to_string()));
+    meta.push(("model", engine.model.dir.display().to_string()));
+    meta.push(("template", a.pairs.template.clone()));
+    meta.push(("seed", a.pairs.seed.to_string()));
+    meta.push(("train_pairs", split.train.len().to_string()));
+    let dirs = match &a.out {
+        Some(out) => study::write_vectors(out, v, &meta)?,
+        None => v.file_directions(),
+    };
+    let mut gguf_tensors = None;
+    if let Some(g) = &a.gguf {
+        gguf_tensors = Some(resid::repe::gguf::write_control_vector(g, &dirs, engine.num_layers(), engine.hidden_size(), &model_hint(engine))?);
+    }
+    let (best_train_layer, best_train) = resid::repe::recognition::best_layer(&v.train_accuracy);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "out": a.out.as_ref().map(|p| p.display().to_string()),
+                "gguf": a.gguf.as_ref().map(|p| p.display().to_string()),
+                "method": method.name(),
+                "train_pairs": split.train.len(),
+                "test_pairs": split.test.len(),
+                "layers": (1..=engine.num_layers()).collect::<Vec<_>>(),
+                "train_accuracy": v.train_accuracy,
+                "test_accuracy": if split.test.is_empty() { serde_json::Value::Null } else { serde_json::json!(r.accuracy) },
+                "best_layer": if split.test.is_empty() { best_train_layer } else { r.best_layer },
+            })
+        );
+    }
+    if !a.pairs.quiet {
+        let mut msg = format!(
+            "{} vectors from {} training pairs: best train accuracy {:.3} at layer {}",
+            method.name(),
+            split.train.len(),
+            best_train,
+            best_train_layer
+        );
+        if !split.test.is_empty() {
+            msg.push_str(&format!("; test accuracy {:.3} at layer {} ({} pairs)", r.best_accuracy, r.best_layer, split.test.len()));
+        }
+        eprintln!("{msg}");
+        if let Some(out) = &a.out {
+            eprintln!("wrote {}", out.display());
+        }
+        if let (Some(g), Some(n)) = (&a.gguf, gguf_tensors) {
+            eprintln!("wrote {} ({n} direction tensors, direction.k = hidden-state index k+1)", g.display());
+        }
+    }
+    Ok(())
+}
+
+fn control_plan(c: &ControlArgs, quiet: bool, batch_tokens: usize) -> Result<ControlPlan> {
+    let mut coefs = Vec::new();
+    for part in parse_list(&c.coefs) {
+        let v: f32 = part
+            .parse()
+            .map_err(|_| resid::Error::input(format!("--coefs `{}`: `{part}` is not a number", c.coefs)))?;
+        if !v.is_finite() {
+            bail!(resid::Error::input(format!("--coefs: `{part}` is not finite")));
+        }
+        coefs.push(v);
+    }
+    if coefs.is_empty() {
+        bail!(resid::Error::input("--coefs: no coefficients"));
+    }
+    if !coefs.contains(&0.0) {
+        coefs.insert(0, 0.0);
+    }
+    coefs.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let op: resid::SteerOp = c.steer_op.parse()?;
+    let positions: resid::SteerPositions = c.steer_positions.parse()?;
+    let sources = parse_list(&c.sources);
+    if sources.is_empty() {
+        bail!(resid::Error::input("--control-sources: no languages"));
+    }
+    Ok(ControlPlan {
+        concepts: c.concepts.as_deref().map(parse_list),
+        sources,
+        targets: c.targets.as_deref().map(parse_list),
+        layers: c.layers.as_deref().map(parse_layer_list).transpose()?,
+        radius: c.radius,
+        prompts: c.prompts,
+        settings: ControlSettings {
+            coefs,
+            op: op.name(),
+            positions: positions.name(),
+            preserve_norm: c.steer_preserve_norm,
+            max_new_tokens: c.max_new_tokens,
+            batch_tokens,
+            quiet,
+        },
+    })
+}
+
+pub fn study(a: StudyArgs) -> Result<()> {
+    check_batch(&a.pairs)?;
+    let method: Method = a.method.parse()?;
+    let mut groups = ResourceGroups::default();
+    if let Some(h) = &a.high {
+        groups.high = parse_list(h);
+    }
+    if let Some(l) = &a.low {
+        groups.low = parse_list(l);
+    }
+    let control = if a.no_control { None } else { Some(control_plan(&a.control, a.pairs.quiet, a.pairs.batch_tokens)?) };
+    let cfg = StudyConfig {
+        data: a.data.clone(),
+        concepts: a.concepts.as_deref().map(parse_list),
+        langs: a.langs.as_deref().map(parse_list),
+        out: a.out.clone(),
+        cache: a.pairs.cache.clone(),
+        template: a.pairs.template.clone(),
+        seed: a.pairs.seed,
+        method,
+        groups,
+        lang_similarity: a.lang_similarity.clone(),
+        control,
+        batch_tokens: a.pairs.batch_tokens,
+        figures: !a.no_figures,
+        quiet: a.pairs.quiet,
+    };
+    study::check_inputs(&cfg)?;
+    let any = load(&a.model)?;
+    let report = with_engine!(&any, engine => study::run_study(engine, &cfg))?;
+    if !a.pairs.quiet {
+        eprintln!(
+            "study: {} concepts, {:.1} s; wrote {}/report.md, report.json, tables/, figures/, vectors/",
+            report.concepts.len(),
+            report.timing.total_seconds,
+            a.out.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn control(a: ControlOnlyArgs) -> Result<()> {
+    check_batch(&a.pairs)?;
+    let method: Method = a.method.parse()?;
+    let Some(concepts) = a.control.concepts.as_deref().map(parse_list) else {
+        bail!(resid::Error::input("resid control needs --control-concepts (e.g. --control-concepts morality)"));
+    };
+    let plan = control_plan(&a.control, a.pairs.quiet, a.pairs.batch_tokens)?;
+    // Only the languages the experiment needs: sources and targets.
+    let langs = match &plan.targets {
+        Some(t) => {
+            let mut l = plan.sources.clone();
+            for x in t {
+                if !l.contains(x) {
+                    l.push(x.clone());
+                }
+            }
+            Some(l)
+        }
+        None => None,
+    };
+    let cfg = StudyConfig {
+        data: a.data.clone(),
+        concepts: Some(concepts),
+        langs,
+        out: a.out.clone(),
+        cache: a.pairs.cache.clone(),
+        template: a.pairs.template.clone(),
+        seed: a.pairs.seed,
+        method,
+        groups: ResourceGroups::default(),
+        lang_similarity: None,
+        control: Some(plan),
+        batch_tokens: a.pairs.batch_tokens,
+        figures: !a.no_figures,
+        quiet: a.pairs.quiet,
+    };
+    study::check_inputs(&cfg)?;
+    let any = load(&a.model)?;
+    let report = with_engine!(&any, engine => study::run_control_only(engine, &cfg))?;
+    if !a.pairs.quiet {
+        eprintln!("control: {} rows; wrote {}/control.json, control.csv, control_generations.jsonl", report.rows.len(), a.out.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,47 @@
+//! Replays the committed fuzz corpus (`fuzz/corpus/TARGET/`: seeds, and `regress-*` inputs
+//! that once crashed resid) through the same checks the fuzz targets run (`fuzz/harness.rs`),
+//! so every regression input stays a normal `cargo test`. Fuzzing itself: `scripts/fuzz.sh`.
+#[path = "../fuzz/harness.rs"]
+mod harness;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+fn replay(target: &str, check: fn(&[u8])) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target);
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
+    files.sort();
+    assert!(!files.is_empty(), "no seeds in {}", dir.display());
+    let failed: Vec<String> = files
+        .iter()
+        .filter(|f| catch_unwind(AssertUnwindSafe(|| check(&std::fs::read(f).unwrap()))).is_err())
+        .map(|f| f.display().to_string())
+        .collect();
+    harness::remove_scratch_dir();
+    assert!(failed.is_empty(), "{target}: {} of {} inputs fail: {failed:?}", failed.len(), files.len());
+}
+
+#[test]
+fn config_corpus() {
+    replay("config", harness::config);
+}
+
+#[test]
+fn safetensors_corpus() {
+    replay("safetensors", harness::safetensors);
+}
+
+#[test]
+fn tensor_check_corpus() {
+    replay("tensor_check", harness::tensor_check);
+}
+
+#[test]
+fn jsonl_corpus() {
+    replay("jsonl", harness::jsonl);
+}
+
+#[test]
+fn vectors_corpus() {
+    replay("vectors", harness::vectors);
+}
