@@ -17,6 +17,8 @@ shift || true
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(config safetensors tensor_check jsonl vectors)
 
+# libFuzzer itself is C++ (built by the libfuzzer-sys crate).
+command -v c++ >/dev/null || command -v g++ >/dev/null || { apt-get update -qq && apt-get install -y -qq g++; }
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz: installing cargo-fuzz" >&2
     cargo install --locked cargo-fuzz
