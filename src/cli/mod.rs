@@ -611,28 +611,6 @@ fn output_tensors(captured: resid::Captured, spec: &CaptureSpec) -> Vec<OutTenso
     tensors
 }
 
-fn stop_tokens<B: Backend>(engine: &Engine<B>) -> Vec<u32> {
-    let mut stops = engine.model.config.eos_token_ids.clone();
-    let gen_cfg = engine.model.dir.join("generation_config.json");
-    if let Ok(text) = std::fs::read_to_string(&gen_cfg) {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-            match v.get("eos_token_id") {
-                Some(serde_json::Value::Number(n)) => stops.extend(n.as_u64().map(|x| x as u32)),
-                Some(serde_json::Value::Array(a)) => stops.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32)),
-                _ => {}
-            }
-        }
-    }
-    if let Some(tok) = &engine.model.tokenizer {
-        if let Some(id) = tok.eos_token().and_then(|t| tok.token_id(t)) {
-            stops.push(id);
-        }
-    }
-    stops.sort_unstable();
-    stops.dedup();
-    stops
-}
-
 fn generate(a: GenerateArgs) -> Result<()> {
     let sampling = match (a.greedy, a.temperature) {
         (false, Some(t)) => {
@@ -671,7 +649,7 @@ fn generate_on<B: Backend>(engine: &Engine<B>, a: &GenerateArgs, sampling: Sampl
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         sampling,
-        stop_tokens: if a.ignore_eos { Vec::new() } else { stop_tokens(engine) },
+        stop_tokens: if a.ignore_eos { Vec::new() } else { resid::repe::control::stop_tokens(engine) },
     };
     let out = engine.generate(&prompts, &vec![steer; prompts.len()], &opts)?;
     for (g, p) in out.iter().zip(&prompts) {

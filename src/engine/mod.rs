@@ -218,13 +218,7 @@ impl<B: Backend> Engine<B> {
             }
             let batch = &seqs[start..end];
             let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
-            let mut kv_starts = Vec::with_capacity(lens.len());
-            let mut acc = 0;
-            for l in &lens {
-                kv_starts.push(acc);
-                acc += l;
-            }
-            let plan = BatchPlan::new(&lens, &vec![0; lens.len()], &kv_starts);
+            let plan = BatchPlan::fresh(&lens);
             let ids: Vec<u32> = batch.iter().flatten().copied().collect();
             let seq_row = match spec.position {
                 CapturePosition::All => (start..end).map(|i| out.offsets[i]).collect(),
@@ -254,15 +248,9 @@ impl<B: Backend> Engine<B> {
             self.check_tokens(ids, &format!("sequence {}", i + 1))?;
         }
         let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
-        let mut kv_starts = Vec::new();
-        let mut acc = 0;
-        for l in &lens {
-            kv_starts.push(acc);
-            acc += l;
-        }
-        let plan = BatchPlan::new(&lens, &vec![0; lens.len()], &kv_starts);
+        let plan = BatchPlan::fresh(&lens);
         let ids: Vec<u32> = seqs.iter().flatten().copied().collect();
-        let mut kv = self.backend.kv(1, acc, self.kv_dim())?;
+        let mut kv = self.backend.kv(1, plan.rows(), self.kv_dim())?;
         let none = vec![None; seqs.len()];
         let logits = self.forward(
             &mut kv,

@@ -46,6 +46,17 @@ impl BatchPlan {
         plan
     }
 
+    /// Fresh sequences (nothing cached) laid out back to back in a KV arena of their own.
+    pub fn fresh(lens: &[usize]) -> Self {
+        let mut kv_starts = Vec::with_capacity(lens.len());
+        let mut acc = 0;
+        for l in lens {
+            kv_starts.push(acc);
+            acc += l;
+        }
+        Self::new(lens, &vec![0; lens.len()], &kv_starts)
+    }
+
     pub fn rows(&self) -> usize {
         self.positions.len()
     }

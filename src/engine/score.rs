@@ -107,13 +107,7 @@ impl<B: Backend> Engine<B> {
             }
             let batch = &seqs[start..end];
             let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
-            let mut kv_starts = Vec::with_capacity(lens.len());
-            let mut acc = 0;
-            for l in &lens {
-                kv_starts.push(acc);
-                acc += l;
-            }
-            let plan = BatchPlan::new(&lens, &vec![0; lens.len()], &kv_starts);
+            let plan = BatchPlan::fresh(&lens);
             let mut logit_rows = Vec::with_capacity(rows);
             for (k, span) in plan.seqs.iter().enumerate() {
                 for t in from[start + k]..lens[k] {
