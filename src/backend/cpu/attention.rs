@@ -49,6 +49,8 @@ pub fn attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan
     }
     let ptr = OutPtr(out.as_mut_ptr());
     let run = |&(s, g, row0, nrows): &(usize, usize, usize, usize)| {
+        // The whole wrapper, not its raw-pointer field, is what the closure must capture.
+        #[allow(clippy::redundant_locals)]
         let ptr = ptr;
         // SAFETY: rows row0..row0+nrows, heads of group g: disjoint between tasks.
         unsafe {

@@ -15,9 +15,11 @@
 //! however many threads run. In f32, the AVX-512, AVX2 and portable paths even agree bit for bit
 //! (they issue the same FMA chain); the bf16 path differs (it rounds its inputs).
 //!
-//! Work is split along N (panel groups) and along T (blocks of rows sized to stay in L2), over
-//! rayon's persistent pool; nothing is allocated per call on the f32 path (the bf16 path reuses
-//! a per-thread scratch buffer for the converted activations).
+//! Activations are packed once per call into micro-panels of 8 rows (`[k][8]`, 8×8 transposes),
+//! so a kernel reads one contiguous activation stream and one weight stream. Work is split along
+//! N (panel groups) and along T (blocks of rows sized to stay in L2) over rayon's persistent
+//! pool. The packed activations (and, for bf16, the converted ones) live in per-thread scratch
+//! buffers that are reused: nothing is allocated per call once they have grown.
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::sync::OnceLock;
@@ -187,6 +189,8 @@ impl PackedMatrix {
         let buf = AlignedBuf::zeroed(panels * panel_bytes);
         let base = SendPtr(buf.ptr);
         let fill = |p: usize| {
+            // The whole wrapper, not its raw-pointer field, is what the closure must capture.
+            #[allow(clippy::redundant_locals)]
             let base = base;
             let rows = (n - p * NR).min(NR);
             // SAFETY: panel p owns bytes [p·panel_bytes, (p+1)·panel_bytes).
@@ -457,6 +461,7 @@ fn drive(tokens: usize, kdepth: usize, src: Src, w: &PackedMatrix, mr_max: usize
         }
         let a = Src(buf.as_ptr());
         let task = |i: usize| {
+            #[allow(clippy::redundant_locals)]
             let a = a;
             let (mb, gi) = (i / ngroups, i % ngroups);
             let (m0, m1) = (mb * mc, ((mb + 1) * mc).min(tokens));
@@ -548,6 +553,7 @@ unsafe fn portable_f32(a: *const f32, b: *const f32, pstride: usize, k: usize, t
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
 mod simd512 {
     use super::{Out, NR};
     use std::arch::x86_64::*;
@@ -719,6 +725,7 @@ mod simd512 {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
 pub(crate) mod simd256 {
     use super::{Out, NR};
     use std::arch::x86_64::*;
@@ -1079,6 +1086,7 @@ mod tests {
                 let p = PackedMatrix::pack(&pseudo(n * k, 2), n, k, compute);
                 let mut y = vec![0f32; t * n];
                 let reps = (4e9 / (2.0 * (t * n * k) as f64)).ceil() as usize;
+                gemm(&x, t, &p, None, &mut y, false);
                 let c0 = thread_cpu_ns();
                 for _ in 0..reps {
                     gemm(&x, t, &p, None, &mut y, false);

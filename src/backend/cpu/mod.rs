@@ -79,6 +79,13 @@ fn bf16_everywhere() -> bool {
     *ALL.get_or_init(|| std::env::var("RESID_CPU_BF16").map(|v| v == "all").unwrap_or(false))
 }
 
+/// A KV arena base pointer shared by the row tasks of one pass (each writes its own slot).
+#[derive(Clone, Copy)]
+struct RowPtr(*mut f32);
+// SAFETY: tasks write disjoint slots.
+unsafe impl Send for RowPtr {}
+unsafe impl Sync for RowPtr {}
+
 pub struct CpuMatrix {
     /// The original values (`[rows, cols]`), or empty once packed when they were an owned copy
     /// (stacked or converted weights): the packed panels then are the only copy.
@@ -262,10 +269,14 @@ impl Backend for CpuBackend {
         let (half, hd) = (rope.half, heads.head_dim);
         let (qd, kvd) = (heads.q_heads * hd, heads.kv_heads * hd);
         let l = kv.layer(layer);
-        let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
-        let mut row = vec![0f32; qkv.cols];
-        for r in 0..qkv.rows {
-            row.copy_from_slice(&qkv.data[r * qkv.cols..(r + 1) * qkv.cols]);
+        let cols = qkv.cols;
+        let cache_len = kv.k[l].len();
+        let (kc, vc) = (RowPtr(kv.k[l].as_mut_ptr()), RowPtr(kv.v[l].as_mut_ptr()));
+        // One row: bias, per-head Q/K norm, rotation; q to its row, k and v to the row's slot.
+        let one = |scratch: &mut (Vec<f32>, Vec<f32>), r: usize, qrow: &mut [f32]| {
+            let (kc, vc) = (kc, vc);
+            let (row, head) = scratch;
+            row.copy_from_slice(&qkv.data[r * cols..(r + 1) * cols]);
             if let Some(b) = bias {
                 row.iter_mut().zip(b.iter()).for_each(|(x, b)| *x += b);
             }
@@ -273,11 +284,10 @@ impl Backend for CpuBackend {
             let (qpart, rest) = row.split_at_mut(qd);
             let (kpart, vpart) = rest.split_at_mut(kvd);
             if let Some((qn, kn, eps)) = qk_norm {
-                let mut head = vec![0f32; hd];
                 for (part, w) in [(&mut *qpart, qn), (&mut *kpart, kn)] {
                     for chunk in part.chunks_exact_mut(hd) {
-                        norm::rms_norm_row(chunk, w, eps, &mut head);
-                        chunk.copy_from_slice(&head);
+                        norm::rms_norm_row(chunk, w, eps, head);
+                        chunk.copy_from_slice(head);
                     }
                 }
             }
@@ -285,10 +295,21 @@ impl Backend for CpuBackend {
                 rope::rotate_row(qpart, heads.q_heads, hd, cos, sin);
                 rope::rotate_row(kpart, heads.kv_heads, hd, cos, sin);
             }
-            q.data[r * qd..(r + 1) * qd].copy_from_slice(qpart);
+            qrow.copy_from_slice(qpart);
             let slot = plan.seqs[plan.row_seq[r] as usize].kv_start + plan.positions[r] as usize;
-            k_cache[slot * kvd..(slot + 1) * kvd].copy_from_slice(kpart);
-            v_cache[slot * kvd..(slot + 1) * kvd].copy_from_slice(vpart);
+            assert!((slot + 1) * kvd <= cache_len, "KV slot {slot} outside the arena");
+            // SAFETY: in bounds (checked); every row of a pass has its own slot.
+            unsafe {
+                std::ptr::copy_nonoverlapping(kpart.as_ptr(), kc.0.add(slot * kvd), kvd);
+                std::ptr::copy_nonoverlapping(vpart.as_ptr(), vc.0.add(slot * kvd), kvd);
+            }
+        };
+        let scratch = || (vec![0f32; cols], vec![0f32; hd]);
+        if qkv.rows * cols < residual::PAR_MIN_VALUES {
+            let mut s = scratch();
+            q.data.chunks_mut(qd).enumerate().for_each(|(r, qrow)| one(&mut s, r, qrow));
+        } else {
+            q.data.par_chunks_mut(qd).enumerate().for_each_init(scratch, |s, (r, qrow)| one(s, r, qrow));
         }
         Ok(())
     }

@@ -134,7 +134,8 @@ pub struct CudaPass {
     cu_seqlens: CudaSlice<i32>,
     kv_start: CudaSlice<i32>,
     kv_len: CudaSlice<i32>,
-    inv_freq: CudaSlice<f32>,
+    /// Rotary inverse frequencies; None for ALiBi models (the kernel then rotates nothing).
+    inv_freq: Option<CudaSlice<f32>>,
     max_q_len: usize,
     max_kv_len: usize,
     decode: bool,
@@ -344,7 +345,8 @@ impl Backend for CudaBackend {
             cu_seqlens: self.upload(&cu)?,
             kv_start: self.upload(&i32s(plan.seqs.iter().map(|s| s.kv_start)))?,
             kv_len: self.upload(&i32s(plan.seqs.iter().map(|s| s.past + s.len)))?,
-            inv_freq: self.upload(inv_freq)?,
+            // An empty table must reach the kernel as null: a non-null pointer means "rotate".
+            inv_freq: if inv_freq.is_empty() { None } else { Some(self.upload(inv_freq)?) },
             max_q_len: plan.seqs.iter().map(|s| s.len).max().unwrap_or(0),
             max_kv_len: plan.seqs.iter().map(|s| s.past + s.len).max().unwrap_or(0),
             decode: plan.seqs.iter().all(|s| s.len == 1),
@@ -467,7 +469,12 @@ impl Backend for CudaBackend {
             Some(bias) => b.arg(&bias.bf16),
             None => b.arg(&null),
         };
-        b.arg(&pass.positions).arg(&pass.inv_freq).arg(&mscale).arg(&rot).arg(&pass.kv_slot).arg(q_s).arg(k_cache).arg(v_cache);
+        b.arg(&pass.positions);
+        match &pass.inv_freq {
+            Some(f) => b.arg(f),
+            None => b.arg(&null),
+        };
+        b.arg(&mscale).arg(&rot).arg(&pass.kv_slot).arg(q_s).arg(k_cache).arg(v_cache);
         b.arg(&t).arg(&nq).arg(&nkv).arg(&hd);
         // SAFETY: argument list follows kernels/rope.cu.
         unsafe { b.launch(cfg((pass.rows as u32, 1, 1), 256)) }.map_err(|e| Error::Device(format!("kernel rope_qkv launch: {e}")))?;
