@@ -251,18 +251,30 @@ unsafe fn block_avx512_tiled(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads:
                     *sc = *sc * scale + alibi.map_or(0.0, |a| a[h] * ((t0 + j) as f32 - pos as f32));
                     tile_max = tile_max.max(*sc);
                 }
-                let m_new = m[qi].max(tile_max);
-                let corr = if m[qi] == f32::NEG_INFINITY { 0.0 } else { (m[qi] - m_new).exp() };
-                let sum = super::vmath::avx512::exp_sub_sum(&mut scores[..n], m_new);
-                l[qi] = l[qi] * corr + sum;
-                m[qi] = m_new;
-                let oq = &mut o[qi * hd..(qi + 1) * hd];
                 let vbase = v_cache[(seq.kv_start + t0) * kvd + g * hd..].as_ptr();
-                Avx512::scale_accumulate(oq, corr, &scores[..n], vbase, kvd);
+                online_update::<Avx512>(&mut scores[..n], tile_max, &mut m[qi], &mut l[qi], &mut o[qi * hd..(qi + 1) * hd], vbase, kvd);
             }
         }
         t0 += KEY_TILE;
     }
+    write_rows(&o, &l, out, row0, nrows, g, group, qd, hd);
+}
+
+/// One key tile of the online softmax for one (row, head): rescale the running output by the
+/// change of maximum, add this tile's probabilities times V.
+#[inline(always)]
+unsafe fn online_update<O: Ops>(scores: &mut [f32], tile_max: f32, m: &mut f32, l: &mut f32, o: &mut [f32], v: *const f32, stride: usize) {
+    let m_new = m.max(tile_max);
+    let corr = if *m == f32::NEG_INFINITY { 0.0 } else { (*m - m_new).exp() };
+    let sum = O::exp_sub_sum(scores, m_new);
+    *l = *l * corr + sum;
+    *m = m_new;
+    O::scale_accumulate(o, corr, scores, v, stride);
+}
+
+/// Writes the normalised outputs `o / l` of a block's rows × query heads of KV head `g`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn write_rows(o: &[f32], l: &[f32], out: *mut f32, row0: usize, nrows: usize, g: usize, group: usize, qd: usize, hd: usize) {
     for i in 0..nrows {
         for hq in 0..group {
             let (h, qi) = (g * group + hq, i * group + hq);
@@ -330,28 +342,13 @@ unsafe fn block<O: Ops>(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
                     *sc = O::dot(qv, kv) * scale + alibi.map_or(0.0, |a| a[h] * (key as f32 - pos as f32));
                     tile_max = tile_max.max(*sc);
                 }
-                let m_new = m[qi].max(tile_max);
-                let corr = if m[qi] == f32::NEG_INFINITY { 0.0 } else { (m[qi] - m_new).exp() };
-                let sum = O::exp_sub_sum(&mut scores[..n], m_new);
-                l[qi] = l[qi] * corr + sum;
-                m[qi] = m_new;
-                let oq = &mut o[qi * hd..(qi + 1) * hd];
                 let vbase = v_cache[(seq.kv_start + t0) * kvd + g * hd..].as_ptr();
-                O::scale_accumulate(oq, corr, &scores[..n], vbase, kvd);
+                online_update::<O>(&mut scores[..n], tile_max, &mut m[qi], &mut l[qi], &mut o[qi * hd..(qi + 1) * hd], vbase, kvd);
             }
         }
         t0 += KEY_TILE;
     }
-    for i in 0..nrows {
-        for hq in 0..group {
-            let (h, qi) = (g * group + hq, i * group + hq);
-            let inv = 1.0 / l[qi];
-            let dst = out.add((row0 + i) * qd + h * hd);
-            for (d, &v) in o[qi * hd..(qi + 1) * hd].iter().enumerate() {
-                *dst.add(d) = v * inv;
-            }
-        }
-    }
+    write_rows(&o, &l, out, row0, nrows, g, group, qd, hd);
 }
 
 #[cfg(test)]
