@@ -99,8 +99,9 @@ fn bench_residual(c: &mut Criterion) {
         let mut normed = vec![0f32; rows * H];
         let mut cap = Captured::new(plan.seqs.len(), 1, H, Vec::new());
         let steer = PointSteering {
+            index: 1,
             row_slot: vec![0; rows],
-            slots: vec![SlotSteer { vector: &vector, coef: 1e-6, op: SteerOp::Add, preserve_norm: false }],
+            slots: vec![SlotSteer { vector: &vector, coef: 1e-6, op: SteerOp::Add, preserve_norm: false, table: None }],
         };
         g.bench_function(variant, |b| {
             b.iter(|| {
@@ -130,7 +131,7 @@ fn bench_layer(c: &mut Criterion) {
         let rows = seqs * len;
         let plan = BatchPlan::new(&vec![len; seqs], &vec![0; seqs], &(0..seqs).map(|i| i * len).collect::<Vec<_>>());
         let mut kv = be.kv(1, rows, kvd).unwrap();
-        let mut pass = be.begin_pass(&plan, &inv_freq, Some(CaptureLayout { slots: 1, position: CapturePosition::Last }), H).unwrap();
+        let mut pass = be.begin_pass(&plan, &inv_freq, Some(CaptureLayout { slots: 1, position: CapturePosition::Last }), &[], H).unwrap();
         let act = |cols| be.act(rows, cols, ActKind::Hidden).unwrap();
         let mut x = be.act(rows, H, ActKind::Residual).unwrap();
         x.data.copy_from_slice(&data(rows * H, 15));

@@ -5,7 +5,9 @@
 // each sub-layer, once the sub-layer's output GEMM has accumulated into the
 // residual (cuBLASLt epilogue, beta = 1). Mean capture is NOT done here: see
 // mean_capture.cu (deterministic, no atomics), which the host launches right
-// after this kernel when a mean capture is requested at this point.
+// after this kernel when a mean capture is requested at this point. Nor is
+// the f32 capture of the normalised rows (hidden-state index L): see
+// capture_norm.cu, launched after this kernel at the final point.
 //
 // Entry points (identical argument lists):
 //   fused_residual_rms  -- norm = RMSNorm   (norm_b ignored)
@@ -16,11 +18,7 @@
 //   int           T            rows (tokens)
 //   int           H            hidden size, H <= 16 * blockDim.x (<= 16384)
 //   const int*    steer_slot   [T] slot index or -1 (no steering); null = none
-//   const float*  steer_vecs   [nslots, H] f32 steering vectors
-//   const float*  steer_coefs  [nslots] f32 coefficients
-//   const int*    steer_mode   [nslots] bit 0: sign-aware add (RepE
-//                              piecewise_linear), bit 1: preserve L2 norm;
-//                              null = all slots plain add
+//   const steer_slot_t* steer_table [nslots] one descriptor per slot (below)
 //   const int*    capture_row  [T] row in capture_buf or -1; null = none
 //   float*        capture_buf  [ncap, H] f32
 //   const bf16_t* norm_w       [H] bf16 norm weight
@@ -33,13 +31,21 @@
 //   function of H only (never of T) so results do not depend on the batch.
 //   Shared memory: static only (< 1 KiB). Traps if H > 16 * B.
 //   f32 row pointers must be 16-byte aligned and bf16 ones 8-byte aligned
-//   (cudaMalloc bases) -- the float4 path is used when H % 4 == 0.
+//   (cudaMalloc bases) -- the float4 path is used when H % 4 == 0. That
+//   includes each slot's steering vector.
+//
+// steer_slot_t, 16 bytes, 16-byte aligned, little-endian as the host writes it:
+//   bytes  0..8   const float* vec  [H] f32 steering vector (any allocation:
+//                 the host keeps vectors resident across passes)
+//   bytes  8..12  float coef
+//   bytes 12..16  int   mode  bit 0: sign-aware add (RepE piecewise_linear),
+//                             bit 1: preserve L2 norm
 //
 // CPU reference, per row t (h = resid[t, :], f32; "sum" = f32 sum, order
 // unspecified; fmaf = single-rounding fused multiply-add):
 //   s = steer_slot[t]
 //   if s >= 0:
-//     v = steer_vecs[s, :], c = steer_coefs[s], m = steer_mode[s] (0 if null)
+//     v = steer_table[s].vec[0:H], c = steer_table[s].coef, m = steer_table[s].mode
 //     n0 = sqrtf(sum_i h_i^2)                      (only needed if m & 2)
 //     k  = (m & 1) ? c * sign(sum_i h_i * v_i) : c (sign(0) = 0)
 //     h_i = fmaf(k, v_i, h_i)
@@ -51,11 +57,16 @@
 // would use sign(dot(h, c*v)); here the sign is of dot(h, v) by spec.)
 #include "rownorm.cuh"
 
+struct __align__(16) steer_slot_t {
+    const float* vec;
+    float coef;
+    int mode;
+};
+
 template <int NORM, bool AL>
 __device__ __forceinline__ void fused_residual_body(
     float* __restrict__ resid, int H, int t,
-    const int* __restrict__ steer_slot, const float* __restrict__ steer_vecs,
-    const float* __restrict__ steer_coefs, const int* __restrict__ steer_mode,
+    const int* __restrict__ steer_slot, const steer_slot_t* __restrict__ steer_table,
     const int* __restrict__ capture_row, float* __restrict__ capture_buf,
     const bf16_t* __restrict__ norm_w, const bf16_t* __restrict__ norm_b, float eps,
     bf16_t* __restrict__ norm_out) {
@@ -66,9 +77,10 @@ __device__ __forceinline__ void fused_residual_body(
 
     const int slot = steer_slot != nullptr ? steer_slot[t] : -1;  // block-uniform
     if (slot >= 0) {
-        const float* v = steer_vecs + (size_t)slot * H;
-        const float c = steer_coefs[slot];
-        const int mode = steer_mode != nullptr ? steer_mode[slot] : 0;
+        const steer_slot_t desc = steer_table[slot];
+        const float* v = desc.vec;
+        const float c = desc.coef;
+        const int mode = desc.mode;
         const bool sign_aware = (mode & 1) != 0;
         const bool keep_norm = (mode & 2) != 0;
         float n0sq = 0.0f, dot = 0.0f;
@@ -125,37 +137,32 @@ __device__ __forceinline__ void fused_residual_body(
 
 template <int NORM>
 __device__ __forceinline__ void fused_residual_dispatch(
-    float* resid, int T, int H, const int* steer_slot, const float* steer_vecs,
-    const float* steer_coefs, const int* steer_mode, const int* capture_row,
-    float* capture_buf, const bf16_t* norm_w, const bf16_t* norm_b, float eps,
-    bf16_t* norm_out) {
+    float* resid, int T, int H, const int* steer_slot, const steer_slot_t* steer_table,
+    const int* capture_row, float* capture_buf, const bf16_t* norm_w, const bf16_t* norm_b,
+    float eps, bf16_t* norm_out) {
     row_guard(H);
     const int t = blockIdx.x;
     if (t >= T) return;
     if ((H & 3) == 0)
-        fused_residual_body<NORM, true>(resid, H, t, steer_slot, steer_vecs, steer_coefs, steer_mode,
-                                     capture_row, capture_buf, norm_w, norm_b, eps, norm_out);
+        fused_residual_body<NORM, true>(resid, H, t, steer_slot, steer_table, capture_row,
+                                        capture_buf, norm_w, norm_b, eps, norm_out);
     else
-        fused_residual_body<NORM, false>(resid, H, t, steer_slot, steer_vecs, steer_coefs, steer_mode,
-                                     capture_row, capture_buf, norm_w, norm_b, eps, norm_out);
+        fused_residual_body<NORM, false>(resid, H, t, steer_slot, steer_table, capture_row,
+                                         capture_buf, norm_w, norm_b, eps, norm_out);
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
-fused_residual_rms(float* resid, int T, int H, const int* steer_slot, const float* steer_vecs,
-                   const float* steer_coefs, const int* steer_mode, const int* capture_row,
-                   float* capture_buf, const bf16_t* norm_w, const bf16_t* norm_b, float eps,
-                   bf16_t* norm_out) {
-    fused_residual_dispatch<RESID_NORM_RMS>(resid, T, H, steer_slot, steer_vecs, steer_coefs,
-                                            steer_mode, capture_row, capture_buf, norm_w, norm_b,
-                                            eps, norm_out);
+fused_residual_rms(float* resid, int T, int H, const int* steer_slot,
+                   const steer_slot_t* steer_table, const int* capture_row, float* capture_buf,
+                   const bf16_t* norm_w, const bf16_t* norm_b, float eps, bf16_t* norm_out) {
+    fused_residual_dispatch<RESID_NORM_RMS>(resid, T, H, steer_slot, steer_table, capture_row,
+                                            capture_buf, norm_w, norm_b, eps, norm_out);
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
-fused_residual_ln(float* resid, int T, int H, const int* steer_slot, const float* steer_vecs,
-                  const float* steer_coefs, const int* steer_mode, const int* capture_row,
-                  float* capture_buf, const bf16_t* norm_w, const bf16_t* norm_b, float eps,
-                  bf16_t* norm_out) {
-    fused_residual_dispatch<RESID_NORM_LAYER>(resid, T, H, steer_slot, steer_vecs, steer_coefs,
-                                              steer_mode, capture_row, capture_buf, norm_w, norm_b,
-                                              eps, norm_out);
+fused_residual_ln(float* resid, int T, int H, const int* steer_slot,
+                  const steer_slot_t* steer_table, const int* capture_row, float* capture_buf,
+                  const bf16_t* norm_w, const bf16_t* norm_b, float eps, bf16_t* norm_out) {
+    fused_residual_dispatch<RESID_NORM_LAYER>(resid, T, H, steer_slot, steer_table, capture_row,
+                                              capture_buf, norm_w, norm_b, eps, norm_out);
 }

@@ -12,7 +12,9 @@
 # CPU backend); bf16 GEMM rate and copy bandwidth (torch); random-weight Llama-2-7B and 1B models
 # (bf16 safetensors written here with torch); the same token workload through Hugging Face
 # transformers as the paper's code uses it and through `resid extract --device cuda`; decode
-# tokens/s (batch 1 and 32, unsteered and steered) through `resid bench` when the binary has it.
+# tokens/s (batch 1 and 32, unsteered and steered) and the cost of steering and of capture
+# (`resid bench --workload steer`: batch 16, every index, prefill and decode) through
+# `resid bench` when the binary has it.
 # Everything lands in OUTDIR as JSON (gpu-check.json collects it), with a short table last.
 # Sizes: GPU_CHECK_SEQS_1B (default 2048) and GPU_CHECK_SEQS_7B (default 512) sequences of
 # 16..512 tokens. Budget: under 8 minutes on one H100.
@@ -84,6 +86,8 @@ PYEOF
             log "$model: decode batch $b"
             timeout 120 "$RESID" bench --model "$dir" --device cuda --workload decode --batch "$b" --steps 64 --json > "$OUT/decode-$model-b$b.json" 2>> "$OUT/gpu-check.log" || log "decode b$b failed"
         done
+        log "$model: steering and capture overheads (batch 16)"
+        timeout 120 "$RESID" bench --model "$dir" --device cuda --workload steer --batch 16 --steps 20 --json > "$OUT/steer-$model.json" 2>> "$OUT/gpu-check.log" || log "steer overheads failed"
     else
         log "this resid binary has no bench command: decode benchmarks skipped"
     fi

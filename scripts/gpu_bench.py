@@ -135,12 +135,19 @@ def summary(outdir):
     for model in SHAPES:
         hf, rs = load(f"hf-{model}.json"), load(f"resid-{model}.json")
         dec = {b: load(f"decode-{model}-b{b}.json") for b in (1, 32)}
-        doc["runs"][model] = {"hf": hf, "resid": rs, "decode": dec}
+        steer = load(f"steer-{model}.json")
+        doc["runs"][model] = {"hf": hf, "resid": rs, "decode": dec, "steer": steer}
         if hf and rs:
             rows.append(f"{model:<10} extract  resid {rs['tokens_per_s']:>9.0f} tok/s  HF {hf['tokens_per_s']:>9.0f} tok/s  ratio {rs['tokens_per_s'] / hf['tokens_per_s']:.2f}x")
         for b, d in dec.items():
             if d:
                 rows.append(f"{model:<10} decode b{b:<2} " + ", ".join(f"{k} {v:.4g}" for k, v in d.items() if isinstance(v, (int, float))))
+        for phase in ("prefill", "decode"):
+            p = (steer or {}).get(phase)
+            if p:
+                rows.append(f"{model:<10} {phase:<7} plain {p['plain_ms_median']:.3f} ms, steering {100 * p['steering_overhead']:+.1f}% "
+                            f"(paired {100 * p['steering_overhead_paired_median']:+.1f}%), capture {100 * p['capture_overhead']:+.1f}% "
+                            f"(paired {100 * p['capture_overhead_paired_median']:+.1f}%)")
     json.dump(doc, open(os.path.join(outdir, "gpu-check.json"), "w"), indent=1)
     st = doc["selftest"]
     print("\n== gpu-check summary ==")

@@ -25,7 +25,10 @@ tiny-llama-f16 (f16 weights, MQA), tiny-qwen2 (Qwen2ForCausalLM: GQA, q/k/v bias
 tiny-qwen3 (Qwen3ForCausalLM: q_norm/k_norm, tied, bf16 weights), tiny-bloom (BloomForCausalLM: 5 heads, i.e. ALiBi
 slopes for a head count that is not a power of two), tiny-bloom-postln (6 heads,
 apply_residual_connection_post_layernorm), smollm2-135m (the real model in models/smollm2-135m, produced by
-scripts/fetch-model.sh smollm2-135m; skipped with a warning if it is missing).
+scripts/fetch-model.sh smollm2-135m; skipped with a warning if it is missing), and recognition-smollm2 (mean-diff
+recognition accuracy per layer computed here with numpy from SmolLM2's HF hidden states on data/values, 7 concepts x
+en/fr: tests/fixtures/golden/recognition-smollm2.json plus the train/test JSONL split it drew, under
+tests/fixtures/golden/recognition-smollm2/).
 The bf16 / f16 models are always *computed* in float32 (f32 compute on rounded weights).  The non-Llama tiny models'
 JSON also has "family", "architecture" and "semantics" (notes on the HF behaviour the Rust side must match; for BLOOM
 checked against an independent float64 re-implementation at generation time).
@@ -1054,6 +1057,101 @@ def do_smollm2(gguf_arg, check_gguf: bool, coef: float):
                      steer_seed=3000, extra_meta=extra, tokenizer=tok)
 
 
+RECOGNITION_NAME = "recognition-smollm2"
+RECOGNITION_CONCEPTS = ["morality", "deontology", "utilitarianism", "fairness", "truthfulness", "toxicity", "harmfulness"]
+RECOGNITION_LANGS = ["en", "fr"]
+RECOGNITION_SEED = 2024
+
+
+def recognition_stimulus(concept: str, entry: dict, text: str) -> str:
+    """The paper's stimulus construction, written here from its description (not from resid)."""
+    if concept == "deontology":
+        return entry["scenario"] + " " + text
+    if concept == "truthfulness":
+        return "Question: " + entry["question"] + " Answer: " + text
+    return text
+
+
+@torch.no_grad()
+def do_recognition():
+    """Mean-diff recognition accuracies per layer computed from HF hidden states, on a split this
+    script draws itself (numpy) and writes as JSONL, so that resid's `recognize --train --test`
+    reads exactly the same pairs."""
+    from transformers import AutoTokenizer
+
+    if not os.path.exists(os.path.join(SMOLLM2_DIR, "model.safetensors")):
+        log(f"  WARNING: {rel(SMOLLM2_DIR)}/model.safetensors missing (run scripts/fetch-model.sh smollm2-135m); skipping")
+        return None
+    tok = AutoTokenizer.from_pretrained(SMOLLM2_DIR)
+    model = load_model(SMOLLM2_DIR)
+    out_dir = os.path.join(GOLDEN_DIR, RECOGNITION_NAME)
+    os.makedirs(out_dir, exist_ok=True)
+    n_layers = model.config.num_hidden_layers
+
+    def last_token_states(text: str) -> np.ndarray:
+        ids = torch.tensor([tok(text)["input_ids"]], dtype=torch.long)
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+        # HF indexing: hidden_states[l] for l = 1..L (index L is after the final norm).
+        return np.stack([hs[l][0, -1].double().numpy() for l in range(1, n_layers + 1)])
+
+    cases = []
+    files = {}
+    lengths = []
+    for concept in RECOGNITION_CONCEPTS:
+        for lang in RECOGNITION_LANGS:
+            src = os.path.join(REPO, "data", "values", concept, f"{concept}_{lang}.json")
+            with open(src, encoding="utf-8") as f:
+                groups = json.load(f)
+            entries = [(g, i, e) for g, items in groups.items() for i, e in items.items()]
+            entries = [x for x in entries if x[2]["pos"] != x[2]["neg"]]
+            perm = np.random.default_rng(RECOGNITION_SEED).permutation(len(entries))
+            n_train = int(0.8 * len(entries))
+            split = {"train": [entries[k] for k in perm[:n_train]], "test": [entries[k] for k in perm[n_train:]]}
+            reps = {}
+            for part, items in split.items():
+                path = os.path.join(out_dir, f"{concept}_{lang}.{part}.jsonl")
+                with open(path, "w", encoding="utf-8") as f:
+                    for g, i, e in items:
+                        f.write(json.dumps({"id": f"{g}/{i}", **e}, ensure_ascii=False) + "\n")
+                files[rel(path)] = os.path.getsize(path)
+                pos, neg = [], []
+                for _, _, e in items:
+                    sp = recognition_stimulus(concept, e, e["pos"])
+                    sn = recognition_stimulus(concept, e, e["neg"])
+                    lengths.append(len(tok(sp)["input_ids"]))
+                    pos.append(last_token_states(sp))
+                    neg.append(last_token_states(sn))
+                reps[part] = (np.stack(pos), np.stack(neg))  # [pairs, L, hidden]
+            (tp, tn), (sp_, sn_) = reps["train"], reps["test"]
+            acc, margins_min = [], []
+            for l in range(n_layers):
+                d = (tp[:, l] - tn[:, l]).mean(axis=0)
+                d = d / np.linalg.norm(d)
+                train_margin = (tp[:, l] - tn[:, l]) @ d
+                sign = -1.0 if (train_margin < 0).sum() > (train_margin > 0).sum() else 1.0
+                margin = sign * ((sp_[:, l] - sn_[:, l]) @ d)
+                acc.append(float((margin >= 0).mean()))
+                margins_min.append(float(np.abs(margin).min() / np.abs(sign * train_margin).mean()))
+            best = int(np.argmax(acc))
+            cases.append({"concept": concept, "lang": lang, "n_train": len(split["train"]), "n_test": len(split["test"]),
+                          "accuracy": acc, "best_layer": best + 1, "best_accuracy": acc[best],
+                          "closest_test_margin_rel": margins_min})
+            log(f"  {concept}_{lang}: train {len(split['train'])}, test {len(split['test'])}, best {acc[best]:.3f} @ {best + 1}, "
+                f"mean {np.mean(acc):.3f}, closest relative margin {min(margins_min):.2e}")
+    meta = {"name": RECOGNITION_NAME, "model_dir": rel(SMOLLM2_DIR), "method": "mean-diff", "template": "{input}",
+            "split": f"numpy default_rng({RECOGNITION_SEED}).permutation over the non-identical pairs; first int(0.8 n) train",
+            "direction": "unit(mean over train pairs of pos - neg), float64 from float32 hidden states; sign by train-pair majority (ties +)",
+            "accuracy": "fraction of test pairs with <pos - neg, signed direction> >= 0",
+            "hidden_states": "HF output_hidden_states[l][0, -1], l = 1..L, one sequence at a time, float32",
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+            "cases": cases}
+    path = os.path.join(GOLDEN_DIR, f"{RECOGNITION_NAME}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+    files[rel(path)] = os.path.getsize(path)
+    return {"name": RECOGNITION_NAME, "lengths": lengths, "files": files}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", default=[],
@@ -1069,7 +1167,7 @@ def main():
     import transformers
 
     log(f"torch {torch.__version__}, transformers {transformers.__version__}, python {sys.version.split()[0]}")
-    names = args.only or list(TINY_SPECS) + ["smollm2-135m"]
+    names = args.only or list(TINY_SPECS) + ["smollm2-135m", RECOGNITION_NAME]
     results = []
     for name in names:
         log(f"== {name}")
@@ -1079,8 +1177,12 @@ def main():
             r = do_smollm2(args.gguf, not args.no_gguf_check, args.smollm2_coef)
             if r:
                 results.append(r)
+        elif name == RECOGNITION_NAME:
+            r = do_recognition()
+            if r:
+                results.append(r)
         else:
-            sys.exit(f"unknown model {name!r}; known: {list(TINY_SPECS) + ['smollm2-135m']}")
+            sys.exit(f"unknown model {name!r}; known: {list(TINY_SPECS) + ['smollm2-135m', RECOGNITION_NAME]}")
 
     log("\n== summary")
     total = 0

@@ -88,43 +88,198 @@ pub fn serialize_safetensors(tensors: &[OutTensor], metadata: &HashMap<String, S
         TensorData::I64(_) => 0,
         TensorData::F32(_) => 1,
     });
+    let mut entries = Vec::with_capacity(order.len());
+    let mut body = Vec::new();
+    for t in &order {
+        let (dtype, bytes): (StreamDtype, Vec<u8>) = match &t.data {
+            TensorData::F32(v) if f32_as_bf16 => (StreamDtype::Bf16, v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect()),
+            TensorData::F32(v) => (StreamDtype::F32, bytemuck::cast_slice(v).to_vec()),
+            TensorData::I64(v) => (StreamDtype::I64, bytemuck::cast_slice(v).to_vec()),
+        };
+        let elems: usize = t.shape.iter().product();
+        if elems * dtype.size() != bytes.len() {
+            return Err(Error::input(format!("tensor `{}`: shape {:?} does not match its {} values", t.name, t.shape, bytes.len() / dtype.size())));
+        }
+        entries.push(StreamTensor { name: t.name.clone(), dtype, shape: t.shape.clone() });
+        body.extend_from_slice(&bytes);
+    }
+    let head = header_bytes(&entries, metadata)?;
+    let mut out = Vec::with_capacity(head.len() + body.len());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Element type of a streamed tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamDtype {
+    I64,
+    F32,
+    Bf16,
+}
+
+impl StreamDtype {
+    fn size(self) -> usize {
+        match self {
+            StreamDtype::I64 => 8,
+            StreamDtype::F32 => 4,
+            StreamDtype::Bf16 => 2,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            StreamDtype::I64 => "I64",
+            StreamDtype::F32 => "F32",
+            StreamDtype::Bf16 => "BF16",
+        }
+    }
+}
+
+/// A tensor's header entry: its values are written later, in this order.
+#[derive(Debug, Clone)]
+pub struct StreamTensor {
+    pub name: String,
+    pub dtype: StreamDtype,
+    pub shape: Vec<usize>,
+}
+
+impl StreamTensor {
+    fn bytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size()
+    }
+}
+
+/// The length prefix and JSON header of a file holding `tensors` in the given order, padded to
+/// 8 bytes (one function for the in-memory and the streaming writer, so both give the same bytes).
+fn header_bytes(tensors: &[StreamTensor], metadata: &HashMap<String, String>) -> Result<Vec<u8>> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         let sorted: std::collections::BTreeMap<&String, &String> = metadata.iter().collect();
         header.insert("__metadata__".into(), serde_json::to_value(sorted).map_err(|e| Error::input(e.to_string()))?);
     }
     let mut offset = 0usize;
-    let mut body = Vec::new();
-    for t in &order {
-        let (dtype, bytes): (&str, Vec<u8>) = match &t.data {
-            TensorData::F32(v) if f32_as_bf16 => ("BF16", v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect()),
-            TensorData::F32(v) => ("F32", bytemuck::cast_slice(v).to_vec()),
-            TensorData::I64(v) => ("I64", bytemuck::cast_slice(v).to_vec()),
-        };
-        let elems: usize = t.shape.iter().product();
-        let elem_size = if dtype == "BF16" { 2 } else if dtype == "F32" { 4 } else { 8 };
-        if elems * elem_size != bytes.len() {
-            return Err(Error::input(format!("tensor `{}`: shape {:?} does not match its {} values", t.name, t.shape, bytes.len() / elem_size)));
-        }
+    for t in tensors {
         if header.contains_key(&t.name) {
             return Err(Error::input(format!("tensor `{}` appears twice", t.name)));
         }
-        header.insert(
-            t.name.clone(),
-            serde_json::json!({ "dtype": dtype, "shape": t.shape, "data_offsets": [offset, offset + bytes.len()] }),
-        );
-        offset += bytes.len();
-        body.extend_from_slice(&bytes);
+        let n = t.bytes();
+        header.insert(t.name.clone(), serde_json::json!({ "dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, offset + n] }));
+        offset += n;
     }
     let mut head = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| Error::input(e.to_string()))?;
     while head.len() % 8 != 0 {
         head.push(b' ');
     }
-    let mut out = Vec::with_capacity(8 + head.len() + body.len());
+    let mut out = Vec::with_capacity(8 + head.len());
     out.extend_from_slice(&(head.len() as u64).to_le_bytes());
     out.extend_from_slice(&head);
-    out.extend_from_slice(&body);
     Ok(out)
+}
+
+/// Writes a safetensors file whose values arrive piece by piece (extraction output, batch after
+/// batch), so that memory holds one batch instead of the whole file. The header is written
+/// first from the declared shapes; values must then come in the declared order, with the
+/// 8-byte tensors first. The file goes to a temporary name and is renamed into place by
+/// `finish` once every declared byte has arrived; dropped before that, it is removed.
+/// `finish` returns the file's SHA-256, hashed as it was written.
+pub struct SafetensorsStream {
+    path: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    hasher: sha2::Sha256,
+    atomic: AtomicPath,
+    /// Bytes still expected per tensor, in order; `current` is the one being written.
+    remaining: Vec<usize>,
+    current: usize,
+    tensors: Vec<StreamTensor>,
+}
+
+impl SafetensorsStream {
+    pub fn create(path: &Path, tensors: Vec<StreamTensor>, metadata: &HashMap<String, String>) -> Result<Self> {
+        if let Some(i) = tensors.windows(2).position(|w| w[0].dtype.size() < 8 && w[1].dtype.size() == 8) {
+            return Err(Error::input(format!("tensor `{}`: 8-byte tensors must come first", tensors[i + 1].name)));
+        }
+        use sha2::Digest;
+        let head = header_bytes(&tensors, metadata)?;
+        let atomic = AtomicPath::new(path);
+        let file = std::fs::File::create(atomic.tmp()).map_err(|e| Error::io(path, e))?;
+        let mut stream = SafetensorsStream {
+            path: path.to_owned(),
+            file: std::io::BufWriter::with_capacity(1 << 20, file),
+            hasher: sha2::Sha256::new(),
+            atomic,
+            remaining: tensors.iter().map(StreamTensor::bytes).collect(),
+            current: 0,
+            tensors,
+        };
+        stream.put(&head)?;
+        stream.skip_finished();
+        Ok(stream)
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> Result<()> {
+        use sha2::Digest;
+        self.hasher.update(bytes);
+        self.file.write_all(bytes).map_err(|e| Error::io(&self.path, e))
+    }
+
+    fn skip_finished(&mut self) {
+        while self.current < self.remaining.len() && self.remaining[self.current] == 0 {
+            self.current += 1;
+        }
+    }
+
+    fn take(&mut self, dtype: StreamDtype, bytes: usize) -> Result<()> {
+        let Some(t) = self.tensors.get(self.current) else {
+            return Err(Error::input(format!("{}: more values than the declared tensors hold", self.path.display())));
+        };
+        if t.dtype != dtype || bytes > self.remaining[self.current] {
+            return Err(Error::input(format!(
+                "{}: tensor `{}` expects {} more bytes of {}, got {bytes} bytes of {}",
+                self.path.display(),
+                t.name,
+                self.remaining[self.current],
+                t.dtype.name(),
+                dtype.name()
+            )));
+        }
+        self.remaining[self.current] -= bytes;
+        Ok(())
+    }
+
+    pub fn write_i64(&mut self, values: &[i64]) -> Result<()> {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.take(StreamDtype::I64, bytes.len())?;
+        self.put(&bytes)?;
+        self.skip_finished();
+        Ok(())
+    }
+
+    pub fn write_f32(&mut self, values: &[f32]) -> Result<()> {
+        self.take(StreamDtype::F32, values.len() * 4)?;
+        if cfg!(target_endian = "little") {
+            self.put(bytemuck::cast_slice(values))?;
+        } else {
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            self.put(&bytes)?;
+        }
+        self.skip_finished();
+        Ok(())
+    }
+
+    /// Flushes, syncs and renames the file into place; returns its SHA-256 (hex).
+    pub fn finish(mut self) -> Result<String> {
+        use sha2::Digest;
+        if let Some(i) = (self.current..self.remaining.len()).find(|&i| self.remaining[i] > 0) {
+            return Err(Error::input(format!("{}: tensor `{}` is missing {} bytes", self.path.display(), self.tensors[i].name, self.remaining[i])));
+        }
+        self.file.flush().map_err(|e| Error::io(&self.path, e))?;
+        self.file.get_ref().sync_all().map_err(|e| Error::io(&self.path, e))?;
+        let digest = std::mem::take(&mut self.hasher).finalize();
+        let SafetensorsStream { atomic, file, .. } = self;
+        drop(file);
+        atomic.commit()?;
+        Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+    }
 }
 
 /// A tensor read fully into f32, with the file's metadata.
@@ -252,5 +407,71 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
         serde_json::Value::String(_) => "a string",
         serde_json::Value::Array(_) => "an array",
         serde_json::Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensors() -> Vec<OutTensor> {
+        vec![
+            OutTensor { name: "hidden_states".into(), shape: vec![3, 2, 4], data: TensorData::F32((0..24).map(|i| i as f32 * 0.5 - 3.0).collect()) },
+            OutTensor { name: "layers".into(), shape: vec![2], data: TensorData::I64(vec![0, -1]) },
+            OutTensor { name: "index".into(), shape: vec![3], data: TensorData::I64(vec![7, 8, 9]) },
+        ]
+    }
+
+    fn declared() -> Vec<StreamTensor> {
+        vec![
+            StreamTensor { name: "layers".into(), dtype: StreamDtype::I64, shape: vec![2] },
+            StreamTensor { name: "index".into(), dtype: StreamDtype::I64, shape: vec![3] },
+            StreamTensor { name: "hidden_states".into(), dtype: StreamDtype::F32, shape: vec![3, 2, 4] },
+        ]
+    }
+
+    #[test]
+    fn streamed_file_equals_the_in_memory_serialisation() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta: HashMap<String, String> = [("b".to_string(), "2".to_string()), ("a".to_string(), "1".to_string())].into();
+        let expected = serialize_safetensors(&tensors(), &meta, false).unwrap();
+        let path = dir.path().join("x.safetensors");
+        let mut s = SafetensorsStream::create(&path, declared(), &meta).unwrap();
+        s.write_i64(&[0, -1]).unwrap();
+        s.write_i64(&[7, 8, 9]).unwrap();
+        let values: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
+        // In pieces, as batches arrive.
+        s.write_f32(&values[..5]).unwrap();
+        s.write_f32(&values[5..16]).unwrap();
+        s.write_f32(&values[16..]).unwrap();
+        let sha = s.finish().unwrap();
+        let written = std::fs::read(&path).unwrap();
+        assert_eq!(written, expected);
+        assert_eq!(sha, crate::store::sha256_hex(&expected));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+    }
+
+    #[test]
+    fn stream_rejects_wrong_order_sizes_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        let mut bad_order = declared();
+        bad_order.swap(1, 2);
+        assert!(SafetensorsStream::create(&path, bad_order, &HashMap::new()).is_err());
+
+        let mut s = SafetensorsStream::create(&path, declared(), &HashMap::new()).unwrap();
+        assert!(s.write_f32(&[1.0]).is_err(), "values of the wrong dtype");
+        s.write_i64(&[0, -1]).unwrap();
+        assert!(s.write_i64(&[1, 2, 3, 4]).is_err(), "more values than declared");
+        s.write_i64(&[7, 8, 9]).unwrap();
+        s.write_f32(&[0.0; 10]).unwrap();
+        let err = s.finish().unwrap_err().to_string();
+        assert!(err.contains("hidden_states") && err.contains("missing 56 bytes"), "{err}");
+        assert!(!path.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the partial file is removed");
+
+        let s = SafetensorsStream::create(&path, declared(), &HashMap::new()).unwrap();
+        drop(s);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "dropped before finish: removed");
     }
 }

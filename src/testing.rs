@@ -14,6 +14,9 @@ pub enum TestArch {
     Qwen3,
     /// LayerNorms, ALiBi, GELU, interleaved fused QKV (heads = kv_heads, intermediate = 4·hidden).
     Bloom,
+    /// The paper's first-generation Qwen-chat names and config keys (`QWenLMHeadModel`): fused
+    /// `c_attn` with bias, `w1`/`w2`/`c_proj` MLP (heads = kv_heads).
+    QwenChat,
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +72,17 @@ impl RandomLlama {
                 })
                 .to_string()
             }
+            TestArch::QwenChat => {
+                return serde_json::json!({
+                    "architectures": ["QWenLMHeadModel"], "model_type": "qwen",
+                    "vocab_size": self.vocab, "hidden_size": self.hidden, "intermediate_size": 2 * self.intermediate,
+                    "num_hidden_layers": self.layers, "num_attention_heads": self.heads, "kv_channels": self.head_dim,
+                    "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000, "rotary_pct": 1.0, "seq_length": self.context,
+                    "no_bias": true, "tie_word_embeddings": false, "use_dynamic_ntk": true, "use_logn_attn": true,
+                    "torch_dtype": "bfloat16"
+                })
+                .to_string()
+            }
             TestArch::Llama => {}
         }
         serde_json::json!({
@@ -92,6 +106,9 @@ impl RandomLlama {
         let (sh, si) = (1.0 / (h as f32).sqrt(), 1.0 / (i as f32).sqrt());
         if self.arch == TestArch::Bloom {
             return self.write_bloom(dir);
+        }
+        if self.arch == TestArch::QwenChat {
+            return self.write_qwen_chat(dir);
         }
         let mut specs: Vec<(String, Vec<usize>, f32)> = vec![("model.embed_tokens.weight".into(), vec![self.vocab, h], 1.0)];
         for l in 0..self.layers {
@@ -155,6 +172,31 @@ impl RandomLlama {
         }
         specs.push(("transformer.ln_f.weight".into(), vec![h], -1.0));
         specs.push(("transformer.ln_f.bias".into(), vec![h], 0.05));
+        self.write_tensors(dir, specs)
+    }
+
+    fn write_qwen_chat(&self, dir: &Path) -> Result<()> {
+        let (h, i) = (self.hidden, self.intermediate);
+        let q = self.heads * self.head_dim;
+        let (sh, si) = (1.0 / (h as f32).sqrt(), 1.0 / (i as f32).sqrt());
+        let mut specs: Vec<(String, Vec<usize>, f32)> = vec![("transformer.wte.weight".into(), vec![self.vocab, h], 1.0)];
+        for l in 0..self.layers {
+            let p = format!("transformer.h.{l}.");
+            for (n, shape, scale) in [
+                ("ln_1.weight", vec![h], -1.0),
+                ("ln_2.weight", vec![h], -1.0),
+                ("attn.c_attn.weight", vec![3 * q, h], 2.0 * sh),
+                ("attn.c_attn.bias", vec![3 * q], 0.05),
+                ("attn.c_proj.weight", vec![h, q], sh),
+                ("mlp.w1.weight", vec![i, h], sh),
+                ("mlp.w2.weight", vec![i, h], sh),
+                ("mlp.c_proj.weight", vec![h, i], si),
+            ] {
+                specs.push((format!("{p}{n}"), shape, scale));
+            }
+        }
+        specs.push(("transformer.ln_f.weight".into(), vec![h], -1.0));
+        specs.push(("lm_head.weight".into(), vec![self.vocab, h], 4.0 * sh));
         self.write_tensors(dir, specs)
     }
 

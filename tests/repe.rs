@@ -478,6 +478,59 @@ fn study_end_to_end_on_a_tiny_model() {
     assert_eq!(report2["concepts"][1]["crosslingual_by_layer"], report["concepts"][1]["crosslingual_by_layer"]);
 }
 
+/// The study (vectors, recognition, cross-lingual analyses, control) on a tiny random model of
+/// every other family: Qwen2 (QKV bias, grouped-query heads), Qwen3 (q/k norm), Qwen-chat
+/// (first-generation names and keys) and BLOOM (LayerNorm, ALiBi with 5 heads, GELU).
+#[test]
+fn study_end_to_end_on_a_tiny_model_of_every_family() {
+    use resid::testing::{RandomLlama, TestArch};
+    let base = RandomLlama {
+        arch: TestArch::Llama, vocab: 97, hidden: 32, intermediate: 48, layers: 2, heads: 4, kv_heads: 2, head_dim: 8,
+        bias: false, tie: false, context: 256, seed: 3,
+    };
+    let models = [
+        ("qwen2", RandomLlama { arch: TestArch::Qwen2, ..base.clone() }),
+        ("qwen3", RandomLlama { arch: TestArch::Qwen3, head_dim: 16, ..base.clone() }),
+        ("qwen-chat", RandomLlama { arch: TestArch::QwenChat, kv_heads: 4, ..base.clone() }),
+        ("bloom", RandomLlama { arch: TestArch::Bloom, hidden: 40, heads: 5, kv_heads: 5, intermediate: 160, ..base }),
+    ];
+    let t = Tiny::new();
+    for (family, spec) in models {
+        let model = t.dir.join(family);
+        spec.write(&model).unwrap();
+        write_tokenizer(&model);
+        let info = ok(&resid(&["info", "--model", &model.display().to_string(), "--json"]));
+        assert!(info.contains(&format!("\"{family}\"")), "{family}: {info}");
+        let out = t.dir.join(format!("out-{family}"));
+        let (m, o) = (model.display().to_string(), out.display().to_string());
+        ok(&resid(&[
+            "study", "--model", &m, "--data", &t.p("values"), "--out", &o, "--quiet", "--high", "en,fr", "--low", "sw", "--no-figures",
+            "--control-sources", "en", "--control-prompts", "2", "--coefs", "-4,0,4", "--max-new-tokens", "3", "--control-layers", "1-2",
+        ]));
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+        assert_eq!(report["model"]["layers"], 2, "{family}");
+        for c in report["concepts"].as_array().unwrap() {
+            for l in c["languages"].as_array().unwrap() {
+                for method in l["methods"].as_array().unwrap() {
+                    let acc = method["accuracy"].as_array().unwrap();
+                    assert_eq!(acc.len(), 2, "{family}");
+                    assert!(acc.iter().all(|a| (0.0..=1.0).contains(&a.as_f64().unwrap())), "{family}");
+                }
+            }
+            assert_eq!(c["crosslingual_at_best_layer"].as_array().unwrap().len(), 3, "{family}");
+        }
+        let rows = report["control"]["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 2 * 3 * 3, "{family}: concepts × targets × coefficients");
+        assert!(rows.iter().filter(|r| r["coef"] == 0.0).all(|r| r["shift"] == 0.0), "{family}");
+        // Steering reaches the generations (the score is read unsteered, so it moves only when
+        // the greedy tokens change; on a random model most, not all, non-zero coefficients do).
+        let moved = rows.iter().filter(|r| r["coef"] != 0.0 && r["shift"].as_f64().unwrap().abs() > 1e-6).count();
+        assert!(moved >= rows.len() / 3, "{family}: only {moved} steered rows moved: {rows:?}");
+        let d = resid::io::read_directions(&out.join("vectors/morality_en.safetensors"), 2, spec.hidden).unwrap();
+        assert!(d.data[spec.hidden..].iter().any(|&x| x != 0.0), "{family}: empty vectors");
+    }
+}
+
 #[test]
 fn recognize_json_contract_vectors_gguf_and_steering() {
     let t = Tiny::new();

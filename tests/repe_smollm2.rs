@@ -16,16 +16,22 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-#[test]
-fn smollm2_english_recognition_beats_random_directions() {
+/// The fetched SmolLM2-135M, or None (test skipped) when RESID_SKIP_REAL_MODEL is set.
+fn smollm2() -> Option<PathBuf> {
     let model = root().join("models/smollm2-135m");
     if !model.join("model.safetensors").exists() {
         if std::env::var_os("RESID_SKIP_REAL_MODEL").is_some() {
             eprintln!("skipping: {} not fetched and RESID_SKIP_REAL_MODEL is set", model.display());
-            return;
+            return None;
         }
         panic!("{} is missing: run `bash scripts/fetch-model.sh smollm2-135m` (or set RESID_SKIP_REAL_MODEL=1)", model.display());
     }
+    Some(model)
+}
+
+#[test]
+fn smollm2_english_recognition_beats_random_directions() {
+    let Some(model) = smollm2() else { return };
     let values = root().join("data/values");
     let engine = resid::CpuEngine::load(&model).unwrap();
     let (layers, hidden) = (engine.num_layers(), engine.hidden_size());
@@ -68,4 +74,75 @@ fn smollm2_english_recognition_beats_random_directions() {
     assert!(rb <= 0.85, "random best-layer accuracy {rb} (measured 0.71)");
     assert!(rm <= 0.70, "random accuracy over layers {rm} (measured 0.60)");
     assert!(mdm - rm >= 0.20, "mean-diff over random, mean over layers: {mdm} vs {rm} (measured gap 0.33)");
+}
+
+/// Recognition accuracies from resid against an independent computation: the golden script
+/// (scripts/make_golden.py, `recognition-smollm2`) drew its own split of data/values (7 concepts,
+/// en and fr), built the stimuli, took HF transformers' `output_hidden_states` last-token rows
+/// and computed the mean-diff accuracy per layer in numpy (float64). resid reads the same split
+/// from the JSONL files the script wrote.
+///
+/// Threshold: the accuracies must be identical at every layer where the fixture's closest test
+/// pair is clear of a tie (|margin| ≥ 1e-2 of the mean train separation; resid's hidden states
+/// are within ~1e-5 relative of HF's, so no pair there can flip). At layers with a closer pair,
+/// one pair may flip (±1/n_test). Measured: identical at every layer of all 14 cases.
+#[test]
+fn recognition_matches_the_hf_golden_computation() {
+    let Some(model) = smollm2() else { return };
+    let fixtures = root().join("tests/fixtures/golden");
+    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures.join("recognition-smollm2.json")).unwrap()).unwrap();
+    assert_eq!(golden["method"], "mean-diff");
+    assert_eq!(golden["template"], "{input}");
+    let engine = resid::CpuEngine::load(&model).unwrap();
+    let (layers, hidden) = (engine.num_layers(), engine.hidden_size());
+    let cases = golden["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 14);
+    let file = |c: &serde_json::Value, part: &str| fixtures.join(format!("recognition-smollm2/{}_{}.{part}.jsonl", c["concept"].as_str().unwrap(), c["lang"].as_str().unwrap()));
+    let splits: Vec<data::Split> = cases
+        .iter()
+        .map(|c| data::explicit_split(data::load_jsonl(&file(c, "train")).unwrap(), data::load_jsonl(&file(c, "test")).unwrap()))
+        .collect();
+    let stimuli: Vec<_> = splits.iter().flat_map(|s| study::stimuli_of(s, "{input}")).collect();
+    let mut cache = HiddenCache::open(None, &engine).unwrap();
+    cache.ensure(&engine, &stimuli, 2048, true).unwrap();
+    let (mut exact_layers, mut near_tie_flips) = (0usize, 0usize);
+    for (c, split) in cases.iter().zip(&splits) {
+        let name = format!("{}_{}", c["concept"].as_str().unwrap(), c["lang"].as_str().unwrap());
+        assert_eq!(split.train.len() as u64, c["n_train"].as_u64().unwrap(), "{name}");
+        assert_eq!(split.test.len() as u64, c["n_test"].as_u64().unwrap(), "{name}");
+        let train = study::reps(&cache, &split.train, "{input}").unwrap();
+        let test = study::reps(&cache, &split.test, "{input}").unwrap();
+        let ours = study::recognize(&train, &test, Method::MeanDiff, layers, hidden, 0).unwrap();
+        let theirs: Vec<f64> = c["accuracy"].as_array().unwrap().iter().map(|a| a.as_f64().unwrap()).collect();
+        let margin: Vec<f64> = c["closest_test_margin_rel"].as_array().unwrap().iter().map(|a| a.as_f64().unwrap()).collect();
+        assert_eq!(ours.accuracy.len(), theirs.len(), "{name}");
+        let one_pair = 1.0 / split.test.len() as f64;
+        for l in 0..layers {
+            let diff = (ours.accuracy[l] - theirs[l]).abs();
+            if diff < 1e-12 {
+                exact_layers += 1;
+                continue;
+            }
+            assert!(margin[l] < 1e-2 && diff <= one_pair + 1e-12, "{name} layer {}: resid {} vs HF {} (closest margin {:.1e})", l + 1, ours.accuracy[l], theirs[l], margin[l]);
+            near_tie_flips += 1;
+        }
+        if near_tie_flips == 0 {
+            assert_eq!(ours.best_layer as u64, c["best_layer"].as_u64().unwrap(), "{name}");
+        }
+    }
+    eprintln!("recognition vs HF golden: {exact_layers} layer accuracies identical, {near_tie_flips} near-tie flips");
+    assert!(near_tie_flips <= 3, "{near_tie_flips} near-tie flips over {} layer results", cases.len() * layers);
+
+    // The `recognize` command reads the same files and prints the same numbers.
+    let c = &cases[0];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_resid"))
+        .args(["recognize", "--model", &model.display().to_string(), "--train", &file(c, "train").display().to_string()])
+        .args(["--test", &file(c, "test").display().to_string(), "--json", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cli: Vec<f64> = v["accuracy"].as_array().unwrap().iter().map(|a| a.as_f64().unwrap()).collect();
+    let theirs: Vec<f64> = c["accuracy"].as_array().unwrap().iter().map(|a| a.as_f64().unwrap()).collect();
+    assert_eq!(cli, theirs, "resid recognize on {}", file(c, "train").display());
 }

@@ -64,7 +64,17 @@ pub trait Backend: Send + Sync {
     fn kv(&self, stored_layers: usize, slots: usize, kv_dim: usize) -> Result<Self::Kv>;
     fn to_host(&self, a: &Self::Act) -> Result<Vec<f32>>;
 
-    fn begin_pass(&self, plan: &BatchPlan, inv_freq: &[f32], capture: Option<CaptureLayout>, hidden: usize) -> Result<Self::Pass>;
+    /// `steering[l]` is the plan of hidden-state index l for the whole pass (empty when nothing
+    /// is steered): a device backend uploads it here, once, and `residual_step` is then handed
+    /// the same point's entry.
+    fn begin_pass(
+        &self,
+        plan: &BatchPlan,
+        inv_freq: &[f32],
+        capture: Option<CaptureLayout>,
+        steering: &[Option<PointSteering<'_>>],
+        hidden: usize,
+    ) -> Result<Self::Pass>;
     /// Copies the pass's captured rows into the caller's output.
     fn end_pass(&self, pass: Self::Pass, sink: Option<&mut CaptureSink>) -> Result<()>;
 
@@ -96,8 +106,9 @@ pub trait Backend: Send + Sync {
     /// The MLP activation: `silu(gate) * up` from the stacked projection `[rows, 2·I]` (gate
     /// first), or `gelu_tanh(up)` from `[rows, I]`.
     fn activation(&self, kind: MlpKind, input: &Self::Act, out: &mut Self::Act) -> Result<()>;
-    /// The fused residual step: steer the residual rows, capture them (slot `capture_residual`),
-    /// write the normalised rows that feed the next sub-layer, and capture those (slot
+    /// The fused residual step: steer the residual rows (`steer` is the entry of the plan given
+    /// to `begin_pass` for this point), capture them (slot `capture_residual`), write the
+    /// normalised rows that feed the next sub-layer, and capture those in f32 (slot
     /// `capture_normed`, used for hidden-state index L).
     #[allow(clippy::too_many_arguments)]
     /// With `post_ln`, the residual then continues from the normed rows (BLOOM's

@@ -12,6 +12,8 @@
 //! * `steer`: the cost of steering (every layer) and of capture (every index, last position)
 //!   relative to a plain pass, in prefill (`--batch` sequences, default 16) and in decode (the
 //!   same sequences, one step), over `--steps` interleaved repeats (default 20); medians.
+//! * `scaling`: extract throughput against threads, sequence length and batch size, one child
+//!   process per point; writes `scaling.json` and a figure into `--plot-dir` (src/cli/scaling.rs).
 use super::{with_engine, ModelArgs};
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
@@ -32,9 +34,12 @@ use std::time::Instant;
 pub(crate) struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// extract, decode or steer.
+    /// extract, decode, steer or scaling.
     #[arg(long, default_value = "extract")]
     workload: String,
+    /// scaling: directory for scaling.json, scaling.png and scaling.svg.
+    #[arg(long, default_value = "bench-scaling")]
+    plot_dir: std::path::PathBuf,
     /// Sequences of the extract workload.
     #[arg(long, default_value_t = 256)]
     sequences: usize,
@@ -66,8 +71,8 @@ pub(crate) struct BenchArgs {
 }
 
 pub(crate) fn run(a: BenchArgs) -> Result<()> {
-    if !["extract", "decode", "steer"].contains(&a.workload.as_str()) {
-        bail!(resid::Error::input(format!("--workload `{}`: expected extract, decode or steer", a.workload)));
+    if !["extract", "decode", "steer", "scaling"].contains(&a.workload.as_str()) {
+        bail!(resid::Error::input(format!("--workload `{}`: expected extract, decode, steer or scaling", a.workload)));
     }
     if a.min_len == 0 || a.max_len < a.min_len {
         bail!(resid::Error::input(format!("--min-len {} --max-len {}: need 1 ≤ min ≤ max", a.min_len, a.max_len)));
@@ -79,6 +84,29 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
     let on_cpu = resid::backend::cuda::parse_device(&a.model.device)?.is_none();
     if on_cpu {
         resid::backend::cpu::set_compute(compute);
+    }
+    if a.workload == "scaling" {
+        // Checks the model loads before starting the sweep's child processes.
+        resid::model::ModelDir::open(&a.model.model)?;
+        let args = super::scaling::ScalingArgs {
+            model: &a.model.model,
+            device: &a.model.device,
+            compute: &a.compute,
+            seed: a.seed,
+            plot_dir: &a.plot_dir,
+            quiet: a.quiet,
+            on_cpu,
+        };
+        let mut report = super::scaling::run(&args)?;
+        if let Some(obj) = report.as_object_mut() {
+            obj.insert("machine".into(), machine(on_cpu));
+        }
+        if a.json {
+            println!("{report}");
+        } else {
+            println!("{report:#}");
+        }
+        return Ok(());
     }
     let load_start = loadavg();
     let t = Instant::now();
@@ -272,7 +300,9 @@ fn run_on<B: Backend>(e: &Engine<B>, a: &BenchArgs, on_cpu: bool) -> Result<Valu
 fn extract<B: Backend>(e: &Engine<B>, a: &BenchArgs, on_cpu: bool) -> Result<Value> {
     let c = &e.model.config;
     let batch_tokens = a.batch.unwrap_or(resid::engine::DEFAULT_BATCH_TOKENS);
-    let seqs = random_seqs(a.seed, a.sequences, a.min_len, a.max_len.min(c.max_position_embeddings), c.vocab_size);
+    // Lengths beyond the model's context are clamped to it.
+    let max_len = a.max_len.min(c.max_position_embeddings).max(1);
+    let seqs = random_seqs(a.seed, a.sequences, a.min_len.min(max_len), max_len, c.vocab_size);
     let tokens: usize = seqs.iter().map(Vec::len).sum();
     let spec = CaptureSpec { points: (0..=e.num_layers()).map(CapturePoint::Hidden).collect(), position: CapturePosition::Last };
 
@@ -453,6 +483,21 @@ fn decode<B: Backend>(e: &Engine<B>, a: &BenchArgs) -> Result<Value> {
     }))
 }
 
+/// 95% bootstrap interval of the median over repeats of `variant[i] / plain[i] - 1` (repeats
+/// resampled with replacement, seeded: the interval is reproducible for the same timings).
+fn ci95(variant: &[f64], plain: &[f64]) -> Value {
+    let ratios: Vec<f64> = variant.iter().zip(plain).map(|(x, b)| x / b - 1.0).collect();
+    if ratios.len() < 2 {
+        return Value::Null;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xC195);
+    let mut medians: Vec<f64> = (0..2000)
+        .map(|_| median(&mut (0..ratios.len()).map(|_| ratios[rng.random_range(0..ratios.len())]).collect::<Vec<_>>()))
+        .collect();
+    medians.sort_by(|a, b| a.total_cmp(b));
+    json!([round(medians[50], 4), round(medians[1949], 4)])
+}
+
 fn steer<B: Backend>(e: &Engine<B>, a: &BenchArgs) -> Result<Value> {
     let c = &e.model.config;
     let batch = a.batch.unwrap_or(16);
@@ -535,6 +580,8 @@ fn steer<B: Backend>(e: &Engine<B>, a: &BenchArgs) -> Result<Value> {
             "capture_overhead": round(med(&t[2]) / med(&t[0]) - 1.0, 4),
             "steering_overhead_paired_median": round(paired(1), 4),
             "capture_overhead_paired_median": round(paired(2), 4),
+            "steering_overhead_paired_ci95": ci95(&t[1], &t[0]),
+            "capture_overhead_paired_ci95": ci95(&t[2], &t[0]),
         })
     };
     Ok(json!({
@@ -545,7 +592,7 @@ fn steer<B: Backend>(e: &Engine<B>, a: &BenchArgs) -> Result<Value> {
         "capture": format!("every hidden-state index 0..={} at the last position", e.num_layers()),
         "prefill": summarize(&pre),
         "decode": summarize(&dec),
-        "note": "overhead = median(variant) / median(plain) - 1; paired = median over repeats of variant/plain - 1 (same repeat, adjacent in time)",
+        "note": "overhead = median(variant) / median(plain) - 1; paired = median over repeats of variant/plain - 1 (same repeat, adjacent in time); ci95 = 2.5 and 97.5 percentiles of the paired median over 2,000 bootstrap resamples of the repeats",
     }))
 }
 

@@ -1,6 +1,7 @@
 //! The `resid` command line.
 mod bench;
 mod input;
+mod scaling;
 mod selftest;
 mod study;
 
@@ -9,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use resid::engine::capture::{CapturePoint, CapturePosition, CaptureSpec};
 use resid::engine::steer::{parse_layer_list, SteerOp, SteerPositions, Steering};
-use resid::io::{check_writable, read_directions, write_safetensors, OutTensor, TensorData};
+use resid::io::{check_writable, read_directions, SafetensorsStream, StreamDtype, StreamTensor};
 use resid::backend::cuda::{parse_device, CudaBackend};
 use resid::backend::Backend;
 use resid::{CpuBackend, Engine, GenerateOptions, Sampling};
@@ -445,43 +446,68 @@ fn extract_on<B: Backend>(engine: &Engine<B>, a: &ExtractArgs, position: Capture
         .map(|(k, v)| (k.to_string(), v))
         .collect()
     };
-    let mut run = |range: std::ops::Range<usize>| -> Result<Vec<OutTensor>> {
-        let captured = engine.extract(&seqs[range.clone()], &spec, &per_seq[range.clone()], a.batch_tokens, |n, t| {
-            done_tokens += t;
-            bar.inc(n as u64);
-            bar.set_message(format!("{:.0} tok/s", done_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)));
-        })?;
-        if let Some(i) = captured.data.iter().position(|v| !v.is_finite()) {
-            let row = i / (captured.points * captured.hidden);
-            let line = if position == CapturePosition::All {
-                range.start + captured.offsets.iter().rposition(|&o| o <= row).unwrap_or(0)
-            } else {
-                range.start + row
-            };
-            bail!(resid::Error::input(format!(
-                "{}: line {}: NaN or Inf in captured activations at layer {:?}; nothing written for it",
-                a.input.display(),
-                line + 1,
-                spec.points[(i / captured.hidden) % captured.points]
-            )));
+    // Writes sequences `range` into one safetensors file, batch after batch (memory holds one
+    // batch); returns the file's SHA-256. On any error the partial file is removed.
+    let mut run = |range: std::ops::Range<usize>, path: &Path, index: bool| -> Result<String> {
+        let seqs_here = &seqs[range.clone()];
+        let tokens: usize = seqs_here.iter().map(Vec::len).sum();
+        let rows = if position == CapturePosition::All { tokens } else { seqs_here.len() };
+        let ids = layer_ids(&spec);
+        let mut declared = vec![StreamTensor { name: "layers".into(), dtype: StreamDtype::I64, shape: vec![ids.len()] }];
+        let offsets: Vec<i64> = std::iter::once(0)
+            .chain(seqs_here.iter().scan(0i64, |acc, s| {
+                *acc += s.len() as i64;
+                Some(*acc)
+            }))
+            .collect();
+        if position == CapturePosition::All {
+            declared.push(StreamTensor { name: "offsets".into(), dtype: StreamDtype::I64, shape: vec![offsets.len()] });
         }
-        Ok(output_tensors(captured, &spec))
+        if index {
+            declared.push(StreamTensor { name: "index".into(), dtype: StreamDtype::I64, shape: vec![range.len()] });
+        }
+        declared.push(StreamTensor { name: "hidden_states".into(), dtype: StreamDtype::F32, shape: vec![rows, spec.points.len(), engine.hidden_size()] });
+        let mut file = SafetensorsStream::create(path, declared, &meta(range.len(), tokens))?;
+        file.write_i64(&ids)?;
+        if position == CapturePosition::All {
+            file.write_i64(&offsets)?;
+        }
+        if index {
+            file.write_i64(&range.clone().map(|i| i as i64).collect::<Vec<_>>())?;
+        }
+        engine.extract_batches(seqs_here, &spec, &per_seq[range.clone()], a.batch_tokens, |batch, captured| {
+            if let Some(i) = captured.data.iter().position(|v| !v.is_finite()) {
+                let row = i / (captured.points * captured.hidden);
+                let seq = if position == CapturePosition::All { captured.offsets.iter().rposition(|&o| o <= row).unwrap_or(0) } else { row };
+                return Err(resid::Error::input(format!(
+                    "{}: line {}: NaN or Inf in captured activations at layer {:?}; nothing written for it",
+                    a.input.display(),
+                    range.start + batch.start + seq + 1,
+                    spec.points[(i / captured.hidden) % captured.points]
+                )));
+            }
+            file.write_f32(&captured.data)?;
+            let t: usize = seqs_here[batch.clone()].iter().map(Vec::len).sum();
+            done_tokens += t;
+            bar.inc(batch.len() as u64);
+            bar.set_message(format!("{:.0} tok/s", done_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)));
+            Ok(())
+        })?;
+        Ok(file.finish()?)
     };
 
     if !sharded {
-        let tensors = run(0..seqs.len())?;
-        let extract_seconds = started.elapsed().as_secs_f64();
+        run(0..seqs.len(), &a.out, false)?;
         bar.finish_and_clear();
-        write_safetensors(&a.out, &tensors, meta(seqs.len(), total_tokens))?;
         if !a.quiet {
+            let secs = started.elapsed().as_secs_f64();
             eprintln!(
-                "wrote {} ({} sequences, {} tokens; extraction {:.2} s, {:.0} tokens/s; with writing {:.1} s)",
+                "wrote {} ({} sequences, {} tokens; {:.2} s with writing, {:.0} tokens/s)",
                 a.out.display(),
                 seqs.len(),
                 total_tokens,
-                extract_seconds,
-                total_tokens as f64 / extract_seconds.max(1e-9),
-                started.elapsed().as_secs_f64(),
+                secs,
+                total_tokens as f64 / secs.max(1e-9),
             );
         }
         return Ok(());
@@ -536,12 +562,8 @@ fn extract_on<B: Backend>(engine: &Engine<B>, a: &ExtractArgs, position: Capture
     let mut start = resume;
     while start < range_end {
         let end = (start + manifest.shard_sequences).min(range_end);
-        let mut tensors = run(start..end)?;
-        tensors.push(OutTensor { name: "index".into(), shape: vec![end - start], data: TensorData::I64((start..end).map(|i| i as i64).collect()) });
         let file = format!("shard-{:05}.safetensors", manifest.shards.len());
-        let tokens: usize = seqs[start..end].iter().map(Vec::len).sum();
-        write_safetensors(&dir.join(&file), &tensors, meta(end - start, tokens))?;
-        let sha256 = resid::store::sha256_file(&dir.join(&file))?;
+        let sha256 = run(start..end, &dir.join(&file), true)?;
         manifest.shards.push(resid::store::ShardEntry { file, start, end, sha256 });
         manifest.complete = end == range_end;
         manifest.save(dir)?;
@@ -592,23 +614,6 @@ fn layer_ids(spec: &CaptureSpec) -> Vec<i64> {
             CapturePoint::LastBlockRaw => -1,
         })
         .collect()
-}
-
-/// `hidden_states`, `layers` and (for all tokens) `offsets`, as the CLI contract lays them out.
-fn output_tensors(captured: resid::Captured, spec: &CaptureSpec) -> Vec<OutTensor> {
-    let ids = layer_ids(spec);
-    let mut tensors = vec![
-        OutTensor { name: "hidden_states".into(), shape: vec![captured.rows, captured.points, captured.hidden], data: TensorData::F32(captured.data) },
-        OutTensor { name: "layers".into(), shape: vec![ids.len()], data: TensorData::I64(ids) },
-    ];
-    if spec.position == CapturePosition::All {
-        tensors.push(OutTensor {
-            name: "offsets".into(),
-            shape: vec![captured.offsets.len()],
-            data: TensorData::I64(captured.offsets.iter().map(|&o| o as i64).collect()),
-        });
-    }
-    tensors
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {

@@ -1,14 +1,19 @@
 //! `resid selftest --device cuda`: the device backend against the CPU backend on random-weight
 //! models of several shapes: hidden states at every index (last, mean, all tokens), per-sequence
-//! steering, and greedy generation. Thresholds: per-layer ‖dev − cpu‖/‖cpu‖ ≤ 1e-2 (bf16
-//! weights on both sides), greedy tokens identical while the CPU's top-1/top-2 margin is clear.
+//! steering (add, sign-aware, norm-preserving, at indices 0..=L, fresh vectors after the old ones
+//! are dropped), capture and steering in decode steps, and greedy generation with and without
+//! steering. Thresholds: per-layer ‖dev − cpu‖/‖cpu‖ ≤ 1e-2 (bf16 weights on both sides),
+//! greedy tokens identical while the CPU's top-1/top-2 margin is clear.
 use super::{load_backend_engine, Result};
 use anyhow::bail;
 use clap::Args;
 use resid::backend::Backend;
+use resid::engine::capture::CaptureSink;
+use resid::engine::plan::BatchPlan;
 use resid::engine::sample::argmax;
+use resid::engine::Pass;
 use resid::testing::{pseudo_random, RandomLlama, TestArch};
-use resid::{CapturePoint, CapturePosition, CaptureSpec, CpuBackend, Engine, GenerateOptions, Sampling, SteerOp, SteerPositions, Steering};
+use resid::{CapturePoint, CapturePosition, CaptureSpec, Captured, CpuBackend, Engine, GenerateOptions, Sampling, SteerOp, SteerPositions, Steering};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -100,102 +105,239 @@ fn run_in(a: &SelftestArgs, tmp: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn compare<B: Backend>(name: &str, spec: &RandomLlama, cpu: &Engine<CpuBackend>, dev: &Engine<B>, failures: &mut Vec<String>) -> Result<serde_json::Value> {
+/// Per-sequence steering: add at every index 0..=L, none, sign-aware with norm preservation at
+/// 1..=L (sequence i gets entry i % 3). `sign_aware` false puts a norm-preserving add in the
+/// third place (greedy decoding, where a near-tie in sign(⟨h, v⟩) would change later tokens).
+fn mixed_steering(spec: &RandomLlama, n: usize, seed: u64, sign_aware: bool) -> Vec<Option<Arc<Steering>>> {
     let n_layers = spec.layers;
-    let mut points: Vec<CapturePoint> = (0..=n_layers).map(CapturePoint::Hidden).collect();
-    points.push(CapturePoint::LastBlockRaw);
-    let long: Vec<Vec<u32>> = [1usize, 2, 17, 64, 255, 256, 257, 700, 2048].iter().enumerate().map(|(i, &n)| ids(n, spec.vocab, 10 + i as u64)).collect();
-    let many: Vec<Vec<u32>> = (0..64).map(|i| ids(1 + (i * 13) % 50, spec.vocab, 100 + i as u64)).collect();
-    let steer = |op, keep, seed| {
+    let steer = |op, keep, layers: Vec<usize>, seed| {
         Some(Arc::new(Steering {
             directions: Arc::new(pseudo_random((n_layers + 1) * spec.hidden, seed, 1.0)),
             hidden: spec.hidden,
-            layers: (1..=n_layers).collect(),
+            layers,
             coef: 2.0,
             op,
             preserve_norm: keep,
             positions: SteerPositions::All,
         }))
     };
+    let third = if sign_aware { SteerOp::SignAware } else { SteerOp::Add };
+    let kinds = [steer(SteerOp::Add, false, (0..=n_layers).collect(), seed), None, steer(third, true, (1..=n_layers).collect(), seed + 1)];
+    (0..n).map(|i| kinds[i % 3].clone()).collect()
+}
+
+/// Prefill of `prompts`, then one decode step feeding `next` with a capture, through
+/// `Engine::forward` as generation and `resid bench` run it. `reversed` lands the sequences in
+/// the output in reverse order (not one contiguous block: the backend's general copy path).
+fn decode_capture<B: Backend>(
+    e: &Engine<B>,
+    prompts: &[Vec<u32>],
+    next: &[u32],
+    steering: &[Option<Arc<Steering>>],
+    spec: &CaptureSpec,
+    reversed: bool,
+) -> Result<Captured> {
+    let n = prompts.len();
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let mut starts = Vec::with_capacity(n);
+    let mut slots = 0;
+    for l in &lens {
+        starts.push(slots);
+        slots += l + 1;
+    }
+    let mut kv = e.backend.kv(e.num_layers(), slots, e.kv_dim())?;
+    let plan = BatchPlan::new(&lens, &vec![0; n], &starts);
+    let ids: Vec<u32> = prompts.iter().flatten().copied().collect();
+    e.forward(&mut kv, Pass { ids: &ids, plan: &plan, generated: false, steering, capture: None, logits_rows: &plan.last_rows() })?;
+    let step = BatchPlan::new(&vec![1; n], &lens, &starts);
+    let offsets = if spec.position == CapturePosition::All { (0..=n).collect() } else { Vec::new() };
+    let mut out = Captured::new(n, spec.points.len(), e.hidden_size(), offsets);
+    let seq_row = if reversed { (0..n).rev().collect() } else { (0..n).collect() };
+    e.forward(
+        &mut kv,
+        Pass {
+            ids: next,
+            plan: &step,
+            generated: true,
+            steering,
+            capture: Some(CaptureSink { spec, out: &mut out, seq_row }),
+            logits_rows: &step.last_rows(),
+        },
+    )?;
+    Ok(out)
+}
+
+/// The CPU's logits for the next token of `seq`, steered as in generation (positions `all`, so
+/// one prefill of the whole sequence equals the incremental decode).
+fn cpu_next_logits(cpu: &Engine<CpuBackend>, seq: &[u32], steering: &Option<Arc<Steering>>) -> Result<Vec<f32>> {
+    let plan = BatchPlan::fresh(&[seq.len()]);
+    let mut kv = cpu.backend.kv(1, seq.len(), cpu.kv_dim())?;
+    let steer = [steering.clone()];
+    Ok(cpu.forward(&mut kv, Pass { ids: seq, plan: &plan, generated: false, steering: &steer, capture: None, logits_rows: &[seq.len() - 1] })?)
+}
+
+/// Checks every row and point of `got` against `want`; rows of sign-aware sequences out of
+/// tolerance count as sign ties when they are at most 1 % of those rows.
+#[allow(clippy::too_many_arguments)]
+fn check_captured(
+    label: &str,
+    want: &Captured,
+    got: &Captured,
+    points: &[CapturePoint],
+    seq_of_row: impl Fn(usize) -> usize,
+    steering: &[Option<Arc<Steering>>],
+    worst: &mut f64,
+    checks: &mut usize,
+    sign_ties: &mut Vec<String>,
+    failures: &mut Vec<String>,
+) {
+    // sign(⟨h, v⟩) flips when h is nearly orthogonal to v: bf16 rounding on the device may then
+    // add −c·v where the CPU adds +c·v. Such rows are counted as ties, not failures.
+    let sign_aware = |row: usize| steering.get(seq_of_row(row)).and_then(Option::as_ref).is_some_and(|s| s.op == SteerOp::SignAware);
+    let sign_rows = (0..want.rows).filter(|&r| sign_aware(r)).count();
+    let mut tie_rows = std::collections::BTreeSet::new();
+    let mut row_failures = Vec::new();
+    for row in 0..want.rows {
+        for slot in 0..want.points {
+            let e = rel_err(got.row(row, slot), want.row(row, slot));
+            *checks += 1;
+            if !(e <= TOL) {
+                if sign_aware(row) && e.is_finite() {
+                    tie_rows.insert(row);
+                }
+                row_failures.push((row, format!("{label}, row {row}, point {:?}: relative error {e:.3e}", points[slot])));
+            } else if e.is_finite() {
+                *worst = worst.max(e);
+            }
+        }
+    }
+    let ties_allowed = tie_rows.len() * 100 <= sign_rows;
+    for (row, msg) in row_failures {
+        if ties_allowed && tie_rows.contains(&row) {
+            sign_ties.push(msg);
+        } else {
+            failures.push(msg);
+        }
+    }
+}
+
+fn compare<B: Backend>(name: &str, spec: &RandomLlama, cpu: &Engine<CpuBackend>, dev: &Engine<B>, failures: &mut Vec<String>) -> Result<serde_json::Value> {
+    let n_layers = spec.layers;
+    let mut points: Vec<CapturePoint> = (0..=n_layers).map(CapturePoint::Hidden).collect();
+    points.push(CapturePoint::LastBlockRaw);
+    let long: Vec<Vec<u32>> = [1usize, 2, 17, 64, 255, 256, 257, 700, 2048].iter().enumerate().map(|(i, &n)| ids(n, spec.vocab, 10 + i as u64)).collect();
+    let many: Vec<Vec<u32>> = (0..64).map(|i| ids(1 + (i * 13) % 50, spec.vocab, 100 + i as u64)).collect();
     let mut worst: f64 = 0.0;
     let mut checks = 0usize;
     let mut sign_ties: Vec<String> = Vec::new();
-    let cases: Vec<(&str, &Vec<Vec<u32>>, Vec<CapturePosition>, bool)> = vec![
-        ("lengths 1..2048", &long, vec![CapturePosition::Last, CapturePosition::Mean], false),
-        ("64 sequences", &many, vec![CapturePosition::Last, CapturePosition::Mean, CapturePosition::All], false),
-        ("64 sequences, per-sequence steering", &many, vec![CapturePosition::Last, CapturePosition::All], true),
+    let all_positions = vec![CapturePosition::Last, CapturePosition::Mean, CapturePosition::All];
+    // (case, sequences, positions, steering seed): the second steered case makes new vectors
+    // after the first case's are dropped, so a device cache keyed by a reused address would
+    // serve stale vectors and fail here.
+    let cases: Vec<(&str, &Vec<Vec<u32>>, Vec<CapturePosition>, Option<u64>)> = vec![
+        ("lengths 1..2048", &long, vec![CapturePosition::Last, CapturePosition::Mean], None),
+        ("64 sequences", &many, all_positions.clone(), None),
+        ("64 sequences, per-sequence steering", &many, all_positions.clone(), Some(7)),
+        ("64 sequences, per-sequence steering, new vectors", &many, vec![CapturePosition::Last], Some(17)),
     ];
-    for (case, seqs, positions, steered) in cases {
-        let steering: Vec<_> = (0..seqs.len())
-            .map(|i| if !steered { None } else { [steer(SteerOp::Add, false, 7), None, steer(SteerOp::SignAware, true, 8)][i % 3].clone() })
-            .collect();
+    for (case, seqs, positions, seed) in cases {
+        let steering = match seed {
+            Some(seed) => mixed_steering(spec, seqs.len(), seed, true),
+            None => vec![None; seqs.len()],
+        };
         for position in positions {
             let capture = CaptureSpec { points: points.clone(), position };
             let want = cpu.extract(seqs, &capture, &steering, 1 << 16, |_, _| {})?;
             let got = dev.extract(seqs, &capture, &steering, 1 << 16, |_, _| {})?;
-            // sign(⟨h, v⟩) flips when h is nearly orthogonal to v: bf16 rounding on the device
-            // may then add −c·v where the CPU adds +c·v. Such rows of sign-aware sequences are
-            // counted as ties (at most 1 % of those rows), not failures.
             let seq_of_row = |row: usize| match position {
                 CapturePosition::All => want.offsets.iter().rposition(|&o| o <= row).unwrap_or(0),
                 _ => row,
             };
-            let sign_aware = |row: usize| steering[seq_of_row(row)].as_ref().is_some_and(|s| s.op == SteerOp::SignAware);
-            let sign_rows = (0..want.rows).filter(|&r| sign_aware(r)).count();
-            let mut tie_rows = std::collections::BTreeSet::new();
-            let mut row_failures = Vec::new();
-            for row in 0..want.rows {
-                for slot in 0..want.points {
-                    let e = rel_err(got.row(row, slot), want.row(row, slot));
-                    checks += 1;
-                    if !(e <= TOL) {
-                        if sign_aware(row) && e.is_finite() {
-                            tie_rows.insert(row);
-                        }
-                        row_failures.push((row, format!("{name}: {case}, {position:?}, row {row}, point {:?}: relative error {e:.3e}", points[slot])));
-                    } else if e.is_finite() {
-                        worst = worst.max(e);
-                    }
-                }
-            }
-            let ties_allowed = tie_rows.len() * 100 <= sign_rows;
-            for (row, msg) in row_failures {
-                if ties_allowed && tie_rows.contains(&row) {
-                    sign_ties.push(msg);
-                } else {
-                    failures.push(msg);
-                }
-            }
+            let label = format!("{name}: {case}, {position:?}");
+            check_captured(&label, &want, &got, &points, seq_of_row, &steering, &mut worst, &mut checks, &mut sign_ties, failures);
         }
     }
-    // Greedy generation: identical tokens while the CPU's own margin is clear.
+    // One decode step with capture and per-sequence steering, after a steered prefill: the
+    // decode pass's tables, the steering vectors kept on the device across passes, and both
+    // ways the captured rows reach the output.
+    let prompts: Vec<Vec<u32>> = (0..12).map(|i| ids(2 + (i * 7) % 40, spec.vocab, 300 + i as u64)).collect();
+    let next: Vec<u32> = ids(prompts.len(), spec.vocab, 399);
+    let steering = mixed_steering(spec, prompts.len(), 27, false);
+    for position in [CapturePosition::Last, CapturePosition::All] {
+        for reversed in [false, true] {
+            let capture = CaptureSpec { points: points.clone(), position };
+            let want = decode_capture(cpu, &prompts, &next, &steering, &capture, reversed)?;
+            let got = decode_capture(dev, &prompts, &next, &steering, &capture, reversed)?;
+            let label = format!("{name}: decode step, {position:?}{}", if reversed { ", reversed output rows" } else { "" });
+            let n = prompts.len();
+            let seq_of_row = |row: usize| if reversed { n - 1 - row } else { row };
+            check_captured(&label, &want, &got, &points, seq_of_row, &steering, &mut worst, &mut checks, &mut sign_ties, failures);
+        }
+    }
+    // Greedy generation, unsteered and steered: identical tokens while the CPU's own margin is
+    // clear.
     let prompts: Vec<Vec<u32>> = (0..8).map(|i| ids(3 + i * 11, spec.vocab, 500 + i as u64)).collect();
     let opts = GenerateOptions { max_new_tokens: 8, sampling: Sampling::Greedy, stop_tokens: vec![] };
-    let none = vec![None; prompts.len()];
-    let want = cpu.generate(&prompts, &none, &opts)?;
-    let got = dev.generate(&prompts, &none, &opts)?;
     let mut compared_steps = 0;
-    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
-        let mut seq = prompts[i].clone();
-        for step in 0..w.tokens.len() {
-            let logits = cpu.last_logits(std::slice::from_ref(&seq))?;
-            let top = argmax(&logits[0]);
-            let mut sorted = logits[0].clone();
-            sorted.sort_by(|a, b| b.total_cmp(a));
-            if sorted[0] - sorted[1] < 0.05 {
-                break;
+    let mut steered_steps = 0;
+    for steered in [false, true] {
+        let steering = if steered { mixed_steering(spec, prompts.len(), 37, false) } else { vec![None; prompts.len()] };
+        let want = cpu.generate(&prompts, &steering, &opts)?;
+        let got = dev.generate(&prompts, &steering, &opts)?;
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            let mut seq = prompts[i].clone();
+            for step in 0..w.tokens.len() {
+                let logits = cpu_next_logits(cpu, &seq, &steering[i])?;
+                let top = argmax(&logits);
+                let mut sorted = logits.clone();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                if sorted[0] - sorted[1] < 0.05 {
+                    break;
+                }
+                compared_steps += 1;
+                steered_steps += steered as usize;
+                if g.tokens.get(step) != Some(&top) {
+                    let what = if steered { "steered greedy" } else { "greedy" };
+                    failures.push(format!("{name}: prompt {i}: {what} token {step} is {:?} on the device, {top} on the CPU", g.tokens.get(step)));
+                    break;
+                }
+                seq.push(top);
             }
-            compared_steps += 1;
-            if g.tokens.get(step) != Some(&top) {
-                failures.push(format!("{name}: prompt {i}: greedy token {step} is {:?} on the device, {top} on the CPU", g.tokens.get(step)));
-                break;
-            }
-            seq.push(top);
         }
     }
     let summary = format!(
-        "{name:<18} {checks:>6} hidden-state checks, worst relative error {worst:.2e} (tolerance {TOL:e}; {} sign-aware ties set aside); {compared_steps} greedy steps compared",
+        "{name:<18} {checks:>6} hidden-state checks, worst relative error {worst:.2e} (tolerance {TOL:e}; {} sign-aware ties set aside); {compared_steps} greedy steps compared ({steered_steps} steered)",
         sign_ties.len()
     );
-    Ok(serde_json::json!({ "model": name, "checks": checks, "worst_relative_error": worst, "sign_ties": sign_ties, "greedy_steps_compared": compared_steps, "summary": summary }))
+    Ok(serde_json::json!({
+        "model": name,
+        "checks": checks,
+        "worst_relative_error": worst,
+        "sign_ties": sign_ties,
+        "greedy_steps_compared": compared_steps,
+        "steered_greedy_steps_compared": steered_steps,
+        "summary": summary,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The harness itself (decode steps, both output paths, steered greedy margins) on the CPU
+    /// against itself: everything must match exactly. The device comparison needs a GPU.
+    #[test]
+    fn harness_runs_cpu_against_cpu() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (name, spec) = shapes().into_iter().next().unwrap();
+        spec.write(tmp.path()).unwrap();
+        let open = || Engine::new(CpuBackend, resid::model::ModelDir::open(tmp.path()).unwrap()).unwrap();
+        let (a, b) = (open(), open());
+        let mut failures = Vec::new();
+        let r = compare(name, &spec, &a, &b, &mut failures).unwrap();
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(r["worst_relative_error"].as_f64(), Some(0.0));
+        assert!(r["checks"].as_u64().unwrap() > 10_000);
+        assert!(r["steered_greedy_steps_compared"].as_u64().unwrap() > 0, "{r}");
+    }
 }

@@ -105,6 +105,22 @@ pub struct CaptureSink<'a> {
 }
 
 impl CaptureSink<'_> {
+    /// The output row of the pass's local row 0 when local row k lands in output row
+    /// `first + k` for every k (one contiguous batch: extraction, scoring, a decode step), so a
+    /// backend can copy all its rows in one piece; None otherwise. `local_rows` is the number of
+    /// local rows (sequences for last/mean, packed rows for all).
+    pub fn contiguous_start(&self, plan: &crate::engine::plan::BatchPlan, local_rows: usize) -> Option<usize> {
+        let first = *self.seq_row.first()?;
+        let all = self.spec.position == CapturePosition::All;
+        let ok = self.seq_row.len() == plan.seqs.len()
+            && plan.seqs.iter().zip(&self.seq_row).enumerate().all(|(i, (seq, &dst))| {
+                let local = if all { seq.start } else { i };
+                dst.checked_sub(local) == Some(first)
+            });
+        let rows = if all { plan.rows() } else { plan.seqs.len() };
+        (ok && rows == local_rows && first + rows <= self.out.rows).then_some(first)
+    }
+
     /// Copies a pass's local capture rows (row = sequence of the pass for last/mean, packed row
     /// for all) into their places in the output.
     pub fn absorb(&mut self, plan: &crate::engine::plan::BatchPlan, local: &Captured) {
@@ -121,5 +137,33 @@ impl CaptureSink<'_> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::plan::BatchPlan;
+
+    #[test]
+    fn contiguous_destinations() {
+        let plan = BatchPlan::fresh(&[2, 3]);
+        let last = CaptureSpec { points: vec![CapturePoint::Hidden(0)], position: CapturePosition::Last };
+        let mut out = Captured::new(6, 1, 4, Vec::new());
+        let sink = CaptureSink { spec: &last, out: &mut out, seq_row: vec![3, 4] };
+        assert_eq!(sink.contiguous_start(&plan, 2), Some(3));
+        assert_eq!(sink.contiguous_start(&plan, 3), None);
+        let sink = CaptureSink { spec: &last, out: &mut out, seq_row: vec![4, 3] };
+        assert_eq!(sink.contiguous_start(&plan, 2), None);
+        let sink = CaptureSink { spec: &last, out: &mut out, seq_row: vec![5, 6] };
+        assert_eq!(sink.contiguous_start(&plan, 2), None, "past the end of the output");
+
+        let all = CaptureSpec { points: vec![CapturePoint::Hidden(0)], position: CapturePosition::All };
+        let mut out = Captured::new(7, 1, 4, vec![0, 2, 2, 4, 7]);
+        // Sequences 2 and 3 of the output (rows 2..4 and 4..7) are this pass's two.
+        let sink = CaptureSink { spec: &all, out: &mut out, seq_row: vec![2, 4] };
+        assert_eq!(sink.contiguous_start(&plan, 5), Some(2));
+        let sink = CaptureSink { spec: &all, out: &mut out, seq_row: vec![2, 5] };
+        assert_eq!(sink.contiguous_start(&plan, 5), None);
     }
 }

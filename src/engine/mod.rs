@@ -15,7 +15,7 @@ use crate::model::{ModelDir, ModelWeights};
 use capture::{CapturePoint, CapturePosition, CaptureSink, CaptureSpec, Captured};
 use plan::BatchPlan;
 use std::sync::Arc;
-use steer::{plan_point, Steering};
+use steer::{plan_pass, Steering};
 
 /// A loaded model on one backend. Immutable after loading: share it across threads.
 pub struct Engine<B: Backend> {
@@ -116,7 +116,9 @@ impl<B: Backend> Engine<B> {
             _ => n_layers,
         };
         let layout = spec.map(|s| CaptureLayout { slots: s.points.len(), position: s.position });
-        let mut state = be.begin_pass(plan, &self.inv_freq, layout, h)?;
+        // Every point's steering is planned before the pass, so a device backend uploads it once.
+        let steering = plan_pass(last_point, pass.steering, &plan.row_seq, pass.generated);
+        let mut state = be.begin_pass(plan, &self.inv_freq, layout, &steering, h)?;
 
         let mut x = be.act(rows, h, ActKind::Residual)?;
         let mut normed = be.act(rows, h, ActKind::Hidden)?;
@@ -131,7 +133,7 @@ impl<B: Backend> Engine<B> {
             } else {
                 (&w.final_norm, w.final_norm_bias.as_ref())
             };
-            let steer = plan_point(l, pass.steering, &plan.row_seq, pass.generated);
+            let steer = steering.get(l).and_then(Option::as_ref);
             let slot = |p| spec.and_then(|s| s.slot(p));
             let (residual_slot, normed_slot) = if l < n_layers {
                 (slot(CapturePoint::Hidden(l)), None)
@@ -139,7 +141,7 @@ impl<B: Backend> Engine<B> {
                 (slot(CapturePoint::LastBlockRaw), slot(CapturePoint::Hidden(l)))
             };
             // The final norm feeds only the LM head, never the residual.
-            be.residual_step(state, x, self.norm(weight, bias), normed, steer.as_ref(), residual_slot, normed_slot, post_ln && l < n_layers)
+            be.residual_step(state, x, self.norm(weight, bias), normed, steer, residual_slot, normed_slot, post_ln && l < n_layers)
         };
         point(0, &mut state, &mut x, &mut normed)?;
 
@@ -186,16 +188,6 @@ impl<B: Backend> Engine<B> {
         batch_tokens: usize,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Captured> {
-        spec.validate(self.num_layers())?;
-        if steering.len() != seqs.len() {
-            return Err(Error::input(format!("{} steering entries for {} sequences", steering.len(), seqs.len())));
-        }
-        for s in steering.iter().flatten() {
-            s.validate(self.num_layers(), self.hidden_size())?;
-        }
-        for (i, ids) in seqs.iter().enumerate() {
-            self.check_tokens(ids, &format!("sequence {}", i + 1))?;
-        }
         let total_tokens: usize = seqs.iter().map(Vec::len).sum();
         let (rows, offsets) = match spec.position {
             CapturePosition::All => {
@@ -208,6 +200,39 @@ impl<B: Backend> Engine<B> {
             _ => (seqs.len(), Vec::new()),
         };
         let mut out = Captured::new(rows, spec.points.len(), self.hidden_size(), offsets);
+        let mut next_row = 0;
+        self.extract_batches(seqs, spec, steering, batch_tokens, |range, batch| {
+            let n = batch.data.len();
+            out.data[next_row * batch.points * batch.hidden..][..n].copy_from_slice(&batch.data);
+            next_row += batch.rows;
+            let tokens: usize = seqs[range.clone()].iter().map(Vec::len).sum();
+            progress(range.len(), tokens);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// As [`Engine::extract`], handing each batch's captured rows to `on_batch` (with the range
+    /// of sequences it covers) instead of collecting them: memory then holds one batch, however
+    /// long the input. Batches come in input order; for `All` a batch's `offsets` start at 0.
+    pub fn extract_batches(
+        &self,
+        seqs: &[Vec<u32>],
+        spec: &CaptureSpec,
+        steering: &[Option<Arc<Steering>>],
+        batch_tokens: usize,
+        mut on_batch: impl FnMut(std::ops::Range<usize>, &Captured) -> Result<()>,
+    ) -> Result<()> {
+        spec.validate(self.num_layers())?;
+        if steering.len() != seqs.len() {
+            return Err(Error::input(format!("{} steering entries for {} sequences", steering.len(), seqs.len())));
+        }
+        for s in steering.iter().flatten() {
+            s.validate(self.num_layers(), self.hidden_size())?;
+        }
+        for (i, ids) in seqs.iter().enumerate() {
+            self.check_tokens(ids, &format!("sequence {}", i + 1))?;
+        }
         let mut start = 0;
         while start < seqs.len() {
             let mut end = start;
@@ -220,10 +245,15 @@ impl<B: Backend> Engine<B> {
             let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
             let plan = BatchPlan::fresh(&lens);
             let ids: Vec<u32> = batch.iter().flatten().copied().collect();
-            let seq_row = match spec.position {
-                CapturePosition::All => (start..end).map(|i| out.offsets[i]).collect(),
-                _ => (start..end).collect(),
+            let (rows, offsets, seq_row) = match spec.position {
+                CapturePosition::All => {
+                    let offsets: Vec<usize> = std::iter::once(0).chain(lens.iter().scan(0, |acc, l| { *acc += l; Some(*acc) })).collect();
+                    let seq_row = offsets[..lens.len()].to_vec();
+                    (tokens, offsets, seq_row)
+                }
+                _ => (lens.len(), Vec::new(), (0..lens.len()).collect()),
             };
+            let mut out = Captured::new(rows, spec.points.len(), self.hidden_size(), offsets);
             let mut kv = self.backend.kv(1, tokens, self.kv_dim())?;
             self.forward(
                 &mut kv,
@@ -236,10 +266,10 @@ impl<B: Backend> Engine<B> {
                     logits_rows: &[],
                 },
             )?;
-            progress(end - start, tokens);
+            on_batch(start..end, &out)?;
             start = end;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Logits at the last position of each sequence (one packed pass, no cache kept).

@@ -121,6 +121,9 @@ impl Steering {
 /// What the fused residual kernel needs at one point: a slot per packed row (-1 = untouched)
 /// and, per slot, the vector and its settings.
 pub struct PointSteering<'a> {
+    /// The hidden-state index this plan is for: a device backend finds the tables it uploaded
+    /// for the point at `begin_pass` by it.
+    pub index: usize,
     pub row_slot: Vec<i32>,
     pub slots: Vec<SlotSteer<'a>>,
 }
@@ -131,6 +134,10 @@ pub struct SlotSteer<'a> {
     pub coef: f32,
     pub op: SteerOp,
     pub preserve_norm: bool,
+    /// The directions table `vector` is a row of, and the row's element offset in it. A device
+    /// backend keeps such tables resident across passes, keyed by the `Arc`'s identity; a
+    /// vector without one is uploaded with its pass.
+    pub table: Option<(&'a Arc<Vec<f32>>, usize)>,
 }
 
 /// Builds the plan for hidden-state index `layer`, or None when nothing steers there (the
@@ -145,18 +152,46 @@ pub fn plan_point<'a>(
 ) -> Option<PointSteering<'a>> {
     let mut slots: Vec<SlotSteer<'a>> = Vec::new();
     let mut seq_slot = vec![-1i32; seq_steering.len()];
+    // Sequences sharing one intervention (the usual case) share its slot.
+    let mut slot_of: std::collections::HashMap<*const Steering, i32> = std::collections::HashMap::new();
     for (i, s) in seq_steering.iter().enumerate() {
         let Some(s) = s else { continue };
         if !s.layers.contains(&layer) || !s.positions.applies(generated) {
             continue;
         }
+        if let Some(&k) = slot_of.get(&Arc::as_ptr(s)) {
+            seq_slot[i] = k;
+            continue;
+        }
         seq_slot[i] = slots.len() as i32;
-        slots.push(SlotSteer { vector: s.direction(layer), coef: s.coef, op: s.op, preserve_norm: s.preserve_norm });
+        slot_of.insert(Arc::as_ptr(s), seq_slot[i]);
+        slots.push(SlotSteer {
+            vector: s.direction(layer),
+            coef: s.coef,
+            op: s.op,
+            preserve_norm: s.preserve_norm,
+            table: Some((&s.directions, layer * s.hidden)),
+        });
     }
     if slots.is_empty() {
         return None;
     }
-    Some(PointSteering { row_slot: row_seq.iter().map(|&s| seq_slot[s as usize]).collect(), slots })
+    Some(PointSteering { index: layer, row_slot: row_seq.iter().map(|&s| seq_slot[s as usize]).collect(), slots })
+}
+
+/// The plans of every hidden-state index `0..=last` of one pass (entry l for index l), made
+/// once before the pass so a device backend can upload them together. Empty when no sequence
+/// is steered.
+pub fn plan_pass<'a>(
+    last: usize,
+    seq_steering: &'a [Option<Arc<Steering>>],
+    row_seq: &[u32],
+    generated: bool,
+) -> Vec<Option<PointSteering<'a>>> {
+    if seq_steering.iter().all(Option::is_none) {
+        return Vec::new();
+    }
+    (0..=last).map(|l| plan_point(l, seq_steering, row_seq, generated)).collect()
 }
 
 /// Parses layer lists such as `0,5,10-20`.
@@ -233,5 +268,24 @@ mod tests {
         assert_eq!(p.row_slot, vec![0, 0, -1, 1]);
         assert!(plan_point(2, &seqs, &rows, false).is_none());
         assert!(plan_point(0, &seqs, &rows, true).is_none());
+        // Each slot names its directions table and the row's offset in it.
+        assert_eq!(p.index, 1);
+        let (table, offset) = p.slots[1].table.unwrap();
+        assert!(Arc::ptr_eq(table, &seqs[2].as_ref().unwrap().directions));
+        assert_eq!(offset, 2);
+        assert_eq!(&table[offset..offset + 2], p.slots[1].vector);
+
+        let pass = plan_pass(2, &seqs, &rows, true);
+        assert_eq!(pass.len(), 3);
+        assert!(pass[0].is_none() && pass[1].is_some() && pass[2].is_some());
+        assert_eq!(pass[2].as_ref().unwrap().index, 2);
+        assert!(plan_pass(2, &[None, None], &[0, 1], false).is_empty());
+
+        // Sequences sharing one Arc share one slot; an equal but distinct Arc gets its own.
+        let shared = s(vec![1], SteerPositions::All);
+        let seqs = vec![shared.clone(), None, shared.clone(), s(vec![1], SteerPositions::All)];
+        let p = plan_point(1, &seqs, &[0, 1, 2, 3], false).unwrap();
+        assert_eq!(p.row_slot, vec![0, -1, 0, 1]);
+        assert_eq!(p.slots.len(), 2);
     }
 }

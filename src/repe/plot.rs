@@ -91,6 +91,8 @@ pub struct LinePanel {
     pub series: Vec<Series>,
     /// A horizontal reference line (e.g. chance at 0.5).
     pub reference: Option<f64>,
+    /// x values (range and points) are log2 of the quantity; ticks are labelled 2^x.
+    pub log2_x: bool,
 }
 
 /// A square heatmap with row and column labels and the value written in every cell.
@@ -134,8 +136,16 @@ fn draw_lines<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &LinePanel) 
         .configure_mesh()
         .x_desc(p.x_desc.as_str())
         .y_desc(p.y_desc.as_str())
-        .x_label_formatter(&|x: &f64| if (x - x.round()).abs() < 1e-9 { format!("{x:.0}") } else { format!("{x:.1}") })
-        .y_label_formatter(&|y: &f64| if y.abs() < 5e-3 { "0.00".to_string() } else { format!("{y:.2}") })
+        .x_label_formatter(&|x: &f64| {
+            if p.log2_x {
+                if (x - x.round()).abs() < 1e-9 { format!("{:.0}", x.exp2()) } else { String::new() }
+            } else if (x - x.round()).abs() < 1e-9 {
+                format!("{x:.0}")
+            } else {
+                format!("{x:.1}")
+            }
+        })
+        .y_label_formatter(&|y: &f64| if y.abs() >= 10_000.0 { format!("{:.0}k", y / 1000.0) } else if y.abs() >= 1000.0 { format!("{:.1}k", y / 1000.0) } else if y.abs() >= 100.0 { format!("{y:.0}") } else if y.abs() < 5e-3 { "0.00".to_string() } else { format!("{y:.2}") })
         .label_style((FAMILY, 12))
         .axis_desc_style((FAMILY, 13))
         .light_line_style(RGBColor(240, 240, 240))

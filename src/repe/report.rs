@@ -177,6 +177,7 @@ pub fn recognition_figures(dir: &Path, r: &StudyReport) -> Result<()> {
             y_range: (0.0, 1.02),
             series,
             reference: Some(0.5),
+            log2_x: false,
         });
     }
     let mut legend: Vec<Series> =
@@ -302,6 +303,7 @@ pub fn control_figures(dir: &Path, ctrl: &super::study::ControlReport) -> Result
                     y_range: pad(lo, hi),
                     series,
                     reference: zero.then_some(0.0),
+                    log2_x: false,
                 }
             })
             .collect()

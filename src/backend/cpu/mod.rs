@@ -222,7 +222,15 @@ impl Backend for CpuBackend {
         Ok(a.data.clone())
     }
 
-    fn begin_pass(&self, plan: &BatchPlan, inv_freq: &[f32], capture: Option<CaptureLayout>, hidden: usize) -> Result<CpuPass> {
+    // Steering is read from each point's plan in `residual_step`; nothing to prepare here.
+    fn begin_pass(
+        &self,
+        plan: &BatchPlan,
+        inv_freq: &[f32],
+        capture: Option<CaptureLayout>,
+        _steering: &[Option<PointSteering<'_>>],
+        hidden: usize,
+    ) -> Result<CpuPass> {
         let capture = capture.map(|c| {
             let rows = if c.position == CapturePosition::All { plan.rows() } else { plan.seqs.len() };
             (Captured::new(rows, c.slots, hidden, Vec::new()), c.position)

@@ -106,7 +106,7 @@ mod tests {
     #[test]
     fn steering_operators() {
         let v = [1.0f32, 0.0, 0.0];
-        let add = SlotSteer { vector: &v, coef: 2.0, op: SteerOp::Add, preserve_norm: false };
+        let add = SlotSteer { vector: &v, coef: 2.0, op: SteerOp::Add, preserve_norm: false, table: None };
         let mut row = [-1.0f32, 1.0, 0.0];
         steer_row(&mut row, &add);
         assert_eq!(row, [1.0, 1.0, 0.0]);

@@ -6,17 +6,22 @@
 //! a visible GPU) is checked before first use and reported as a device error, never a panic.
 pub mod gemm;
 pub mod modules;
+pub mod resident;
+pub mod tables;
 
 use super::{ActKind, Backend, CaptureLayout, Heads, Norm};
 use crate::model::arch::{MlpKind, NormKind};
-use crate::engine::capture::{CapturePosition, CaptureSink, Captured};
+use crate::engine::capture::{CaptureSink, Captured};
 use crate::engine::plan::BatchPlan;
-use crate::engine::steer::{PointSteering, SteerOp};
+use crate::engine::steer::PointSteering;
 use crate::error::{Error, Result};
 use crate::model::weights::F32Data;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use resident::{ResidentTables, MAX_RESIDENT_TABLES};
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use tables::{PassLayout, Segments};
 
 /// Parses `--device`: None for the CPU, Some(ordinal) for `cuda` / `cuda:N`.
 pub fn parse_device(device: &str) -> Result<Option<usize>> {
@@ -66,6 +71,38 @@ pub struct CudaBackend {
     blas: gemm::Lt,
     _workspace: CudaSlice<u8>,
     pub info: DeviceInfo,
+    /// Steering directions uploaded once and reused by every pass that steers with them.
+    resident: Mutex<ResidentTables<CudaSlice<f32>>>,
+    /// Per-pass buffers handed back by finished passes (one per pass in flight at a time).
+    pool: Mutex<Vec<PassBuffers>>,
+}
+
+/// Device buffers a pass needs, kept and grown across passes instead of allocated per pass.
+/// A pass owns its set from `begin_pass` to `end_pass`; work on the one stream is ordered, so
+/// the next pass's upload cannot overtake the kernels of the previous owner.
+#[derive(Default)]
+struct PassBuffers {
+    /// The pass's tables (tables.rs), uploaded with one copy.
+    tables: Option<CudaSlice<u8>>,
+    /// Capture plane `[rows, slots, hidden]` f32.
+    plane: Option<CudaSlice<f32>>,
+    /// Split-decode attention partials.
+    part_o: Option<CudaSlice<f32>>,
+    part_ml: Option<CudaSlice<f32>>,
+}
+
+/// A buffer of at least `n` elements (grown to a power of two so that growth is rare).
+fn grow<T: cudarc::driver::DeviceRepr>(stream: &Arc<CudaStream>, buf: &mut Option<CudaSlice<T>>, n: usize) -> Result<()> {
+    if buf.as_ref().is_some_and(|b| b.len() >= n) {
+        return Ok(());
+    }
+    *buf = None; // free first: the old contents are not needed
+    // SAFETY: every user writes the elements it reads (tables by upload, the plane is zeroed
+    // per pass, attention partials by the kernel that fills them).
+    let b = unsafe { stream.alloc::<T>(n.max(1).next_power_of_two()) }
+        .map_err(|e| Error::Device(format!("CUDA allocation of {n} elements: {e}")))?;
+    *buf = Some(b);
+    Ok(())
 }
 
 pub struct CudaMatrix {
@@ -76,8 +113,8 @@ pub struct CudaMatrix {
 
 pub struct CudaVector {
     bf16: CudaSlice<u16>,
+    /// f32 copy: GEMM biases into f32 outputs, and the final norm of captured rows.
     f32: CudaSlice<f32>,
-    host: Vec<f32>,
 }
 
 enum Buf {
@@ -97,57 +134,37 @@ pub struct CudaKv {
     v: Vec<CudaSlice<u16>>,
 }
 
-struct DeviceCapture {
-    position: CapturePosition,
-    slots: usize,
-    rows: usize,
-    /// `[slots, rows, hidden]`.
-    buf: CudaSlice<f32>,
-    /// Per packed row: its capture row (last token of a sequence for `last`, itself for `all`), or -1.
-    capture_row: CudaSlice<i32>,
-    /// Mean segments: one per sequence.
-    seg_begin: CudaSlice<i32>,
-    seg_end: CudaSlice<i32>,
-    seg_dst: CudaSlice<i32>,
-    seg_weight: CudaSlice<f32>,
-    /// Raw residual rows of every token for a capture of the normed point (index L), normalised
-    /// on the host in f32 at the end of the pass: `[rows_of_pass, hidden]`, slot, norm weight, eps.
-    normed: Option<HostNorm>,
-}
-
-/// Raw residual rows kept for a capture of the normed point, normalised on the host in f32.
-struct HostNorm {
-    raw: CudaSlice<f32>,
-    slot: usize,
-    kind: NormKind,
-    weight: Vec<f32>,
-    bias: Option<Vec<f32>>,
-    eps: f32,
-}
-
 pub struct CudaPass {
     plan: BatchPlan,
     rows: usize,
     hidden: usize,
-    positions: CudaSlice<i32>,
-    kv_slot: CudaSlice<i32>,
-    cu_seqlens: CudaSlice<i32>,
-    kv_start: CudaSlice<i32>,
-    kv_len: CudaSlice<i32>,
-    /// Rotary inverse frequencies; None for ALiBi models (the kernel then rotates nothing).
-    inv_freq: Option<CudaSlice<f32>>,
+    /// Where each table of `layout` lives: the device address of the uploaded image.
+    base: u64,
+    layout: PassLayout,
+    /// Device address of the capture plane (0 without capture).
+    plane: u64,
     max_q_len: usize,
     max_kv_len: usize,
     decode: bool,
-    capture: Option<DeviceCapture>,
+    /// Attention takes the pass by shared reference and grows the partials in place.
+    bufs: RefCell<PassBuffers>,
+    /// The resident steering tables this pass's descriptors point into, kept alive until it ends.
+    _resident: Vec<Arc<CudaSlice<f32>>>,
+}
+
+impl CudaPass {
+    fn at(&self, offset: usize) -> u64 {
+        self.base + offset as u64
+    }
+
+    /// Device addresses of a segment list: begin, end, dst, weight.
+    fn segs(&self, s: &Segments) -> [u64; 4] {
+        [self.at(s.begin), self.at(s.end), self.at(s.dst), self.at(s.weight)]
+    }
 }
 
 fn to_bf16_bits(data: &[f32]) -> Vec<u16> {
     data.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect()
-}
-
-fn i32s(v: impl IntoIterator<Item = usize>) -> Vec<i32> {
-    v.into_iter().map(|x| x as i32).collect()
 }
 
 /// Threads per block for row kernels: a function of the hidden size only, so that results do
@@ -198,7 +215,16 @@ impl CudaBackend {
             p
         };
         let blas = gemm::Lt::new(ws_ptr)?;
-        Ok(CudaBackend { ctx, stream, functions, blas, _workspace: workspace, info })
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            functions,
+            blas,
+            _workspace: workspace,
+            info,
+            resident: Mutex::new(ResidentTables::new(MAX_RESIDENT_TABLES)),
+            pool: Mutex::new(Vec::new()),
+        })
     }
 
     /// Bytes of device memory in use (all processes), from the driver.
@@ -266,7 +292,7 @@ impl Backend for CudaBackend {
     }
 
     fn vector(&self, data: F32Data) -> Result<CudaVector> {
-        Ok(CudaVector { bf16: self.upload(&to_bf16_bits(&data))?, f32: self.upload(&data[..])?, host: data.to_vec() })
+        Ok(CudaVector { bf16: self.upload(&to_bf16_bits(&data))?, f32: self.upload(&data[..])? })
     }
 
     fn act(&self, rows: usize, cols: usize, kind: ActKind) -> Result<CudaAct> {
@@ -303,82 +329,97 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn begin_pass(&self, plan: &BatchPlan, inv_freq: &[f32], capture: Option<CaptureLayout>, hidden: usize) -> Result<CudaPass> {
+    fn begin_pass(
+        &self,
+        plan: &BatchPlan,
+        inv_freq: &[f32],
+        capture: Option<CaptureLayout>,
+        steering: &[Option<PointSteering<'_>>],
+        hidden: usize,
+    ) -> Result<CudaPass> {
         let rows = plan.rows();
-        let nseq = plan.seqs.len();
-        let kv_slot: Vec<i32> = (0..rows).map(|r| (plan.seqs[plan.row_seq[r] as usize].kv_start + plan.positions[r] as usize) as i32).collect();
-        let mut cu = vec![0i32];
-        for s in &plan.seqs {
-            cu.push((s.start + s.len) as i32);
-        }
-        let capture = match capture {
-            None => None,
-            Some(c) => {
-                let cap_rows = if c.position == CapturePosition::All { rows } else { nseq };
-                let mut row_map = vec![-1i32; rows];
-                for (i, s) in plan.seqs.iter().enumerate() {
-                    match c.position {
-                        CapturePosition::Last => row_map[s.start + s.len - 1] = i as i32,
-                        CapturePosition::All => s.rows().for_each(|r| row_map[r] = r as i32),
-                        CapturePosition::Mean => {}
-                    }
-                }
-                Some(DeviceCapture {
-                    position: c.position,
-                    slots: c.slots,
-                    rows: cap_rows,
-                    buf: self.zeros(c.slots * cap_rows * hidden)?,
-                    capture_row: self.upload(&row_map)?,
-                    seg_begin: self.upload(&i32s(plan.seqs.iter().map(|s| s.start)))?,
-                    seg_end: self.upload(&i32s(plan.seqs.iter().map(|s| s.start + s.len)))?,
-                    seg_dst: self.upload(&i32s(0..nseq))?,
-                    seg_weight: self.upload(&plan.seqs.iter().map(|s| 1.0 / s.len as f32).collect::<Vec<_>>())?,
-                    normed: None,
-                })
+        // Resident directions first: the slot descriptors hold their device addresses.
+        // `seen` spares the lock for the other points of the same tables (the plans borrow
+        // them, so their addresses are stable while this runs).
+        let mut keep: Vec<Arc<CudaSlice<f32>>> = Vec::new();
+        let mut seen: Vec<(*const Vec<f32>, u64)> = Vec::new();
+        let (layout, image) = tables::build(plan, inv_freq, capture, steering, hidden, |table| {
+            if let Some(&(_, addr)) = seen.iter().find(|(t, _)| *t == Arc::as_ptr(table)) {
+                return Ok(addr);
             }
-        };
+            let mut cache = self.resident.lock().unwrap_or_else(|p| p.into_inner());
+            let dev = cache.get_or_upload(table, |data| self.stream.clone_htod(data).map_err(dev_err("steering upload")))?;
+            let addr = self.ptr(&*dev);
+            seen.push((Arc::as_ptr(table), addr));
+            keep.push(dev);
+            Ok(addr)
+        })?;
+        let mut bufs = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
+        // One host-to-device copy for every table of the pass.
+        grow(&self.stream, &mut bufs.tables, image.len())?;
+        let Some(dev_tables) = bufs.tables.as_mut() else { return Err(Error::Device("pass tables were not allocated".into())) };
+        let base = self.ptr_mut(dev_tables);
+        let bytes = image.finish(base);
+        if !bytes.is_empty() {
+            self.stream.memcpy_htod(&bytes[..], &mut dev_tables.slice_mut(..bytes.len())).map_err(dev_err("host-to-device copy"))?;
+        }
+        let mut plane = 0;
+        if let Some(c) = &layout.capture {
+            let n = c.rows * c.slots * hidden;
+            grow(&self.stream, &mut bufs.plane, n)?;
+            if let Some(p) = bufs.plane.as_mut() {
+                // Zeroed as the CPU's buffer is: a duplicated point's second slot is never written.
+                self.stream.memset_zeros(&mut p.slice_mut(..n)).map_err(dev_err("memset"))?;
+                plane = self.ptr_mut(p);
+            }
+        }
         Ok(CudaPass {
             rows,
             hidden,
-            positions: self.upload(&i32s(plan.positions.iter().map(|&p| p as usize)))?,
-            kv_slot: self.upload(&kv_slot)?,
-            cu_seqlens: self.upload(&cu)?,
-            kv_start: self.upload(&i32s(plan.seqs.iter().map(|s| s.kv_start)))?,
-            kv_len: self.upload(&i32s(plan.seqs.iter().map(|s| s.past + s.len)))?,
-            // An empty table must reach the kernel as null: a non-null pointer means "rotate".
-            inv_freq: if inv_freq.is_empty() { None } else { Some(self.upload(inv_freq)?) },
+            base,
+            layout,
+            plane,
             max_q_len: plan.seqs.iter().map(|s| s.len).max().unwrap_or(0),
             max_kv_len: plan.seqs.iter().map(|s| s.past + s.len).max().unwrap_or(0),
             decode: plan.seqs.iter().all(|s| s.len == 1),
-            capture,
+            bufs: RefCell::new(bufs),
+            _resident: keep,
             plan: plan.clone(),
         })
     }
 
     fn end_pass(&self, pass: CudaPass, sink: Option<&mut CaptureSink>) -> Result<()> {
-        let (Some(cap), Some(sink)) = (pass.capture, sink) else { return Ok(()) };
-        let h = pass.hidden;
-        let data = self.stream.clone_dtoh(&cap.buf).map_err(dev_err("capture copy"))?;
-        let mut local = Captured::new(cap.rows, cap.slots, h, Vec::new());
-        for slot in 0..cap.slots {
-            for r in 0..cap.rows {
-                let src = &data[(slot * cap.rows + r) * h..(slot * cap.rows + r + 1) * h];
-                local.row_mut(r, slot).copy_from_slice(src);
-            }
-        }
-        if let Some(n) = &cap.normed {
-            let raw = self.stream.clone_dtoh(&n.raw).map_err(dev_err("capture copy"))?;
-            let mut normed = vec![0f32; pass.rows * h];
-            for (src, dst) in raw.chunks_exact(h).zip(normed.chunks_exact_mut(h)).take(pass.rows) {
-                match n.kind {
-                    NormKind::Rms => crate::backend::cpu::norm::rms_norm_row(src, &n.weight, n.eps, dst),
-                    NormKind::Layer => crate::backend::cpu::norm::layer_norm_row(src, &n.weight, n.bias.as_deref(), n.eps, dst),
+        let CudaPass { plan, hidden: h, layout, bufs, _resident, .. } = pass;
+        let bufs = bufs.into_inner();
+        let copied = match (&layout.capture, sink, bufs.plane.as_ref()) {
+            (Some(cap), Some(sink), Some(plane)) => {
+                let n = cap.rows * cap.slots * h;
+                let src = plane.slice(..n);
+                // One device-to-host copy, straight into the output when this pass's rows are
+                // contiguous there (they are for extraction, scoring and decode steps).
+                let same_shape = sink.out.points == cap.slots && sink.out.hidden == h;
+                let direct = sink.contiguous_start(&plan, cap.rows).filter(|_| same_shape);
+                match direct {
+                    Some(first) => {
+                        let at = first * cap.slots * h;
+                        self.stream.memcpy_dtoh(&src, &mut sink.out.data[at..at + n]).map_err(dev_err("capture copy"))
+                    }
+                    None => {
+                        let mut local = Captured::new(cap.rows, cap.slots, h, Vec::new());
+                        let r = self.stream.memcpy_dtoh(&src, &mut local.data[..]).map_err(dev_err("capture copy"));
+                        if r.is_ok() {
+                            sink.absorb(&plan, &local);
+                        }
+                        r
+                    }
                 }
             }
-            crate::backend::cpu::residual::capture_rows(&normed, h, &pass.plan, &mut local, cap.position, n.slot);
-        }
-        sink.absorb(&pass.plan, &local);
-        Ok(())
+            _ => Ok(()),
+        };
+        // The buffers go back to the pool even when the copy failed; the copy is synchronous,
+        // so nothing of this pass is still reading them.
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).push(bufs);
+        copied
     }
 
     fn embed(&self, table: &CudaMatrix, ids: &[u32], norm: Option<Norm<'_, CudaVector>>, out: &mut CudaAct) -> Result<()> {
@@ -469,12 +510,11 @@ impl Backend for CudaBackend {
             Some(bias) => b.arg(&bias.bf16),
             None => b.arg(&null),
         };
-        b.arg(&pass.positions);
-        match &pass.inv_freq {
-            Some(f) => b.arg(f),
-            None => b.arg(&null),
-        };
-        b.arg(&mscale).arg(&rot).arg(&pass.kv_slot).arg(q_s).arg(k_cache).arg(v_cache);
+        let (positions, kv_slot) = (pass.at(pass.layout.positions), pass.at(pass.layout.kv_slot));
+        // No table (ALiBi models) reaches the kernel as null: "rotate nothing".
+        let inv_freq = pass.layout.inv_freq.map_or(0, |o| pass.at(o));
+        b.arg(&positions).arg(&inv_freq);
+        b.arg(&mscale).arg(&rot).arg(&kv_slot).arg(q_s).arg(k_cache).arg(v_cache);
         b.arg(&t).arg(&nq).arg(&nkv).arg(&hd);
         // SAFETY: argument list follows kernels/rope.cu.
         unsafe { b.launch(cfg((pass.rows as u32, 1, 1), 256)) }.map_err(|e| Error::Device(format!("kernel rope_qkv launch: {e}")))?;
@@ -496,10 +536,18 @@ impl Backend for CudaBackend {
         let scale = 1.0 / (hd as f32).sqrt();
         let slopes = alibi.map(|a| self.upload(a)).transpose()?;
         let alibi_ptr: u64 = slopes.as_ref().map_or(0, |s| self.ptr(s));
+        let (kv_start, kv_len) = (pass.at(pass.layout.kv_start), pass.at(pass.layout.kv_len));
         if pass.decode {
             let max_splits = pass.max_kv_len.div_ceil(256).max(1);
-            let mut part_o = self.zeros::<f32>(pass.plan.seqs.len() * heads.q_heads * max_splits * hd)?;
-            let mut part_ml = self.zeros::<f32>(pass.plan.seqs.len() * heads.q_heads * max_splits * 2)?;
+            // The partials are scratch (each split is written before it is read): reuse the
+            // pass's buffers instead of allocating two per layer and step.
+            let mut bufs = pass.bufs.borrow_mut();
+            let bufs = &mut *bufs;
+            grow(&self.stream, &mut bufs.part_o, pass.plan.seqs.len() * heads.q_heads * max_splits * hd)?;
+            grow(&self.stream, &mut bufs.part_ml, pass.plan.seqs.len() * heads.q_heads * max_splits * 2)?;
+            let (Some(part_o), Some(part_ml)) = (bufs.part_o.as_mut(), bufs.part_ml.as_mut()) else {
+                return Err(Error::Device("attention partials were not allocated".into()));
+            };
             let groups = (heads.q_heads / heads.kv_heads).div_ceil(8);
             let ms = max_splits as i32;
             let name = format!("attn_decode_hd{hd}");
@@ -507,20 +555,21 @@ impl Backend for CudaBackend {
                 self,
                 &name,
                 cfg((max_splits as u32, (heads.kv_heads * groups) as u32, nseq as u32), 128),
-                q_s, &kv.k[l], &kv.v[l], &mut *o_s, &mut part_o, &mut part_ml, &pass.kv_start, &pass.kv_len,
+                q_s, &kv.k[l], &kv.v[l], &mut *o_s, &mut *part_o, &mut *part_ml, &kv_start, &kv_len,
                 &nseq, &nq, &nkv, &ms, &scale, &alibi_ptr
             );
             if max_splits > 1 {
                 let hdi = hd as i32;
-                launch!(self, "attn_decode_reduce", cfg((nq as u32, nseq as u32, 1), 128), &part_o, &part_ml, &pass.kv_len, o_s, &nseq, &nq, &hdi, &ms);
+                launch!(self, "attn_decode_reduce", cfg((nq as u32, nseq as u32, 1), 128), &*part_o, &*part_ml, &kv_len, o_s, &nseq, &nq, &hdi, &ms);
             }
         } else {
             let name = format!("attn_prefill_hd{hd}");
+            let cu_seqlens = pass.at(pass.layout.cu_seqlens);
             launch!(
                 self,
                 &name,
                 cfg((pass.max_q_len.div_ceil(64) as u32, nq as u32, nseq as u32), 128),
-                q_s, &kv.k[l], &kv.v[l], o_s, &pass.cu_seqlens, &pass.kv_start, &pass.kv_len, &nseq, &nq, &nkv, &scale, &alibi_ptr
+                q_s, &kv.k[l], &kv.v[l], o_s, &cu_seqlens, &kv_start, &kv_len, &nseq, &nq, &nkv, &scale, &alibi_ptr
             );
         }
         Ok(())
@@ -566,46 +615,45 @@ impl Backend for CudaBackend {
             return Err(Error::Device("residual step needs an f32 residual and a bf16 output".into()));
         };
         let (t, h) = (pass.rows as i32, pass.hidden as i32);
+        let hidden = pass.hidden;
         let null = 0u64;
-        let steer_dev = match steer {
-            None => None,
-            Some(st) => {
-                let mut vecs = Vec::with_capacity(st.slots.len() * pass.hidden);
-                for s in &st.slots {
-                    vecs.extend_from_slice(s.vector);
+        // Steering: the tables uploaded for this point at begin_pass; null pointers otherwise.
+        let (steer_slot, steer_table) = match steer {
+            None => (null, null),
+            Some(st) => match pass.layout.steer.get(st.index).copied().flatten() {
+                Some(m) if m.slots == st.slots.len() => (pass.at(m.row_slot), pass.at(m.table)),
+                _ => {
+                    return Err(Error::Device(format!(
+                        "steering at hidden-state index {} was not planned when the pass began",
+                        st.index
+                    )))
                 }
-                let modes: Vec<i32> = st.slots.iter().map(|s| (s.op == SteerOp::SignAware) as i32 | ((s.preserve_norm as i32) << 1)).collect();
-                let coefs: Vec<f32> = st.slots.iter().map(|s| s.coef).collect();
-                Some((self.upload(&st.row_slot)?, self.upload(&vecs)?, self.upload(&coefs)?, self.upload(&modes)?))
+            },
+        };
+        // Capture planes: slot s of plane row r is at (r·slots + s)·hidden (tables.rs).
+        let cap = pass.layout.capture;
+        let slot_plane = |slot: usize| -> Result<(u64, tables::CaptureMaps)> {
+            match cap {
+                Some(c) if slot < c.slots => Ok((pass.plane + (slot * hidden * 4) as u64, c)),
+                _ => Err(Error::Device(format!("capture slot {slot} is not in this pass's capture layout"))),
             }
         };
-        let hidden = pass.hidden;
-        let cap = pass.capture.as_mut();
-        // Last/all captures go through the kernel's capture_row map into this slot's plane.
-        let mut plane_offset = None;
-        if let (Some(slot), Some(c)) = (capture_residual, cap.as_ref()) {
-            if c.position != CapturePosition::Mean {
-                plane_offset = Some(slot * c.rows * hidden);
-            }
-        }
+        let residual_plane = capture_residual.map(slot_plane).transpose()?;
+        let normed_plane = capture_normed.map(slot_plane).transpose()?;
+        // Last/all captures go through the kernel's capture_row map.
+        let (capture_row, capture_buf) = match residual_plane {
+            Some((plane, c)) => match c.capture_row {
+                Some(map) => (pass.at(map), plane),
+                None => (null, null),
+            },
+            None => (null, null),
+        };
         {
             let f = self.f(kernel)?;
             let mut b = self.stream.launch_builder(f);
             b.arg(&mut *resid).arg(&t).arg(&h);
-            match &steer_dev {
-                Some((slots, vecs, coefs, modes)) => b.arg(slots).arg(vecs).arg(coefs).arg(modes),
-                None => b.arg(&null).arg(&null).arg(&null).arg(&null),
-            };
-            let mut view;
-            match (plane_offset, pass.capture.as_mut()) {
-                (Some(off), Some(c)) => {
-                    view = c.buf.slice_mut(off..);
-                    b.arg(&c.capture_row).arg(&mut view);
-                }
-                _ => {
-                    b.arg(&null).arg(&null);
-                }
-            }
+            b.arg(&steer_slot).arg(&steer_table);
+            b.arg(&capture_row).arg(&capture_buf);
             b.arg(&norm.bf16);
             match norm_bias {
                 Some(bias) => b.arg(&bias.bf16),
@@ -613,27 +661,37 @@ impl Backend for CudaBackend {
             };
             b.arg(&eps).arg(&mut *norm_out);
             // SAFETY: argument list follows kernels/fused_residual.cu.
-            unsafe { b.launch(cfg((pass.rows as u32, 1, 1), row_block(pass.hidden))) }
+            unsafe { b.launch(cfg((pass.rows as u32, 1, 1), row_block(hidden))) }
                 .map_err(|e| Error::Device(format!("kernel {kernel} launch: {e}")))?;
         }
-        if let (Some(slot), Some(c)) = (capture_residual, pass.capture.as_mut()) {
-            if c.position == CapturePosition::Mean {
-                let nseg = pass.plan.seqs.len() as i32;
+        if let Some((plane, c)) = residual_plane {
+            if let Some(m) = c.mean {
+                let nseg = m.count as i32;
                 let accumulate = 0i32;
-                let mut view = c.buf.slice_mut(slot * c.rows * hidden..);
+                let [begin, end, dst, weight] = pass.segs(&m);
                 launch!(
                     self,
                     "mean_capture",
                     cfg((hidden.div_ceil(256) as u32, nseg as u32, 1), 256),
-                    &*resid, &h, &c.seg_begin, &c.seg_end, &c.seg_dst, &c.seg_weight, &mut view, &accumulate, &nseg
+                    &*resid, &h, &begin, &end, &dst, &weight, &plane, &accumulate, &nseg
                 );
             }
         }
-        if let (Some(slot), Some(c)) = (capture_normed, pass.capture.as_mut()) {
-            // Keep every raw row; the host applies the final norm in f32 at the end of the pass.
-            let mut raw = self.zeros::<f32>(pass.rows * hidden)?;
-            self.stream.memcpy_dtod(&*resid, &mut raw).map_err(dev_err("device copy"))?;
-            c.normed = Some(HostNorm { raw, slot, kind, weight: norm.host.clone(), bias: norm_bias.map(|b| b.host.clone()), eps });
+        if let Some((plane, c)) = normed_plane {
+            // The final norm in f32 of the captured rows only, into the plane (capture_norm.cu).
+            let name = match kind {
+                NormKind::Rms => "capture_norm_rms",
+                NormKind::Layer => "capture_norm_ln",
+            };
+            let nseg = c.normed.count as i32;
+            let [begin, end, dst, weight] = pass.segs(&c.normed);
+            let bias = norm_bias.map_or(null, |b| self.ptr(&b.f32));
+            launch!(
+                self,
+                name,
+                cfg((c.normed.count as u32, 1, 1), row_block(hidden)),
+                &*resid, &h, &begin, &end, &dst, &weight, &norm.f32, &bias, &eps, &plane, &nseg
+            );
         }
         if post_ln {
             // The residual continues from the normed rows (as the model dtype holds them).

@@ -157,6 +157,8 @@ mod tests {
             "argmax_rows",
             "sample_rows",
             "final_norm_gather_rms",
+            "capture_norm_rms",
+            "capture_norm_ln",
         ] {
             assert!(all.contains(&name.to_string()), "{name} not found in {all:?}");
         }
