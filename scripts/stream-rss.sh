@@ -28,11 +28,15 @@ weights=$(find -L "$MODEL" -maxdepth 1 -name '*.safetensors' -printf '%s\n' | aw
 peak_kb=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$WORK/time.txt")
 wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {print $2}' "$WORK/time.txt")
 out_bytes=$(du -sb "$OUT" | cut -f1)
-python3 - "$N" "$weights" "$peak_kb" "$wall" "$out_bytes" <<'EOF'
-import sys
+python3 - "$N" "$weights" "$peak_kb" "$wall" "$out_bytes" "$OUT" <<'EOF'
+import glob, json, struct, sys
 n, weights, peak_kb, wall, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+tokens = 0
+for shard in glob.glob(sys.argv[6] + "/shard-*.safetensors"):
+    with open(shard, "rb") as f:
+        tokens += int(json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))["__metadata__"]["tokens"])
 peak = peak_kb * 1024
-print(f"sentences {n}: wall {wall}, output {out / 2**20:.0f} MiB")
+print(f"sentences {n} ({tokens} tokens): wall {wall}, output {out / 2**20:.0f} MiB")
 print(f"peak RSS {peak / 2**20:.0f} MiB; weight files {weights / 2**20:.0f} MiB; ratio {peak / weights:.3f} (limit 1.15)")
 sys.exit(0 if peak <= 1.15 * weights else 2)
 EOF

@@ -1,6 +1,6 @@
 //! `resid bench --workload scaling`: extraction throughput against worker threads, sequence
-//! length and batch size, each point measured by a fresh `resid bench --workload extract`
-//! child process (a process per point because the thread pool is fixed at start-up, and so that
+//! length and batch size, each point the faster of two fresh `resid bench --workload extract`
+//! child processes (a process per point because the thread pool is fixed at start-up, and so that
 //! no point inherits another's caches or allocations). Writes `scaling.json` and the figure
 //! `scaling.png` / `scaling.svg` into `--plot-dir`.
 use anyhow::{anyhow, bail, Context, Result};
@@ -43,7 +43,23 @@ fn thread_counts(cores: usize) -> Vec<usize> {
     v
 }
 
+/// Runs per point; the fastest counts (a burst of other work on the machine only slows a run).
+const RUNS_PER_POINT: usize = 2;
+
+/// The fastest of [`RUNS_PER_POINT`] runs of one point.
 fn child(a: &ScalingArgs, threads: Option<usize>, extra: &[String]) -> Result<Value> {
+    let mut best: Option<Value> = None;
+    for _ in 0..RUNS_PER_POINT {
+        let r = child_once(a, threads, extra)?;
+        let rate = |v: &Value| v["tokens_per_s"].as_f64().unwrap_or(0.0);
+        if best.as_ref().is_none_or(|b| rate(&r) > rate(b)) {
+            best = Some(r);
+        }
+    }
+    best.ok_or_else(|| anyhow!("scaling point {extra:?}: no run"))
+}
+
+fn child_once(a: &ScalingArgs, threads: Option<usize>, extra: &[String]) -> Result<Value> {
     let exe = std::env::current_exe().context("cannot find the resid executable to run the sweep's points")?;
     let mut cmd = Command::new(exe);
     if let Some(t) = threads {
@@ -73,7 +89,7 @@ fn progress(quiet: bool, started: Instant, done: usize, total: usize, what: &str
 pub(crate) fn run(a: &ScalingArgs) -> Result<Value> {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads = if a.on_cpu { thread_counts(cores) } else { Vec::new() };
-    // Sequence lengths: about 4,096 tokens per point, whole sequences in one batch.
+    // Sequence lengths: about 4,096 tokens per point, in the default 2,048-token batches.
     let lengths = [16usize, 64, 256, 1024];
     // Batch token budgets over the default workload's 12–60-token sequences.
     let budgets = [64usize, 256, 1024, 4096];
@@ -94,7 +110,7 @@ pub(crate) fn run(a: &ScalingArgs) -> Result<Value> {
     for &len in &lengths {
         progress(a.quiet, started, done, total, &format!("{len}-token sequences"));
         let n = (4096 / len).max(4);
-        let args: Vec<String> = vec!["--sequences".into(), n.to_string(), "--min-len".into(), len.to_string(), "--max-len".into(), len.to_string(), "--batch".into(), (len * n).max(2048).to_string()];
+        let args: Vec<String> = vec!["--sequences".into(), n.to_string(), "--min-len".into(), len.to_string(), "--max-len".into(), len.to_string(), "--batch".into(), len.max(2048).to_string()];
         let r = child(a, None, &args)?;
         // A model with a shorter context clamps the length; plot what was measured.
         let measured = r["tokens"].as_f64().unwrap_or(0.0) / n as f64;
@@ -127,7 +143,7 @@ pub(crate) fn run(a: &ScalingArgs) -> Result<Value> {
         "batch_tokens": table(&by_batch, "batch_tokens"),
         "figure": figures,
         "seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
-        "note": "each point: a fresh `resid bench --workload extract` process (last-token hidden states at every index); sequence-length and batch points use all threads; fraction_of_gemm_peak is against the GEMM rate that point measured itself",
+        "note": "each point: the faster of 2 fresh `resid bench --workload extract` processes (last-token hidden states at every index); sequence-length and batch points use all threads; fraction_of_gemm_peak is against the GEMM rate that run measured itself",
     });
     std::fs::write(a.plot_dir.join("scaling.json"), format!("{report:#}\n")).with_context(|| format!("cannot write {}", a.plot_dir.join("scaling.json").display()))?;
     Ok(report)
