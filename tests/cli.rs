@@ -170,3 +170,29 @@ fn generate_and_info_work_on_ids_model_and_reject_bad_flags() {
     let o = resid(&["generate", "--model", &f.p("model"), "--prompt", "hi", "--greedy", "--temperature", "1"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn bench_reports_overheads_with_intervals_and_rejects_bad_options() {
+    let f = Fixture::new();
+    let model = f.p("model");
+    let out = resid(&["bench", "--model", &model, "--workload", "steer", "--batch", "3", "--steps", "4", "--min-len", "2", "--max-len", "8", "--json", "--quiet"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for phase in ["prefill", "decode"] {
+        for key in ["steering_overhead_paired_median", "capture_overhead_paired_median"] {
+            assert!(v[phase][key].as_f64().is_some(), "{phase}.{key}: {v}");
+        }
+        for key in ["steering_overhead_paired_ci95", "capture_overhead_paired_ci95"] {
+            let ci = v[phase][key].as_array().unwrap_or_else(|| panic!("{phase}.{key}: {v}"));
+            assert!(ci[0].as_f64().unwrap() <= ci[1].as_f64().unwrap(), "{phase}.{key}: {ci:?}");
+        }
+    }
+    let bad = resid(&["bench", "--model", &model, "--workload", "nope"]);
+    assert_eq!(bad.status.code(), Some(3), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("expected extract, decode, steer or scaling"), "{}", stderr(&bad));
+    // The scaling sweep checks its output directory before measuring anything.
+    let blocker = f.write("not-a-dir", b"x");
+    let bad = resid(&["bench", "--model", &model, "--workload", "scaling", "--plot-dir", &format!("{blocker}/sub")]);
+    assert_eq!(bad.status.code(), Some(6), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("not-a-dir"), "{}", stderr(&bad));
+}

@@ -87,6 +87,9 @@ fn progress(quiet: bool, started: Instant, done: usize, total: usize, what: &str
 }
 
 pub(crate) fn run(a: &ScalingArgs) -> Result<Value> {
+    // Fail before minutes of measurement, not after.
+    std::fs::create_dir_all(a.plot_dir).map_err(|e| resid::Error::io(a.plot_dir, e))?;
+    resid::io::check_writable(&a.plot_dir.join("scaling.json"))?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads = if a.on_cpu { thread_counts(cores) } else { Vec::new() };
     // Sequence lengths: about 4,096 tokens per point, in the default 2,048-token batches.
@@ -125,7 +128,6 @@ pub(crate) fn run(a: &ScalingArgs) -> Result<Value> {
     }
     progress(a.quiet, started, done, total, "figure");
 
-    std::fs::create_dir_all(a.plot_dir).with_context(|| format!("cannot create {}", a.plot_dir.display()))?;
     let stem = a.plot_dir.join("scaling");
     let model_name = a.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let first = by_length.first().or(by_threads.first()).map(|p| &p.report);
