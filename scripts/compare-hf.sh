@@ -11,7 +11,8 @@
 #   THREADS           threads for both sides (default: all cores).
 #   REPEATS           runs of each engine, alternating (default 1); the best run of each is reported.
 #   RESID_BIN         a resid binary (default: cargo build --release, target/release/resid).
-# Candle is not installed by this script; a candle row is left to whoever has it.
+#   COMPARE_CANDLE=1  also build scripts/candle-extract (candle-transformers 0.9's Llama, from
+#                     crates.io) and time it on the same sentences, one at a time.
 #
 # Engines: HF as the paper's code uses it (fp32, padded batches of 8, output_hidden_states=True,
 # LM head computed), HF without the LM head, resid f32, resid bf16 (AVX512-BF16 CPUs), plus
@@ -71,6 +72,14 @@ for i in $(seq 1 "$REPEATS"); do
     fi
 done
 rm -f "$OUT"/resid-*.safetensors
+if [ "${COMPARE_CANDLE:-0}" = 1 ]; then
+    log "building the candle runner (scripts/candle-extract)"
+    cargo build --release --quiet --manifest-path "$ROOT/scripts/candle-extract/Cargo.toml" --target-dir "$ROOT/target/candle"
+    for i in $(seq 1 "$REPEATS"); do
+        log "round $i/$REPEATS: candle"
+        RAYON_NUM_THREADS="$THREADS" "$ROOT/target/candle/release/candle-extract" "$MODEL" "$INPUT" "$OUT/candle.$i.json" > /dev/null
+    done
+fi
 log "resid bench (GEMM peak fractions, random ids)"
 "$RESID_BIN" bench --threads "$THREADS" --model "$MODEL" --workload extract --json --quiet > "$OUT/bench-f32.json"
 [ "$BF16" = 1 ] && "$RESID_BIN" bench --threads "$THREADS" --model "$MODEL" --workload extract --compute bf16 --json --quiet > "$OUT/bench-bf16.json"
