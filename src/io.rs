@@ -278,7 +278,7 @@ impl SafetensorsStream {
         let SafetensorsStream { atomic, file, .. } = self;
         drop(file);
         atomic.commit()?;
-        Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+        Ok(crate::store::hex(&digest))
     }
 }
 
@@ -399,7 +399,8 @@ pub fn parse_jsonl(bytes: &[u8], file: &str) -> Result<Vec<InputItem>> {
     Ok(items)
 }
 
-fn json_kind(v: &serde_json::Value) -> &'static str {
+/// How an error message names a JSON value's type ("a string", "an array", ...).
+pub fn json_kind(v: &serde_json::Value) -> &'static str {
     match v {
         serde_json::Value::Null => "null",
         serde_json::Value::Bool(_) => "a boolean",

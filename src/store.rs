@@ -41,9 +41,13 @@ pub struct Manifest {
     pub complete: bool,
 }
 
+/// Lower-case hexadecimal of `bytes` (digests in manifests and cache keys).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    hex(&Sha256::digest(bytes))
 }
 
 /// SHA-256 of a file, read in pieces (shards can be large).
@@ -59,7 +63,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(&hasher.finalize()))
 }
 
 /// Writes `bytes` to `path` through a flushed temporary file and a rename.

@@ -451,16 +451,12 @@ fn extract_on<B: Backend>(engine: &Engine<B>, a: &ExtractArgs, position: Capture
     // batch); returns the file's SHA-256. On any error the partial file is removed.
     let mut run = |range: std::ops::Range<usize>, path: &Path, index: bool| -> Result<String> {
         let seqs_here = &seqs[range.clone()];
-        let tokens: usize = seqs_here.iter().map(Vec::len).sum();
+        let lens: Vec<usize> = seqs_here.iter().map(Vec::len).collect();
+        let tokens: usize = lens.iter().sum();
         let rows = if position == CapturePosition::All { tokens } else { seqs_here.len() };
         let ids = layer_ids(&spec);
         let mut declared = vec![StreamTensor { name: "layers".into(), dtype: StreamDtype::I64, shape: vec![ids.len()] }];
-        let offsets: Vec<i64> = std::iter::once(0)
-            .chain(seqs_here.iter().scan(0i64, |acc, s| {
-                *acc += s.len() as i64;
-                Some(*acc)
-            }))
-            .collect();
+        let offsets: Vec<i64> = resid::engine::capture::row_offsets(&lens).into_iter().map(|o| o as i64).collect();
         if position == CapturePosition::All {
             declared.push(StreamTensor { name: "offsets".into(), dtype: StreamDtype::I64, shape: vec![offsets.len()] });
         }
@@ -490,7 +486,7 @@ fn extract_on<B: Backend>(engine: &Engine<B>, a: &ExtractArgs, position: Capture
             let write_start = std::time::Instant::now();
             file.write_f32(&captured.data)?;
             write_seconds += write_start.elapsed().as_secs_f64();
-            let t: usize = seqs_here[batch.clone()].iter().map(Vec::len).sum();
+            let t: usize = lens[batch.clone()].iter().sum();
             done_tokens += t;
             bar.inc(batch.len() as u64);
             bar.set_message(format!("{:.0} tok/s", done_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)));

@@ -85,6 +85,18 @@ impl Captured {
         Captured { data: vec![0.0; rows * points * hidden], rows, points, hidden, offsets }
     }
 
+    /// The output for sequences of lengths `lens`: a row per sequence, or for `All` a row per
+    /// token with `offsets` = each sequence's first row and the total.
+    pub fn for_lengths(lens: &[usize], points: usize, hidden: usize, position: CapturePosition) -> Self {
+        match position {
+            CapturePosition::All => {
+                let offsets = row_offsets(lens);
+                Captured::new(offsets[lens.len()], points, hidden, offsets)
+            }
+            _ => Captured::new(lens.len(), points, hidden, Vec::new()),
+        }
+    }
+
     pub fn row(&self, row: usize, slot: usize) -> &[f32] {
         let start = (row * self.points + slot) * self.hidden;
         &self.data[start..start + self.hidden]
@@ -94,6 +106,14 @@ impl Captured {
         let start = (row * self.points + slot) * self.hidden;
         &mut self.data[start..start + self.hidden]
     }
+}
+
+/// `[0, l0, l0 + l1, ...]`: where each sequence's rows start when every token has a row, and the total.
+pub fn row_offsets(lens: &[usize]) -> Vec<usize> {
+    std::iter::once(0).chain(lens.iter().scan(0, |acc, l| {
+        *acc += l;
+        Some(*acc)
+    })).collect()
 }
 
 /// Per-pass capture target: the spec plus where this batch's sequences land in the output.

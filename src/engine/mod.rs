@@ -188,25 +188,14 @@ impl<B: Backend> Engine<B> {
         batch_tokens: usize,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Captured> {
-        let total_tokens: usize = seqs.iter().map(Vec::len).sum();
-        let (rows, offsets) = match spec.position {
-            CapturePosition::All => {
-                let mut offsets = vec![0];
-                for s in seqs {
-                    offsets.push(offsets.last().copied().unwrap_or(0) + s.len());
-                }
-                (total_tokens, offsets)
-            }
-            _ => (seqs.len(), Vec::new()),
-        };
-        let mut out = Captured::new(rows, spec.points.len(), self.hidden_size(), offsets);
+        let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        let mut out = Captured::for_lengths(&lens, spec.points.len(), self.hidden_size(), spec.position);
         let mut next_row = 0;
         self.extract_batches(seqs, spec, steering, batch_tokens, |range, batch| {
             let n = batch.data.len();
             out.data[next_row * batch.points * batch.hidden..][..n].copy_from_slice(&batch.data);
             next_row += batch.rows;
-            let tokens: usize = seqs[range.clone()].iter().map(Vec::len).sum();
-            progress(range.len(), tokens);
+            progress(range.len(), lens[range].iter().sum());
             Ok(())
         })?;
         Ok(out)
@@ -245,15 +234,11 @@ impl<B: Backend> Engine<B> {
             let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
             let plan = BatchPlan::fresh(&lens);
             let ids: Vec<u32> = batch.iter().flatten().copied().collect();
-            let (rows, offsets, seq_row) = match spec.position {
-                CapturePosition::All => {
-                    let offsets: Vec<usize> = std::iter::once(0).chain(lens.iter().scan(0, |acc, l| { *acc += l; Some(*acc) })).collect();
-                    let seq_row = offsets[..lens.len()].to_vec();
-                    (tokens, offsets, seq_row)
-                }
-                _ => (lens.len(), Vec::new(), (0..lens.len()).collect()),
+            let mut out = Captured::for_lengths(&lens, spec.points.len(), self.hidden_size(), spec.position);
+            let seq_row = match spec.position {
+                CapturePosition::All => out.offsets[..lens.len()].to_vec(),
+                _ => (0..lens.len()).collect(),
             };
-            let mut out = Captured::new(rows, spec.points.len(), self.hidden_size(), offsets);
             let mut kv = self.backend.kv(1, tokens, self.kv_dim())?;
             self.forward(
                 &mut kv,

@@ -81,16 +81,8 @@ impl<B: Backend> Engine<B> {
             }
         }
         let vocab = self.model.config.vocab_size;
-        let mut captured = capture.map(|spec| match spec.position {
-            CapturePosition::All => {
-                let mut offsets = vec![0];
-                for s in seqs {
-                    offsets.push(offsets.last().copied().unwrap_or(0) + s.len());
-                }
-                Captured::new(offsets[seqs.len()], spec.points.len(), self.hidden_size(), offsets)
-            }
-            _ => Captured::new(seqs.len(), spec.points.len(), self.hidden_size(), Vec::new()),
-        });
+        let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        let mut captured = capture.map(|spec| Captured::for_lengths(&lens, spec.points.len(), self.hidden_size(), spec.position));
         let mut logprobs: Vec<Vec<f32>> = Vec::with_capacity(seqs.len());
         let mut start = 0;
         while start < seqs.len() {

@@ -20,14 +20,11 @@ use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use crate::store::hex;
 
 const FORMAT: &str = "resid-hidden-cache-v1";
 /// Stimuli per shard (and per extraction call).
 const CHUNK: usize = 512;
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 fn unhex(s: &str) -> Option<[u8; 32]> {
     if s.len() != 64 {

@@ -21,6 +21,7 @@
 //! language or on which pairs are later dropped, so files of different languages that share ids
 //! get the same split and their test sets align.
 use crate::error::{Error, Result};
+use crate::io::json_kind;
 use std::cmp::Ordering;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -239,17 +240,6 @@ fn read_utf8(path: &Path) -> Result<String> {
     })
 }
 
-fn kind_name(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
-    }
-}
-
 fn string_field<'a>(
     obj: &'a serde_json::Map<String, serde_json::Value>,
     name: &str,
@@ -258,7 +248,7 @@ fn string_field<'a>(
 ) -> Result<Option<&'a str>> {
     match obj.get(name) {
         Some(serde_json::Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(Error::input(format!("{}: `{name}` must be a string, got {}", at(), kind_name(other)))),
+        Some(other) => Err(Error::input(format!("{}: `{name}` must be a string, got {}", at(), json_kind(other)))),
         None if required => Err(Error::input(format!("{}: missing `{name}`", at()))),
         None => Ok(None),
     }
@@ -278,7 +268,7 @@ pub fn load_mvalue_file(path: &Path, kind: StimulusKind) -> Result<Vec<Pair>> {
         Error::input(format!(
             "{}: expected a JSON object {{group: {{id: {{\"pos\", \"neg\"}}}}}}, got {}",
             path.display(),
-            kind_name(&value)
+            json_kind(&value)
         ))
     })?;
     let mut pairs = Vec::new();
@@ -287,13 +277,13 @@ pub fn load_mvalue_file(path: &Path, kind: StimulusKind) -> Result<Vec<Pair>> {
             Error::input(format!(
                 "{}: group `{group}`: expected an object of pairs keyed by id, got {}",
                 path.display(),
-                kind_name(entries)
+                json_kind(entries)
             ))
         })?;
         for (id, entry) in entries {
             let at = || format!("{}: group `{group}`, id `{id}`", path.display());
             let obj = entry.as_object().ok_or_else(|| {
-                Error::input(format!("{}: expected an object with `pos` and `neg`, got {}", at(), kind_name(entry)))
+                Error::input(format!("{}: expected an object with `pos` and `neg`, got {}", at(), json_kind(entry)))
             })?;
             let pos = string_field(obj, "pos", &at, true)?.unwrap_or_default();
             let neg = string_field(obj, "neg", &at, true)?.unwrap_or_default();
@@ -340,7 +330,7 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Pair>> {
             serde_json::from_str(line).map_err(|e| Error::input(format!("{}: malformed JSON: {e}", at())))?;
         let obj = value
             .as_object()
-            .ok_or_else(|| Error::input(format!("{}: expected a JSON object with `pos` and `neg`, got {}", at(), kind_name(&value))))?;
+            .ok_or_else(|| Error::input(format!("{}: expected a JSON object with `pos` and `neg`, got {}", at(), json_kind(&value))))?;
         let pos = string_field(obj, "pos", &at, true)?.unwrap_or_default();
         let neg = string_field(obj, "neg", &at, true)?.unwrap_or_default();
         let scenario = string_field(obj, "scenario", &at, false)?;
@@ -357,7 +347,7 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Pair>> {
             None => n.to_string(),
             Some(serde_json::Value::String(s)) => s.clone(),
             Some(serde_json::Value::Number(x)) => x.to_string(),
-            Some(other) => return Err(Error::input(format!("{}: `id` must be a string or a number, got {}", at(), kind_name(other)))),
+            Some(other) => return Err(Error::input(format!("{}: `id` must be a string or a number, got {}", at(), json_kind(other)))),
         };
         if let Some(first) = seen.insert(id.clone(), n) {
             return Err(Error::input(format!("{}: duplicate id `{id}` (first on line {first})", at())));
