@@ -15,7 +15,8 @@
 #                     crates.io) and time it on the same sentences, one at a time.
 #
 # Engines: HF as the paper's code uses it (fp32, padded batches of 8, output_hidden_states=True,
-# LM head computed), HF without the LM head, resid f32, resid bf16 (AVX512-BF16 CPUs), plus
+# LM head computed), HF without the LM head, resid f32, resid bf16 (AVX512-BF16 CPUs; default
+# policy, and RESID_CPU_BF16=f32-down, the earlier policy with f32 down projections), plus
 # `resid bench` (GEMM-peak fractions) and PyTorch's own f32/bf16 GEMM rates. Other processes
 # distort every number: the load average is recorded next to each result; rerun when quiet.
 set -euo pipefail
@@ -68,7 +69,10 @@ for i in $(seq 1 "$REPEATS"); do
     if [ "$BF16" = 1 ]; then
         log "round $i/$REPEATS: resid bf16"
         RESID_CPU_COMPUTE=bf16 "$RESID_BIN" extract --threads "$THREADS" --model "$MODEL" --input "$INPUT" --out "$OUT/resid-bf16.safetensors" 2> "$OUT/resid-bf16.log"
-        "$PY" "$HELP" resid-log "$OUT/resid-bf16.$i.json" "$OUT/resid-bf16.log" "resid bf16 (AVX512-BF16, down proj f32)" > /dev/null
+        "$PY" "$HELP" resid-log "$OUT/resid-bf16.$i.json" "$OUT/resid-bf16.log" "resid bf16 (AVX512-BF16, default policy)" > /dev/null
+        log "round $i/$REPEATS: resid bf16, down projections f32"
+        RESID_CPU_BF16=f32-down RESID_CPU_COMPUTE=bf16 "$RESID_BIN" extract --threads "$THREADS" --model "$MODEL" --input "$INPUT" --out "$OUT/resid-bf16-f32-down.safetensors" 2> "$OUT/resid-bf16-f32-down.log"
+        "$PY" "$HELP" resid-log "$OUT/resid-bf16-f32-down.$i.json" "$OUT/resid-bf16-f32-down.log" "resid bf16 f32-down (down proj f32)" > /dev/null
     fi
 done
 rm -f "$OUT"/resid-*.safetensors

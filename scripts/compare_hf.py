@@ -120,7 +120,7 @@ def summary(d):
         best["all_tokens_per_s"] = [round(r.get("tokens_per_s", 0), 1) for r in runs]
         return best
     hf_lm, hf_bare = load("hf-lm-head.json"), load("hf-no-lm-head.json")
-    rows = [load(n) for n in ("hf-lm-head.json", "hf-no-lm-head.json", "candle.json", "resid-f32.json", "resid-bf16.json")]
+    rows = [load(n) for n in ("hf-lm-head.json", "hf-no-lm-head.json", "candle.json", "resid-f32.json", "resid-bf16.json", "resid-bf16-f32-down.json")]
     print(f"{'engine':<44} {'tokens':>7} {'s':>7} {'tok/s':>8} {'vs HF':>7} {'vs HF no head':>13}")
     for r in rows:
         if not r:

@@ -58,6 +58,13 @@ pub trait Backend: Send + Sync {
 
     fn name(&self) -> String;
     fn matrix(&self, data: F32Data, rows: usize, cols: usize) -> Result<Self::Matrix>;
+    /// A layer weight, which every pass multiplies by: a backend may prepare it now (the CPU
+    /// packs its panels at load time rather than in the first batch). Tables that passes only
+    /// read rows of, or that some workloads never touch (embeddings, the LM head), use
+    /// [`Backend::matrix`].
+    fn weight_matrix(&self, data: F32Data, rows: usize, cols: usize) -> Result<Self::Matrix> {
+        self.matrix(data, rows, cols)
+    }
     fn vector(&self, data: F32Data) -> Result<Self::Vector>;
     fn act(&self, rows: usize, cols: usize, kind: ActKind) -> Result<Self::Act>;
     /// `stored_layers` may be 1 when no pass reuses the cache (extraction): layers then share it.
@@ -83,6 +90,13 @@ pub trait Backend: Send + Sync {
     fn embed(&self, table: &Self::Matrix, ids: &[u32], norm: Option<Norm<'_, Self::Vector>>, out: &mut Self::Act) -> Result<()>;
     /// `out = x·Wᵀ + b`, or `out += x·Wᵀ + b` when `accumulate` (the residual add).
     fn linear(&self, x: &Self::Act, w: &Self::Matrix, b: Option<&Self::Vector>, out: &mut Self::Act, accumulate: bool) -> Result<()>;
+    /// The MLP's down projection into the residual, `out += x·Wᵀ + b`. Its own entry because a
+    /// reduced-precision path may compute the pass's attention-sink rows (position 0 of each
+    /// sequence, which carry the model's massive activations) in full precision.
+    fn down_projection(&self, pass: &Self::Pass, x: &Self::Act, w: &Self::Matrix, b: Option<&Self::Vector>, out: &mut Self::Act) -> Result<()> {
+        let _ = pass;
+        self.linear(x, w, b, out, true)
+    }
     /// From the stacked QKV projection `[rows, (nq + 2·nkv)·hd]` (plus its bias): writes the
     /// rotated queries to `q` and stores the rotated keys and the values at each row's arena
     /// slot for `layer`.

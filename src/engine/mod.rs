@@ -162,7 +162,7 @@ impl<B: Backend> Engine<B> {
                 be.residual_step(&mut state, &mut x, mlp_norm, &mut normed, None, None, None, post_ln)?;
                 be.linear(&normed, &lw.gate_up, lw.gate_up_bias.as_ref(), &mut gate_up, false)?;
                 be.activation(mlp, &gate_up, &mut act)?;
-                be.linear(&act, &lw.down, lw.down_bias.as_ref(), &mut x, true)?;
+                be.down_projection(&state, &act, &lw.down, lw.down_bias.as_ref(), &mut x)?;
                 point(l + 1, &mut state, &mut x, &mut normed)?;
             }
         }

@@ -118,7 +118,7 @@ impl<B: Backend> ModelWeights<B> {
         let required = |role: LayerTensor, l: usize| -> Result<(F32Data, Vec<usize>)> {
             tensor(role, l)?.ok_or_else(|| Error::model(format!("{}: {role:?} is required", spec.layer_tensor_name(role, l))))
         };
-        let matrix = |(data, shape): (F32Data, Vec<usize>)| be.matrix(data, shape[0], shape[1]);
+        let matrix = |(data, shape): (F32Data, Vec<usize>)| be.weight_matrix(data, shape[0], shape[1]);
         let vector = |t: Option<(F32Data, Vec<usize>)>| t.map(|(d, _)| be.vector(d)).transpose();
         // Stacked matrices; a stacked bias exists when any part has one (missing parts are zero).
         let stacked = |roles: &[LayerTensor], l: usize| -> Result<B::Matrix> {
@@ -129,7 +129,7 @@ impl<B: Backend> ModelWeights<B> {
                 rows += shape[0];
                 parts.push(d);
             }
-            be.matrix(stack(parts), rows, c.hidden_size)
+            be.weight_matrix(stack(parts), rows, c.hidden_size)
         };
         let stacked_bias = |biases: &[(LayerTensor, usize)], l: usize| -> Result<Option<B::Vector>> {
             let mut any = false;
@@ -154,7 +154,7 @@ impl<B: Backend> ModelWeights<B> {
                 qkv: match (spec.fused_qkv, spec.qkv_interleaved) {
                     (true, true) => {
                         let (d, shape) = required(Qkv, l)?;
-                        be.matrix(deinterleave_qkv(&d, c.num_heads, c.head_dim, c.hidden_size), shape[0], shape[1])?
+                        be.weight_matrix(deinterleave_qkv(&d, c.num_heads, c.head_dim, c.hidden_size), shape[0], shape[1])?
                     }
                     (true, false) => matrix(required(Qkv, l)?)?,
                     (false, _) => stacked(&[Q, K, V], l)?,

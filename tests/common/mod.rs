@@ -1,5 +1,6 @@
 //! Tiny random-weight Llama models written to a temporary directory.
 #![allow(dead_code)]
+pub mod bf16;
 use resid::io::{write_safetensors, OutTensor, TensorData};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

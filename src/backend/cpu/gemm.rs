@@ -309,6 +309,23 @@ thread_local! {
     static A_SCRATCH: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Runs `f` on the first `len` elements of this thread's buffer in `cell`, grown as needed. A
+/// nested call on the same thread (work stolen while waiting) gets a buffer of its own.
+fn with_scratch<R>(cell: &'static std::thread::LocalKey<RefCell<Vec<u32>>>, len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
+    cell.with(|cell| {
+        let mut own = Vec::new();
+        let mut guard = cell.try_borrow_mut();
+        let buf = match guard.as_mut() {
+            Ok(b) => &mut **b,
+            Err(_) => &mut own,
+        };
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
 /// Row-major activations as 4-byte elements (f32 bits, or bf16 pairs).
 #[derive(Clone, Copy)]
 struct Src(*const u32);
@@ -343,8 +360,9 @@ unsafe fn pack_a(src: Src, ld: usize, t0: usize, mr: usize, kdepth: usize, dst: 
     }
 }
 
-/// `y[t, n] = Σ_k x[t, k]·W[n, k] + b[n]`, adding to y instead when `accumulate`.
-pub fn gemm(x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, y: &mut [f32], accumulate: bool) {
+/// Checks the shapes of `y = x·Wᵀ + b` and describes where the kernels write; `None` when there
+/// is nothing to compute.
+fn output(x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, y: &mut [f32], accumulate: bool) -> Option<Out> {
     let (n, k) = (w.n, w.k);
     assert_eq!(x.len(), tokens * k, "x shape");
     assert_eq!(y.len(), tokens * n, "y shape");
@@ -352,9 +370,15 @@ pub fn gemm(x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, y:
         assert_eq!(b.len(), n, "bias shape");
     }
     if tokens == 0 || n == 0 {
-        return;
+        return None;
     }
-    let out = Out { y: y.as_mut_ptr(), ldy: n, cols: n, bias: bias.map_or(std::ptr::null(), |b| b.as_ptr()), accumulate };
+    Some(Out { y: y.as_mut_ptr(), ldy: n, cols: n, bias: bias.map_or(std::ptr::null(), |b| b.as_ptr()), accumulate })
+}
+
+/// `y[t, n] = Σ_k x[t, k]·W[n, k] + b[n]`, adding to y instead when `accumulate`.
+pub fn gemm(x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, y: &mut [f32], accumulate: bool) {
+    let Some(out) = output(x, tokens, w, bias, y, accumulate) else { return };
+    let k = w.k;
     match w.format {
         Compute::F32 => {
             let isa = isa();
@@ -370,36 +394,99 @@ pub fn gemm(x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, y:
                 unsafe { kernel_f32(isa, a as *const f32, w, p, np, mr, t0, out) }
             });
         }
-        Compute::Bf16 => {
-            let kp = w.kdepth;
-            BF16_SCRATCH.with(|s| {
-                // A nested call on this thread (work stolen while waiting) gets its own buffer.
-                let mut own = Vec::new();
-                let mut guard = s.try_borrow_mut();
-                let s = match guard.as_mut() {
-                    Ok(s) => &mut **s,
-                    Err(_) => &mut own,
-                };
-                if s.len() < tokens * kp {
-                    s.resize(tokens * kp, 0);
-                }
-                let xb = &mut s[..tokens * kp];
-                to_bf16_pairs(x, tokens, k, xb);
-                let src = Src(xb.as_ptr());
-                drive(tokens, kp, src, w, 8, 4, &|a, t0, mr, p, np| {
-                    // SAFETY: as above; bf16 matrices exist only when the CPU has AVX512-BF16.
-                    unsafe { kernel_bf16(a, w, p, np, mr, t0, out) }
-                });
-            });
+        Compute::Bf16 => gemm_bf16(x, tokens, w, out, false),
+    }
+}
+
+/// The bf16 product of x (rounded to bf16 pairs; outlier inputs zeroed when `drop_outliers`).
+fn gemm_bf16(x: &[f32], tokens: usize, w: &PackedMatrix, out: Out, drop_outliers: bool) {
+    let kp = w.kdepth;
+    with_scratch(&BF16_SCRATCH, tokens * kp, |xb| {
+        to_bf16_pairs(x, tokens, w.k, xb, drop_outliers);
+        let src = Src(xb.as_ptr());
+        drive(tokens, kp, src, w, 8, 4, &|a, t0, mr, p, np| {
+            // SAFETY: `a` is the packed micro-panel of rows t0..t0+mr, panels p..p+np exist, the
+            // task owns these outputs; bf16 matrices exist only when the CPU has AVX512-BF16.
+            unsafe { kernel_bf16(a, w, p, np, mr, t0, out) }
+        });
+    });
+}
+
+/// Inputs larger than this multiple of their row's RMS are outliers in [`gemm_split`].
+pub const OUTLIER_RATIO: f32 = 16.0;
+
+/// Calls `f(j, x[j])` for each outlier of `row`, in increasing j: the inputs with
+/// |x[j]| > [`OUTLIER_RATIO`] · rms(row). The RMS is summed in one fixed order, so a row's
+/// outliers never depend on the rest of the batch; a non-finite row has none.
+fn for_each_outlier(row: &[f32], mut f: impl FnMut(usize, f32)) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if isa() == Isa::Avx512 {
+            // SAFETY: feature checked.
+            unsafe { simd512::for_each_outlier(row, OUTLIER_RATIO, &mut f) };
+            return;
+        }
+    }
+    let sum: f32 = row.iter().map(|v| v * v).sum();
+    let bound = OUTLIER_RATIO * (sum / row.len().max(1) as f32).sqrt();
+    for (j, &v) in row.iter().enumerate() {
+        if v.abs() > bound {
+            f(j, v);
         }
     }
 }
 
-/// Rows of x as bf16 pairs (low half = even k), zero-padded to an even K.
-fn to_bf16_pairs(x: &[f32], tokens: usize, k: usize, out: &mut [u32]) {
+/// `y = x·Wᵀ (+ b)` (or `y +=`) in bf16, except for each row's outliers: inputs with
+/// |x[t, j]| > [`OUTLIER_RATIO`]·rms(x[t]) are left out of the bf16 product and their terms
+/// `x[t, j]·W[:, j]` are added afterwards in f32 from `exact` (the same matrix packed in f32),
+/// in increasing j. The rows listed in `f32_rows` are computed wholly in f32 (exactly as
+/// [`gemm`] with `exact` computes them). Meant for down projections, whose inputs carry the
+/// model's massive activations (plain bf16 costs 2e-2 relative error on SmolLM2's
+/// attention-sink token), with the sink rows in `f32_rows`. A row's result depends on that row
+/// alone (and on whether it is listed), so it stays batch- and thread-invariant.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_split(x: &[f32], tokens: usize, fast: &PackedMatrix, exact: &PackedMatrix, bias: Option<&[f32]>, y: &mut [f32], accumulate: bool, f32_rows: &[usize]) {
+    assert!(exact.format == Compute::F32 && fast.n == exact.n && fast.k == exact.k, "split GEMM needs one matrix in two formats");
+    if fast.format != Compute::Bf16 {
+        return gemm(x, tokens, exact, bias, y, accumulate);
+    }
+    let (n, k) = (exact.n, exact.k);
+    assert!(f32_rows.iter().all(|&t| t < tokens), "f32 rows out of range");
+    // The f32 rows: inputs gathered, and outputs as they are before this call (when adding).
+    let f32_x: Vec<f32> = f32_rows.iter().flat_map(|&t| &x[t * k..(t + 1) * k]).copied().collect();
+    let mut f32_y: Vec<f32> = if accumulate { f32_rows.iter().flat_map(|&t| &y[t * n..(t + 1) * n]).copied().collect() } else { vec![0.0; f32_rows.len() * n] };
+    let Some(out) = output(x, tokens, fast, bias, y, accumulate) else { return };
+    gemm_bf16(x, tokens, fast, out, true);
+    let correct = |(row, yrow): (&[f32], &mut [f32])| {
+        for_each_outlier(row, |j, v| {
+            for p in 0..exact.panels {
+                let cols = (n - p * NR).min(NR);
+                // SAFETY: panel p's row j holds W[32p.., j] for its `cols` valid columns.
+                let w = unsafe { std::slice::from_raw_parts((exact.buf.ptr as *const f32).add(p * exact.kdepth * NR + j * NR), cols) };
+                for (o, &wv) in yrow[p * NR..p * NR + cols].iter_mut().zip(w) {
+                    *o += v * wv;
+                }
+            }
+        });
+    };
+    if tokens * k > 1 << 16 {
+        x.par_chunks(k).zip(y.par_chunks_mut(n)).for_each(correct);
+    } else {
+        x.chunks(k).zip(y.chunks_mut(n)).for_each(correct);
+    }
+    if !f32_rows.is_empty() {
+        gemm(&f32_x, f32_rows.len(), exact, bias, &mut f32_y, accumulate);
+        for (&t, row) in f32_rows.iter().zip(f32_y.chunks_exact(n)) {
+            y[t * n..(t + 1) * n].copy_from_slice(row);
+        }
+    }
+}
+
+/// Rows of x as bf16 pairs (low half = even k), zero-padded to an even K; with `drop_outliers`,
+/// each row's outliers (see [`gemm_split`]) become zeros.
+fn to_bf16_pairs(x: &[f32], tokens: usize, k: usize, out: &mut [u32], drop_outliers: bool) {
     let kp = k.div_ceil(2);
-    let conv = |(t, o): (usize, &mut [u32])| {
-        let row = &x[t * k..(t + 1) * k];
+    let convert_row = |row: &[f32], o: &mut [u32]| {
         #[cfg(target_arch = "x86_64")]
         {
             if has_bf16() {
@@ -412,6 +499,13 @@ fn to_bf16_pairs(x: &[f32], tokens: usize, k: usize, out: &mut [u32]) {
             let lo = half::bf16::from_f32(row[2 * i]).to_bits() as u32;
             let hi = if 2 * i + 1 < k { half::bf16::from_f32(row[2 * i + 1]).to_bits() as u32 } else { 0 };
             *o = lo | (hi << 16);
+        }
+    };
+    let conv = |(t, o): (usize, &mut [u32])| {
+        let row = &x[t * k..(t + 1) * k];
+        convert_row(row, o);
+        if drop_outliers {
+            for_each_outlier(row, |j, _| o[j / 2] &= if j % 2 == 0 { 0xffff_0000 } else { 0x0000_ffff });
         }
     };
     if tokens * k > 1 << 16 {
@@ -435,17 +529,7 @@ fn drive(tokens: usize, kdepth: usize, src: Src, w: &PackedMatrix, mr_max: usize
     let groups = target.div_ceil(mblocks).clamp(1, panels);
     let g = panels.div_ceil(groups);
     let ngroups = panels.div_ceil(g);
-    A_SCRATCH.with(|cell| {
-        // A nested call on this thread (work stolen while waiting) gets its own buffer.
-        let mut own = Vec::new();
-        let mut guard = cell.try_borrow_mut();
-        let buf = match guard.as_mut() {
-            Ok(b) => &mut **b,
-            Err(_) => &mut own,
-        };
-        if buf.len() < tokens * kdepth {
-            buf.resize(tokens * kdepth, 0);
-        }
+    with_scratch(&A_SCRATCH, tokens * kdepth, |buf| {
         // Every micro-panel once: rows t0..t0+mr at offset t0·kdepth, t0 a multiple of mr_max.
         let dst = Src(buf.as_mut_ptr() as *const u32);
         let pack = |b: usize| {
@@ -694,6 +778,36 @@ mod simd512 {
         }
         std::hint::black_box(&acc);
         (iters * 16 * 16 * 2) as f64
+    }
+
+    /// [`super::for_each_outlier`]: the squares summed in 16 lanes (masked tail), then across
+    /// the lanes.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn for_each_outlier(row: &[f32], ratio: f32, f: &mut impl FnMut(usize, f32)) {
+        let (k, p) = (row.len(), row.as_ptr());
+        let mut acc = _mm512_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= k {
+            let v = _mm512_loadu_ps(p.add(i));
+            acc = _mm512_fmadd_ps(v, v, acc);
+            i += 16;
+        }
+        let tail: __mmask16 = ((1u32 << (k - i)) - 1) as u16;
+        let v = _mm512_maskz_loadu_ps(tail, p.add(i));
+        acc = _mm512_fmadd_ps(v, v, acc);
+        let bound = _mm512_set1_ps(ratio * (_mm512_reduce_add_ps(acc) / k.max(1) as f32).sqrt());
+        let mut i = 0;
+        while i < k {
+            let m: __mmask16 = if i + 16 <= k { 0xffff } else { ((1u32 << (k - i)) - 1) as u16 };
+            let v = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, p.add(i)));
+            let mut hit = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(m, v, bound);
+            while hit != 0 {
+                let l = hit.trailing_zeros() as usize;
+                f(i + l, *p.add(i + l));
+                hit &= hit - 1;
+            }
+            i += 16;
+        }
     }
 
     /// One row of f32 as bf16 (round to nearest even) pairs, zero-padded to an even length.
@@ -1060,6 +1174,81 @@ mod tests {
             let err: f64 = y.iter().zip(&want).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
             let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt();
             assert!(err <= 1e-2 * norm.max(1e-3), "{t}x{k}x{n}: bf16 relative error {}", err / norm);
+        }
+    }
+
+    /// Rows with massive inputs (as in down projections): plain bf16 loses the big terms'
+    /// precision, the split applies them in f32. Also: a row's split result does not depend on
+    /// the batch or the thread count, and rows listed as f32 rows get exactly the f32 GEMM's
+    /// result, with and without accumulation.
+    #[test]
+    fn split_applies_outlier_inputs_in_f32() {
+        let (t, k, n) = (37, 1536, 100);
+        let mut x = pseudo(t * k, 21);
+        // Every other row gets a few inputs far beyond 16 × its RMS (the pseudo values are
+        // uniform in ±1, RMS ≈ 0.58), one of them at an odd index (the high half of a bf16 pair).
+        for r in (0..t).step_by(2) {
+            x[r * k + 7] = 300.0 + r as f32;
+            x[r * k + 1000] = -123.4567;
+        }
+        let w = pseudo(n * k, 22);
+        let bias = pseudo(n, 23);
+        let want = reference(&x, t, k, &w, n, Some(&bias));
+        let (fast, exact) = (PackedMatrix::pack(&w, n, k, Compute::Bf16), PackedMatrix::pack(&w, n, k, Compute::F32));
+        let rel = |y: &[f32], r: usize| {
+            let (y, want) = (&y[r * n..(r + 1) * n], &want[r * n..(r + 1) * n]);
+            let err: f64 = y.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+            err / want.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt()
+        };
+        let mut split = vec![0f32; t * n];
+        gemm_split(&x, t, &fast, &exact, Some(&bias), &mut split, false, &[]);
+        let mut plain = vec![0f32; t * n];
+        gemm(&x, t, &fast, Some(&bias), &mut plain, false);
+        for r in 0..t {
+            let e = rel(&split, r);
+            if has_bf16() {
+                // Without outliers the split is plain bf16, bit for bit.
+                if r % 2 == 1 {
+                    assert_eq!(split[r * n..(r + 1) * n], plain[r * n..(r + 1) * n], "row {r}");
+                } else {
+                    // The outlier terms dominate these rows; only the small inputs are rounded.
+                    assert!(e < 1e-3, "row {r}: split relative error {e:.2e}");
+                    assert!(rel(&plain, r) > 2.0 * e, "row {r}: plain bf16 {:.2e} vs split {e:.2e}", rel(&plain, r));
+                }
+            } else {
+                assert!(e < 1e-5, "row {r}: without AVX512-BF16 the split is f32 ({e:.2e})");
+            }
+        }
+        for r in 0..t {
+            let mut one = pseudo(n, 24);
+            let mut both = one.clone();
+            gemm_split(&x[r * k..(r + 1) * k], 1, &fast, &exact, Some(&bias), &mut one, true, &[]);
+            for (b, s) in both.iter_mut().zip(&split[r * n..(r + 1) * n]) {
+                *b += *s;
+            }
+            let mut alone = vec![0f32; n];
+            gemm_split(&x[r * k..(r + 1) * k], 1, &fast, &exact, Some(&bias), &mut alone, false, &[]);
+            assert_eq!(alone, split[r * n..(r + 1) * n], "row {r} differs when computed alone");
+            let gap: f32 = one.iter().zip(&both).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(gap < 1e-2, "row {r}: accumulating differs from adding by {gap}");
+        }
+        let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let mut one_thread = vec![0f32; t * n];
+        single.install(|| gemm_split(&x, t, &fast, &exact, Some(&bias), &mut one_thread, false, &[]));
+        assert_eq!(one_thread, split, "thread count changed results");
+        // Rows listed as f32 rows are exactly the f32 GEMM's, accumulating or not; the others
+        // keep their split result.
+        let f32_rows = [0, 5, 36];
+        for accumulate in [false, true] {
+            let start = pseudo(t * n, 25);
+            let (mut mixed, mut all_f32, mut all_split) = (start.clone(), start.clone(), start.clone());
+            gemm_split(&x, t, &fast, &exact, Some(&bias), &mut mixed, accumulate, &f32_rows);
+            gemm(&x, t, &exact, Some(&bias), &mut all_f32, accumulate);
+            gemm_split(&x, t, &fast, &exact, Some(&bias), &mut all_split, accumulate, &[]);
+            for r in 0..t {
+                let want = if f32_rows.contains(&r) { &all_f32 } else { &all_split };
+                assert_eq!(mixed[r * n..(r + 1) * n], want[r * n..(r + 1) * n], "row {r} (accumulate: {accumulate})");
+            }
         }
     }
 

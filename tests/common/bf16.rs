@@ -1,0 +1,94 @@
+//! The bf16 compute path's checks, shared by the test binaries of its mixed-precision policies
+//! (the policy, like the compute type, is chosen per process before a model is loaded).
+//!
+//! Tolerance: ‖ours − HF‖ / ‖HF‖ ≤ 1e-2 per hidden-state index (activations and weights are
+//! rounded to bf16 at every GEMM input; the residual stream, norms and attention stay f32).
+//! On a CPU without AVX512-BF16 the path falls back to f32 and these checks still hold.
+use super::*;
+use resid::backend::cpu::{self, Compute};
+use resid::backend::Backend;
+use resid::{CapturePoint, CapturePosition, CaptureSpec, CpuEngine};
+use safetensors::SafeTensors;
+use std::path::PathBuf;
+
+pub const BF16_TOL: f64 = 1e-2;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn bf16_engine(dir: &std::path::Path) -> CpuEngine {
+    cpu::set_compute(Compute::Bf16);
+    CpuEngine::load(dir).unwrap()
+}
+
+fn fixture(name: &str) -> Option<(CpuEngine, Vec<u8>, serde_json::Value)> {
+    let g = root().join("tests/fixtures/golden");
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(g.join(format!("{name}.json"))).unwrap()).unwrap();
+    let dir = root().join(meta["model_dir"].as_str().unwrap());
+    if !dir.join("model.safetensors").exists() {
+        if std::env::var_os("RESID_SKIP_REAL_MODEL").is_some() {
+            eprintln!("skipping {}: model not fetched and RESID_SKIP_REAL_MODEL is set", dir.display());
+            return None;
+        }
+        panic!("{} is missing: run `bash scripts/fetch-model.sh smollm2-135m` (or set RESID_SKIP_REAL_MODEL=1)", dir.display());
+    }
+    let bytes = std::fs::read(g.join(format!("{name}.safetensors"))).unwrap();
+    Some((bf16_engine(&dir), bytes, meta))
+}
+
+fn tensor_f32(bytes: &[u8], name: &str) -> Vec<f32> {
+    let st = SafeTensors::deserialize(bytes).unwrap();
+    st.tensor(name).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+}
+
+fn tensor_ids(bytes: &[u8], name: &str) -> Vec<u32> {
+    let st = SafeTensors::deserialize(bytes).unwrap();
+    st.tensor(name).unwrap().data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect()
+}
+
+/// Every hidden-state index, last and mean positions, against the HF f32 fixture.
+pub fn check_fixture(name: &str) {
+    let Some((e, bytes, meta)) = fixture(name) else { return };
+    let expect_bf16 = cpu::gemm::has_bf16();
+    assert_eq!(e.backend.name().contains("bf16"), expect_bf16, "{}", e.backend.name());
+    let (n_layers, h) = (e.num_layers(), e.hidden_size());
+    let n = meta["num_prompts"].as_u64().unwrap() as usize;
+    let seqs: Vec<Vec<u32>> = (0..n).map(|i| tensor_ids(&bytes, &format!("p{i}.ids"))).collect();
+    let mut worst: f64 = 0.0;
+    for (position, key) in [(CapturePosition::Last, "last"), (CapturePosition::Mean, "mean")] {
+        let spec = CaptureSpec { points: (0..=n_layers).map(CapturePoint::Hidden).collect(), position };
+        let c = e.extract(&seqs, &spec, &vec![None; n], 1 << 20, |_, _| {}).unwrap();
+        for i in 0..n {
+            let hf = tensor_f32(&bytes, &format!("p{i}.{key}"));
+            for l in 0..=n_layers {
+                let err = rel_err(c.row(i, l), &hf[l * h..(l + 1) * h]);
+                assert!(err <= BF16_TOL, "{name} p{i} {key}: hidden-state index {l}: relative error {err:.3e} > {BF16_TOL:e}");
+                worst = worst.max(err);
+            }
+        }
+    }
+    eprintln!("{name} (bf16 compute: {expect_bf16}): worst per-layer relative error {worst:.2e} (threshold {BF16_TOL:e})");
+}
+
+/// Packed against one at a time, and one or three threads against the default pool: bit-identical.
+pub fn check_batch_and_thread_invariance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = write_tiny(&tmp.path().join("m"), &TinySpec { hidden: 64, inter: 96, ..TinySpec::default() });
+    let e = bf16_engine(&dir);
+    let seqs: Vec<Vec<u32>> = [5usize, 1, 17, 9, 33, 2].iter().enumerate().map(|(i, &n)| random_ids(n, 97, i as u64 + 10)).collect();
+    let spec = CaptureSpec { points: (0..=e.num_layers()).map(CapturePoint::Hidden).collect(), position: CapturePosition::All };
+    let none = vec![None; seqs.len()];
+    let packed = e.extract(&seqs, &spec, &none, 4096, |_, _| {}).unwrap();
+    let mut alone = Vec::new();
+    for s in &seqs {
+        alone.extend(e.extract(std::slice::from_ref(s), &spec, &[None], 4096, |_, _| {}).unwrap().data);
+    }
+    assert_eq!(packed.data, alone, "bf16: packed differs from one at a time");
+    let run = |threads| {
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| e.extract(&seqs, &spec, &none, 7, |_, _| {}).unwrap().data)
+    };
+    assert_eq!(run(1), packed.data, "bf16: one thread differs");
+    assert_eq!(run(3), packed.data, "bf16: three threads differ");
+}
+
