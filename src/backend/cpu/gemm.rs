@@ -394,15 +394,19 @@ pub fn gemm(x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, y:
                 unsafe { kernel_f32(isa, a as *const f32, w, p, np, mr, t0, out) }
             });
         }
-        Compute::Bf16 => gemm_bf16(x, tokens, w, out, false),
+        Compute::Bf16 => gemm_bf16(x, tokens, w, out, &[]),
     }
 }
 
-/// The bf16 product of x (rounded to bf16 pairs; outlier inputs zeroed when `drop_outliers`).
-fn gemm_bf16(x: &[f32], tokens: usize, w: &PackedMatrix, out: Out, drop_outliers: bool) {
+/// The bf16 product of x (rounded to bf16 pairs), leaving out the inputs `(row, k, _)` listed in
+/// `skip`.
+fn gemm_bf16(x: &[f32], tokens: usize, w: &PackedMatrix, out: Out, skip: &[(usize, usize, f32)]) {
     let kp = w.kdepth;
     with_scratch(&BF16_SCRATCH, tokens * kp, |xb| {
-        to_bf16_pairs(x, tokens, w.k, xb, drop_outliers);
+        to_bf16_pairs(x, tokens, w.k, xb);
+        for &(t, j, _) in skip {
+            xb[t * kp + j / 2] &= if j % 2 == 0 { 0xffff_0000 } else { 0x0000_ffff };
+        }
         let src = Src(xb.as_ptr());
         drive(tokens, kp, src, w, 8, 4, &|a, t0, mr, p, np| {
             // SAFETY: `a` is the packed micro-panel of rows t0..t0+mr, panels p..p+np exist, the
@@ -456,23 +460,19 @@ pub fn gemm_split(x: &[f32], tokens: usize, fast: &PackedMatrix, exact: &PackedM
     let f32_x: Vec<f32> = f32_rows.iter().flat_map(|&t| &x[t * k..(t + 1) * k]).copied().collect();
     let mut f32_y: Vec<f32> = if accumulate { f32_rows.iter().flat_map(|&t| &y[t * n..(t + 1) * n]).copied().collect() } else { vec![0.0; f32_rows.len() * n] };
     let Some(out) = output(x, tokens, fast, bias, y, accumulate) else { return };
-    gemm_bf16(x, tokens, fast, out, true);
-    let correct = |(row, yrow): (&[f32], &mut [f32])| {
-        for_each_outlier(row, |j, v| {
-            for p in 0..exact.panels {
-                let cols = (n - p * NR).min(NR);
-                // SAFETY: panel p's row j holds W[32p.., j] for its `cols` valid columns.
-                let w = unsafe { std::slice::from_raw_parts((exact.buf.ptr as *const f32).add(p * exact.kdepth * NR + j * NR), cols) };
-                for (o, &wv) in yrow[p * NR..p * NR + cols].iter_mut().zip(w) {
-                    *o += v * wv;
-                }
+    // Found once per row: left out of the bf16 product, then added in f32, row by row in
+    // increasing j (a few per row, so one thread suffices).
+    let outliers = find_outliers(x, k);
+    gemm_bf16(x, tokens, fast, out, &outliers);
+    for &(t, j, v) in &outliers {
+        for p in 0..exact.panels {
+            let cols = (n - p * NR).min(NR);
+            // SAFETY: panel p's row j holds W[32p.., j] for its `cols` valid columns.
+            let w = unsafe { std::slice::from_raw_parts((exact.buf.ptr as *const f32).add(p * exact.kdepth * NR + j * NR), cols) };
+            for (o, &wv) in y[t * n + p * NR..t * n + p * NR + cols].iter_mut().zip(w) {
+                *o += v * wv;
             }
-        });
-    };
-    if tokens * k > 1 << 16 {
-        x.par_chunks(k).zip(y.par_chunks_mut(n)).for_each(correct);
-    } else {
-        x.chunks(k).zip(y.chunks_mut(n)).for_each(correct);
+        }
     }
     if !f32_rows.is_empty() {
         gemm(&f32_x, f32_rows.len(), exact, bias, &mut f32_y, accumulate);
@@ -482,11 +482,25 @@ pub fn gemm_split(x: &[f32], tokens: usize, fast: &PackedMatrix, exact: &PackedM
     }
 }
 
-/// Rows of x as bf16 pairs (low half = even k), zero-padded to an even K; with `drop_outliers`,
-/// each row's outliers (see [`gemm_split`]) become zeros.
-fn to_bf16_pairs(x: &[f32], tokens: usize, k: usize, out: &mut [u32], drop_outliers: bool) {
+/// Every row's outliers (see [`for_each_outlier`]) as `(row, k, value)`, in row order.
+fn find_outliers(x: &[f32], k: usize) -> Vec<(usize, usize, f32)> {
+    let row_outliers = |(t, row): (usize, &[f32])| {
+        let mut found = Vec::new();
+        for_each_outlier(row, |j, v| found.push((t, j, v)));
+        found
+    };
+    if x.len() > 1 << 16 {
+        x.par_chunks(k).enumerate().flat_map_iter(row_outliers).collect()
+    } else {
+        x.chunks(k).enumerate().flat_map(row_outliers).collect()
+    }
+}
+
+/// Rows of x as bf16 pairs (low half = even k), zero-padded to an even K.
+fn to_bf16_pairs(x: &[f32], tokens: usize, k: usize, out: &mut [u32]) {
     let kp = k.div_ceil(2);
-    let convert_row = |row: &[f32], o: &mut [u32]| {
+    let conv = |(t, o): (usize, &mut [u32])| {
+        let row = &x[t * k..(t + 1) * k];
         #[cfg(target_arch = "x86_64")]
         {
             if has_bf16() {
@@ -499,13 +513,6 @@ fn to_bf16_pairs(x: &[f32], tokens: usize, k: usize, out: &mut [u32], drop_outli
             let lo = half::bf16::from_f32(row[2 * i]).to_bits() as u32;
             let hi = if 2 * i + 1 < k { half::bf16::from_f32(row[2 * i + 1]).to_bits() as u32 } else { 0 };
             *o = lo | (hi << 16);
-        }
-    };
-    let conv = |(t, o): (usize, &mut [u32])| {
-        let row = &x[t * k..(t + 1) * k];
-        convert_row(row, o);
-        if drop_outliers {
-            for_each_outlier(row, |j, _| o[j / 2] &= if j % 2 == 0 { 0xffff_0000 } else { 0x0000_ffff });
         }
     };
     if tokens * k > 1 << 16 {

@@ -169,6 +169,15 @@ impl CpuMatrix {
         })
     }
 
+    /// `out = x·Wᵀ + b` (or `+=`); a split matrix computes `f32_rows` wholly in f32.
+    fn multiply(&self, x: &CpuAct, b: Option<&F32Data>, out: &mut CpuAct, accumulate: bool, f32_rows: &[usize]) {
+        let (exact, bias) = (self.packed(), b.map(|b| &b[..]));
+        match self.split_panels() {
+            Some(fast) => gemm::gemm_split(&x.data, x.rows, fast, exact, bias, &mut out.data, accumulate, f32_rows),
+            None => gemm::gemm(&x.data, x.rows, exact, bias, &mut out.data, accumulate),
+        }
+    }
+
     /// Row `r` in f32, exactly as stored in the checkpoint.
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
         if self.data.len() == self.rows * self.cols {
@@ -319,20 +328,12 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &CpuAct, w: &CpuMatrix, b: Option<&F32Data>, out: &mut CpuAct, accumulate: bool) -> Result<()> {
-        let exact = w.packed();
-        match w.split_panels() {
-            Some(fast) => gemm::gemm_split(&x.data, x.rows, fast, exact, b.map(|b| &b[..]), &mut out.data, accumulate, &[]),
-            None => gemm::gemm(&x.data, x.rows, exact, b.map(|b| &b[..]), &mut out.data, accumulate),
-        }
+        w.multiply(x, b, out, accumulate, &[]);
         Ok(())
     }
 
     fn down_projection(&self, pass: &CpuPass, x: &CpuAct, w: &CpuMatrix, b: Option<&F32Data>, out: &mut CpuAct) -> Result<()> {
-        let exact = w.packed();
-        match w.split_panels() {
-            Some(fast) => gemm::gemm_split(&x.data, x.rows, fast, exact, b.map(|b| &b[..]), &mut out.data, true, &pass.sink_rows),
-            None => gemm::gemm(&x.data, x.rows, exact, b.map(|b| &b[..]), &mut out.data, true),
-        }
+        w.multiply(x, b, out, true, &pass.sink_rows);
         Ok(())
     }
 
