@@ -9,12 +9,13 @@
 # and carried along with the working tree (the device tool: carry ["target/gpu"]).
 #
 # Steps: locate the CUDA libraries; `resid selftest --device cuda` (every kernel path against the
-# CPU backend); bf16 GEMM rate and copy bandwidth (torch); random-weight Llama-2-7B and 1B models
-# (bf16 safetensors written here with torch); the same token workload through Hugging Face
-# transformers as the paper's code uses it and through `resid extract --device cuda`; decode
-# tokens/s (batch 1 and 32, unsteered and steered) and the cost of steering and of capture
-# (`resid bench --workload steer`: batch 16, every index, prefill and decode) through
-# `resid bench` when the binary has it.
+# CPU backend, device sampling included); bf16 GEMM rate and copy bandwidth (torch); random-weight
+# Llama-2-7B and 1B models (bf16 safetensors written here with torch); the same token workload
+# through Hugging Face transformers as the paper's code uses it and through
+# `resid extract --device cuda` (weight upload time and memory from its log); prefill
+# throughput against the GEMM peak and decode tokens/s (batch 1 and 32, unsteered and steered),
+# each with a per-operation time profile (`resid bench --profile`); and the cost of steering
+# and of capture (`resid bench --workload steer`: batch 16, every index, prefill and decode).
 # Everything lands in OUTDIR as JSON (gpu-check.json collects it), with a short table last.
 # Sizes: GPU_CHECK_SEQS_1B (default 2048) and GPU_CHECK_SEQS_7B (default 512) sequences of
 # 16..512 tokens. Budget: under 8 minutes on one H100.
@@ -82,9 +83,11 @@ if m:
 PYEOF
     rm -f "$WORK/$model-hidden.safetensors"
     if "$RESID" bench --help >/dev/null 2>&1; then
+        log "$model: prefill throughput against the GEMM peak, with the per-operation profile"
+        timeout 180 "$RESID" bench --model "$dir" --device cuda --workload extract --sequences 256 --min-len 16 --max-len 512 --batch 8192 --profile --json > "$OUT/bench-extract-$model.json" 2>> "$OUT/gpu-check.log" || log "bench extract failed"
         for b in 1 32; do
             log "$model: decode batch $b"
-            timeout 120 "$RESID" bench --model "$dir" --device cuda --workload decode --batch "$b" --steps 64 --json > "$OUT/decode-$model-b$b.json" 2>> "$OUT/gpu-check.log" || log "decode b$b failed"
+            timeout 120 "$RESID" bench --model "$dir" --device cuda --workload decode --batch "$b" --steps 64 --profile --json > "$OUT/decode-$model-b$b.json" 2>> "$OUT/gpu-check.log" || log "decode b$b failed"
         done
         log "$model: steering and capture overheads (batch 16)"
         timeout 120 "$RESID" bench --model "$dir" --device cuda --workload steer --batch 16 --steps 20 --json > "$OUT/steer-$model.json" 2>> "$OUT/gpu-check.log" || log "steer overheads failed"

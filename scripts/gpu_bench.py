@@ -126,6 +126,14 @@ def rates(out):
     print(json.dumps(res))
 
 
+def top_ops(report, n=6):
+    """The largest shares of a `resid bench --profile` breakdown, as one line."""
+    p = report.get("profile") or {}
+    ops = p.get("ops") or []
+    return "profile: " + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in ops[:n]) + \
+        f" (marked {p.get('marked_seconds')} s of {p.get('wall_seconds')} s wall)"
+
+
 def summary(outdir):
     def load(name):
         p = os.path.join(outdir, name)
@@ -136,12 +144,19 @@ def summary(outdir):
         hf, rs = load(f"hf-{model}.json"), load(f"resid-{model}.json")
         dec = {b: load(f"decode-{model}-b{b}.json") for b in (1, 32)}
         steer = load(f"steer-{model}.json")
-        doc["runs"][model] = {"hf": hf, "resid": rs, "decode": dec, "steer": steer}
+        bench = load(f"bench-extract-{model}.json")
+        doc["runs"][model] = {"hf": hf, "resid": rs, "decode": dec, "steer": steer, "bench_extract": bench}
         if hf and rs:
-            rows.append(f"{model:<10} extract  resid {rs['tokens_per_s']:>9.0f} tok/s  HF {hf['tokens_per_s']:>9.0f} tok/s  ratio {rs['tokens_per_s'] / hf['tokens_per_s']:.2f}x")
+            rows.append(f"{model:<10} extract  resid {rs['tokens_per_s']:>9.0f} tok/s  HF {hf['tokens_per_s']:>9.0f} tok/s  ratio {rs['tokens_per_s'] / hf['tokens_per_s']:.2f}x"
+                        f"  (upload {rs.get('upload_seconds')} s, {rs.get('memory_gib_after_load')} GiB)")
+        if bench:
+            rows.append(f"{model:<10} prefill  {bench['tokens_per_s']:.0f} tok/s, {bench['fraction_of_gemm_peak']:.3f} of the GEMM peak "
+                        f"({bench['gemm_peak_gflop_per_s'] / 1e3:.0f} TFLOP/s); " + top_ops(bench))
         for b, d in dec.items():
             if d:
                 rows.append(f"{model:<10} decode b{b:<2} " + ", ".join(f"{k} {v:.4g}" for k, v in d.items() if isinstance(v, (int, float))))
+                if d.get("profile"):
+                    rows.append(f"{model:<10} decode b{b:<2} " + top_ops(d))
         for phase in ("prefill", "decode"):
             p = (steer or {}).get(phase)
             if p:

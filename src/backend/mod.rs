@@ -3,13 +3,15 @@
 //! operations.
 pub mod cpu;
 pub mod cuda;
+pub mod profile;
 
 use crate::engine::capture::{CapturePosition, CaptureSink};
 use crate::engine::plan::BatchPlan;
+use crate::engine::sample::{sample_row, SampleParams};
 use crate::engine::steer::PointSteering;
 use crate::error::Result;
 use crate::model::arch::{MlpKind, NormKind};
-use crate::model::weights::F32Data;
+use crate::model::weights::{F32Data, MatrixSource};
 
 /// Attention geometry.
 #[derive(Debug, Clone, Copy)]
@@ -57,16 +59,20 @@ pub trait Backend: Send + Sync {
     type Pass: Send;
 
     fn name(&self) -> String;
-    fn matrix(&self, data: F32Data, rows: usize, cols: usize) -> Result<Self::Matrix>;
+    /// A matrix read from the checkpoint in the precision the backend keeps.
+    fn matrix(&self, src: &MatrixSource) -> Result<Self::Matrix>;
     /// A layer weight, which every pass multiplies by: a backend may prepare it now (the CPU
     /// packs its panels at load time rather than in the first batch). Tables that passes only
     /// read rows of, or that some workloads never touch (embeddings, the LM head), use
     /// [`Backend::matrix`].
-    fn weight_matrix(&self, data: F32Data, rows: usize, cols: usize) -> Result<Self::Matrix> {
-        self.matrix(data, rows, cols)
+    fn weight_matrix(&self, src: &MatrixSource) -> Result<Self::Matrix> {
+        self.matrix(src)
     }
     fn vector(&self, data: F32Data) -> Result<Self::Vector>;
     fn act(&self, rows: usize, cols: usize, kind: ActKind) -> Result<Self::Act>;
+    /// An activation holding `data` (`[rows, cols]`, rounded as `kind` is stored): benchmarks
+    /// time kernels on real values, not zeros (which run faster on some matrix units).
+    fn act_from(&self, data: &[f32], rows: usize, cols: usize, kind: ActKind) -> Result<Self::Act>;
     /// `stored_layers` may be 1 when no pass reuses the cache (extraction): layers then share it.
     fn kv(&self, stored_layers: usize, slots: usize, kv_dim: usize) -> Result<Self::Kv>;
     fn to_host(&self, a: &Self::Act) -> Result<Vec<f32>>;
@@ -140,8 +146,34 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
     /// Copies the given rows of `x` into a new activation.
     fn gather_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Self::Act>;
+    /// One token per row of `logits` (`[rows, vocab]`), row r by `params[r]` as
+    /// [`sample_row`] defines it. A device backend samples where the logits are and returns only
+    /// the ids.
+    fn sample(&self, logits: &Self::Act, params: &[SampleParams]) -> Result<Vec<u32>> {
+        let host = self.to_host(logits)?;
+        let rows = params.len();
+        if rows == 0 || host.len() % rows != 0 {
+            return Err(crate::error::Error::input(format!("{rows} sampling rows for {} logits", host.len())));
+        }
+        Ok(host.chunks(host.len() / rows).zip(params).map(|(row, &p)| sample_row(row, p)).collect())
+    }
 
     // --- For benchmarks (`resid bench`).
+
+    /// Starts (true) or stops charging time to the forward pass's operations (profile.rs).
+    fn set_profiling(&self, on: bool) -> Result<()> {
+        let _ = on;
+        Ok(())
+    }
+    /// Marks the end of the forward pass's operation `label`. Costs one atomic load when
+    /// profiling is off.
+    fn mark(&self, label: &'static str) {
+        let _ = label;
+    }
+    /// The time charged since profiling started (waiting for queued work first).
+    fn take_profile(&self) -> Result<profile::OpTimes> {
+        Ok(profile::OpTimes::default())
+    }
 
     /// Waits until all queued work is done (a no-op for synchronous backends); timers call it.
     fn synchronize(&self) -> Result<()> {

@@ -21,9 +21,9 @@ use rand::{Rng, SeedableRng};
 use resid::backend::{ActKind, Backend};
 use resid::engine::capture::{CapturePoint, CapturePosition, CaptureSink, CaptureSpec, Captured};
 use resid::engine::plan::BatchPlan;
-use resid::engine::sample::argmax;
+use resid::engine::sample::SampleParams;
 use resid::engine::Pass;
-use resid::model::weights::F32Data;
+use resid::model::weights::MatrixSource;
 use resid::{Engine, SteerOp, SteerPositions, Steering};
 use serde_json::{json, Value};
 use std::io::IsTerminal;
@@ -68,6 +68,10 @@ pub(crate) struct BenchArgs {
     /// No progress lines on stderr.
     #[arg(long)]
     quiet: bool,
+    /// extract and decode: after the timed run, run it again with the time of each forward-pass
+    /// operation recorded (device events on CUDA), and report the breakdown.
+    #[arg(long)]
+    profile: bool,
 }
 
 pub(crate) fn run(a: BenchArgs) -> Result<()> {
@@ -76,6 +80,9 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
     }
     if a.min_len == 0 || a.max_len < a.min_len {
         bail!(resid::Error::input(format!("--min-len {} --max-len {}: need 1 ≤ min ≤ max", a.min_len, a.max_len)));
+    }
+    if a.profile && !["extract", "decode"].contains(&a.workload.as_str()) {
+        bail!(resid::Error::input("--profile applies to the extract and decode workloads"));
     }
     if a.sequences == 0 || a.batch == Some(0) || a.steps == Some(0) {
         bail!(resid::Error::input("--sequences, --batch and --steps must be at least 1"));
@@ -121,8 +128,44 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         println!("{report}");
     } else {
         print_human(&report, "");
+        if let Some(p) = report.get("profile") {
+            print_profile(p);
+        }
     }
     Ok(())
+}
+
+/// Runs `work` with operation marks on and returns the breakdown.
+fn profiled<B: Backend>(e: &Engine<B>, quiet: bool, work: impl FnOnce() -> Result<()>) -> Result<Value> {
+    note(quiet, "profiled run (operation marks on)");
+    e.backend.set_profiling(true)?;
+    let t = Instant::now();
+    let r = work();
+    let times = e.backend.take_profile();
+    let wall = t.elapsed().as_secs_f64();
+    e.backend.set_profiling(false)?;
+    r?;
+    let times = times?;
+    Ok(json!({
+        "wall_seconds": round(wall, 4),
+        "marked_seconds": round(times.total(), 4),
+        "note": "each operation is charged the time since the previous mark (device events on CUDA: idle gaps waiting for the host count against the operation that was late); a separate run after the timed one",
+        "ops": times.to_json(),
+    }))
+}
+
+fn print_profile(p: &Value) {
+    println!("\n{:<40} {:>10} {:>7} {:>8}", "operation", "seconds", "share", "marks");
+    for op in p["ops"].as_array().into_iter().flatten() {
+        println!(
+            "{:<40} {:>10.4} {:>6.1}% {:>8}",
+            op["op"].as_str().unwrap_or_default(),
+            op["seconds"].as_f64().unwrap_or(f64::NAN),
+            op["share"].as_f64().unwrap_or(f64::NAN) * 100.0,
+            op["marks"]
+        );
+    }
+    println!("{:<40} {:>10.4} (wall {:.4})", "total", p["marked_seconds"].as_f64().unwrap_or(f64::NAN), p["wall_seconds"].as_f64().unwrap_or(f64::NAN));
 }
 
 fn print_human(v: &Value, prefix: &str) {
@@ -245,8 +288,9 @@ fn gemm_peak<B: Backend>(e: &Engine<B>, rows: usize, reps: usize, quiet: bool) -
     let mut per_shape = serde_json::Map::new();
     for (i, &(name, n, k, acc)) in shapes.iter().enumerate() {
         note(quiet, &format!("GEMM peak: {name} [{rows} x {k}] x [{k} x {n}]ᵀ"));
-        let w = be.matrix(F32Data::Owned(pseudo(n * k, i as u64 + 1)), n, k)?;
-        let x = be.act(rows, k, ActKind::Hidden)?;
+        let w = be.matrix(&MatrixSource::from_values(pseudo(n * k, i as u64 + 1), n, k)?)?;
+        // Random inputs: zeros run faster on some matrix units and would inflate the peak.
+        let x = be.act_from(&pseudo(rows * k, 100 + i as u64).iter().map(|v| v * 50.0).collect::<Vec<_>>(), rows, k, ActKind::Hidden)?;
         let mut y = be.act(rows, n, if acc { ActKind::Residual } else { ActKind::Hidden })?;
         be.linear(&x, &w, None, &mut y, acc)?;
         be.synchronize()?;
@@ -367,6 +411,10 @@ fn extract<B: Backend>(e: &Engine<B>, a: &BenchArgs, on_cpu: bool) -> Result<Val
         o.insert("fma_peak_gflop_per_s".into(), json!(round(f, 2)));
         o.insert("fraction_of_fma_peak".into(), json!(round(gflops / f, 3)));
     }
+    if a.profile {
+        let p = profiled(e, a.quiet, || e.extract(&seqs, &spec, &none, batch_tokens, |_, _| {}).map(|_| ()).map_err(Into::into))?;
+        v.as_object_mut().unwrap().insert("profile".into(), p);
+    }
     Ok(v)
 }
 
@@ -413,26 +461,30 @@ impl<B: Backend> Decoder<B> {
         let plan = BatchPlan::new(&lens, &vec![0; lens.len()], &starts);
         let ids: Vec<u32> = prompts.iter().flatten().copied().collect();
         let steering = vec![steering; prompts.len()];
-        let logits = e.forward(&mut kv, Pass { ids: &ids, plan: &plan, generated: false, steering: &steering, capture: None, logits_rows: &plan.last_rows() })?;
-        let next = logits.chunks(e.model.config.vocab_size).map(argmax).collect();
+        let greedy = vec![SampleParams::GREEDY; prompts.len()];
+        let pass = Pass { ids: &ids, plan: &plan, generated: false, steering: &steering, capture: None, logits_rows: &plan.last_rows() };
+        let next = e.forward_sample(&mut kv, pass, &greedy)?;
         Ok(Decoder { kv, lens, starts, next, steering })
     }
 
     /// One decode step at past length `lens[i] + step` for every sequence (a step may be
-    /// repeated at the same position: it rewrites the same cache slot). Returns its seconds.
+    /// repeated at the same position: it rewrites the same cache slot), with greedy picks made
+    /// on the backend as `generate` makes them. Returns its seconds.
     fn step(&mut self, e: &Engine<B>, step: usize, capture: Option<(&CaptureSpec, &mut Captured)>, advance: bool) -> Result<f64> {
         let n = self.lens.len();
         let past: Vec<usize> = self.lens.iter().map(|l| l + step).collect();
         let plan = BatchPlan::new(&vec![1; n], &past, &self.starts);
         let sink = capture.map(|(spec, out)| CaptureSink { spec, out, seq_row: (0..n).collect() });
         let t = Instant::now();
-        let logits = e.forward(
+        let greedy = vec![SampleParams::GREEDY; n];
+        let next = e.forward_sample(
             &mut self.kv,
             Pass { ids: &self.next, plan: &plan, generated: true, steering: &self.steering, capture: sink, logits_rows: &plan.last_rows() },
+            &greedy,
         )?;
         let secs = t.elapsed().as_secs_f64();
         if advance {
-            self.next = logits.chunks(e.model.config.vocab_size).map(argmax).collect();
+            self.next = next;
         }
         Ok(secs)
     }
@@ -460,6 +512,13 @@ fn decode<B: Backend>(e: &Engine<B>, a: &BenchArgs) -> Result<Value> {
         ts.push(steered.step(e, s, None, true)?);
         progress.update(s + 1, "");
     }
+    let profile = if a.profile {
+        // A fresh plain decoder; its prefill is not profiled.
+        let mut p = Decoder::new(e, &prompts, steps + 1, None)?;
+        Some(profiled(e, a.quiet, || (0..steps).try_for_each(|s| p.step(e, s, None, true).map(|_| ())))?)
+    } else {
+        None
+    };
     let (sum_p, sum_s): (f64, f64) = (tp.iter().sum(), ts.iter().sum());
     let bytes = weight_bytes_per_step(e);
     let limit = batch as f64 * bandwidth / bytes as f64;
@@ -480,6 +539,7 @@ fn decode<B: Backend>(e: &Engine<B>, a: &BenchArgs) -> Result<Value> {
         "bandwidth_limited_tokens_per_s": round(limit, 2),
         "fraction_of_bandwidth_limit": round(tps / limit, 3),
         "fraction_of_bandwidth_limit_steered": round((batch * steps) as f64 / sum_s / limit, 3),
+        "profile": profile,
     }))
 }
 

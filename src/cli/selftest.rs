@@ -10,7 +10,7 @@ use clap::Args;
 use resid::backend::Backend;
 use resid::engine::capture::CaptureSink;
 use resid::engine::plan::BatchPlan;
-use resid::engine::sample::argmax;
+use resid::engine::sample::{argmax, sample_row, SampleParams};
 use resid::engine::Pass;
 use resid::testing::{pseudo_random, RandomLlama, TestArch};
 use resid::{CapturePoint, CapturePosition, CaptureSpec, Captured, CpuBackend, Engine, GenerateOptions, Sampling, SteerOp, SteerPositions, Steering};
@@ -305,9 +305,12 @@ fn compare<B: Backend>(name: &str, spec: &RandomLlama, cpu: &Engine<CpuBackend>,
             }
         }
     }
+    let sampling = check_sampling(name, spec, dev, failures)?;
     let summary = format!(
-        "{name:<18} {checks:>6} hidden-state checks, worst relative error {worst:.2e} (tolerance {TOL:e}; {} sign-aware ties set aside); {compared_steps} greedy steps compared ({steered_steps} steered)",
-        sign_ties.len()
+        "{name:<18} {checks:>6} hidden-state checks, worst relative error {worst:.2e} (tolerance {TOL:e}; {} sign-aware ties set aside); {compared_steps} greedy steps compared ({steered_steps} steered); {} sampled rows ({} at a rounding boundary)",
+        sign_ties.len(),
+        sampling["rows"],
+        sampling["boundary_ties"]
     );
     Ok(serde_json::json!({
         "model": name,
@@ -316,8 +319,92 @@ fn compare<B: Backend>(name: &str, spec: &RandomLlama, cpu: &Engine<CpuBackend>,
         "sign_ties": sign_ties,
         "greedy_steps_compared": compared_steps,
         "steered_greedy_steps_compared": steered_steps,
+        "sampling": sampling,
         "summary": summary,
     }))
+}
+
+/// Whether `pick` is within rounding of what [`sample_row`] would pick: the draw (or the nucleus
+/// target) lies within 1e-5 of the mass of a boundary, recomputed in f64.
+fn near_sampling_boundary(logits: &[f32], p: SampleParams, pick: u32) -> bool {
+    let t = p.temperature as f64;
+    let max = logits.iter().map(|&x| x as f64 / t).fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = logits.iter().map(|&x| (x as f64 / t - max).exp()).collect();
+    let total: f64 = e.iter().sum();
+    let slack = 1e-5 * total;
+    let mut sorted = e.clone();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let (mut tau, mut kept, mut mass) = (0.0, total, 0.0);
+    if p.top_p < 1.0 {
+        let target = p.top_p as f64 * total;
+        for (i, &v) in sorted.iter().enumerate() {
+            mass += v;
+            if (mass - target).abs() <= slack {
+                return true; // the nucleus edge itself is a tie
+            }
+            if mass >= target && sorted.get(i + 1) != Some(&v) {
+                (tau, kept) = (v, mass);
+                break;
+            }
+        }
+    }
+    let target = p.uniform as f64 * kept;
+    let mut running = 0.0;
+    for (i, &v) in e.iter().enumerate() {
+        if v >= tau {
+            let before = running;
+            running += v;
+            if i as u32 == pick {
+                return (before - target).abs() <= slack || (running - target).abs() <= slack;
+            }
+        }
+    }
+    false
+}
+
+/// The device's greedy and nucleus sampling against [`sample_row`] on the device's own logits
+/// (so that only the sampling differs), with fresh uniforms each run: every pick must match,
+/// except draws within rounding of a boundary, which must stay rare.
+fn check_sampling<B: Backend>(name: &str, spec: &RandomLlama, dev: &Engine<B>, failures: &mut Vec<String>) -> Result<serde_json::Value> {
+    let prompts: Vec<Vec<u32>> = (0..48).map(|i| ids(1 + (i * 5) % 30, spec.vocab, 700 + i as u64)).collect();
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let plan = BatchPlan::fresh(&lens);
+    let flat: Vec<u32> = prompts.iter().flatten().copied().collect();
+    let mut kv = dev.backend.kv(1, plan.rows(), dev.kv_dim())?;
+    let none = vec![None; prompts.len()];
+    let pass = Pass { ids: &flat, plan: &plan, generated: false, steering: &none, capture: None, logits_rows: &plan.last_rows() };
+    let Some(logits) = dev.forward_on_backend(&mut kv, pass)? else { bail!("no logits for the sampling check") };
+    let host = dev.backend.to_host(&logits)?;
+    let rows: Vec<&[f32]> = host.chunks(spec.vocab).collect();
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let uniforms: Vec<f32> = pseudo_random(rows.len(), seed, 0.5).into_iter().map(|v| (v + 0.5).clamp(0.0, 0.999_999)).collect();
+    // Greedy first: argmax_rows leaves the logits as they are; sample_rows overwrites them.
+    let greedy = dev.backend.sample(&logits, &vec![SampleParams::GREEDY; rows.len()])?;
+    let params: Vec<SampleParams> = (0..rows.len())
+        .map(|i| match i % 8 {
+            0 => SampleParams::GREEDY,
+            k => SampleParams { temperature: [0.05, 0.7, 1.0, 1.8][k % 4], top_p: [0.3, 0.9, 1.0][k % 3], uniform: uniforms[i] },
+        })
+        .collect();
+    let sampled = dev.backend.sample(&logits, &params)?;
+    let mut ties = 0;
+    for (i, row) in rows.iter().enumerate() {
+        if greedy[i] != argmax(row) {
+            failures.push(format!("{name}: sampling row {i}: greedy pick {} on the device, {} on the CPU", greedy[i], argmax(row)));
+        }
+        let want = sample_row(row, params[i]);
+        if sampled[i] != want {
+            if near_sampling_boundary(row, params[i], sampled[i]) {
+                ties += 1;
+            } else {
+                failures.push(format!("{name}: sampling row {i} ({:?}, seed {seed}): device picked {}, CPU {want}", params[i], sampled[i]));
+            }
+        }
+    }
+    if ties * 10 > rows.len() {
+        failures.push(format!("{name}: {ties} of {} sampled rows differ at rounding boundaries (seed {seed}): too many to be rounding", rows.len()));
+    }
+    Ok(serde_json::json!({ "rows": rows.len(), "boundary_ties": ties, "seed": seed }))
 }
 
 #[cfg(test)]
@@ -339,5 +426,20 @@ mod tests {
         assert_eq!(r["worst_relative_error"].as_f64(), Some(0.0));
         assert!(r["checks"].as_u64().unwrap() > 10_000);
         assert!(r["steered_greedy_steps_compared"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(r["sampling"]["boundary_ties"].as_u64(), Some(0), "{r}");
+    }
+
+    /// A wrong pick is not excused as a rounding tie; a draw exactly on a boundary is.
+    #[test]
+    fn sampling_ties_are_only_rounding() {
+        let logits: Vec<f32> = [0.2f32, 0.5, 0.3].iter().map(|p| p.ln()).collect();
+        let p = SampleParams { temperature: 1.0, top_p: 1.0, uniform: 0.45 };
+        assert_eq!(sample_row(&logits, p), 1);
+        assert!(!near_sampling_boundary(&logits, p, 0) && !near_sampling_boundary(&logits, p, 2));
+        let on_edge = SampleParams { uniform: 0.2, ..p };
+        assert!(near_sampling_boundary(&logits, on_edge, 0) && near_sampling_boundary(&logits, on_edge, 1));
+        // The nucleus: top_p 0.7 keeps {0.5, 0.3}; token 0 is outside it.
+        let nucleus = SampleParams { top_p: 0.7, uniform: 0.1, ..p };
+        assert!(!near_sampling_boundary(&logits, nucleus, 0));
     }
 }

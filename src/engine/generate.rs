@@ -1,6 +1,6 @@
 //! Batched generation with a KV cache: one packed prefill, then one packed decode step per token.
 use super::plan::BatchPlan;
-use super::sample::{Sampler, Sampling};
+use super::sample::{SampleParams, Sampler, Sampling};
 use super::steer::Steering;
 use super::{Engine, Pass};
 use crate::backend::Backend;
@@ -60,14 +60,15 @@ impl<B: Backend> Engine<B> {
         let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
         let plan = BatchPlan::new(&lens, &vec![0; lens.len()], &kv_starts);
         let ids: Vec<u32> = prompts.iter().flatten().copied().collect();
-        let logits = self.forward(
+        let everyone: Vec<usize> = (0..prompts.len()).collect();
+        let tokens = self.step(
             &mut kv,
             Pass { ids: &ids, plan: &plan, generated: false, steering, capture: None, logits_rows: &plan.last_rows() },
+            &mut samplers,
+            &everyone,
         )?;
-        let vocab = self.model.config.vocab_size;
         let mut active: Vec<usize> = Vec::new();
-        for (i, row) in logits.chunks(vocab).enumerate() {
-            let t = samplers[i].next(row);
+        for (i, t) in tokens.into_iter().enumerate() {
             out[i].tokens.push(t);
             if opts.stop_tokens.contains(&t) {
                 out[i].finish = FinishReason::Stop;
@@ -87,13 +88,14 @@ impl<B: Backend> Engine<B> {
             let plan = BatchPlan::new(&vec![1; active.len()], &past, &starts);
             let ids: Vec<u32> = active.iter().map(|&i| *out[i].tokens.last().unwrap_or(&0)).collect();
             let steer: Vec<Option<Arc<Steering>>> = active.iter().map(|&i| steering[i].clone()).collect();
-            let logits = self.forward(
+            let tokens = self.step(
                 &mut kv,
                 Pass { ids: &ids, plan: &plan, generated: true, steering: &steer, capture: None, logits_rows: &plan.last_rows() },
+                &mut samplers,
+                &active,
             )?;
             let mut still = Vec::with_capacity(active.len());
-            for (row, &i) in logits.chunks(vocab).zip(&active) {
-                let t = samplers[i].next(row);
+            for (t, &i) in tokens.into_iter().zip(&active) {
                 out[i].tokens.push(t);
                 if opts.stop_tokens.contains(&t) {
                     out[i].finish = FinishReason::Stop;
@@ -104,5 +106,17 @@ impl<B: Backend> Engine<B> {
             active = still;
         }
         Ok(out)
+    }
+
+    /// One pass and the next token of each of its sequences (`who[r]` is logits row r's
+    /// sampler): sampled on the backend, or on the host when the mode needs it (top-k).
+    fn step(&self, kv: &mut B::Kv, pass: Pass, samplers: &mut [Sampler], who: &[usize]) -> Result<Vec<u32>> {
+        let params: Option<Vec<SampleParams>> = who.iter().map(|&i| samplers[i].device_params()).collect();
+        if let Some(params) = params {
+            return self.forward_sample(kv, pass, &params);
+        }
+        let logits = self.forward(kv, pass)?;
+        let vocab = self.model.config.vocab_size;
+        Ok(logits.chunks(vocab).zip(who).map(|(row, &i)| samplers[i].next(row)).collect())
     }
 }

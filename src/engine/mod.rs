@@ -14,6 +14,7 @@ use crate::model::arch::{alibi_slopes, MlpKind, PositionKind};
 use crate::model::{ModelDir, ModelWeights};
 use capture::{CapturePoint, CapturePosition, CaptureSink, CaptureSpec, Captured};
 use plan::BatchPlan;
+use sample::SampleParams;
 use std::sync::Arc;
 use steer::{plan_pass, Steering};
 
@@ -93,6 +94,34 @@ impl<B: Backend> Engine<B> {
 
     /// Runs one packed pass; returns logits `[logits_rows.len(), vocab]`.
     pub fn forward(&self, kv: &mut B::Kv, pass: Pass) -> Result<Vec<f32>> {
+        match self.forward_on_backend(kv, pass)? {
+            Some(logits) => {
+                let host = self.backend.to_host(&logits)?;
+                self.backend.mark("logits to host");
+                Ok(host)
+            }
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Runs one packed pass and picks one token per logits row on the backend (`params[i]` for
+    /// `logits_rows[i]`): a device samples where the logits are and returns only the ids.
+    pub fn forward_sample(&self, kv: &mut B::Kv, pass: Pass, params: &[SampleParams]) -> Result<Vec<u32>> {
+        if params.len() != pass.logits_rows.len() {
+            return Err(Error::input(format!("{} sampling rows for {} logits rows", params.len(), pass.logits_rows.len())));
+        }
+        match self.forward_on_backend(kv, pass)? {
+            Some(logits) => {
+                let ids = self.backend.sample(&logits, params)?;
+                self.backend.mark("sample");
+                Ok(ids)
+            }
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The forward pass; the logits stay on the backend (None without logits rows).
+    pub fn forward_on_backend(&self, kv: &mut B::Kv, pass: Pass) -> Result<Option<B::Act>> {
         let be = &self.backend;
         let c = &self.model.config;
         let w = &self.weights;
@@ -119,12 +148,14 @@ impl<B: Backend> Engine<B> {
         // Every point's steering is planned before the pass, so a device backend uploads it once.
         let steering = plan_pass(last_point, pass.steering, &plan.row_seq, pass.generated);
         let mut state = be.begin_pass(plan, &self.inv_freq, layout, &steering, h)?;
+        be.mark("begin pass (between passes, tables)");
 
         let mut x = be.act(rows, h, ActKind::Residual)?;
         let mut normed = be.act(rows, h, ActKind::Hidden)?;
         let post_ln = c.post_ln_residual;
         let embed_norm = w.embed_norm.as_ref().map(|(weight, bias)| self.norm(weight, Some(bias)));
         be.embed(&w.embed, pass.ids, embed_norm, &mut x)?;
+        be.mark("embed");
         // The fused residual step at hidden-state index l: steer, capture, and normalise for
         // the next sub-layer (the final norm at l = L).
         let point = |l: usize, state: &mut B::Pass, x: &mut B::Act, normed: &mut B::Act| -> Result<()> {
@@ -141,7 +172,9 @@ impl<B: Backend> Engine<B> {
                 (slot(CapturePoint::LastBlockRaw), slot(CapturePoint::Hidden(l)))
             };
             // The final norm feeds only the LM head, never the residual.
-            be.residual_step(state, x, self.norm(weight, bias), normed, steer, residual_slot, normed_slot, post_ln && l < n_layers)
+            be.residual_step(state, x, self.norm(weight, bias), normed, steer, residual_slot, normed_slot, post_ln && l < n_layers)?;
+            be.mark("residual step (steer, capture, norm)");
+            Ok(())
         };
         point(0, &mut state, &mut x, &mut normed)?;
 
@@ -154,27 +187,44 @@ impl<B: Backend> Engine<B> {
             for (l, lw) in w.layers.iter().enumerate().take(last_point) {
                 // The QKV bias is added by the rotary kernel.
                 be.linear(&normed, &lw.qkv, None, &mut qkv, false)?;
+                be.mark("qkv projection");
                 let qk_norm = lw.q_norm.as_ref().zip(lw.k_norm.as_ref()).map(|(qn, kn)| (qn, kn, eps));
                 be.rope_store_kv(&state, &qkv, lw.qkv_bias.as_ref(), qk_norm, self.heads, kv, l, &mut q)?;
+                be.mark("rope and kv store");
                 be.attention(&state, &q, kv, l, self.heads, self.alibi.as_deref(), &mut attn)?;
+                be.mark("attention");
                 be.linear(&attn, &lw.o, lw.o_bias.as_ref(), &mut x, true)?;
+                be.mark("o projection");
                 let mlp_norm = self.norm(&lw.mlp_norm, lw.mlp_norm_bias.as_ref());
                 be.residual_step(&mut state, &mut x, mlp_norm, &mut normed, None, None, None, post_ln)?;
+                be.mark("mlp norm");
                 be.linear(&normed, &lw.gate_up, lw.gate_up_bias.as_ref(), &mut gate_up, false)?;
+                be.mark("gate/up projection");
                 be.activation(mlp, &gate_up, &mut act)?;
+                be.mark("activation");
                 be.down_projection(&state, &act, &lw.down, lw.down_bias.as_ref(), &mut x)?;
+                be.mark("down projection");
                 point(l + 1, &mut state, &mut x, &mut normed)?;
             }
         }
         be.end_pass(state, sink.as_mut())?;
+        be.mark("end pass (capture copy)");
 
         if pass.logits_rows.is_empty() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
-        let last = be.gather_rows(&normed, pass.logits_rows)?;
+        // Decode steps need every row, in order: no gather.
+        let gathered;
+        let last = if pass.logits_rows.iter().copied().eq(0..rows) {
+            &normed
+        } else {
+            gathered = be.gather_rows(&normed, pass.logits_rows)?;
+            &gathered
+        };
         let mut logits = be.act(pass.logits_rows.len(), c.vocab_size, ActKind::Logits)?;
-        be.linear(&last, w.lm_head(), None, &mut logits, false)?;
-        be.to_host(&logits)
+        be.linear(last, w.lm_head(), None, &mut logits, false)?;
+        be.mark("lm head");
+        Ok(Some(logits))
     }
 
     /// Captures hidden states for many sequences, packed into batches of about `batch_tokens`

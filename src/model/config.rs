@@ -225,13 +225,13 @@ impl ModelConfig {
     }
 
     fn validate(&self, file: &str) -> Result<()> {
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::model(format!(
                 "{file}: num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(Error::model(format!("{file}: head_dim ({}) must be even for rotary embeddings", self.head_dim)));
         }
         Ok(())

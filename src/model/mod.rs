@@ -10,7 +10,7 @@ use arch::{ArchSpec, LayerTensor, MlpKind};
 use config::ModelConfig;
 use std::path::{Path, PathBuf};
 use tokenizer::TextTokenizer;
-use weights::{F32Data, WeightStore};
+use weights::{MatrixSource, RawTensor, SourcePart, WeightStore};
 
 /// A checked model directory: everything but the backend's copy of the weights.
 pub struct ModelDir {
@@ -81,86 +81,64 @@ pub struct ModelWeights<B: Backend> {
     pub lm_head: Option<B::Matrix>,
 }
 
-/// Reorders a fused QKV tensor whose rows are interleaved per head (`[heads, 3, head_dim, ..]`)
-/// into stacked `[q; k; v]` rows. `row_len` is 1 for a bias.
-fn deinterleave_qkv(data: &[f32], heads: usize, head_dim: usize, row_len: usize) -> F32Data {
-    let block = head_dim * row_len;
-    let mut out = vec![0f32; data.len()];
-    for h in 0..heads {
-        for part in 0..3 {
-            let src = (h * 3 + part) * block;
-            let dst = (part * heads + h) * block;
-            out[dst..dst + block].copy_from_slice(&data[src..src + block]);
-        }
-    }
-    F32Data::Owned(out)
-}
-
-/// Stacks tensors along their first axis into one owned buffer.
-fn stack(parts: Vec<F32Data>) -> F32Data {
-    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
-    for p in &parts {
-        out.extend_from_slice(p);
-    }
-    F32Data::Owned(out)
-}
-
 impl<B: Backend> ModelWeights<B> {
     pub fn load(be: &B, m: &ModelDir) -> Result<Self> {
         let c = &m.config;
         let spec = &m.spec;
-        let tensor = |role: LayerTensor, l: usize| -> Result<Option<(F32Data, Vec<usize>)>> {
+        let h = c.hidden_size;
+        let tensor = |role: LayerTensor, l: usize| -> Result<Option<RawTensor>> {
             match spec.layer_tensor_shape(role, c) {
                 None => Ok(None),
-                Some(shape) => Ok(Some((m.store.f32(&spec.layer_tensor_name(role, l), &shape)?, shape))),
+                Some(shape) => Ok(Some(m.store.raw(&spec.layer_tensor_name(role, l), &shape)?)),
             }
         };
-        let required = |role: LayerTensor, l: usize| -> Result<(F32Data, Vec<usize>)> {
+        let required = |role: LayerTensor, l: usize| -> Result<RawTensor> {
             tensor(role, l)?.ok_or_else(|| Error::model(format!("{}: {role:?} is required", spec.layer_tensor_name(role, l))))
         };
-        let matrix = |(data, shape): (F32Data, Vec<usize>)| be.weight_matrix(data, shape[0], shape[1]);
-        let vector = |t: Option<(F32Data, Vec<usize>)>| t.map(|(d, _)| be.vector(d)).transpose();
+        // Matrices go to the backend as stored (it converts in the precision it keeps);
+        // vectors are small and go as f32.
+        let vector = |t: Option<RawTensor>| t.map(|t| be.vector(t.to_f32())).transpose();
+        let matrix = |role: LayerTensor, l: usize| -> Result<B::Matrix> {
+            let t = required(role, l)?;
+            match spec.layer_tensor_shape(role, c).as_deref() {
+                Some(&[rows, cols]) => be.weight_matrix(&MatrixSource::single(t, rows, cols)?),
+                _ => Err(Error::model(format!("{}: {role:?} is not a matrix", spec.layer_tensor_name(role, l)))),
+            }
+        };
         // Stacked matrices; a stacked bias exists when any part has one (missing parts are zero).
         let stacked = |roles: &[LayerTensor], l: usize| -> Result<B::Matrix> {
-            let mut rows = 0;
-            let mut parts = Vec::new();
-            for &r in roles {
-                let (d, shape) = required(r, l)?;
-                rows += shape[0];
-                parts.push(d);
-            }
-            be.weight_matrix(stack(parts), rows, c.hidden_size)
+            let parts = roles.iter().map(|&r| Ok(SourcePart::Stored(required(r, l)?))).collect::<Result<Vec<_>>>()?;
+            be.weight_matrix(&MatrixSource::stacked(parts, h)?)
         };
         let stacked_bias = |biases: &[(LayerTensor, usize)], l: usize| -> Result<Option<B::Vector>> {
             let mut any = false;
             let mut parts = Vec::new();
             for &(r, len) in biases {
                 match tensor(r, l)? {
-                    Some((d, _)) => {
+                    Some(t) => {
                         any = true;
-                        parts.push(d);
+                        parts.push(SourcePart::Stored(t));
                     }
-                    None => parts.push(F32Data::Owned(vec![0.0; len])),
+                    None => parts.push(SourcePart::Zeros(len)),
                 }
             }
-            if any { Ok(Some(be.vector(stack(parts))?)) } else { Ok(None) }
+            if any { Ok(Some(be.vector(MatrixSource::stacked(parts, 1)?.to_f32())?)) } else { Ok(None) }
         };
         let (qd, kvd, inter) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             use LayerTensor::*;
             layers.push(LayerWeights {
-                attn_norm: be.vector(required(AttnNorm, l)?.0)?,
+                attn_norm: be.vector(required(AttnNorm, l)?.to_f32())?,
                 qkv: match (spec.fused_qkv, spec.qkv_interleaved) {
-                    (true, true) => {
-                        let (d, shape) = required(Qkv, l)?;
-                        be.weight_matrix(deinterleave_qkv(&d, c.num_heads, c.head_dim, c.hidden_size), shape[0], shape[1])?
-                    }
-                    (true, false) => matrix(required(Qkv, l)?)?,
+                    (true, true) => be.weight_matrix(&MatrixSource::interleaved_qkv(required(Qkv, l)?, c.num_heads, c.head_dim, h)?)?,
+                    (true, false) => matrix(Qkv, l)?,
                     (false, _) => stacked(&[Q, K, V], l)?,
                 },
                 qkv_bias: if spec.fused_qkv && spec.qkv_interleaved {
-                    tensor(QkvBias, l)?.map(|(d, _)| be.vector(deinterleave_qkv(&d, c.num_heads, c.head_dim, 1))).transpose()?
+                    tensor(QkvBias, l)?
+                        .map(|t| be.vector(MatrixSource::interleaved_qkv(t, c.num_heads, c.head_dim, 1)?.to_f32()))
+                        .transpose()?
                 } else if spec.fused_qkv {
                     vector(tensor(QkvBias, l)?)?
                 } else {
@@ -168,12 +146,12 @@ impl<B: Backend> ModelWeights<B> {
                 },
                 q_norm: vector(tensor(QNorm, l)?)?,
                 k_norm: vector(tensor(KNorm, l)?)?,
-                o: matrix(required(O, l)?)?,
+                o: matrix(O, l)?,
                 o_bias: vector(tensor(OBias, l)?)?,
-                mlp_norm: be.vector(required(MlpNorm, l)?.0)?,
+                mlp_norm: be.vector(required(MlpNorm, l)?.to_f32())?,
                 gate_up: match spec.mlp {
                     MlpKind::SwiGlu => stacked(&[Gate, Up], l)?,
-                    MlpKind::GeluTanh => matrix(required(Up, l)?)?,
+                    MlpKind::GeluTanh => matrix(Up, l)?,
                 },
                 gate_up_bias: match spec.mlp {
                     MlpKind::SwiGlu => stacked_bias(&[(GateBias, inter), (UpBias, inter)], l)?,
@@ -181,11 +159,10 @@ impl<B: Backend> ModelWeights<B> {
                 },
                 attn_norm_bias: vector(tensor(AttnNormBias, l)?)?,
                 mlp_norm_bias: vector(tensor(MlpNormBias, l)?)?,
-                down: matrix(required(Down, l)?)?,
+                down: matrix(Down, l)?,
                 down_bias: vector(tensor(DownBias, l)?)?,
             });
         }
-        let h = c.hidden_size;
         let embed_norm = match spec.embed_norm {
             Some((w, b)) => Some((be.vector(m.store.f32(w, &[h])?)?, be.vector(m.store.f32(b, &[h])?)?)),
             None => None,
@@ -194,13 +171,13 @@ impl<B: Backend> ModelWeights<B> {
         Ok(ModelWeights {
             embed_norm,
             final_norm_bias,
-            embed: be.matrix(m.store.f32(spec.embed, &[c.vocab_size, c.hidden_size])?, c.vocab_size, c.hidden_size)?,
+            embed: be.matrix(&MatrixSource::single(m.store.raw(spec.embed, &[c.vocab_size, h])?, c.vocab_size, h)?)?,
             layers,
             final_norm: be.vector(m.store.f32(spec.final_norm, &[c.hidden_size])?)?,
             lm_head: if c.tie_word_embeddings {
                 None
             } else {
-                Some(be.matrix(m.store.f32(spec.lm_head, &[c.vocab_size, c.hidden_size])?, c.vocab_size, c.hidden_size)?)
+                Some(be.matrix(&MatrixSource::single(m.store.raw(spec.lm_head, &[c.vocab_size, h])?, c.vocab_size, h)?)?)
             },
         })
     }

@@ -20,16 +20,22 @@ use crate::engine::capture::{CapturePosition, CaptureSink, Captured};
 use crate::engine::plan::BatchPlan;
 use crate::engine::steer::PointSteering;
 use crate::error::Result;
-use crate::model::weights::F32Data;
+use crate::model::weights::{F32Data, MatrixSource};
 pub use gemm::Compute;
 use gemm::PackedMatrix;
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Mutex;
+use super::profile::{OpTimes, WallMarks};
 use std::sync::OnceLock;
 
 pub struct CpuBackend;
 
 static COMPUTE: AtomicU8 = AtomicU8::new(0);
+
+/// Operation marks (`resid bench --profile`), process-wide like the compute setting.
+static PROFILING: AtomicBool = AtomicBool::new(false);
+static MARKS: Mutex<Option<WallMarks>> = Mutex::new(None);
 
 /// Sets the compute type of matrices created from now on (process-wide).
 pub fn set_compute(c: Compute) {
@@ -255,12 +261,12 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads, {})", rayon::current_num_threads(), kernel_description())
     }
 
-    fn matrix(&self, data: F32Data, rows: usize, cols: usize) -> Result<CpuMatrix> {
-        Ok(CpuMatrix::new(data, rows, cols, requested_compute()))
+    fn matrix(&self, src: &MatrixSource) -> Result<CpuMatrix> {
+        Ok(CpuMatrix::new(src.to_f32(), src.rows(), src.cols(), requested_compute()))
     }
 
-    fn weight_matrix(&self, data: F32Data, rows: usize, cols: usize) -> Result<CpuMatrix> {
-        let mut m = CpuMatrix::new(data, rows, cols, requested_compute());
+    fn weight_matrix(&self, src: &MatrixSource) -> Result<CpuMatrix> {
+        let mut m = CpuMatrix::new(src.to_f32(), src.rows(), src.cols(), requested_compute());
         m.packed();
         m.split_panels();
         // The panels are all a layer weight needs: an owned copy (stacked or converted
@@ -277,6 +283,13 @@ impl Backend for CpuBackend {
 
     fn act(&self, rows: usize, cols: usize, _kind: ActKind) -> Result<CpuAct> {
         Ok(CpuAct { data: vec![0.0; rows * cols], rows, cols })
+    }
+
+    fn act_from(&self, data: &[f32], rows: usize, cols: usize, _kind: ActKind) -> Result<CpuAct> {
+        if data.len() != rows * cols {
+            return Err(crate::error::Error::input(format!("{} values for a {rows}x{cols} activation", data.len())));
+        }
+        Ok(CpuAct { data: data.to_vec(), rows, cols })
     }
 
     fn kv(&self, stored_layers: usize, slots: usize, kv_dim: usize) -> Result<CpuKv> {
@@ -457,6 +470,30 @@ impl Backend for CpuBackend {
             data.extend_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
         }
         Ok(CpuAct { data, rows: rows.len(), cols: x.cols })
+    }
+
+    fn set_profiling(&self, on: bool) -> Result<()> {
+        let mut marks = MARKS.lock().unwrap_or_else(|p| p.into_inner());
+        *marks = on.then(|| {
+            let mut m = WallMarks::default();
+            m.mark("start");
+            m
+        });
+        PROFILING.store(on, Ordering::Release);
+        Ok(())
+    }
+
+    fn mark(&self, label: &'static str) {
+        if PROFILING.load(Ordering::Acquire) {
+            if let Some(m) = MARKS.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                m.mark(label);
+            }
+        }
+    }
+
+    fn take_profile(&self) -> Result<OpTimes> {
+        let marks = MARKS.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(marks.as_ref().map(|m| m.times.clone()).unwrap_or_default())
     }
 
     fn matrix_bytes(&self, m: &CpuMatrix) -> usize {

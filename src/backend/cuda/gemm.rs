@@ -104,7 +104,8 @@ impl Lt {
     }
 
     /// `D[rows, n] = X[rows, k]·W[n, k]ᵀ (+ bias) (+ D when accumulate)`, all device pointers.
-    #[allow(clippy::too_many_arguments)]
+    // `stream` is a handle handed to cuBLASLt, never dereferenced here.
+    #[allow(clippy::too_many_arguments, clippy::not_unsafe_ptr_arg_deref)]
     pub fn matmul(
         &self,
         stream: sys::cudaStream_t,
@@ -123,12 +124,11 @@ impl Lt {
         }
         let key = Key { n, rows, k, out, bias: bias.is_some() };
         let mut plans = self.plans.lock().map_err(|_| Error::Device("cuBLASLt plan cache poisoned".into()))?;
-        if !plans.contains_key(&key) {
+        let plan = match plans.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             // SAFETY: descriptor creation on a live handle.
-            let plan = unsafe { self.plan(key)? };
-            plans.insert(key, plan);
-        }
-        let plan = &plans[&key];
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(unsafe { self.plan(key)? }),
+        };
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0f32 });
         // SAFETY: pointers come from live device allocations of the sizes the layouts describe.
         unsafe {

@@ -8,19 +8,23 @@ pub mod gemm;
 pub mod modules;
 pub mod resident;
 pub mod tables;
+pub mod upload;
 
 use super::{ActKind, Backend, CaptureLayout, Heads, Norm};
 use crate::model::arch::{MlpKind, NormKind};
 use crate::engine::capture::{CaptureSink, Captured};
 use crate::engine::plan::BatchPlan;
+use crate::engine::sample::SampleParams;
 use crate::engine::steer::PointSteering;
 use crate::error::{Error, Result};
-use crate::model::weights::F32Data;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use crate::model::weights::{F32Data, MatrixSource};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use resident::{ResidentTables, MAX_RESIDENT_TABLES};
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use super::profile::OpTimes;
 use tables::{PassLayout, Segments};
 
 /// Parses `--device`: None for the CPU, Some(ordinal) for `cuda` / `cuda:N`.
@@ -57,6 +61,25 @@ fn preflight() -> Result<()> {
     Ok(())
 }
 
+/// Freed activations stay in the device's memory pool rather than going back to the driver
+/// at every synchronisation (the pool's default): each pass allocates the same sizes again, and
+/// memory the driver must map anew costs more than the kernels that use it. Best effort: a
+/// device without memory pools allocates synchronously anyway.
+fn keep_freed_memory_pooled(ctx: &Arc<CudaContext>) {
+    use cudarc::driver::{result, sys};
+    // SAFETY: the device handle is the context's; the attribute takes a u64.
+    unsafe {
+        if let Ok(pool) = result::device::get_mem_pool(ctx.cu_device()) {
+            let mut keep_all = u64::MAX;
+            let _ = result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut keep_all as *mut u64 as *mut std::ffi::c_void,
+            );
+        }
+    }
+}
+
 pub struct DeviceInfo {
     pub ordinal: usize,
     pub name: String,
@@ -75,6 +98,58 @@ pub struct CudaBackend {
     resident: Mutex<ResidentTables<CudaSlice<f32>>>,
     /// Per-pass buffers handed back by finished passes (one per pass in flight at a time).
     pool: Mutex<Vec<PassBuffers>>,
+    /// Pinned buffers that weights pass through on their way to the device.
+    staging: Mutex<upload::Staging>,
+    /// `resid bench --profile`: events recorded at the forward pass's operation marks.
+    profiling: AtomicBool,
+    marks: Mutex<EventMarks>,
+    /// ALiBi slopes on the device, uploaded once rather than per layer.
+    alibi: Mutex<Option<(Vec<f32>, CudaSlice<f32>)>>,
+}
+
+/// Operation marks as events on the stream; resolved into times once the stream has run past
+/// them.
+#[derive(Default)]
+struct EventMarks {
+    last: Option<CudaEvent>,
+    pending: Vec<(&'static str, CudaEvent)>,
+    spare: Vec<CudaEvent>,
+    times: OpTimes,
+    /// The first failure (marks cannot return errors); reported by `take_profile`.
+    error: Option<String>,
+}
+
+/// Marks kept unresolved before the stream is waited for (a few passes' worth).
+const MAX_PENDING_MARKS: usize = 8192;
+
+impl EventMarks {
+    fn record(&mut self, ctx: &Arc<CudaContext>, stream: &CudaStream, label: &'static str) -> std::result::Result<(), cudarc::driver::DriverError> {
+        let event = match self.spare.pop() {
+            Some(e) => e,
+            None => ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?,
+        };
+        event.record(stream)?;
+        self.pending.push((label, event));
+        if self.pending.len() >= MAX_PENDING_MARKS {
+            stream.synchronize()?;
+            self.resolve()?;
+        }
+        Ok(())
+    }
+
+    /// Charges each completed mark the time since the one before it (the stream must have run
+    /// past every pending event).
+    fn resolve(&mut self) -> std::result::Result<(), cudarc::driver::DriverError> {
+        for (label, event) in std::mem::take(&mut self.pending) {
+            // The starting mark has no predecessor: it only starts the clock.
+            if let Some(prev) = self.last.take() {
+                self.times.charge(label, prev.elapsed_ms(&event)? as f64 / 1e3);
+                self.spare.push(prev);
+            }
+            self.last = Some(event);
+        }
+        Ok(())
+    }
 }
 
 /// Device buffers a pass needs, kept and grown across passes instead of allocated per pass.
@@ -206,6 +281,7 @@ impl CudaBackend {
             compute_capability: ctx.compute_capability().map_err(dev_err("compute capability"))?,
             total_memory: ctx.total_mem().map_err(dev_err("memory query"))?,
         };
+        keep_freed_memory_pooled(&ctx);
         let arch = modules::virtual_arch(info.compute_capability)?;
         let functions = modules::load_all(&ctx, arch)?;
         let stream = ctx.default_stream();
@@ -224,6 +300,10 @@ impl CudaBackend {
             info,
             resident: Mutex::new(ResidentTables::new(MAX_RESIDENT_TABLES)),
             pool: Mutex::new(Vec::new()),
+            staging: Mutex::new(upload::Staging::default()),
+            profiling: AtomicBool::new(false),
+            marks: Mutex::new(EventMarks::default()),
+            alibi: Mutex::new(None),
         })
     }
 
@@ -248,6 +328,21 @@ impl CudaBackend {
             return unsafe { self.stream.alloc::<T>(1) }.map_err(dev_err("allocation"));
         }
         self.stream.clone_htod(data).map_err(dev_err("host-to-device copy"))
+    }
+
+    /// The device address of `slopes`, uploaded when they differ from the last ones. A replaced
+    /// table is freed in stream order, after the kernels that read it.
+    fn alibi_slopes(&self, slopes: &[f32]) -> Result<u64> {
+        let mut cache = self.alibi.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((host, dev)) = cache.as_ref() {
+            if host[..] == *slopes {
+                return Ok(self.ptr(dev));
+            }
+        }
+        let dev = self.upload(slopes)?;
+        let addr = self.ptr(&dev);
+        *cache = Some((slopes.to_vec(), dev));
+        Ok(addr)
     }
 
     fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
@@ -287,8 +382,14 @@ impl Backend for CudaBackend {
         format!("cuda:{} ({}, sm_{a}{b}, {:.1} GiB)", self.info.ordinal, self.info.name, self.info.total_memory as f64 / (1u64 << 30) as f64)
     }
 
-    fn matrix(&self, data: F32Data, rows: usize, cols: usize) -> Result<CudaMatrix> {
-        Ok(CudaMatrix { w: self.upload(&to_bf16_bits(&data))?, rows, cols })
+    fn matrix(&self, src: &MatrixSource) -> Result<CudaMatrix> {
+        let (rows, cols) = (src.rows(), src.cols());
+        // SAFETY: every element is written by the upload below before any kernel reads it.
+        let mut w = unsafe { self.stream.alloc::<u16>((rows * cols).max(1)) }
+            .map_err(|e| Error::Device(format!("CUDA allocation of a {rows}x{cols} weight matrix: {e}")))?;
+        let dst = self.ptr_mut(&mut w);
+        self.staging.lock().unwrap_or_else(|p| p.into_inner()).upload(&self.ctx, &self.stream, src, dst)?;
+        Ok(CudaMatrix { w, rows, cols })
     }
 
     fn vector(&self, data: F32Data) -> Result<CudaVector> {
@@ -299,6 +400,17 @@ impl Backend for CudaBackend {
         let buf = match kind {
             ActKind::Residual | ActKind::Logits => Buf::F32(self.zeros(rows * cols)?),
             ActKind::Hidden => Buf::Bf16(self.zeros(rows * cols)?),
+        };
+        Ok(CudaAct { buf, rows, cols })
+    }
+
+    fn act_from(&self, data: &[f32], rows: usize, cols: usize, kind: ActKind) -> Result<CudaAct> {
+        if data.len() != rows * cols {
+            return Err(Error::input(format!("{} values for a {rows}x{cols} activation", data.len())));
+        }
+        let buf = match kind {
+            ActKind::Residual | ActKind::Logits => Buf::F32(self.upload(data)?),
+            ActKind::Hidden => Buf::Bf16(self.upload(&to_bf16_bits(data))?),
         };
         Ok(CudaAct { buf, rows, cols })
     }
@@ -534,8 +646,10 @@ impl Backend for CudaBackend {
         let nseq = pass.plan.seqs.len() as i32;
         let (nq, nkv) = (heads.q_heads as i32, heads.kv_heads as i32);
         let scale = 1.0 / (hd as f32).sqrt();
-        let slopes = alibi.map(|a| self.upload(a)).transpose()?;
-        let alibi_ptr: u64 = slopes.as_ref().map_or(0, |s| self.ptr(s));
+        let alibi_ptr = match alibi {
+            Some(slopes) => self.alibi_slopes(slopes)?,
+            None => 0,
+        };
         let (kv_start, kv_len) = (pass.at(pass.layout.kv_start), pass.at(pass.layout.kv_len));
         if pass.decode {
             let max_splits = pass.max_kv_len.div_ceil(256).max(1);
@@ -713,8 +827,75 @@ impl Backend for CudaBackend {
         Ok(CudaAct { buf: Buf::Bf16(dst), rows: rows.len(), cols: x.cols })
     }
 
+    fn sample(&self, logits: &CudaAct, params: &[SampleParams]) -> Result<Vec<u32>> {
+        let Buf::F32(l) = &logits.buf else { return Err(Error::Device("sampling reads f32 logits".into())) };
+        let (rows, vocab) = (logits.rows, logits.cols);
+        if params.len() != rows || rows == 0 {
+            return Err(Error::input(format!("{} sampling rows for {rows} logits rows", params.len())));
+        }
+        // Poisoned: a row the kernel failed to write reads as out of range below.
+        let mut ids = self.upload(&vec![-1i32; rows])?;
+        let (v, n) = (vocab as i32, rows as i32);
+        // Block size fixed: the kernel's sums (and so its picks) depend on it.
+        let block = cfg((rows as u32, 1, 1), 1024);
+        if params.iter().all(SampleParams::is_greedy) {
+            launch!(self, "argmax_rows", block, l, &v, &mut ids, &n);
+        } else {
+            let mut table = Vec::with_capacity(3 * rows);
+            table.extend(params.iter().map(|p| p.temperature));
+            table.extend(params.iter().map(|p| p.top_p));
+            table.extend(params.iter().map(|p| p.uniform));
+            let table = self.upload(&table)?;
+            let t = self.ptr(&table);
+            let (top_p, uniform) = (t + 4 * rows as u64, t + 8 * rows as u64);
+            // The probabilities overwrite the logits (the kernel allows it): they are not read again.
+            let lp = self.ptr(l);
+            launch!(self, "sample_rows", block, &lp, &v, &lp, &t, &top_p, &uniform, &mut ids, &n);
+        }
+        let host = self.stream.clone_dtoh(&ids).map_err(dev_err("device-to-host copy"))?;
+        host.iter()
+            .take(rows)
+            .map(|&id| {
+                u32::try_from(id).ok().filter(|&id| (id as usize) < vocab).ok_or_else(|| {
+                    Error::Device(format!("sampling kernel returned token {id} for a vocabulary of {vocab}"))
+                })
+            })
+            .collect()
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(dev_err("synchronize"))
+    }
+
+    fn set_profiling(&self, on: bool) -> Result<()> {
+        self.synchronize()?;
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        *marks = EventMarks::default();
+        if on {
+            marks.record(&self.ctx, &self.stream, "start").map_err(dev_err("profile event"))?;
+        }
+        self.profiling.store(on, Ordering::Release);
+        Ok(())
+    }
+
+    fn mark(&self, label: &'static str) {
+        if !self.profiling.load(Ordering::Acquire) {
+            return;
+        }
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = marks.record(&self.ctx, &self.stream, label) {
+            marks.error.get_or_insert_with(|| format!("CUDA profile event: {e}"));
+        }
+    }
+
+    fn take_profile(&self) -> Result<OpTimes> {
+        self.synchronize()?;
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        marks.resolve().map_err(dev_err("profile event"))?;
+        match &marks.error {
+            Some(e) => Err(Error::Device(e.clone())),
+            None => Ok(marks.times.clone()),
+        }
     }
 
     fn matrix_bytes(&self, m: &CudaMatrix) -> usize {

@@ -1,0 +1,76 @@
+//! Where a forward pass's time goes (`resid bench --profile`): the forward pass marks the end
+//! of each operation, and the backend charges the time since the previous mark to it. On the
+//! CPU that is wall time; on a device it is the time between events on its stream, so time the
+//! device sat idle waiting for the host is charged to the operation that was late.
+
+/// Seconds and marks per operation, in the order operations were first seen.
+#[derive(Debug, Default, Clone)]
+pub struct OpTimes {
+    pub ops: Vec<(&'static str, f64, usize)>,
+}
+
+impl OpTimes {
+    pub fn charge(&mut self, label: &'static str, seconds: f64) {
+        match self.ops.iter_mut().find(|(l, _, _)| *l == label) {
+            Some(entry) => {
+                entry.1 += seconds;
+                entry.2 += 1;
+            }
+            None => self.ops.push((label, seconds, 1)),
+        }
+    }
+
+    pub fn total(&self) -> f64 {
+        self.ops.iter().map(|(_, s, _)| s).sum()
+    }
+
+    /// `[{op, seconds, share, marks}]`, largest first.
+    pub fn to_json(&self) -> serde_json::Value {
+        let total = self.total().max(1e-12);
+        let mut ops = self.ops.clone();
+        ops.sort_by(|a, b| b.1.total_cmp(&a.1));
+        ops.iter()
+            .map(|(l, s, n)| serde_json::json!({ "op": l, "seconds": (s * 1e6).round() / 1e6, "share": (s / total * 1e4).round() / 1e4, "marks": n }))
+            .collect()
+    }
+}
+
+/// Wall-clock marks, for backends whose operations are synchronous.
+#[derive(Default)]
+pub struct WallMarks {
+    last: Option<std::time::Instant>,
+    pub times: OpTimes,
+}
+
+impl WallMarks {
+    pub fn mark(&mut self, label: &'static str) {
+        let now = std::time::Instant::now();
+        if let Some(last) = self.last {
+            self.times.charge(label, (now - last).as_secs_f64());
+        }
+        self.last = Some(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_charge_the_time_since_the_previous_mark() {
+        let mut m = WallMarks::default();
+        m.mark("start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        m.mark("slow");
+        m.mark("fast");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        m.mark("slow");
+        let ops = &m.times.ops;
+        // The first mark only starts the clock.
+        assert_eq!(ops.iter().map(|o| o.0).collect::<Vec<_>>(), ["slow", "fast"]);
+        assert_eq!(ops[0].2, 2);
+        assert!(ops[0].1 >= 0.025 && ops[1].1 < 0.005, "{ops:?}");
+        let json = m.times.to_json();
+        assert_eq!(json[0]["op"], "slow");
+    }
+}
