@@ -89,6 +89,8 @@ PYEOF
             log "$model: decode batch $b"
             timeout 120 "$RESID" bench --model "$dir" --device cuda --workload decode --batch "$b" --steps 64 --profile --json > "$OUT/decode-$model-b$b.json" 2>> "$OUT/gpu-check.log" || log "decode b$b failed"
         done
+        log "$model: decode batch 1 with cuBLASLt instead of the GEMV kernel (A/B)"
+        RESID_CUDA_GEMV=0 timeout 120 "$RESID" bench --model "$dir" --device cuda --workload decode --batch 1 --steps 64 --json > "$OUT/decode-$model-b1-cublaslt.json" 2>> "$OUT/gpu-check.log" || log "decode b1 cublaslt failed"
         log "$model: steering and capture overheads (batch 16)"
         timeout 120 "$RESID" bench --model "$dir" --device cuda --workload steer --batch 16 --steps 20 --json > "$OUT/steer-$model.json" 2>> "$OUT/gpu-check.log" || log "steer overheads failed"
     else

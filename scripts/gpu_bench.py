@@ -142,7 +142,7 @@ def summary(outdir):
     rows = []
     for model in SHAPES:
         hf, rs = load(f"hf-{model}.json"), load(f"resid-{model}.json")
-        dec = {b: load(f"decode-{model}-b{b}.json") for b in (1, 32)}
+        dec = {b: load(f"decode-{model}-b{b}.json") for b in (1, 32, "1-cublaslt")}
         steer = load(f"steer-{model}.json")
         bench = load(f"bench-extract-{model}.json")
         doc["runs"][model] = {"hf": hf, "resid": rs, "decode": dec, "steer": steer, "bench_extract": bench}
@@ -154,9 +154,9 @@ def summary(outdir):
                         f"({bench['gemm_peak_gflop_per_s'] / 1e3:.0f} TFLOP/s); " + top_ops(bench))
         for b, d in dec.items():
             if d:
-                rows.append(f"{model:<10} decode b{b:<2} " + ", ".join(f"{k} {v:.4g}" for k, v in d.items() if isinstance(v, (int, float))))
+                rows.append(f"{model:<10} decode b{b!s:<2} " + ", ".join(f"{k} {v:.4g}" for k, v in d.items() if isinstance(v, (int, float))))
                 if d.get("profile"):
-                    rows.append(f"{model:<10} decode b{b:<2} " + top_ops(d))
+                    rows.append(f"{model:<10} decode b{b!s:<2} " + top_ops(d))
         for phase in ("prefill", "decode"):
             p = (steer or {}).get(phase)
             if p:

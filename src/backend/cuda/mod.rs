@@ -103,6 +103,8 @@ pub struct CudaBackend {
     /// `resid bench --profile`: events recorded at the forward pass's operation marks.
     profiling: AtomicBool,
     marks: Mutex<EventMarks>,
+    /// GEMMs of at most MAX_GEMV_ROWS rows use the GEMV kernel (`RESID_CUDA_GEMV=0`: cuBLASLt).
+    gemv: bool,
     /// ALiBi slopes on the device, uploaded once rather than per layer.
     alibi: Mutex<Option<(Vec<f32>, CudaSlice<f32>)>>,
 }
@@ -248,6 +250,11 @@ fn row_block(h: usize) -> u32 {
     (h.div_ceil(8).div_ceil(32) * 32).clamp(128, 1024) as u32
 }
 
+/// Token rows up to which GEMMs run on kernels/gemv.cu (entry points gemv_t1..gemv_t4), and
+/// its output columns per block (one per warp).
+const MAX_GEMV_ROWS: usize = 4;
+const GEMV_WARPS: usize = 8;
+
 fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 }
 }
@@ -304,6 +311,7 @@ impl CudaBackend {
             profiling: AtomicBool::new(false),
             marks: Mutex::new(EventMarks::default()),
             alibi: Mutex::new(None),
+            gemv: std::env::var("RESID_CUDA_GEMV").map_or(true, |v| v != "0"),
         })
     }
 
@@ -379,7 +387,8 @@ impl Backend for CudaBackend {
 
     fn name(&self) -> String {
         let (a, b) = self.info.compute_capability;
-        format!("cuda:{} ({}, sm_{a}{b}, {:.1} GiB)", self.info.ordinal, self.info.name, self.info.total_memory as f64 / (1u64 << 30) as f64)
+        let gemv = if self.gemv { "" } else { ", GEMV kernel off" };
+        format!("cuda:{} ({}, sm_{a}{b}, {:.1} GiB{gemv})", self.info.ordinal, self.info.name, self.info.total_memory as f64 / (1u64 << 30) as f64)
     }
 
     fn matrix(&self, src: &MatrixSource) -> Result<CudaMatrix> {
@@ -573,6 +582,17 @@ impl Backend for CudaBackend {
             gemm::OutType::F32 => self.ptr(&b.f32),
             gemm::OutType::Bf16 => self.ptr(&b.bf16),
         });
+        // Decode steps of up to 4 sequences: the bandwidth-bound GEMV kernel.
+        let accumulate_ok = !accumulate || ty == gemm::OutType::F32;
+        if self.gemv && (1..=MAX_GEMV_ROWS).contains(&x.rows) && w.cols % 8 == 0 && accumulate_ok {
+            let name = ["gemv_t1", "gemv_t2", "gemv_t3", "gemv_t4"][x.rows - 1];
+            let (n, k) = (w.rows as i32, w.cols as i32);
+            let (out_f32, acc) = ((ty == gemm::OutType::F32) as i32, accumulate as i32);
+            let bias = bias.unwrap_or(0);
+            let grid = w.rows.div_ceil(GEMV_WARPS) as u32;
+            launch!(self, name, cfg((grid, 1, 1), 32 * GEMV_WARPS as u32), &wp, &xp, &bias, &dp, &n, &k, &out_f32, &acc);
+            return Ok(());
+        }
         self.blas.matmul(self.stream.cu_stream() as _, wp, xp, dp, bias, w.rows, x.rows, w.cols, ty, accumulate)
     }
 

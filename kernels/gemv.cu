@@ -1,0 +1,117 @@
+// kernels/gemv.cu -- skinny GEMM for decode steps of 1 to 4 sequences:
+//   Y[T, n] (+)= X[T, k] · W[n, k]ᵀ (+ bias),  bf16 inputs, f32 accumulation.
+// A decode step reads every weight once and does 2·T FLOPs per weight element, so it is bound
+// by memory bandwidth; this streams each row of W once, 16 bytes per load, four loads in flight
+// per lane, and keeps X (a few KB, shared by every warp) in L1.
+//
+// Entry points (identical argument lists), one per token count T:
+//   gemv_t1, gemv_t2, gemv_t3, gemv_t4
+// Arguments, in order:
+//   const bf16_t* W          [n, k] bf16, row-major (the HF [out, in] layout)
+//   const bf16_t* X          [T, k] bf16
+//   const void*   bias       [n]: f32 when out_f32, bf16 otherwise; or null
+//   void*         Y          [T, n]: f32 when out_f32, bf16 otherwise
+//   int n, int k             k % 8 == 0; W, X and Y bases 16-byte aligned (cudaMalloc'd)
+//   int out_f32              1: Y is f32, 0: Y is bf16
+//   int accumulate           1: Y += result (f32 Y only: the residual add), 0: Y = result
+// Launch: grid = (ceil(n / 8), 1, 1), block = (256, 1, 1); warp w of block b computes output
+//   column j = 8·b + w for every token row. No smem.
+// CPU reference, for t < T, j < n:
+//   r = sum_i f32(X[t, i]) · f32(W[j, i]) + (bias ? bias[j] : 0)     (f32)
+//   Y[t, j] = accumulate ? Y[t, j] + r : r    (rounded to bf16 when !out_f32)
+// Summation order (fixed for a given k, whatever T or n): lane l adds the 8 products of the
+//   16-byte chunks l, l + 32, l + 64, ... in that order, left to right within a chunk; then the
+//   warp butterfly of common.cuh; then the bias; then Y.
+#include "common.cuh"
+
+#define RESID_GEMV_WARPS 8
+
+// Weights are read exactly once per step: do not let them evict X from L1.
+__device__ __forceinline__ uint4 load_streaming(const uint4* p) {
+#ifdef RESID_EMU
+    return *p;
+#else
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+#endif
+}
+
+template <int T>
+__device__ __forceinline__ void gemv_chunk(uint4 w, const bf16_t* __restrict__ X, int k, int c, float* acc) {
+    float wf[8];
+    unpack_bf16x8(w, wf);
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+        float xf[8];
+        unpack_bf16x8(__ldg(reinterpret_cast<const uint4*>(X + (size_t)t * k) + c), xf);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[t] = fmaf(xf[i], wf[i], acc[t]);
+    }
+}
+
+template <int T>
+__device__ __forceinline__ void gemv_impl(const bf16_t* __restrict__ W, const bf16_t* __restrict__ X,
+                                          const void* __restrict__ bias, void* __restrict__ Y, int n,
+                                          int k, int out_f32, int accumulate) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int j = blockIdx.x * RESID_GEMV_WARPS + warp;
+    if (j >= n) return;  // the whole warp leaves together: the butterfly below stays full
+    const int chunks = k >> 3;
+    const uint4* row = reinterpret_cast<const uint4*>(W + (size_t)j * k);
+    float acc[T];
+#pragma unroll
+    for (int t = 0; t < T; ++t) acc[t] = 0.0f;
+    int c = lane;
+    for (; c + 96 < chunks; c += 128) {
+        const uint4 w0 = load_streaming(row + c), w1 = load_streaming(row + c + 32);
+        const uint4 w2 = load_streaming(row + c + 64), w3 = load_streaming(row + c + 96);
+        gemv_chunk<T>(w0, X, k, c, acc);
+        gemv_chunk<T>(w1, X, k, c + 32, acc);
+        gemv_chunk<T>(w2, X, k, c + 64, acc);
+        gemv_chunk<T>(w3, X, k, c + 96, acc);
+    }
+    for (; c < chunks; c += 32) gemv_chunk<T>(load_streaming(row + c), X, k, c, acc);
+#pragma unroll
+    for (int t = 0; t < T; ++t) acc[t] = warp_sum(acc[t]);
+    if (lane != 0) return;
+    float b = 0.0f;
+    if (bias) b = out_f32 ? static_cast<const float*>(bias)[j] : bf16_to_f32(static_cast<const bf16_t*>(bias)[j]);
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+        const float r = acc[t] + b;
+        const size_t at = (size_t)t * n + j;
+        if (out_f32) {
+            float* y = static_cast<float*>(Y) + at;
+            *y = accumulate ? *y + r : r;
+        } else {
+            static_cast<bf16_t*>(Y)[at] = f32_to_bf16(r);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+gemv_t1(const bf16_t* __restrict__ W, const bf16_t* __restrict__ X, const void* __restrict__ bias,
+        void* __restrict__ Y, int n, int k, int out_f32, int accumulate) {
+    gemv_impl<1>(W, X, bias, Y, n, k, out_f32, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+gemv_t2(const bf16_t* __restrict__ W, const bf16_t* __restrict__ X, const void* __restrict__ bias,
+        void* __restrict__ Y, int n, int k, int out_f32, int accumulate) {
+    gemv_impl<2>(W, X, bias, Y, n, k, out_f32, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+gemv_t3(const bf16_t* __restrict__ W, const bf16_t* __restrict__ X, const void* __restrict__ bias,
+        void* __restrict__ Y, int n, int k, int out_f32, int accumulate) {
+    gemv_impl<3>(W, X, bias, Y, n, k, out_f32, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+gemv_t4(const bf16_t* __restrict__ W, const bf16_t* __restrict__ X, const void* __restrict__ bias,
+        void* __restrict__ Y, int n, int k, int out_f32, int accumulate) {
+    gemv_impl<4>(W, X, bias, Y, n, k, out_f32, accumulate);
+}
