@@ -52,11 +52,9 @@ impl Staging {
         if rows * cols == 0 {
             return Ok(());
         }
-        let rows_per_copy = (STAGE_ELEMS / cols).clamp(1, rows);
-        self.ensure(ctx, rows_per_copy * cols)?;
-        let mut first = 0;
-        while first < rows {
-            let n = rows_per_copy.min(rows - first);
+        let chunks = row_chunks(rows, cols, STAGE_ELEMS);
+        self.ensure(ctx, chunks.iter().map(|&(_, n)| n * cols).max().unwrap_or(0))?;
+        for (first, n) in chunks {
             let stage = &mut self.stages[self.next];
             self.next = (self.next + 1) % 2;
             stage.copied.synchronize().map_err(err("wait for the previous copy"))?;
@@ -68,8 +66,35 @@ impl Staging {
             // written again before `copied` (recorded next) has completed.
             unsafe { cudarc::driver::result::memcpy_htod_async(at, &chunk[..], stream.cu_stream()) }.map_err(err("copy"))?;
             stage.copied.record(stream).map_err(err("event record"))?;
-            first += n;
         }
         Ok(())
+    }
+}
+
+/// The copies of a `rows × cols` upload through buffers of `stage_elems`: (first row, rows), in
+/// order, each at most one buffer (or one row, if a row is larger).
+fn row_chunks(rows: usize, cols: usize, stage_elems: usize) -> Vec<(usize, usize)> {
+    let per_copy = (stage_elems / cols.max(1)).clamp(1, rows.max(1));
+    (0..rows).step_by(per_copy).map(|first| (first, per_copy.min(rows - first))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_chunks;
+
+    #[test]
+    fn chunks_cover_every_row_once_within_a_buffer() {
+        for (rows, cols, stage) in [(4096, 4096, 16 << 20), (32000, 4096, 16 << 20), (7, 3, 5), (5, 100, 10), (1, 1, 1), (0, 8, 8)] {
+            let chunks = row_chunks(rows, cols, stage);
+            let mut next = 0;
+            for &(first, n) in &chunks {
+                assert_eq!(first, next, "{rows}x{cols} through {stage}");
+                assert!(n >= 1 && (n * cols <= stage || n == 1), "{rows}x{cols} through {stage}: {n} rows");
+                next += n;
+            }
+            assert_eq!(next, rows);
+        }
+        // A 32000 x 4096 embedding goes up in 8 copies of 4,096 rows.
+        assert_eq!(row_chunks(32000, 4096, 16 << 20).len(), 8);
     }
 }
