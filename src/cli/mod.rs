@@ -3,6 +3,7 @@ mod bench;
 mod input;
 mod scaling;
 mod selftest;
+mod selftest_ops;
 mod study;
 
 use anyhow::{anyhow, bail, Context, Result};

@@ -28,7 +28,7 @@ pub(crate) struct SelftestArgs {
     json: Option<PathBuf>,
 }
 
-const TOL: f64 = 1e-2;
+pub(crate) const TOL: f64 = 1e-2;
 
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
@@ -89,11 +89,24 @@ fn run_in(a: &SelftestArgs, tmp: &std::path::Path) -> Result<()> {
             report.push(r);
         });
     }
+    // Operation by operation, on a device of its own (any model directory opens it).
+    let ops = match shapes().first() {
+        Some((first, _)) => {
+            let dev = load_backend_engine(&a.device, &tmp.join(first))?;
+            super::with_engine!(&dev, dev => super::selftest_ops::check_ops("operations", &dev.backend, &mut failures)?)
+        }
+        None => serde_json::Value::Null,
+    };
     for line in &report {
         println!("{}", line["summary"].as_str().unwrap_or_default());
     }
+    println!(
+        "operations: {} checks against the CPU backend, worst relative error {:.2e}",
+        ops["cases"],
+        ops["worst_relative_error"].as_f64().unwrap_or(f64::NAN)
+    );
     if let Some(path) = &a.json {
-        let doc = serde_json::json!({ "tolerance": TOL, "models": report, "failures": failures });
+        let doc = serde_json::json!({ "tolerance": TOL, "models": report, "operations": ops, "failures": failures });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?).map_err(|e| resid::Error::io(path, e))?;
     }
     if !failures.is_empty() {
@@ -479,6 +492,16 @@ mod tests {
         assert!(r["steered_greedy_steps_compared"].as_u64().unwrap() > 0, "{r}");
         assert_eq!(r["sampling"]["boundary_ties"].as_u64(), Some(0), "{r}");
         assert_eq!(r["linear"]["cases"].as_u64(), Some(45), "{r}");
+    }
+
+    /// The operation checks run the CPU against itself exactly (the device needs a GPU).
+    #[test]
+    fn operation_checks_run_cpu_against_cpu() {
+        let mut failures = Vec::new();
+        let r = crate::cli::selftest_ops::check_ops("operations", &CpuBackend, &mut failures).unwrap();
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(r["worst_relative_error"].as_f64(), Some(0.0), "{r}");
+        assert!(r["cases"].as_u64().unwrap() >= 50, "{r}");
     }
 
     /// A wrong pick is not excused as a rounding tie; a draw exactly on a boundary is.

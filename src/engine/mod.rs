@@ -207,24 +207,27 @@ impl<B: Backend> Engine<B> {
                 point(l + 1, &mut state, &mut x, &mut normed)?;
             }
         }
+        // The LM head is queued before the captured rows are copied out, so that a device
+        // works on it while the host waits for the copy.
+        let logits = if pass.logits_rows.is_empty() {
+            None
+        } else {
+            // Decode steps need every row, in order: no gather.
+            let gathered;
+            let last = if pass.logits_rows.iter().copied().eq(0..rows) {
+                &normed
+            } else {
+                gathered = be.gather_rows(&normed, pass.logits_rows)?;
+                &gathered
+            };
+            let mut logits = be.act(pass.logits_rows.len(), c.vocab_size, ActKind::Logits)?;
+            be.linear(last, w.lm_head(), None, &mut logits, false)?;
+            be.mark("lm head");
+            Some(logits)
+        };
         be.end_pass(state, sink.as_mut())?;
         be.mark("end pass (capture copy)");
-
-        if pass.logits_rows.is_empty() {
-            return Ok(None);
-        }
-        // Decode steps need every row, in order: no gather.
-        let gathered;
-        let last = if pass.logits_rows.iter().copied().eq(0..rows) {
-            &normed
-        } else {
-            gathered = be.gather_rows(&normed, pass.logits_rows)?;
-            &gathered
-        };
-        let mut logits = be.act(pass.logits_rows.len(), c.vocab_size, ActKind::Logits)?;
-        be.linear(last, w.lm_head(), None, &mut logits, false)?;
-        be.mark("lm head");
-        Ok(Some(logits))
+        Ok(logits)
     }
 
     /// Captures hidden states for many sequences, packed into batches of about `batch_tokens`

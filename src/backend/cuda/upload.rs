@@ -17,6 +17,13 @@ struct Stage {
     copied: CudaEvent,
 }
 
+impl Drop for Stage {
+    /// The buffer is freed only after the copy reading it has finished.
+    fn drop(&mut self) {
+        let _ = self.copied.synchronize();
+    }
+}
+
 /// Two pinned buffers, used alternately.
 #[derive(Default)]
 pub struct Staging {

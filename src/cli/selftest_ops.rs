@@ -1,0 +1,180 @@
+//! The selftest's operation-level checks: each backend operation (embedding gather, rotary
+//! embedding with the KV-cache write, prefill and decode attention, the MLP activations, the
+//! fused residual step) on the device against the same operation of the CPU backend, on fresh
+//! random inputs every run, with the device's outputs poisoned (NaN) beforehand so that an
+//! element a kernel does not write fails. Inputs are bf16-exact, so both sides see the same
+//! values; bf16 outputs are held to the selftest's 1e-2, f32 outputs that only move data to 1e-6.
+use super::selftest::TOL;
+use anyhow::Result;
+use resid::backend::{ActKind, Backend, Heads, Norm};
+use resid::engine::plan::BatchPlan;
+use resid::model::arch::{alibi_slopes, MlpKind, NormKind};
+use resid::model::weights::{F32Data, MatrixSource};
+use resid::testing::pseudo_random;
+use resid::CpuBackend;
+
+/// Tolerance of outputs that are copies of bf16-exact inputs (gathers).
+const EXACT_TOL: f64 = 1e-6;
+
+struct Checker<'a, D: Backend> {
+    dev: &'a D,
+    cpu: CpuBackend,
+    seed: u64,
+    draws: u64,
+    name: &'a str,
+    cases: usize,
+    worst: f64,
+    failures: &'a mut Vec<String>,
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+impl<D: Backend> Checker<'_, D> {
+    /// Fresh bf16-exact values.
+    fn values(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        self.draws += 1;
+        pseudo_random(n, self.seed ^ self.draws.wrapping_mul(0x9E37_79B9), scale).into_iter().map(|v| half::bf16::from_f32(v).to_f32()).collect()
+    }
+
+    fn acts(&self, data: &[f32], rows: usize, cols: usize, kind: ActKind) -> Result<(D::Act, <CpuBackend as Backend>::Act)> {
+        Ok((self.dev.act_from(data, rows, cols, kind)?, self.cpu.act_from(data, rows, cols, kind)?))
+    }
+
+    /// An output: NaN on the device, zeros on the CPU.
+    fn outputs(&self, rows: usize, cols: usize, kind: ActKind) -> Result<(D::Act, <CpuBackend as Backend>::Act)> {
+        Ok((self.dev.act_from(&vec![f32::NAN; rows * cols], rows, cols, kind)?, self.cpu.act(rows, cols, kind)?))
+    }
+
+    fn vectors(&mut self, n: usize, scale: f32, offset: f32) -> Result<(D::Vector, <CpuBackend as Backend>::Vector)> {
+        let v: Vec<f32> = self.values(n, scale).into_iter().map(|x| x + offset).collect();
+        Ok((self.dev.vector(F32Data::Owned(v.clone()))?, self.cpu.vector(F32Data::Owned(v))?))
+    }
+
+    fn compare(&mut self, what: &str, dev: &D::Act, cpu: &<CpuBackend as Backend>::Act, tol: f64) -> Result<()> {
+        let (got, want) = (self.dev.to_host(dev)?, self.cpu.to_host(cpu)?);
+        let e = rel_err(&got, &want);
+        self.cases += 1;
+        if e <= tol {
+            self.worst = self.worst.max(e);
+        } else {
+            self.failures.push(format!("{}: operation check {what} (seed {}): relative error {e:.3e} (tolerance {tol:e})", self.name, self.seed));
+        }
+        Ok(())
+    }
+}
+
+/// Attention geometry of one operation case, and how positions enter it.
+struct AttnCase {
+    label: &'static str,
+    heads: Heads,
+    rope: bool,
+    alibi: bool,
+    qkv_bias: bool,
+    qk_norm: bool,
+}
+
+pub(crate) fn check_ops<D: Backend>(name: &str, dev: &D, failures: &mut Vec<String>) -> Result<serde_json::Value> {
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let mut c = Checker { dev, cpu: CpuBackend, seed, draws: 0, name, cases: 0, worst: 0.0, failures };
+    let h = 320;
+    let eps = 1e-5;
+
+    // Embedding gather, plain and with BLOOM's LayerNorm, into a poisoned residual.
+    let (vocab, ids): (usize, Vec<u32>) = (300, c.values(37, 0.5).iter().map(|v| ((v + 0.5) * 299.0) as u32).collect());
+    let table = c.values(vocab * h, 1.0);
+    let (tab_d, tab_c) = (dev.matrix(&MatrixSource::from_values(table.clone(), vocab, h)?)?, c.cpu.matrix(&MatrixSource::from_values(table, vocab, h)?)?);
+    let (mut xd, mut xc) = c.outputs(ids.len(), h, ActKind::Residual)?;
+    dev.embed(&tab_d, &ids, None, &mut xd)?;
+    c.cpu.embed(&tab_c, &ids, None, &mut xc)?;
+    c.compare("embedding gather", &xd, &xc, EXACT_TOL)?;
+    let ((wd, wc), (bd, bc)) = (c.vectors(h, 0.2, 1.0)?, c.vectors(h, 0.2, 0.0)?);
+    let (mut xd, mut xc) = c.outputs(ids.len(), h, ActKind::Residual)?;
+    dev.embed(&tab_d, &ids, Some(Norm { kind: NormKind::Layer, weight: &wd, bias: Some(&bd), eps }), &mut xd)?;
+    c.cpu.embed(&tab_c, &ids, Some(Norm { kind: NormKind::Layer, weight: &wc, bias: Some(&bc), eps }), &mut xc)?;
+    c.compare("embedding gather + LayerNorm", &xd, &xc, TOL)?;
+
+    // Rotary embedding and KV store, then attention: a prefill of sequences of 1, 17 and 300
+    // tokens, then one decode step of each (300 cached keys take two decode splits).
+    let cases = [
+        AttnCase { label: "rope, grouped-query, qkv bias", heads: Heads { q_heads: 4, kv_heads: 2, head_dim: 64 }, rope: true, alibi: false, qkv_bias: true, qk_norm: false },
+        AttnCase { label: "no rotary, ALiBi, 5 heads", heads: Heads { q_heads: 5, kv_heads: 5, head_dim: 64 }, rope: false, alibi: true, qkv_bias: true, qk_norm: false },
+        AttnCase { label: "rope, Q/K norm, head dim 128", heads: Heads { q_heads: 4, kv_heads: 2, head_dim: 128 }, rope: true, alibi: false, qkv_bias: false, qk_norm: true },
+    ];
+    let lens = [1usize, 17, 300];
+    let starts = [0usize, 2, 20];
+    let slots = 321; // each sequence's tokens plus its decode step
+    for case in &cases {
+        let Heads { q_heads: nq, kv_heads: nkv, head_dim: hd } = case.heads;
+        let inv_freq: Vec<f32> = if case.rope { (0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect() } else { Vec::new() };
+        let slopes = case.alibi.then(|| alibi_slopes(nq));
+        let qkv_cols = (nq + 2 * nkv) * hd;
+        let bias = if case.qkv_bias { Some(c.vectors(qkv_cols, 0.5, 0.0)?) } else { None };
+        let norms = if case.qk_norm { Some((c.vectors(hd, 0.2, 1.0)?, c.vectors(hd, 0.2, 1.0)?)) } else { None };
+        let (mut kv_d, mut kv_c) = (dev.kv(1, slots, nkv * hd)?, c.cpu.kv(1, slots, nkv * hd)?);
+        let plans = [
+            ("prefill", BatchPlan::new(&lens, &[0, 0, 0], &starts)),
+            ("decode", BatchPlan::new(&[1, 1, 1], &lens, &starts)),
+        ];
+        for (phase, plan) in &plans {
+            let rows = plan.rows();
+            let mut pd = dev.begin_pass(plan, &inv_freq, None, &[], h)?;
+            let mut pc = c.cpu.begin_pass(plan, &inv_freq, None, &[], h)?;
+            let data = c.values(rows * qkv_cols, 1.0);
+            let (qkv_d, qkv_c) = c.acts(&data, rows, qkv_cols, ActKind::Hidden)?;
+            let (mut qd, mut qc) = c.outputs(rows, nq * hd, ActKind::Hidden)?;
+            let qk_d = norms.as_ref().map(|((qw, _), (kw, _))| (qw, kw, eps));
+            let qk_c = norms.as_ref().map(|((_, qw), (_, kw))| (qw, kw, eps));
+            dev.rope_store_kv(&pd, &qkv_d, bias.as_ref().map(|b| &b.0), qk_d, case.heads, &mut kv_d, 0, &mut qd)?;
+            c.cpu.rope_store_kv(&pc, &qkv_c, bias.as_ref().map(|b| &b.1), qk_c, case.heads, &mut kv_c, 0, &mut qc)?;
+            c.compare(&format!("{phase} rotary/KV store ({})", case.label), &qd, &qc, TOL)?;
+            // Attention on identical queries (the CPU's), so that only attention differs.
+            let q_host = c.cpu.to_host(&qc)?;
+            let q_dev = dev.act_from(&q_host, rows, nq * hd, ActKind::Hidden)?;
+            let (mut od, mut oc) = c.outputs(rows, nq * hd, ActKind::Hidden)?;
+            dev.attention(&pd, &q_dev, &kv_d, 0, case.heads, slopes.as_deref(), &mut od)?;
+            c.cpu.attention(&pc, &qc, &kv_c, 0, case.heads, slopes.as_deref(), &mut oc)?;
+            c.compare(&format!("{phase} attention ({})", case.label), &od, &oc, TOL)?;
+
+            // The fused residual step (RMSNorm, LayerNorm, BLOOM's post-LN residual) on this plan.
+            for (kind, post_ln) in [(NormKind::Rms, false), (NormKind::Layer, false), (NormKind::Layer, true)] {
+                let resid = c.values(rows * h, 4.0);
+                let (mut xd, mut xc) = c.acts(&resid, rows, h, ActKind::Residual)?;
+                let (mut nd, mut nc) = c.outputs(rows, h, ActKind::Hidden)?;
+                let ((wd, wc), (bd, bc)) = (c.vectors(h, 0.2, 1.0)?, c.vectors(h, 0.2, 0.0)?);
+                let bias_d = (kind == NormKind::Layer).then_some(&bd);
+                let bias_c = (kind == NormKind::Layer).then_some(&bc);
+                dev.residual_step(&mut pd, &mut xd, Norm { kind, weight: &wd, bias: bias_d, eps }, &mut nd, None, None, None, post_ln)?;
+                c.cpu.residual_step(&mut pc, &mut xc, Norm { kind, weight: &wc, bias: bias_c, eps }, &mut nc, None, None, None, post_ln)?;
+                let what = format!("{phase} residual step ({kind:?}{})", if post_ln { ", post-LN residual" } else { "" });
+                c.compare(&format!("{what}, normed rows"), &nd, &nc, TOL)?;
+                c.compare(&format!("{what}, residual"), &xd, &xc, if post_ln { TOL } else { EXACT_TOL })?;
+            }
+            dev.end_pass(pd, None)?;
+            c.cpu.end_pass(pc, None)?;
+        }
+    }
+
+    // MLP activations over 5 rows.
+    let (rows, inter) = (5, 264);
+    let data = c.values(rows * 2 * inter, 3.0);
+    let (gu_d, gu_c) = c.acts(&data, rows, 2 * inter, ActKind::Hidden)?;
+    let (mut od, mut oc) = c.outputs(rows, inter, ActKind::Hidden)?;
+    dev.activation(MlpKind::SwiGlu, &gu_d, &mut od)?;
+    c.cpu.activation(MlpKind::SwiGlu, &gu_c, &mut oc)?;
+    c.compare("SwiGLU", &od, &oc, TOL)?;
+    let data = c.values(rows * inter, 3.0);
+    let (up_d, up_c) = c.acts(&data, rows, inter, ActKind::Hidden)?;
+    let (mut od, mut oc) = c.outputs(rows, inter, ActKind::Hidden)?;
+    dev.activation(MlpKind::GeluTanh, &up_d, &mut od)?;
+    c.cpu.activation(MlpKind::GeluTanh, &up_c, &mut oc)?;
+    c.compare("GELU (tanh)", &od, &oc, TOL)?;
+
+    Ok(serde_json::json!({ "cases": c.cases, "worst_relative_error": c.worst, "seed": seed }))
+}
