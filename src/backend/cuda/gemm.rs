@@ -37,10 +37,74 @@ struct Plan {
 // SAFETY: descriptors are plain handles; every use is serialised by the plans mutex.
 unsafe impl Send for Plan {}
 
+impl Plan {
+    /// Frees the descriptors (host objects: a matmul already queued with them is unaffected).
+    unsafe fn destroy(self) {
+        let _ = lt::destroy_matrix_layout(self.a);
+        let _ = lt::destroy_matrix_layout(self.b);
+        let _ = lt::destroy_matrix_layout(self.d);
+        let _ = lt::destroy_matmul_desc(self.desc);
+    }
+}
+
+/// Plans kept at most: every distinct row count of a packed batch is a new shape, and a long
+/// run with varied batches would otherwise keep adding descriptors.
+const MAX_PLANS: usize = 512;
+
+/// A map that drops its least recently used entry beyond `cap` entries, handing it back.
+struct Lru<K, V> {
+    cap: usize,
+    clock: u64,
+    entries: HashMap<K, (V, u64)>,
+}
+
+impl<K: Copy + Eq + std::hash::Hash, V> Lru<K, V> {
+    fn new(cap: usize) -> Self {
+        Lru { cap: cap.max(1), clock: 0, entries: HashMap::new() }
+    }
+
+    /// The entry for `key`, made by `make` when missing; an entry evicted to make room is
+    /// passed to `evicted`.
+    fn get_or_insert(&mut self, key: K, make: impl FnOnce() -> Result<V>, evicted: impl FnOnce(V)) -> Result<&V> {
+        self.clock += 1;
+        let now = self.clock;
+        if !self.entries.contains_key(&key) {
+            let value = make()?;
+            if self.entries.len() >= self.cap {
+                let oldest = self.entries.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k);
+                if let Some((old, _)) = oldest.and_then(|k| self.entries.remove(&k)) {
+                    evicted(old);
+                }
+            }
+            self.entries.insert(key, (value, now));
+        }
+        let entry = self.entries.get_mut(&key).ok_or_else(|| Error::Device("cuBLASLt plan cache lost an entry".into()))?;
+        entry.1 = now;
+        Ok(&entry.0)
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = V> + '_ {
+        self.entries.drain().map(|(_, (v, _))| v)
+    }
+}
+
 pub struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: u64,
-    plans: Mutex<HashMap<Key, Plan>>,
+    plans: Mutex<Lru<Key, Plan>>,
+}
+
+impl Drop for Lt {
+    fn drop(&mut self) {
+        let plans = self.plans.get_mut().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: nothing uses the descriptors or the handle after the backend is dropped.
+        unsafe {
+            for plan in plans.drain() {
+                plan.destroy();
+            }
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
 }
 
 // SAFETY: the handle is used only under the plans mutex.
@@ -61,7 +125,7 @@ fn dtype(o: OutType) -> sys::cudaDataType {
 impl Lt {
     pub fn new(workspace: u64) -> Result<Self> {
         let handle = lt::create_handle().map_err(|e| blas_err("handle creation", e))?;
-        Ok(Lt { handle, workspace, plans: Mutex::new(HashMap::new()) })
+        Ok(Lt { handle, workspace, plans: Mutex::new(Lru::new(MAX_PLANS)) })
     }
 
     pub fn workspace_bytes() -> usize {
@@ -124,11 +188,8 @@ impl Lt {
         }
         let key = Key { n, rows, k, out, bias: bias.is_some() };
         let mut plans = self.plans.lock().map_err(|_| Error::Device("cuBLASLt plan cache poisoned".into()))?;
-        let plan = match plans.entry(key) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            // SAFETY: descriptor creation on a live handle.
-            std::collections::hash_map::Entry::Vacant(v) => v.insert(unsafe { self.plan(key)? }),
-        };
+        // SAFETY: descriptor creation on a live handle; an evicted plan is no longer used.
+        let plan = plans.get_or_insert(key, || unsafe { self.plan(key) }, |old| unsafe { old.destroy() })?;
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0f32 });
         // SAFETY: pointers come from live device allocations of the sizes the layouts describe.
         unsafe {
@@ -161,5 +222,27 @@ impl Lt {
             )
             .map_err(|e| blas_err(&format!("matmul [{rows}x{k}]·[{n}x{k}]ᵀ"), e))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lru;
+
+    #[test]
+    fn lru_evicts_the_least_recently_used_entry() {
+        let mut lru: Lru<u32, String> = Lru::new(2);
+        let mut gone = Vec::new();
+        lru.get_or_insert(1, || Ok("a".into()), |v| gone.push(v)).unwrap();
+        lru.get_or_insert(2, || Ok("b".into()), |v| gone.push(v)).unwrap();
+        // Using 1 again makes 2 the oldest.
+        assert_eq!(lru.get_or_insert(1, || panic!("cached"), |v| gone.push(v)).unwrap(), "a");
+        lru.get_or_insert(3, || Ok("c".into()), |v| gone.push(v)).unwrap();
+        assert_eq!(gone, ["b"]);
+        assert_eq!(lru.entries.len(), 2);
+        // A failed make leaves the map as it was.
+        assert!(lru.get_or_insert(4, || Err(crate::error::Error::Device("no".into())), |v| gone.push(v)).is_err());
+        assert_eq!(lru.entries.len(), 2);
+        assert_eq!(lru.drain().count(), 2);
     }
 }
