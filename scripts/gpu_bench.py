@@ -130,7 +130,12 @@ def top_ops(report, n=6):
     """The largest shares of a `resid bench --profile` breakdown, as one line."""
     p = report.get("profile") or {}
     ops = p.get("ops") or []
-    return "profile: " + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in ops[:n]) + \
+    total = p.get("marked_seconds") or 1e-12
+
+    def one(o):
+        host = f" (host {100 * o['host_seconds'] / total:.0f}%)" if "host_seconds" in o else ""
+        return f"{o['op']} {100 * o['share']:.0f}%{host}"
+    return "profile: " + ", ".join(one(o) for o in ops[:n]) + \
         f" (marked {p.get('marked_seconds')} s of {p.get('wall_seconds')} s wall)"
 
 

@@ -3,10 +3,13 @@
 //! CPU that is wall time; on a device it is the time between events on its stream, so time the
 //! device sat idle waiting for the host is charged to the operation that was late.
 
-/// Seconds and marks per operation, in the order operations were first seen.
+/// Seconds and marks per operation, in the order operations were first seen; on a device, also
+/// the host's seconds between the same marks (device ≫ host: the device is the limit; host ≈
+/// device: the device waits for launches).
 #[derive(Debug, Default, Clone)]
 pub struct OpTimes {
     pub ops: Vec<(&'static str, f64, usize)>,
+    pub host: Vec<(&'static str, f64)>,
 }
 
 impl OpTimes {
@@ -20,17 +23,31 @@ impl OpTimes {
         }
     }
 
+    pub fn charge_host(&mut self, label: &'static str, seconds: f64) {
+        match self.host.iter_mut().find(|(l, _)| *l == label) {
+            Some(entry) => entry.1 += seconds,
+            None => self.host.push((label, seconds)),
+        }
+    }
+
     pub fn total(&self) -> f64 {
         self.ops.iter().map(|(_, s, _)| s).sum()
     }
 
-    /// `[{op, seconds, share, marks}]`, largest first.
+    /// `[{op, seconds, share, marks, host_seconds?}]`, largest first.
     pub fn to_json(&self) -> serde_json::Value {
         let total = self.total().max(1e-12);
+        let round = |x: f64| (x * 1e6).round() / 1e6;
         let mut ops = self.ops.clone();
         ops.sort_by(|a, b| b.1.total_cmp(&a.1));
         ops.iter()
-            .map(|(l, s, n)| serde_json::json!({ "op": l, "seconds": (s * 1e6).round() / 1e6, "share": (s / total * 1e4).round() / 1e4, "marks": n }))
+            .map(|(l, s, n)| {
+                let mut op = serde_json::json!({ "op": l, "seconds": round(*s), "share": (s / total * 1e4).round() / 1e4, "marks": n });
+                if let Some((_, h)) = self.host.iter().find(|(hl, _)| hl == l) {
+                    op["host_seconds"] = serde_json::json!(round(*h));
+                }
+                op
+            })
             .collect()
     }
 }

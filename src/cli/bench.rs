@@ -149,20 +149,21 @@ fn profiled<B: Backend>(e: &Engine<B>, quiet: bool, work: impl FnOnce() -> Resul
     Ok(json!({
         "wall_seconds": round(wall, 4),
         "marked_seconds": round(times.total(), 4),
-        "note": "each operation is charged the time since the previous mark (device events on CUDA: idle gaps waiting for the host count against the operation that was late); a separate run after the timed one",
+        "note": "each operation is charged the time since the previous mark (device events on CUDA: idle gaps waiting for the host count against the operation that was late; host_seconds: the host's time between the same marks); a separate run after the timed one",
         "ops": times.to_json(),
     }))
 }
 
 fn print_profile(p: &Value) {
-    println!("\n{:<40} {:>10} {:>7} {:>8}", "operation", "seconds", "share", "marks");
+    println!("\n{:<40} {:>10} {:>7} {:>8} {:>12}", "operation", "seconds", "share", "marks", "host seconds");
     for op in p["ops"].as_array().into_iter().flatten() {
+        let host = op["host_seconds"].as_f64().map_or(String::from("-"), |h| format!("{h:.4}"));
         println!(
-            "{:<40} {:>10.4} {:>6.1}% {:>8}",
+            "{:<40} {:>10.4} {:>6.1}% {:>8} {host:>12}",
             op["op"].as_str().unwrap_or_default(),
             op["seconds"].as_f64().unwrap_or(f64::NAN),
             op["share"].as_f64().unwrap_or(f64::NAN) * 100.0,
-            op["marks"]
+            op["marks"].as_u64().unwrap_or(0)
         );
     }
     println!("{:<40} {:>10.4} (wall {:.4})", "total", p["marked_seconds"].as_f64().unwrap_or(f64::NAN), p["wall_seconds"].as_f64().unwrap_or(f64::NAN));

@@ -114,6 +114,8 @@ pub struct CudaBackend {
 #[derive(Default)]
 struct EventMarks {
     last: Option<CudaEvent>,
+    /// When the host made the previous mark.
+    last_host: Option<std::time::Instant>,
     pending: Vec<(&'static str, CudaEvent)>,
     spare: Vec<CudaEvent>,
     times: OpTimes,
@@ -132,6 +134,10 @@ impl EventMarks {
         };
         event.record(stream)?;
         self.pending.push((label, event));
+        let now = std::time::Instant::now();
+        if let Some(prev) = self.last_host.replace(now) {
+            self.times.charge_host(label, (now - prev).as_secs_f64());
+        }
         if self.pending.len() >= MAX_PENDING_MARKS {
             stream.synchronize()?;
             self.resolve()?;
