@@ -61,6 +61,11 @@ __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
 #endif
 }
 
+// SiLU as swiglu.cu and the fused GEMV apply it: g * (1/(1+e)) rather than
+// g/(1+e): same accuracy class, and IEEE division's out-of-line slow path
+// would force a (tiny) local-memory spill.
+__device__ __forceinline__ float silu_f32(float g) { return g * __frcp_rn(1.0f + expf(-g)); }
+
 // 4 bf16 (8 bytes, as uint2) <-> 4 floats
 __device__ __forceinline__ void unpack_bf16x4(uint2 w, float* f) {
     f[0] = bf16x2_lo(w.x); f[1] = bf16x2_hi(w.x);

@@ -22,6 +22,18 @@
 // Summation order (fixed for a given k, whatever T or n): lane l adds the 8 products of the
 //   16-byte chunks l, l + 32, l + 64, ... in that order, left to right within a chunk; then the
 //   warp butterfly of common.cuh; then the bias; then Y.
+//
+// gemv_swiglu_t1 .. gemv_swiglu_t4: the MLP input of a decode step in one kernel, the gate and
+// up projections (stacked in W as for swiglu.cu) and SwiGLU:
+//   const bf16_t* W     [2I, k] bf16: rows 0..I-1 the gate projection, I..2I-1 the up one
+//   const bf16_t* X     [T, k] bf16
+//   const bf16_t* bias  [2I] bf16, or null
+//   bf16_t*       Y     [T, I] bf16
+//   int I, int k        k % 8 == 0; bases 16-byte aligned
+// Launch: grid = (ceil(I / 8), 1, 1), block = (256, 1, 1); warp w of block b computes column
+//   i = 8·b + w from rows i and I + i of W.
+// CPU reference: g = bf16(gate·x + bias[i]), u = bf16(up·x + bias[I + i]) (the values the
+//   unfused path stores in its bf16 gate_up buffer), Y[t, i] = bf16(silu(g) · u) as swiglu.cu.
 #include "common.cuh"
 
 #define RESID_GEMV_WARPS 8
@@ -92,26 +104,66 @@ __device__ __forceinline__ void gemv_impl(const bf16_t* __restrict__ W, const bf
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-gemv_t1(const bf16_t* __restrict__ W, const bf16_t* __restrict__ X, const void* __restrict__ bias,
-        void* __restrict__ Y, int n, int k, int out_f32, int accumulate) {
-    gemv_impl<1>(W, X, bias, Y, n, k, out_f32, accumulate);
+template <int T>
+__device__ __forceinline__ void gemv_swiglu_impl(const bf16_t* __restrict__ W, const bf16_t* __restrict__ X,
+                                                 const bf16_t* __restrict__ bias, bf16_t* __restrict__ Y,
+                                                 int I, int k) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int i = blockIdx.x * RESID_GEMV_WARPS + warp;
+    if (i >= I) return;  // whole warp
+    const int chunks = k >> 3;
+    const uint4* gate = reinterpret_cast<const uint4*>(W + (size_t)i * k);
+    const uint4* up = reinterpret_cast<const uint4*>(W + (size_t)(I + i) * k);
+    float g[T], u[T];
+#pragma unroll
+    for (int t = 0; t < T; ++t) g[t] = u[t] = 0.0f;
+    int c = lane;
+    for (; c + 32 < chunks; c += 64) {
+        const uint4 g0 = load_streaming(gate + c), g1 = load_streaming(gate + c + 32);
+        const uint4 u0 = load_streaming(up + c), u1 = load_streaming(up + c + 32);
+        gemv_chunk<T>(g0, X, k, c, g);
+        gemv_chunk<T>(g1, X, k, c + 32, g);
+        gemv_chunk<T>(u0, X, k, c, u);
+        gemv_chunk<T>(u1, X, k, c + 32, u);
+    }
+    for (; c < chunks; c += 32) {
+        gemv_chunk<T>(load_streaming(gate + c), X, k, c, g);
+        gemv_chunk<T>(load_streaming(up + c), X, k, c, u);
+    }
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+        g[t] = warp_sum(g[t]);
+        u[t] = warp_sum(u[t]);
+    }
+    if (lane != 0) return;
+    const float bg = bias ? bf16_to_f32(bias[i]) : 0.0f, bu = bias ? bf16_to_f32(bias[I + i]) : 0.0f;
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+        const float gr = bf16_to_f32(f32_to_bf16(g[t] + bg)), ur = bf16_to_f32(f32_to_bf16(u[t] + bu));
+        Y[(size_t)t * I + i] = f32_to_bf16(silu_f32(gr) * ur);
+    }
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-gemv_t2(const bf16_t* __restrict__ W, const bf16_t* __restrict__ X, const void* __restrict__ bias,
-        void* __restrict__ Y, int n, int k, int out_f32, int accumulate) {
-    gemv_impl<2>(W, X, bias, Y, n, k, out_f32, accumulate);
-}
+// Entry points, one per token count (the host lists the names in modules.rs).
+#define RESID_GEMV_ENTRY(T)                                                                       \
+    extern "C" __global__ void __launch_bounds__(256)                                             \
+        gemv_t##T(const bf16_t* __restrict__ W, const bf16_t* __restrict__ X,                     \
+                  const void* __restrict__ bias, void* __restrict__ Y, int n, int k, int out_f32, \
+                  int accumulate) {                                                               \
+        gemv_impl<T>(W, X, bias, Y, n, k, out_f32, accumulate);                                   \
+    }
+#define RESID_GEMV_SWIGLU_ENTRY(T)                                                                \
+    extern "C" __global__ void __launch_bounds__(256)                                             \
+        gemv_swiglu_t##T(const bf16_t* __restrict__ W, const bf16_t* __restrict__ X,              \
+                         const bf16_t* __restrict__ bias, bf16_t* __restrict__ Y, int I, int k) { \
+        gemv_swiglu_impl<T>(W, X, bias, Y, I, k);                                                 \
+    }
 
-extern "C" __global__ void __launch_bounds__(256)
-gemv_t3(const bf16_t* __restrict__ W, const bf16_t* __restrict__ X, const void* __restrict__ bias,
-        void* __restrict__ Y, int n, int k, int out_f32, int accumulate) {
-    gemv_impl<3>(W, X, bias, Y, n, k, out_f32, accumulate);
-}
-
-extern "C" __global__ void __launch_bounds__(256)
-gemv_t4(const bf16_t* __restrict__ W, const bf16_t* __restrict__ X, const void* __restrict__ bias,
-        void* __restrict__ Y, int n, int k, int out_f32, int accumulate) {
-    gemv_impl<4>(W, X, bias, Y, n, k, out_f32, accumulate);
-}
+RESID_GEMV_ENTRY(1)
+RESID_GEMV_ENTRY(2)
+RESID_GEMV_ENTRY(3)
+RESID_GEMV_ENTRY(4)
+RESID_GEMV_SWIGLU_ENTRY(1)
+RESID_GEMV_SWIGLU_ENTRY(2)
+RESID_GEMV_SWIGLU_ENTRY(3)
+RESID_GEMV_SWIGLU_ENTRY(4)

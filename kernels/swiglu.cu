@@ -16,10 +16,6 @@
 // (HF rounds silu(g) to bf16 before multiplying; we do not.)
 #include "common.cuh"
 
-// g * (1/(1+e)) rather than g/(1+e): same accuracy class, and IEEE division's
-// out-of-line slow path would force a (tiny) local-memory spill here.
-__device__ __forceinline__ float silu_f32(float g) { return g * __frcp_rn(1.0f + expf(-g)); }
-
 extern "C" __global__ void __launch_bounds__(1024)
 swiglu(const bf16_t* __restrict__ gate_up, bf16_t* __restrict__ out, int T, int I) {
     const size_t stride = (size_t)gridDim.x * blockDim.x;

@@ -126,6 +126,15 @@ pub trait Backend: Send + Sync {
     /// The MLP activation: `silu(gate) * up` from the stacked projection `[rows, 2·I]` (gate
     /// first), or `gelu_tanh(up)` from `[rows, I]`.
     fn activation(&self, kind: MlpKind, input: &Self::Act, out: &mut Self::Act) -> Result<()>;
+    /// The MLP's input side: the gate/up projection into `scratch` (`[rows, w rows]`), then the
+    /// activation into `out`. A backend may fuse the two (CUDA does in small decode steps; its
+    /// `scratch` is then left as it was).
+    #[allow(clippy::too_many_arguments)]
+    fn mlp_input(&self, kind: MlpKind, x: &Self::Act, w: &Self::Matrix, b: Option<&Self::Vector>, scratch: &mut Self::Act, out: &mut Self::Act) -> Result<()> {
+        self.linear(x, w, b, scratch, false)?;
+        self.mark("gate/up projection");
+        self.activation(kind, scratch, out)
+    }
     /// The fused residual step: steer the residual rows (`steer` is the entry of the plan given
     /// to `begin_pass` for this point), capture them (slot `capture_residual`), write the
     /// normalised rows that feed the next sub-layer, and capture those in f32 (slot

@@ -1,6 +1,6 @@
 //! The selftest's operation-level checks: each backend operation (embedding gather, rotary
-//! embedding with the KV-cache write, prefill and decode attention, the MLP activations, the
-//! fused residual step) on the device against the same operation of the CPU backend, on fresh
+//! embedding with the KV-cache write, prefill and decode attention, the MLP activations and the
+//! MLP input with its projection, the fused residual step) on the device against the same operation of the CPU backend, on fresh
 //! random inputs every run, with the device's outputs poisoned (NaN) beforehand so that an
 //! element a kernel does not write fails. Inputs are bf16-exact, so both sides see the same
 //! values; bf16 outputs are held to the selftest's 1e-2, f32 outputs that only move data to 1e-6.
@@ -175,6 +175,21 @@ pub(crate) fn check_ops<D: Backend>(name: &str, dev: &D, failures: &mut Vec<Stri
     dev.activation(MlpKind::GeluTanh, &up_d, &mut od)?;
     c.cpu.activation(MlpKind::GeluTanh, &up_c, &mut oc)?;
     c.compare("GELU (tanh)", &od, &oc, TOL)?;
+
+    // The MLP input (gate/up projection and SwiGLU; fused on the device for up to 4 rows).
+    let (inter, k) = (200, 96);
+    let w = c.values(2 * inter * k, 0.3);
+    let (w_d, w_c) = (dev.matrix(&MatrixSource::from_values(w.clone(), 2 * inter, k)?)?, c.cpu.matrix(&MatrixSource::from_values(w, 2 * inter, k)?)?);
+    let (b_d, b_c) = c.vectors(2 * inter, 0.5, 0.0)?;
+    for rows in 1..=5 {
+        let data = c.values(rows * k, 1.0);
+        let (x_d, x_c) = c.acts(&data, rows, k, ActKind::Hidden)?;
+        let (mut s_d, mut s_c) = c.outputs(rows, 2 * inter, ActKind::Hidden)?;
+        let (mut o_d, mut o_c) = c.outputs(rows, inter, ActKind::Hidden)?;
+        dev.mlp_input(MlpKind::SwiGlu, &x_d, &w_d, Some(&b_d), &mut s_d, &mut o_d)?;
+        c.cpu.mlp_input(MlpKind::SwiGlu, &x_c, &w_c, Some(&b_c), &mut s_c, &mut o_c)?;
+        c.compare(&format!("MLP input (gate/up + SwiGLU), {rows} rows"), &o_d, &o_c, TOL)?;
+    }
 
     Ok(serde_json::json!({ "cases": c.cases, "worst_relative_error": c.worst, "seed": seed }))
 }

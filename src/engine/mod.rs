@@ -198,10 +198,8 @@ impl<B: Backend> Engine<B> {
                 let mlp_norm = self.norm(&lw.mlp_norm, lw.mlp_norm_bias.as_ref());
                 be.residual_step(&mut state, &mut x, mlp_norm, &mut normed, None, None, None, post_ln)?;
                 be.mark("mlp norm");
-                be.linear(&normed, &lw.gate_up, lw.gate_up_bias.as_ref(), &mut gate_up, false)?;
-                be.mark("gate/up projection");
-                be.activation(mlp, &gate_up, &mut act)?;
-                be.mark("activation");
+                be.mlp_input(mlp, &normed, &lw.gate_up, lw.gate_up_bias.as_ref(), &mut gate_up, &mut act)?;
+                be.mark("activation (all of the MLP input when fused)");
                 be.down_projection(&state, &act, &lw.down, lw.down_bias.as_ref(), &mut x)?;
                 be.mark("down projection");
                 point(l + 1, &mut state, &mut x, &mut normed)?;

@@ -735,6 +735,22 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn mlp_input(&self, kind: MlpKind, x: &CudaAct, w: &CudaMatrix, b: Option<&CudaVector>, scratch: &mut CudaAct, out: &mut CudaAct) -> Result<()> {
+        let fused = self.gemv && kind == MlpKind::SwiGlu && (1..=MAX_GEMV_ROWS).contains(&x.rows) && w.cols % 8 == 0 && w.rows % 2 == 0;
+        let (true, Buf::Bf16(xs), Buf::Bf16(o)) = (fused, &x.buf, &mut out.buf) else {
+            self.linear(x, w, b, scratch, false)?;
+            self.mark("gate/up projection");
+            return self.activation(kind, scratch, out);
+        };
+        // One kernel: both projections of each column and SwiGLU (kernels/gemv.cu).
+        let name = ["gemv_swiglu_t1", "gemv_swiglu_t2", "gemv_swiglu_t3", "gemv_swiglu_t4"][x.rows - 1];
+        let (inter, k) = ((w.rows / 2) as i32, w.cols as i32);
+        let bias = b.map_or(0, |b| self.ptr(&b.bf16));
+        let grid = (w.rows / 2).div_ceil(GEMV_WARPS) as u32;
+        launch!(self, name, cfg((grid, 1, 1), 32 * GEMV_WARPS as u32), &w.w, xs, &bias, o, &inter, &k);
+        Ok(())
+    }
+
     fn residual_step(
         &self,
         pass: &mut CudaPass,

@@ -121,12 +121,20 @@ fn entry_points(src: &str) -> Vec<String> {
             names.push(name);
         }
     }
-    // Macro-instantiated per-head-dim kernels.
-    for base in ["attn_prefill_hd", "attn_decode_hd"] {
+    // Macro-instantiated kernels: per head dim (attention), per token count (GEMV).
+    const HEAD_DIMS: &[usize] = &[32, 48, 64, 80, 96, 128];
+    const TOKEN_ROWS: &[usize] = &[1, 2, 3, 4];
+    let families: [(&str, &str, &[usize]); 4] = [
+        ("attn_prefill_hd", "RESID_PF_ENTRY", HEAD_DIMS),
+        ("attn_decode_hd", "RESID_DEC_ENTRY", HEAD_DIMS),
+        ("gemv_t", "RESID_GEMV_ENTRY", TOKEN_ROWS),
+        ("gemv_swiglu_t", "RESID_GEMV_SWIGLU_ENTRY", TOKEN_ROWS),
+    ];
+    for (base, instantiate, values) in families {
         if src.contains(&format!("{base}##")) {
-            for hd in [32, 48, 64, 80, 96, 128] {
-                if src.contains(&format!("_ENTRY({hd})")) {
-                    names.push(format!("{base}{hd}"));
+            for v in values {
+                if src.contains(&format!("{instantiate}({v})")) {
+                    names.push(format!("{base}{v}"));
                 }
             }
         }
@@ -154,6 +162,10 @@ mod tests {
             "attn_prefill_hd128",
             "attn_decode_hd64",
             "attn_decode_reduce",
+            "gemv_t1",
+            "gemv_t4",
+            "gemv_swiglu_t1",
+            "gemv_swiglu_t4",
             "argmax_rows",
             "sample_rows",
             "final_norm_gather_rms",
