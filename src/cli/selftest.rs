@@ -294,7 +294,10 @@ fn compare<B: Backend>(name: &str, spec: &RandomLlama, cpu: &Engine<CpuBackend>,
     let opts = GenerateOptions { max_new_tokens: 8, sampling: Sampling::Greedy, stop_tokens: vec![] };
     let mut compared_steps = 0;
     let mut steered_steps = 0;
-    for steered in [false, true] {
+    // Batches of 8 (cuBLASLt in decode), then 1 and 3 (the device's GEMV kernels).
+    let all_prompts = prompts;
+    for (steered, batch) in [(false, 8), (true, 8), (false, 1), (true, 3)] {
+        let prompts: Vec<Vec<u32>> = all_prompts.iter().take(batch).cloned().collect();
         let steering = if steered { mixed_steering(spec, prompts.len(), 37, false) } else { vec![None; prompts.len()] };
         let want = cpu.generate(&prompts, &steering, &opts)?;
         let got = dev.generate(&prompts, &steering, &opts)?;
