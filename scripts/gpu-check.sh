@@ -5,7 +5,7 @@
 #   bash scripts/gpu-check.sh OUTDIR
 #
 # It needs a resid binary built beforehand on a development machine:
-#   bash scripts/build-gpu-binary.sh          # writes target/gpu/resid (~8 MB, kernels embedded)
+#   bash scripts/build-gpu-binary.sh          # writes target/gpu/resid (~11 MB, kernels embedded)
 # and carried along with the working tree (the device tool: carry ["target/gpu"]).
 #
 # Steps: locate the CUDA libraries; `resid selftest --device cuda` (every kernel path against the
