@@ -47,6 +47,22 @@ pub struct CaptureLayout {
     pub position: CapturePosition,
 }
 
+/// [`Backend::mlp_input`] as two operations: the projection into `scratch`, then the activation.
+#[allow(clippy::too_many_arguments)]
+pub fn unfused_mlp_input<B: Backend + ?Sized>(
+    be: &B,
+    kind: MlpKind,
+    x: &B::Act,
+    w: &B::Matrix,
+    b: Option<&B::Vector>,
+    scratch: &mut B::Act,
+    out: &mut B::Act,
+) -> Result<()> {
+    be.linear(x, w, b, scratch, false)?;
+    be.mark("gate/up projection");
+    be.activation(kind, scratch, out)
+}
+
 pub trait Backend: Send + Sync {
     /// Weight matrix in HF layout `[out_features, in_features]`.
     type Matrix: Send + Sync;
@@ -131,9 +147,7 @@ pub trait Backend: Send + Sync {
     /// `scratch` is then left as it was).
     #[allow(clippy::too_many_arguments)]
     fn mlp_input(&self, kind: MlpKind, x: &Self::Act, w: &Self::Matrix, b: Option<&Self::Vector>, scratch: &mut Self::Act, out: &mut Self::Act) -> Result<()> {
-        self.linear(x, w, b, scratch, false)?;
-        self.mark("gate/up projection");
-        self.activation(kind, scratch, out)
+        unfused_mlp_input(self, kind, x, w, b, scratch, out)
     }
     /// The fused residual step: steer the residual rows (`steer` is the entry of the plan given
     /// to `begin_pass` for this point), capture them (slot `capture_residual`), write the

@@ -4,7 +4,7 @@
 //! random inputs every run, with the device's outputs poisoned (NaN) beforehand so that an
 //! element a kernel does not write fails. Inputs are bf16-exact, so both sides see the same
 //! values; bf16 outputs are held to the selftest's 1e-2, f32 outputs that only move data to 1e-6.
-use super::selftest::TOL;
+use super::selftest::{fresh_seed, rel_err, TOL};
 use anyhow::Result;
 use resid::backend::{ActKind, Backend, Heads, Norm};
 use resid::engine::plan::BatchPlan;
@@ -25,15 +25,6 @@ struct Checker<'a, D: Backend> {
     cases: usize,
     worst: f64,
     failures: &'a mut Vec<String>,
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    if a.len() != b.len() {
-        return f64::INFINITY;
-    }
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
 }
 
 impl<D: Backend> Checker<'_, D> {
@@ -58,15 +49,21 @@ impl<D: Backend> Checker<'_, D> {
     }
 
     fn compare(&mut self, what: &str, dev: &D::Act, cpu: &<CpuBackend as Backend>::Act, tol: f64) -> Result<()> {
-        let (got, want) = (self.dev.to_host(dev)?, self.cpu.to_host(cpu)?);
-        let e = rel_err(&got, &want);
+        let want = self.cpu.to_host(cpu)?;
+        let e = rel_err(&self.dev.to_host(dev)?, &want);
         self.cases += 1;
+        self.judge(what, e, tol);
+        Ok(())
+    }
+
+    /// Records a check's error: the worst so far when within `tol`, a failure otherwise.
+    fn judge(&mut self, what: &str, e: f64, tol: f64) -> f64 {
         if e <= tol {
             self.worst = self.worst.max(e);
         } else {
             self.failures.push(format!("{}: operation check {what} (seed {}): relative error {e:.3e} (tolerance {tol:e})", self.name, self.seed));
         }
-        Ok(())
+        e
     }
 }
 
@@ -81,7 +78,7 @@ struct AttnCase {
 }
 
 pub(crate) fn check_ops<D: Backend>(name: &str, dev: &D, failures: &mut Vec<String>) -> Result<serde_json::Value> {
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let seed = fresh_seed();
     let mut c = Checker { dev, cpu: CpuBackend, seed, draws: 0, name, cases: 0, worst: 0.0, failures };
     let h = 320;
     let eps = 1e-5;
@@ -191,5 +188,49 @@ pub(crate) fn check_ops<D: Backend>(name: &str, dev: &D, failures: &mut Vec<Stri
         c.compare(&format!("MLP input (gate/up + SwiGLU), {rows} rows"), &o_d, &o_c, TOL)?;
     }
 
-    Ok(serde_json::json!({ "cases": c.cases, "worst_relative_error": c.worst, "seed": seed }))
+    let (cases, worst) = (c.cases, c.worst);
+    let linear = check_linear(&mut c)?;
+    Ok(serde_json::json!({ "cases": cases, "worst_relative_error": worst, "seed": seed, "linear": linear }))
+}
+
+/// `Backend::linear` on 1 to 5 token rows (the device's GEMV kernel up to 4, cuBLASLt beyond),
+/// against an f64 reference on the same bf16-exact inputs: f32 output accumulated into the
+/// residual with a bias, f32 output overwritten, bf16 output with a bias. Overwritten outputs
+/// start as NaN. Tolerances: 1e-4 for f32 outputs (f32 accumulation), 1e-2 for bf16 outputs
+/// (their rounding).
+fn check_linear<D: Backend>(c: &mut Checker<'_, D>) -> Result<serde_json::Value> {
+    let (mut cases, mut worst) = (0usize, 0f64);
+    let dev = c.dev;
+    for (n, k) in [(384usize, 256usize), (1000, 520), (40, 8)] {
+        let w = c.values(n * k, 1.0);
+        let bias = c.values(n, 1.0);
+        let matrix = dev.matrix(&MatrixSource::from_values(w.clone(), n, k)?)?;
+        let bias_vec = dev.vector(F32Data::Owned(bias.clone()))?;
+        for rows in 1..=5 {
+            let x = c.values(rows * k, 1.0);
+            let xa = dev.act_from(&x, rows, k, ActKind::Hidden)?;
+            let start = c.values(rows * n, 1.0);
+            for (variant, kind, accumulate, with_bias) in
+                [("f32 += x·Wᵀ + b", ActKind::Residual, true, true), ("f32 = x·Wᵀ", ActKind::Residual, false, false), ("bf16 = x·Wᵀ + b", ActKind::Hidden, false, true)]
+            {
+                let initial = if accumulate { start.clone() } else { vec![f32::NAN; rows * n] };
+                let mut y = dev.act_from(&initial, rows, n, kind)?;
+                dev.linear(&xa, &matrix, with_bias.then_some(&bias_vec), &mut y, accumulate)?;
+                let want: Vec<f32> = (0..rows * n)
+                    .map(|i| {
+                        let (r, j) = (i / n, i % n);
+                        let dot: f64 = (0..k).map(|q| x[r * k + q] as f64 * w[j * k + q] as f64).sum();
+                        (dot + if with_bias { bias[j] as f64 } else { 0.0 } + if accumulate { start[i] as f64 } else { 0.0 }) as f32
+                    })
+                    .collect();
+                let tol = if kind == ActKind::Hidden { TOL } else { 1e-4 };
+                let e = c.judge(&format!("linear {variant}, {rows} rows, n {n}, k {k}"), rel_err(&dev.to_host(&y)?, &want), tol);
+                cases += 1;
+                if e <= tol {
+                    worst = worst.max(e);
+                }
+            }
+        }
+    }
+    Ok(serde_json::json!({ "cases": cases, "worst_relative_error": worst }))
 }

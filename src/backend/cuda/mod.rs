@@ -359,6 +359,11 @@ impl CudaBackend {
         Ok(addr)
     }
 
+    /// `Some(rows)` when a product of `rows` token rows over `k` inputs takes the GEMV kernels.
+    fn gemv_rows(&self, rows: usize, k: usize) -> Option<usize> {
+        (self.gemv && (1..=MAX_GEMV_ROWS).contains(&rows) && k.is_multiple_of(8)).then_some(rows)
+    }
+
     fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
         self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| Error::Device(format!("CUDA allocation of {n} elements: {e}")))
     }
@@ -590,8 +595,8 @@ impl Backend for CudaBackend {
         });
         // Decode steps of up to 4 sequences: the bandwidth-bound GEMV kernel.
         let accumulate_ok = !accumulate || ty == gemm::OutType::F32;
-        if self.gemv && (1..=MAX_GEMV_ROWS).contains(&x.rows) && w.cols % 8 == 0 && accumulate_ok {
-            let name = ["gemv_t1", "gemv_t2", "gemv_t3", "gemv_t4"][x.rows - 1];
+        if let Some(t) = self.gemv_rows(x.rows, w.cols).filter(|_| accumulate_ok) {
+            let name = ["gemv_t1", "gemv_t2", "gemv_t3", "gemv_t4"][t - 1];
             let (n, k) = (w.rows as i32, w.cols as i32);
             let (out_f32, acc) = ((ty == gemm::OutType::F32) as i32, accumulate as i32);
             let bias = bias.unwrap_or(0);
@@ -736,14 +741,12 @@ impl Backend for CudaBackend {
     }
 
     fn mlp_input(&self, kind: MlpKind, x: &CudaAct, w: &CudaMatrix, b: Option<&CudaVector>, scratch: &mut CudaAct, out: &mut CudaAct) -> Result<()> {
-        let fused = self.gemv && kind == MlpKind::SwiGlu && (1..=MAX_GEMV_ROWS).contains(&x.rows) && w.cols % 8 == 0 && w.rows % 2 == 0;
-        let (true, Buf::Bf16(xs), Buf::Bf16(o)) = (fused, &x.buf, &mut out.buf) else {
-            self.linear(x, w, b, scratch, false)?;
-            self.mark("gate/up projection");
-            return self.activation(kind, scratch, out);
+        let fused = self.gemv_rows(x.rows, w.cols).filter(|_| kind == MlpKind::SwiGlu && w.rows.is_multiple_of(2));
+        let (Some(t), Buf::Bf16(xs), Buf::Bf16(o)) = (fused, &x.buf, &mut out.buf) else {
+            return super::unfused_mlp_input(self, kind, x, w, b, scratch, out);
         };
         // One kernel: both projections of each column and SwiGLU (kernels/gemv.cu).
-        let name = ["gemv_swiglu_t1", "gemv_swiglu_t2", "gemv_swiglu_t3", "gemv_swiglu_t4"][x.rows - 1];
+        let name = ["gemv_swiglu_t1", "gemv_swiglu_t2", "gemv_swiglu_t3", "gemv_swiglu_t4"][t - 1];
         let (inter, k) = ((w.rows / 2) as i32, w.cols as i32);
         let bias = b.map_or(0, |b| self.ptr(&b.bf16));
         let grid = (w.rows / 2).div_ceil(GEMV_WARPS) as u32;
