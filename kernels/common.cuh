@@ -20,7 +20,8 @@
 //     bit-identical in every thread of the block.
 //   * No atomics on floating-point values anywhere.
 // RESID_EMU is never defined under NVRTC: it swaps the inline PTX for plain
-// C++ so that the same sources can be run by a CPU emulation harness (tests).
+// C++ so that the same sources run on the CPU emulator (emu/, built by
+// scripts/build-emu.sh, run by tests/cuda_emulator.rs).
 #pragma once
 
 typedef unsigned short bf16_t;

@@ -1,0 +1,271 @@
+// emu/driver.cpp -- a CPU stand-in for libcuda.so: exactly the driver calls cudarc makes for
+// resid's CUDA backend. "Device" memory is host memory, every call completes before it returns
+// (streams and events only keep cudarc's bookkeeping happy), and cuLaunchKernel runs the kernel's
+// C++ build from kernels/ on fibers (runtime.cpp).
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+
+#include "runtime.h"
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef void* CUcontext;
+typedef void* CUstream;
+typedef void* CUmodule;
+typedef void* CUmemoryPool;
+typedef const resid_emu::Launcher* CUfunction;
+
+enum : CUresult {
+    OK = 0,
+    INVALID_VALUE = 1,
+    OUT_OF_MEMORY = 2,
+    INVALID_DEVICE = 101,
+    INVALID_HANDLE = 400,
+    NOT_FOUND = 500,
+    LAUNCH_FAILED = 719,
+    NOT_SUPPORTED = 801,
+};
+
+namespace {
+
+constexpr size_t kTotalMemory = size_t(16) << 30;
+
+struct Event {
+    std::chrono::steady_clock::time_point at;
+    bool recorded = false;
+};
+
+std::mutex g_mutex;
+std::map<uintptr_t, size_t> g_allocations;  // base -> bytes, to reject copies outside them
+size_t g_in_use = 0;
+int g_context_tag = 1;     // the primary context's handle points here
+int g_pool_tag = 1;
+
+bool verbose() {
+    static const bool v = std::getenv("RESID_EMU_VERBOSE") != nullptr;
+    return v;
+}
+
+CUresult alloc(CUdeviceptr* out, size_t bytes) {
+    if (!out) return INVALID_VALUE;
+    const size_t rounded = (bytes + 255) / 256 * 256;
+    void* p = std::aligned_alloc(256, rounded ? rounded : 256);
+    if (!p) return OUT_OF_MEMORY;
+    // All ones is NaN in f32 and bf16: a kernel that reads memory nobody wrote shows up.
+    std::memset(p, 0xff, rounded ? rounded : 256);
+    std::lock_guard<std::mutex> l(g_mutex);
+    g_allocations[(uintptr_t)p] = bytes;
+    g_in_use += rounded;
+    *out = (CUdeviceptr)(uintptr_t)p;
+    return OK;
+}
+
+CUresult release(CUdeviceptr ptr) {
+    std::lock_guard<std::mutex> l(g_mutex);
+    auto it = g_allocations.find((uintptr_t)ptr);
+    if (it == g_allocations.end()) {
+        std::fprintf(stderr, "resid CUDA emulator: free of %#llx, which is not an allocation\n", ptr);
+        return INVALID_VALUE;
+    }
+    g_in_use -= (it->second + 255) / 256 * 256;
+    g_allocations.erase(it);
+    std::free((void*)(uintptr_t)ptr);
+    return OK;
+}
+
+// A copy touching device memory must stay inside one live allocation.
+bool inside_allocation(CUdeviceptr ptr, size_t bytes, const char* what) {
+    std::lock_guard<std::mutex> l(g_mutex);
+    auto it = g_allocations.upper_bound((uintptr_t)ptr);
+    if (it != g_allocations.begin()) {
+        --it;
+        if ((uintptr_t)ptr >= it->first && (uintptr_t)ptr + bytes <= it->first + it->second) return true;
+    }
+    std::fprintf(stderr, "resid CUDA emulator: %s of %zu bytes at %#llx is outside every live allocation\n", what, bytes, ptr);
+    return false;
+}
+
+CUresult copy(void* dst, const void* src, size_t bytes) {
+    if (bytes) std::memmove(dst, src, bytes);
+    return OK;
+}
+
+}  // namespace
+
+extern "C" {
+
+CUresult cuInit(unsigned) { return OK; }
+CUresult cuDriverGetVersion(int* v) { *v = 12080; return OK; }
+CUresult cuDeviceGetCount(int* n) { *n = 1; return OK; }
+CUresult cuDeviceGet(CUdevice* d, int ordinal) {
+    if (ordinal != 0) return INVALID_DEVICE;
+    *d = 0;
+    return OK;
+}
+CUresult cuDeviceGetName(char* name, int len, CUdevice) {
+    std::snprintf(name, (size_t)len, "resid CPU emulator (sm_90)");
+    return OK;
+}
+CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) { *bytes = kTotalMemory; return OK; }
+CUresult cuDeviceGetAttribute(int* value, int attribute, CUdevice) {
+    switch (attribute) {
+        case 1: *value = 1024; break;        // max threads per block
+        case 13: *value = 1980000; break;    // clock rate, kHz
+        case 16: *value = 132; break;        // multiprocessors
+        case 36: *value = 2619000; break;    // memory clock, kHz
+        case 37: *value = 5120; break;       // bus width, bits
+        case 38: *value = 50 << 20; break;   // L2 bytes
+        case 41: *value = 1; break;          // unified addressing
+        case 75: *value = 9; break;          // compute capability 9.0
+        case 76: *value = 0; break;
+        case 97: *value = 227 << 10; break;  // opt-in shared memory per block
+        case 115: *value = 1; break;         // memory pools
+        default: *value = 0; break;
+    }
+    return OK;
+}
+CUresult cuDeviceGetUuid(void* uuid, CUdevice) { std::memset(uuid, 0, 16); return OK; }
+CUresult cuDeviceGetUuid_v2(void* uuid, CUdevice) { std::memset(uuid, 0, 16); return OK; }
+CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice) { *ctx = &g_context_tag; return OK; }
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return OK; }
+CUresult cuCtxSetCurrent(CUcontext) { return OK; }
+CUresult cuCtxGetCurrent(CUcontext* ctx) { *ctx = &g_context_tag; return OK; }
+CUresult cuCtxGetDevice(CUdevice* d) { *d = 0; return OK; }
+CUresult cuCtxSynchronize() { return OK; }
+CUresult cuCtxSetFlags(unsigned) { return OK; }
+CUresult cuDeviceGetDefaultMemPool(CUmemoryPool* pool, CUdevice) { *pool = &g_pool_tag; return OK; }
+CUresult cuDeviceGetMemPool(CUmemoryPool* pool, CUdevice) { *pool = &g_pool_tag; return OK; }
+CUresult cuMemPoolSetAttribute(CUmemoryPool, int, void*) { return OK; }
+CUresult cuMemPoolGetAttribute(CUmemoryPool, int, void* value) { std::memset(value, 0, 8); return OK; }
+CUresult cuMemPoolTrimTo(CUmemoryPool, size_t) { return OK; }
+
+CUresult cuStreamCreate(CUstream* s, unsigned) { *s = new int(0); return OK; }
+CUresult cuStreamCreateWithPriority(CUstream* s, unsigned, int) { *s = new int(0); return OK; }
+CUresult cuStreamDestroy_v2(CUstream s) { delete static_cast<int*>(s); return OK; }
+CUresult cuStreamSynchronize(CUstream) { return OK; }
+CUresult cuStreamWaitEvent(CUstream, void*, unsigned) { return OK; }
+CUresult cuStreamIsCapturing(CUstream, int* status) { *status = 0; return OK; }
+
+CUresult cuEventCreate(void** e, unsigned) { *e = new Event(); return OK; }
+CUresult cuEventDestroy_v2(void* e) { delete static_cast<Event*>(e); return OK; }
+CUresult cuEventRecord(void* e, CUstream) {
+    auto* ev = static_cast<Event*>(e);
+    ev->at = std::chrono::steady_clock::now();
+    ev->recorded = true;
+    return OK;
+}
+CUresult cuEventSynchronize(void*) { return OK; }
+CUresult cuEventQuery(void*) { return OK; }
+CUresult cuEventElapsedTime(float* ms, void* start, void* end) {
+    auto *a = static_cast<Event*>(start), *b = static_cast<Event*>(end);
+    if (!a->recorded || !b->recorded) return INVALID_HANDLE;
+    *ms = std::chrono::duration<float, std::milli>(b->at - a->at).count();
+    return OK;
+}
+CUresult cuEventElapsedTime_v2(float* ms, void* start, void* end) { return cuEventElapsedTime(ms, start, end); }
+
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { return alloc(p, bytes); }
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) { return alloc(p, bytes); }
+CUresult cuMemAllocFromPoolAsync(CUdeviceptr* p, size_t bytes, CUmemoryPool, CUstream) { return alloc(p, bytes); }
+CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
+CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return release(p); }
+CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
+    *p = std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);
+    return *p ? OK : OUT_OF_MEMORY;
+}
+CUresult cuMemFreeHost(void* p) { std::free(p); return OK; }
+CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
+    std::lock_guard<std::mutex> l(g_mutex);
+    *total = kTotalMemory;
+    *free_bytes = kTotalMemory - g_in_use;
+    return OK;
+}
+
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    if (!inside_allocation(dst, n, "host-to-device copy")) return INVALID_VALUE;
+    return copy((void*)(uintptr_t)dst, src, n);
+}
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream) { return cuMemcpyHtoD_v2(dst, src, n); }
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    if (!inside_allocation(src, n, "device-to-host copy")) return INVALID_VALUE;
+    return copy(dst, (const void*)(uintptr_t)src, n);
+}
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream) { return cuMemcpyDtoH_v2(dst, src, n); }
+CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    if (!inside_allocation(dst, n, "device-to-device copy (destination)") || !inside_allocation(src, n, "device-to-device copy (source)"))
+        return INVALID_VALUE;
+    return copy((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, n);
+}
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream) { return cuMemcpyDtoD_v2(dst, src, n); }
+CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    if (!inside_allocation(dst, n, "memset")) return INVALID_VALUE;
+    std::memset((void*)(uintptr_t)dst, v, n);
+    return OK;
+}
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream) { return cuMemsetD8_v2(dst, v, n); }
+
+CUresult cuModuleLoadData(CUmodule* m, const void*) { *m = new int(0); return OK; }
+CUresult cuModuleUnload(CUmodule m) { delete static_cast<int*>(m); return OK; }
+CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
+    *f = resid_emu::find_kernel(name);
+    if (!*f) {
+        std::fprintf(stderr, "resid CUDA emulator: kernel `%s` is not in the emulator build (rebuild it: scripts/build-emu.sh)\n", name);
+        return NOT_FOUND;
+    }
+    return OK;
+}
+CUresult cuFuncGetAttribute(int* v, int, CUfunction) { *v = 0; return OK; }
+CUresult cuFuncSetAttribute(CUfunction, int, int) { return OK; }
+CUresult cuFuncSetCacheConfig(CUfunction, int) { return OK; }
+
+CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                        unsigned shared_bytes, CUstream, void** params, void** extra) {
+    if (!f) return INVALID_HANDLE;
+    if (extra) return NOT_SUPPORTED;
+    if (shared_bytes) {
+        std::fprintf(stderr, "resid CUDA emulator: dynamic shared memory is not emulated\n");
+        return NOT_SUPPORTED;
+    }
+    if (gx == 0 || gy == 0 || gz == 0) return INVALID_VALUE;
+    const auto t0 = std::chrono::steady_clock::now();
+    std::string err = (*f)({gx, gy, gz}, {bx, by, bz}, params);
+    if (verbose()) {
+        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        std::fprintf(stderr, "resid CUDA emulator: launch grid (%u,%u,%u) block (%u,%u,%u): %.2f ms\n", gx, gy, gz, bx, by, bz, ms);
+    }
+    if (!err.empty()) {
+        std::fprintf(stderr, "resid CUDA emulator: kernel failed: %s\n", err.c_str());
+        return LAUNCH_FAILED;
+    }
+    return OK;
+}
+
+CUresult cuLaunchHostFunc(CUstream, void (*fn)(void*), void* data) {
+    fn(data);
+    return OK;
+}
+
+CUresult cuGetErrorName(CUresult e, const char** s) {
+    switch (e) {
+        case OK: *s = "CUDA_SUCCESS"; break;
+        case INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
+        case OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+        case INVALID_DEVICE: *s = "CUDA_ERROR_INVALID_DEVICE"; break;
+        case INVALID_HANDLE: *s = "CUDA_ERROR_INVALID_HANDLE"; break;
+        case NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
+        case LAUNCH_FAILED: *s = "CUDA_ERROR_LAUNCH_FAILED"; break;
+        case NOT_SUPPORTED: *s = "CUDA_ERROR_NOT_SUPPORTED"; break;
+        default: *s = "CUDA_ERROR_UNKNOWN"; break;
+    }
+    return OK;
+}
+CUresult cuGetErrorString(CUresult e, const char** s) { return cuGetErrorName(e, s); }
+
+}  // extern "C"
