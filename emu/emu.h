@@ -22,8 +22,16 @@
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __align__(n) __attribute__((aligned(n)))
-// Blocks run one at a time on one OS thread, so a static is exactly a block's shared memory.
+// Blocks run one at a time on one OS thread, so a static is exactly a block's shared memory. The
+// build moves each kernel file's .bss (these statics) into a section of its own, which the
+// runtime poisons before every block. RESID_EMU_SHARED_SECTION does the same with an attribute
+// for test_runtime.cpp, whose .bss holds other data (GCC ignores the attribute on statics in
+// function templates, hence the build's way).
+#ifdef RESID_EMU_SHARED_SECTION
+#define __shared__ static __attribute__((section(RESID_EMU_SHARED_SECTION)))
+#else
 #define __shared__ static
+#endif
 
 #define threadIdx (resid_emu::current_coords->thread_idx)
 #define blockIdx (resid_emu::current_coords->block_idx)

@@ -269,7 +269,7 @@ const unsigned char* warp_exchange(const void* mine, size_t bytes, unsigned* val
 
 void trap(const char* why) { throw Trap(why); }
 
-std::string run_grid(Dim3 grid, Dim3 block, const std::function<void()>& body) {
+std::string run_grid(Dim3 grid, Dim3 block, const std::function<void()>& body, SharedMemory shared) {
     std::lock_guard<std::mutex> lock(g_launch_mutex);
     const unsigned nthreads = block.x * block.y * block.z;
     if (nthreads == 0 || nthreads > 1024) return "block of " + std::to_string(nthreads) + " threads (1 to 1024 allowed)";
@@ -294,6 +294,8 @@ std::string run_grid(Dim3 grid, Dim3 block, const std::function<void()>& body) {
                 b.warp_waiters.assign(b.warps.size(), {});
                 b.live = nthreads;
                 b.arrived = 0;
+                if (shared.begin && shared.end > shared.begin) std::memset(shared.begin, 0xff, (size_t)(shared.end - shared.begin));
+                const bool reversed = (bx + grid.x * (by + grid.y * bz)) & 1;
                 for (unsigned t = 0; t < nthreads; ++t) {
                     Fiber& f = b.fibers[t];
                     f.coords.thread_idx = {t, 0, 0};
@@ -305,7 +307,7 @@ std::string run_grid(Dim3 grid, Dim3 block, const std::function<void()>& body) {
                     f.stack_bottom = static_cast<char*>(stacks[t]) + page;
                     asan_fresh_stack(f.stack_bottom, kStackBytes);
                     f.sp = initial_sp(static_cast<char*>(f.stack_bottom) + kStackBytes);
-                    b.ready.push_back(t);
+                    b.ready.push_back(reversed ? nthreads - 1 - t : t);
                 }
                 while (b.live > 0 && b.error.empty()) {
                     if (b.ready.empty()) {

@@ -29,9 +29,19 @@ void sync_threads();
 const unsigned char* warp_exchange(const void* mine, size_t bytes, unsigned* valid);
 [[noreturn]] void trap(const char* why);
 
+// The kernel file's static "__shared__" variables: [begin, end) of its own linker section.
+struct SharedMemory {
+    char* begin = nullptr;
+    char* end = nullptr;
+};
+
 // Runs `body` as every thread of every block of the grid. Returns an empty string on success,
-// otherwise what went wrong (trap, deadlock, inactive-lane shuffle, stack overflow guard).
-std::string run_grid(Dim3 grid, Dim3 block, const std::function<void()>& body);
+// otherwise what went wrong (trap, deadlock, inactive-lane shuffle). Before each block the
+// kernel's shared memory is filled with 0xff (NaN), so a read of shared data no thread of this
+// block wrote shows up instead of reusing the previous block's values. Threads start in index
+// order in even blocks and in reverse order in odd ones, so a missing __syncthreads between
+// warps shows up whichever warp writes first.
+std::string run_grid(Dim3 grid, Dim3 block, const std::function<void()>& body, SharedMemory shared = {});
 
 using Launcher = std::function<std::string(Dim3 grid, Dim3 block, void** params)>;
 void register_kernel(const char* name, Launcher launcher);
@@ -39,15 +49,15 @@ const Launcher* find_kernel(const std::string& name);
 
 // Deduces the kernel's parameter types to copy the launch's `void** params` into real arguments.
 template <typename... A, size_t... I>
-Launcher make_launcher_impl(void (*f)(A...), std::index_sequence<I...>) {
-    return [f](Dim3 grid, Dim3 block, void** params) {
+Launcher make_launcher_impl(void (*f)(A...), SharedMemory shared, std::index_sequence<I...>) {
+    return [f, shared](Dim3 grid, Dim3 block, void** params) {
         std::tuple<std::decay_t<A>...> args{*static_cast<std::decay_t<A>*>(params[I])...};
-        return run_grid(grid, block, [&] { f(std::get<I>(args)...); });
+        return run_grid(grid, block, [&] { f(std::get<I>(args)...); }, shared);
     };
 }
 template <typename... A>
-Launcher make_launcher(void (*f)(A...)) {
-    return make_launcher_impl(f, std::index_sequence_for<A...>{});
+Launcher make_launcher(void (*f)(A...), SharedMemory shared) {
+    return make_launcher_impl(f, shared, std::index_sequence_for<A...>{});
 }
 
 struct Registrar {

@@ -1,11 +1,15 @@
 // emu/test_runtime.cpp -- the emulator's own checks (run by scripts/build-emu.sh): an mma tile
-// against a plain matrix product, shuffles against their definitions, and the errors a broken
-// kernel must produce instead of silently passing.
+// against a plain matrix product, shuffles against their definitions, and what a broken kernel
+// must produce instead of silently passing (errors, or poisoned shared memory).
 #include <cstdio>
 #include <string>
 #include <vector>
 
+#define RESID_EMU_SHARED_SECTION "resid_emu_shared_test"
 #include "emu.h"
+
+extern "C" char __start_resid_emu_shared_test[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_resid_emu_shared_test[] __attribute__((weak, visibility("hidden")));
 
 namespace {
 
@@ -58,6 +62,24 @@ __global__ void shuffle_from_exited_lane() {
 }
 __global__ void traps() { __trap(); }
 
+// Each thread publishes a value and reads a thread of the other warp's: correct only with the
+// barrier. Without it, the emulator must not hand back the value by luck.
+// (Not a template: GCC ignores the section attribute of statics in function templates.)
+unsigned seen[2][64];
+__global__ void exchange_through_shared(bool sync) {
+    __shared__ unsigned s[64];
+    const unsigned t = threadIdx.x;
+    s[t] = 1000 * blockIdx.x + t;
+    if (sync) __syncthreads();
+    seen[blockIdx.x][t] = s[(t + 32) % 64];
+}
+bool exchange_correct() {
+    for (unsigned b = 0; b < 2; ++b)
+        for (unsigned t = 0; t < 64; ++t)
+            if (seen[b][t] != 1000 * b + (t + 32) % 64) return false;
+    return true;
+}
+
 }  // namespace
 
 int main() {
@@ -94,7 +116,20 @@ int main() {
     // The emulator still works after failed launches.
     expect(resid_emu::run_grid({1, 1, 1}, {32, 1, 1}, [] { mma_tile(); }).empty(), "mma kernel runs after failures");
 
+    const resid_emu::SharedMemory shared{__start_resid_emu_shared_test, __stop_resid_emu_shared_test};
+    expect(shared.begin && shared.end > shared.begin, "the shared-memory section exists");
+    expect(resid_emu::run_grid({2, 1, 1}, {64, 1, 1}, [] { exchange_through_shared(true); }, shared).empty() && exchange_correct(),
+           "shared memory with __syncthreads");
+    // Even blocks start with warp 0, odd ones with warp 1: both directions of the missing
+    // barrier read a poisoned value.
+    expect(resid_emu::run_grid({2, 1, 1}, {64, 1, 1}, [] { exchange_through_shared(false); }, shared).empty(), "the unsynchronised kernel runs");
+    unsigned poisoned[2] = {0, 0};
+    for (unsigned b = 0; b < 2; ++b)
+        for (unsigned t = 0; t < 64; ++t) poisoned[b] += seen[b][t] == 0xffffffffu;
+    expect(poisoned[0] == 32 && poisoned[1] == 32,
+           "a missing __syncthreads reads poison in both blocks (" + std::to_string(poisoned[0]) + ", " + std::to_string(poisoned[1]) + " of 32)");
+
     if (failures) return 1;
-    std::printf("test_runtime: mma tile (worst %.1e), shuffles, deadlock, exited-lane and trap reports: ok\n", worst);
+    std::printf("test_runtime: mma tile (worst %.1e), shuffles, shared-memory poison and thread order, deadlock, exited-lane and trap reports: ok\n", worst);
     return 0;
 }
