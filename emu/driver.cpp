@@ -55,14 +55,15 @@ bool verbose() {
 
 CUresult alloc(CUdeviceptr* out, size_t bytes) {
     if (!out) return INVALID_VALUE;
-    const size_t rounded = (bytes + 255) / 256 * 256;
-    void* p = std::aligned_alloc(256, rounded ? rounded : 256);
-    if (!p) return OUT_OF_MEMORY;
+    // Exactly `bytes` (cudaMalloc would round up): under --asan, a kernel reading past the end
+    // of its buffer is reported even where the GPU would quietly read padding.
+    void* p = nullptr;
+    if (posix_memalign(&p, 256, bytes ? bytes : 1) != 0) return OUT_OF_MEMORY;
     // All ones is NaN in f32 and bf16: a kernel that reads memory nobody wrote shows up.
-    std::memset(p, 0xff, rounded ? rounded : 256);
+    std::memset(p, 0xff, bytes);
     std::lock_guard<std::mutex> l(g_mutex);
     g_allocations[(uintptr_t)p] = bytes;
-    g_in_use += rounded;
+    g_in_use += (bytes + 255) / 256 * 256;
     *out = (CUdeviceptr)(uintptr_t)p;
     return OK;
 }

@@ -81,7 +81,17 @@ void asan_entered(void* fake) { __sanitizer_finish_switch_fiber(fake, &g_schedul
 void asan_leave_fiber(void** fake) { __sanitizer_start_switch_fiber(fake, g_scheduler_stack, g_scheduler_stack_size); }
 void asan_left(void* fake) { __sanitizer_finish_switch_fiber(fake, nullptr, nullptr); }
 void asan_fresh_stack(void* p, size_t n) { __asan_unpoison_memory_region(p, n); }
+// The shared-memory section holds ASan's redzones between the variables: fill around them.
+void fill_shared(char* b, char* e) {
+    while (b < e) {
+        char* bad = static_cast<char*>(__asan_region_is_poisoned(b, (size_t)(e - b)));
+        std::memset(b, 0xff, (size_t)((bad ? bad : e) - b));
+        if (!bad) return;
+        for (b = bad; b < e && __asan_address_is_poisoned(b);) ++b;
+    }
+}
 #else
+void fill_shared(char* b, char* e) { std::memset(b, 0xff, (size_t)(e - b)); }
 void asan_enter_fiber(void**, const void*, size_t) {}
 void asan_entered(void*) {}
 void asan_leave_fiber(void**) {}
@@ -294,7 +304,7 @@ std::string run_grid(Dim3 grid, Dim3 block, const std::function<void()>& body, S
                 b.warp_waiters.assign(b.warps.size(), {});
                 b.live = nthreads;
                 b.arrived = 0;
-                if (shared.begin && shared.end > shared.begin) std::memset(shared.begin, 0xff, (size_t)(shared.end - shared.begin));
+                if (shared.begin && shared.end > shared.begin) fill_shared(shared.begin, shared.end);
                 const bool reversed = (bx + grid.x * (by + grid.y * bz)) & 1;
                 for (unsigned t = 0; t < nthreads; ++t) {
                     Fiber& f = b.fibers[t];
