@@ -103,7 +103,6 @@ struct Fiber {
     void* sp = nullptr;  // saved stack pointer while switched out
     void* stack_bottom = nullptr;
     void* asan_fake_stack = nullptr;
-    void* stack_base = nullptr;  // guard page + stack, mmap'd once and reused
     ThreadCoords coords;
     State state = State::Done;
     unsigned exchange_parity = 0;
@@ -284,7 +283,7 @@ std::string run_grid(Dim3 grid, Dim3 block, const std::function<void()>& body, S
     const unsigned nthreads = block.x * block.y * block.z;
     if (nthreads == 0 || nthreads > 1024) return "block of " + std::to_string(nthreads) + " threads (1 to 1024 allowed)";
     if (block.y != 1 || block.z != 1) return "the emulator supports one-dimensional blocks only";
-    static thread_local std::vector<void*> stacks;
+    static std::vector<void*> stacks;  // guard page + stack each, mapped once, reused (under the mutex)
     while (stacks.size() < nthreads) {
         void* s = map_stack();
         if (!s) return "could not map a fiber stack";

@@ -36,11 +36,12 @@ struct SharedMemory {
 };
 
 // Runs `body` as every thread of every block of the grid. Returns an empty string on success,
-// otherwise what went wrong (trap, deadlock, inactive-lane shuffle). Before each block the
-// kernel's shared memory is filled with 0xff (NaN), so a read of shared data no thread of this
-// block wrote shows up instead of reusing the previous block's values. Threads start in index
-// order in even blocks and in reverse order in odd ones, so a missing __syncthreads between
-// warps shows up whichever warp writes first.
+// otherwise what went wrong (trap, deadlock, inactive-lane shuffle; a fiber stack overflow hits
+// a guard page and kills the process). Before each block the kernel's shared memory is filled
+// with 0xff (NaN), so a read of shared data no thread of this block wrote shows up instead of
+// reusing the previous block's values. Threads start in index order in even blocks and in
+// reverse order in odd ones, so a missing __syncthreads between warps shows up whichever warp
+// writes first.
 std::string run_grid(Dim3 grid, Dim3 block, const std::function<void()>& body, SharedMemory shared = {});
 
 using Launcher = std::function<std::string(Dim3 grid, Dim3 block, void** params)>;
