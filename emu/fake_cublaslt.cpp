@@ -54,6 +54,9 @@ struct Layout {
 };
 struct Preference {
     uint64_t max_workspace = 0;
+    // CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_{A,B,C,D}_BYTES: the alignment the heuristic may assume
+    // of each pointer (cuBLASLt's default: 256).
+    uint32_t min_alignment[4] = {256, 256, 256, 256};
 };
 
 // Mirrors cublasLtMatmulHeuristicResult_t: 64-byte algo, workspaceSize, state, wavesCount,
@@ -488,8 +491,9 @@ EXPORT int32_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t p
                                              size_t size) {
     if (!pref || (!buf && size)) return ST_INVALID_VALUE;
     // Preferences only constrain the algorithm search; the single emulated algorithm needs no
-    // workspace and meets any alignment, so every preference is satisfied.
+    // workspace. The alignments are kept: the real algorithm chosen may rely on them.
     if (attr == 1 && size == 8) memcpy(&pref->max_workspace, buf, 8);
+    if (attr >= 5 && attr <= 8 && size == 4) memcpy(&pref->min_alignment[attr - 5], buf, 4);
     return ST_SUCCESS;
 }
 
@@ -503,6 +507,9 @@ EXPORT int32_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t handle, cublasLtM
     if (int32_t s = check_problem(desc, a, b, c, d, &p)) return s;
     HeuristicResult r{};
     r.algo[0] = ALGO_MAGIC;
+    // The algorithm remembers the pointer alignments it was chosen under (as a real one may
+    // depend on them); cublasLtMatmul checks the pointers it is given against them.
+    memcpy(&r.algo[1], pref->min_alignment, sizeof pref->min_alignment);
     r.workspace_size = 0;
     r.state = ST_SUCCESS;
     r.waves_count = 1.0f;
@@ -514,7 +521,7 @@ EXPORT int32_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t handle, cublasLtM
 EXPORT int32_t cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, const void* alpha, const void* A,
                        cublasLtMatrixLayout_t al, const void* B, cublasLtMatrixLayout_t bl, const void* beta,
                        const void* C, cublasLtMatrixLayout_t cl, void* D, cublasLtMatrixLayout_t dl,
-                       const void* /*algo: only one emulated algorithm; null means "pick one"*/, void* /*workspace*/,
+                       const void* algo /* null means "pick one" */, void* /*workspace*/,
                        size_t /*workspace_size*/, void* /*stream: work is synchronous*/) {
     if (!handle || handle->magic != HANDLE_MAGIC) return ST_NOT_INITIALIZED;
     Problem p;
@@ -528,6 +535,24 @@ EXPORT int32_t cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc
     if (p.K && (!A || !B)) return invalid("null A or B");
     if (fb != 0.0f && !C) return invalid("null C with beta != 0");
     if (desc->epilogue == EPI_BIAS && !desc->bias) return invalid("CUBLASLT_EPILOGUE_BIAS without BIAS_POINTER");
+    if (algo) {
+        uint64_t words[8];
+        memcpy(words, algo, sizeof words);
+        if (words[0] == ALGO_MAGIC) {
+            uint32_t align[4];
+            memcpy(align, &words[1], sizeof align);
+            const void* ptrs[4] = {A, B, C, D};
+            for (int i = 0; i < 4; ++i) {
+                if (ptrs[i] && align[i] && reinterpret_cast<uintptr_t>(ptrs[i]) % align[i] != 0) {
+                    fprintf(stderr,
+                            "fake cuBLASLt: matrix %c at %p is not %u-byte aligned, but the algorithm was chosen "
+                            "assuming it is (set CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_%c_BYTES)\n",
+                            "ABCD"[i], ptrs[i], align[i], "ABCD"[i]);
+                    return ST_INVALID_VALUE;
+                }
+            }
+        }
+    }
     // In-place C == D is the accumulate case; with different layouts the read/write order would
     // matter, which cuBLASLt also forbids.
     if (C == D && fb != 0.0f && (cl->type != dl->type || cl->ld != dl->ld))

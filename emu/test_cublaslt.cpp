@@ -46,7 +46,7 @@ enum { COMPUTE_16F = 64, COMPUTE_32F = 68 };
 enum { TRANSA = 3, TRANSB = 4, EPILOGUE = 7, BIAS_POINTER = 8, BIAS_DATA_TYPE = 26 };
 enum { EPI_DEFAULT = 1, EPI_RELU = 2, EPI_BIAS = 4 };
 enum { LAYOUT_ORDER = 1, LAYOUT_BATCH_COUNT = 5 };
-enum { PREF_MAX_WORKSPACE_BYTES = 1 };
+enum { PREF_MAX_WORKSPACE_BYTES = 1, PREF_MIN_ALIGNMENT_A_BYTES = 5 };
 
 static int failures = 0;
 #define CHECK(cond, ...)                                   \
@@ -163,6 +163,11 @@ static void run_case(const Case& cs, std::mt19937_64& rng, bool verbose = false)
     CHECK(cublasLtMatmulPreferenceCreate(&pref) == SUCCESS, "pref");
     uint64_t ws = 32 << 20;
     CHECK(cublasLtMatmulPreferenceSetAttribute(pref, PREF_MAX_WORKSPACE_BYTES, &ws, 8) == SUCCESS, "pref attr");
+    // The test's buffers are std::vectors: tell the heuristic not to assume more alignment.
+    for (int32_t attr = PREF_MIN_ALIGNMENT_A_BYTES; attr < PREF_MIN_ALIGNMENT_A_BYTES + 4; ++attr) {
+        uint32_t any = 1;
+        CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &any, 4) == SUCCESS, "alignment attr");
+    }
     HeuristicResult hr;
     memset(&hr, 0xff, sizeof hr);
     int count = -1;
@@ -280,6 +285,22 @@ static void check_rejections() {
     CHECK(cublasLtMatmulAlgoGetHeuristic(h, desc, la, la, ld_bad, ld_bad, pref, 1, &hr, &count) == INVALID_VALUE,
           "ld < rows accepted");
     cublasLtMatrixLayoutDestroy(ld_bad);
+    // An algorithm chosen under the default 256-byte alignment must refuse a pointer with less.
+    {
+        Handle l16;
+        cublasLtMatrixLayoutCreate(&l16, R_32F, 4, 4, 4);  // op(A) = Aᵀ is 4x8, B is 8x4
+        CHECK(cublasLtMatmulAlgoGetHeuristic(h, desc, la, la, l16, l16, pref, 1, &hr, &count) == SUCCESS && count == 1,
+              "heuristic for the alignment case");
+        alignas(256) static unsigned char buf[1024];
+        float alpha = 1, beta = 0;
+        CHECK(cublasLtMatmul(h, desc, &alpha, buf, la, buf + 256, la, &beta, buf + 512, l16, buf + 512, l16, &hr.algo,
+                             nullptr, 0, nullptr) == SUCCESS,
+              "aligned pointers refused");
+        CHECK(cublasLtMatmul(h, desc, &alpha, buf + 16, la, buf + 256, la, &beta, buf + 512, l16, buf + 512, l16,
+                             &hr.algo, nullptr, 0, nullptr) == INVALID_VALUE,
+              "a pointer below the assumed alignment accepted");
+        cublasLtMatrixLayoutDestroy(l16);
+    }
     cublasLtMatmulPreferenceDestroy(pref);
     cublasLtMatrixLayoutDestroy(la);
     cublasLtMatrixLayoutDestroy(lb);
