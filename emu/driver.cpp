@@ -20,7 +20,7 @@ typedef void* CUcontext;
 typedef void* CUstream;
 typedef void* CUmodule;
 typedef void* CUmemoryPool;
-typedef const resid_emu::Launcher* CUfunction;
+typedef const resid_emu::Kernel* CUfunction;
 
 enum : CUresult {
     OK = 0,
@@ -234,9 +234,18 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
         std::fprintf(stderr, "resid CUDA emulator: dynamic shared memory is not emulated\n");
         return NOT_SUPPORTED;
     }
-    if (gx == 0 || gy == 0 || gz == 0) return INVALID_VALUE;
+    // The GPU's limits, which a real launch would fail on.
+    if (gx == 0 || gy == 0 || gz == 0 || gx > 0x7fffffffu || gy > 65535 || gz > 65535) {
+        std::fprintf(stderr, "resid CUDA emulator: grid (%u,%u,%u) is outside the GPU's limits\n", gx, gy, gz);
+        return INVALID_VALUE;
+    }
+    if (bx * by * bz > f->max_threads) {
+        std::fprintf(stderr, "resid CUDA emulator: block of %u threads for a kernel with __launch_bounds__(%u)\n", bx * by * bz,
+                     f->max_threads);
+        return INVALID_VALUE;
+    }
     const auto t0 = std::chrono::steady_clock::now();
-    std::string err = (*f)({gx, gy, gz}, {bx, by, bz}, params);
+    std::string err = f->launch({gx, gy, gz}, {bx, by, bz}, params);
     if (verbose()) {
         const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
         std::fprintf(stderr, "resid CUDA emulator: launch grid (%u,%u,%u) block (%u,%u,%u): %.2f ms\n", gx, gy, gz, bx, by, bz, ms);

@@ -19,7 +19,9 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#ifndef RESID_EMU_LIST  // the listing keeps it, to read each kernel's thread limit
 #define __launch_bounds__(...)
+#endif
 #define __restrict__ __restrict
 #define __align__(n) __attribute__((aligned(n)))
 // Blocks run one at a time on one OS thread, so a static is exactly a block's shared memory. The

@@ -346,15 +346,17 @@ std::string run_grid(Dim3 grid, Dim3 block, const std::function<void()>& body, S
 }
 
 namespace {
-std::map<std::string, Launcher>& registry() {
-    static std::map<std::string, Launcher> r;
+std::map<std::string, Kernel>& registry() {
+    static std::map<std::string, Kernel> r;
     return r;
 }
 }  // namespace
 
-void register_kernel(const char* name, Launcher launcher) { registry()[name] = std::move(launcher); }
+void register_kernel(const char* name, Launcher launcher, unsigned max_threads) {
+    registry()[name] = Kernel{std::move(launcher), max_threads};
+}
 
-const Launcher* find_kernel(const std::string& name) {
+const Kernel* find_kernel(const std::string& name) {
     auto it = registry().find(name);
     return it == registry().end() ? nullptr : &it->second;
 }

@@ -45,8 +45,12 @@ struct SharedMemory {
 std::string run_grid(Dim3 grid, Dim3 block, const std::function<void()>& body, SharedMemory shared = {});
 
 using Launcher = std::function<std::string(Dim3 grid, Dim3 block, void** params)>;
-void register_kernel(const char* name, Launcher launcher);
-const Launcher* find_kernel(const std::string& name);
+struct Kernel {
+    Launcher launch;
+    unsigned max_threads;  // from __launch_bounds__: a GPU refuses larger blocks
+};
+void register_kernel(const char* name, Launcher launcher, unsigned max_threads);
+const Kernel* find_kernel(const std::string& name);
 
 // Deduces the kernel's parameter types to copy the launch's `void** params` into real arguments.
 template <typename... A, size_t... I>
@@ -62,7 +66,7 @@ Launcher make_launcher(void (*f)(A...), SharedMemory shared) {
 }
 
 struct Registrar {
-    Registrar(const char* name, Launcher l) { register_kernel(name, std::move(l)); }
+    Registrar(const char* name, Launcher l, unsigned max_threads) { register_kernel(name, std::move(l), max_threads); }
 };
 
 }  // namespace resid_emu

@@ -34,9 +34,11 @@ objs=()
 pids=()
 for src in kernels/*.cu; do
     stem=$(basename "$src" .cu)
-    names=$("$cxx" "${flags[@]}" -DRESID_EMU_LIST -E -P -include emu/emu.h -x c++ "$src" | tr '\n' ' ' |
-        grep -oE 'RESID_EMU_KERNEL_MARK +void +[A-Za-z_][A-Za-z_0-9]*' | awk '{print $3}')
-    if [[ -z $names ]]; then
+    # "name max_threads" per kernel (1024, the hardware limit, without __launch_bounds__).
+    kernels=$("$cxx" "${flags[@]}" -DRESID_EMU_LIST -E -P -include emu/emu.h -x c++ "$src" | tr '\n' ' ' |
+        grep -oE 'RESID_EMU_KERNEL_MARK +void +(__launch_bounds__ *\( *[0-9]+[^)]*\) +)?[A-Za-z_][A-Za-z_0-9]*' |
+        sed -E 's/.*__launch_bounds__ *\( *([0-9]+)[^)]*\) +([A-Za-z_0-9]+)$/\2 \1/; s/^RESID_EMU_KERNEL_MARK +void +([A-Za-z_0-9]+)$/\1 1024/')
+    if [[ -z $kernels ]]; then
         echo "build-emu: no kernels found in $src" >&2
         exit 1
     fi
@@ -54,9 +56,9 @@ for src in kernels/*.cu; do
         echo "extern \"C\" char __start_resid_emu_shared_$stem[] __attribute__((weak, visibility(\"hidden\")));"
         echo "extern \"C\" char __stop_resid_emu_shared_$stem[] __attribute__((weak, visibility(\"hidden\")));"
         echo "static const resid_emu::SharedMemory shared_$stem{__start_resid_emu_shared_$stem, __stop_resid_emu_shared_$stem};"
-        for n in $names; do
-            echo "static resid_emu::Registrar reg_$n(\"$n\", resid_emu::make_launcher(&resid_k_$stem::$n, shared_$stem));"
-        done
+        while read -r n bound; do
+            echo "static resid_emu::Registrar reg_$n(\"$n\", resid_emu::make_launcher(&resid_k_$stem::$n, shared_$stem), $bound);"
+        done <<<"$kernels"
     } >"$gen"
     # The file's static __shared__ variables are its .bss (it has no other zero-initialised
     # data): move them into a section of their own, whose bounds the runtime poisons per block.
