@@ -244,7 +244,7 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
                      f->max_threads);
         return INVALID_VALUE;
     }
-    const auto t0 = std::chrono::steady_clock::now();
+    const auto t0 = verbose() ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
     std::string err = f->launch({gx, gy, gz}, {bx, by, bz}, params);
     if (verbose()) {
         const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();

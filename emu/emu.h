@@ -7,6 +7,7 @@
 #include <cstring>
 #include <tuple>
 #include <utility>
+#include "bf16.h"
 #include "runtime.h"
 
 #define RESID_EMU 1
@@ -95,14 +96,6 @@ inline T __shfl_up_sync(unsigned mask, T v, unsigned delta) {
     const int src = lane - (int)delta;
     T got = resid_emu_shfl(mask, v, src < 0 ? lane : src, "__shfl_up_sync read a lane that has exited or does not exist");
     return src < 0 ? v : got;
-}
-
-// cvt.rn.bf16.f32: round to nearest even; NaN stays a (quiet) NaN.
-inline unsigned short resid_emu_f32_to_bf16(float x) {
-    unsigned u = __float_as_uint(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (unsigned short)(u >> 16);
 }
 
 // mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32 for the calling lane, from every lane's fragments

@@ -7,7 +7,7 @@
 // outputs, never across k, and FMA is never used, so results are bit-identical to that plain
 // loop on every code path and thread count.
 //
-// Build: g++ -std=c++17 -O2 -fPIC -shared -ffp-contract=off fake_cublaslt.cpp -o libcublasLt.so
+// Build: scripts/build-emu.sh (g++ -std=c++17 -O2 -fPIC -shared -ffp-contract=off -Iemu).
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -15,6 +15,8 @@
 #include <cstring>
 #include <thread>
 #include <vector>
+
+#include "bf16.h"
 
 // Only the extern "C" entry points below are exported.
 #pragma GCC visibility push(hidden)
@@ -89,27 +91,14 @@ bool read_attr(const void* buf, size_t size, T* out) {
     return true;
 }
 
-inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = uint32_t(h) << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // keep NaN a (quiet) NaN
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
-    return uint16_t(u >> 16);
-}
 inline float load(const void* p, int32_t type, size_t idx) {
-    return type == R_32F ? static_cast<const float*>(p)[idx] : bf16_to_f32(static_cast<const uint16_t*>(p)[idx]);
+    return type == R_32F ? static_cast<const float*>(p)[idx] : resid_emu_bf16_to_f32(static_cast<const uint16_t*>(p)[idx]);
 }
 inline void store(void* p, int32_t type, size_t idx, float v) {
     if (type == R_32F)
         static_cast<float*>(p)[idx] = v;
     else
-        static_cast<uint16_t*>(p)[idx] = f32_to_bf16(v);
+        static_cast<uint16_t*>(p)[idx] = resid_emu_f32_to_bf16(v);
 }
 bool supported_type(int32_t t) { return t == R_32F || t == R_16BF; }
 

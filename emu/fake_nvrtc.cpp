@@ -1,6 +1,6 @@
 // CPU emulation of the NVRTC calls cudarc's `nvrtc::result` makes (cudarc 0.19.10). Nothing is
-// compiled: the "PTX" is the CUDA source itself, because the fake driver resolves kernels by
-// name from its own registry and only needs the text to see which entry points a module has.
+// compiled: the "PTX" is the CUDA source itself. The fake driver never reads it: it resolves
+// kernels by name from its own registry of the C++ builds.
 //
 // Build: g++ -std=c++17 -O2 -fPIC -shared fake_nvrtc.cpp -o libnvrtc.so
 #include <cstdint>

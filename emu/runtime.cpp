@@ -153,7 +153,6 @@ void block_running(State why) {
     asan_leave_fiber(&f->asan_fake_stack);
     resid_emu_switch(&f->sp, b->scheduler_sp);
     asan_entered(f->asan_fake_stack);
-    if (!b->error.empty()) throw Trap("aborted");
 }
 
 void release(State which, int warp) {
@@ -166,21 +165,23 @@ void release(State which, int warp) {
     waiters.clear();
 }
 
-void maybe_release_block() {
+// Opens the block barrier once every live thread has arrived (also when the last missing one
+// exits instead); returns whether it opened.
+bool maybe_release_block() {
     Block* b = g_block;
-    if (b->arrived > 0 && b->arrived == b->live) {
-        b->arrived = 0;
-        release(State::AtBlockBarrier, -1);
-    }
+    if (b->arrived == 0 || b->arrived != b->live) return false;
+    b->arrived = 0;
+    release(State::AtBlockBarrier, -1);
+    return true;
 }
 
-void maybe_release_warp(unsigned w) {
+bool maybe_release_warp(unsigned w) {
     Block* b = g_block;
     Warp& wp = b->warps[w];
-    if (wp.arrived > 0 && wp.arrived == wp.live) {
-        wp.arrived = 0;
-        release(State::AtWarpBarrier, (int)w);
-    }
+    if (wp.arrived == 0 || wp.arrived != wp.live) return false;
+    wp.arrived = 0;
+    release(State::AtWarpBarrier, (int)w);
+    return true;
 }
 
 [[noreturn]] void fiber_main() {
@@ -241,13 +242,8 @@ std::mutex g_launch_mutex;
 void sync_threads() {
     Block* b = g_block;
     b->arrived += 1;
-    if (b->arrived == b->live) {
-        b->arrived = 0;
-        release(State::AtBlockBarrier, -1);
-        // The caller was not parked; it carries on, the others are now ready.
-        return;
-    }
-    block_running(State::AtBlockBarrier);
+    // The last to arrive is not parked: it carries on, the others are now ready.
+    if (!maybe_release_block()) block_running(State::AtBlockBarrier);
 }
 
 const unsigned char* warp_exchange(const void* mine, size_t bytes, unsigned* valid) {
@@ -263,12 +259,7 @@ const unsigned char* warp_exchange(const void* mine, size_t bytes, unsigned* val
     wp.valid[p] |= 1u << lane;
     wp.deposited[p] += 1;
     wp.arrived += 1;
-    if (wp.arrived == wp.live) {
-        wp.arrived = 0;
-        release(State::AtWarpBarrier, (int)w);
-    } else {
-        block_running(State::AtWarpBarrier);
-    }
+    if (!maybe_release_warp(w)) block_running(State::AtWarpBarrier);
     *valid = wp.valid[p];
     // Every lane has read this parity's slots before any lane can deposit into them again (that
     // needs the exchange in between, which needs every lane); count reads to reset the set.

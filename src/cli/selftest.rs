@@ -12,6 +12,7 @@ use resid::engine::capture::CaptureSink;
 use resid::engine::plan::BatchPlan;
 use resid::engine::sample::{argmax, sample_row, SampleParams};
 use resid::engine::Pass;
+use resid::repe::linalg::dot;
 use resid::testing::{pseudo_random, RandomLlama, TestArch};
 use resid::{CapturePoint, CapturePosition, CaptureSpec, Captured, CpuBackend, Engine, GenerateOptions, Sampling, SteerOp, SteerPositions, Steering};
 use std::path::PathBuf;
@@ -227,10 +228,6 @@ fn sign_margins(cpu: &Engine<CpuBackend>, seqs: &[Vec<u32>], steering: &[Option<
         }
     }
     Ok(margins)
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
 }
 
 /// |cos(h, v)| of the residual h a sign-aware step saw, from the row h2 it left.
