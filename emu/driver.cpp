@@ -8,10 +8,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <set>
 #include <mutex>
 #include <string>
 
 #include "runtime.h"
+#include "trace.h"
 
 typedef int CUresult;
 typedef int CUdevice;
@@ -45,11 +47,23 @@ struct Event {
 std::mutex g_mutex;
 std::map<uintptr_t, size_t> g_allocations;  // base -> bytes, to reject copies outside them
 size_t g_in_use = 0;
+std::map<uintptr_t, size_t> g_pinned;  // cuMemHostAlloc'd ranges: copies to them need not block
 int g_context_tag = 1;     // the primary context's handle points here
 int g_pool_tag = 1;
 
 bool verbose() {
     static const bool v = std::getenv("RESID_EMU_VERBOSE") != nullptr;
+    return v;
+}
+
+// RESID_EMU_NO_KERNELS=1: launches are checked but not run (but for the samplers) and memory
+// starts zeroed, so that a trace (emu/trace.h) times resid's host code on warm caches, as a
+// measure of how fast the host can feed a GPU. Every result is then meaningless.
+bool no_kernels() {
+    static const bool v = [] {
+        const char* e = std::getenv("RESID_EMU_NO_KERNELS");
+        return e && *e && std::strcmp(e, "0") != 0;
+    }();
     return v;
 }
 
@@ -60,7 +74,7 @@ CUresult alloc(CUdeviceptr* out, size_t bytes) {
     void* p = nullptr;
     if (posix_memalign(&p, 256, bytes ? bytes : 1) != 0) return OUT_OF_MEMORY;
     // All ones is NaN in f32 and bf16: a kernel that reads memory nobody wrote shows up.
-    std::memset(p, 0xff, bytes);
+    std::memset(p, no_kernels() ? 0 : 0xff, bytes);
     std::lock_guard<std::mutex> l(g_mutex);
     g_allocations[(uintptr_t)p] = bytes;
     g_in_use += (bytes + 255) / 256 * 256;
@@ -91,6 +105,14 @@ bool inside_allocation(CUdeviceptr ptr, size_t bytes, const char* what) {
     }
     std::fprintf(stderr, "resid CUDA emulator: %s of %zu bytes at %#llx is outside every live allocation\n", what, bytes, ptr);
     return false;
+}
+
+bool pinned(const void* host, size_t bytes) {
+    std::lock_guard<std::mutex> l(g_mutex);
+    auto it = g_pinned.upper_bound((uintptr_t)host);
+    if (it == g_pinned.begin()) return false;
+    --it;
+    return (uintptr_t)host >= it->first && (uintptr_t)host + bytes <= it->first + it->second;
 }
 
 CUresult copy(void* dst, const void* src, size_t bytes) {
@@ -139,7 +161,7 @@ CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return OK; }
 CUresult cuCtxSetCurrent(CUcontext) { return OK; }
 CUresult cuCtxGetCurrent(CUcontext* ctx) { *ctx = &g_context_tag; return OK; }
 CUresult cuCtxGetDevice(CUdevice* d) { *d = 0; return OK; }
-CUresult cuCtxSynchronize() { return OK; }
+CUresult cuCtxSynchronize() { RESID_EMU_TRACE_CALL("block ctx_synchronize"); return OK; }
 CUresult cuCtxSetFlags(unsigned) { return OK; }
 CUresult cuDeviceGetDefaultMemPool(CUmemoryPool* pool, CUdevice) { *pool = &g_pool_tag; return OK; }
 CUresult cuDeviceGetMemPool(CUmemoryPool* pool, CUdevice) { *pool = &g_pool_tag; return OK; }
@@ -150,19 +172,20 @@ CUresult cuMemPoolTrimTo(CUmemoryPool, size_t) { return OK; }
 CUresult cuStreamCreate(CUstream* s, unsigned) { *s = new int(0); return OK; }
 CUresult cuStreamCreateWithPriority(CUstream* s, unsigned, int) { *s = new int(0); return OK; }
 CUresult cuStreamDestroy_v2(CUstream s) { delete static_cast<int*>(s); return OK; }
-CUresult cuStreamSynchronize(CUstream) { return OK; }
-CUresult cuStreamWaitEvent(CUstream, void*, unsigned) { return OK; }
+CUresult cuStreamSynchronize(CUstream) { RESID_EMU_TRACE_CALL("block stream_synchronize"); return OK; }
+CUresult cuStreamWaitEvent(CUstream, void*, unsigned) { RESID_EMU_TRACE_CALL("stream_wait_event"); return OK; }
 CUresult cuStreamIsCapturing(CUstream, int* status) { *status = 0; return OK; }
 
 CUresult cuEventCreate(void** e, unsigned) { *e = new Event(); return OK; }
 CUresult cuEventDestroy_v2(void* e) { delete static_cast<Event*>(e); return OK; }
 CUresult cuEventRecord(void* e, CUstream) {
+    RESID_EMU_TRACE_CALL("event_record");
     auto* ev = static_cast<Event*>(e);
     ev->at = std::chrono::steady_clock::now();
     ev->recorded = true;
     return OK;
 }
-CUresult cuEventSynchronize(void*) { return OK; }
+CUresult cuEventSynchronize(void*) { RESID_EMU_TRACE_CALL("block event_synchronize"); return OK; }
 CUresult cuEventQuery(void*) { return OK; }
 CUresult cuEventElapsedTime(float* ms, void* start, void* end) {
     auto *a = static_cast<Event*>(start), *b = static_cast<Event*>(end);
@@ -172,16 +195,28 @@ CUresult cuEventElapsedTime(float* ms, void* start, void* end) {
 }
 CUresult cuEventElapsedTime_v2(float* ms, void* start, void* end) { return cuEventElapsedTime(ms, start, end); }
 
-CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { return alloc(p, bytes); }
-CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) { return alloc(p, bytes); }
-CUresult cuMemAllocFromPoolAsync(CUdeviceptr* p, size_t bytes, CUmemoryPool, CUstream) { return alloc(p, bytes); }
-CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
-CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return release(p); }
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { RESID_EMU_TRACE_CALL("block mem_alloc %zu", bytes); return alloc(p, bytes); }
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream) { RESID_EMU_TRACE_CALL("mem_alloc_async %zu", bytes); return alloc(p, bytes); }
+CUresult cuMemAllocFromPoolAsync(CUdeviceptr* p, size_t bytes, CUmemoryPool, CUstream) { RESID_EMU_TRACE_CALL("mem_alloc_async %zu", bytes); return alloc(p, bytes); }
+CUresult cuMemFree_v2(CUdeviceptr p) { RESID_EMU_TRACE_CALL("block mem_free"); return release(p); }
+CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { RESID_EMU_TRACE_CALL("mem_free_async"); return release(p); }
 CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
+    RESID_EMU_TRACE_CALL("block host_alloc %zu", bytes);
     *p = std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);
-    return *p ? OK : OUT_OF_MEMORY;
+    if (!*p) return OUT_OF_MEMORY;
+    std::lock_guard<std::mutex> l(g_mutex);
+    g_pinned[(uintptr_t)*p] = bytes;
+    return OK;
 }
-CUresult cuMemFreeHost(void* p) { std::free(p); return OK; }
+CUresult cuMemFreeHost(void* p) {
+    RESID_EMU_TRACE_CALL("block host_free");
+    {
+        std::lock_guard<std::mutex> l(g_mutex);
+        g_pinned.erase((uintptr_t)p);
+    }
+    std::free(p);
+    return OK;
+}
 CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     std::lock_guard<std::mutex> l(g_mutex);
     *total = kTotalMemory;
@@ -189,23 +224,95 @@ CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     return OK;
 }
 
-CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+CUresult htod(CUdeviceptr dst, const void* src, size_t n) {
     if (!inside_allocation(dst, n, "host-to-device copy")) return INVALID_VALUE;
     return copy((void*)(uintptr_t)dst, src, n);
 }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream) { return cuMemcpyHtoD_v2(dst, src, n); }
-CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+CUresult dtoh(void* dst, CUdeviceptr src, size_t n) {
     if (!inside_allocation(src, n, "device-to-host copy")) return INVALID_VALUE;
     return copy(dst, (const void*)(uintptr_t)src, n);
 }
-CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream) { return cuMemcpyDtoH_v2(dst, src, n); }
+// Blocking as CUDA documents it ("API synchronization behavior"): the synchronous copies block;
+// an asynchronous copy to pageable host memory returns only when it is done; one from pageable
+// memory is staged and returns.
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    RESID_EMU_TRACE_CALL("block htod %zu", n);
+    return htod(dst, src, n);
+}
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream) {
+    RESID_EMU_TRACE_CALL("htod_async %zu %s", n, pinned(src, n) ? "pinned" : "pageable");
+    return htod(dst, src, n);
+}
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    RESID_EMU_TRACE_CALL("block dtoh %zu", n);
+    return dtoh(dst, src, n);
+}
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream) {
+    RESID_EMU_TRACE_CALL(pinned(dst, n) ? "dtoh_async %zu pinned" : "block dtoh_async %zu pageable", n);
+    return dtoh(dst, src, n);
+}
+// cuMemcpy2D's descriptor (CUDA_MEMCPY2D). Only host and device memory, no arrays.
+struct Memcpy2D {
+    size_t srcXInBytes, srcY;
+    int srcMemoryType;
+    const void* srcHost;
+    CUdeviceptr srcDevice;
+    void* srcArray;
+    size_t srcPitch;
+    size_t dstXInBytes, dstY;
+    int dstMemoryType;
+    void* dstHost;
+    CUdeviceptr dstDevice;
+    void* dstArray;
+    size_t dstPitch;
+    size_t WidthInBytes, Height;
+};
+enum : int { MEMORYTYPE_HOST = 1, MEMORYTYPE_DEVICE = 2 };
+
+static CUresult memcpy_2d(const Memcpy2D* c) {
+    if (!c || c->srcArray || c->dstArray) return NOT_SUPPORTED;
+    const bool src_host = c->srcMemoryType == MEMORYTYPE_HOST, dst_host = c->dstMemoryType == MEMORYTYPE_HOST;
+    if ((!src_host && c->srcMemoryType != MEMORYTYPE_DEVICE) || (!dst_host && c->dstMemoryType != MEMORYTYPE_DEVICE))
+        return NOT_SUPPORTED;
+    if (c->Height == 0 || c->WidthInBytes == 0) return OK;
+    // The driver's rules: a row may not be wider than either pitch.
+    if (c->WidthInBytes + c->srcXInBytes > c->srcPitch || c->WidthInBytes + c->dstXInBytes > c->dstPitch) {
+        std::fprintf(stderr, "resid CUDA emulator: 2D copy of %zu-byte rows with pitches %zu and %zu\n", c->WidthInBytes,
+                     c->srcPitch, c->dstPitch);
+        return INVALID_VALUE;
+    }
+    const size_t src_first = c->srcY * c->srcPitch + c->srcXInBytes, dst_first = c->dstY * c->dstPitch + c->dstXInBytes;
+    const size_t src_span = (c->Height - 1) * c->srcPitch + c->WidthInBytes;
+    const size_t dst_span = (c->Height - 1) * c->dstPitch + c->WidthInBytes;
+    if (!src_host && !inside_allocation(c->srcDevice + src_first, src_span, "2D copy (source)")) return INVALID_VALUE;
+    if (!dst_host && !inside_allocation(c->dstDevice + dst_first, dst_span, "2D copy (destination)")) return INVALID_VALUE;
+    const char* src = src_host ? static_cast<const char*>(c->srcHost) : reinterpret_cast<const char*>((uintptr_t)c->srcDevice);
+    char* dst = dst_host ? static_cast<char*>(c->dstHost) : reinterpret_cast<char*>((uintptr_t)c->dstDevice);
+    for (size_t r = 0; r < c->Height; ++r)
+        std::memmove(dst + dst_first + r * c->dstPitch, src + src_first + r * c->srcPitch, c->WidthInBytes);
+    return OK;
+}
+CUresult cuMemcpy2D_v2(const Memcpy2D* c) {
+    RESID_EMU_TRACE_CALL("block memcpy_2d %zu", c ? c->WidthInBytes * c->Height : 0);
+    return memcpy_2d(c);
+}
+CUresult cuMemcpy2DAsync_v2(const Memcpy2D* c, CUstream) {
+    const bool to_pageable = c && c->dstMemoryType == MEMORYTYPE_HOST &&
+                             !pinned(static_cast<char*>(c->dstHost) + c->dstY * c->dstPitch + c->dstXInBytes,
+                                     c->Height ? (c->Height - 1) * c->dstPitch + c->WidthInBytes : 0);
+    const size_t bytes = c ? c->WidthInBytes * c->Height : 0;
+    RESID_EMU_TRACE_CALL(to_pageable ? "block dtoh_2d_async %zu pageable" : "memcpy_2d_async %zu", bytes);
+    return memcpy_2d(c);
+}
 CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    RESID_EMU_TRACE_CALL("dtod %zu", n);
     if (!inside_allocation(dst, n, "device-to-device copy (destination)") || !inside_allocation(src, n, "device-to-device copy (source)"))
         return INVALID_VALUE;
     return copy((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, n);
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream) { return cuMemcpyDtoD_v2(dst, src, n); }
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    RESID_EMU_TRACE_CALL("memset %zu", n);
     if (!inside_allocation(dst, n, "memset")) return INVALID_VALUE;
     std::memset((void*)(uintptr_t)dst, v, n);
     return OK;
@@ -244,7 +351,11 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
                      f->max_threads);
         return INVALID_VALUE;
     }
+    RESID_EMU_TRACE_CALL("launch %s grid %u,%u,%u block %u,%u,%u", f->name.c_str(), gx, gy, gz, bx, by, bz);
     const auto t0 = verbose() ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+    // The samplers still run (on zeroed logits they are cheap and pick token 0): resid checks
+    // the ids they return.
+    if (no_kernels() && f->name != "argmax_rows" && f->name != "sample_rows") return OK;
     std::string err = f->launch({gx, gy, gz}, {bx, by, bz}, params);
     if (verbose()) {
         const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -258,6 +369,7 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
 }
 
 CUresult cuLaunchHostFunc(CUstream, void (*fn)(void*), void* data) {
+    RESID_EMU_TRACE_CALL("host_func");
     fn(data);
     return OK;
 }

@@ -344,7 +344,7 @@ std::map<std::string, Kernel>& registry() {
 }  // namespace
 
 void register_kernel(const char* name, Launcher launcher, unsigned max_threads) {
-    registry()[name] = Kernel{std::move(launcher), max_threads};
+    registry()[name] = Kernel{name, std::move(launcher), max_threads};
 }
 
 const Kernel* find_kernel(const std::string& name) {

@@ -46,6 +46,7 @@ std::string run_grid(Dim3 grid, Dim3 block, const std::function<void()>& body, S
 
 using Launcher = std::function<std::string(Dim3 grid, Dim3 block, void** params)>;
 struct Kernel {
+    std::string name;
     Launcher launch;
     unsigned max_threads;  // from __launch_bounds__: a GPU refuses larger blocks
 };

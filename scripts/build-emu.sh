@@ -26,7 +26,7 @@ mkdir -p "$out/gen" "$out/obj"
 
 stamp=$( (cat emu/*.h emu/*.cpp kernels/*.cu kernels/*.cuh scripts/build-emu.sh; "$cxx" --version; echo "${sanitize[@]}") |
     sha256sum | cut -c1-16)
-if [[ -f $out/stamp && $(cat "$out/stamp") == "$stamp" && -f $out/libcuda.so && -f $out/libcublasLt.so && -f $out/libnvrtc.so ]]; then
+if [[ -f $out/stamp && $(cat "$out/stamp") == "$stamp" && -f $out/libresid_emu_trace.so && -f $out/libcuda.so && -f $out/libcublasLt.so && -f $out/libnvrtc.so ]]; then
     exit 0
 fi
 rm -f "$out/stamp"
@@ -71,12 +71,15 @@ for src in kernels/*.cu; do
 done
 for p in "${pids[@]}"; do wait "$p"; done
 
-"$cxx" "${flags[@]}" -shared -o "$out/libcuda.so" emu/runtime.cpp emu/driver.cpp "${objs[@]}" -lpthread
-"$cxx" "${flags[@]}" -shared -o "$out/libcublasLt.so" emu/fake_cublaslt.cpp -lpthread
+# The call trace's state (emu/trace.h) is shared by the two libraries that trace calls.
+"$cxx" "${flags[@]}" -shared -o "$out/libresid_emu_trace.so" emu/trace.cpp
+trace=(-L"$out" -lresid_emu_trace -Wl,-rpath,'$ORIGIN')
+"$cxx" "${flags[@]}" -shared -o "$out/libcuda.so" emu/runtime.cpp emu/driver.cpp "${objs[@]}" "${trace[@]}" -lpthread
+"$cxx" "${flags[@]}" -shared -o "$out/libcublasLt.so" emu/fake_cublaslt.cpp "${trace[@]}" -lpthread
 "$cxx" "${flags[@]}" -shared -o "$out/libnvrtc.so" emu/fake_nvrtc.cpp
 # The emulator's own checks: mma fragments, shuffles, error reports, and the GEMM against f64.
 "$cxx" "${flags[@]}" -o "$out/test_runtime" emu/test_runtime.cpp emu/runtime.cpp -lpthread
-"$cxx" "${flags[@]}" -o "$out/test_cublaslt" emu/test_cublaslt.cpp emu/fake_cublaslt.cpp -lpthread
+"$cxx" "${flags[@]}" -o "$out/test_cublaslt" emu/test_cublaslt.cpp emu/fake_cublaslt.cpp emu/trace.cpp -lpthread
 "$out/test_runtime"
 "$out/test_cublaslt" 2>/dev/null | tail -1
 echo "$stamp" >"$out/stamp"

@@ -73,3 +73,101 @@ fn a_device_that_does_not_exist_is_a_one_line_error() {
     assert!(stderr.contains("cuda:1 does not exist: 1 GPU(s) visible (cuda:0..cuda:0)"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
+
+/// The host side of the CUDA passes, read from the emulator's call trace (emu/trace.h,
+/// summarised by scripts/emu-trace.py): on a GPU, every call that blocks the host leaves the
+/// device idle until the host queues work again, so a forward pass must queue all of its work
+/// and block once, on its copy back. Kernels are skipped (RESID_EMU_NO_KERNELS): only the calls
+/// matter here, and the outputs are meaningless.
+#[test]
+fn each_pass_blocks_the_host_once_and_each_gemm_shape_is_planned_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    let layers = 3;
+    RandomLlama {
+        arch: TestArch::Llama,
+        vocab: 512,
+        hidden: 256,
+        intermediate: 512,
+        layers,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        bias: false,
+        tie: false,
+        context: 512,
+        seed: 3,
+    }
+    .write(&model)
+    .unwrap();
+    let model_arg = model.display().to_string();
+    let input = tmp.path().join("ids.jsonl");
+    let lines: Vec<String> = (0..40)
+        .map(|i| {
+            let ids: Vec<u32> = (0..5 + (i * 37) % 96).map(|j| ((i * 131 + j * 7) % 500 + 3) as u32).collect();
+            serde_json::json!({ "ids": ids }).to_string()
+        })
+        .collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let traced = |name: &str, args: &[&str]| -> Vec<serde_json::Value> {
+        let trace = tmp.path().join(format!("{name}.trace"));
+        let run = Command::new(env!("CARGO_BIN_EXE_resid"))
+            .args(args)
+            .env("LD_LIBRARY_PATH", emulator())
+            .env("RESID_KERNEL_CACHE", tmp.path().join("kernels"))
+            .env("RESID_EMU_TRACE", &trace)
+            .env("RESID_EMU_NO_KERNELS", "1")
+            .output()
+            .expect("resid runs");
+        assert!(run.status.success(), "{name}: {}", String::from_utf8_lossy(&run.stderr));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/emu-trace.py");
+        let summary = Command::new("python3").arg(&script).arg(&trace).output().expect("python3 runs");
+        println!("{name}:\n{}", String::from_utf8_lossy(&summary.stdout));
+        let parsed = Command::new("python3").arg(&script).arg(&trace).arg("--json").output().expect("python3 runs");
+        assert!(parsed.status.success(), "{}", String::from_utf8_lossy(&parsed.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&parsed.stdout).unwrap();
+        for (shape, n) in v["heuristic_shapes"].as_object().unwrap() {
+            assert_eq!(n.as_u64(), Some(1), "{name}: cuBLASLt planned GEMM shape {shape} {n} times");
+        }
+        v["segments"].as_array().unwrap().clone()
+    };
+    let kernels = |s: &serde_json::Value| -> Vec<String> {
+        s["kernels"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect()
+    };
+    let calls = |s: &serde_json::Value, call: &str| s["calls"][call].as_u64().unwrap_or(0);
+
+    // Extraction: 40 sequences of 5..100 tokens in 256-token batches, every hidden state.
+    let out = tmp.path().join("hidden.safetensors");
+    let out_arg = out.display().to_string();
+    let input_arg = input.display().to_string();
+    let extract_args =
+        ["extract", "--model", &model_arg, "--device", "cuda", "--input", &input_arg, "--out", &out_arg, "--batch-tokens", "256", "--quiet"];
+    let segments = traced("extract", &extract_args);
+    let passes: Vec<_> = segments.iter().filter(|s| !kernels(s).is_empty()).collect();
+    assert!(passes.len() >= 8, "expected at least 8 packed passes, found {}", passes.len());
+    for p in &passes {
+        let k = kernels(p);
+        assert_eq!(k.iter().filter(|k| *k == "embedding_gather").count(), 1, "a pass blocked the host before its end: {p}");
+        assert_eq!(k.iter().filter(|k| *k == "gemm").count(), 4 * layers, "{p}");
+        // The capture plane is the one buffer a pass zeroes.
+        assert!(calls(p, "memset") <= 1, "{p}");
+    }
+    // Each hidden state is copied out on its own, after every kernel of the pass was queued
+    // (on a GPU the copies of the early layers overlap the later ones: capture_copy.rs).
+    let slot_copies = segments.iter().filter(|s| s["blocked_by"].as_str().is_some_and(|b| b.starts_with("dtoh_2d_async"))).count();
+    assert_eq!(slot_copies, passes.len() * (layers + 1), "one copy per captured hidden state per pass");
+
+    // Decode at batch 2 (the GEMV kernels), unsteered then steered at every layer.
+    let decode_args =
+        ["bench", "--model", &model_arg, "--device", "cuda", "--workload", "decode", "--batch", "2", "--steps", "6", "--quiet", "--json"];
+    let segments = traced("decode", &decode_args);
+    let steps: Vec<_> = segments.iter().filter(|s| kernels(s).iter().any(|k| k.starts_with("attn_decode"))).collect();
+    assert!(steps.len() >= 10, "expected the unsteered and steered decode steps, found {}", steps.len());
+    for s in &steps {
+        let k = kernels(s);
+        assert_eq!(k.iter().filter(|k| *k == "embedding_gather").count(), 1, "a decode step blocked the host before its end: {s}");
+        assert_eq!(s["blocked_by"].as_str(), Some("dtoh_async 8 pageable"), "a step must end in copying its 2 token ids: {s}");
+        assert_eq!(calls(s, "memset"), 0, "{s}");
+        assert!(calls(s, "htod_async") <= 3, "{s}");
+    }
+}

@@ -85,7 +85,14 @@ pub trait Backend: Send + Sync {
         self.matrix(src)
     }
     fn vector(&self, data: F32Data) -> Result<Self::Vector>;
+    /// A zeroed activation `[rows, cols]`.
     fn act(&self, rows: usize, cols: usize, kind: ActKind) -> Result<Self::Act>;
+    /// An activation `[rows, cols]` with unspecified contents, for an output that the next
+    /// operation writes in full before anything reads it: a device backend then skips the
+    /// zeroing, one memset per buffer per pass.
+    fn scratch_act(&self, rows: usize, cols: usize, kind: ActKind) -> Result<Self::Act> {
+        self.act(rows, cols, kind)
+    }
     /// An activation holding `data` (`[rows, cols]`, rounded as `kind` is stored): benchmarks
     /// time kernels on real values, not zeros (which run faster on some matrix units).
     fn act_from(&self, data: &[f32], rows: usize, cols: usize, kind: ActKind) -> Result<Self::Act>;

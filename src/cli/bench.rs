@@ -128,7 +128,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
         println!("{report}");
     } else {
         print_human(&report, "");
-        if let Some(p) = report.get("profile") {
+        if let Some(p) = report.get("profile").filter(|p| !p.is_null()) {
             print_profile(p);
         }
     }

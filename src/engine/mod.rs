@@ -150,8 +150,10 @@ impl<B: Backend> Engine<B> {
         let mut state = be.begin_pass(plan, &self.inv_freq, layout, &steering, h)?;
         be.mark("begin pass (between passes, tables)");
 
-        let mut x = be.act(rows, h, ActKind::Residual)?;
-        let mut normed = be.act(rows, h, ActKind::Hidden)?;
+        // Every activation of the pass is written in full before it is read: the embedding
+        // fills x, each residual step fills normed, each operation its output.
+        let mut x = be.scratch_act(rows, h, ActKind::Residual)?;
+        let mut normed = be.scratch_act(rows, h, ActKind::Hidden)?;
         let post_ln = c.post_ln_residual;
         let embed_norm = w.embed_norm.as_ref().map(|(weight, bias)| self.norm(weight, Some(bias)));
         be.embed(&w.embed, pass.ids, embed_norm, &mut x)?;
@@ -179,7 +181,7 @@ impl<B: Backend> Engine<B> {
         point(0, &mut state, &mut x, &mut normed)?;
 
         if last_point > 0 {
-            let hidden = |cols| be.act(rows, cols, ActKind::Hidden);
+            let hidden = |cols| be.scratch_act(rows, cols, ActKind::Hidden);
             let (mut qkv, mut q, mut attn) = (hidden(qd + 2 * kvd)?, hidden(qd)?, hidden(qd)?);
             let mlp = self.model.spec.mlp;
             let up_rows = if mlp == MlpKind::SwiGlu { 2 * inter } else { inter };
@@ -218,7 +220,7 @@ impl<B: Backend> Engine<B> {
                 gathered = be.gather_rows(&normed, pass.logits_rows)?;
                 &gathered
             };
-            let mut logits = be.act(pass.logits_rows.len(), c.vocab_size, ActKind::Logits)?;
+            let mut logits = be.scratch_act(pass.logits_rows.len(), c.vocab_size, ActKind::Logits)?;
             be.linear(last, w.lm_head(), None, &mut logits, false)?;
             be.mark("lm head");
             Some(logits)

@@ -4,6 +4,7 @@
 //!
 //! Libraries are loaded dynamically. Everything that can be missing (driver, cuBLASLt, NVRTC,
 //! a visible GPU) is checked before first use and reported as a device error, never a panic.
+mod capture_copy;
 pub mod gemm;
 pub mod modules;
 pub mod resident;
@@ -23,7 +24,7 @@ use resident::{ResidentTables, MAX_RESIDENT_TABLES};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use super::profile::OpTimes;
 use tables::{PassLayout, Segments};
 
@@ -107,6 +108,8 @@ pub struct CudaBackend {
     gemv: bool,
     /// ALiBi slopes on the device, uploaded once rather than per layer.
     alibi: Mutex<Option<(Vec<f32>, CudaSlice<f32>)>>,
+    /// The stream that copies captured rows out while the pass runs (capture_copy.rs).
+    copy_stream: OnceLock<capture_copy::CopyStream>,
 }
 
 /// Operation marks as events on the stream; resolved into times once the stream has run past
@@ -172,6 +175,8 @@ struct PassBuffers {
     /// Split-decode attention partials.
     part_o: Option<CudaSlice<f32>>,
     part_ml: Option<CudaSlice<f32>>,
+    /// Events marking when each captured slot has been written (capture_copy.rs).
+    capture_events: Vec<CudaEvent>,
 }
 
 /// A buffer of at least `n` elements (grown to a power of two so that growth is rare).
@@ -233,6 +238,8 @@ pub struct CudaPass {
     bufs: RefCell<PassBuffers>,
     /// The resident steering tables this pass's descriptors point into, kept alive until it ends.
     _resident: Vec<Arc<CudaSlice<f32>>>,
+    /// (capture slot, index into `bufs.capture_events`) for every slot a queued kernel wrote.
+    written: Vec<(usize, usize)>,
 }
 
 impl CudaPass {
@@ -317,6 +324,7 @@ impl CudaBackend {
             profiling: AtomicBool::new(false),
             marks: Mutex::new(EventMarks::default()),
             alibi: Mutex::new(None),
+            copy_stream: OnceLock::new(),
             gemv: std::env::var("RESID_CUDA_GEMV").map_or(true, |v| v != "0"),
         })
     }
@@ -366,6 +374,13 @@ impl CudaBackend {
 
     fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
         self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| Error::Device(format!("CUDA allocation of {n} elements: {e}")))
+    }
+
+    /// Memory that the caller writes before any kernel reads it: no memset queued. (The CPU
+    /// emulator fills it with NaN, so a read of an unwritten element fails the selftest.)
+    fn uninit<T: cudarc::driver::DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: plain-data device memory; every user writes it before reading (see callers).
+        unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(|e| Error::Device(format!("CUDA allocation of {n} elements: {e}")))
     }
 
     fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
@@ -424,6 +439,14 @@ impl Backend for CudaBackend {
         Ok(CudaAct { buf, rows, cols })
     }
 
+    fn scratch_act(&self, rows: usize, cols: usize, kind: ActKind) -> Result<CudaAct> {
+        let buf = match kind {
+            ActKind::Residual | ActKind::Logits => Buf::F32(self.uninit(rows * cols)?),
+            ActKind::Hidden => Buf::Bf16(self.uninit(rows * cols)?),
+        };
+        Ok(CudaAct { buf, rows, cols })
+    }
+
     fn act_from(&self, data: &[f32], rows: usize, cols: usize, kind: ActKind) -> Result<CudaAct> {
         if data.len() != rows * cols {
             return Err(Error::input(format!("{} values for a {rows}x{cols} activation", data.len())));
@@ -439,9 +462,11 @@ impl Backend for CudaBackend {
         let n = stored_layers.max(1);
         let mut k = Vec::with_capacity(n);
         let mut v = Vec::with_capacity(n);
+        // Attention reads a slot only after rope_qkv has stored it (prefill masks keys past
+        // kv_len before loading them), so the arena is not zeroed.
         for _ in 0..n {
-            k.push(self.zeros::<u16>(slots * kv_dim)?);
-            v.push(self.zeros::<u16>(slots * kv_dim)?);
+            k.push(self.uninit::<u16>(slots * kv_dim)?);
+            v.push(self.uninit::<u16>(slots * kv_dim)?);
         }
         Ok(CudaKv { stored_layers: n, k, v })
     }
@@ -516,25 +541,39 @@ impl Backend for CudaBackend {
             decode: plan.seqs.iter().all(|s| s.len == 1),
             bufs: RefCell::new(bufs),
             _resident: keep,
+            written: Vec::new(),
             plan: plan.clone(),
         })
     }
 
     fn end_pass(&self, pass: CudaPass, sink: Option<&mut CaptureSink>) -> Result<()> {
-        let CudaPass { plan, hidden: h, layout, bufs, _resident, .. } = pass;
-        let bufs = bufs.into_inner();
+        let CudaPass { plan, hidden: h, layout, bufs, _resident, written, .. } = pass;
+        let mut bufs = bufs.into_inner();
         let copied = match (&layout.capture, sink, bufs.plane.as_ref()) {
             (Some(cap), Some(sink), Some(plane)) => {
                 let n = cap.rows * cap.slots * h;
                 let src = plane.slice(..n);
-                // One device-to-host copy, straight into the output when this pass's rows are
-                // contiguous there (they are for extraction, scoring and decode steps).
+                // Straight into the output when this pass's rows are contiguous there (they are
+                // for extraction, scoring and decode steps): slot by slot, overlapping the rest
+                // of the pass (capture_copy.rs). Otherwise one copy and a host-side absorb.
                 let same_shape = sink.out.points == cap.slots && sink.out.hidden == h;
                 let direct = sink.contiguous_start(&plan, cap.rows).filter(|_| same_shape);
                 match direct {
                     Some(first) => {
                         let at = first * cap.slots * h;
-                        self.stream.memcpy_dtoh(&src, &mut sink.out.data[at..at + n]).map_err(dev_err("capture copy"))
+                        capture_copy::copy_stream(&self.copy_stream, &self.ctx).and_then(|copy| {
+                            capture_copy::copy_plane(
+                                copy,
+                                &self.stream,
+                                &mut bufs.capture_events,
+                                &written,
+                                self.ptr(plane),
+                                cap.rows,
+                                cap.slots,
+                                h,
+                                &mut sink.out.data[at..at + n],
+                            )
+                        })
                     }
                     None => {
                         let mut local = Captured::new(cap.rows, cap.slots, h, Vec::new());
@@ -548,8 +587,8 @@ impl Backend for CudaBackend {
             }
             _ => Ok(()),
         };
-        // The buffers go back to the pool even when the copy failed; the copy is synchronous,
-        // so nothing of this pass is still reading them.
+        // The buffers go back to the pool even when the copy failed; the copies have finished
+        // (or were never queued), so nothing of this pass is still reading them.
         self.pool.lock().unwrap_or_else(|p| p.into_inner()).push(bufs);
         copied
     }
@@ -851,6 +890,17 @@ impl Backend for CudaBackend {
                 cfg((c.normed.count as u32, 1, 1), row_block(hidden)),
                 &*resid, &h, &begin, &end, &dst, &weight, &norm.f32, &bias, &eps, &plane, &nseg
             );
+        }
+        let slots_written = capture_residual.into_iter().chain(capture_normed);
+        if residual_plane.is_some() || normed_plane.is_some() {
+            // From here on the slots may be copied out while later layers run.
+            let bufs = pass.bufs.get_mut();
+            let event = pass.written.iter().map(|&(_, e)| e + 1).max().unwrap_or(0);
+            while bufs.capture_events.len() <= event {
+                bufs.capture_events.push(self.ctx.new_event(None).map_err(dev_err("event creation"))?);
+            }
+            bufs.capture_events[event].record(&self.stream).map_err(dev_err("event record"))?;
+            pass.written.extend(slots_written.map(|slot| (slot, event)));
         }
         if post_ln {
             // The residual continues from the normed rows (as the model dtype holds them).
