@@ -368,6 +368,40 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
     return OK;
 }
 
+// cuLaunchKernelEx's configuration (CUlaunchConfig, CUlaunchAttribute). Of the attributes only
+// programmatic stream serialization is accepted: launches run one after another here anyway, so
+// the dependent kernel's resid_pdl_wait() (a no-op on the emulator) has nothing to wait for.
+struct LaunchAttribute {
+    int id;
+    char pad[4];
+    union {
+        char bytes[64];
+        int programmatic_stream_serialization_allowed;
+    } value;
+};
+struct LaunchConfig {
+    unsigned gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, sharedMemBytes;
+    CUstream hStream;
+    LaunchAttribute* attrs;
+    unsigned numAttrs;
+};
+enum : int { LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6 };
+
+CUresult cuLaunchKernelEx(const LaunchConfig* c, CUfunction f, void** params, void** extra) {
+    if (!c || (c->numAttrs && !c->attrs)) return INVALID_VALUE;
+    bool programmatic = false;
+    for (unsigned i = 0; i < c->numAttrs; ++i) {
+        if (c->attrs[i].id != LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION) {
+            std::fprintf(stderr, "resid CUDA emulator: launch attribute %d is not emulated\n", c->attrs[i].id);
+            return NOT_SUPPORTED;
+        }
+        programmatic = c->attrs[i].value.programmatic_stream_serialization_allowed != 0;
+    }
+    if (f) RESID_EMU_TRACE_CALL("launch_ex %s%s", f->name.c_str(), programmatic ? " programmatic" : "");
+    return cuLaunchKernel(f, c->gridDimX, c->gridDimY, c->gridDimZ, c->blockDimX, c->blockDimY, c->blockDimZ,
+                          c->sharedMemBytes, c->hStream, params, extra);
+}
+
 CUresult cuLaunchHostFunc(CUstream, void (*fn)(void*), void* data) {
     RESID_EMU_TRACE_CALL("host_func");
     fn(data);

@@ -220,3 +220,25 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, unsi
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #endif
 }
+
+// ---------------------------------------------------------------------------
+// Programmatic dependent launch (sm_90+; no-ops below and on the emulator)
+// ---------------------------------------------------------------------------
+// A kernel the host launches with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (the
+// decode GEMVs, on sm_90) may start before the kernel ahead of it in the stream has finished.
+// It must call resid_pdl_wait() before it reads anything an earlier kernel wrote (and before
+// it writes anything an earlier kernel reads); what it does before that may touch only memory
+// no kernel writes (the weights). The wait returns when the kernel ahead has completed and its
+// writes are visible. resid_pdl_trigger() lets such a dependent kernel start early (once every
+// block of this one has triggered or exited); it has no effect on kernels launched normally.
+__device__ __forceinline__ void resid_pdl_wait() {
+#if !defined(RESID_EMU) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void resid_pdl_trigger() {
+#if !defined(RESID_EMU) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}

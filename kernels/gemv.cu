@@ -15,7 +15,9 @@
 //   int out_f32              1: Y is f32, 0: Y is bf16
 //   int accumulate           1: Y += result (f32 Y only: the residual add), 0: Y = result
 // Launch: grid = (ceil(n / 8), 1, 1), block = (256, 1, 1); warp w of block b computes output
-//   column j = 8·b + w for every token row. No smem.
+//   column j = 8·b + w for every token row. No smem. On sm_90 the host may launch every entry
+//   point here with programmatic dependent launch (common.cuh): each waits for the kernel
+//   ahead before reading X or touching Y, after loading its first weights.
 // CPU reference, for t < T, j < n:
 //   r = sum_i f32(X[t, i]) · f32(W[j, i]) + (bias ? bias[j] : 0)     (f32)
 //   Y[t, j] = accumulate ? Y[t, j] + r : r    (rounded to bf16 when !out_f32)
@@ -38,7 +40,8 @@
 
 #define RESID_GEMV_WARPS 8
 
-// Weights are read exactly once per step: do not let them evict X from L1.
+// Weights are read exactly once per step: do not let them evict X from L1. They are never
+// written by a kernel, so they may be read before resid_pdl_wait().
 __device__ __forceinline__ uint4 load_streaming(const uint4* p) {
 #ifdef RESID_EMU
     return *p;
@@ -51,6 +54,19 @@ __device__ __forceinline__ uint4 load_streaming(const uint4* p) {
 #endif
 }
 
+// X is the previous kernel's output, which a GEMV launched with programmatic dependent launch
+// may start before: a plain coherent load, never the read-only (.nc) path, and only after
+// resid_pdl_wait().
+__device__ __forceinline__ uint4 load_activation(const uint4* p) {
+#ifdef RESID_EMU
+    return *p;
+#else
+    uint4 v;
+    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+    return v;
+#endif
+}
+
 template <int T>
 __device__ __forceinline__ void gemv_chunk(uint4 w, const bf16_t* __restrict__ X, int k, int c, float* acc) {
     float wf[8];
@@ -58,7 +74,7 @@ __device__ __forceinline__ void gemv_chunk(uint4 w, const bf16_t* __restrict__ X
 #pragma unroll
     for (int t = 0; t < T; ++t) {
         float xf[8];
-        unpack_bf16x8(__ldg(reinterpret_cast<const uint4*>(X + (size_t)t * k) + c), xf);
+        unpack_bf16x8(load_activation(reinterpret_cast<const uint4*>(X + (size_t)t * k) + c), xf);
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[t] = fmaf(xf[i], wf[i], acc[t]);
     }
@@ -77,13 +93,24 @@ __device__ __forceinline__ void gemv_impl(const bf16_t* __restrict__ W, const bf
 #pragma unroll
     for (int t = 0; t < T; ++t) acc[t] = 0.0f;
     int c = lane;
-    for (; c + 96 < chunks; c += 128) {
-        const uint4 w0 = load_streaming(row + c), w1 = load_streaming(row + c + 32);
-        const uint4 w2 = load_streaming(row + c + 64), w3 = load_streaming(row + c + 96);
-        gemv_chunk<T>(w0, X, k, c, acc);
-        gemv_chunk<T>(w1, X, k, c + 32, acc);
-        gemv_chunk<T>(w2, X, k, c + 64, acc);
-        gemv_chunk<T>(w3, X, k, c + 96, acc);
+    if (c + 96 < chunks) {
+        // The first round of weights is in flight before the wait: under programmatic
+        // dependent launch it overlaps the end of the kernel ahead.
+        uint4 w0 = load_streaming(row + c), w1 = load_streaming(row + c + 32);
+        uint4 w2 = load_streaming(row + c + 64), w3 = load_streaming(row + c + 96);
+        resid_pdl_wait();
+        for (;;) {
+            gemv_chunk<T>(w0, X, k, c, acc);
+            gemv_chunk<T>(w1, X, k, c + 32, acc);
+            gemv_chunk<T>(w2, X, k, c + 64, acc);
+            gemv_chunk<T>(w3, X, k, c + 96, acc);
+            c += 128;
+            if (c + 96 >= chunks) break;
+            w0 = load_streaming(row + c), w1 = load_streaming(row + c + 32);
+            w2 = load_streaming(row + c + 64), w3 = load_streaming(row + c + 96);
+        }
+    } else {
+        resid_pdl_wait();
     }
     for (; c < chunks; c += 32) gemv_chunk<T>(load_streaming(row + c), X, k, c, acc);
 #pragma unroll
@@ -108,6 +135,8 @@ template <int T>
 __device__ __forceinline__ void gemv_swiglu_impl(const bf16_t* __restrict__ W, const bf16_t* __restrict__ X,
                                                  const bf16_t* __restrict__ bias, bf16_t* __restrict__ Y,
                                                  int I, int k) {
+    // The down projection after this kernel may start (and load its weights) early.
+    resid_pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int i = blockIdx.x * RESID_GEMV_WARPS + warp;
     if (i >= I) return;  // whole warp
@@ -118,13 +147,22 @@ __device__ __forceinline__ void gemv_swiglu_impl(const bf16_t* __restrict__ W, c
 #pragma unroll
     for (int t = 0; t < T; ++t) g[t] = u[t] = 0.0f;
     int c = lane;
-    for (; c + 32 < chunks; c += 64) {
-        const uint4 g0 = load_streaming(gate + c), g1 = load_streaming(gate + c + 32);
-        const uint4 u0 = load_streaming(up + c), u1 = load_streaming(up + c + 32);
-        gemv_chunk<T>(g0, X, k, c, g);
-        gemv_chunk<T>(g1, X, k, c + 32, g);
-        gemv_chunk<T>(u0, X, k, c, u);
-        gemv_chunk<T>(u1, X, k, c + 32, u);
+    if (c + 32 < chunks) {
+        uint4 g0 = load_streaming(gate + c), g1 = load_streaming(gate + c + 32);
+        uint4 u0 = load_streaming(up + c), u1 = load_streaming(up + c + 32);
+        resid_pdl_wait();  // after the first round of weights, as in gemv_impl
+        for (;;) {
+            gemv_chunk<T>(g0, X, k, c, g);
+            gemv_chunk<T>(g1, X, k, c + 32, g);
+            gemv_chunk<T>(u0, X, k, c, u);
+            gemv_chunk<T>(u1, X, k, c + 32, u);
+            c += 64;
+            if (c + 32 >= chunks) break;
+            g0 = load_streaming(gate + c), g1 = load_streaming(gate + c + 32);
+            u0 = load_streaming(up + c), u1 = load_streaming(up + c + 32);
+        }
+    } else {
+        resid_pdl_wait();
     }
     for (; c < chunks; c += 32) {
         gemv_chunk<T>(load_streaming(gate + c), X, k, c, g);

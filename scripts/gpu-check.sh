@@ -14,7 +14,8 @@
 # through Hugging Face transformers as the paper's code uses it and through
 # `resid extract --device cuda` (weight upload time and memory from its log); prefill
 # throughput against the GEMM peak and decode tokens/s (batch 1 and 32, unsteered and steered),
-# each with a per-operation time profile (`resid bench --profile`); and the cost of steering
+# each with a per-operation time profile (`resid bench --profile`), and batch 1 again without
+# the GEMV kernel and without programmatic dependent launch (A/B); and the cost of steering
 # and of capture (`resid bench --workload steer`: batch 16, every index, prefill and decode).
 # Everything lands in OUTDIR as JSON (gpu-check.json collects it), with a short table last.
 # Sizes: GPU_CHECK_SEQS_1B (default 2048) and GPU_CHECK_SEQS_7B (default 512) sequences of
@@ -89,8 +90,17 @@ PYEOF
             log "$model: decode batch $b"
             timeout 120 "$RESID" bench --model "$dir" --device cuda --workload decode --batch "$b" --steps 64 --profile --json > "$OUT/decode-$model-b$b.json" 2>> "$OUT/gpu-check.log" || log "decode b$b failed"
         done
-        log "$model: decode batch 1 with cuBLASLt instead of the GEMV kernel (A/B)"
-        RESID_CUDA_GEMV=0 timeout 120 "$RESID" bench --model "$dir" --device cuda --workload decode --batch 1 --steps 64 --json > "$OUT/decode-$model-b1-cublaslt.json" 2>> "$OUT/gpu-check.log" || log "decode b1 cublaslt failed"
+        # The A/B runs load the model twice more: skipped when uploads are slow (session 1 took
+        # 46 s per 7B load), so that the whole check stays within its time budget.
+        slow=$("$PY" -c 'import json, sys; print(int((json.load(open(sys.argv[1])).get("upload_seconds") or 0) > 20))' "$OUT/resid-$model.json" 2>/dev/null || echo 0)
+        if [[ $slow == 1 ]]; then
+            log "$model: weight upload over 20 s: decode A/B runs skipped"
+        else
+            log "$model: decode batch 1 with cuBLASLt instead of the GEMV kernel (A/B)"
+            RESID_CUDA_GEMV=0 timeout 120 "$RESID" bench --model "$dir" --device cuda --workload decode --batch 1 --steps 64 --json > "$OUT/decode-$model-b1-cublaslt.json" 2>> "$OUT/gpu-check.log" || log "decode b1 cublaslt failed"
+            log "$model: decode batch 1 without programmatic dependent launch of the GEMVs (A/B)"
+            RESID_CUDA_PDL=0 timeout 120 "$RESID" bench --model "$dir" --device cuda --workload decode --batch 1 --steps 64 --json > "$OUT/decode-$model-b1-no-pdl.json" 2>> "$OUT/gpu-check.log" || log "decode b1 without PDL failed"
+        fi
         log "$model: steering and capture overheads (batch 16)"
         timeout 120 "$RESID" bench --model "$dir" --device cuda --workload steer --batch 16 --steps 20 --json > "$OUT/steer-$model.json" 2>> "$OUT/gpu-check.log" || log "steer overheads failed"
     else

@@ -147,7 +147,7 @@ def summary(outdir):
     rows = []
     for model in SHAPES:
         hf, rs = load(f"hf-{model}.json"), load(f"resid-{model}.json")
-        dec = {b: load(f"decode-{model}-b{b}.json") for b in (1, 32, "1-cublaslt")}
+        dec = {b: load(f"decode-{model}-b{b}.json") for b in (1, 32, "1-cublaslt", "1-no-pdl")}
         steer = load(f"steer-{model}.json")
         bench = load(f"bench-extract-{model}.json")
         doc["runs"][model] = {"hf": hf, "resid": rs, "decode": dec, "steer": steer, "bench_extract": bench}

@@ -168,6 +168,9 @@ fn each_pass_blocks_the_host_once_and_each_gemm_shape_is_planned_once() {
         assert_eq!(k.iter().filter(|k| *k == "embedding_gather").count(), 1, "a decode step blocked the host before its end: {s}");
         assert_eq!(s["blocked_by"].as_str(), Some("dtoh_async 8 pageable"), "a step must end in copying its 2 token ids: {s}");
         assert_eq!(calls(s, "memset"), 0, "{s}");
+        // The emulator reports sm_90: every GEMV (4 per layer and the LM head) goes through
+        // programmatic dependent launch.
+        assert_eq!(calls(s, "launch_ex"), 4 * layers as u64 + 1, "{s}");
         assert!(calls(s, "htod_async") <= 3, "{s}");
     }
 }

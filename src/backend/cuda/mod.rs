@@ -106,6 +106,9 @@ pub struct CudaBackend {
     marks: Mutex<EventMarks>,
     /// GEMMs of at most MAX_GEMV_ROWS rows use the GEMV kernel (`RESID_CUDA_GEMV=0`: cuBLASLt).
     gemv: bool,
+    /// The GEMV kernels are launched with programmatic dependent launch (sm_90+;
+    /// `RESID_CUDA_PDL=0` turns it off): see `launch_gemv`.
+    pdl: bool,
     /// ALiBi slopes on the device, uploaded once rather than per layer.
     alibi: Mutex<Option<(Vec<f32>, CudaSlice<f32>)>>,
     /// The stream that copies captured rows out while the pass runs (capture_copy.rs).
@@ -304,6 +307,7 @@ impl CudaBackend {
         keep_freed_memory_pooled(&ctx);
         let arch = modules::virtual_arch(info.compute_capability)?;
         let functions = modules::load_all(&ctx, arch)?;
+        let pdl = info.compute_capability.0 >= 9 && std::env::var("RESID_CUDA_PDL").map_or(true, |v| v != "0");
         let stream = ctx.default_stream();
         let workspace = stream.alloc_zeros::<u8>(gemm::Lt::workspace_bytes()).map_err(dev_err("workspace allocation"))?;
         let ws_ptr = {
@@ -326,6 +330,7 @@ impl CudaBackend {
             alibi: Mutex::new(None),
             copy_stream: OnceLock::new(),
             gemv: std::env::var("RESID_CUDA_GEMV").map_or(true, |v| v != "0"),
+            pdl,
         })
     }
 
@@ -383,6 +388,43 @@ impl CudaBackend {
         unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(|e| Error::Device(format!("CUDA allocation of {n} elements: {e}")))
     }
 
+    /// Launches a kernel of kernels/gemv.cu (256 threads per block). With `pdl`, through
+    /// programmatic dependent launch: the GEMV may start while the kernel ahead in the stream
+    /// finishes, and loads its first weights before it waits for that kernel (common.cuh). A
+    /// decode step is a chain of short kernels, so each GEMV hides a launch and a first memory
+    /// round trip this way.
+    fn launch_gemv(&self, name: &str, grid: u32, args: &mut [*mut std::ffi::c_void]) -> Result<()> {
+        use cudarc::driver::sys;
+        let f = self.f(name)?.cu_function();
+        let block = 32 * GEMV_WARPS as u32;
+        self.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
+        let launched = if self.pdl {
+            // SAFETY: a plain-data C struct; zero is a valid value of every field.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let config = sys::CUlaunchConfig {
+                gridDimX: grid,
+                gridDimY: 1,
+                gridDimZ: 1,
+                blockDimX: block,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: 0,
+                hStream: self.stream.cu_stream(),
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            // SAFETY: `args` follows the kernel's contract in kernels/gemv.cu; the kernel waits
+            // for the kernel ahead before it touches activations.
+            unsafe { sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()) }.result()
+        } else {
+            // SAFETY: as above.
+            unsafe { cudarc::driver::result::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, self.stream.cu_stream(), args) }
+        };
+        launched.map_err(|e| Error::Device(format!("kernel {name} launch: {e}")))
+    }
+
     fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
         let (p, _sync) = s.device_ptr(&self.stream);
         p
@@ -392,6 +434,11 @@ impl CudaBackend {
         let (p, _sync) = s.device_ptr_mut(&self.stream);
         p
     }
+}
+
+/// A kernel argument for a raw launch: the address of its value.
+fn arg<T>(value: &T) -> *mut std::ffi::c_void {
+    value as *const T as *mut std::ffi::c_void
 }
 
 macro_rules! launch {
@@ -413,7 +460,13 @@ impl Backend for CudaBackend {
 
     fn name(&self) -> String {
         let (a, b) = self.info.compute_capability;
-        let gemv = if self.gemv { "" } else { ", GEMV kernel off" };
+        let gemv = if !self.gemv {
+            ", GEMV kernel off"
+        } else if a >= 9 && !self.pdl {
+            ", programmatic launch off"
+        } else {
+            ""
+        };
         format!("cuda:{} ({}, sm_{a}{b}, {:.1} GiB{gemv})", self.info.ordinal, self.info.name, self.info.total_memory as f64 / (1u64 << 30) as f64)
     }
 
@@ -640,8 +693,8 @@ impl Backend for CudaBackend {
             let (out_f32, acc) = ((ty == gemm::OutType::F32) as i32, accumulate as i32);
             let bias = bias.unwrap_or(0);
             let grid = w.rows.div_ceil(GEMV_WARPS) as u32;
-            launch!(self, name, cfg((grid, 1, 1), 32 * GEMV_WARPS as u32), &wp, &xp, &bias, &dp, &n, &k, &out_f32, &acc);
-            return Ok(());
+            let mut args = [arg(&wp), arg(&xp), arg(&bias), arg(&dp), arg(&n), arg(&k), arg(&out_f32), arg(&acc)];
+            return self.launch_gemv(name, grid, &mut args);
         }
         self.blas.matmul(self.stream.cu_stream() as _, wp, xp, dp, bias, w.rows, x.rows, w.cols, ty, accumulate)
     }
@@ -789,8 +842,9 @@ impl Backend for CudaBackend {
         let (inter, k) = ((w.rows / 2) as i32, w.cols as i32);
         let bias = b.map_or(0, |b| self.ptr(&b.bf16));
         let grid = (w.rows / 2).div_ceil(GEMV_WARPS) as u32;
-        launch!(self, name, cfg((grid, 1, 1), 32 * GEMV_WARPS as u32), &w.w, xs, &bias, o, &inter, &k);
-        Ok(())
+        let (wp, xp, op) = (self.ptr(&w.w), self.ptr(xs), self.ptr_mut(o));
+        let mut args = [arg(&wp), arg(&xp), arg(&bias), arg(&op), arg(&inter), arg(&k)];
+        self.launch_gemv(name, grid, &mut args)
     }
 
     fn residual_step(
