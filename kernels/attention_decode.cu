@@ -64,7 +64,7 @@ __device__ __forceinline__ void attn_decode_impl(
     __shared__ __align__(8) float red[NPART][GM][HD];
     __shared__ float sm_m[GM], sm_l[GM];
 
-    resid_pdl_trigger();  // the output projection may launch early (common.cuh)
+    resid_pdl_prologue();
     const int s = blockIdx.z, split = blockIdx.x;
     if (s >= nseq) return;
     const int kvl = kv_len[s];
@@ -211,7 +211,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 attn_decode_reduce(const float* __restrict__ part_o, const float* __restrict__ part_ml,
                    const int* __restrict__ kv_len, bf16_t* __restrict__ out, int nseq, int nq,
                    int hd, int max_splits) {
-    resid_pdl_trigger();  // the output projection may launch early (common.cuh)
+    resid_pdl_prologue();
     const int h = blockIdx.x, s = blockIdx.y;
     if (s >= nseq || h >= nq) return;
     const int nsplit = (kv_len[s] + RESID_DEC_SPLIT - 1) / RESID_DEC_SPLIT;

@@ -62,6 +62,7 @@ __device__ __forceinline__ void attn_prefill_impl(
     __shared__ __align__(16) bf16_t Ks[BN * LDS];
     __shared__ __align__(16) bf16_t Vs[BN * LDS];
 
+    resid_pdl_prologue();
     const int s = blockIdx.z, h = blockIdx.y, mt = blockIdx.x;
     if (s >= nseq) return;
     const int q0 = cu_seqlens[s];

@@ -163,6 +163,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 capture_norm_rms(const float* resid, int H, const int* seg_begin, const int* seg_end,
                  const int* seg_dst, const float* seg_weight, const float* norm_w,
                  const float* norm_b, float eps, float* out, int nseg) {
+    resid_pdl_prologue();
     capture_norm_dispatch<RESID_NORM_RMS>(resid, H, seg_begin, seg_end, seg_dst, seg_weight,
                                           norm_w, norm_b, eps, out, nseg);
 }
@@ -171,6 +172,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 capture_norm_ln(const float* resid, int H, const int* seg_begin, const int* seg_end,
                 const int* seg_dst, const float* seg_weight, const float* norm_w,
                 const float* norm_b, float eps, float* out, int nseg) {
+    resid_pdl_prologue();
     capture_norm_dispatch<RESID_NORM_LAYER>(resid, H, seg_begin, seg_end, seg_dst, seg_weight,
                                             norm_w, norm_b, eps, out, nseg);
 }

@@ -224,8 +224,8 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, unsi
 // ---------------------------------------------------------------------------
 // Programmatic dependent launch (sm_90+; no-ops below and on the emulator)
 // ---------------------------------------------------------------------------
-// A kernel the host launches with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (the
-// decode GEMVs, on sm_90) may start before the kernel ahead of it in the stream has finished.
+// A kernel the host launches with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (every
+// kernel, on sm_90) may start before the kernel ahead of it in the stream has finished.
 // It must call resid_pdl_wait() before it reads anything an earlier kernel wrote (and before
 // it writes anything an earlier kernel reads); what it does before that may touch only memory
 // no kernel writes (the weights). The wait returns when the kernel ahead has completed and its
@@ -241,4 +241,15 @@ __device__ __forceinline__ void resid_pdl_trigger() {
 #if !defined(RESID_EMU) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" :::);
 #endif
+}
+
+// The first statement of every kernel but the GEMVs (which load weights before they wait): on
+// sm_90 the host launches every kernel with programmatic dependent launch, so each waits for the
+// kernel ahead before touching memory, and lets the kernel behind it launch meanwhile. A grid
+// in which any thread waits completes only after the kernel ahead has (here every thread
+// waits, except the GEMVs' idle warps, whose block 0 always waits), so waiting on the kernel
+// just ahead covers all earlier ones too.
+__device__ __forceinline__ void resid_pdl_prologue() {
+    resid_pdl_wait();
+    resid_pdl_trigger();
 }

@@ -9,6 +9,7 @@
 
 extern "C" __global__ void __launch_bounds__(1024)
 bf16_to_f32(const bf16_t* __restrict__ in, float* __restrict__ out, int n) {
+    resid_pdl_prologue();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         out[i] = bf16_to_f32(in[i]);
     }

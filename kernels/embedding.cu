@@ -27,6 +27,7 @@
 extern "C" __global__ void __launch_bounds__(1024)
 embedding_gather(const bf16_t* __restrict__ table, const int* __restrict__ ids,
                  float* __restrict__ resid, int T, int H, int vocab, float scale) {
+    resid_pdl_prologue();
     const int t = blockIdx.x;
     if (t >= T) return;
     const int id = ids[t];
@@ -102,6 +103,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 embedding_gather_ln(const bf16_t* __restrict__ table, const int* __restrict__ ids,
                     float* __restrict__ resid, int T, int H, int vocab, float scale,
                     const bf16_t* __restrict__ ln_w, const bf16_t* __restrict__ ln_b, float eps) {
+    resid_pdl_prologue();
     row_guard(H);
     const int t = blockIdx.x;
     if (t >= T) return;

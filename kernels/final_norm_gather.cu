@@ -44,11 +44,13 @@ __device__ __forceinline__ void final_norm_gather_impl(const float* __restrict__
 extern "C" __global__ void __launch_bounds__(1024)
 final_norm_gather_rms(const float* resid, const int* rows, const bf16_t* norm_w,
                       const bf16_t* norm_b, float eps, bf16_t* out, int H, int nrows) {
+    resid_pdl_prologue();
     final_norm_gather_impl<RESID_NORM_RMS>(resid, rows, norm_w, norm_b, eps, out, H, nrows);
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
 final_norm_gather_ln(const float* resid, const int* rows, const bf16_t* norm_w,
                      const bf16_t* norm_b, float eps, bf16_t* out, int H, int nrows) {
+    resid_pdl_prologue();
     final_norm_gather_impl<RESID_NORM_LAYER>(resid, rows, norm_w, norm_b, eps, out, H, nrows);
 }

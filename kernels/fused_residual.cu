@@ -155,7 +155,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 fused_residual_rms(float* resid, int T, int H, const int* steer_slot,
                    const steer_slot_t* steer_table, const int* capture_row, float* capture_buf,
                    const bf16_t* norm_w, const bf16_t* norm_b, float eps, bf16_t* norm_out) {
-    resid_pdl_trigger();  // the GEMV that reads norm_out may launch early (common.cuh)
+    resid_pdl_prologue();
     fused_residual_dispatch<RESID_NORM_RMS>(resid, T, H, steer_slot, steer_table, capture_row,
                                             capture_buf, norm_w, norm_b, eps, norm_out);
 }
@@ -164,7 +164,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 fused_residual_ln(float* resid, int T, int H, const int* steer_slot,
                   const steer_slot_t* steer_table, const int* capture_row, float* capture_buf,
                   const bf16_t* norm_w, const bf16_t* norm_b, float eps, bf16_t* norm_out) {
-    resid_pdl_trigger();  // the GEMV that reads norm_out may launch early (common.cuh)
+    resid_pdl_prologue();
     fused_residual_dispatch<RESID_NORM_LAYER>(resid, T, H, steer_slot, steer_table, capture_row,
                                               capture_buf, norm_w, norm_b, eps, norm_out);
 }

@@ -21,6 +21,7 @@ __device__ __forceinline__ float gelu_tanh_f32(float x) {
 
 extern "C" __global__ void __launch_bounds__(1024)
 gelu_tanh_bias(const bf16_t* in, const bf16_t* __restrict__ bias, bf16_t* out, int T, int I) {
+    resid_pdl_prologue();
     const size_t stride = (size_t)gridDim.x * blockDim.x;
     const size_t tid0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if ((I & 7) == 0) {

@@ -15,9 +15,9 @@
 //   int out_f32              1: Y is f32, 0: Y is bf16
 //   int accumulate           1: Y += result (f32 Y only: the residual add), 0: Y = result
 // Launch: grid = (ceil(n / 8), 1, 1), block = (256, 1, 1); warp w of block b computes output
-//   column j = 8·b + w for every token row. No smem. On sm_90 the host may launch every entry
-//   point here with programmatic dependent launch (common.cuh): each waits for the kernel
-//   ahead before reading X or touching Y, after loading its first weights.
+//   column j = 8·b + w for every token row. No smem. On sm_90 the host launches every entry
+//   point here with programmatic dependent launch (common.cuh): unlike the other kernels, each
+//   loads its first weights before it waits for the kernel ahead, then reads X and touches Y.
 // CPU reference, for t < T, j < n:
 //   r = sum_i f32(X[t, i]) · f32(W[j, i]) + (bias ? bias[j] : 0)     (f32)
 //   Y[t, j] = accumulate ? Y[t, j] + r : r    (rounded to bf16 when !out_f32)
@@ -84,9 +84,13 @@ template <int T>
 __device__ __forceinline__ void gemv_impl(const bf16_t* __restrict__ W, const bf16_t* __restrict__ X,
                                           const void* __restrict__ bias, void* __restrict__ Y, int n,
                                           int k, int out_f32, int accumulate) {
+    resid_pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int j = blockIdx.x * RESID_GEMV_WARPS + warp;
-    if (j >= n) return;  // the whole warp leaves together: the butterfly below stays full
+    // The whole warp leaves together (the butterfly below stays full), without waiting: warp 0
+    // of block 0 always has a column and waits, so the grid still completes after the kernel
+    // ahead (common.cuh).
+    if (j >= n) return;
     const int chunks = k >> 3;
     const uint4* row = reinterpret_cast<const uint4*>(W + (size_t)j * k);
     float acc[T];
@@ -135,11 +139,10 @@ template <int T>
 __device__ __forceinline__ void gemv_swiglu_impl(const bf16_t* __restrict__ W, const bf16_t* __restrict__ X,
                                                  const bf16_t* __restrict__ bias, bf16_t* __restrict__ Y,
                                                  int I, int k) {
-    // The down projection after this kernel may start (and load its weights) early.
     resid_pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int i = blockIdx.x * RESID_GEMV_WARPS + warp;
-    if (i >= I) return;  // whole warp
+    if (i >= I) return;  // whole warp; column 0 waits (see gemv_impl)
     const int chunks = k >> 3;
     const uint4* gate = reinterpret_cast<const uint4*>(W + (size_t)i * k);
     const uint4* up = reinterpret_cast<const uint4*>(W + (size_t)(I + i) * k);

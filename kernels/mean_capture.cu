@@ -42,6 +42,7 @@ mean_capture(const float* __restrict__ resid, int H, const int* __restrict__ seg
              const int* __restrict__ seg_end, const int* __restrict__ seg_dst,
              const float* __restrict__ seg_weight, float* __restrict__ mean_buf, int accumulate,
              int nseg) {
+    resid_pdl_prologue();
     const int s = blockIdx.y;
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (s >= nseg || c >= H) return;

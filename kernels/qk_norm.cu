@@ -19,6 +19,7 @@
 extern "C" __global__ void __launch_bounds__(1024)
 qk_norm(bf16_t* __restrict__ qkv, const bf16_t* __restrict__ bias, const bf16_t* __restrict__ q_w,
         const bf16_t* __restrict__ k_w, float eps, int T, int nq, int nkv, int hd) {
+    resid_pdl_prologue();
     const int t = blockIdx.x;
     if (t >= T) return;
     const int lane = threadIdx.x & 31;

@@ -65,6 +65,7 @@ rope_qkv(const bf16_t* __restrict__ qkv, const bf16_t* __restrict__ bias,
          int rot_dim, const int* __restrict__ kv_slot, bf16_t* __restrict__ q_out,
          bf16_t* __restrict__ k_cache, bf16_t* __restrict__ v_cache, int T, int nq, int nkv,
          int hd) {
+    resid_pdl_prologue();
     __shared__ float s_cos[RESID_ROPE_MAX_HALF], s_sin[RESID_ROPE_MAX_HALF];
     const int t = blockIdx.x;
     if (t >= T) return;

@@ -95,6 +95,7 @@ __device__ __forceinline__ int block_argmax(const float* x, int V) {
 
 extern "C" __global__ void __launch_bounds__(1024)
 argmax_rows(const float* __restrict__ logits, int V, int* __restrict__ out_ids, int nrows) {
+    resid_pdl_prologue();
     const int r = blockIdx.x;
     if (r >= nrows) return;
     const int idx = block_argmax(logits + (size_t)r * V, V);
@@ -105,6 +106,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 sample_rows(const float* logits, int V, float* work, const float* __restrict__ temperature,
             const float* __restrict__ top_p, const float* __restrict__ uniform,
             int* __restrict__ out_ids, int nrows) {
+    resid_pdl_prologue();
     const int r = blockIdx.x;
     if (r >= nrows) return;
     const float* x = logits + (size_t)r * V;

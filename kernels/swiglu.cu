@@ -18,6 +18,7 @@
 
 extern "C" __global__ void __launch_bounds__(1024)
 swiglu(const bf16_t* __restrict__ gate_up, bf16_t* __restrict__ out, int T, int I) {
+    resid_pdl_prologue();
     const size_t stride = (size_t)gridDim.x * blockDim.x;
     const size_t tid0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if ((I & 7) == 0) {

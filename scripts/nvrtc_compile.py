@@ -13,9 +13,11 @@ NVRTC_OPTS plus --gpu-architecture=compute_XX. The PTX is assembled with
 `ptxas -v -arch=sm_XX`, whose resource report is parsed into one table row
 per (entry point, arch).
 
-Exit status: 0 when everything compiles without warnings and no entry point
+Exit status: 0 when everything compiles without warnings, no entry point
 spills or uses local memory (stack frame) unless it is listed in the
-allowlist; 1 otherwise; 2 on usage / environment errors.
+allowlist, and every sm_90+ entry point executes griddepcontrol.wait (the
+host launches all kernels with programmatic dependent launch there); 1
+otherwise; 2 on usage / environment errors.
 """
 import argparse
 import concurrent.futures as cf
@@ -99,6 +101,18 @@ def parse_ptxas(text):
     return rows
 
 
+def entries_without_pdl_wait(ptx):
+    """Entry points of an sm_90+ PTX module that never execute griddepcontrol.wait. The host
+    launches every kernel with programmatic dependent launch there, so each must wait for the
+    kernel ahead (kernels/common.cuh, resid_pdl_prologue)."""
+    missing = []
+    for m in re.finditer(r"\.entry\s+([A-Za-z_][A-Za-z_0-9]*)", ptx):
+        end = ptx.find(".entry", m.end())
+        if "griddepcontrol.wait" not in ptx[m.end():end if end >= 0 else len(ptx)]:
+            missing.append(m.group(1))
+    return missing
+
+
 def load_allowlist(path):
     allow = {}
     if path and os.path.exists(path):
@@ -171,6 +185,7 @@ def main():
         if p.returncode != 0:
             res["ok"] = False
         res["rows"] = parse_ptxas(p.stdout)
+        res["no_wait"] = entries_without_pdl_wait(ptx.decode(errors="replace")) if int(arch) >= 90 else []
         for r in res["rows"]:
             r["file"] = fname
         res["secs"] = time.time() - t0
@@ -191,6 +206,10 @@ def main():
         elif "warning" in r["ptxas_log"].lower():
             failed = True
             print(f"\n=== PTXAS WARNINGS: {r['file']} sm_{r['arch']} ===\n{r['ptxas_log']}")
+        for ent in r.get("no_wait", []):
+            failed = True
+            print(f"\n=== {r['file']} sm_{r['arch']}: entry {ent} never waits for the kernel ahead "
+                  "(begin it with resid_pdl_prologue(), kernels/common.cuh) ===")
 
     rows = [row for r in results for row in r["rows"]]
     rows.sort(key=lambda x: (x["file"], x["entry"], x["arch"]))

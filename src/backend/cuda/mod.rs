@@ -19,7 +19,7 @@ use crate::engine::sample::SampleParams;
 use crate::engine::steer::PointSteering;
 use crate::error::{Error, Result};
 use crate::model::weights::{F32Data, MatrixSource};
-use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
 use resident::{ResidentTables, MAX_RESIDENT_TABLES};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -388,39 +388,41 @@ impl CudaBackend {
         unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(|e| Error::Device(format!("CUDA allocation of {n} elements: {e}")))
     }
 
-    /// Launches a kernel of kernels/gemv.cu (256 threads per block). With `pdl`, through
-    /// programmatic dependent launch: the GEMV may start while the kernel ahead in the stream
-    /// finishes, and loads its first weights before it waits for that kernel (common.cuh). A
-    /// decode step is a chain of short kernels, so each GEMV hides a launch and a first memory
-    /// round trip this way.
-    fn launch_gemv(&self, name: &str, grid: u32, args: &mut [*mut std::ffi::c_void]) -> Result<()> {
+    /// Launches kernel `name` with its arguments as words (`KernelArg`). With `pdl`, through
+    /// programmatic dependent launch: the kernel may start while the one ahead of it in the
+    /// stream finishes, and waits for it inside (kernels/common.cuh: every kernel begins with
+    /// `resid_pdl_prologue`; the GEMVs load their first weights before they wait). A decode step
+    /// is a chain of short kernels, so each one hides its launch, and each GEMV a first memory
+    /// round trip, behind the kernel ahead.
+    fn launch_words(&self, name: &str, cfg: LaunchConfig, words: &[u64]) -> Result<()> {
         use cudarc::driver::sys;
         let f = self.f(name)?.cu_function();
-        let block = 32 * GEMV_WARPS as u32;
+        let mut args: Vec<*mut std::ffi::c_void> = words.iter().map(|w| w as *const u64 as *mut std::ffi::c_void).collect();
         self.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
+        let (grid, block) = (cfg.grid_dim, cfg.block_dim);
         let launched = if self.pdl {
             // SAFETY: a plain-data C struct; zero is a valid value of every field.
             let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
             attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
             attr.value.programmaticStreamSerializationAllowed = 1;
             let config = sys::CUlaunchConfig {
-                gridDimX: grid,
-                gridDimY: 1,
-                gridDimZ: 1,
-                blockDimX: block,
-                blockDimY: 1,
-                blockDimZ: 1,
-                sharedMemBytes: 0,
+                gridDimX: grid.0,
+                gridDimY: grid.1,
+                gridDimZ: grid.2,
+                blockDimX: block.0,
+                blockDimY: block.1,
+                blockDimZ: block.2,
+                sharedMemBytes: cfg.shared_mem_bytes,
                 hStream: self.stream.cu_stream(),
                 attrs: &mut attr,
                 numAttrs: 1,
             };
-            // SAFETY: `args` follows the kernel's contract in kernels/gemv.cu; the kernel waits
-            // for the kernel ahead before it touches activations.
+            // SAFETY: the words follow the kernel's contract in kernels/*.cu (the `launch!`
+            // callers), and every kernel waits for the one ahead before touching activations.
             unsafe { sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()) }.result()
         } else {
             // SAFETY: as above.
-            unsafe { cudarc::driver::result::launch_kernel(f, (grid, 1, 1), (block, 1, 1), 0, self.stream.cu_stream(), args) }
+            unsafe { cudarc::driver::result::launch_kernel(f, grid, block, cfg.shared_mem_bytes, self.stream.cu_stream(), &mut args) }
         };
         launched.map_err(|e| Error::Device(format!("kernel {name} launch: {e}")))
     }
@@ -436,18 +438,44 @@ impl CudaBackend {
     }
 }
 
-/// A kernel argument for a raw launch: the address of its value.
-fn arg<T>(value: &T) -> *mut std::ffi::c_void {
-    value as *const T as *mut std::ffi::c_void
+/// A kernel argument as the 8-byte word the driver copies it from: a device address, or a
+/// 4-byte scalar in the low bytes (the driver reads each parameter's own size, and the words
+/// are little-endian).
+trait KernelArg {
+    fn word(self, be: &CudaBackend) -> u64;
+}
+impl<T> KernelArg for &CudaSlice<T> {
+    fn word(self, be: &CudaBackend) -> u64 {
+        be.ptr(self)
+    }
+}
+impl<T> KernelArg for &mut CudaSlice<T> {
+    fn word(self, be: &CudaBackend) -> u64 {
+        be.ptr_mut(self)
+    }
+}
+impl KernelArg for &u64 {
+    fn word(self, _: &CudaBackend) -> u64 {
+        *self
+    }
+}
+impl KernelArg for &i32 {
+    fn word(self, _: &CudaBackend) -> u64 {
+        *self as u32 as u64
+    }
+}
+impl KernelArg for &f32 {
+    fn word(self, _: &CudaBackend) -> u64 {
+        self.to_bits() as u64
+    }
 }
 
+/// Launches kernel `$name` of kernels/*.cu with the listed arguments (device buffers, device
+/// addresses as u64, i32 and f32 scalars), in the order of its contract there.
 macro_rules! launch {
     ($be:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
-        let f = $be.f($name)?;
-        let mut b = $be.stream.launch_builder(f);
-        $( b.arg($arg); )*
-        // SAFETY: argument lists follow the kernel contracts in kernels/*.cu.
-        unsafe { b.launch($cfg) }.map_err(|e| Error::Device(format!("kernel {} launch: {e}", $name)))?;
+        let words = [$( KernelArg::word($arg, $be) ),*];
+        $be.launch_words($name, $cfg, &words)?;
     }};
 }
 
@@ -656,18 +684,9 @@ impl Backend for CudaBackend {
                 if n.kind != NormKind::Layer {
                     return Err(Error::Device("only a LayerNorm on the embeddings has a CUDA kernel".into()));
                 }
-                let null = 0u64;
-                let f = self.f("embedding_gather_ln")?;
-                let mut b = self.stream.launch_builder(f);
-                b.arg(&table.w).arg(&ids_dev).arg(resid).arg(&t).arg(&h).arg(&vocab).arg(&scale).arg(&n.weight.bf16);
-                match n.bias {
-                    Some(bias) => b.arg(&bias.bf16),
-                    None => b.arg(&null),
-                };
-                b.arg(&n.eps);
-                // SAFETY: argument list follows kernels/embedding.cu.
-                unsafe { b.launch(cfg((ids.len() as u32, 1, 1), row_block(table.cols))) }
-                    .map_err(|e| Error::Device(format!("kernel embedding_gather_ln launch: {e}")))?;
+                let bias = n.bias.map_or(0, |b| self.ptr(&b.bf16));
+                let block = cfg((ids.len() as u32, 1, 1), row_block(table.cols));
+                launch!(self, "embedding_gather_ln", block, &table.w, &ids_dev, resid, &t, &h, &vocab, &scale, &n.weight.bf16, &bias, &n.eps);
             }
         }
         Ok(())
@@ -693,8 +712,8 @@ impl Backend for CudaBackend {
             let (out_f32, acc) = ((ty == gemm::OutType::F32) as i32, accumulate as i32);
             let bias = bias.unwrap_or(0);
             let grid = w.rows.div_ceil(GEMV_WARPS) as u32;
-            let mut args = [arg(&wp), arg(&xp), arg(&bias), arg(&dp), arg(&n), arg(&k), arg(&out_f32), arg(&acc)];
-            return self.launch_gemv(name, grid, &mut args);
+            launch!(self, name, cfg((grid, 1, 1), 32 * GEMV_WARPS as u32), &wp, &xp, &bias, &dp, &n, &k, &out_f32, &acc);
+            return Ok(());
         }
         self.blas.matmul(self.stream.cu_stream() as _, wp, xp, dp, bias, w.rows, x.rows, w.cols, ty, accumulate)
     }
@@ -720,39 +739,24 @@ impl Backend for CudaBackend {
             Some((qn, kn, eps)) => {
                 normed_qkv = self.stream.clone_dtod(qkv_s).map_err(dev_err("device copy"))?;
                 let (t, nq, nkv, hd) = (pass.rows as i32, heads.q_heads as i32, heads.kv_heads as i32, heads.head_dim as i32);
-                let null = 0u64;
-                let f = self.f("qk_norm")?;
-                let mut b = self.stream.launch_builder(f);
-                b.arg(&mut normed_qkv);
-                match bias {
-                    Some(bias) => b.arg(&bias.bf16),
-                    None => b.arg(&null),
-                };
-                b.arg(&qn.bf16).arg(&kn.bf16).arg(&eps).arg(&t).arg(&nq).arg(&nkv).arg(&hd);
-                // SAFETY: argument list follows kernels/qk_norm.cu.
-                unsafe { b.launch(cfg((pass.rows as u32, 1, 1), 256)) }.map_err(|e| Error::Device(format!("kernel qk_norm launch: {e}")))?;
+                let bias = bias.map_or(0, |b| self.ptr(&b.bf16));
+                launch!(self, "qk_norm", cfg((pass.rows as u32, 1, 1), 256), &mut normed_qkv, &bias, &qn.bf16, &kn.bf16, &eps, &t, &nq, &nkv, &hd);
                 (&normed_qkv, None)
             }
         };
         let l = layer % kv.stored_layers;
-        let null = 0u64;
         let (mscale, rot, t, nq, nkv, hd) = (1.0f32, heads.head_dim as i32, pass.rows as i32, heads.q_heads as i32, heads.kv_heads as i32, heads.head_dim as i32);
         let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
-        let f = self.f("rope_qkv")?;
-        let mut b = self.stream.launch_builder(f);
-        b.arg(qkv_s);
-        match bias {
-            Some(bias) => b.arg(&bias.bf16),
-            None => b.arg(&null),
-        };
+        let bias = bias.map_or(0, |b| self.ptr(&b.bf16));
         let (positions, kv_slot) = (pass.at(pass.layout.positions), pass.at(pass.layout.kv_slot));
         // No table (ALiBi models) reaches the kernel as null: "rotate nothing".
         let inv_freq = pass.layout.inv_freq.map_or(0, |o| pass.at(o));
-        b.arg(&positions).arg(&inv_freq);
-        b.arg(&mscale).arg(&rot).arg(&kv_slot).arg(q_s).arg(k_cache).arg(v_cache);
-        b.arg(&t).arg(&nq).arg(&nkv).arg(&hd);
-        // SAFETY: argument list follows kernels/rope.cu.
-        unsafe { b.launch(cfg((pass.rows as u32, 1, 1), 256)) }.map_err(|e| Error::Device(format!("kernel rope_qkv launch: {e}")))?;
+        launch!(
+            self,
+            "rope_qkv",
+            cfg((pass.rows as u32, 1, 1), 256),
+            qkv_s, &bias, &positions, &inv_freq, &mscale, &rot, &kv_slot, q_s, k_cache, v_cache, &t, &nq, &nkv, &hd
+        );
         Ok(())
     }
 
@@ -842,9 +846,8 @@ impl Backend for CudaBackend {
         let (inter, k) = ((w.rows / 2) as i32, w.cols as i32);
         let bias = b.map_or(0, |b| self.ptr(&b.bf16));
         let grid = (w.rows / 2).div_ceil(GEMV_WARPS) as u32;
-        let (wp, xp, op) = (self.ptr(&w.w), self.ptr(xs), self.ptr_mut(o));
-        let mut args = [arg(&wp), arg(&xp), arg(&bias), arg(&op), arg(&inter), arg(&k)];
-        self.launch_gemv(name, grid, &mut args)
+        launch!(self, name, cfg((grid, 1, 1), 32 * GEMV_WARPS as u32), &w.w, xs, &bias, o, &inter, &k);
+        Ok(())
     }
 
     fn residual_step(
@@ -900,22 +903,13 @@ impl Backend for CudaBackend {
             },
             None => (null, null),
         };
-        {
-            let f = self.f(kernel)?;
-            let mut b = self.stream.launch_builder(f);
-            b.arg(&mut *resid).arg(&t).arg(&h);
-            b.arg(&steer_slot).arg(&steer_table);
-            b.arg(&capture_row).arg(&capture_buf);
-            b.arg(&norm.bf16);
-            match norm_bias {
-                Some(bias) => b.arg(&bias.bf16),
-                None => b.arg(&null),
-            };
-            b.arg(&eps).arg(&mut *norm_out);
-            // SAFETY: argument list follows kernels/fused_residual.cu.
-            unsafe { b.launch(cfg((pass.rows as u32, 1, 1), row_block(hidden))) }
-                .map_err(|e| Error::Device(format!("kernel {kernel} launch: {e}")))?;
-        }
+        let bias = norm_bias.map_or(null, |b| self.ptr(&b.bf16));
+        launch!(
+            self,
+            kernel,
+            cfg((pass.rows as u32, 1, 1), row_block(hidden)),
+            &mut *resid, &t, &h, &steer_slot, &steer_table, &capture_row, &capture_buf, &norm.bf16, &bias, &eps, &mut *norm_out
+        );
         if let Some((plane, c)) = residual_plane {
             if let Some(m) = c.mean {
                 let nseg = m.count as i32;
