@@ -397,7 +397,14 @@ CUresult cuLaunchKernelEx(const LaunchConfig* c, CUfunction f, void** params, vo
         }
         programmatic = c->attrs[i].value.programmatic_stream_serialization_allowed != 0;
     }
+    // RESID_EMU_REFUSE_PDL=1 plays a driver that refuses programmatic launches (the backend's
+    // fallback is tested with it).
+    static const bool refuse = [] {
+        const char* e = std::getenv("RESID_EMU_REFUSE_PDL");
+        return e && *e && std::strcmp(e, "0") != 0;
+    }();
     if (f) RESID_EMU_TRACE_CALL("launch_ex %s%s", f->name.c_str(), programmatic ? " programmatic" : "");
+    if (programmatic && refuse) return NOT_SUPPORTED;
     return cuLaunchKernel(f, c->gridDimX, c->gridDimY, c->gridDimZ, c->blockDimX, c->blockDimY, c->blockDimZ,
                           c->sharedMemBytes, c->hStream, params, extra);
 }

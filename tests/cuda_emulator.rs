@@ -174,3 +174,45 @@ fn each_pass_blocks_the_host_once_and_each_gemm_shape_is_planned_once() {
         assert!(calls(s, "htod_async") <= 3, "{s}");
     }
 }
+
+/// A driver that refuses programmatic dependent launch costs speed, not the run: the backend
+/// says so once and launches normally.
+#[test]
+fn a_refused_programmatic_launch_falls_back_to_a_plain_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    RandomLlama {
+        arch: TestArch::Llama,
+        vocab: 128,
+        hidden: 128,
+        intermediate: 256,
+        layers: 1,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 64,
+        bias: false,
+        tie: true,
+        context: 64,
+        seed: 5,
+    }
+    .write(&model)
+    .unwrap();
+    let model_arg = model.display().to_string();
+    let trace = tmp.path().join("trace");
+    let run = Command::new(env!("CARGO_BIN_EXE_resid"))
+        .args(["bench", "--model", &model_arg, "--device", "cuda", "--workload", "decode", "--steps", "3", "--quiet", "--json"])
+        .env("LD_LIBRARY_PATH", emulator())
+        .env("RESID_KERNEL_CACHE", tmp.path().join("kernels"))
+        .env("RESID_EMU_REFUSE_PDL", "1")
+        .env("RESID_EMU_TRACE", &trace)
+        .output()
+        .expect("resid runs");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("launching kernels without it").count(), 1, "{stderr}");
+    // After the first refusal every kernel is launched the plain way.
+    let trace = std::fs::read_to_string(&trace).unwrap();
+    let programmatic = trace.lines().filter(|l| l.contains(" launch_ex ")).count();
+    assert_eq!(programmatic, 1, "only the refused launch tried programmatic launch");
+    assert!(trace.lines().filter(|l| l.contains(" launch ")).count() > 10);
+}

@@ -106,9 +106,9 @@ pub struct CudaBackend {
     marks: Mutex<EventMarks>,
     /// GEMMs of at most MAX_GEMV_ROWS rows use the GEMV kernel (`RESID_CUDA_GEMV=0`: cuBLASLt).
     gemv: bool,
-    /// The GEMV kernels are launched with programmatic dependent launch (sm_90+;
-    /// `RESID_CUDA_PDL=0` turns it off): see `launch_gemv`.
-    pdl: bool,
+    /// Kernels are launched with programmatic dependent launch (sm_90+; `RESID_CUDA_PDL=0`
+    /// turns it off; cleared if the driver refuses such a launch): see `launch_words`.
+    pdl: AtomicBool,
     /// ALiBi slopes on the device, uploaded once rather than per layer.
     alibi: Mutex<Option<(Vec<f32>, CudaSlice<f32>)>>,
     /// The stream that copies captured rows out while the pass runs (capture_copy.rs).
@@ -330,7 +330,7 @@ impl CudaBackend {
             alibi: Mutex::new(None),
             copy_stream: OnceLock::new(),
             gemv: std::env::var("RESID_CUDA_GEMV").map_or(true, |v| v != "0"),
-            pdl,
+            pdl: AtomicBool::new(pdl),
         })
     }
 
@@ -400,7 +400,7 @@ impl CudaBackend {
         let mut args: Vec<*mut std::ffi::c_void> = words.iter().map(|w| w as *const u64 as *mut std::ffi::c_void).collect();
         self.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
         let (grid, block) = (cfg.grid_dim, cfg.block_dim);
-        let launched = if self.pdl {
+        if self.pdl.load(Ordering::Relaxed) {
             // SAFETY: a plain-data C struct; zero is a valid value of every field.
             let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
             attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
@@ -419,12 +419,19 @@ impl CudaBackend {
             };
             // SAFETY: the words follow the kernel's contract in kernels/*.cu (the `launch!`
             // callers), and every kernel waits for the one ahead before touching activations.
-            unsafe { sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()) }.result()
-        } else {
-            // SAFETY: as above.
-            unsafe { cudarc::driver::result::launch_kernel(f, grid, block, cfg.shared_mem_bytes, self.stream.cu_stream(), &mut args) }
-        };
-        launched.map_err(|e| Error::Device(format!("kernel {name} launch: {e}")))
+            match unsafe { sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()) }.result() {
+                Ok(()) => return Ok(()),
+                // Never seen, but a driver that refuses it should cost speed, not the run: a
+                // plain launch is always correct (the kernels' waits then return at once).
+                Err(e) => {
+                    self.pdl.store(false, Ordering::Relaxed);
+                    eprintln!("resid: programmatic dependent launch of {name} failed ({e}); launching kernels without it");
+                }
+            }
+        }
+        // SAFETY: as above.
+        unsafe { cudarc::driver::result::launch_kernel(f, grid, block, cfg.shared_mem_bytes, self.stream.cu_stream(), &mut args) }
+            .map_err(|e| Error::Device(format!("kernel {name} launch: {e}")))
     }
 
     fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
@@ -490,7 +497,7 @@ impl Backend for CudaBackend {
         let (a, b) = self.info.compute_capability;
         let gemv = if !self.gemv {
             ", GEMV kernel off"
-        } else if a >= 9 && !self.pdl {
+        } else if a >= 9 && !self.pdl.load(Ordering::Relaxed) {
             ", programmatic launch off"
         } else {
             ""
