@@ -370,7 +370,8 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
 
 // cuLaunchKernelEx's configuration (CUlaunchConfig, CUlaunchAttribute). Of the attributes only
 // programmatic stream serialization is accepted: launches run one after another here anyway, so
-// the dependent kernel's resid_pdl_wait() (a no-op on the emulator) has nothing to wait for.
+// the dependent kernel's resid_pdl_wait() has nothing to wait for; but every thread of such a
+// launch must execute it (runtime.h), as on a GPU it guards the kernel's first dependent access.
 struct LaunchAttribute {
     int id;
     char pad[4];
@@ -405,8 +406,11 @@ CUresult cuLaunchKernelEx(const LaunchConfig* c, CUfunction f, void** params, vo
     }();
     if (f) RESID_EMU_TRACE_CALL("launch_ex %s%s", f->name.c_str(), programmatic ? " programmatic" : "");
     if (programmatic && refuse) return NOT_SUPPORTED;
-    return cuLaunchKernel(f, c->gridDimX, c->gridDimY, c->gridDimZ, c->blockDimX, c->blockDimY, c->blockDimZ,
-                          c->sharedMemBytes, c->hStream, params, extra);
+    resid_emu::programmatic_launch = programmatic;
+    const CUresult r = cuLaunchKernel(f, c->gridDimX, c->gridDimY, c->gridDimZ, c->blockDimX, c->blockDimY, c->blockDimZ,
+                                      c->sharedMemBytes, c->hStream, params, extra);
+    resid_emu::programmatic_launch = false;
+    return r;
 }
 
 CUresult cuLaunchHostFunc(CUstream, void (*fn)(void*), void* data) {

@@ -106,6 +106,7 @@ struct Fiber {
     ThreadCoords coords;
     State state = State::Done;
     unsigned exchange_parity = 0;
+    bool pdl_waited = false;
 };
 
 struct Warp {
@@ -195,6 +196,10 @@ bool maybe_release_warp(unsigned w) {
     } catch (const std::exception& e) {
         if (b->error.empty()) b->error = std::string("exception in a kernel: ") + e.what();
     }
+    if (programmatic_launch && !f.pdl_waited && b->error.empty())
+        b->error = "thread " + std::to_string(f.coords.thread_idx.x) +
+                   " exited without waiting for the kernel ahead (resid_pdl_wait, kernels/common.cuh), but the "
+                   "kernel was launched with programmatic dependent launch";
     f.state = State::Done;
     b->live -= 1;
     b->warps[f.coords.thread_idx.x >> 5].live -= 1;
@@ -268,6 +273,12 @@ const unsigned char* warp_exchange(const void* mine, size_t bytes, unsigned* val
 }
 
 void trap(const char* why) { throw Trap(why); }
+
+bool programmatic_launch = false;
+
+void pdl_wait() {
+    if (g_block && g_block->running) g_block->running->pdl_waited = true;
+}
 
 std::string run_grid(Dim3 grid, Dim3 block, const std::function<void()>& body, SharedMemory shared) {
     std::lock_guard<std::mutex> lock(g_launch_mutex);

@@ -23,6 +23,12 @@ struct ThreadCoords {
 extern ThreadCoords* current_coords;
 
 void sync_threads();
+// griddepcontrol.wait (kernels/common.cuh resid_pdl_wait): a no-op here, since kernels run one
+// after another, but recorded. While `programmatic_launch` is set (cuLaunchKernelEx with
+// programmatic stream serialization), a thread that exits without having waited is an error:
+// on a GPU such a kernel could run ahead of the one it depends on.
+void pdl_wait();
+extern bool programmatic_launch;
 // All live lanes of the caller's warp deposit `bytes` (<= 64) and wait for each other; returns
 // the base of the 32 deposited slots (64 bytes apart) for this exchange. `valid` receives a
 // bitmask of the lanes that took part.

@@ -113,6 +113,16 @@ int main() {
     expect(exited.find("exited") != std::string::npos, "a shuffle from an exited lane is reported: got `" + exited + "`");
     const std::string trapped = resid_emu::run_grid({1, 1, 1}, {32, 1, 1}, [] { traps(); });
     expect(trapped.find("__trap") != std::string::npos, "__trap is reported: got `" + trapped + "`");
+    // Under programmatic launch every thread must pass resid_pdl_wait (common.cuh) before exiting.
+    resid_emu::programmatic_launch = true;
+    const std::string unwaited = resid_emu::run_grid({1, 1, 1}, {64, 1, 1}, [] {
+        if (threadIdx.x < 32) resid_emu::pdl_wait();
+    });
+    const std::string waited = resid_emu::run_grid({1, 1, 1}, {64, 1, 1}, [] { resid_emu::pdl_wait(); });
+    resid_emu::programmatic_launch = false;
+    expect(unwaited.find("without waiting") != std::string::npos, "a thread that skips the PDL wait is reported: got `" + unwaited + "`");
+    expect(waited.empty(), "a kernel whose threads all wait runs: got `" + waited + "`");
+    expect(resid_emu::run_grid({1, 1, 1}, {32, 1, 1}, [] {}).empty(), "without programmatic launch nothing need wait");
     // The emulator still works after failed launches.
     expect(resid_emu::run_grid({1, 1, 1}, {32, 1, 1}, [] { mma_tile(); }).empty(), "mma kernel runs after failures");
 
@@ -130,6 +140,6 @@ int main() {
            "a missing __syncthreads reads poison in both blocks (" + std::to_string(poisoned[0]) + ", " + std::to_string(poisoned[1]) + " of 32)");
 
     if (failures) return 1;
-    std::printf("test_runtime: mma tile (worst %.1e), shuffles, shared-memory poison and thread order, deadlock, exited-lane and trap reports: ok\n", worst);
+    std::printf("test_runtime: mma tile (worst %.1e), shuffles, shared-memory poison and thread order, deadlock, exited-lane, trap and PDL-wait reports: ok\n", worst);
     return 0;
 }

@@ -222,7 +222,7 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, unsi
 }
 
 // ---------------------------------------------------------------------------
-// Programmatic dependent launch (sm_90+; no-ops below and on the emulator)
+// Programmatic dependent launch (sm_90+; no-ops below; the emulator checks every thread waits)
 // ---------------------------------------------------------------------------
 // A kernel the host launches with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (every
 // kernel, on sm_90) may start before the kernel ahead of it in the stream has finished.
@@ -232,7 +232,9 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, unsi
 // writes are visible. resid_pdl_trigger() lets such a dependent kernel start early (once every
 // block of this one has triggered or exited); it has no effect on kernels launched normally.
 __device__ __forceinline__ void resid_pdl_wait() {
-#if !defined(RESID_EMU) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(RESID_EMU)
+    ::resid_emu::pdl_wait();  // checks that every thread of a programmatic launch waits
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
@@ -245,10 +247,9 @@ __device__ __forceinline__ void resid_pdl_trigger() {
 
 // The first statement of every kernel but the GEMVs (which load weights before they wait): on
 // sm_90 the host launches every kernel with programmatic dependent launch, so each waits for the
-// kernel ahead before touching memory, and lets the kernel behind it launch meanwhile. A grid
-// in which any thread waits completes only after the kernel ahead has (here every thread
-// waits, except the GEMVs' idle warps, whose block 0 always waits), so waiting on the kernel
-// just ahead covers all earlier ones too.
+// kernel ahead before touching memory, and lets the kernel behind it launch meanwhile. Every
+// thread of every block executes both (no thread returns before them), so a kernel completes
+// only after the one ahead has, and waiting on the kernel just ahead covers all earlier ones.
 __device__ __forceinline__ void resid_pdl_prologue() {
     resid_pdl_wait();
     resid_pdl_trigger();

@@ -86,11 +86,11 @@ __device__ __forceinline__ void gemv_impl(const bf16_t* __restrict__ W, const bf
                                           int k, int out_f32, int accumulate) {
     resid_pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int j = blockIdx.x * RESID_GEMV_WARPS + warp;
-    // The whole warp leaves together (the butterfly below stays full), without waiting: warp 0
-    // of block 0 always has a column and waits, so the grid still completes after the kernel
-    // ahead (common.cuh).
-    if (j >= n) return;
+    // Warps past the last column redo the last one and store nothing: every thread runs the
+    // whole kernel, the PDL wait included, which the hardware expects of each block.
+    const int col = blockIdx.x * RESID_GEMV_WARPS + warp;
+    const bool store = col < n;
+    const int j = store ? col : n - 1;
     const int chunks = k >> 3;
     const uint4* row = reinterpret_cast<const uint4*>(W + (size_t)j * k);
     float acc[T];
@@ -119,7 +119,7 @@ __device__ __forceinline__ void gemv_impl(const bf16_t* __restrict__ W, const bf
     for (; c < chunks; c += 32) gemv_chunk<T>(load_streaming(row + c), X, k, c, acc);
 #pragma unroll
     for (int t = 0; t < T; ++t) acc[t] = warp_sum(acc[t]);
-    if (lane != 0) return;
+    if (lane != 0 || !store) return;
     float b = 0.0f;
     if (bias) b = out_f32 ? static_cast<const float*>(bias)[j] : bf16_to_f32(static_cast<const bf16_t*>(bias)[j]);
 #pragma unroll
@@ -141,8 +141,9 @@ __device__ __forceinline__ void gemv_swiglu_impl(const bf16_t* __restrict__ W, c
                                                  int I, int k) {
     resid_pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int i = blockIdx.x * RESID_GEMV_WARPS + warp;
-    if (i >= I) return;  // whole warp; column 0 waits (see gemv_impl)
+    const int col = blockIdx.x * RESID_GEMV_WARPS + warp;
+    const bool store = col < I;
+    const int i = store ? col : I - 1;  // as in gemv_impl
     const int chunks = k >> 3;
     const uint4* gate = reinterpret_cast<const uint4*>(W + (size_t)i * k);
     const uint4* up = reinterpret_cast<const uint4*>(W + (size_t)(I + i) * k);
@@ -176,7 +177,7 @@ __device__ __forceinline__ void gemv_swiglu_impl(const bf16_t* __restrict__ W, c
         g[t] = warp_sum(g[t]);
         u[t] = warp_sum(u[t]);
     }
-    if (lane != 0) return;
+    if (lane != 0 || !store) return;
     const float bg = bias ? bf16_to_f32(bias[i]) : 0.0f, bu = bias ? bf16_to_f32(bias[I + i]) : 0.0f;
 #pragma unroll
     for (int t = 0; t < T; ++t) {

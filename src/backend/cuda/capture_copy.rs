@@ -83,6 +83,9 @@ pub(super) fn copy_plane(
     if dst.len() != rows * slots * hidden {
         return Err(Error::Device(format!("capture copy of {rows}x{slots}x{hidden} values into {} values", dst.len())));
     }
+    if dst.is_empty() {
+        return Ok(());
+    }
     let last = written.iter().map(|&(_, ev)| ev + 1).max().unwrap_or(0);
     while events.len() <= last {
         events.push(stream.ctx.new_event(None).map_err(dev_err("event creation"))?);

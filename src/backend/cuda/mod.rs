@@ -419,14 +419,17 @@ impl CudaBackend {
             };
             // SAFETY: the words follow the kernel's contract in kernels/*.cu (the `launch!`
             // callers), and every kernel waits for the one ahead before touching activations.
+            use sys::cudaError_enum::{CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_NOT_SUPPORTED};
             match unsafe { sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()) }.result() {
                 Ok(()) => return Ok(()),
-                // Never seen, but a driver that refuses it should cost speed, not the run: a
-                // plain launch is always correct (the kernels' waits then return at once).
-                Err(e) => {
+                // Never seen, but a driver that refuses the attribute should cost speed, not the
+                // run: a plain launch is always correct (the kernels' waits then return at once).
+                // Any other error is the kernel's or the context's, and is reported.
+                Err(e) if matches!(e.0, CUDA_ERROR_NOT_SUPPORTED | CUDA_ERROR_INVALID_VALUE) => {
                     self.pdl.store(false, Ordering::Relaxed);
-                    eprintln!("resid: programmatic dependent launch of {name} failed ({e}); launching kernels without it");
+                    eprintln!("resid: programmatic dependent launch of {name} was refused ({e}); launching kernels without it");
                 }
+                Err(e) => return Err(Error::Device(format!("kernel {name} launch: {e}"))),
             }
         }
         // SAFETY: as above.
