@@ -8,7 +8,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
-#include <set>
 #include <mutex>
 #include <string>
 
@@ -404,7 +403,10 @@ CUresult cuLaunchKernelEx(const LaunchConfig* c, CUfunction f, void** params, vo
         const char* e = std::getenv("RESID_EMU_REFUSE_PDL");
         return e && *e && std::strcmp(e, "0") != 0;
     }();
-    if (f) RESID_EMU_TRACE_CALL("launch_ex %s%s", f->name.c_str(), programmatic ? " programmatic" : "");
+    if (f) {
+        // A marker line before cuLaunchKernel's own: which launches asked for PDL.
+        RESID_EMU_TRACE_CALL("launch_ex %s%s", f->name.c_str(), programmatic ? " programmatic" : "");
+    }
     if (programmatic && refuse) return NOT_SUPPORTED;
     resid_emu::programmatic_launch = programmatic;
     const CUresult r = cuLaunchKernel(f, c->gridDimX, c->gridDimY, c->gridDimZ, c->blockDimX, c->blockDimY, c->blockDimZ,
