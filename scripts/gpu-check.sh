@@ -9,10 +9,12 @@
 # and carried along with the working tree (the device tool: carry ["target/gpu"]).
 #
 # Steps: locate the CUDA libraries; `resid selftest --device cuda` (every kernel path against the
-# CPU backend, device sampling included); bf16 GEMM rate and copy bandwidth (torch); random-weight
-# Llama-2-7B and 1B models (bf16 safetensors written here with torch); the same token workload
-# through Hugging Face transformers as the paper's code uses it and through
-# `resid extract --device cuda` (weight upload time and memory from its log); prefill
+# CPU backend, device sampling included; if it fails on sm_90+, once more without programmatic
+# dependent launch, and if that passes the rest runs with RESID_CUDA_PDL=0); bf16 GEMM rate and
+# copy bandwidth (torch); random-weight Llama-2-7B and 1B models (bf16 safetensors written here
+# with torch); the same token workload through Hugging Face transformers as the paper's code
+# uses it and through `resid extract --device cuda` (weight upload time and memory from its
+# log); prefill
 # throughput against the GEMM peak and decode tokens/s (batch 1 and 32, unsteered and steered),
 # each with a per-operation time profile (`resid bench --profile`), and batch 1 again without
 # the GEMV kernel and without programmatic dependent launch (A/B); and the cost of steering
@@ -51,7 +53,21 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 # --- 1. selftest
 log "selftest"
 timeout 300 "$RESID" selftest --device cuda --json "$OUT/selftest.json" > "$OUT/selftest.log" 2>&1
-log "selftest exit $? ($(tail -1 "$OUT/selftest.log"))"
+rc=$?
+log "selftest exit $rc ($(tail -1 "$OUT/selftest.log"))"
+if [[ $rc != 0 && ${RESID_CUDA_PDL:-1} != 0 ]] && grep -q 'sm_9\|sm_1[0-9]' "$OUT/selftest.log"; then
+    # Programmatic dependent launch (sm_90+) is the newest untried part: a second selftest
+    # without it tells whether it is to blame, and if so the benchmarks below run without it,
+    # so that they measure a correct engine.
+    log "selftest again without programmatic dependent launch (RESID_CUDA_PDL=0)"
+    RESID_CUDA_PDL=0 timeout 300 "$RESID" selftest --device cuda --json "$OUT/selftest-no-pdl.json" > "$OUT/selftest-no-pdl.log" 2>&1
+    rc_no_pdl=$?
+    log "selftest without PDL exit $rc_no_pdl ($(tail -1 "$OUT/selftest-no-pdl.log"))"
+    if [[ $rc_no_pdl == 0 ]]; then
+        log "PDL breaks the selftest: every benchmark below runs with RESID_CUDA_PDL=0"
+        export RESID_CUDA_PDL=0
+    fi
+fi
 
 # --- 2. machine rates
 log "bf16 GEMM rate and copy bandwidth"
