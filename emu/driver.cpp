@@ -11,6 +11,7 @@
 #include <mutex>
 #include <string>
 
+#include "env.h"
 #include "runtime.h"
 #include "trace.h"
 
@@ -59,10 +60,7 @@ bool verbose() {
 // starts zeroed, so that a trace (emu/trace.h) times resid's host code on warm caches, as a
 // measure of how fast the host can feed a GPU. Every result is then meaningless.
 bool no_kernels() {
-    static const bool v = [] {
-        const char* e = std::getenv("RESID_EMU_NO_KERNELS");
-        return e && *e && std::strcmp(e, "0") != 0;
-    }();
+    static const bool v = resid_emu::env_flag("RESID_EMU_NO_KERNELS");
     return v;
 }
 
@@ -399,10 +397,7 @@ CUresult cuLaunchKernelEx(const LaunchConfig* c, CUfunction f, void** params, vo
     }
     // RESID_EMU_REFUSE_PDL=1 plays a driver that refuses programmatic launches (the backend's
     // fallback is tested with it).
-    static const bool refuse = [] {
-        const char* e = std::getenv("RESID_EMU_REFUSE_PDL");
-        return e && *e && std::strcmp(e, "0") != 0;
-    }();
+    static const bool refuse = resid_emu::env_flag("RESID_EMU_REFUSE_PDL");
     if (f) {
         // A marker line before cuLaunchKernel's own: which launches asked for PDL.
         RESID_EMU_TRACE_CALL("launch_ex %s%s", f->name.c_str(), programmatic ? " programmatic" : "");

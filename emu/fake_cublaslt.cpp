@@ -12,12 +12,12 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <thread>
 #include <vector>
 
 #include "bf16.h"
+#include "env.h"
 #include "trace.h"
 
 // Only the extern "C" entry points below are exported.
@@ -552,10 +552,7 @@ EXPORT int32_t cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc
     if (C == D && fb != 0.0f && (cl->type != dl->type || cl->ld != dl->ld))
         return invalid("C and D share memory but not layout");
     try {
-        static const bool skip = [] {
-            const char* e = getenv("RESID_EMU_NO_KERNELS");  // see emu/driver.cpp
-            return e && *e && strcmp(e, "0") != 0;
-        }();
+        static const bool skip = resid_emu::env_flag("RESID_EMU_NO_KERNELS");  // see emu/driver.cpp
         if (skip) return ST_SUCCESS;
         return run_gemm(desc, p, fa, fb, A, al, B, bl, C, cl, D, dl);
     } catch (...) {

@@ -6,6 +6,7 @@
 //! and operation check of the GPU selftest (thresholds there). It cannot measure speed, and it
 //! runs one block at a time, so it misses races between blocks.
 use resid::testing::{RandomLlama, TestArch};
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -22,14 +23,38 @@ fn emulator() -> &'static Path {
     })
 }
 
-fn resid_on_emulator(args: &[&str], kernel_cache: &Path) -> Output {
+/// `resid ARGS` on the emulator, with `env` set besides.
+fn resid_on_emulator_with(args: &[&str], kernel_cache: &Path, env: &[(&str, &OsStr)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_resid"))
         .args(args)
         .env("LD_LIBRARY_PATH", emulator())
         // The emulator's "PTX" is kernel source: keep it out of the real kernel cache.
         .env("RESID_KERNEL_CACHE", kernel_cache)
+        .envs(env.iter().copied())
         .output()
         .expect("resid runs")
+}
+
+fn resid_on_emulator(args: &[&str], kernel_cache: &Path) -> Output {
+    resid_on_emulator_with(args, kernel_cache, &[])
+}
+
+/// A one-layer random Llama with heads of 64; tests change what they need.
+fn small_llama(seed: u64) -> RandomLlama {
+    RandomLlama {
+        arch: TestArch::Llama,
+        vocab: 128,
+        hidden: 128,
+        intermediate: 256,
+        layers: 1,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 64,
+        bias: false,
+        tie: true,
+        context: 64,
+        seed,
+    }
 }
 
 #[test]
@@ -51,20 +76,7 @@ fn cuda_backend_passes_the_selftest_on_the_cpu_emulator() {
 fn a_device_that_does_not_exist_is_a_one_line_error() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
-    let spec = RandomLlama {
-        arch: TestArch::Llama,
-        vocab: 64,
-        hidden: 64,
-        intermediate: 128,
-        layers: 1,
-        heads: 2,
-        kv_heads: 1,
-        head_dim: 32,
-        bias: false,
-        tie: true,
-        context: 64,
-        seed: 1,
-    };
+    let spec = RandomLlama { vocab: 64, hidden: 64, intermediate: 128, head_dim: 32, ..small_llama(1) };
     spec.write(&model).unwrap();
     let model_arg = model.display().to_string();
     let run = resid_on_emulator(&["info", "--model", &model_arg, "--device", "cuda:1"], &tmp.path().join("kernels"));
@@ -84,22 +96,8 @@ fn each_pass_blocks_the_host_once_and_each_gemm_shape_is_planned_once() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
     let layers = 3;
-    RandomLlama {
-        arch: TestArch::Llama,
-        vocab: 512,
-        hidden: 256,
-        intermediate: 512,
-        layers,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 64,
-        bias: false,
-        tie: false,
-        context: 512,
-        seed: 3,
-    }
-    .write(&model)
-    .unwrap();
+    let spec = RandomLlama { vocab: 512, hidden: 256, intermediate: 512, layers, heads: 4, kv_heads: 2, tie: false, context: 512, ..small_llama(3) };
+    spec.write(&model).unwrap();
     let model_arg = model.display().to_string();
     let input = tmp.path().join("ids.jsonl");
     let lines: Vec<String> = (0..40)
@@ -111,14 +109,8 @@ fn each_pass_blocks_the_host_once_and_each_gemm_shape_is_planned_once() {
     std::fs::write(&input, lines.join("\n")).unwrap();
     let traced = |name: &str, args: &[&str]| -> Vec<serde_json::Value> {
         let trace = tmp.path().join(format!("{name}.trace"));
-        let run = Command::new(env!("CARGO_BIN_EXE_resid"))
-            .args(args)
-            .env("LD_LIBRARY_PATH", emulator())
-            .env("RESID_KERNEL_CACHE", tmp.path().join("kernels"))
-            .env("RESID_EMU_TRACE", &trace)
-            .env("RESID_EMU_NO_KERNELS", "1")
-            .output()
-            .expect("resid runs");
+        let env = [("RESID_EMU_TRACE", trace.as_os_str()), ("RESID_EMU_NO_KERNELS", OsStr::new("1"))];
+        let run = resid_on_emulator_with(args, &tmp.path().join("kernels"), &env);
         assert!(run.status.success(), "{name}: {}", String::from_utf8_lossy(&run.stderr));
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/emu-trace.py");
         let summary = Command::new("python3").arg(&script).arg(&trace).output().expect("python3 runs");
@@ -181,32 +173,12 @@ fn each_pass_blocks_the_host_once_and_each_gemm_shape_is_planned_once() {
 fn a_refused_programmatic_launch_falls_back_to_a_plain_one() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
-    RandomLlama {
-        arch: TestArch::Llama,
-        vocab: 128,
-        hidden: 128,
-        intermediate: 256,
-        layers: 1,
-        heads: 2,
-        kv_heads: 1,
-        head_dim: 64,
-        bias: false,
-        tie: true,
-        context: 64,
-        seed: 5,
-    }
-    .write(&model)
-    .unwrap();
+    small_llama(5).write(&model).unwrap();
     let model_arg = model.display().to_string();
     let trace = tmp.path().join("trace");
-    let run = Command::new(env!("CARGO_BIN_EXE_resid"))
-        .args(["bench", "--model", &model_arg, "--device", "cuda", "--workload", "decode", "--steps", "3", "--quiet", "--json"])
-        .env("LD_LIBRARY_PATH", emulator())
-        .env("RESID_KERNEL_CACHE", tmp.path().join("kernels"))
-        .env("RESID_EMU_REFUSE_PDL", "1")
-        .env("RESID_EMU_TRACE", &trace)
-        .output()
-        .expect("resid runs");
+    let args = ["bench", "--model", &model_arg, "--device", "cuda", "--workload", "decode", "--steps", "3", "--quiet", "--json"];
+    let env = [("RESID_EMU_REFUSE_PDL", OsStr::new("1")), ("RESID_EMU_TRACE", trace.as_os_str())];
+    let run = resid_on_emulator_with(&args, &tmp.path().join("kernels"), &env);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
     assert_eq!(stderr.matches("launching kernels without it").count(), 1, "{stderr}");

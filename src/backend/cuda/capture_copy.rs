@@ -6,6 +6,7 @@
 //! slot is copied on a stream of its own as soon as the kernel that wrote it has run, while the
 //! main stream works through the later layers; what remains after the pass is the last slot.
 //! The host waits in `end_pass` either way.
+use super::dev_err;
 use crate::error::{Error, Result};
 use cudarc::driver::sys;
 use cudarc::driver::{result, CudaContext, CudaEvent, CudaStream};
@@ -33,20 +34,45 @@ impl Drop for CopyStream {
     }
 }
 
-fn dev_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
-    move |e| Error::Device(format!("capture copy: {what}: {e}"))
-}
-
 /// The context's copy stream, created on first use.
 pub(super) fn copy_stream<'a>(cell: &'a OnceLock<CopyStream>, ctx: &Arc<CudaContext>) -> Result<&'a CopyStream> {
     if let Some(s) = cell.get() {
         return Ok(s);
     }
     ctx.bind_to_thread().map_err(dev_err("bind context"))?;
-    let raw = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(dev_err("stream creation"))?;
+    let raw = result::stream::create(result::stream::StreamKind::NonBlocking).map_err(dev_err("capture copy stream creation"))?;
     // A stream made by a racing thread in the meantime is dropped (destroyed) here.
     let _ = cell.set(CopyStream { raw, ctx: ctx.clone() });
     cell.get().ok_or_else(|| Error::Device("capture copy stream was not kept".into()))
+}
+
+/// The index of the next event of the pass: one past the last that `written` refers to.
+fn next_event(written: &[(usize, usize)]) -> usize {
+    written.iter().map(|&(_, ev)| ev + 1).max().unwrap_or(0)
+}
+
+/// Records the pass's next event on `main` (pooled in `events`) and returns its index.
+fn record_next(ctx: &Arc<CudaContext>, main: &CudaStream, events: &mut Vec<CudaEvent>, written: &[(usize, usize)]) -> Result<usize> {
+    let i = next_event(written);
+    while events.len() <= i {
+        events.push(ctx.new_event(None).map_err(dev_err("event creation"))?);
+    }
+    events[i].record(main).map_err(dev_err("event record"))?;
+    Ok(i)
+}
+
+/// Marks `slots` as written by the kernels queued on `main` so far: `copy_plane` copies each
+/// of them once those kernels have run.
+pub(super) fn mark_written(
+    ctx: &Arc<CudaContext>,
+    main: &CudaStream,
+    events: &mut Vec<CudaEvent>,
+    written: &mut Vec<(usize, usize)>,
+    slots: impl IntoIterator<Item = usize>,
+) -> Result<()> {
+    let event = record_next(ctx, main, events, written)?;
+    written.extend(slots.into_iter().map(|slot| (slot, event)));
+    Ok(())
 }
 
 /// Which event of the pass to wait for before copying each slot: `written` lists (slot, event)
@@ -66,8 +92,7 @@ pub(super) fn copy_order(slots: usize, written: &[(usize, usize)], last: usize) 
 }
 
 /// Copies the plane at device address `plane` (`rows × slots × hidden` f32) into `dst`, slot by
-/// slot, each after its event (`events[i]` recorded on `main` when the slot's kernel was
-/// queued). Returns when every copy has finished.
+/// slot, each after its event (`mark_written`). Returns when every copy has finished.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn copy_plane(
     stream: &CopyStream,
@@ -86,11 +111,7 @@ pub(super) fn copy_plane(
     if dst.is_empty() {
         return Ok(());
     }
-    let last = written.iter().map(|&(_, ev)| ev + 1).max().unwrap_or(0);
-    while events.len() <= last {
-        events.push(stream.ctx.new_event(None).map_err(dev_err("event creation"))?);
-    }
-    events[last].record(main).map_err(dev_err("event record"))?;
+    let last = record_next(&stream.ctx, main, events, written)?;
     let row_bytes = slots * hidden * 4;
     let mut queued = Ok(());
     for (slot, ev) in copy_order(slots, written, last) {
@@ -119,14 +140,14 @@ pub(super) fn copy_plane(
             result::stream::wait_event(stream.raw, events[ev].cu_event(), sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
                 .and_then(|()| sys::cuMemcpy2DAsync_v2(&desc, stream.raw).result())
         }
-        .map_err(dev_err("copy"));
+        .map_err(dev_err("capture copy"));
         if queued.is_err() {
             break;
         }
     }
     // Even after a failed call: nothing may still be writing into `dst` when this returns.
     // SAFETY: a live stream.
-    let finished = unsafe { result::stream::synchronize(stream.raw) }.map_err(dev_err("synchronize"));
+    let finished = unsafe { result::stream::synchronize(stream.raw) }.map_err(dev_err("capture copy synchronize"));
     queued.and(finished)
 }
 

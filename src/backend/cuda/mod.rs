@@ -397,7 +397,14 @@ impl CudaBackend {
     fn launch_words(&self, name: &str, cfg: LaunchConfig, words: &[u64]) -> Result<()> {
         use cudarc::driver::sys;
         let f = self.f(name)?.cu_function();
-        let mut args: Vec<*mut std::ffi::c_void> = words.iter().map(|w| w as *const u64 as *mut std::ffi::c_void).collect();
+        // On the stack: a decode step makes hundreds of launches.
+        let mut slots = [std::ptr::null_mut::<std::ffi::c_void>(); MAX_KERNEL_ARGS];
+        let Some(args) = slots.get_mut(..words.len()) else {
+            return Err(Error::Device(format!("kernel {name}: {} arguments, at most {MAX_KERNEL_ARGS} supported", words.len())));
+        };
+        for (slot, word) in args.iter_mut().zip(words) {
+            *slot = word as *const u64 as *mut std::ffi::c_void;
+        }
         self.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
         let (grid, block) = (cfg.grid_dim, cfg.block_dim);
         if self.pdl.load(Ordering::Relaxed) {
@@ -433,7 +440,7 @@ impl CudaBackend {
             }
         }
         // SAFETY: as above.
-        unsafe { cudarc::driver::result::launch_kernel(f, grid, block, cfg.shared_mem_bytes, self.stream.cu_stream(), &mut args) }
+        unsafe { cudarc::driver::result::launch_kernel(f, grid, block, cfg.shared_mem_bytes, self.stream.cu_stream(), args) }
             .map_err(|e| Error::Device(format!("kernel {name} launch: {e}")))
     }
 
@@ -447,6 +454,9 @@ impl CudaBackend {
         p
     }
 }
+
+/// The longest argument list of kernels/*.cu (rope_qkv has 14).
+const MAX_KERNEL_ARGS: usize = 16;
 
 /// A kernel argument as the 8-byte word the driver copies it from: a device address, or a
 /// 4-byte scalar in the low bytes (the driver reads each parameter's own size, and the words
@@ -949,16 +959,11 @@ impl Backend for CudaBackend {
                 &*resid, &h, &begin, &end, &dst, &weight, &norm.f32, &bias, &eps, &plane, &nseg
             );
         }
-        let slots_written = capture_residual.into_iter().chain(capture_normed);
         if residual_plane.is_some() || normed_plane.is_some() {
             // From here on the slots may be copied out while later layers run.
-            let bufs = pass.bufs.get_mut();
-            let event = pass.written.iter().map(|&(_, e)| e + 1).max().unwrap_or(0);
-            while bufs.capture_events.len() <= event {
-                bufs.capture_events.push(self.ctx.new_event(None).map_err(dev_err("event creation"))?);
-            }
-            bufs.capture_events[event].record(&self.stream).map_err(dev_err("event record"))?;
-            pass.written.extend(slots_written.map(|slot| (slot, event)));
+            let events = &mut pass.bufs.get_mut().capture_events;
+            let slots = capture_residual.into_iter().chain(capture_normed);
+            capture_copy::mark_written(&self.ctx, &self.stream, events, &mut pass.written, slots)?;
         }
         if post_ln {
             // The residual continues from the normed rows (as the model dtype holds them).
