@@ -108,7 +108,7 @@ pub fn tensor_check(data: &[u8]) {
     let mut points: Vec<CapturePoint> = (0..=c.num_layers).map(CapturePoint::Hidden).collect();
     points.push(CapturePoint::LastBlockRaw);
     let spec = CaptureSpec { points, position: CapturePosition::Mean };
-    let captured = engine.extract(&[ids.clone()], &spec, &[None], 64, |_, _| {}).expect("extract");
+    let captured = engine.extract(std::slice::from_ref(&ids), &spec, &[None], 64, |_, _| {}).expect("extract");
     assert_eq!(captured.hidden, c.hidden_size);
     if ids.len() + 2 <= c.max_position_embeddings {
         let opts = GenerateOptions { max_new_tokens: 2, sampling: Sampling::Greedy, stop_tokens: vec![] };

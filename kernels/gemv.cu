@@ -36,49 +36,7 @@
 //   i = 8·b + w from rows i and I + i of W.
 // CPU reference: g = bf16(gate·x + bias[i]), u = bf16(up·x + bias[I + i]) (the values the
 //   unfused path stores in its bf16 gate_up buffer), Y[t, i] = bf16(silu(g) · u) as swiglu.cu.
-#include "common.cuh"
-
-#define RESID_GEMV_WARPS 8
-
-// Weights are read exactly once per step: do not let them evict X from L1. They are never
-// written by a kernel, so they may be read before resid_pdl_wait().
-__device__ __forceinline__ uint4 load_streaming(const uint4* p) {
-#ifdef RESID_EMU
-    return *p;
-#else
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-#endif
-}
-
-// X is the previous kernel's output, which a GEMV launched with programmatic dependent launch
-// may start before: a plain coherent load, never the read-only (.nc) path, and only after
-// resid_pdl_wait().
-__device__ __forceinline__ uint4 load_activation(const uint4* p) {
-#ifdef RESID_EMU
-    return *p;
-#else
-    uint4 v;
-    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
-    return v;
-#endif
-}
-
-template <int T>
-__device__ __forceinline__ void gemv_chunk(uint4 w, const bf16_t* __restrict__ X, int k, int c, float* acc) {
-    float wf[8];
-    unpack_bf16x8(w, wf);
-#pragma unroll
-    for (int t = 0; t < T; ++t) {
-        float xf[8];
-        unpack_bf16x8(load_activation(reinterpret_cast<const uint4*>(X + (size_t)t * k) + c), xf);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[t] = fmaf(xf[i], wf[i], acc[t]);
-    }
-}
+#include "gemv.cuh"
 
 template <int T>
 __device__ __forceinline__ void gemv_impl(const bf16_t* __restrict__ W, const bf16_t* __restrict__ X,
@@ -139,44 +97,12 @@ template <int T>
 __device__ __forceinline__ void gemv_swiglu_impl(const bf16_t* __restrict__ W, const bf16_t* __restrict__ X,
                                                  const bf16_t* __restrict__ bias, bf16_t* __restrict__ Y,
                                                  int I, int k) {
-    resid_pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int col = blockIdx.x * RESID_GEMV_WARPS + warp;
     const bool store = col < I;
     const int i = store ? col : I - 1;  // as in gemv_impl
-    const int chunks = k >> 3;
-    const uint4* gate = reinterpret_cast<const uint4*>(W + (size_t)i * k);
-    const uint4* up = reinterpret_cast<const uint4*>(W + (size_t)(I + i) * k);
     float g[T], u[T];
-#pragma unroll
-    for (int t = 0; t < T; ++t) g[t] = u[t] = 0.0f;
-    int c = lane;
-    if (c + 32 < chunks) {
-        uint4 g0 = load_streaming(gate + c), g1 = load_streaming(gate + c + 32);
-        uint4 u0 = load_streaming(up + c), u1 = load_streaming(up + c + 32);
-        resid_pdl_wait();  // after the first round of weights, as in gemv_impl
-        for (;;) {
-            gemv_chunk<T>(g0, X, k, c, g);
-            gemv_chunk<T>(g1, X, k, c + 32, g);
-            gemv_chunk<T>(u0, X, k, c, u);
-            gemv_chunk<T>(u1, X, k, c + 32, u);
-            c += 64;
-            if (c + 32 >= chunks) break;
-            g0 = load_streaming(gate + c), g1 = load_streaming(gate + c + 32);
-            u0 = load_streaming(up + c), u1 = load_streaming(up + c + 32);
-        }
-    } else {
-        resid_pdl_wait();
-    }
-    for (; c < chunks; c += 32) {
-        gemv_chunk<T>(load_streaming(gate + c), X, k, c, g);
-        gemv_chunk<T>(load_streaming(up + c), X, k, c, u);
-    }
-#pragma unroll
-    for (int t = 0; t < T; ++t) {
-        g[t] = warp_sum(g[t]);
-        u[t] = warp_sum(u[t]);
-    }
+    gemv_row_pair<T>(reinterpret_cast<const uint4*>(W + (size_t)i * k), reinterpret_cast<const uint4*>(W + (size_t)(I + i) * k), X, k, g, u);
     if (lane != 0 || !store) return;
     const float bg = bias ? bf16_to_f32(bias[i]) : 0.0f, bu = bias ? bf16_to_f32(bias[I + i]) : 0.0f;
 #pragma unroll

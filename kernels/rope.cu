@@ -40,24 +40,9 @@
 //   V heads: y = x
 //   q_out[t, h, d] = bf16(y) ; if kv_slot[t] >= 0:
 //     k_cache[kv_slot[t], h, d] = bf16(y_K), v_cache[kv_slot[t], h, d] = bf16(x_V)
-#include "common.cuh"
+#include "rotary.cuh"
 
 #define RESID_ROPE_MAX_HALF 256
-
-__device__ __forceinline__ void rope_cos_sin(float theta, float mscale, float* c, float* s) {
-    // theta can be ~1e5 rad: reduce to [-pi, pi] in f64 (exact enough for
-    // |theta| < 2^40), then use the hardware approximations, which are
-    // accurate on that range. (sinf/cosf would pull in the Payne-Hanek slow
-    // path, which uses local memory.)
-    const double two_pi = 6.283185307179586476925286766559;
-    const double inv_two_pi = 0.15915494309189533576888376337251;
-    const double td = (double)theta;
-    const double r = td - rint(td * inv_two_pi) * two_pi;
-    float sf, cf;
-    __sincosf((float)r, &sf, &cf);
-    *c = cf * mscale;
-    *s = sf * mscale;
-}
 
 extern "C" __global__ void __launch_bounds__(1024)
 rope_qkv(const bf16_t* __restrict__ qkv, const bf16_t* __restrict__ bias,

@@ -164,6 +164,9 @@ fn each_pass_blocks_the_host_once_and_each_gemm_shape_is_planned_once() {
         // The emulator reports sm_90: every kernel goes through programmatic dependent launch.
         assert_eq!(calls(s, "launch_ex"), calls(s, "launch"), "{s}");
         assert!(calls(s, "htod_async") <= 3, "{s}");
+        // Each layer's attention input and MLP input are one GEMV kernel each.
+        let count = |name: &str| k.iter().filter(|k| *k == name).count();
+        assert_eq!((count("gemv_rope_t2"), count("gemv_swiglu_t2"), count("rope_qkv")), (layers, layers, 0), "{s}");
     }
 }
 

@@ -63,6 +63,35 @@ pub fn unfused_mlp_input<B: Backend + ?Sized>(
     be.activation(kind, scratch, out)
 }
 
+/// [`Backend::attention_input`] as two operations: the QKV projection into `scratch`, then the
+/// rotary embedding and KV store.
+#[allow(clippy::too_many_arguments)]
+pub fn unfused_attention_input<B: Backend + ?Sized>(
+    be: &B,
+    pass: &B::Pass,
+    x: &B::Act,
+    input: AttentionInput<'_, B>,
+    kv: &mut B::Kv,
+    layer: usize,
+    scratch: &mut B::Act,
+    q: &mut B::Act,
+) -> Result<()> {
+    // The QKV bias is added by the rotary step.
+    be.linear(x, input.qkv, None, scratch, false)?;
+    be.mark("qkv projection");
+    be.rope_store_kv(pass, scratch, input.bias, input.qk_norm, input.heads, kv, layer, q)
+}
+
+/// The weights and geometry of one layer's attention input.
+pub struct AttentionInput<'a, B: Backend + ?Sized> {
+    /// The stacked projection `[(nq + 2·nkv)·hd, hidden]`.
+    pub qkv: &'a B::Matrix,
+    pub bias: Option<&'a B::Vector>,
+    /// Per-head RMSNorm weights for Q and K, and eps (Qwen3).
+    pub qk_norm: Option<(&'a B::Vector, &'a B::Vector, f32)>,
+    pub heads: Heads,
+}
+
 pub trait Backend: Send + Sync {
     /// Weight matrix in HF layout `[out_features, in_features]`.
     type Matrix: Send + Sync;
@@ -142,6 +171,13 @@ pub trait Backend: Send + Sync {
         layer: usize,
         q: &mut Self::Act,
     ) -> Result<()>;
+    /// The attention input of a layer: the QKV projection of `x` into `scratch`
+    /// (`[rows, (nq + 2·nkv)·hd]`), then [`Backend::rope_store_kv`]. A backend may fuse the two
+    /// (CUDA does in small decode steps; its `scratch` is then left as it was).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_input(&self, pass: &Self::Pass, x: &Self::Act, input: AttentionInput<'_, Self>, kv: &mut Self::Kv, layer: usize, scratch: &mut Self::Act, q: &mut Self::Act) -> Result<()> {
+        unfused_attention_input(self, pass, x, input, kv, layer, scratch, q)
+    }
     /// Causal attention of each row over its own sequence's cached keys.
     /// `alibi`: per-head slopes adding `slope·(key − query position)` to the scores.
     #[allow(clippy::too_many_arguments)]

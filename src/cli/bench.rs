@@ -388,10 +388,7 @@ fn extract<B: Backend>(e: &Engine<B>, a: &BenchArgs, on_cpu: bool) -> Result<Val
         Some(p) if p > peak_gflops => (peak_after, p),
         _ => (peak, peak_gflops),
     };
-    let fma = match fma_before {
-        Some(f) => Some(f.max(resid::backend::cpu::gemm::fma_peak_gflops(0.5))),
-        None => None,
-    };
+    let fma = fma_before.map(|f| f.max(resid::backend::cpu::gemm::fma_peak_gflops(0.5)));
     let mut v = json!({
         "sequences": seqs.len(),
         "tokens": tokens,

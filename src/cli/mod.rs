@@ -225,6 +225,8 @@ pub fn run() -> i32 {
 }
 
 /// A loaded model on whichever backend `--device` named.
+// One per process: boxing the CPU engine would only add an indirection to every pass.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum AnyEngine {
     Cpu(Engine<CpuBackend>),
     Cuda(Box<Engine<CudaBackend>>),

@@ -6,7 +6,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use resid::repe::plot::{line_figure, LinePanel, Series};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
@@ -179,7 +179,7 @@ fn panel(title: &str, x_desc: &str, pts: &[Point], log2_x: bool, ideal: bool) ->
     }
 }
 
-fn figure(stem: &PathBuf, title: &str, by_threads: &[Point], by_length: &[Point], by_batch: &[Point]) -> Result<()> {
+fn figure(stem: &Path, title: &str, by_threads: &[Point], by_length: &[Point], by_batch: &[Point]) -> Result<()> {
     let mut panels = Vec::new();
     if !by_threads.is_empty() {
         panels.push(panel("threads", "worker threads", by_threads, true, true));

@@ -278,26 +278,31 @@ fn check_captured(
     // Rows of a sequence with such a near-tie on the CPU are set aside, not failed.
     for row in 0..want.rows {
         let margin = margins.get(seq_of_row(row)).copied().unwrap_or(f64::INFINITY);
-        for slot in 0..want.points {
+        // A NaN error or margin counts as out of tolerance and as no tie.
+        let tie = margin < SIGN_TIE_MARGIN;
+        for (slot, point) in points.iter().enumerate().take(want.points) {
             let e = rel_err(got.row(row, slot), want.row(row, slot));
             *checks += 1;
-            if !(e <= TOL) {
-                let mut msg = format!("{label}, row {row}, point {:?}: relative error {e:.3e}", points[slot]);
+            if e.is_nan() || e > TOL {
+                let mut msg = format!("{label}, row {row}, point {point:?}: relative error {e:.3e}");
                 if margin.is_finite() {
                     msg += &format!(" (sign-aware margin {margin:.1e})");
                 }
-                if margin < SIGN_TIE_MARGIN && e.is_finite() {
+                if tie && e.is_finite() {
                     sign_ties.push(msg);
                 } else {
                     failures.push(msg);
                 }
-            } else if e.is_finite() && e > worst.0 && !(margin < SIGN_TIE_MARGIN) {
+            } else if e.is_finite() && e > worst.0 && !tie {
                 // (Rows after a sign tie carry its flip through attention: not rounding.)
-                *worst = (e, format!("{label}, row {row}, point {:?}", points[slot]));
+                *worst = (e, format!("{label}, row {row}, point {point:?}"));
             }
         }
     }
 }
+
+/// (case, sequences, capture positions, steering seed).
+type Case<'a> = (&'a str, &'a Vec<Vec<u32>>, Vec<CapturePosition>, Option<u64>);
 
 fn compare<B: Backend>(name: &str, spec: &RandomLlama, cpu: &Engine<CpuBackend>, dev: &Engine<B>, failures: &mut Vec<String>) -> Result<serde_json::Value> {
     let n_layers = spec.layers;
@@ -314,7 +319,7 @@ fn compare<B: Backend>(name: &str, spec: &RandomLlama, cpu: &Engine<CpuBackend>,
     // (case, sequences, positions, steering seed): the second steered case makes new vectors
     // after the first case's are dropped, so a device cache keyed by a reused address would
     // serve stale vectors and fail here.
-    let cases: Vec<(&str, &Vec<Vec<u32>>, Vec<CapturePosition>, Option<u64>)> = vec![
+    let cases: Vec<Case> = vec![
         ("lengths 1..2048", &long, vec![CapturePosition::Last, CapturePosition::Mean], None),
         ("64 sequences", &many, all_positions.clone(), None),
         ("64 sequences, per-sequence steering", &many, all_positions.clone(), Some(7)),

@@ -1,12 +1,13 @@
 //! The selftest's operation-level checks: each backend operation (embedding gather, rotary
-//! embedding with the KV-cache write, prefill and decode attention, the MLP activations and the
-//! MLP input with its projection, the fused residual step) on the device against the same operation of the CPU backend, on fresh
+//! embedding with the KV-cache write, prefill and decode attention, the attention input with its
+//! projection, the MLP activations and the MLP input with its projection, the fused residual
+//! step) on the device against the same operation of the CPU backend, on fresh
 //! random inputs every run, with the device's outputs poisoned (NaN) beforehand so that an
 //! element a kernel does not write fails. Inputs are bf16-exact, so both sides see the same
 //! values; bf16 outputs are held to the selftest's 1e-2, f32 outputs that only move data to 1e-6.
 use super::selftest::{fresh_seed, rel_err, TOL};
 use anyhow::Result;
-use resid::backend::{ActKind, Backend, Heads, Norm};
+use resid::backend::{ActKind, AttentionInput, Backend, Heads, Norm};
 use resid::engine::plan::BatchPlan;
 use resid::model::arch::{alibi_slopes, MlpKind, NormKind};
 use resid::model::weights::{F32Data, MatrixSource};
@@ -153,6 +154,37 @@ pub(crate) fn check_ops<D: Backend>(name: &str, dev: &D, failures: &mut Vec<Stri
                 c.compare(&format!("{what}, normed rows"), &nd, &nc, TOL)?;
                 c.compare(&format!("{what}, residual"), &xd, &xc, if post_ln { TOL } else { EXACT_TOL })?;
             }
+            dev.end_pass(pd, None)?;
+            c.cpu.end_pass(pc, None)?;
+        }
+
+        // The attention input of decode steps of 1 to 3 of these sequences (projection, bias,
+        // rotation, KV store: one kernel on the device, except with Q/K norm), then attention
+        // over the caches it wrote, on the CPU's queries: K and V must have been stored.
+        let k = 96;
+        let w = c.values(qkv_cols * k, 0.3);
+        let (w_d, w_c) = (dev.weight_matrix(&MatrixSource::from_values(w.clone(), qkv_cols, k)?)?, c.cpu.weight_matrix(&MatrixSource::from_values(w, qkv_cols, k)?)?);
+        for n in 1..=lens.len() {
+            let plan = BatchPlan::new(&vec![1; n], &lens[..n], &starts[..n]);
+            let pd = dev.begin_pass(&plan, &inv_freq, None, &[], h)?;
+            let pc = c.cpu.begin_pass(&plan, &inv_freq, None, &[], h)?;
+            let data = c.values(n * k, 1.0);
+            let (x_d, x_c) = c.acts(&data, n, k, ActKind::Hidden)?;
+            let (mut s_d, mut s_c) = c.outputs(n, qkv_cols, ActKind::Hidden)?;
+            let (mut qd, mut qc) = c.outputs(n, nq * hd, ActKind::Hidden)?;
+            let qk_d = norms.as_ref().map(|((qw, _), (kw, _))| (qw, kw, eps));
+            let qk_c = norms.as_ref().map(|((_, qw), (_, kw))| (qw, kw, eps));
+            let input_d = AttentionInput { qkv: &w_d, bias: bias.as_ref().map(|b| &b.0), qk_norm: qk_d, heads: case.heads };
+            let input_c = AttentionInput { qkv: &w_c, bias: bias.as_ref().map(|b| &b.1), qk_norm: qk_c, heads: case.heads };
+            dev.attention_input(&pd, &x_d, input_d, &mut kv_d, 0, &mut s_d, &mut qd)?;
+            c.cpu.attention_input(&pc, &x_c, input_c, &mut kv_c, 0, &mut s_c, &mut qc)?;
+            let what = format!("decode attention input, {n} rows ({})", case.label);
+            c.compare(&format!("{what}, queries"), &qd, &qc, TOL)?;
+            let q_dev = dev.act_from(&c.cpu.to_host(&qc)?, n, nq * hd, ActKind::Hidden)?;
+            let (mut od, mut oc) = c.outputs(n, nq * hd, ActKind::Hidden)?;
+            dev.attention(&pd, &q_dev, &kv_d, 0, case.heads, slopes.as_deref(), &mut od)?;
+            c.cpu.attention(&pc, &qc, &kv_c, 0, case.heads, slopes.as_deref(), &mut oc)?;
+            c.compare(&format!("{what}, attention over the keys and values it stored"), &od, &oc, TOL)?;
             dev.end_pass(pd, None)?;
             c.cpu.end_pass(pc, None)?;
         }

@@ -7,7 +7,7 @@ pub mod score;
 pub mod steer;
 
 use crate::backend::cpu::rope::inverse_frequencies;
-use crate::backend::{ActKind, Backend, CaptureLayout, Heads};
+use crate::backend::{ActKind, AttentionInput, Backend, CaptureLayout, Heads};
 use crate::error::{Error, Result};
 use crate::backend::Norm;
 use crate::model::arch::{alibi_slopes, MlpKind, PositionKind};
@@ -187,12 +187,10 @@ impl<B: Backend> Engine<B> {
             let up_rows = if mlp == MlpKind::SwiGlu { 2 * inter } else { inter };
             let (mut gate_up, mut act) = (hidden(up_rows)?, hidden(inter)?);
             for (l, lw) in w.layers.iter().enumerate().take(last_point) {
-                // The QKV bias is added by the rotary kernel.
-                be.linear(&normed, &lw.qkv, None, &mut qkv, false)?;
-                be.mark("qkv projection");
                 let qk_norm = lw.q_norm.as_ref().zip(lw.k_norm.as_ref()).map(|(qn, kn)| (qn, kn, eps));
-                be.rope_store_kv(&state, &qkv, lw.qkv_bias.as_ref(), qk_norm, self.heads, kv, l, &mut q)?;
-                be.mark("rope and kv store");
+                let input = AttentionInput { qkv: &lw.qkv, bias: lw.qkv_bias.as_ref(), qk_norm, heads: self.heads };
+                be.attention_input(&state, &normed, input, kv, l, &mut qkv, &mut q)?;
+                be.mark("rope and kv store (all of the attention input when fused)");
                 be.attention(&state, &q, kv, l, self.heads, self.alibi.as_deref(), &mut attn)?;
                 be.mark("attention");
                 be.linear(&attn, &lw.o, lw.o_bias.as_ref(), &mut x, true)?;

@@ -247,7 +247,7 @@ fn apply_norm(x: &[f32], h: usize, norm: &Norm<'_, F32Data>, out: &mut [f32]) {
 
 /// BLOOM's tanh approximation, with its constant.
 fn gelu_tanh(x: f32) -> f32 {
-    x * 0.5 * (1.0 + (0.797_884_56 * x * (1.0 + 0.044715 * x * x)).tanh())
+    x * 0.5 * (1.0 + (0.797_884_6 * x * (1.0 + 0.044715 * x * x)).tanh())
 }
 
 impl Backend for CpuBackend {

@@ -11,7 +11,7 @@ pub mod resident;
 pub mod tables;
 pub mod upload;
 
-use super::{ActKind, Backend, CaptureLayout, Heads, Norm};
+use super::{ActKind, AttentionInput, Backend, CaptureLayout, Heads, Norm};
 use crate::model::arch::{MlpKind, NormKind};
 use crate::engine::capture::{CaptureSink, Captured};
 use crate::engine::plan::BatchPlan;
@@ -776,6 +776,30 @@ impl Backend for CudaBackend {
             "rope_qkv",
             cfg((pass.rows as u32, 1, 1), 256),
             qkv_s, &bias, &positions, &inv_freq, &mscale, &rot, &kv_slot, q_s, k_cache, v_cache, &t, &nq, &nkv, &hd
+        );
+        Ok(())
+    }
+
+    fn attention_input(&self, pass: &CudaPass, x: &CudaAct, input: AttentionInput<'_, Self>, kv: &mut CudaKv, layer: usize, scratch: &mut CudaAct, q: &mut CudaAct) -> Result<()> {
+        let Heads { q_heads, kv_heads, head_dim } = input.heads;
+        let fused = self.gemv_rows(x.rows, input.qkv.cols).filter(|_| input.qk_norm.is_none() && input.qkv.rows == (q_heads + 2 * kv_heads) * head_dim);
+        let (Some(t), Buf::Bf16(xs), Buf::Bf16(q_s)) = (fused, &x.buf, &mut q.buf) else {
+            return super::unfused_attention_input(self, pass, x, input, kv, layer, scratch, q);
+        };
+        // One kernel: the projection, the bias, the rotation and the KV store (kernels/gemv_rope.cu).
+        let name = ["gemv_rope_t1", "gemv_rope_t2", "gemv_rope_t3", "gemv_rope_t4"][t - 1];
+        let l = layer % kv.stored_layers;
+        let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
+        let (mscale, rot, nq, nkv, hd, k) = (1.0f32, head_dim as i32, q_heads as i32, kv_heads as i32, head_dim as i32, input.qkv.cols as i32);
+        let bias = input.bias.map_or(0, |b| self.ptr(&b.bf16));
+        let (positions, kv_slot) = (pass.at(pass.layout.positions), pass.at(pass.layout.kv_slot));
+        let inv_freq = pass.layout.inv_freq.map_or(0, |o| pass.at(o));
+        let grid = (input.qkv.rows / 2).div_ceil(GEMV_WARPS) as u32;
+        launch!(
+            self,
+            name,
+            cfg((grid, 1, 1), 32 * GEMV_WARPS as u32),
+            &input.qkv.w, xs, &bias, &positions, &inv_freq, &mscale, &rot, &kv_slot, q_s, k_cache, v_cache, &nq, &nkv, &hd, &k
         );
         Ok(())
     }

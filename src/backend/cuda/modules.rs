@@ -124,11 +124,12 @@ fn entry_points(src: &str) -> Vec<String> {
     // Macro-instantiated kernels: per head dim (attention), per token count (GEMV).
     const HEAD_DIMS: &[usize] = &[32, 48, 64, 80, 96, 128];
     const TOKEN_ROWS: &[usize] = &[1, 2, 3, 4];
-    let families: [(&str, &str, &[usize]); 4] = [
+    let families: [(&str, &str, &[usize]); 5] = [
         ("attn_prefill_hd", "RESID_PF_ENTRY", HEAD_DIMS),
         ("attn_decode_hd", "RESID_DEC_ENTRY", HEAD_DIMS),
         ("gemv_t", "RESID_GEMV_ENTRY", TOKEN_ROWS),
         ("gemv_swiglu_t", "RESID_GEMV_SWIGLU_ENTRY", TOKEN_ROWS),
+        ("gemv_rope_t", "RESID_GEMV_ROPE_ENTRY", TOKEN_ROWS),
     ];
     for (base, instantiate, values) in families {
         if src.contains(&format!("{base}##")) {
@@ -166,6 +167,8 @@ mod tests {
             "gemv_t4",
             "gemv_swiglu_t1",
             "gemv_swiglu_t4",
+            "gemv_rope_t1",
+            "gemv_rope_t4",
             "argmax_rows",
             "sample_rows",
             "final_norm_gather_rms",
