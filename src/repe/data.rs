@@ -74,11 +74,17 @@ pub struct PairKey {
     pub id: String,
 }
 
+/// Numeric ids (up to 19 digits) first, in numeric order, then every other id in byte order.
+/// Which of the two classes an id is in depends on it alone, so this is a total order; comparing
+/// numbers numerically and everything else by bytes is not ("2" < "10" < "1a" < "2"), and the
+/// standard sorts may panic on such an order (found by fuzzing).
 fn natural_cmp(a: &str, b: &str) -> Ordering {
     let num = |s: &str| if !s.is_empty() && s.len() < 20 && s.bytes().all(|c| c.is_ascii_digit()) { s.parse::<u64>().ok() } else { None };
     match (num(a), num(b)) {
         (Some(x), Some(y)) => x.cmp(&y).then_with(|| a.cmp(b)),
-        _ => a.cmp(b),
+        (Some(_), None) => Ordering::Less,
+        (None, Some(_)) => Ordering::Greater,
+        (None, None) => a.cmp(b),
     }
 }
 
@@ -428,6 +434,21 @@ mod tests {
         let mut keys: Vec<PairKey> = ["10", "9", "1", "a"].iter().map(|i| key("g", i)).collect();
         keys.sort();
         assert_eq!(keys.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(), ["1", "9", "10", "a"]);
+        // Numbers before other ids, so that the order is transitive: "1a" after "10" and "2".
+        let mut keys: Vec<PairKey> = ["1a", "10", "2", "007", "7", "b"].iter().map(|i| key("g", i)).collect();
+        keys.sort();
+        assert_eq!(keys.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(), ["2", "007", "7", "10", "1a", "b"]);
+        let ids = ["2", "10", "1a", "01", "1", "x", "", "99999999999999999999", "9", "a1", "10a", "0"];
+        for a in ids {
+            for b in ids {
+                assert_eq!(natural_cmp(a, b), natural_cmp(b, a).reverse(), "{a:?} {b:?}");
+                for c in ids {
+                    if natural_cmp(a, b).is_le() && natural_cmp(b, c).is_le() {
+                        assert!(natural_cmp(a, c).is_le(), "{a:?} <= {b:?} <= {c:?} but not {a:?} <= {c:?}");
+                    }
+                }
+            }
+        }
         let keys: Vec<PairKey> = (0..40).map(|i| key("demo", &i.to_string())).collect();
         assert_eq!(train_keys(&keys, 0, 0.8).len(), 32);
         let two = vec![key("", "1"), key("", "2")];
