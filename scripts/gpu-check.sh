@@ -9,8 +9,9 @@
 # and carried along with the working tree (the device tool: carry ["target/gpu"]).
 #
 # Steps: locate the CUDA libraries; `resid selftest --device cuda` (every kernel path against the
-# CPU backend, device sampling included; if it fails on sm_90+, once more without programmatic
-# dependent launch, and if that passes the rest runs with RESID_CUDA_PDL=0); bf16 GEMM rate and
+# CPU backend, device sampling included; if it fails, again without programmatic dependent
+# launch and/or the decode GEMV kernels, and the rest runs in the first configuration that
+# passes); bf16 GEMM rate and
 # copy bandwidth (torch); random-weight Llama-2-7B and 1B models (bf16 safetensors written here
 # with torch); the same token workload through Hugging Face transformers as the paper's code
 # uses it and through `resid extract --device cuda` (weight upload time and memory from its
@@ -55,18 +56,28 @@ log "selftest"
 timeout 300 "$RESID" selftest --device cuda --json "$OUT/selftest.json" > "$OUT/selftest.log" 2>&1
 rc=$?
 log "selftest exit $rc ($(tail -1 "$OUT/selftest.log"))"
-if [[ $rc != 0 && ${RESID_CUDA_PDL:-1} != 0 ]] && grep -q 'sm_9\|sm_1[0-9]' "$OUT/selftest.log"; then
-    # Programmatic dependent launch (sm_90+) is the newest untried part: a second selftest
-    # without it tells whether it is to blame, and if so the benchmarks below run without it,
-    # so that they measure a correct engine.
-    log "selftest again without programmatic dependent launch (RESID_CUDA_PDL=0)"
-    RESID_CUDA_PDL=0 timeout 300 "$RESID" selftest --device cuda --json "$OUT/selftest-no-pdl.json" > "$OUT/selftest-no-pdl.log" 2>&1
-    rc_no_pdl=$?
-    log "selftest without PDL exit $rc_no_pdl ($(tail -1 "$OUT/selftest-no-pdl.log"))"
-    if [[ $rc_no_pdl == 0 ]]; then
-        log "PDL breaks the selftest: every benchmark below runs with RESID_CUDA_PDL=0"
-        export RESID_CUDA_PDL=0
-    fi
+# The parts never run on a GPU before can each be switched off: programmatic dependent launch
+# (sm_90+) and the decode GEMV kernels (gemv, gemv_swiglu, gemv_rope). If the selftest fails,
+# it runs again without them, in this order; the first configuration that passes is exported,
+# so that every benchmark below measures a correct engine (and the logs say which part broke).
+if [[ $rc != 0 ]]; then
+    sm90=0; grep -q 'sm_9\|sm_1[0-9]' "$OUT/selftest.log" && sm90=1
+    for fallback in no-pdl no-gemv no-gemv-no-pdl; do
+        case $fallback in
+            no-pdl) [[ $sm90 == 1 && ${RESID_CUDA_PDL:-1} != 0 ]] || continue; vars=(RESID_CUDA_PDL=0) ;;
+            no-gemv) vars=(RESID_CUDA_GEMV=0) ;;
+            no-gemv-no-pdl) [[ $sm90 == 1 && ${RESID_CUDA_PDL:-1} != 0 ]] || continue; vars=(RESID_CUDA_GEMV=0 RESID_CUDA_PDL=0) ;;
+        esac
+        log "selftest again with ${vars[*]}"
+        env "${vars[@]}" timeout 120 "$RESID" selftest --device cuda --json "$OUT/selftest-$fallback.json" > "$OUT/selftest-$fallback.log" 2>&1
+        rc_fallback=$?
+        log "selftest with ${vars[*]} exit $rc_fallback ($(tail -1 "$OUT/selftest-$fallback.log"))"
+        if [[ $rc_fallback == 0 ]]; then
+            log "every benchmark below runs with ${vars[*]}"
+            export "${vars[@]}"
+            break
+        fi
+    done
 fi
 
 # --- 2. machine rates

@@ -143,7 +143,8 @@ def summary(outdir):
     def load(name):
         p = os.path.join(outdir, name)
         return json.load(open(p)) if os.path.exists(p) else None
-    doc = {"selftest": load("selftest.json"), "selftest_no_pdl": load("selftest-no-pdl.json"), "rates": load("rates.json"), "runs": {}}
+    doc = {"selftest": load("selftest.json"), "selftest_no_pdl": load("selftest-no-pdl.json"),
+           "selftest_no_gemv": load("selftest-no-gemv.json"), "selftest_no_gemv_no_pdl": load("selftest-no-gemv-no-pdl.json"), "rates": load("rates.json"), "runs": {}}
     rows = []
     for model in SHAPES:
         hf, rs = load(f"hf-{model}.json"), load(f"resid-{model}.json")
@@ -172,10 +173,12 @@ def summary(outdir):
     st = doc["selftest"]
     print("\n== gpu-check summary ==")
     print("selftest:", "passed" if st and not st.get("failures") else f"FAILED or missing ({outdir}/selftest.log)")
-    if os.path.exists(os.path.join(outdir, "selftest-no-pdl.log")):
-        st2 = load("selftest-no-pdl.json")
-        print("selftest without PDL:", "passed (benchmarks ran with RESID_CUDA_PDL=0)" if st2 and not st2.get("failures")
-              else f"FAILED or missing ({outdir}/selftest-no-pdl.log)")
+    for fallback, switches in (("no-pdl", "RESID_CUDA_PDL=0"), ("no-gemv", "RESID_CUDA_GEMV=0"),
+                               ("no-gemv-no-pdl", "RESID_CUDA_GEMV=0 RESID_CUDA_PDL=0")):
+        if os.path.exists(os.path.join(outdir, f"selftest-{fallback}.log")):
+            st2 = load(f"selftest-{fallback}.json")
+            print(f"selftest with {switches}:", f"passed (benchmarks ran with {switches})" if st2 and not st2.get("failures")
+                  else f"FAILED or missing ({outdir}/selftest-{fallback}.log)")
     if doc["rates"]:
         r = doc["rates"]
         print(f"bf16 GEMM {r['bf16_gemm_tflops_square_8192']:.0f} TFLOP/s (8192^3), copy {r['copy_bandwidth_gbs']:.0f} GB/s")
