@@ -143,8 +143,11 @@ def summary(outdir):
     def load(name):
         p = os.path.join(outdir, name)
         return json.load(open(p)) if os.path.exists(p) else None
-    doc = {"selftest": load("selftest.json"), "selftest_no_pdl": load("selftest-no-pdl.json"),
-           "selftest_no_gemv": load("selftest-no-gemv.json"), "selftest_no_gemv_no_pdl": load("selftest-no-gemv-no-pdl.json"), "rates": load("rates.json"), "runs": {}}
+    # gpu-check.sh's fallback selftests (selftest-no-pdl.log, ...), in the order it ran them.
+    fallbacks = sorted((f[len("selftest-"):-len(".log")] for f in os.listdir(outdir) if f.startswith("selftest-") and f.endswith(".log")),
+                       key=lambda name: os.path.getmtime(os.path.join(outdir, f"selftest-{name}.log")))
+    doc = {"selftest": load("selftest.json"), "rates": load("rates.json"), "runs": {}}
+    doc.update({f"selftest_{name.replace('-', '_')}": load(f"selftest-{name}.json") for name in fallbacks})
     rows = []
     for model in SHAPES:
         hf, rs = load(f"hf-{model}.json"), load(f"resid-{model}.json")
@@ -173,12 +176,10 @@ def summary(outdir):
     st = doc["selftest"]
     print("\n== gpu-check summary ==")
     print("selftest:", "passed" if st and not st.get("failures") else f"FAILED or missing ({outdir}/selftest.log)")
-    for fallback, switches in (("no-pdl", "RESID_CUDA_PDL=0"), ("no-gemv", "RESID_CUDA_GEMV=0"),
-                               ("no-gemv-no-pdl", "RESID_CUDA_GEMV=0 RESID_CUDA_PDL=0")):
-        if os.path.exists(os.path.join(outdir, f"selftest-{fallback}.log")):
-            st2 = load(f"selftest-{fallback}.json")
-            print(f"selftest with {switches}:", f"passed (benchmarks ran with {switches})" if st2 and not st2.get("failures")
-                  else f"FAILED or missing ({outdir}/selftest-{fallback}.log)")
+    for name in fallbacks:
+        st2 = load(f"selftest-{name}.json")
+        print(f"selftest {name}:", "passed: the benchmarks ran in this configuration (switches in gpu-check.log)" if st2 and not st2.get("failures")
+              else f"FAILED or missing ({outdir}/selftest-{name}.log)")
     if doc["rates"]:
         r = doc["rates"]
         print(f"bf16 GEMM {r['bf16_gemm_tflops_square_8192']:.0f} TFLOP/s (8192^3), copy {r['copy_bandwidth_gbs']:.0f} GB/s")

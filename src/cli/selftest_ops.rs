@@ -115,6 +115,8 @@ pub(crate) fn check_ops<D: Backend>(name: &str, dev: &D, failures: &mut Vec<Stri
         let qkv_cols = (nq + 2 * nkv) * hd;
         let bias = if case.qkv_bias { Some(c.vectors(qkv_cols, 0.5, 0.0)?) } else { None };
         let norms = if case.qk_norm { Some((c.vectors(hd, 0.2, 1.0)?, c.vectors(hd, 0.2, 1.0)?)) } else { None };
+        let qk_d = norms.as_ref().map(|((qw, _), (kw, _))| (qw, kw, eps));
+        let qk_c = norms.as_ref().map(|((_, qw), (_, kw))| (qw, kw, eps));
         let (mut kv_d, mut kv_c) = (dev.kv(1, slots, nkv * hd)?, c.cpu.kv(1, slots, nkv * hd)?);
         let plans = [
             ("prefill", BatchPlan::new(&lens, &[0, 0, 0], &starts)),
@@ -127,8 +129,6 @@ pub(crate) fn check_ops<D: Backend>(name: &str, dev: &D, failures: &mut Vec<Stri
             let data = c.values(rows * qkv_cols, 1.0);
             let (qkv_d, qkv_c) = c.acts(&data, rows, qkv_cols, ActKind::Hidden)?;
             let (mut qd, mut qc) = c.outputs(rows, nq * hd, ActKind::Hidden)?;
-            let qk_d = norms.as_ref().map(|((qw, _), (kw, _))| (qw, kw, eps));
-            let qk_c = norms.as_ref().map(|((_, qw), (_, kw))| (qw, kw, eps));
             dev.rope_store_kv(&pd, &qkv_d, bias.as_ref().map(|b| &b.0), qk_d, case.heads, &mut kv_d, 0, &mut qd)?;
             c.cpu.rope_store_kv(&pc, &qkv_c, bias.as_ref().map(|b| &b.1), qk_c, case.heads, &mut kv_c, 0, &mut qc)?;
             c.compare(&format!("{phase} rotary/KV store ({})", case.label), &qd, &qc, TOL)?;
@@ -172,8 +172,6 @@ pub(crate) fn check_ops<D: Backend>(name: &str, dev: &D, failures: &mut Vec<Stri
             let (x_d, x_c) = c.acts(&data, n, k, ActKind::Hidden)?;
             let (mut s_d, mut s_c) = c.outputs(n, qkv_cols, ActKind::Hidden)?;
             let (mut qd, mut qc) = c.outputs(n, nq * hd, ActKind::Hidden)?;
-            let qk_d = norms.as_ref().map(|((qw, _), (kw, _))| (qw, kw, eps));
-            let qk_c = norms.as_ref().map(|((_, qw), (_, kw))| (qw, kw, eps));
             let input_d = AttentionInput { qkv: &w_d, bias: bias.as_ref().map(|b| &b.0), qk_norm: qk_d, heads: case.heads };
             let input_c = AttentionInput { qkv: &w_c, bias: bias.as_ref().map(|b| &b.1), qk_norm: qk_c, heads: case.heads };
             dev.attention_input(&pd, &x_d, input_d, &mut kv_d, 0, &mut s_d, &mut qd)?;

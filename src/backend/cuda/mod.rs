@@ -245,9 +245,24 @@ pub struct CudaPass {
     written: Vec<(usize, usize)>,
 }
 
+impl CudaKv {
+    /// The K and V caches that `layer` stores into.
+    fn layer_mut(&mut self, layer: usize) -> (&mut CudaSlice<u16>, &mut CudaSlice<u16>) {
+        let l = layer % self.stored_layers;
+        (&mut self.k[l], &mut self.v[l])
+    }
+}
+
 impl CudaPass {
     fn at(&self, offset: usize) -> u64 {
         self.base + offset as u64
+    }
+
+    /// The rotary arguments of rope.cu and gemv_rope.cu, in their order: positions, inverse
+    /// frequencies (null: rotate nothing, for ALiBi models), mscale, rotated dims, KV slots.
+    fn rotary(&self, heads: Heads) -> (u64, u64, f32, i32, u64) {
+        let inv_freq = self.layout.inv_freq.map_or(0, |o| self.at(o));
+        (self.at(self.layout.positions), inv_freq, 1.0, heads.head_dim as i32, self.at(self.layout.kv_slot))
     }
 
     /// Device addresses of a segment list: begin, end, dst, weight.
@@ -455,7 +470,7 @@ impl CudaBackend {
     }
 }
 
-/// The longest argument list of kernels/*.cu (rope_qkv has 14).
+/// The longest argument list of kernels/*.cu (gemv_rope_tT has 15).
 const MAX_KERNEL_ARGS: usize = 16;
 
 /// A kernel argument as the 8-byte word the driver copies it from: a device address, or a
@@ -764,13 +779,10 @@ impl Backend for CudaBackend {
                 (&normed_qkv, None)
             }
         };
-        let l = layer % kv.stored_layers;
-        let (mscale, rot, t, nq, nkv, hd) = (1.0f32, heads.head_dim as i32, pass.rows as i32, heads.q_heads as i32, heads.kv_heads as i32, heads.head_dim as i32);
-        let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
+        let (t, nq, nkv, hd) = (pass.rows as i32, heads.q_heads as i32, heads.kv_heads as i32, heads.head_dim as i32);
+        let (k_cache, v_cache) = kv.layer_mut(layer);
         let bias = bias.map_or(0, |b| self.ptr(&b.bf16));
-        let (positions, kv_slot) = (pass.at(pass.layout.positions), pass.at(pass.layout.kv_slot));
-        // No table (ALiBi models) reaches the kernel as null: "rotate nothing".
-        let inv_freq = pass.layout.inv_freq.map_or(0, |o| pass.at(o));
+        let (positions, inv_freq, mscale, rot, kv_slot) = pass.rotary(heads);
         launch!(
             self,
             "rope_qkv",
@@ -788,12 +800,10 @@ impl Backend for CudaBackend {
         };
         // One kernel: the projection, the bias, the rotation and the KV store (kernels/gemv_rope.cu).
         let name = ["gemv_rope_t1", "gemv_rope_t2", "gemv_rope_t3", "gemv_rope_t4"][t - 1];
-        let l = layer % kv.stored_layers;
-        let (k_cache, v_cache) = (&mut kv.k[l], &mut kv.v[l]);
-        let (mscale, rot, nq, nkv, hd, k) = (1.0f32, head_dim as i32, q_heads as i32, kv_heads as i32, head_dim as i32, input.qkv.cols as i32);
+        let (k_cache, v_cache) = kv.layer_mut(layer);
+        let (nq, nkv, hd, k) = (q_heads as i32, kv_heads as i32, head_dim as i32, input.qkv.cols as i32);
         let bias = input.bias.map_or(0, |b| self.ptr(&b.bf16));
-        let (positions, kv_slot) = (pass.at(pass.layout.positions), pass.at(pass.layout.kv_slot));
-        let inv_freq = pass.layout.inv_freq.map_or(0, |o| pass.at(o));
+        let (positions, inv_freq, mscale, rot, kv_slot) = pass.rotary(input.heads);
         let grid = (input.qkv.rows / 2).div_ceil(GEMV_WARPS) as u32;
         launch!(
             self,
