@@ -21,6 +21,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Another live process holds the lock on an output (a directory, a file or a cache).
+    #[error("{}: in use by another resid run ({}); wait for it to finish or pass --wait-lock", path.display(), holder.map_or("pid unknown".to_string(), |p| format!("pid {p}")))]
+    Locked { path: PathBuf, holder: Option<u32> },
+    /// SIGINT or SIGTERM arrived; the run stopped between batches and removed its temporary
+    /// files. `what` says what was kept.
+    #[error("interrupted by {}: {what}", crate::interrupt::signal_name(*signal))]
+    Interrupted { signal: i32, what: String },
 }
 
 impl Error {
@@ -40,7 +47,9 @@ impl Error {
             Error::Input(_) => 3,
             Error::Model(_) => 4,
             Error::Device(_) => 5,
-            Error::Io { .. } => 6,
+            Error::Io { .. } | Error::Locked { .. } => 6,
+            // The shell's convention for a process ended by a signal: 130 for SIGINT, 143 for SIGTERM.
+            Error::Interrupted { signal, .. } => 128 + signal,
         }
     }
 }

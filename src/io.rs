@@ -18,16 +18,81 @@ pub struct OutTensor {
 }
 
 /// A file path that is renamed into place on `commit` and removed if dropped before.
+///
+/// The temporary name is `.NAME.PID.tmp` beside the destination, so a later run holding the
+/// output's lock can tell temporary files of dead runs apart ([`temp_owner`]). Every live
+/// temporary path is also registered, so that a second Ctrl-C, which exits at once, can
+/// remove them ([`remove_live_temp_files`]).
 pub struct AtomicPath {
     tmp: PathBuf,
     dest: PathBuf,
     committed: bool,
 }
 
+/// Temporary files of this process not yet committed or removed.
+static LIVE_TEMP_FILES: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn live_temp_files() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    // A panic while the lock was held leaves a valid list: keep using it.
+    LIVE_TEMP_FILES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Registers a file for [`remove_live_temp_files`] (temporary files, lock files).
+pub fn track_temp_file(path: &Path) {
+    live_temp_files().push(path.to_owned());
+}
+
+/// Forgets a file registered by [`track_temp_file`] (committed, or removed by its owner).
+pub fn untrack_temp_file(path: &Path) {
+    let mut live = live_temp_files();
+    if let Some(i) = live.iter().position(|p| p == path) {
+        live.swap_remove(i);
+    }
+}
+
+/// Removes every temporary file this process has open; for an exit that skips destructors.
+pub fn remove_live_temp_files() {
+    for p in live_temp_files().drain(..) {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// The process id in a temporary name written by [`AtomicPath`] (`.NAME.PID.tmp`, or
+/// `.NAME.PID.tmp.EXT` for files whose writer needs the extension), or None for other names.
+pub fn temp_owner(file_name: &str) -> Option<u32> {
+    let rest = file_name.strip_prefix('.')?;
+    let at = rest.rfind(".tmp")?;
+    let tail = &rest[at + 4..];
+    if !(tail.is_empty() || (tail.starts_with('.') && !tail[1..].contains('.'))) {
+        return None;
+    }
+    let (name, pid) = rest[..at].rsplit_once('.')?;
+    if name.is_empty() || pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// The temporary name beside `dest` for this process (`.NAME.PID.tmp`, then `.EXT` if given).
+pub fn temp_name(dest: &Path, ext: Option<&str>) -> PathBuf {
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let ext = ext.map(|e| format!(".{e}")).unwrap_or_default();
+    dest.with_file_name(format!(".{name}.{}.tmp{ext}", std::process::id()))
+}
+
 impl AtomicPath {
     pub fn new(dest: &Path) -> Self {
-        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-        let tmp = dest.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+        Self::with_temp(dest, temp_name(dest, None))
+    }
+
+    /// As [`AtomicPath::new`] with a temporary name that keeps the extension `ext` (for
+    /// writers that choose the format by it).
+    pub fn with_extension(dest: &Path, ext: &str) -> Self {
+        Self::with_temp(dest, temp_name(dest, Some(ext)))
+    }
+
+    fn with_temp(dest: &Path, tmp: PathBuf) -> Self {
+        track_temp_file(&tmp);
         AtomicPath { tmp, dest: dest.to_owned(), committed: false }
     }
 
@@ -47,6 +112,7 @@ impl Drop for AtomicPath {
         if !self.committed {
             let _ = std::fs::remove_file(&self.tmp);
         }
+        untrack_temp_file(&self.tmp);
     }
 }
 
@@ -361,6 +427,7 @@ pub enum InputItem {
 /// Blank lines, invalid UTF-8 and an input without lines are errors; `file` names the source
 /// in error messages (`FILE: line N: ...`).
 pub fn parse_jsonl(bytes: &[u8], file: &str) -> Result<Vec<InputItem>> {
+    let bytes = strip_bom(bytes);
     let text = std::str::from_utf8(bytes).map_err(|e| {
         let line = 1 + bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count();
         Error::input(format!("{file}: line {line}: invalid UTF-8"))
@@ -397,6 +464,17 @@ pub fn parse_jsonl(bytes: &[u8], file: &str) -> Result<Vec<InputItem>> {
         return Err(Error::input(format!("{file}: no input lines")));
     }
     Ok(items)
+}
+
+/// `bytes` without a leading UTF-8 byte-order mark (Windows tools and spreadsheet exports
+/// write one; JSON parsers reject it).
+pub fn strip_bom(bytes: &[u8]) -> &[u8] {
+    bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
+}
+
+/// Parses a JSON document, allowing a leading UTF-8 byte-order mark.
+pub fn json_from_slice<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> serde_json::Result<T> {
+    serde_json::from_slice(strip_bom(bytes))
 }
 
 /// How an error message names a JSON value's type ("a string", "an array", ...).

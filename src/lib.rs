@@ -15,6 +15,7 @@
 pub mod backend;
 pub mod engine;
 pub mod error;
+pub mod interrupt;
 pub mod io;
 pub mod model;
 pub mod repe;

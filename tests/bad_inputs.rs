@@ -317,6 +317,19 @@ fn catalogue() -> Vec<Row> {
             build: |e| { let i = e.input(format!("{{\"ids\": {:?}}}\n", vec![3; 200]).as_bytes()); let mut a = vec!["@fsize=40".to_string()]; a.extend(extract(e, &e.model(), &i, &["--position", "all"])); a } },
         Row { what: "full disk (file size limit): sharded output", code: 6, needle: "File too large",
             build: |e| { let i = e.input(format!("{{\"ids\": {:?}}}\n", vec![3; 200]).as_bytes()); let mut a = vec!["@fsize=40".to_string()]; a.extend(replace_out(extract(e, &e.model(), &i, &["--position", "all"]), &e.p("parts"))); a } },
+        // ---- outputs in use by another run (exit 6); the test process holds the lock ----
+        Row { what: "directory output locked by another run", code: 6, needle: "in use by another resid run (pid",
+            build: |e| { let d = e.dir.join("parts"); std::fs::create_dir_all(&d).unwrap(); hold(resid::store::lock::OutputLock::dir(&d, false)); replace_out(extract_good(e, &[]), &e.p("parts")) } },
+        Row { what: "file output locked by another run", code: 6, needle: "out.safetensors: in use by another resid run (pid",
+            build: |e| { hold(resid::store::lock::OutputLock::file(Path::new(&e.out()), false)); extract_good(e, &[]) } },
+        Row { what: "merge output locked by another run", code: 6, needle: "merged: in use by another resid run",
+            build: |e| { let d = e.dir.join("merged"); std::fs::create_dir_all(&d).unwrap(); hold(resid::store::lock::OutputLock::dir(&d, false)); ["merge", "--out", &e.p("merged"), &e.p("part0")].map(String::from).into() } },
+        Row { what: "study output locked by another run", code: 6, needle: "study-out: in use by another resid run",
+            build: |e| { let m = e.model_with_tokenizer(); common::study::write_values(&e.dir.join("values")); let d = e.dir.join("study-out"); std::fs::create_dir_all(&d).unwrap(); hold(resid::store::lock::OutputLock::dir(&d, false)); ["study", "--model", &m, "--data", &e.p("values"), "--out", &e.p("study-out"), "--quiet"].map(String::from).into() } },
+        Row { what: "vector output locked by another run", code: 6, needle: "v.safetensors: in use by another resid run",
+            build: |e| { let m = e.model_with_tokenizer(); let t = e.write("pairs.jsonl", b"{\"pos\": \"w1 w2\", \"neg\": \"w3 w4\"}\n"); hold(resid::store::lock::OutputLock::file(&e.dir.join("v.safetensors"), false)); ["vectors", "--model", &m, "--train", &t, "--out", &e.p("v.safetensors"), "--quiet"].map(String::from).into() } },
+        Row { what: "bench plot directory locked by another run", code: 6, needle: "plots: in use by another resid run",
+            build: |e| { let d = e.dir.join("plots"); std::fs::create_dir_all(&d).unwrap(); hold(resid::store::lock::OutputLock::dir(&d, false)); ["bench", "--model", &e.model(), "--workload", "scaling", "--plot-dir", &e.p("plots"), "--quiet"].map(String::from).into() } },
         // ---- usage (exit 2) ----
         Row { what: "missing --out", code: 2, needle: "--out <OUT>",
             build: |e| ["extract", "--model", &e.model(), "--input", &e.good_input()].map(String::from).into() },
@@ -325,6 +338,11 @@ fn catalogue() -> Vec<Row> {
         Row { what: "non-numeric --batch-tokens", code: 2, needle: "invalid value 'many'",
             build: |e| extract_good(e, &["--batch-tokens", "many"]) },
     ]
+}
+
+/// Keeps a lock held for the rest of the test process, as a concurrent run would.
+fn hold(lock: resid::Result<resid::store::lock::OutputLock>) {
+    std::mem::forget(lock.expect("lock for the catalogue row"));
 }
 
 /// Replaces the value of `--out` in an argument list.

@@ -40,6 +40,8 @@ pub(crate) struct BenchArgs {
     /// scaling: directory for scaling.json, scaling.png and scaling.svg.
     #[arg(long, default_value = "bench-scaling")]
     plot_dir: std::path::PathBuf,
+    #[command(flatten)]
+    lock: super::LockArgs,
     /// Sequences of the extract workload.
     #[arg(long, default_value_t = 256)]
     sequences: usize,
@@ -101,6 +103,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
             compute: &a.compute,
             seed: a.seed,
             plot_dir: &a.plot_dir,
+            wait_lock: a.lock.wait_lock,
             quiet: a.quiet,
             on_cpu,
         };

@@ -1,6 +1,5 @@
 //! The `resid` command line.
 mod bench;
-mod input;
 mod scaling;
 mod selftest;
 mod selftest_ops;
@@ -11,11 +10,11 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use resid::engine::capture::{CapturePoint, CapturePosition, CaptureSpec};
 use resid::engine::steer::{parse_layer_list, SteerOp, SteerPositions, Steering};
-use resid::io::{check_writable, read_directions, SafetensorsStream, StreamDtype, StreamTensor};
+use resid::io::{read_directions, InputItem};
+use resid::store::extract::{ExtractJob, ExtractOutput};
 use resid::backend::cuda::{parse_device, CudaBackend};
 use resid::backend::Backend;
 use resid::{CpuBackend, Engine, GenerateOptions, Sampling};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -65,6 +64,14 @@ pub(crate) struct ModelArgs {
     pub(crate) device: String,
 }
 
+/// How a run treats an output that another run is writing.
+#[derive(Args)]
+pub(crate) struct LockArgs {
+    /// If another run holds the output, wait for it to finish instead of failing at once (exit 6).
+    #[arg(long)]
+    pub(crate) wait_lock: bool,
+}
+
 #[derive(Args)]
 struct VerifyArgs {
     /// Directory written by `resid extract --out DIR`.
@@ -79,6 +86,8 @@ struct MergeArgs {
     /// The part directories (any order).
     #[arg(required = true)]
     parts: Vec<PathBuf>,
+    #[command(flatten)]
+    lock: LockArgs,
 }
 
 #[derive(Args)]
@@ -145,6 +154,8 @@ struct ExtractArgs {
     quiet: bool,
     #[command(flatten)]
     steer: SteerArgs,
+    #[command(flatten)]
+    lock: LockArgs,
 }
 
 #[derive(Args)]
@@ -201,6 +212,10 @@ pub fn run() -> i32 {
             eprintln!("error: cannot start {n} threads: {e}");
             return 1;
         }
+    }
+    if let Err(e) = resid::interrupt::install_handlers() {
+        eprintln!("error: {e}");
+        return 1;
     }
     let result = match cli.command {
         Command::Info(a) => info(a),
@@ -356,13 +371,13 @@ fn info_on<B: Backend>(engine: &Engine<B>, a: &InfoArgs) -> Result<()> {
     Ok(())
 }
 
-fn tokenize_items<B: Backend>(engine: &Engine<B>, items: Vec<input::InputItem>, input: &Path) -> Result<Vec<Vec<u32>>> {
+fn tokenize_items<B: Backend>(engine: &Engine<B>, items: Vec<InputItem>, input: &Path) -> Result<Vec<Vec<u32>>> {
     let mut seqs = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let at = format!("{}: line {}", input.display(), i + 1);
         let ids = match item {
-            input::InputItem::Ids(ids) => ids,
-            input::InputItem::Text(text) => engine
+            InputItem::Ids(ids) => ids,
+            InputItem::Text(text) => engine
                 .model
                 .tokenizer
                 .as_ref()
@@ -378,17 +393,28 @@ fn tokenize_items<B: Backend>(engine: &Engine<B>, items: Vec<input::InputItem>, 
 
 fn extract(a: ExtractArgs) -> Result<()> {
     let position: CapturePosition = a.position.parse()?;
-    let items = input::read_jsonl(&a.input)?;
-    if a.out.extension().is_some_and(|e| e == "safetensors") {
-        check_writable(&a.out)?;
-    } else {
-        std::fs::create_dir_all(&a.out).map_err(|e| resid::Error::io(&a.out, e))?;
+    let part = a.shard.as_deref().map(resid::store::parse_part).transpose()?;
+    let is_file = a.out.extension().is_some_and(|e| e == "safetensors");
+    if is_file && part.is_some() {
+        bail!(resid::Error::input("--shard needs a directory output (--out DIR), not a single .safetensors file"));
     }
+    let input_bytes = std::fs::read(&a.input).map_err(|e| resid::Error::io(&a.input, e))?;
+    let items = resid::io::parse_jsonl(&input_bytes, &a.input.display().to_string())?;
+    // Locked before the model loads, so that a second writer fails at once.
+    let out = ExtractOutput::open(&a.out, a.lock.wait_lock)?;
     let any = load(&a.model)?;
-    with_engine!(&any, engine => extract_on(engine, &a, position, items))
+    with_engine!(&any, engine => extract_on(engine, &a, position, part, items, &input_bytes, &out))
 }
 
-fn extract_on<B: Backend>(engine: &Engine<B>, a: &ExtractArgs, position: CapturePosition, items: Vec<input::InputItem>) -> Result<()> {
+fn extract_on<B: Backend>(
+    engine: &Engine<B>,
+    a: &ExtractArgs,
+    position: CapturePosition,
+    part: Option<(usize, usize)>,
+    items: Vec<InputItem>,
+    input_bytes: &[u8],
+    out: &ExtractOutput,
+) -> Result<()> {
     let n_layers = engine.num_layers();
     let points: Vec<CapturePoint> = match &a.layers {
         None => (0..=n_layers).map(CapturePoint::Hidden).collect(),
@@ -409,187 +435,59 @@ fn extract_on<B: Backend>(engine: &Engine<B>, a: &ExtractArgs, position: Capture
     spec.validate(n_layers)?;
     let steer = steering(engine, &a.steer)?;
     let seqs = tokenize_items(engine, items, &a.input)?;
-    let total_tokens: usize = seqs.iter().map(Vec::len).sum();
-
-    let sharded = a.out.extension().is_none_or(|e| e != "safetensors");
-    if !sharded && a.shard.is_some() {
-        bail!(resid::Error::input("--shard needs a directory output (--out DIR), not a single .safetensors file"));
-    }
-    let (range_start, range_end) = match &a.shard {
-        Some(p) => {
-            let (i, n) = resid::store::parse_part(p)?;
-            resid::store::part_range(seqs.len(), i, n)
-        }
-        None => (0, seqs.len()),
+    let job = ExtractJob {
+        seqs: &seqs,
+        spec: &spec,
+        steering_description: steering_description(&steer, &a.steer),
+        steering: steer,
+        steering_file_sha256: a.steer.steer.as_ref().map(|p| resid::store::sha256_file(p)).transpose()?,
+        batch_tokens: a.batch_tokens,
+        input_name: a.input.display().to_string(),
+        input_sha256: resid::store::sha256_hex(input_bytes),
+        part,
+        shard_sequences: a.shard_sequences,
     };
-    let part_tokens: usize = seqs[range_start..range_end].iter().map(Vec::len).sum();
-    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new((range_end - range_start) as u64) };
+    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
     bar.set_style(
         ProgressStyle::with_template("{spinner} extract [{bar:30}] {pos}/{len} seqs {msg} ({elapsed} < {eta})")
             .map_err(|e| anyhow!("progress template: {e}"))?
             .progress_chars("=> "),
     );
-    let started = std::time::Instant::now();
-    let mut done_tokens = 0usize;
-    let mut write_seconds = 0.0f64;
-    let per_seq = vec![steer.clone(); seqs.len()];
-    let meta = |sequences: usize, tokens: usize| -> HashMap<String, String> {
-        [
-            ("model", engine.model.dir.display().to_string()),
-            ("architecture", engine.model.config.architecture.clone()),
-            ("position", position.name().to_string()),
-            ("dtype", "float32".to_string()),
-            ("weights_dtype", engine.model.store.dominant_dtype()),
-            ("steering", steering_description(&steer, &a.steer)),
-            ("layers_note", "HF output_hidden_states indices; -1 = raw pre-norm output of the last block".to_string()),
-            ("sequences", sequences.to_string()),
-            ("tokens", tokens.to_string()),
-            ("resid_version", env!("CARGO_PKG_VERSION").to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
-    };
-    // Writes sequences `range` into one safetensors file, batch after batch (memory holds one
-    // batch); returns the file's SHA-256. On any error the partial file is removed.
-    let mut run = |range: std::ops::Range<usize>, path: &Path, index: bool| -> Result<String> {
-        let seqs_here = &seqs[range.clone()];
-        let lens: Vec<usize> = seqs_here.iter().map(Vec::len).collect();
-        let tokens: usize = lens.iter().sum();
-        let rows = if position == CapturePosition::All { tokens } else { seqs_here.len() };
-        let ids = layer_ids(&spec);
-        let mut declared = vec![StreamTensor { name: "layers".into(), dtype: StreamDtype::I64, shape: vec![ids.len()] }];
-        let offsets: Vec<i64> = resid::engine::capture::row_offsets(&lens).into_iter().map(|o| o as i64).collect();
-        if position == CapturePosition::All {
-            declared.push(StreamTensor { name: "offsets".into(), dtype: StreamDtype::I64, shape: vec![offsets.len()] });
-        }
-        if index {
-            declared.push(StreamTensor { name: "index".into(), dtype: StreamDtype::I64, shape: vec![range.len()] });
-        }
-        declared.push(StreamTensor { name: "hidden_states".into(), dtype: StreamDtype::F32, shape: vec![rows, spec.points.len(), engine.hidden_size()] });
-        let mut file = SafetensorsStream::create(path, declared, &meta(range.len(), tokens))?;
-        file.write_i64(&ids)?;
-        if position == CapturePosition::All {
-            file.write_i64(&offsets)?;
-        }
-        if index {
-            file.write_i64(&range.clone().map(|i| i as i64).collect::<Vec<_>>())?;
-        }
-        engine.extract_batches(seqs_here, &spec, &per_seq[range.clone()], a.batch_tokens, |batch, captured| {
-            if let Some(i) = captured.data.iter().position(|v| !v.is_finite()) {
-                let row = i / (captured.points * captured.hidden);
-                let seq = if position == CapturePosition::All { captured.offsets.iter().rposition(|&o| o <= row).unwrap_or(0) } else { row };
-                return Err(resid::Error::input(format!(
-                    "{}: line {}: NaN or Inf in captured activations at layer {:?}; nothing written for it",
-                    a.input.display(),
-                    range.start + batch.start + seq + 1,
-                    spec.points[(i / captured.hidden) % captured.points]
-                )));
-            }
-            let write_start = std::time::Instant::now();
-            file.write_f32(&captured.data)?;
-            write_seconds += write_start.elapsed().as_secs_f64();
-            let t: usize = lens[batch.clone()].iter().sum();
-            done_tokens += t;
-            bar.inc(batch.len() as u64);
-            bar.set_message(format!("{:.0} tok/s", done_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)));
-            Ok(())
-        })?;
-        let finish_start = std::time::Instant::now();
-        let sha256 = file.finish()?;
-        write_seconds += finish_start.elapsed().as_secs_f64();
-        Ok(sha256)
-    };
-
-    if !sharded {
-        run(0..seqs.len(), &a.out, false)?;
-        bar.finish_and_clear();
-        if !a.quiet {
-            // Writing is streamed between batches; the extraction time leaves it out.
-            let total = started.elapsed().as_secs_f64();
-            let extract_seconds = (total - write_seconds).max(1e-9);
-            eprintln!(
-                "wrote {} ({} sequences, {} tokens; extraction {:.2} s, {:.0} tokens/s; with writing {:.1} s)",
-                a.out.display(),
-                seqs.len(),
-                total_tokens,
-                extract_seconds,
-                total_tokens as f64 / extract_seconds,
-                total,
-            );
-        }
-        return Ok(());
-    }
-
-    // Directory output: numbered shards plus a manifest, resumable after any interruption.
-    let dir = &a.out;
-    std::fs::create_dir_all(dir).map_err(|e| resid::Error::io(dir, e))?;
-    let input_bytes = std::fs::read(&a.input).map_err(|e| resid::Error::io(&a.input, e))?;
-    let config_bytes = std::fs::read(engine.model.dir.join("config.json")).unwrap_or_default();
-    let options = serde_json::json!({
-        "model_config_sha256": resid::store::sha256_hex(&config_bytes),
-        "architecture": engine.model.config.architecture,
-        "parameters": engine.model.parameter_count(),
-        "weights_dtype": engine.model.store.dominant_dtype(),
-        "device": if a.model.device == "cpu" { "cpu" } else { "cuda" },
-        "position": position.name(),
-        "layers": layer_ids(&spec),
-        "steering": steering_description(&steer, &a.steer),
-        "steering_file_sha256": a.steer.steer.as_ref().map(|p| resid::store::sha256_file(p)).transpose()?,
+    let s = out.write(engine, &job, &mut |p| {
+        bar.set_length(p.total_sequences as u64);
+        bar.set_position(p.done_sequences as u64);
+        bar.set_message(format!("{:.0} tok/s", p.tokens as f64 / p.seconds.max(1e-9)));
     });
-    let wanted = resid::store::Manifest {
-        format: "resid-extract-v1".into(),
-        input: a.input.display().to_string(),
-        input_sha256: resid::store::sha256_hex(&input_bytes),
-        input_sequences: seqs.len(),
-        range_start,
-        range_end,
-        part: a.shard.clone(),
-        options,
-        shard_sequences: a.shard_sequences.max(1),
-        shards: Vec::new(),
-        complete: false,
-    };
-    let mut manifest = match resid::store::Manifest::load(dir)? {
-        None => wanted,
-        Some(existing) => {
-            if let Some(why) = existing.incompatibility(&wanted) {
-                bail!(resid::Error::input(format!("{}: refusing to mix results with the extraction already there: {why}", dir.display())));
-            }
-            existing
-        }
-    };
-    if manifest.complete {
-        if !a.quiet {
-            eprintln!("{}: already complete ({} shards); nothing to do", dir.display(), manifest.shards.len());
-        }
+    bar.finish_and_clear();
+    let s = s?;
+    if a.quiet {
         return Ok(());
     }
-    let resume = manifest.resume_point();
-    bar.inc((resume - range_start) as u64);
-    let mut start = resume;
-    while start < range_end {
-        let end = (start + manifest.shard_sequences).min(range_end);
-        let file = format!("shard-{:05}.safetensors", manifest.shards.len());
-        let sha256 = run(start..end, &dir.join(&file), true)?;
-        manifest.shards.push(resid::store::ShardEntry { file, start, end, sha256 });
-        manifest.complete = end == range_end;
-        manifest.save(dir)?;
-        start = end;
-    }
-    if range_end == range_start {
-        manifest.complete = true;
-        manifest.save(dir)?;
-    }
-    bar.finish_and_clear();
-    if !a.quiet {
-        let secs = started.elapsed().as_secs_f64();
+    if !out.is_sharded() {
+        // Writing is streamed between batches; the extraction time leaves it out.
+        let extract_seconds = (s.seconds - s.write_seconds).max(1e-9);
         eprintln!(
-            "wrote {} ({} shards, sequences {range_start}..{range_end} of {}, {part_tokens} tokens; {:.1} s)",
-            dir.display(),
-            manifest.shards.len(),
+            "wrote {} ({} sequences, {} tokens; extraction {:.2} s, {:.0} tokens/s; with writing {:.1} s)",
+            a.out.display(),
+            s.sequences,
+            s.tokens,
+            extract_seconds,
+            s.tokens as f64 / extract_seconds,
+            s.seconds,
+        );
+    } else if s.already_complete {
+        eprintln!("{}: already complete ({} shards); nothing to do", a.out.display(), s.shards);
+    } else {
+        let kept = if s.shards_kept > 0 { format!("; {} complete shards kept from an earlier run", s.shards_kept) } else { String::new() };
+        eprintln!(
+            "wrote {} ({} shards, sequences {}..{} of {}, {} tokens; {:.1} s{kept})",
+            a.out.display(),
+            s.shards,
+            s.range_start,
+            s.range_end,
             seqs.len(),
-            secs
+            s.tokens,
+            s.seconds
         );
     }
     Ok(())
@@ -609,19 +507,9 @@ fn verify(a: VerifyArgs) -> Result<()> {
 }
 
 fn merge(a: MergeArgs) -> Result<()> {
-    let m = resid::store::merge(&a.out, &a.parts)?;
+    let m = resid::store::merge(&a.out, &a.parts, a.lock.wait_lock)?;
     println!("{}: merged {} parts into {} shards covering all {} sequences", a.out.display(), a.parts.len(), m.shards.len(), m.input_sequences);
     Ok(())
-}
-
-fn layer_ids(spec: &CaptureSpec) -> Vec<i64> {
-    spec.points
-        .iter()
-        .map(|p| match p {
-            CapturePoint::Hidden(l) => *l as i64,
-            CapturePoint::LastBlockRaw => -1,
-        })
-        .collect()
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {

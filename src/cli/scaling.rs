@@ -17,6 +17,7 @@ pub(crate) struct ScalingArgs<'a> {
     pub compute: &'a str,
     pub seed: u64,
     pub plot_dir: &'a Path,
+    pub wait_lock: bool,
     pub quiet: bool,
     pub on_cpu: bool,
 }
@@ -88,7 +89,7 @@ fn progress(quiet: bool, started: Instant, done: usize, total: usize, what: &str
 
 pub(crate) fn run(a: &ScalingArgs) -> Result<Value> {
     // Fail before minutes of measurement, not after.
-    std::fs::create_dir_all(a.plot_dir).map_err(|e| resid::Error::io(a.plot_dir, e))?;
+    let _lock = resid::store::lock::lock_output_dir(a.plot_dir, a.wait_lock, &[])?;
     resid::io::check_writable(&a.plot_dir.join("scaling.json"))?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let threads = if a.on_cpu { thread_counts(cores) } else { Vec::new() };
@@ -147,7 +148,7 @@ pub(crate) fn run(a: &ScalingArgs) -> Result<Value> {
         "seconds": (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
         "note": "each point: the faster of 2 fresh `resid bench --workload extract` processes (last-token hidden states at every index); sequence-length and batch points use all threads; fraction_of_gemm_peak is against the GEMM rate that run measured itself",
     });
-    std::fs::write(a.plot_dir.join("scaling.json"), format!("{report:#}\n")).with_context(|| format!("cannot write {}", a.plot_dir.join("scaling.json").display()))?;
+    resid::store::write_atomic(&a.plot_dir.join("scaling.json"), format!("{report:#}\n").as_bytes())?;
     Ok(report)
 }
 

@@ -68,6 +68,8 @@ pub struct VectorsArgs {
     json: bool,
     #[command(flatten)]
     pairs: PairArgs,
+    #[command(flatten)]
+    lock: super::LockArgs,
 }
 
 #[derive(Args)]
@@ -163,6 +165,8 @@ pub struct StudyArgs {
     control: ControlArgs,
     #[command(flatten)]
     pairs: PairArgs,
+    #[command(flatten)]
+    lock: super::LockArgs,
 }
 
 #[derive(Args)]
@@ -183,6 +187,8 @@ pub struct ControlOnlyArgs {
     control: ControlArgs,
     #[command(flatten)]
     pairs: PairArgs,
+    #[command(flatten)]
+    lock: super::LockArgs,
 }
 
 fn check_batch(p: &PairArgs) -> Result<()> {
@@ -289,9 +295,15 @@ pub fn vectors(a: VectorsArgs) -> Result<()> {
         _ => bail!(resid::Error::input("give --data DIR --concept C --lang L, or --train FILE.jsonl")),
     };
     nonempty(&split, &source, None)?;
-    for p in [&a.out, &a.gguf].into_iter().flatten() {
-        resid::io::check_writable(p)?;
+    if a.out.is_some() && a.out == a.gguf {
+        bail!(resid::Error::input("--out and --gguf name the same file"));
     }
+    // Held until the files are written; taken before the model loads, to fail at once.
+    let _locks = [&a.out, &a.gguf]
+        .into_iter()
+        .flatten()
+        .map(|p| resid::store::lock::lock_output_file(p, a.lock.wait_lock))
+        .collect::<resid::Result<Vec<_>>>()?;
     let any = load(&a.model)?;
     with_engine!(&any, engine => vectors_on(engine, &a, &split, method, &source, label.clone()))
 }
@@ -427,6 +439,7 @@ pub fn study(a: StudyArgs) -> Result<()> {
         quiet: a.pairs.quiet,
     };
     study::check_inputs(&cfg)?;
+    let _lock = study::lock_output(&cfg, a.lock.wait_lock)?;
     let any = load(&a.model)?;
     let report = with_engine!(&any, engine => study::run_study(engine, &cfg))?;
     if !a.pairs.quiet {
@@ -477,6 +490,7 @@ pub fn control(a: ControlOnlyArgs) -> Result<()> {
         quiet: a.pairs.quiet,
     };
     study::check_inputs(&cfg)?;
+    let _lock = study::lock_output(&cfg, a.lock.wait_lock)?;
     let any = load(&a.model)?;
     let report = with_engine!(&any, engine => study::run_control_only(engine, &cfg))?;
     if !a.pairs.quiet {

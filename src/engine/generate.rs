@@ -57,6 +57,7 @@ impl<B: Backend> Engine<B> {
             return Ok(out);
         }
 
+        crate::interrupt::check()?;
         let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
         let plan = BatchPlan::new(&lens, &vec![0; lens.len()], &kv_starts);
         let ids: Vec<u32> = prompts.iter().flatten().copied().collect();
@@ -78,6 +79,7 @@ impl<B: Backend> Engine<B> {
         }
 
         while !active.is_empty() {
+            crate::interrupt::check()?;
             // Each active sequence feeds its newest token; its cache holds everything before it.
             active.retain(|&i| prompts[i].len() + out[i].tokens.len() <= capacity[i]);
             if active.is_empty() {

@@ -275,6 +275,7 @@ impl<B: Backend> Engine<B> {
         }
         let mut start = 0;
         while start < seqs.len() {
+            crate::interrupt::check()?;
             let mut end = start;
             let mut tokens = 0;
             while end < seqs.len() && (end == start || tokens + seqs[end].len() <= batch_tokens.max(1)) {

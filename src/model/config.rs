@@ -48,7 +48,7 @@ pub struct ModelConfig {
 /// Reads a text file of a model directory; invalid UTF-8 is a model error (exit 4), not I/O.
 pub(crate) fn read_model_text(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    String::from_utf8(bytes)
+    String::from_utf8(crate::io::strip_bom(&bytes).to_vec())
         .map_err(|e| Error::model(format!("{}: invalid UTF-8 at byte {}", path.display(), e.utf8_error().valid_up_to())))
 }
 
@@ -113,6 +113,7 @@ impl ModelConfig {
     }
 
     fn parse_json(text: &str, file: &str) -> Result<Self> {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let value: Value =
             serde_json::from_str(text).map_err(|e| Error::model(format!("{file}: invalid JSON: {e}")))?;
         let obj = value.as_object().ok_or_else(|| Error::model(format!("{file}: expected a JSON object")))?;

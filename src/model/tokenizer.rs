@@ -25,7 +25,8 @@ impl TextTokenizer {
         if !path.is_file() {
             return Ok(None);
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let inner = tokenizers::Tokenizer::from_bytes(crate::io::strip_bom(&bytes))
             .map_err(|e| Error::model(format!("{}: cannot load tokenizer: {e}", path.display())))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let (mut chat_template, mut bos_token, mut eos_token) = (None, None, None);

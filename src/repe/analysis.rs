@@ -52,6 +52,7 @@ pub struct LangSimilarity {
 impl LangSimilarity {
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
         let Some((_, header)) = lines.next() else {
             return Err(Error::input(format!("{}: empty language-similarity CSV", path.display())));

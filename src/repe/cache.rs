@@ -101,35 +101,43 @@ pub struct HiddenCache {
     pub hidden: usize,
     index: HashMap<[u8; 32], usize>,
     store: Vec<f32>,
+    /// Shard files already read (another study sharing the directory may add more).
+    loaded: HashSet<PathBuf>,
 }
 
 impl HiddenCache {
     /// Opens the cache for `engine`'s model under `root` (None: memory only) and loads every
     /// readable shard of this model. Unreadable shards are reported on stderr and skipped.
     pub fn open<B: Backend>(root: Option<&Path>, engine: &Engine<B>) -> Result<Self> {
-        let name = Backend::name(&engine.backend);
-        let kind = name.split([' ', ':']).next().unwrap_or("").to_owned();
-        let model_id = model_identity(&engine.model, &kind)?;
+        let model_id = model_identity(&engine.model, &crate::store::extract::device_kind(&engine.backend))?;
         let (layers, hidden) = (engine.num_layers(), engine.hidden_size());
         let dir = root.map(|r| r.join(&model_id[..16]));
-        let mut cache = HiddenCache { dir: dir.clone(), model_id, layers, hidden, index: HashMap::new(), store: Vec::new() };
-        if let Some(dir) = &dir {
-            if dir.is_dir() {
-                let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
-                    .map_err(|e| Error::io(dir, e))?
-                    .flatten()
-                    .map(|e| e.path())
-                    .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-                    .collect();
-                shards.sort();
-                for s in shards {
-                    if let Err(e) = cache.load_shard(&s) {
-                        eprintln!("warning: skipping cache shard {}: {e}", s.display());
-                    }
-                }
-            }
-        }
+        let mut cache = HiddenCache { dir, model_id, layers, hidden, index: HashMap::new(), store: Vec::new(), loaded: HashSet::new() };
+        cache.load_new_shards()?;
         Ok(cache)
+    }
+
+    /// Reads every shard of this model's directory not read yet. Shards appear by rename, whole,
+    /// so a concurrent writer's temporary files are never seen.
+    fn load_new_shards(&mut self) -> Result<()> {
+        let Some(dir) = self.dir.clone() else { return Ok(()) };
+        if !dir.is_dir() {
+            return Ok(());
+        }
+        let mut shards: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(&dir, e))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && !self.loaded.contains(p))
+            .collect();
+        shards.sort();
+        for s in shards {
+            if let Err(e) = self.load_shard(&s) {
+                eprintln!("warning: skipping cache shard {}: {e}", s.display());
+            }
+            self.loaded.insert(s);
+        }
+        Ok(())
     }
 
     pub fn model_id(&self) -> &str {
@@ -199,21 +207,38 @@ impl HiddenCache {
         self.get(text).ok_or_else(|| Error::input(format!("internal: stimulus not in the hidden-state cache: {text:?}")))
     }
 
-    /// Computes every stimulus not yet cached (each unique text once) and stores it.
-    pub fn ensure<B: Backend>(&mut self, engine: &Engine<B>, items: &[Stimulus], batch_tokens: usize, quiet: bool) -> Result<CacheStats> {
-        let started = std::time::Instant::now();
+    /// The unique stimuli of `items` not cached yet, and how many unique ones there are.
+    fn missing<'s>(&self, items: &'s [Stimulus]) -> (Vec<&'s Stimulus>, usize) {
         let mut seen = HashSet::new();
-        let mut missing: Vec<&Stimulus> = Vec::new();
-        let mut unique = 0;
+        let mut missing = Vec::new();
         for it in items {
             let key = self.key(&it.text);
-            if seen.insert(key) {
-                unique += 1;
-                if !self.index.contains_key(&key) {
-                    missing.push(it);
-                }
+            if seen.insert(key) && !self.index.contains_key(&key) {
+                missing.push(it);
             }
         }
+        (missing, seen.len())
+    }
+
+    /// Computes every stimulus not yet cached (each unique text once) and stores it.
+    ///
+    /// With a cache directory, computing holds the directory's lock: a second study sharing the
+    /// cache waits for it, then reads what the first one wrote instead of computing it again.
+    /// The lock's holder removes the temporary files of dead runs.
+    pub fn ensure<B: Backend>(&mut self, engine: &Engine<B>, items: &[Stimulus], batch_tokens: usize, quiet: bool) -> Result<CacheStats> {
+        let started = std::time::Instant::now();
+        let (mut missing, unique) = self.missing(items);
+        let _lock = match self.dir.clone() {
+            Some(dir) if !missing.is_empty() => {
+                std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                let lock = crate::store::lock::OutputLock::dir(&dir, true)?;
+                crate::store::lock::remove_stale_temp_files(&dir, None)?;
+                self.load_new_shards()?;
+                missing = self.missing(items).0;
+                Some(lock)
+            }
+            _ => None,
+        };
         let mut stats = CacheStats { requested: unique, from_cache: unique - missing.len(), ..Default::default() };
         if missing.is_empty() {
             return Ok(stats);
@@ -236,9 +261,6 @@ impl HiddenCache {
             .map_err(|e| Error::input(format!("progress template: {e}")))?
             .progress_chars("=> "),
         );
-        if let Some(dir) = &self.dir {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        }
         let spec = CaptureSpec { points: (1..=self.layers).map(CapturePoint::Hidden).collect(), position: CapturePosition::Last };
         let per = self.layers * self.hidden;
         let mut done_seqs = 0usize;

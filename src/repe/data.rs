@@ -239,7 +239,7 @@ pub fn apply_template(template: &str, stimulus: &str) -> String {
 
 fn read_utf8(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    String::from_utf8(bytes).map_err(|e| {
+    String::from_utf8(crate::io::strip_bom(&bytes).to_vec()).map_err(|e| {
         let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
         let line = 1 + valid.iter().filter(|&&b| b == b'\n').count();
         Error::input(format!("{}: line {line}: invalid UTF-8", path.display()))

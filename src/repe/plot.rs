@@ -316,17 +316,10 @@ fn write_both(stem: &Path, title: &str, panels: Panels, size: (u32, u32)) -> Res
     ensure_font();
     let png = stem.with_extension("png");
     let svg = stem.with_extension("svg");
-    let dir = png.parent().unwrap_or(Path::new("."));
-    let name = png.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp_png = dir.join(format!(".{name}.{}.tmp.png", std::process::id()));
-    let result = (|| {
-        draw_all(BitMapBackend::new(&tmp_png, size).into_drawing_area(), title, &panels)?;
-        std::fs::rename(&tmp_png, &png).map_err(|e| Error::io(&png, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp_png);
-    }
-    result?;
+    // The bitmap encoder picks the format by the extension: the temporary name keeps it.
+    let tmp_png = crate::io::AtomicPath::with_extension(&png, "png");
+    draw_all(BitMapBackend::new(tmp_png.tmp(), size).into_drawing_area(), title, &panels)?;
+    tmp_png.commit()?;
     let mut text = String::new();
     draw_all(SVGBackend::with_string(&mut text, size).into_drawing_area(), title, &panels)?;
     let out = crate::io::AtomicPath::new(&svg);

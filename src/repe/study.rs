@@ -288,6 +288,15 @@ fn write_text(path: &Path, text: &str) -> Result<()> {
     out.commit()
 }
 
+/// Locks `cfg.out` for a whole study or control run: another run writing there is
+/// [`Error::Locked`] at once unless `wait`. Removes the temporary files dead runs left in it.
+/// Faces call it before loading the model and hold the lock until the run ends.
+pub fn lock_output(cfg: &StudyConfig, wait: bool) -> Result<crate::store::lock::OutputLock> {
+    crate::store::lock::lock_output_dir(&cfg.out, wait, &["tables", "figures", "vectors"])
+}
+
+const INTERRUPTED_STUDY: &str = "no report written; the hidden-state cache keeps every finished chunk, so a rerun continues from there";
+
 /// Checks the data, template and similarity matrix before any model is loaded.
 pub fn check_inputs(cfg: &StudyConfig) -> Result<()> {
     data::check_template(&cfg.template)?;
@@ -407,6 +416,10 @@ fn analyse<B: Backend>(engine: &Engine<B>, cfg: &StudyConfig, sim: Option<&LangS
 
 /// Runs the whole study and writes its outputs under `cfg.out`.
 pub fn run_study<B: Backend>(engine: &Engine<B>, cfg: &StudyConfig) -> Result<StudyReport> {
+    study_inner(engine, cfg).map_err(|e| e.interrupted_keeping(INTERRUPTED_STUDY))
+}
+
+fn study_inner<B: Backend>(engine: &Engine<B>, cfg: &StudyConfig) -> Result<StudyReport> {
     let started = std::time::Instant::now();
     data::check_template(&cfg.template)?;
     let sim = cfg.lang_similarity.as_deref().map(LangSimilarity::read).transpose()?;
@@ -459,6 +472,10 @@ pub fn run_study<B: Backend>(engine: &Engine<B>, cfg: &StudyConfig) -> Result<St
 /// then the sweep. Writes `control.json`, `control.csv`, `control_generations.jsonl`, the
 /// concept vectors and (unless disabled) the control figures.
 pub fn run_control_only<B: Backend>(engine: &Engine<B>, cfg: &StudyConfig) -> Result<ControlReport> {
+    control_only_inner(engine, cfg).map_err(|e| e.interrupted_keeping(INTERRUPTED_STUDY))
+}
+
+fn control_only_inner<B: Backend>(engine: &Engine<B>, cfg: &StudyConfig) -> Result<ControlReport> {
     let plan = cfg.control.as_ref().ok_or_else(|| Error::input("no control plan"))?;
     let a = analyse(engine, cfg, None)?;
     let report = control_study(engine, cfg, plan, &a.datasets, &a.concepts)?;

@@ -1,6 +1,7 @@
 //! Tiny random-weight Llama models written to a temporary directory.
 #![allow(dead_code)]
 pub mod bf16;
+pub mod study;
 use resid::io::{write_safetensors, OutTensor, TensorData};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

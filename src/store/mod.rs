@@ -3,7 +3,11 @@
 //! Every file is written to a temporary name, flushed and renamed, shard first and manifest
 //! second, so a killed run leaves only complete shards that the manifest lists with their
 //! checksums. A rerun with the same input and options resumes after the last listed shard; one
-//! with different input or options refuses to mix results.
+//! with different input or options refuses to mix results. Every writer holds an exclusive lock
+//! on its output for the whole run ([`lock`]), and removes what dead runs left there.
+pub mod extract;
+pub mod lock;
+
 use crate::error::{Error, Result};
 use crate::io::AtomicPath;
 use serde::{Deserialize, Serialize};
@@ -93,10 +97,13 @@ impl Manifest {
         if !path.exists() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| Error::input(format!("{}: not a resid extraction manifest: {e}", path.display())))
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        Self::parse(&bytes, &path.display().to_string()).map(Some)
+    }
+
+    /// Parses manifest bytes; `file` names the source in errors.
+    pub fn parse(bytes: &[u8], file: &str) -> Result<Manifest> {
+        crate::io::json_from_slice(bytes).map_err(|e| Error::input(format!("{file}: not a resid extraction manifest: {e}")))
     }
 
     pub fn save(&self, dir: &Path) -> Result<()> {
@@ -128,9 +135,26 @@ impl Manifest {
 }
 
 /// Checks a finished output against its manifest: every shard present with its checksum, the
-/// shards contiguous and covering the manifest's range, and the manifest marked complete.
+/// shards contiguous and covering the manifest's range, the manifest marked complete, and no
+/// other file in the directory (a temporary file or an unlisted shard is an interrupted run's).
 pub fn verify(dir: &Path) -> Result<Manifest> {
     let m = Manifest::load(dir)?.ok_or_else(|| Error::input(format!("{}: no {MANIFEST} (not a resid extraction directory)", dir.display())))?;
+    let listed: std::collections::HashSet<&str> = m.shards.iter().map(|s| s.file.as_str()).collect();
+    let mut stray: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != MANIFEST && n != lock::DIR_LOCK && !listed.contains(n.as_str()))
+        .collect();
+    if !stray.is_empty() {
+        stray.sort();
+        return Err(Error::input(format!(
+            "{}: {} file(s) not listed in the manifest: {} (left by an interrupted run: rerun the extraction, which removes them, or delete them)",
+            dir.display(),
+            stray.len(),
+            stray.join(", ")
+        )));
+    }
     let mut next = m.range_start;
     for s in &m.shards {
         if s.start != next || s.end <= s.start {
@@ -172,11 +196,14 @@ pub fn parse_part(text: &str) -> Result<(usize, usize)> {
 }
 
 /// Joins the outputs of the parts of a data-parallel run into one directory: validates that
-/// they come from the same input and options, are complete, and tile the whole input.
-pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<Manifest> {
+/// they come from the same input and options, are complete, and tile the whole input. Holds
+/// the lock of `out` throughout (waiting for it if `wait`); interrupted, it removes what it
+/// had copied, so a rerun starts afresh.
+pub fn merge(out: &Path, inputs: &[PathBuf], wait: bool) -> Result<Manifest> {
     if inputs.is_empty() {
         return Err(Error::input("merge: no input directories"));
     }
+    let _lock = lock::lock_output_dir(out, wait, &[])?;
     let mut parts: Vec<(PathBuf, Manifest)> = Vec::new();
     for dir in inputs {
         parts.push((dir.clone(), verify(dir)?));
@@ -199,18 +226,28 @@ pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<Manifest> {
     if next != first.input_sequences {
         return Err(Error::input(format!("merge: the parts cover sequences 0..{next} of {}", first.input_sequences)));
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     if Manifest::load(out)?.is_some() {
         return Err(Error::input(format!("{}: already holds an extraction; merge into a new directory", out.display())));
     }
-    let mut shards = Vec::new();
-    for (dir, m) in &parts {
-        for s in &m.shards {
-            let file = format!("shard-{:05}.safetensors", shards.len());
-            let bytes = std::fs::read(dir.join(&s.file)).map_err(|e| Error::io(dir.join(&s.file), e))?;
-            write_atomic(&out.join(&file), &bytes)?;
-            shards.push(ShardEntry { file, ..s.clone() });
+    let mut shards: Vec<ShardEntry> = Vec::new();
+    let copied = (|| -> Result<()> {
+        for (dir, m) in &parts {
+            for s in &m.shards {
+                crate::interrupt::check()?;
+                let file = format!("shard-{:05}.safetensors", shards.len());
+                let bytes = std::fs::read(dir.join(&s.file)).map_err(|e| Error::io(dir.join(&s.file), e))?;
+                write_atomic(&out.join(&file), &bytes)?;
+                shards.push(ShardEntry { file, ..s.clone() });
+            }
         }
+        Ok(())
+    })();
+    if let Err(e) = copied {
+        // Without a manifest the copies are not an output: leave the directory as it was.
+        for s in &shards {
+            let _ = std::fs::remove_file(out.join(&s.file));
+        }
+        return Err(e.interrupted_keeping(format!("nothing merged into {}", out.display())));
     }
     let merged = Manifest {
         range_start: 0,
