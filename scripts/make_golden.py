@@ -24,7 +24,10 @@ Models: tiny-llama-gqa (f32, GQA, biases, tied, llama3 rope scaling), tiny-llama
 tiny-llama-f16 (f16 weights, MQA), tiny-qwen2 (Qwen2ForCausalLM: GQA, q/k/v biases, untied),
 tiny-qwen3 (Qwen3ForCausalLM: q_norm/k_norm, tied, bf16 weights), tiny-bloom (BloomForCausalLM: 5 heads, i.e. ALiBi
 slopes for a head count that is not a power of two), tiny-bloom-postln (6 heads,
-apply_residual_connection_post_layernorm), smollm2-135m (the real model in models/smollm2-135m, produced by
+apply_residual_connection_post_layernorm), tiny-llama-rope-linear (linear RoPE scaling, factor 4), tiny-mistral
+(MistralForCausalLM, head_dim 24 != hidden/heads), tiny-qwen-chat and tiny-qwen-chat-bias (QWenLMHeadModel, whose golden
+values come from the float64 numpy re-implementation QwenChatReference below, since transformers has no Qwen-chat
+class), smollm2-135m (the real model in models/smollm2-135m, produced by
 scripts/fetch-model.sh smollm2-135m; skipped with a warning if it is missing), and recognition-smollm2 (mean-diff
 recognition accuracy per layer computed here with numpy from SmolLM2's HF hidden states on data/values, 7 concepts x
 en/fr: tests/fixtures/golden/recognition-smollm2.json plus the train/test JSONL split it drew, under
@@ -257,6 +260,59 @@ TINY_SPECS = {
         steer_layers=[2, 3],
         steer_coef=2.0,
     ),
+    # Llama with linear RoPE scaling (HF "linear": positions divided by factor); small (2 layers, hidden 32).
+    "tiny-llama-rope-linear": dict(
+        config=dict(
+            vocab_size=256,
+            hidden_size=32,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=16,
+            attention_bias=False,
+            mlp_bias=False,
+            tie_word_embeddings=False,
+            max_position_embeddings=1024,
+            rms_norm_eps=1e-5,
+            initializer_range=0.1,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        rope_theta=10000.0,
+        rope_scaling={"rope_type": "linear", "factor": 4.0},
+        dtype=torch.float32,
+        seed=31,
+        steer_layers=[1, 2],
+        steer_coef=2.0,
+    ),
+    # MistralForCausalLM: the Llama block without biases; GQA; an explicit head_dim (24) that is not
+    # hidden_size / num_attention_heads (16), as in Mistral-Nemo; sliding_window null (full attention).
+    "tiny-mistral": dict(
+        family="mistral",
+        config=dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            sliding_window=None,
+            tie_word_embeddings=False,
+            max_position_embeddings=1024,
+            rms_norm_eps=1e-5,
+            initializer_range=0.1,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        rope_theta=1000000.0,
+        rope_scaling=None,
+        dtype=torch.float32,
+        seed=32,
+        steer_layers=[1, 2],
+        steer_coef=2.0,
+    ),
 }
 
 # model classes per family (transformers names)
@@ -265,6 +321,7 @@ FAMILY_CLASSES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "bloom": ("BloomConfig", "BloomForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
 }
 
 
@@ -296,6 +353,14 @@ FAMILY_NOTES = {
                  "q_norm/k_norm are RMSNorm over head_dim (eps rms_norm_eps) with weight [head_dim] shared by "
                  "all heads, applied before RoPE",
         "biases": "none (attention_bias false)",
+        "hidden_states": "0 = embed_tokens output (unscaled); l = output of block l-1; L = norm(last block output)",
+    },
+    "mistral": {
+        "block": "Llama block (no biases): x += o_proj(attn(rope(q_proj(rms(x))), rope(k_proj(..)), v_proj(..))); "
+                 "x += down(silu(gate(rms(x))) * up(rms(x)))",
+        "head_dim": "the config's head_dim (24), not hidden_size / num_attention_heads (16): q_proj is [heads*24, hidden], "
+                    "o_proj [hidden, heads*24]",
+        "sliding_window": "null (full attention); transformers' Mistral applies a window only when it is set",
         "hidden_states": "0 = embed_tokens output (unscaled); l = output of block l-1; L = norm(last block output)",
     },
     "bloom": {

@@ -253,3 +253,16 @@ fn tiny_qwen_chat_matches_numpy_reference() {
 fn tiny_qwen_chat_with_biases_matches_numpy_reference() {
     run_fixture("tiny-qwen-chat-bias");
 }
+
+/// MistralForCausalLM (HF transformers): no biases, grouped-query heads, and an explicit
+/// `head_dim` (24) that is not hidden_size / num_attention_heads (16); sliding_window null.
+#[test]
+fn tiny_mistral_head_dim_matches_hf() {
+    run_fixture("tiny-mistral");
+}
+
+/// Llama with linear RoPE scaling (`rope_type: linear`, factor 4).
+#[test]
+fn tiny_llama_linear_rope_scaling_matches_hf() {
+    run_fixture("tiny-llama-rope-linear");
+}
