@@ -1572,6 +1572,169 @@ def do_recognition():
     return {"name": RECOGNITION_NAME, "lengths": lengths, "files": files}
 
 
+# ----------------------------------------------------------------------------------------------
+# GGUF control vectors written by gguf-py, the way repeng writes them
+# ----------------------------------------------------------------------------------------------
+#
+# repeng's ControlVector.export_gguf (vgel/repeng, repeng/extract.py):
+#     writer = gguf.GGUFWriter(path, "controlvector")
+#     writer.add_string("controlvector.model_hint", model_type)
+#     writer.add_uint32("controlvector.layer_count", len(directions))
+#     for layer in directions: writer.add_tensor(f"direction.{layer}", directions[layer])
+#     writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
+# with `directions` keyed by repeng's layer ids, by default range(-1, -num_hidden_layers, -1) normalised to
+# L-1, L-2, ..., 1 (that order), and ControlModel adds coef * directions[k] to the output of decoder block k
+# (model.model.layers[k]) at every position.  The hooks below do exactly that, by block index, independently of
+# resid's row convention.
+
+GGUF_NAME = "gguf-repeng"
+GGUF_MODEL = "tiny-llama-gqa"
+GGUF_COEFS = [1.0, -1.5]
+
+
+def write_repeng_gguf(path: str, directions: dict, model_type: str):
+    import gguf
+
+    arch = "controlvector"
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_string(f"{arch}.model_hint", model_type)
+    writer.add_uint32(f"{arch}.layer_count", len(directions))
+    for layer in directions.keys():
+        writer.add_tensor(f"direction.{layer}", directions[layer])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def write_other_gguf(path: str, directions: dict):
+    """Also from gguf-py, exercising what repeng's files do not: f16 tensors, a 64-byte general.alignment and
+    metadata values of other types (array, float, bool, signed and 64-bit integers) before the tensor infos."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, "controlvector")
+    writer.add_custom_alignment(64)
+    writer.add_string("controlvector.model_hint", "llama")
+    writer.add_uint32("controlvector.layer_count", len(directions))
+    writer.add_array("resid.test.strings", ["a", "bc", ""])
+    writer.add_array("resid.test.ints", [1, 2, 3])
+    writer.add_float32("resid.test.f32", 0.25)
+    writer.add_float64("resid.test.f64", -1.5)
+    writer.add_bool("resid.test.bool", True)
+    writer.add_int32("resid.test.i32", -7)
+    writer.add_uint64("resid.test.u64", 1 << 40)
+    for layer in directions.keys():
+        writer.add_tensor(f"direction.{layer}", directions[layer].astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@torch.no_grad()
+def do_gguf():
+    from transformers import DynamicCache  # noqa: F401  (greedy() needs it)
+
+    spec = TINY_SPECS[GGUF_MODEL]
+    mdir = os.path.join(TINY_MODELS_DIR, GGUF_MODEL)
+    model = load_model(mdir, spec.get("family", "llama"))
+    L, H = model.config.num_hidden_layers, model.config.hidden_size
+    rng = np.random.default_rng(4242)
+    # repeng's default layer ids, in its order; rows of norm 3 (comparable to the other fixtures' steering)
+    layer_ids = [i if i >= 0 else L + i for i in range(-1, -L, -1)]
+    directions = {}
+    for k in layer_ids:
+        v = rng.standard_normal(H)
+        directions[k] = (3.0 * v / np.linalg.norm(v)).astype(np.float32)
+    gpath = os.path.join(GOLDEN_DIR, f"{GGUF_NAME}.gguf")
+    write_repeng_gguf(gpath, directions, model.config.model_type)
+    other = {1: (rng.standard_normal(H) * 0.5).astype(np.float32)}
+    opath = os.path.join(GOLDEN_DIR, f"{GGUF_NAME}-f16-align64.gguf")
+    write_other_gguf(opath, other)
+    # read both back with gguf-py's own reader
+    import gguf
+
+    for path, dirs, dt in ((gpath, directions, np.float32), (opath, other, np.float16)):
+        r = gguf.GGUFReader(path)
+        got = {t.name: np.array(t.data) for t in r.tensors}
+        assert sorted(got) == sorted(f"direction.{k}" for k in dirs), got.keys()
+        for k, v in dirs.items():
+            assert got[f"direction.{k}"].dtype == dt and np.array_equal(got[f"direction.{k}"], v.astype(dt)), k
+    # The same vector in resid's safetensors layout: [L+1, H], row k+1 = direction.k (block k's output is
+    # hidden-state index k+1), other rows zero.
+    rows = torch.zeros(L + 1, H, dtype=torch.float32)
+    for k, v in directions.items():
+        rows[k + 1] = torch.from_numpy(v)
+    spath = os.path.join(GOLDEN_DIR, f"{GGUF_NAME}.steer.safetensors")
+    save_safetensors({"directions": rows}, spath, metadata={"source": f"{GGUF_NAME}.gguf, row k+1 = direction.k"})
+
+    # HF hidden states with repeng's steering: coef * directions[k] added to the output of block k.
+    g = torch.Generator().manual_seed(1000 + spec["seed"])
+    prompts = [torch.randint(0, spec["config"]["vocab_size"], (n,), generator=g, dtype=torch.long) for n in TINY_PROMPT_LENGTHS]
+    tensors = {}
+    blocks = decoder_blocks(model)
+    for ci, coef in enumerate(GGUF_COEFS):
+        def hook_for(v):
+            vt = torch.from_numpy(v)
+
+            def hook(module, args, output):
+                h, rebuild = block_output(output)
+                return rebuild(h + coef * vt)
+
+            return hook
+
+        handles = [blocks[k].register_forward_hook(hook_for(v), prepend=True) for k, v in directions.items()]
+        try:
+            for i, ids in enumerate(prompts):
+                last, _, _, _ = forward_states(model, ids)
+                tensors[f"c{ci}.p{i}.last"] = last
+                if ci == 0:
+                    gt, gm = greedy(model, ids, N_GREEDY)
+                    tensors[f"c{ci}.p{i}.greedy"] = gt
+                    tensors[f"c{ci}.p{i}.greedy_margin"] = gm
+        finally:
+            for h in handles:
+                h.remove()
+    for i, ids in enumerate(prompts):
+        tensors[f"p{i}.ids"] = ids
+    tpath = os.path.join(GOLDEN_DIR, f"{GGUF_NAME}.safetensors")
+    save_safetensors(tensors, tpath, metadata={"format": "pt", "model": GGUF_MODEL})
+    meta = {
+        "name": GGUF_NAME,
+        "model_dir": rel(mdir),
+        "writer": f"gguf-py {getattr(gguf, '__version__', '')}".strip() + " GGUFWriter, as repeng's ControlVector.export_gguf",
+        "files": {
+            f"{GGUF_NAME}.gguf": {
+                "model_hint": model.config.model_type,
+                "layer_count": len(directions),
+                "tensor_order": [f"direction.{k}" for k in directions],
+                "dtype": "f32",
+                "alignment": 32,
+                "directions": {str(k): [float(x) for x in v] for k, v in directions.items()},
+            },
+            f"{GGUF_NAME}-f16-align64.gguf": {
+                "model_hint": "llama",
+                "layer_count": len(other),
+                "dtype": "f16",
+                "alignment": 64,
+                "directions": {str(k): [float(x) for x in v.astype(np.float16)] for k, v in other.items()},
+            },
+        },
+        "mapping": "direction.k is added to the output of decoder block k (0-based) = hidden-state index k+1",
+        "coefs": GGUF_COEFS,
+        "tensors": {"c{j}.p{i}.last": "[L+1, H] HF hidden_states[l][0, -1] with coefs[j] * direction.k added to block k's output",
+                    "c0.p{i}.greedy": "16 greedy tokens under coefs[0] (+ greedy_margin)"},
+        "torch_version": torch.__version__,
+        "transformers_version": __import__("transformers").__version__,
+    }
+    jpath = os.path.join(GOLDEN_DIR, f"{GGUF_NAME}.json")
+    with open(jpath, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+        f.write("\n")
+    files = {rel(p): os.path.getsize(p) for p in (gpath, opath, spath, tpath, jpath)}
+    return {"name": GGUF_NAME, "lengths": [int(p.numel()) for p in prompts], "files": files}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", default=[],
@@ -1587,7 +1750,7 @@ def main():
     import transformers
 
     log(f"torch {torch.__version__}, transformers {transformers.__version__}, python {sys.version.split()[0]}")
-    known = list(TINY_SPECS) + list(QWEN_CHAT_SPECS) + ["smollm2-135m", RECOGNITION_NAME]
+    known = list(TINY_SPECS) + list(QWEN_CHAT_SPECS) + [GGUF_NAME, "smollm2-135m", RECOGNITION_NAME]
     names = args.only or known
     results = []
     for name in names:
@@ -1596,6 +1759,8 @@ def main():
             results.append(do_tiny(name, args.rebuild_tiny))
         elif name in QWEN_CHAT_SPECS:
             results.append(do_qwen_chat(name, args.rebuild_tiny))
+        elif name == GGUF_NAME:
+            results.append(do_gguf())
         elif name == "smollm2-135m":
             r = do_smollm2(args.gguf, not args.no_gguf_check, args.smollm2_coef)
             if r:
