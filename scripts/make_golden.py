@@ -24,7 +24,10 @@ Models: tiny-llama-gqa (f32, GQA, biases, tied, llama3 rope scaling), tiny-llama
 tiny-llama-f16 (f16 weights, MQA), tiny-qwen2 (Qwen2ForCausalLM: GQA, q/k/v biases, untied),
 tiny-qwen3 (Qwen3ForCausalLM: q_norm/k_norm, tied, bf16 weights), tiny-bloom (BloomForCausalLM: 5 heads, i.e. ALiBi
 slopes for a head count that is not a power of two), tiny-bloom-postln (6 heads,
-apply_residual_connection_post_layernorm), smollm2-135m (the real model in models/smollm2-135m, produced by
+apply_residual_connection_post_layernorm), tiny-llama-rope-linear (linear RoPE scaling, factor 4), tiny-mistral
+(MistralForCausalLM, head_dim 24 != hidden/heads), tiny-qwen-chat and tiny-qwen-chat-bias (QWenLMHeadModel, whose golden
+values come from the float64 numpy re-implementation QwenChatReference below, since transformers has no Qwen-chat
+class), smollm2-135m (the real model in models/smollm2-135m, produced by
 scripts/fetch-model.sh smollm2-135m; skipped with a warning if it is missing), and recognition-smollm2 (mean-diff
 recognition accuracy per layer computed here with numpy from SmolLM2's HF hidden states on data/values, 7 concepts x
 en/fr: tests/fixtures/golden/recognition-smollm2.json plus the train/test JSONL split it drew, under
@@ -59,6 +62,7 @@ import argparse
 import glob
 import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -256,6 +260,59 @@ TINY_SPECS = {
         steer_layers=[2, 3],
         steer_coef=2.0,
     ),
+    # Llama with linear RoPE scaling (HF "linear": positions divided by factor); small (2 layers, hidden 32).
+    "tiny-llama-rope-linear": dict(
+        config=dict(
+            vocab_size=256,
+            hidden_size=32,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=16,
+            attention_bias=False,
+            mlp_bias=False,
+            tie_word_embeddings=False,
+            max_position_embeddings=1024,
+            rms_norm_eps=1e-5,
+            initializer_range=0.1,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        rope_theta=10000.0,
+        rope_scaling={"rope_type": "linear", "factor": 4.0},
+        dtype=torch.float32,
+        seed=31,
+        steer_layers=[1, 2],
+        steer_coef=2.0,
+    ),
+    # MistralForCausalLM: the Llama block without biases; GQA; an explicit head_dim (24) that is not
+    # hidden_size / num_attention_heads (16), as in Mistral-Nemo; sliding_window null (full attention).
+    "tiny-mistral": dict(
+        family="mistral",
+        config=dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            sliding_window=None,
+            tie_word_embeddings=False,
+            max_position_embeddings=1024,
+            rms_norm_eps=1e-5,
+            initializer_range=0.1,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        rope_theta=1000000.0,
+        rope_scaling=None,
+        dtype=torch.float32,
+        seed=32,
+        steer_layers=[1, 2],
+        steer_coef=2.0,
+    ),
 }
 
 # model classes per family (transformers names)
@@ -264,6 +321,7 @@ FAMILY_CLASSES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "bloom": ("BloomConfig", "BloomForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
 }
 
 
@@ -295,6 +353,14 @@ FAMILY_NOTES = {
                  "q_norm/k_norm are RMSNorm over head_dim (eps rms_norm_eps) with weight [head_dim] shared by "
                  "all heads, applied before RoPE",
         "biases": "none (attention_bias false)",
+        "hidden_states": "0 = embed_tokens output (unscaled); l = output of block l-1; L = norm(last block output)",
+    },
+    "mistral": {
+        "block": "Llama block (no biases): x += o_proj(attn(rope(q_proj(rms(x))), rope(k_proj(..)), v_proj(..))); "
+                 "x += down(silu(gate(rms(x))) * up(rms(x)))",
+        "head_dim": "the config's head_dim (24), not hidden_size / num_attention_heads (16): q_proj is [heads*24, hidden], "
+                    "o_proj [hidden, heads*24]",
+        "sliding_window": "null (full attention); transformers' Mistral applies a window only when it is set",
         "hidden_states": "0 = embed_tokens output (unscaled); l = output of block l-1; L = norm(last block output)",
     },
     "bloom": {
@@ -769,6 +835,360 @@ def bloom_reference_check(model, ids: torch.Tensor, last: torch.Tensor, logits: 
 
 
 # ----------------------------------------------------------------------------------------------
+# Qwen-chat (first-generation Qwen, `QWenLMHeadModel`): an independent float64 numpy reference
+# ----------------------------------------------------------------------------------------------
+#
+# transformers has no class for Qwen-chat (its modelling code is remote code shipped with the checkpoints), so the
+# golden values for it come from this numpy re-implementation, written from the published modeling_qwen.py (the
+# Qwen-7B-Chat / Qwen-72B-Chat repositories: QWenAttention, QWenMLP, QWenBlock, QWenModel, RotaryEmbedding, RMSNorm),
+# over random weights stored under Qwen-chat's own tensor names, with Qwen-chat's own config keys.  It shares nothing
+# with resid's mapping of Qwen-chat onto its Llama path: the MLP is computed as the remote code writes it,
+# `c_proj(w1(x) * silu(w2(x)))` with w1/w2 of width `intermediate_size // 2`, and the attention from `c_attn`'s output
+# split at `hidden_size`.
+
+QWEN_CHAT_SPECS = {
+    # As the released chat models: no_bias true (only c_attn has a bias), untied head, dynamic NTK and log-n on.
+    "tiny-qwen-chat": dict(
+        config=dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=192,  # both halves: w1 and w2 are [96, 64]
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            kv_channels=16,
+            layer_norm_epsilon=1e-6,
+            rotary_emb_base=10000,
+            rotary_pct=1.0,
+            seq_length=512,
+            max_position_embeddings=512,
+            no_bias=True,
+            tie_word_embeddings=False,
+            use_dynamic_ntk=True,
+            use_logn_attn=True,
+        ),
+        std=0.1,
+        seed=21,
+        steer_layers=[1, 3],
+        steer_coef=2.0,
+    ),
+    # no_bias false: attn.c_proj, mlp.w1, mlp.w2 and mlp.c_proj have biases too (QWenAttention / QWenMLP build them
+    # with bias=not config.no_bias); another rotary base and epsilon; 8 heads of 8.
+    "tiny-qwen-chat-bias": dict(
+        config=dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            kv_channels=8,
+            layer_norm_epsilon=1e-5,
+            rotary_emb_base=50000,
+            rotary_pct=1.0,
+            seq_length=400,
+            max_position_embeddings=400,
+            no_bias=False,
+            tie_word_embeddings=False,
+            use_dynamic_ntk=True,
+            use_logn_attn=True,
+        ),
+        std=0.1,
+        seed=22,
+        steer_layers=[1, 2],
+        steer_coef=2.0,
+    ),
+}
+
+QWEN_CHAT_NOTES = {
+    "reference": "numpy float64 re-implementation of modeling_qwen.py (QWenLMHeadModel remote code), not HF transformers",
+    "names": "transformer.wte, transformer.h.{l}.{ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.w1, mlp.w2, mlp.c_proj}, "
+             "transformer.ln_f, lm_head",
+    "block": "a = x + c_proj(attn(ln_1(x))); out = a + mlp.c_proj(w1(ln_2(a)) * silu(w2(ln_2(a)))); ln_* are RMSNorm "
+             "x * rsqrt(mean(x^2) + layer_norm_epsilon) * weight",
+    "mlp_width": "w1, w2: [intermediate_size // 2, hidden]; mlp.c_proj: [hidden, intermediate_size // 2]",
+    "attention": "c_attn(x) = [q | k | v] split at hidden_size; heads of hidden_size // num_attention_heads "
+                 "(= kv_channels); scores q.k / sqrt(head_dim), causal, softmax; c_proj",
+    "biases": "c_attn always; attn.c_proj, mlp.w1, mlp.w2, mlp.c_proj only when no_bias is false",
+    "rotary": "inv_freq = 1 / base^(2i/kv_channels), base = rotary_emb_base * ntk_alpha^(d/(d-2)); rotate_half on "
+              "the two halves of each head (x1, x2) -> (-x2, x1); q and k",
+    "dynamic_ntk_logn": "ntk_alpha = max(2^ceil(log2(T / seq_length) + 1) - 1, 1) and the log-n query scaling "
+                        "(positions > seq_length) are both identity for T <= seq_length, the only case covered here",
+    "hidden_states": "0 = wte(ids); l = output of block l-1; L = ln_f(output of block L-1)",
+}
+
+
+def qwen_chat_config_json(cfg: dict) -> dict:
+    """config.json as the released Qwen-chat checkpoints write it (later, `hidden_size`-style keys)."""
+    out = {
+        "architectures": ["QWenLMHeadModel"],
+        "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
+        "attn_dropout_prob": 0.0,
+        "bf16": False,
+        "emb_dropout_prob": 0.0,
+        "fp16": False,
+        "fp32": True,
+        "initializer_range": 0.02,
+        "model_type": "qwen",
+        "onnx_safe": None,
+        "scale_attn_weights": True,
+        "softmax_in_fp32": False,
+        "tokenizer_class": "QWenTokenizer",
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "use_cache_kernel": False,
+        "use_cache_quantization": False,
+        "use_flash_attn": "auto",
+    }
+    out.update(cfg)
+    return out
+
+
+def qwen_chat_weights(spec: dict) -> dict:
+    """Random float32 weights under Qwen-chat's names: norms U(0.5, 1.5), everything else N(0, std), drawn in name
+    order from numpy's default_rng(seed)."""
+    c = spec["config"]
+    H, V, L = c["hidden_size"], c["vocab_size"], c["num_hidden_layers"]
+    proj = c["kv_channels"] * c["num_attention_heads"]
+    ff = c["intermediate_size"] // 2
+    bias = not c["no_bias"]
+    shapes = {"transformer.wte.weight": (V, H), "transformer.ln_f.weight": (H,), "lm_head.weight": (V, H)}
+    for l in range(L):
+        p = f"transformer.h.{l}."
+        shapes[p + "ln_1.weight"] = (H,)
+        shapes[p + "ln_2.weight"] = (H,)
+        shapes[p + "attn.c_attn.weight"] = (3 * proj, H)
+        shapes[p + "attn.c_attn.bias"] = (3 * proj,)
+        shapes[p + "attn.c_proj.weight"] = (H, proj)
+        shapes[p + "mlp.w1.weight"] = (ff, H)
+        shapes[p + "mlp.w2.weight"] = (ff, H)
+        shapes[p + "mlp.c_proj.weight"] = (H, ff)
+        if bias:
+            shapes[p + "attn.c_proj.bias"] = (H,)
+            shapes[p + "mlp.w1.bias"] = (ff,)
+            shapes[p + "mlp.w2.bias"] = (ff,)
+            shapes[p + "mlp.c_proj.bias"] = (H,)
+    rng = np.random.default_rng(spec["seed"])
+    out = {}
+    for name in sorted(shapes):
+        if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "transformer.ln_f.weight":
+            out[name] = (rng.random(shapes[name]) + 0.5).astype(np.float32)
+        else:
+            out[name] = (rng.standard_normal(shapes[name]) * spec["std"]).astype(np.float32)
+    return out
+
+
+class QwenChatReference:
+    """Qwen-chat's forward pass in float64 numpy, from the remote modelling code."""
+
+    def __init__(self, weights: dict, cfg: dict):
+        self.w = {k: v.astype(np.float64) for k, v in weights.items()}
+        self.c = cfg
+        self.H = cfg["hidden_size"]
+        self.n_head = cfg["num_attention_heads"]
+        self.L = cfg["num_hidden_layers"]
+        # QWenAttention: c_attn's output is split at split_size = hidden_size and each part viewed as
+        # [num_heads, hidden_size // num_heads]; the projection is kv_channels * num_heads wide, so the code only
+        # works when the two agree.
+        assert cfg["kv_channels"] * self.n_head == self.H, "Qwen-chat needs kv_channels * heads == hidden_size"
+        assert cfg["rotary_pct"] == 1.0
+        self.head_dim = self.H // self.n_head
+        self.eps = cfg["layer_norm_epsilon"]
+        self.bias = not cfg["no_bias"]
+
+    def rms(self, x, weight):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.eps) * weight
+
+    def rotary(self, T):
+        dim = self.c["kv_channels"]
+        seq_length = self.c["seq_length"]
+        # QWenModel.get_ntk_alpha(T) at prefill; the decode steps reuse it.
+        ntk_alpha = 1.0
+        if self.c["use_dynamic_ntk"]:
+            ntk_alpha = max(2 ** math.ceil(math.log(T / seq_length, 2) + 1) - 1, 1)
+        assert ntk_alpha == 1, "dynamic NTK scaling only acts beyond seq_length (not covered)"
+        base = self.c["rotary_emb_base"] * ntk_alpha ** (dim / (dim - 2))
+        inv_freq = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+        freqs = np.outer(np.arange(T, dtype=np.float64), inv_freq)
+        emb = np.concatenate([freqs, freqs], axis=-1)  # [T, dim]
+        return np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]
+
+    @staticmethod
+    def rotate_half(x):
+        d = x.shape[-1] // 2
+        return np.concatenate([-x[..., d:], x[..., :d]], axis=-1)
+
+    def linear(self, x, name):
+        y = x @ self.w[name + ".weight"].T
+        b = self.w.get(name + ".bias")
+        return y if b is None else y + b
+
+    def attention(self, x, p):
+        T = x.shape[0]
+        qkv = self.linear(x, p + "attn.c_attn")
+        q, k, v = (qkv[:, i * self.H:(i + 1) * self.H].reshape(T, self.n_head, self.head_dim) for i in range(3))
+        cos, sin = self.rotary(T)
+        q = q * cos + self.rotate_half(q) * sin
+        k = k * cos + self.rotate_half(k) * sin
+        if self.c["use_logn_attn"]:
+            assert T <= self.c["seq_length"], "log-n attention scaling acts beyond seq_length (not covered)"
+        scores = np.einsum("ihd,jhd->hij", q, k) / math.sqrt(self.head_dim)
+        scores = np.where(np.tril(np.ones((T, T), dtype=bool))[None], scores, -np.inf)
+        scores = scores - scores.max(-1, keepdims=True)
+        wts = np.exp(scores)
+        wts = wts / wts.sum(-1, keepdims=True)
+        ctx = np.einsum("hij,jhd->ihd", wts, v).reshape(T, self.H)
+        return self.linear(ctx, p + "attn.c_proj")
+
+    def mlp(self, x, p):
+        a1 = self.linear(x, p + "mlp.w1")
+        a2 = self.linear(x, p + "mlp.w2")
+        return self.linear(a1 * (a2 / (1.0 + np.exp(-a2))), p + "mlp.c_proj")
+
+    def forward(self, ids, steer=None):
+        """Returns (hidden_states list of L+1 [T, H], raw last-block output [T, H], logits [T, V]).
+        steer = (directions [L+1, H] float64, layers, coef, mode): block l-1's output is steered for l in layers."""
+        x = self.w["transformer.wte.weight"][np.asarray(ids)]
+        hs = [x]
+        for i in range(self.L):
+            p = f"transformer.h.{i}."
+            a = x + self.attention(self.rms(x, self.w[p + "ln_1.weight"]), p)
+            x = a + self.mlp(self.rms(a, self.w[p + "ln_2.weight"]), p)
+            if steer is not None and (i + 1) in steer[1]:
+                x = apply_steer_np(x, steer[0][i + 1], steer[2], steer[3])
+            hs.append(x)
+        raw = hs[-1]
+        hs[-1] = self.rms(raw, self.w["transformer.ln_f.weight"])
+        logits = hs[-1] @ self.w["lm_head.weight"].T
+        return hs, raw, logits
+
+    def greedy(self, ids, n, steer=None):
+        """Argmax loop (full recomputation each step), with the top-1 / top-2 logit margins."""
+        seq = list(int(t) for t in ids)
+        toks, margins = [], []
+        for _ in range(n):
+            logits = self.forward(seq, steer)[2][-1]
+            order = np.argsort(-logits, kind="stable")
+            toks.append(int(order[0]))
+            margins.append(float(logits[order[0]] - logits[order[1]]))
+            seq.append(int(order[0]))
+        return toks, margins
+
+
+def apply_steer_np(h, v, coef, mode):
+    """The three steering rules of make_steer_hook, per token row, in float64."""
+    if mode == "add":
+        return h + coef * v
+    if mode == "pw":
+        return h + coef * v * np.sign(h @ v)[:, None]
+    if mode == "norm":
+        new = h + coef * v
+        return new * (np.linalg.norm(h, axis=-1, keepdims=True) / np.linalg.norm(new, axis=-1, keepdims=True))
+    raise ValueError(mode)
+
+
+def do_qwen_chat(name: str, rebuild: bool):
+    spec = QWEN_CHAT_SPECS[name]
+    cfg = spec["config"]
+    mdir = os.path.join(TINY_MODELS_DIR, name)
+    wpath = os.path.join(mdir, "model.safetensors")
+    if rebuild or not os.path.exists(wpath):
+        os.makedirs(mdir, exist_ok=True)
+        for f in glob.glob(os.path.join(mdir, "*")):
+            os.remove(f)
+        weights = qwen_chat_weights(spec)
+        save_safetensors({k: torch.from_numpy(v) for k, v in weights.items()}, wpath, metadata={"format": "pt"})
+        with open(os.path.join(mdir, "config.json"), "w") as f:
+            json.dump(qwen_chat_config_json(cfg), f, indent=2, sort_keys=True)
+            f.write("\n")
+        log(f"  built {rel(mdir)}: " + ", ".join(f"{f} {os.path.getsize(os.path.join(mdir, f))} B" for f in sorted(os.listdir(mdir))))
+    else:
+        log(f"  reusing {rel(mdir)} (pass --rebuild-tiny to regenerate the weights)")
+    from safetensors.numpy import load_file
+
+    weights = load_file(wpath)
+    with open(os.path.join(mdir, "config.json")) as f:
+        assert json.load(f) == qwen_chat_config_json(cfg), "config.json differs from the spec (use --rebuild-tiny)"
+    ref = QwenChatReference(weights, cfg)
+    L, H, V = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]
+    rng = np.random.default_rng(1000 + spec["seed"])
+    prompts = [rng.integers(0, V, n) for n in TINY_PROMPT_LENGTHS]
+    assert max(TINY_PROMPT_LENGTHS) + N_GREEDY <= cfg["seq_length"]
+    directions = make_directions(L, H, 2000 + spec["seed"])
+    d64 = directions.double().numpy()
+    layers, coef = spec["steer_layers"], spec["steer_coef"]
+    f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    tensors = {
+        "steer.directions": directions,
+        "steer.layers": torch.tensor(layers, dtype=torch.long),
+        "steer.coef": torch.tensor([coef], dtype=torch.float32),
+    }
+    lengths, min_margin = [], float("inf")
+    for i, ids in enumerate(prompts):
+        p = f"p{i}"
+        hs, raw, logits = ref.forward(ids)
+        g, gm = ref.greedy(ids, N_GREEDY)
+        tensors.update({
+            f"{p}.ids": torch.from_numpy(ids.astype(np.int64)),
+            f"{p}.last": f32([h[-1] for h in hs]),
+            f"{p}.mean": f32([h.mean(0) for h in hs]),
+            f"{p}.last_raw": f32(raw[-1]),
+            f"{p}.logits_last": f32(logits[-1]),
+            f"{p}.greedy": torch.tensor(g, dtype=torch.long),
+            f"{p}.greedy_margin": f32(gm),
+        })
+        min_margin = min(min_margin, min(gm))
+        for mode in ("add", "pw", "norm"):
+            steer = (d64, layers, coef, mode)
+            s_hs, _, _ = ref.forward(ids, steer)
+            tensors[f"{p}.steer_{mode}.last"] = f32([h[-1] for h in s_hs])
+            if mode == "add":
+                tensors[f"{p}.steer_add.mean"] = f32([h.mean(0) for h in s_hs])
+            if mode in ("add", "pw"):
+                sg, sgm = ref.greedy(ids, N_GREEDY, steer)
+                tensors[f"{p}.steer_{mode}.greedy"] = torch.tensor(sg, dtype=torch.long)
+                tensors[f"{p}.steer_{mode}.greedy_margin"] = f32(sgm)
+                min_margin = min(min_margin, min(sgm))
+        lengths.append(len(ids))
+        log(f"  {name} p{i}: T={len(ids)} greedy {g}")
+    log(f"  {name}: smallest greedy top-2 margin {min_margin:.4f}")
+    st_path = os.path.join(GOLDEN_DIR, f"{name}.safetensors")
+    save_safetensors(tensors, st_path, metadata={"format": "pt", "model": name})
+    steer_path = os.path.join(GOLDEN_DIR, f"{name}.steer.safetensors")
+    save_safetensors({"directions": directions}, steer_path,
+                     metadata={"coef": repr(float(coef)), "layers": ",".join(str(l) for l in layers)})
+    meta = {
+        "model": name,
+        "model_dir": rel(mdir),
+        "reference": "numpy float64 (scripts/make_golden.py QwenChatReference), not HF transformers",
+        "numpy_version": np.__version__,
+        "num_prompts": len(prompts),
+        "prompts": [None] * len(prompts),
+        "prompt_lengths": lengths,
+        "num_greedy": N_GREEDY,
+        "num_hidden_layers": L,
+        "hidden_size": H,
+        "vocab_size": V,
+        "steer": {"coef": float(coef), "layers": list(layers), "seed": 2000 + spec["seed"],
+                  "modes": {"add": "h + coef*v", "pw": "h + coef*v*sign(<h,v>)",
+                            "norm": "(h + coef*v) * ||h|| / ||h + coef*v||"},
+                  "applied_to": "output of decoder block l-1 for each l in layers, every position"},
+        "greedy": "argmax loop with full recomputation at every step (no KV cache), no EOS stop",
+        "min_greedy_margin": min_margin,
+        "tensors": sorted(tensors.keys()),
+        "weights_dtype": "float32",
+        "compute_dtype": "float64",
+        "family": "qwen-chat",
+        "architecture": "QWenLMHeadModel",
+        "semantics": QWEN_CHAT_NOTES,
+    }
+    json_path = os.path.join(GOLDEN_DIR, f"{name}.json")
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    return {"name": name, "lengths": lengths,
+            "files": {rel(pth): os.path.getsize(pth) for pth in (st_path, json_path, steer_path, wpath)}}
+
+
+# ----------------------------------------------------------------------------------------------
 # main per-model work
 # ----------------------------------------------------------------------------------------------
 
@@ -1152,6 +1572,169 @@ def do_recognition():
     return {"name": RECOGNITION_NAME, "lengths": lengths, "files": files}
 
 
+# ----------------------------------------------------------------------------------------------
+# GGUF control vectors written by gguf-py, the way repeng writes them
+# ----------------------------------------------------------------------------------------------
+#
+# repeng's ControlVector.export_gguf (vgel/repeng, repeng/extract.py):
+#     writer = gguf.GGUFWriter(path, "controlvector")
+#     writer.add_string("controlvector.model_hint", model_type)
+#     writer.add_uint32("controlvector.layer_count", len(directions))
+#     for layer in directions: writer.add_tensor(f"direction.{layer}", directions[layer])
+#     writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_tensors_to_file(); writer.close()
+# with `directions` keyed by repeng's layer ids, by default range(-1, -num_hidden_layers, -1) normalised to
+# L-1, L-2, ..., 1 (that order), and ControlModel adds coef * directions[k] to the output of decoder block k
+# (model.model.layers[k]) at every position.  The hooks below do exactly that, by block index, independently of
+# resid's row convention.
+
+GGUF_NAME = "gguf-repeng"
+GGUF_MODEL = "tiny-llama-gqa"
+GGUF_COEFS = [1.0, -1.5]
+
+
+def write_repeng_gguf(path: str, directions: dict, model_type: str):
+    import gguf
+
+    arch = "controlvector"
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_string(f"{arch}.model_hint", model_type)
+    writer.add_uint32(f"{arch}.layer_count", len(directions))
+    for layer in directions.keys():
+        writer.add_tensor(f"direction.{layer}", directions[layer])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def write_other_gguf(path: str, directions: dict):
+    """Also from gguf-py, exercising what repeng's files do not: f16 tensors, a 64-byte general.alignment and
+    metadata values of other types (array, float, bool, signed and 64-bit integers) before the tensor infos."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, "controlvector")
+    writer.add_custom_alignment(64)
+    writer.add_string("controlvector.model_hint", "llama")
+    writer.add_uint32("controlvector.layer_count", len(directions))
+    writer.add_array("resid.test.strings", ["a", "bc", ""])
+    writer.add_array("resid.test.ints", [1, 2, 3])
+    writer.add_float32("resid.test.f32", 0.25)
+    writer.add_float64("resid.test.f64", -1.5)
+    writer.add_bool("resid.test.bool", True)
+    writer.add_int32("resid.test.i32", -7)
+    writer.add_uint64("resid.test.u64", 1 << 40)
+    for layer in directions.keys():
+        writer.add_tensor(f"direction.{layer}", directions[layer].astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@torch.no_grad()
+def do_gguf():
+    from transformers import DynamicCache  # noqa: F401  (greedy() needs it)
+
+    spec = TINY_SPECS[GGUF_MODEL]
+    mdir = os.path.join(TINY_MODELS_DIR, GGUF_MODEL)
+    model = load_model(mdir, spec.get("family", "llama"))
+    L, H = model.config.num_hidden_layers, model.config.hidden_size
+    rng = np.random.default_rng(4242)
+    # repeng's default layer ids, in its order; rows of norm 3 (comparable to the other fixtures' steering)
+    layer_ids = [i if i >= 0 else L + i for i in range(-1, -L, -1)]
+    directions = {}
+    for k in layer_ids:
+        v = rng.standard_normal(H)
+        directions[k] = (3.0 * v / np.linalg.norm(v)).astype(np.float32)
+    gpath = os.path.join(GOLDEN_DIR, f"{GGUF_NAME}.gguf")
+    write_repeng_gguf(gpath, directions, model.config.model_type)
+    other = {1: (rng.standard_normal(H) * 0.5).astype(np.float32)}
+    opath = os.path.join(GOLDEN_DIR, f"{GGUF_NAME}-f16-align64.gguf")
+    write_other_gguf(opath, other)
+    # read both back with gguf-py's own reader
+    import gguf
+
+    for path, dirs, dt in ((gpath, directions, np.float32), (opath, other, np.float16)):
+        r = gguf.GGUFReader(path)
+        got = {t.name: np.array(t.data) for t in r.tensors}
+        assert sorted(got) == sorted(f"direction.{k}" for k in dirs), got.keys()
+        for k, v in dirs.items():
+            assert got[f"direction.{k}"].dtype == dt and np.array_equal(got[f"direction.{k}"], v.astype(dt)), k
+    # The same vector in resid's safetensors layout: [L+1, H], row k+1 = direction.k (block k's output is
+    # hidden-state index k+1), other rows zero.
+    rows = torch.zeros(L + 1, H, dtype=torch.float32)
+    for k, v in directions.items():
+        rows[k + 1] = torch.from_numpy(v)
+    spath = os.path.join(GOLDEN_DIR, f"{GGUF_NAME}.steer.safetensors")
+    save_safetensors({"directions": rows}, spath, metadata={"source": f"{GGUF_NAME}.gguf, row k+1 = direction.k"})
+
+    # HF hidden states with repeng's steering: coef * directions[k] added to the output of block k.
+    g = torch.Generator().manual_seed(1000 + spec["seed"])
+    prompts = [torch.randint(0, spec["config"]["vocab_size"], (n,), generator=g, dtype=torch.long) for n in TINY_PROMPT_LENGTHS]
+    tensors = {}
+    blocks = decoder_blocks(model)
+    for ci, coef in enumerate(GGUF_COEFS):
+        def hook_for(v):
+            vt = torch.from_numpy(v)
+
+            def hook(module, args, output):
+                h, rebuild = block_output(output)
+                return rebuild(h + coef * vt)
+
+            return hook
+
+        handles = [blocks[k].register_forward_hook(hook_for(v), prepend=True) for k, v in directions.items()]
+        try:
+            for i, ids in enumerate(prompts):
+                last, _, _, _ = forward_states(model, ids)
+                tensors[f"c{ci}.p{i}.last"] = last
+                if ci == 0:
+                    gt, gm = greedy(model, ids, N_GREEDY)
+                    tensors[f"c{ci}.p{i}.greedy"] = gt
+                    tensors[f"c{ci}.p{i}.greedy_margin"] = gm
+        finally:
+            for h in handles:
+                h.remove()
+    for i, ids in enumerate(prompts):
+        tensors[f"p{i}.ids"] = ids
+    tpath = os.path.join(GOLDEN_DIR, f"{GGUF_NAME}.safetensors")
+    save_safetensors(tensors, tpath, metadata={"format": "pt", "model": GGUF_MODEL})
+    meta = {
+        "name": GGUF_NAME,
+        "model_dir": rel(mdir),
+        "writer": f"gguf-py {getattr(gguf, '__version__', '')}".strip() + " GGUFWriter, as repeng's ControlVector.export_gguf",
+        "files": {
+            f"{GGUF_NAME}.gguf": {
+                "model_hint": model.config.model_type,
+                "layer_count": len(directions),
+                "tensor_order": [f"direction.{k}" for k in directions],
+                "dtype": "f32",
+                "alignment": 32,
+                "directions": {str(k): [float(x) for x in v] for k, v in directions.items()},
+            },
+            f"{GGUF_NAME}-f16-align64.gguf": {
+                "model_hint": "llama",
+                "layer_count": len(other),
+                "dtype": "f16",
+                "alignment": 64,
+                "directions": {str(k): [float(x) for x in v.astype(np.float16)] for k, v in other.items()},
+            },
+        },
+        "mapping": "direction.k is added to the output of decoder block k (0-based) = hidden-state index k+1",
+        "coefs": GGUF_COEFS,
+        "tensors": {"c{j}.p{i}.last": "[L+1, H] HF hidden_states[l][0, -1] with coefs[j] * direction.k added to block k's output",
+                    "c0.p{i}.greedy": "16 greedy tokens under coefs[0] (+ greedy_margin)"},
+        "torch_version": torch.__version__,
+        "transformers_version": __import__("transformers").__version__,
+    }
+    jpath = os.path.join(GOLDEN_DIR, f"{GGUF_NAME}.json")
+    with open(jpath, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+        f.write("\n")
+    files = {rel(p): os.path.getsize(p) for p in (gpath, opath, spath, tpath, jpath)}
+    return {"name": GGUF_NAME, "lengths": [int(p.numel()) for p in prompts], "files": files}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", default=[],
@@ -1167,12 +1750,17 @@ def main():
     import transformers
 
     log(f"torch {torch.__version__}, transformers {transformers.__version__}, python {sys.version.split()[0]}")
-    names = args.only or list(TINY_SPECS) + ["smollm2-135m", RECOGNITION_NAME]
+    known = list(TINY_SPECS) + list(QWEN_CHAT_SPECS) + [GGUF_NAME, "smollm2-135m", RECOGNITION_NAME]
+    names = args.only or known
     results = []
     for name in names:
         log(f"== {name}")
         if name in TINY_SPECS:
             results.append(do_tiny(name, args.rebuild_tiny))
+        elif name in QWEN_CHAT_SPECS:
+            results.append(do_qwen_chat(name, args.rebuild_tiny))
+        elif name == GGUF_NAME:
+            results.append(do_gguf())
         elif name == "smollm2-135m":
             r = do_smollm2(args.gguf, not args.no_gguf_check, args.smollm2_coef)
             if r:
@@ -1182,7 +1770,7 @@ def main():
             if r:
                 results.append(r)
         else:
-            sys.exit(f"unknown model {name!r}; known: {list(TINY_SPECS) + ['smollm2-135m', RECOGNITION_NAME]}")
+            sys.exit(f"unknown model {name!r}; known: {known}")
 
     log("\n== summary")
     total = 0

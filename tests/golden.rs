@@ -237,3 +237,32 @@ fn tiny_bloom_layernorm_alibi_gelu_matches_hf() {
 fn tiny_bloom_post_layernorm_residual_matches_hf() {
     run_fixture("tiny-bloom-postln");
 }
+
+/// First-generation Qwen-chat (`QWenLMHeadModel`) against an independent float64 numpy
+/// re-implementation of its remote modelling code (`QwenChatReference` in
+/// scripts/make_golden.py: `c_proj(w1(x) * silu(w2(x)))` with w1/w2 of width
+/// `intermediate_size / 2`, fused `c_attn` split at `hidden_size`), on random weights stored
+/// under Qwen-chat's names with its config keys. Same thresholds as the HF fixtures.
+#[test]
+fn tiny_qwen_chat_matches_numpy_reference() {
+    run_fixture("tiny-qwen-chat");
+}
+
+/// Qwen-chat with `no_bias: false`: biases on attn.c_proj, mlp.w1, mlp.w2 and mlp.c_proj.
+#[test]
+fn tiny_qwen_chat_with_biases_matches_numpy_reference() {
+    run_fixture("tiny-qwen-chat-bias");
+}
+
+/// MistralForCausalLM (HF transformers): no biases, grouped-query heads, and an explicit
+/// `head_dim` (24) that is not hidden_size / num_attention_heads (16); sliding_window null.
+#[test]
+fn tiny_mistral_head_dim_matches_hf() {
+    run_fixture("tiny-mistral");
+}
+
+/// Llama with linear RoPE scaling (`rope_type: linear`, factor 4).
+#[test]
+fn tiny_llama_linear_rope_scaling_matches_hf() {
+    run_fixture("tiny-llama-rope-linear");
+}

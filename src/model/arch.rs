@@ -124,7 +124,8 @@ const BLOOM_LAYER_NAMES: &[(LayerTensor, &str)] = &[
     (LayerTensor::DownBias, "mlp.dense_4h_to_h.bias"),
 ];
 
-/// Qwen-chat: `w1(x) * silu(w2(x))`, so w2 is the gate and w1 the up projection.
+/// Qwen-chat: `w1(x) * silu(w2(x))`, so w2 is the gate and w1 the up projection. With
+/// `no_bias: false` the output projection and all three MLP projections have biases.
 const QWEN_CHAT_LAYER_NAMES: &[(LayerTensor, &str)] = &[
     (LayerTensor::AttnNorm, "ln_1.weight"),
     (LayerTensor::Qkv, "attn.c_attn.weight"),
@@ -135,6 +136,9 @@ const QWEN_CHAT_LAYER_NAMES: &[(LayerTensor, &str)] = &[
     (LayerTensor::Gate, "mlp.w2.weight"),
     (LayerTensor::Up, "mlp.w1.weight"),
     (LayerTensor::Down, "mlp.c_proj.weight"),
+    (LayerTensor::GateBias, "mlp.w2.bias"),
+    (LayerTensor::UpBias, "mlp.w1.bias"),
+    (LayerTensor::DownBias, "mlp.c_proj.bias"),
 ];
 
 /// Architecture names accepted in `config.json`'s `architectures`, with their family.

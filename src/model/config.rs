@@ -251,9 +251,19 @@ fn qwen_chat(keys: &Keys, architecture: String) -> Result<ModelConfig> {
             return Err(Error::model(format!("{file}: rotary_pct {pct} is not supported (only 1.0)")));
         }
     }
+    // QWenAttention splits c_attn's output at hidden_size into heads of hidden_size / heads, so a
+    // kv_channels that disagrees with that cannot be run by the model's own code either.
+    let head_dim = keys.usize_opt("kv_channels")?.unwrap_or(hidden_size / num_heads);
+    if head_dim.checked_mul(num_heads) != Some(hidden_size) {
+        return Err(Error::model(format!(
+            "{file}: kv_channels ({head_dim}) × num_attention_heads ({num_heads}) must equal hidden_size ({hidden_size}) for QWenLMHeadModel"
+        )));
+    }
     let inter2 = keys.usize_req("intermediate_size")?;
     // Dynamic NTK and log-n scaling act only beyond seq_length: longer inputs are refused.
     let seq_length = keys.usize_opt("seq_length")?.or(keys.usize_opt("max_position_embeddings")?).unwrap_or(2048);
+    // QWenAttention and QWenMLP build c_proj, w1, w2 and the MLP's c_proj with `bias=not no_bias`.
+    let biases = !keys.bool_opt("no_bias")?.unwrap_or(true);
     let config = ModelConfig {
         family: Family::QwenChat,
         architecture,
@@ -263,15 +273,15 @@ fn qwen_chat(keys: &Keys, architecture: String) -> Result<ModelConfig> {
         num_layers: keys.usize_req("num_hidden_layers")?,
         num_heads,
         num_kv_heads: num_heads,
-        head_dim: keys.usize_opt("kv_channels")?.unwrap_or(hidden_size / num_heads),
+        head_dim,
         norm_eps: keys.f32_opt("layer_norm_epsilon")?.unwrap_or(1e-6),
         rope_theta: keys.f32_opt("rotary_emb_base")?.unwrap_or(10000.0),
         rope_scaling: RopeScaling::None,
         max_position_embeddings: seq_length,
         tie_word_embeddings: keys.bool_opt("tie_word_embeddings")?.unwrap_or(false),
         qkv_bias: true,
-        o_bias: !keys.bool_opt("no_bias")?.unwrap_or(true),
-        mlp_bias: false,
+        o_bias: biases,
+        mlp_bias: biases,
         qk_norm: false,
         post_ln_residual: false,
         bos_token_id: keys.token_ids("bos_token_id")?.first().copied(),
@@ -403,5 +413,19 @@ mod tests {
             let err = ModelConfig::from_json_str(&text, "c.json").unwrap_err();
             assert!(err.to_string().contains(needle) && err.exit_code() == 4, "{edits:?}: {err}");
         }
+    }
+
+    const QWEN_CHAT: &str = r#"{"architectures":["QWenLMHeadModel"],"hidden_size":64,"intermediate_size":192,
+        "num_hidden_layers":2,"num_attention_heads":4,"kv_channels":16,"vocab_size":100,"layer_norm_epsilon":1e-6,
+        "rotary_emb_base":10000,"rotary_pct":1.0,"seq_length":512,"no_bias":true}"#;
+
+    #[test]
+    fn qwen_chat_biases_follow_no_bias_and_kv_channels_must_fit() {
+        let c = ModelConfig::from_json_str(QWEN_CHAT, "c.json").unwrap();
+        assert_eq!((c.head_dim, c.intermediate_size, c.qkv_bias, c.o_bias, c.mlp_bias), (16, 96, true, false, false));
+        let c = ModelConfig::from_json_str(&QWEN_CHAT.replace("\"no_bias\":true", "\"no_bias\":false"), "c.json").unwrap();
+        assert!(c.qkv_bias && c.o_bias && c.mlp_bias);
+        let err = ModelConfig::from_json_str(&QWEN_CHAT.replace("\"kv_channels\":16", "\"kv_channels\":32"), "c.json").unwrap_err();
+        assert!(err.to_string().contains("kv_channels (32) × num_attention_heads (4) must equal hidden_size (64)") && err.exit_code() == 4, "{err}");
     }
 }
