@@ -6,7 +6,7 @@
 //! top-1/top-2 logit margin is below 1e-3 (a tie that f32 rounding may break either way).
 mod common;
 
-use common::rel_err;
+use common::{real_model_present, rel_err};
 use resid::{CapturePoint, CapturePosition, CaptureSpec, CpuEngine, GenerateOptions, Sampling, SteerOp, SteerPositions, Steering};
 use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};
@@ -54,14 +54,7 @@ impl Golden {
 
 fn load_engine(g: &Golden) -> Option<CpuEngine> {
     let dir = root().join(g.meta["model_dir"].as_str().unwrap());
-    if !dir.join("model.safetensors").exists() {
-        if std::env::var_os("RESID_SKIP_REAL_MODEL").is_some() {
-            eprintln!("skipping {}: model not fetched and RESID_SKIP_REAL_MODEL is set", dir.display());
-            return None;
-        }
-        panic!("{} is missing: run `bash scripts/fetch-model.sh smollm2-135m` (or set RESID_SKIP_REAL_MODEL=1)", dir.display());
-    }
-    Some(CpuEngine::load(&dir).unwrap())
+    real_model_present(&dir).then(|| CpuEngine::load(&dir).unwrap())
 }
 
 fn compare_layers(what: &str, ours: &[Vec<f32>], hf: &[f32], hidden: usize) -> f64 {

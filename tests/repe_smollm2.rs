@@ -6,6 +6,8 @@
 //!   mean-diff: best-layer accuracy 1.00 for every concept (mean 1.00); mean over layers 0.935
 //!   random (mean of 32 draws): best-layer accuracy mean 0.71 (0.61–0.77); mean over layers 0.60
 //! Thresholds below leave a margin for data edits and numeric noise.
+mod common;
+
 use resid::repe::cache::HiddenCache;
 use resid::repe::data;
 use resid::repe::study;
@@ -16,17 +18,10 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The fetched SmolLM2-135M, or None (test skipped) when RESID_SKIP_REAL_MODEL is set.
+/// The fetched SmolLM2-135M, or None (test skipped) under RESID_SKIP_REAL_MODEL=allow.
 fn smollm2() -> Option<PathBuf> {
     let model = root().join("models/smollm2-135m");
-    if !model.join("model.safetensors").exists() {
-        if std::env::var_os("RESID_SKIP_REAL_MODEL").is_some() {
-            eprintln!("skipping: {} not fetched and RESID_SKIP_REAL_MODEL is set", model.display());
-            return None;
-        }
-        panic!("{} is missing: run `bash scripts/fetch-model.sh smollm2-135m` (or set RESID_SKIP_REAL_MODEL=1)", model.display());
-    }
-    Some(model)
+    common::real_model_present(&model).then_some(model)
 }
 
 #[test]

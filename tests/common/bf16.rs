@@ -26,12 +26,8 @@ fn fixture(name: &str) -> Option<(CpuEngine, Vec<u8>, serde_json::Value)> {
     let g = root().join("tests/fixtures/golden");
     let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(g.join(format!("{name}.json"))).unwrap()).unwrap();
     let dir = root().join(meta["model_dir"].as_str().unwrap());
-    if !dir.join("model.safetensors").exists() {
-        if std::env::var_os("RESID_SKIP_REAL_MODEL").is_some() {
-            eprintln!("skipping {}: model not fetched and RESID_SKIP_REAL_MODEL is set", dir.display());
-            return None;
-        }
-        panic!("{} is missing: run `bash scripts/fetch-model.sh smollm2-135m` (or set RESID_SKIP_REAL_MODEL=1)", dir.display());
+    if !real_model_present(&dir) {
+        return None;
     }
     let bytes = std::fs::read(g.join(format!("{name}.safetensors"))).unwrap();
     Some((bf16_engine(&dir), bytes, meta))
