@@ -108,6 +108,24 @@ pub fn real_model_present(dir: &Path) -> bool {
     false
 }
 
+/// Every hidden-state parity fixture in tests/fixtures/golden (a `NAME.json` with a
+/// `model_dir`, beside its `NAME.safetensors`), sorted by name: a new fixture joins the tests
+/// that walk them without an edit.
+pub fn golden_fixtures() -> Vec<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json").map(str::to_owned))
+        .filter(|n| {
+            let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{n}.json"))).unwrap()).unwrap();
+            meta.get("model_dir").is_some() && meta.get("num_prompts").is_some() && dir.join(format!("{n}.safetensors")).is_file()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
 pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
