@@ -112,6 +112,27 @@ bool pinned(const void* host, size_t bytes) {
     return (uintptr_t)host >= it->first && (uintptr_t)host + bytes <= it->first + it->second;
 }
 
+// RESID_EMU_PLANT=KERNEL:ARG (emu/env.h): after a launch of `f`, a wrong value in the buffer
+// its pointer argument ARG points to. False when the argument is not a pointer into device
+// memory (the plant itself is wrong: the launch fails).
+bool apply_plant(const resid_emu::Kernel* f, void** params) {
+    static const std::string spec = resid_emu::plant() ? resid_emu::plant() : "";
+    const size_t colon = spec.rfind(':');
+    if (colon == std::string::npos || spec.substr(0, colon) != f->name) return true;
+    // The argument count is not known here: ARG must be one of the kernel's (a test's setting).
+    const int arg = std::atoi(spec.c_str() + colon + 1);
+    if (arg < 0 || arg > 31) return false;
+    CUdeviceptr ptr = 0;
+    std::memcpy(&ptr, params[arg], sizeof ptr);
+    if (!inside_allocation(ptr, 4, "RESID_EMU_PLANT's write")) return false;
+    static bool told = false;
+    if (!told) std::fprintf(stderr, "resid CUDA emulator: RESID_EMU_PLANT: %s's argument %d gets a wrong value\n", f->name.c_str(), arg);
+    told = true;
+    const uint32_t wrong = 0x447a447au;
+    std::memcpy((void*)(uintptr_t)ptr, &wrong, sizeof wrong);
+    return true;
+}
+
 CUresult copy(void* dst, const void* src, size_t bytes) {
     if (bytes) std::memmove(dst, src, bytes);
     return OK;
@@ -362,6 +383,7 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
         std::fprintf(stderr, "resid CUDA emulator: kernel failed: %s\n", err.c_str());
         return LAUNCH_FAILED;
     }
+    if (resid_emu::plant() && !apply_plant(f, params)) return LAUNCH_FAILED;
     return OK;
 }
 

@@ -554,6 +554,14 @@ EXPORT int32_t cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc
     try {
         static const bool skip = resid_emu::env_flag("RESID_EMU_NO_KERNELS");  // see emu/driver.cpp
         if (skip) return ST_SUCCESS;
+        // A planted wrong result (emu/env.h): 3 % off, three times the selftest's tolerance.
+        static const bool planted = resid_emu::plant() && std::strcmp(resid_emu::plant(), "cublaslt") == 0;
+        if (planted) {
+            static bool told = false;
+            if (!told) fprintf(stderr, "fake cuBLASLt: RESID_EMU_PLANT: every matmul result scaled by 1.03\n");
+            told = true;
+            fa *= 1.03f;
+        }
         return run_gemm(desc, p, fa, fb, A, al, B, bl, C, cl, D, dl);
     } catch (...) {
         return ST_INTERNAL_ERROR;

@@ -72,6 +72,37 @@ fn cuda_backend_passes_the_selftest_on_the_cpu_emulator() {
     print!("{stdout}");
 }
 
+/// The selftest must catch a wrong device: its operation checks alone (`--ops-only`, seconds),
+/// first as they are, then with a finite wrong value planted by the emulator (RESID_EMU_PLANT,
+/// emu/env.h) in one kernel's output (SwiGLU) and in every cuBLASLt GEMM (3 % off, three times
+/// the tolerance). Each plant must fail the selftest in the checks of what it broke.
+#[test]
+fn the_selftest_fails_on_a_planted_wrong_device_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |plant: Option<&str>| {
+        let json = tmp.path().join(format!("{}.json", plant.unwrap_or("clean").replace(':', "-")));
+        let args = ["selftest", "--device", "cuda", "--ops-only", "--json", &json.display().to_string()];
+        let env: Vec<(&str, &OsStr)> = plant.iter().map(|p| ("RESID_EMU_PLANT", OsStr::new(p))).collect();
+        let out = resid_on_emulator_with(&args, &tmp.path().join("kernels"), &env);
+        let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let failures: Vec<String> = report["failures"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_owned()).collect();
+        (out, report, failures)
+    };
+    let (out, report, failures) = run(None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && failures.is_empty(), "the unplanted operation checks fail: {failures:?}\n{stderr}");
+    assert_eq!(report["models"].as_array().map(Vec::len), Some(0), "--ops-only ran model comparisons");
+    assert!(report["operations"]["cases"].as_u64().unwrap_or(0) >= 50, "{report}");
+    for (plant, announced, broken) in [("swiglu:1", "swiglu's argument 1 gets a wrong value", "SwiGLU"), ("cublaslt", "every matmul result scaled by 1.03", "linear")] {
+        let (out, _, failures) = run(Some(plant));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(announced), "{plant}: the emulator did not plant anything:\n{stderr}");
+        assert_eq!(out.status.code(), Some(5), "{plant}: the selftest passed a wrong device:\n{stderr}");
+        assert!(stderr.contains("selftest failed"), "{plant}: {stderr}");
+        assert!(failures.iter().any(|f| f.contains(broken)), "{plant}: no failing {broken} check in {failures:?}");
+    }
+}
+
 #[test]
 fn a_device_that_does_not_exist_is_a_one_line_error() {
     let tmp = tempfile::tempdir().unwrap();

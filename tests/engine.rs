@@ -176,19 +176,73 @@ fn cached_decoding_matches_full_recomputation() {
     assert_eq!(alone[0].tokens, out[2].tokens);
 }
 
+/// Checks `tokens`, a greedy generation from `prompt`, by a computation that does not decode
+/// step by step: one prefill pass of the prompt steered by `prefill`, then one pass of all
+/// generated tokens but the last (positions after the prompt, as generated tokens) steered by
+/// `continuation`, whose argmax at every row must be the next token. The steering given here
+/// acts on every position (`All`), so which positions a mode steers is spelled out by the
+/// caller, not read from the mode.
+fn check_greedy_by_hand(e: &CpuEngine, prompt: &[u32], tokens: &[u32], prefill: Option<Arc<Steering>>, continuation: Option<Arc<Steering>>, what: &str) {
+    use resid::backend::Backend;
+    use resid::engine::plan::BatchPlan;
+    use resid::engine::Pass;
+    let (p, n) = (prompt.len(), tokens.len());
+    let mut kv = e.backend.kv(e.num_layers(), p + n, e.kv_dim()).unwrap();
+    let plan = BatchPlan::fresh(&[p]);
+    let pass = Pass { ids: prompt, plan: &plan, generated: false, steering: &[prefill], capture: None, logits_rows: &[p - 1] };
+    let logits = e.forward(&mut kv, pass).unwrap();
+    assert_eq!(argmax(&logits), tokens[0], "{what}: first token");
+    let plan = BatchPlan::new(&[n - 1], &[p], &[0]);
+    let rows: Vec<usize> = (0..n - 1).collect();
+    let pass = Pass { ids: &tokens[..n - 1], plan: &plan, generated: true, steering: &[continuation], capture: None, logits_rows: &rows };
+    let logits = e.forward(&mut kv, pass).unwrap();
+    let next: Vec<u32> = logits.chunks(e.model.config.vocab_size).map(argmax).collect();
+    assert_eq!(next, tokens[1..], "{what}: tokens after the first");
+}
+
+/// `Prompt` steers the prefill only, `Generated` the decode steps only, `All` both: each mode's
+/// greedy tokens are recomputed with the steering placed by hand, and the four generations
+/// (with the unsteered one) must all differ, so that no mode can pass as another.
 #[test]
-fn steering_positions_prompt_and_generated() {
+fn steering_positions_prompt_generated_and_all() {
     let (_t, e) = engine(&TinySpec::default());
-    let prompt = vec![random_ids(9, 97, 5)];
+    let prompt = random_ids(9, 97, 5);
     let opts = GenerateOptions { max_new_tokens: 6, sampling: Sampling::Greedy, stop_tokens: vec![] };
-    let plain = e.generate(&prompt, &[None], &opts).unwrap();
-    let only_gen = steering(&e, vec![1, 2], 8.0, SteerOp::Add, SteerPositions::Generated);
-    let g = e.generate(&prompt, &[Some(only_gen)], &opts).unwrap();
-    // The first token comes from the unsteered prompt pass.
-    assert_eq!(g[0].tokens[0], plain[0].tokens[0]);
-    let all = steering(&e, vec![1, 2], 8.0, SteerOp::Add, SteerPositions::All);
-    let a = e.generate(&prompt, &[Some(all)], &opts).unwrap();
-    assert_ne!(a[0].tokens, plain[0].tokens, "a strong steer should change greedy tokens");
+    let strong = |positions| steering(&e, vec![1, 2], 8.0, SteerOp::Add, positions);
+    let everywhere = Some(strong(SteerPositions::All));
+    let gen = |s: Option<Arc<Steering>>| e.generate(std::slice::from_ref(&prompt), &[s], &opts).unwrap().remove(0).tokens;
+    let plain = gen(None);
+    let prompt_only = gen(Some(strong(SteerPositions::Prompt)));
+    let generated_only = gen(Some(strong(SteerPositions::Generated)));
+    let all = gen(everywhere.clone());
+    for (what, tokens, prefill, continuation) in [
+        ("unsteered", &plain, None, None),
+        ("positions prompt", &prompt_only, everywhere.clone(), None),
+        ("positions generated", &generated_only, None, everywhere.clone()),
+        ("positions all", &all, everywhere.clone(), everywhere.clone()),
+    ] {
+        assert_eq!(tokens.len(), 6, "{what}");
+        check_greedy_by_hand(&e, &prompt, tokens, prefill, continuation, what);
+    }
+    // The steer is strong enough to tell the modes apart.
+    assert_ne!(prompt_only[0], plain[0], "steering the prompt must change the first token");
+    assert_eq!(generated_only[0], plain[0], "the first token comes from the unsteered prompt pass");
+    assert_ne!(generated_only, plain, "steering the generated tokens must change later tokens");
+    assert_ne!(prompt_only, all, "steering the prompt only must differ from steering everything");
+    assert_ne!(generated_only, all);
+
+    // Extraction passes are prompt passes: `prompt` steers them as `all` does, `generated` not.
+    let seqs = seqs();
+    let spec = CaptureSpec { points: all_points(&e), position: CapturePosition::All };
+    let run = |positions: Option<SteerPositions>| {
+        let s = positions.map(strong);
+        e.extract(&seqs, &spec, &vec![s; seqs.len()], 4096, |_, _| {}).unwrap().data
+    };
+    let base = run(None);
+    let prompt_steered = run(Some(SteerPositions::Prompt));
+    assert_ne!(prompt_steered, base, "positions prompt must steer an extraction");
+    assert_eq!(prompt_steered, run(Some(SteerPositions::All)));
+    assert_eq!(run(Some(SteerPositions::Generated)), base, "positions generated must leave an extraction alone");
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! top-1/top-2 logit margin is below 1e-3 (a tie that f32 rounding may break either way).
 mod common;
 
-use common::rel_err;
+use common::{real_model_present, rel_err};
 use resid::{CapturePoint, CapturePosition, CaptureSpec, CpuEngine, GenerateOptions, Sampling, SteerOp, SteerPositions, Steering};
 use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};
@@ -54,14 +54,7 @@ impl Golden {
 
 fn load_engine(g: &Golden) -> Option<CpuEngine> {
     let dir = root().join(g.meta["model_dir"].as_str().unwrap());
-    if !dir.join("model.safetensors").exists() {
-        if std::env::var_os("RESID_SKIP_REAL_MODEL").is_some() {
-            eprintln!("skipping {}: model not fetched and RESID_SKIP_REAL_MODEL is set", dir.display());
-            return None;
-        }
-        panic!("{} is missing: run `bash scripts/fetch-model.sh smollm2-135m` (or set RESID_SKIP_REAL_MODEL=1)", dir.display());
-    }
-    Some(CpuEngine::load(&dir).unwrap())
+    real_model_present(&dir).then(|| CpuEngine::load(&dir).unwrap())
 }
 
 fn compare_layers(what: &str, ours: &[Vec<f32>], hf: &[f32], hidden: usize) -> f64 {
@@ -74,18 +67,44 @@ fn compare_layers(what: &str, ours: &[Vec<f32>], hf: &[f32], hidden: usize) -> f
     worst
 }
 
+/// Our greedy tokens against HF's: the same tokens and the same count, except that from the
+/// first step where they differ on one of HF's near-ties (margin < TIE_MARGIN) anything goes.
+/// A generation that ends early (or runs long) differs at the step where one side has no
+/// token, which is never excused.
 fn compare_greedy(what: &str, ours: &[u32], hf: &[i64], margins: &[f32]) {
-    for (step, (&a, &b)) in ours.iter().zip(hf).enumerate() {
-        if a as i64 != b {
-            assert!(
-                margins[step] < TIE_MARGIN,
-                "{what}: greedy token {step} is {a}, HF has {b} (HF margin {:.2e}); ours {ours:?} vs HF {hf:?}",
-                margins[step]
-            );
-            eprintln!("{what}: diverged at step {step} on a near-tie (margin {:.2e})", margins[step]);
-            return;
+    assert_eq!(margins.len(), hf.len(), "{what}: fixture has {} greedy tokens but {} margins", hf.len(), margins.len());
+    for step in 0..ours.len().max(hf.len()) {
+        let (a, b) = (ours.get(step).map(|&t| t as i64), hf.get(step).copied());
+        if a == b {
+            continue;
         }
+        // A missing token is never a tie.
+        let margin = if a.is_some() && b.is_some() { margins[step] } else { f32::INFINITY };
+        assert!(
+            margin < TIE_MARGIN,
+            "{what}: greedy token {step} is {a:?}, HF has {b:?} (HF margin {margin:.2e}); ours {ours:?} ({} tokens) vs HF {hf:?} ({} tokens)",
+            ours.len(),
+            hf.len()
+        );
+        eprintln!("{what}: diverged at step {step} on a near-tie (margin {margin:.2e})");
+        return;
     }
+}
+
+/// The comparison itself, on made-up tokens: it must reject what it exists to catch.
+#[test]
+fn greedy_comparison_rejects_short_long_and_diverged_generations() {
+    let hf = [5i64, 6, 7, 8];
+    let fails = |ours: &[u32], margins: &[f32]| std::panic::catch_unwind(|| compare_greedy("made-up", ours, &hf, margins)).is_err();
+    let clear = [1.0f32; 4];
+    assert!(!fails(&[5, 6, 7, 8], &clear));
+    assert!(fails(&[], &clear), "empty generation");
+    assert!(fails(&[5, 6, 7], &clear), "short generation");
+    assert!(fails(&[5, 6, 7, 8, 9], &clear), "long generation");
+    assert!(fails(&[5, 6, 9, 8], &clear), "divergence where HF's margin is clear");
+    let tie = [1.0, 1.0, 1e-4, 1.0];
+    assert!(!fails(&[5, 6, 9], &tie), "from a divergence on HF's near-tie on, anything goes");
+    assert!(fails(&[5, 6], &tie), "a generation that ends before the tie");
 }
 
 fn run_fixture(name: &str) {

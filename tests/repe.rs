@@ -431,26 +431,49 @@ fn study_end_to_end_on_a_tiny_model() {
     assert_eq!(concepts.len(), 2);
     for c in concepts {
         assert_eq!(c["langs"], serde_json::json!(["en", "fr", "sw"]));
-        for l in c["languages"].as_array().unwrap() {
-            assert_eq!(l["n_train"].as_u64().unwrap() + l["n_test"].as_u64().unwrap(), 19, "one identical pair dropped");
-            assert_eq!(l["dropped_identical"], 1);
-            for m in l["methods"].as_array().unwrap() {
-                let acc = m["accuracy"].as_array().unwrap();
-                assert_eq!(acc.len(), 3);
-                assert!(acc.iter().all(|a| (0.0..=1.0).contains(&a.as_f64().unwrap())));
-            }
-        }
+        let best = c["best_layer"].as_u64().unwrap() as usize;
         let cross = c["crosslingual_at_best_layer"].as_array().unwrap();
         assert_eq!(cross.len(), 3);
+        for (a, l) in c["languages"].as_array().unwrap().iter().enumerate() {
+            assert_eq!(l["n_train"].as_u64().unwrap() + l["n_test"].as_u64().unwrap(), 19, "one identical pair dropped");
+            assert_eq!(l["dropped_identical"], 1);
+            check_accuracies(l, 3, "llama");
+            // The cross-lingual matrix's diagonal is the language's own recognition.
+            assert_eq!(cross[a][a], l["methods"][0]["accuracy"][best - 1], "{} {}", c["concept"], l["lang"]);
+        }
+        // Consistency from the vector files themselves: mean over layers of the cosine of two
+        // languages' directions (scales are positive, so the file rows have the same cosines).
         let cos = c["cosine_mean_over_layers"].as_array().unwrap();
-        assert!((cos[1][1].as_f64().unwrap() - 1.0).abs() < 1e-6);
+        let concept = c["concept"].as_str().unwrap();
+        let rows = |lang: &str| resid::io::read_directions(&t.dir.join(format!("out/vectors/{concept}_{lang}.safetensors")), 3, 32).unwrap().data;
+        let langs = ["en", "fr", "sw"].map(rows);
+        for a in 0..3 {
+            for b in 0..3 {
+                let want = (1..=3).map(|l| cosine(&langs[a][l * 32..(l + 1) * 32], &langs[b][l * 32..(l + 1) * 32])).sum::<f64>() / 3.0;
+                let got = cos[a][b].as_f64().unwrap();
+                assert!((got - want).abs() < 1e-6, "{concept}: cosine {a},{b}: report {got}, vector files {want}");
+            }
+        }
         assert!(c["transfer_summary"]["high_to_low"].as_f64().is_some());
     }
+    // The recognize command on the study's own split of one language gives the study's numbers.
+    let pairs = data::load_mvalue(&t.dir.join("values"), "morality", "en").unwrap();
+    let split = data::split_pairs(pairs, 0, data::TRAIN_FRACTION);
+    write_pairs_jsonl(&t.dir.join("train.jsonl"), &split.train);
+    write_pairs_jsonl(&t.dir.join("test.jsonl"), &split.test);
+    let v: serde_json::Value =
+        serde_json::from_str(ok(&resid(&["recognize", "--model", &model, "--train", &t.p("train.jsonl"), "--test", &t.p("test.jsonl"), "--json", "--quiet"])).trim())
+            .unwrap();
+    let morality_en = &concepts[0]["languages"][0];
+    assert_eq!((concepts[0]["concept"].as_str(), morality_en["lang"].as_str()), (Some("morality"), Some("en")));
+    assert_eq!(v["accuracy"], morality_en["methods"][0]["accuracy"], "recognize vs the study's mean-diff");
+
     let control = report["control"]["rows"].as_array().unwrap();
     assert_eq!(control.len(), 2 * 3 * 3, "concepts × targets × coefficients");
-    assert!(control.iter().filter(|r| r["coef"] == 0.0).all(|r| r["shift"] == 0.0));
-    let gens = std::fs::read_to_string(t.dir.join("out/control_generations.jsonl")).unwrap();
-    assert_eq!(gens.lines().count(), 2 * 3 * 3 * 2);
+    let gens: Vec<serde_json::Value> =
+        std::fs::read_to_string(t.dir.join("out/control_generations.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(gens.len(), 2 * 3 * 3 * 2);
+    check_control_scores(&t, &report, &gens);
     for f in ["recognition", "best_layers", "crosslingual", "cosine", "transfer", "control"] {
         let text = std::fs::read_to_string(t.dir.join(format!("out/tables/{f}.csv"))).unwrap();
         assert!(text.lines().count() > 1, "{f}.csv is empty");
@@ -476,6 +499,71 @@ fn study_end_to_end_on_a_tiny_model() {
     assert_eq!(report2["timing"]["hidden_states"]["from_cache"], report["timing"]["hidden_states"]["requested"]);
     assert_eq!(report2["concepts"][0]["languages"], report["concepts"][0]["languages"]);
     assert_eq!(report2["concepts"][1]["crosslingual_by_layer"], report["concepts"][1]["crosslingual_by_layer"]);
+}
+
+/// One language's recognition in report.json: an accuracy per layer for each method, mean-diff
+/// first; a fitted direction's accuracy counts test pairs (random ones are a mean of draws).
+fn check_accuracies(lang: &serde_json::Value, layers: usize, what: &str) {
+    let n_test = lang["n_test"].as_f64().unwrap();
+    assert_eq!(lang["methods"][0]["method"], "mean-diff", "{what}");
+    for m in lang["methods"].as_array().unwrap() {
+        let acc: Vec<f64> = m["accuracy"].as_array().unwrap().iter().map(|a| a.as_f64().unwrap()).collect();
+        assert_eq!(acc.len(), layers, "{what}");
+        if m["method"] != "random" {
+            assert!(acc.iter().all(|a| ((a * n_test).round() - a * n_test).abs() < 1e-9), "{what} {}: {acc:?} over {n_test} pairs", m["method"]);
+        }
+    }
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum::<f64>();
+    dot(a, b) / (dot(a, a) * dot(b, b)).sqrt()
+}
+
+/// The control sweep against a recomputation from its own outputs: every generation's concept
+/// score is the unsteered last-token hidden state of prompt + generation (stop token removed)
+/// at the score layer, projected on the target's unit direction from its vector file; every
+/// row's shift is the mean score at its coefficient minus the mean at 0 over the same prompts;
+/// and steering moves the score somewhere.
+fn check_control_scores(t: &Tiny, report: &serde_json::Value, gens: &[serde_json::Value]) {
+    let engine = resid::CpuEngine::load(&t.dir.join("model")).unwrap();
+    let tok = engine.model.tokenizer.as_ref().unwrap();
+    let stops = resid::repe::control::stop_tokens(&engine);
+    let rows = report["control"]["rows"].as_array().unwrap();
+    let mut moved = 0;
+    for row in rows {
+        let key = |r: &serde_json::Value| (r["concept"].clone(), r["source"].clone(), r["target"].clone());
+        let layer = row["score_layer"].as_u64().unwrap() as usize;
+        let file = t.dir.join(format!("out/vectors/{}_{}.safetensors", row["concept"].as_str().unwrap(), row["target"].as_str().unwrap()));
+        let dir = resid::io::read_directions(&file, 3, 32).unwrap().data[layer * 32..(layer + 1) * 32].to_vec();
+        let norm = dir.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let mean_score = |coef: f64| {
+            let mine: Vec<&serde_json::Value> = gens.iter().filter(|g| key(g) == key(row) && g["coef"].as_f64() == Some(coef)).collect();
+            assert_eq!(mine.len(), 2, "two prompts per coefficient");
+            let mut total = 0.0;
+            for g in &mine {
+                let mut ids = tok.encode(g["prompt"].as_str().unwrap()).unwrap();
+                let mut body: Vec<u32> = g["tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+                if body.last().is_some_and(|x| stops.contains(x)) {
+                    body.pop();
+                }
+                ids.extend(body);
+                let spec = resid::CaptureSpec { points: vec![resid::CapturePoint::Hidden(layer)], position: resid::CapturePosition::Last };
+                let h = engine.extract(&[ids], &spec, &[None], 4096, |_, _| {}).unwrap();
+                let score = h.row(0, 0).iter().zip(&dir).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / norm;
+                let recorded = g["score"].as_f64().unwrap();
+                assert!((score - recorded).abs() <= 1e-4 * (1.0 + score.abs()), "{:?} coef {coef}: score {recorded}, recomputed {score}", key(row));
+                total += recorded;
+            }
+            total / mine.len() as f64
+        };
+        let coef = row["coef"].as_f64().unwrap();
+        let want = mean_score(coef) - mean_score(0.0);
+        let got = row["shift"].as_f64().unwrap();
+        assert!((got - want).abs() <= 1e-9 * (1.0 + want.abs()), "{:?} coef {coef}: shift {got}, from the generations {want}", key(row));
+        moved += (coef != 0.0 && want.abs() > 1e-6) as usize;
+    }
+    assert!(moved > 0, "no steered row moved the concept score");
 }
 
 /// The study (vectors, recognition, cross-lingual analyses, control) on a tiny random model of
@@ -511,17 +599,12 @@ fn study_end_to_end_on_a_tiny_model_of_every_family() {
         assert_eq!(report["model"]["layers"], 2, "{family}");
         for c in report["concepts"].as_array().unwrap() {
             for l in c["languages"].as_array().unwrap() {
-                for method in l["methods"].as_array().unwrap() {
-                    let acc = method["accuracy"].as_array().unwrap();
-                    assert_eq!(acc.len(), 2, "{family}");
-                    assert!(acc.iter().all(|a| (0.0..=1.0).contains(&a.as_f64().unwrap())), "{family}");
-                }
+                check_accuracies(l, 2, family);
             }
             assert_eq!(c["crosslingual_at_best_layer"].as_array().unwrap().len(), 3, "{family}");
         }
         let rows = report["control"]["rows"].as_array().unwrap();
         assert_eq!(rows.len(), 2 * 3 * 3, "{family}: concepts × targets × coefficients");
-        assert!(rows.iter().filter(|r| r["coef"] == 0.0).all(|r| r["shift"] == 0.0), "{family}");
         // Steering reaches the generations (the score is read unsteered, so it moves only when
         // the greedy tokens change; on a random model most, not all, non-zero coefficients do).
         let moved = rows.iter().filter(|r| r["coef"] != 0.0 && r["shift"].as_f64().unwrap().abs() > 1e-6).count();
@@ -577,9 +660,13 @@ fn recognize_json_contract_vectors_gguf_and_steering() {
             "generate", "--model", &model, "--prompt", "the old man", "--max-new-tokens", "5", "--json", "--steer", file, "--steer-layers", "2-3", "--coef", "4",
         ]))
     };
-    assert_eq!(gen(&vec_out), gen(&gguf), "GGUF import steers like the safetensors file");
+    let (from_safetensors, from_gguf) = (gen(&vec_out), gen(&gguf));
+    assert_eq!(from_safetensors, from_gguf, "GGUF import steers like the safetensors file");
     let plain = ok(&resid(&["generate", "--model", &model, "--prompt", "the old man", "--max-new-tokens", "5", "--json"]));
-    assert!(!plain.is_empty());
+    let tokens = |out: &str| serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["tokens"].clone();
+    assert_eq!(tokens(&plain).as_array().map(Vec::len), Some(5), "{plain}");
+    assert_ne!(tokens(&from_safetensors), tokens(&plain), "steering with the vectors file changed nothing");
+    assert_ne!(tokens(&from_gguf), tokens(&plain), "steering with the GGUF file changed nothing");
 }
 
 #[test]

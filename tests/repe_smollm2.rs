@@ -6,6 +6,8 @@
 //!   mean-diff: best-layer accuracy 1.00 for every concept (mean 1.00); mean over layers 0.935
 //!   random (mean of 32 draws): best-layer accuracy mean 0.71 (0.61–0.77); mean over layers 0.60
 //! Thresholds below leave a margin for data edits and numeric noise.
+mod common;
+
 use resid::repe::cache::HiddenCache;
 use resid::repe::data;
 use resid::repe::study;
@@ -16,17 +18,10 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The fetched SmolLM2-135M, or None (test skipped) when RESID_SKIP_REAL_MODEL is set.
+/// The fetched SmolLM2-135M, or None (test skipped) under RESID_SKIP_REAL_MODEL=allow.
 fn smollm2() -> Option<PathBuf> {
     let model = root().join("models/smollm2-135m");
-    if !model.join("model.safetensors").exists() {
-        if std::env::var_os("RESID_SKIP_REAL_MODEL").is_some() {
-            eprintln!("skipping: {} not fetched and RESID_SKIP_REAL_MODEL is set", model.display());
-            return None;
-        }
-        panic!("{} is missing: run `bash scripts/fetch-model.sh smollm2-135m` (or set RESID_SKIP_REAL_MODEL=1)", model.display());
-    }
-    Some(model)
+    common::real_model_present(&model).then_some(model)
 }
 
 #[test]
@@ -117,6 +112,7 @@ fn recognition_matches_the_hf_golden_computation() {
         let margin: Vec<f64> = c["closest_test_margin_rel"].as_array().unwrap().iter().map(|a| a.as_f64().unwrap()).collect();
         assert_eq!(ours.accuracy.len(), theirs.len(), "{name}");
         let one_pair = 1.0 / split.test.len() as f64;
+        let mut case_flips = 0;
         for l in 0..layers {
             let diff = (ours.accuracy[l] - theirs[l]).abs();
             if diff < 1e-12 {
@@ -124,10 +120,16 @@ fn recognition_matches_the_hf_golden_computation() {
                 continue;
             }
             assert!(margin[l] < 1e-2 && diff <= one_pair + 1e-12, "{name} layer {}: resid {} vs HF {} (closest margin {:.1e})", l + 1, ours.accuracy[l], theirs[l], margin[l]);
-            near_tie_flips += 1;
+            case_flips += 1;
         }
-        if near_tie_flips == 0 {
-            assert_eq!(ours.best_layer as u64, c["best_layer"].as_u64().unwrap(), "{name}");
+        near_tie_flips += case_flips;
+        // Identical accuracies give the same best layer; after a flip, HF's best layer must
+        // still be within that one pair of ours.
+        let hf_best = c["best_layer"].as_u64().unwrap() as usize;
+        if case_flips == 0 {
+            assert_eq!(ours.best_layer, hf_best, "{name}");
+        } else {
+            assert!(ours.accuracy[hf_best - 1] >= ours.best_accuracy - one_pair - 1e-12, "{name}: HF's best layer {hf_best} is more than one pair below ours ({})", ours.best_layer);
         }
     }
     eprintln!("recognition vs HF golden: {exact_layers} layer accuracies identical, {near_tie_flips} near-tie flips");

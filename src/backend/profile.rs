@@ -61,9 +61,13 @@ pub struct WallMarks {
 
 impl WallMarks {
     pub fn mark(&mut self, label: &'static str) {
-        let now = std::time::Instant::now();
+        self.mark_at(label, std::time::Instant::now());
+    }
+
+    /// [`mark`](Self::mark) at a given instant (the tests' clock).
+    fn mark_at(&mut self, label: &'static str, now: std::time::Instant) {
         if let Some(last) = self.last {
-            self.times.charge(label, (now - last).as_secs_f64());
+            self.times.charge(label, now.saturating_duration_since(last).as_secs_f64());
         }
         self.last = Some(now);
     }
@@ -73,21 +77,29 @@ impl WallMarks {
 mod tests {
     use super::*;
 
+    /// On a clock of our own: exact charges, whatever the machine's load.
     #[test]
     fn marks_charge_the_time_since_the_previous_mark() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
         let mut m = WallMarks::default();
-        m.mark("start");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        m.mark("slow");
-        m.mark("fast");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-        m.mark("slow");
+        m.mark_at("start", at(0));
+        m.mark_at("slow", at(20));
+        m.mark_at("fast", at(21));
+        m.mark_at("slow", at(26));
         let ops = &m.times.ops;
-        // The first mark only starts the clock.
+        // The first mark only starts the clock; each later one is charged since the one before.
         assert_eq!(ops.iter().map(|o| o.0).collect::<Vec<_>>(), ["slow", "fast"]);
         assert_eq!(ops[0].2, 2);
-        assert!(ops[0].1 >= 0.025 && ops[1].1 < 0.005, "{ops:?}");
+        assert!((ops[0].1 - 0.025).abs() < 1e-9 && (ops[1].1 - 0.001).abs() < 1e-9, "{ops:?}");
+        assert!((m.times.total() - 0.026).abs() < 1e-9);
         let json = m.times.to_json();
-        assert_eq!(json[0]["op"], "slow");
+        assert_eq!((json[0]["op"].as_str(), json[1]["op"].as_str()), (Some("slow"), Some("fast")));
+        assert_eq!(json[0]["marks"], 2);
+        assert!((json[0]["share"].as_f64().unwrap() - 0.9615).abs() < 1e-9, "{json}");
+        // The real clock charges through the same path.
+        m.mark("fast");
+        assert_eq!(m.times.ops[1].2, 2);
     }
 }

@@ -26,6 +26,10 @@ pub(crate) struct SelftestArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Only the operation checks, each operation on its own (seconds; the whole-model
+    /// comparisons take minutes on the CPU emulator).
+    #[arg(long)]
+    ops_only: bool,
 }
 
 pub(crate) const TOL: f64 = 1e-2;
@@ -87,9 +91,14 @@ pub(crate) fn run(a: SelftestArgs) -> Result<()> {
 fn run_in(a: &SelftestArgs, tmp: &std::path::Path) -> Result<()> {
     let mut report = Vec::new();
     let mut failures = Vec::new();
-    for (name, spec) in shapes() {
+    // With --ops-only, only the first model directory, which opens the device for them.
+    let models = if a.ops_only { 1 } else { usize::MAX };
+    for (name, spec) in shapes().into_iter().take(models) {
         let dir = tmp.join(name);
         spec.write(&dir)?;
+        if a.ops_only {
+            continue;
+        }
         let cpu = Engine::new(CpuBackend, resid::model::ModelDir::open(&dir)?)?;
         let dev = load_backend_engine(&a.device, &dir)?;
         super::with_engine!(&dev, dev => {

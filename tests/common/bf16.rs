@@ -2,8 +2,10 @@
 //! (the policy, like the compute type, is chosen per process before a model is loaded).
 //!
 //! Tolerance: ‖ours − HF‖ / ‖HF‖ ≤ 1e-2 per hidden-state index (activations and weights are
-//! rounded to bf16 at every GEMM input; the residual stream, norms and attention stay f32).
-//! On a CPU without AVX512-BF16 the path falls back to f32 and these checks still hold.
+//! rounded to bf16 at every GEMM input; the residual stream, norms and attention stay f32), on
+//! every golden fixture; 1.5e-2 for BLOOM with post-LN residuals (see `BF16_POST_LN_TOL`).
+//! On a CPU without AVX512-BF16 the path falls back to f32 and these checks still hold; every
+//! test binary that uses them says which path ran (`bf16 path: ...` on the terminal).
 use super::*;
 use resid::backend::cpu::{self, Compute};
 use resid::backend::Backend;
@@ -12,6 +14,18 @@ use safetensors::SafeTensors;
 use std::path::PathBuf;
 
 pub const BF16_TOL: f64 = 1e-2;
+/// BLOOM with post-LayerNorm residuals: the residual stream is the normed row itself, so each
+/// sub-layer's bf16 rounding is not diluted by a larger residual. Measured 1.13e-2 with the
+/// default policy on AVX512-BF16 (NOTES.md, 2026-11-28, "CPU bf16 against the family fixtures").
+pub const BF16_POST_LN_TOL: f64 = 1.5e-2;
+
+fn tolerance(name: &str) -> f64 {
+    if name == "tiny-bloom-postln" {
+        BF16_POST_LN_TOL
+    } else {
+        BF16_TOL
+    }
+}
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -19,19 +33,28 @@ fn root() -> PathBuf {
 
 fn bf16_engine(dir: &std::path::Path) -> CpuEngine {
     cpu::set_compute(Compute::Bf16);
+    report_path();
     CpuEngine::load(dir).unwrap()
+}
+
+/// Prints, once per process and past the harness's capture (so that `cargo test` and CI logs
+/// show it), which path the bf16 checks ran: AVX512-BF16, or the f32 fallback of a CPU without
+/// it, where they check nothing of bf16.
+pub fn report_path() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use std::io::Write;
+        let path = if cpu::gemm::has_bf16() { "avx512bf16" } else { "f32 fallback (this CPU has no AVX512-BF16: bf16 is not tested here)" };
+        let _ = writeln!(std::io::stderr(), "bf16 path: {path}; kernels: {}", cpu::kernel_description());
+    });
 }
 
 fn fixture(name: &str) -> Option<(CpuEngine, Vec<u8>, serde_json::Value)> {
     let g = root().join("tests/fixtures/golden");
     let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(g.join(format!("{name}.json"))).unwrap()).unwrap();
     let dir = root().join(meta["model_dir"].as_str().unwrap());
-    if !dir.join("model.safetensors").exists() {
-        if std::env::var_os("RESID_SKIP_REAL_MODEL").is_some() {
-            eprintln!("skipping {}: model not fetched and RESID_SKIP_REAL_MODEL is set", dir.display());
-            return None;
-        }
-        panic!("{} is missing: run `bash scripts/fetch-model.sh smollm2-135m` (or set RESID_SKIP_REAL_MODEL=1)", dir.display());
+    if !real_model_present(&dir) {
+        return None;
     }
     let bytes = std::fs::read(g.join(format!("{name}.safetensors"))).unwrap();
     Some((bf16_engine(&dir), bytes, meta))
@@ -50,6 +73,7 @@ fn tensor_ids(bytes: &[u8], name: &str) -> Vec<u32> {
 /// Every hidden-state index, last and mean positions, against the HF f32 fixture.
 pub fn check_fixture(name: &str) {
     let Some((e, bytes, meta)) = fixture(name) else { return };
+    let tol = tolerance(name);
     let expect_bf16 = cpu::gemm::has_bf16();
     assert_eq!(e.backend.name().contains("bf16"), expect_bf16, "{}", e.backend.name());
     let (n_layers, h) = (e.num_layers(), e.hidden_size());
@@ -63,12 +87,22 @@ pub fn check_fixture(name: &str) {
             let hf = tensor_f32(&bytes, &format!("p{i}.{key}"));
             for l in 0..=n_layers {
                 let err = rel_err(c.row(i, l), &hf[l * h..(l + 1) * h]);
-                assert!(err <= BF16_TOL, "{name} p{i} {key}: hidden-state index {l}: relative error {err:.3e} > {BF16_TOL:e}");
+                assert!(err <= tol, "{name} p{i} {key}: hidden-state index {l}: relative error {err:.3e} > {tol:e}");
                 worst = worst.max(err);
             }
         }
     }
-    eprintln!("{name} (bf16 compute: {expect_bf16}): worst per-layer relative error {worst:.2e} (threshold {BF16_TOL:e})");
+    eprintln!("{name} (bf16 compute: {expect_bf16}): worst per-layer relative error {worst:.2e} (threshold {tol:e})");
+}
+
+/// [`check_fixture`] on every golden fixture but `except` (checked by a test of its own).
+pub fn check_every_fixture(except: &[&str]) {
+    let names: Vec<String> = golden_fixtures().into_iter().filter(|n| !except.contains(&n.as_str())).collect();
+    // The seven tiny families of tests/golden.rs: a lost fixture must not pass unnoticed.
+    assert!(names.len() >= 7, "only {} golden fixtures found: {names:?}", names.len());
+    for name in &names {
+        check_fixture(name);
+    }
 }
 
 /// Packed against one at a time, and one or three threads against the default pool: bit-identical.
