@@ -37,7 +37,7 @@ pub fn remove_scratch_dir() {
 /// Writes `files` into the scratch directory, removing what an earlier input left there.
 fn model_dir(files: &[(&str, &[u8])]) -> PathBuf {
     let dir = scratch_dir();
-    for name in ["config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json"] {
+    for name in ["config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", SHARD] {
         let _ = std::fs::remove_file(dir.join(name));
     }
     for (name, bytes) in files {
@@ -193,4 +193,148 @@ pub fn vectors(data: &[u8]) {
     let path = scratch_dir().join("v.gguf");
     std::fs::write(&path, file).expect("scratch write");
     check_vectors(resid::repe::gguf::read_control_vector(&path, layers, hidden), layers, hidden, "v.gguf");
+}
+
+/// Extraction manifests (`manifest.json`, read by resume, `verify` and `merge`): loading, the
+/// checks `verify` runs (against one shard file, `shard-00000.safetensors` holding
+/// [`SHARD_FILE`]; seeds list it with its sha256), and the comparisons resume makes between the
+/// manifest on disk and a run's own. A manifest, or an input or I/O error naming the directory; never a panic.
+pub fn manifest(data: &[u8]) {
+    use resid::store::{verify, Manifest};
+    let dir = scratch_dir().join("extraction");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    std::fs::write(dir.join("manifest.json"), data).expect("scratch write");
+    std::fs::write(dir.join("shard-00000.safetensors"), SHARD_FILE).expect("scratch write");
+    let named = |e: &resid::Error| {
+        assert!(matches!(e.exit_code(), 3 | 6), "{e}");
+        assert!(e.to_string().contains(&dir.display().to_string()), "{e}");
+    };
+    let m = match Manifest::load(&dir) {
+        Ok(m) => m.expect("manifest.json is there"),
+        Err(e) => return named(&e),
+    };
+    assert!(m.incompatibility(&m).is_none(), "a manifest is compatible with itself");
+    let _ = m.resume_point();
+    // A run with another input, then other options, then another part (what resume meets).
+    let mut other = m.clone();
+    other.input_sha256 = resid::store::sha256_hex(data);
+    other.input_sha256.pop();
+    assert!(m.incompatibility(&other).is_some() && other.incompatibility(&m).is_some());
+    let mut other = m.clone();
+    // Nested one level deeper: never equal to what it holds.
+    other.options = vec![m.options.clone()].into();
+    assert!(m.incompatibility(&other).is_some());
+    let mut other = m.clone();
+    other.range_end = m.range_end.wrapping_add(1);
+    assert!(m.incompatibility(&other).is_some());
+    match verify(&dir) {
+        Ok(v) => {
+            assert_eq!(v, m);
+            assert!(v.complete && v.resume_point() == v.range_end);
+        }
+        Err(e) => named(&e),
+    }
+}
+
+/// The one file of [`manifest`]'s extraction directory.
+pub const SHARD_FILE: &[u8] = b"not really a shard";
+
+/// The language-similarity CSV (`study --lang-similarity`), then its correlation with a
+/// matrix over its languages as the study computes it. A matrix of finite values, or an input
+/// error naming the file.
+pub fn lang_similarity(data: &[u8]) {
+    use resid::repe::analysis::{correlate, LangSimilarity};
+    let path = scratch_dir().join("sim.csv");
+    std::fs::write(&path, data).expect("scratch write");
+    match LangSimilarity::read(&path) {
+        Ok(sim) => {
+            assert!(!sim.langs.is_empty() && sim.langs.iter().all(|l| !l.is_empty()));
+            assert!(sim.values.values().all(|v| v.is_finite()));
+            let k = sim.langs.len().min(16);
+            let m: Vec<Vec<f64>> = (0..k).map(|a| (0..k).map(|b| ((a * 7 + b * 3) % 11) as f64 / 10.0).collect()).collect();
+            let c = correlate(&m, &sim.langs[..k], &sim);
+            assert!(c.pairs <= k * k.saturating_sub(1) / 2);
+        }
+        Err(e) => {
+            assert!(matches!(e.exit_code(), 3 | 6), "{e}");
+            assert!(e.to_string().contains("sim.csv"), "{e}");
+        }
+    }
+}
+
+/// A shard file that a fuzzed `model.safetensors.index.json` may name: one f32 tensor `w` [2, 3].
+pub const SHARD: &str = "model-00001-of-00001.safetensors";
+
+fn shard_bytes() -> Vec<u8> {
+    let header = br#"{"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}}"#;
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header);
+    out.extend((0..6).flat_map(|i| (i as f32 * 0.5).to_le_bytes()));
+    out
+}
+
+/// `model.safetensors.index.json` (sharded checkpoints): opening the shards it names, in a
+/// directory holding one real shard ([`SHARD`]). A store whose every tensor reads, or a model
+/// or I/O error.
+pub fn weight_index(data: &[u8]) {
+    let dir = model_dir(&[("model.safetensors.index.json", data), (SHARD, &shard_bytes())]);
+    match WeightStore::open(&dir) {
+        Ok(store) => {
+            if store.contains("w") {
+                assert_eq!(store.f32("w", &[2, 3]).expect("the shard's tensor reads").len(), 6);
+            }
+            let _ = store.dominant_dtype();
+        }
+        Err(e) => assert!(matches!(e.exit_code(), 4 | 6), "{e}"),
+    }
+}
+
+/// A word-level `tokenizer.json` for [`tokenizer_config`].
+const TOKENIZER_JSON: &str = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+ "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+ "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "<s>": 1, "</s>": 2, "hello": 3, "there": 4}, "unk_token": "[UNK]"}}"#;
+
+/// `tokenizer_config.json` beside a fixed `tokenizer.json`: its chat template, BOS and EOS
+/// tokens, and rendering a conversation with the template (`generate --chat`). A tokenizer, a
+/// model error, or an input error when there is no template; never a panic.
+pub fn tokenizer_config(data: &[u8]) {
+    use resid::model::tokenizer::TextTokenizer;
+    let dir = model_dir(&[("tokenizer.json", TOKENIZER_JSON.as_bytes()), ("tokenizer_config.json", data)]);
+    let tok = match TextTokenizer::open(&dir) {
+        Ok(t) => t.expect("tokenizer.json is there"),
+        Err(e) => {
+            assert!(matches!(e.exit_code(), 4 | 6), "{e}");
+            return;
+        }
+    };
+    let _ = tok.eos_token().map(|t| tok.token_id(t));
+    match tok.render_chat("hello there") {
+        Ok(text) => {
+            let _ = tok.encode(&text);
+        }
+        Err(e) => assert!(matches!(e.exit_code(), 3 | 4), "{e}"),
+    }
+}
+
+/// The model identity the [`cache_shard`] target reads shards for.
+pub const CACHE_MODEL_ID: &str = "fuzz-model";
+
+/// The study's hidden-state cache shards (`--cache`): the first two bytes pick the model's
+/// decoder blocks (1..=4) and hidden size (1..=16), the rest is the shard, read for the model
+/// [`CACHE_MODEL_ID`]. Rows of finite states with well-formed keys, or an input error naming
+/// the file.
+pub fn cache_shard(data: &[u8]) {
+    let [a, b, file @ ..] = data else { return };
+    let (layers, hidden) = (1 + *a as usize % 4, 1 + *b as usize % 16);
+    match resid::repe::cache::read_shard(file, "shard.safetensors", CACHE_MODEL_ID, layers, hidden) {
+        Ok(rows) => {
+            assert_eq!(rows.states.len(), rows.keys.len() * layers * hidden);
+            assert!(rows.states.iter().all(|v| v.is_finite()));
+        }
+        Err(e) => {
+            assert_eq!(e.exit_code(), 3, "{e}");
+            assert!(e.to_string().contains("shard.safetensors"), "{e}");
+        }
+    }
 }

@@ -5,6 +5,7 @@ Seeds are valid and near-valid inputs, small enough for libFuzzer (a few KB). St
 only. Rerun after changing it: `python3 fuzz/make_corpus.py` (files are rewritten in place;
 regression inputs named `regress-*` are kept).
 """
+import hashlib
 import json
 import math
 import os
@@ -327,6 +328,98 @@ def main():
     write("vectors", "gguf-wrong-hidden", vec(2, 3, gguf([(1, [1.0, 1.0])])))
     write("vectors", "gguf-truncated", vec(3, 4, gguf([(1, rand(4, 1)), (2, rand(4, 2))])[:-40]))
     write("vectors", "gguf-array-metadata", vec(1, 2, gguf([], extra_kv=[("tokens", 9, struct.pack("<IQ", 8, 2) + gstr("a") + gstr("bc"))])))
+
+    # manifest: an extraction directory's manifest.json beside one file, shard-00000.safetensors
+    # holding SHARD_FILE (fuzz/harness.rs), which the seeds list with its sha256
+    shard_sum = hashlib.sha256(b"not really a shard").hexdigest()
+    manifest = {"format": "resid-extract-v1", "input": "in.jsonl", "input_sha256": hashlib.sha256(b"in").hexdigest(),
+                "input_sequences": 8, "range_start": 0, "range_end": 4, "part": "0/2",
+                "options": {"model": "m", "position": "last", "layers": [0, 1, 2]}, "shard_sequences": 4,
+                "shards": [{"file": "shard-00000.safetensors", "start": 0, "end": 4, "sha256": shard_sum}], "complete": True}
+    man = lambda **kw: json.dumps(dict(manifest, **kw), indent=1)
+    write("manifest", "complete", man())
+    write("manifest", "resumable", man(complete=False, part=None, range_end=8))
+    write("manifest", "empty", man(shards=[], range_end=0, complete=False))
+    write("manifest", "checksum-mismatch", man(shards=[dict(manifest["shards"][0], sha256="0" * 64)]))
+    write("manifest", "missing-shard", man(shards=[dict(manifest["shards"][0], file="shard-00001.safetensors")]))
+    write("manifest", "not-plain-name", man(shards=[dict(manifest["shards"][0], file="../manifest.json")]))
+    write("manifest", "gap", man(shards=[dict(manifest["shards"][0], start=1)]))
+    write("manifest", "reversed-range", man(shards=[dict(manifest["shards"][0], start=4, end=0)], range_start=4))
+    write("manifest", "short-of-range", man(range_end=6))
+    write("manifest", "huge-numbers", man(range_end=2**64 - 1, input_sequences=2**64 - 1))
+    write("manifest", "negative", man(range_start=-1))
+    write("manifest", "missing-field", json.dumps({k: v for k, v in manifest.items() if k != "shards"}))
+    write("manifest", "not-object", "[1, 2]")
+    write("manifest", "truncated", man()[:100])
+    write("manifest", "invalid-utf8", man().encode().replace(b"in.jsonl", b"in\xff.jsonl"))
+
+    # lang_similarity: the --lang-similarity CSV
+    write("lang_similarity", "matrix", ",en,fr,zh\nen,1,0.8,0.2\nfr,0.8,1,0.25\nzh,0.2,0.25,1\n")
+    write("lang_similarity", "quoted-crlf", '"",\"en\",\"fr\"\r\n\"en\",1.0,-0.5e-1\r\n\r\n\"fr\",-0.05,1\r\n')
+    write("lang_similarity", "two-of-three-rows", ",en,fr,sw\nen,1,0.5,0.1\nfr,0,1,0.3\n")
+    write("lang_similarity", "header-only", ",en,fr\n")
+    write("lang_similarity", "empty", "")
+    write("lang_similarity", "no-languages", "lang\nen\n")
+    write("lang_similarity", "empty-language", ",en,,fr\nen,1,2,3\n")
+    write("lang_similarity", "not-a-number", ",en,fr\nen,1,0.5\nfr,0.5,x\n")
+    write("lang_similarity", "infinite", ",en\nen,inf\n")
+    write("lang_similarity", "nan", ",en\nen,NaN\n")
+    write("lang_similarity", "ragged", ",en,fr\nen,1\n")
+    write("lang_similarity", "unicode", ",中文,ελ\n中文,1,0.1\nελ,0.1,1\n")
+    write("lang_similarity", "invalid-utf8", b",en\n\xff,1\n")
+
+    # weight_index: model.safetensors.index.json beside one shard, model-00001-of-00001.safetensors,
+    # holding the f32 tensor `w` [2, 3]
+    shard = "model-00001-of-00001.safetensors"
+    write("weight_index", "one-shard", json.dumps({"metadata": {"total_size": 24}, "weight_map": {"w": shard}}))
+    write("weight_index", "two-names-one-file", json.dumps({"weight_map": {"w": shard, "v": shard}}))
+    write("weight_index", "missing-file", json.dumps({"weight_map": {"w": shard, "x": "model-00002-of-00002.safetensors"}}))
+    write("weight_index", "empty-map", json.dumps({"weight_map": {}}))
+    write("weight_index", "no-map", json.dumps({"metadata": {}}))
+    write("weight_index", "map-not-object", json.dumps({"weight_map": [shard]}))
+    write("weight_index", "file-not-string", json.dumps({"weight_map": {"w": 1}}))
+    write("weight_index", "traversal", json.dumps({"weight_map": {"w": "../" + shard}}))
+    write("weight_index", "names-itself", json.dumps({"weight_map": {"w": "model.safetensors.index.json"}}))
+    write("weight_index", "names-the-directory", json.dumps({"weight_map": {"w": "", "v": "."}}))
+    write("weight_index", "not-json", '{"weight_map": {"w": ')
+    write("weight_index", "invalid-utf8", b'{"weight_map": {"w": "\xff"}}')
+
+    # tokenizer_config: tokenizer_config.json beside a word-level tokenizer.json
+    chatml = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+              "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    write("tokenizer_config", "chatml", json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": chatml}))
+    write("tokenizer_config", "token-objects", json.dumps({"bos_token": {"content": "<s>", "lstrip": False},
+                                                           "eos_token": {"content": "</s>"}, "chat_template": "{{ bos_token }}{{ messages[0].content }}{{ eos_token }}"}))
+    write("tokenizer_config", "named-templates", json.dumps({"chat_template": [{"name": "tool_use", "template": "x"},
+                                                                              {"name": "default", "template": "{{ messages | length }}"}]}))
+    write("tokenizer_config", "raise-exception", json.dumps({"chat_template": "{% if messages[0]['role'] == 'user' %}{{ raise_exception('no users') }}{% endif %}"}))
+    write("tokenizer_config", "syntax-error", json.dumps({"chat_template": "{% for m in messages %}{{ m.content }"}))
+    write("tokenizer_config", "undefined-filter", json.dumps({"chat_template": "{{ messages | nosuchfilter }}"}))
+    write("tokenizer_config", "loops-and-json", json.dumps({"chat_template": "{% for i in range(3) %}{% for m in messages %}{{ m | tojson }}{{ loop.index }}{% endfor %}{% endfor %}"}))
+    write("tokenizer_config", "no-template", json.dumps({"model_max_length": 2048, "eos_token": 5}))
+    write("tokenizer_config", "not-object", "[]")
+    write("tokenizer_config", "not-json", '{"chat_template": ')
+    write("tokenizer_config", "invalid-utf8", b'{"chat_template": "\xff"}')
+
+    # cache_shard: two bytes (layers = 1 + b0 % 4, hidden = 1 + b1 % 16), then a cache shard for
+    # the model id `fuzz-model` (fuzz/harness.rs CACHE_MODEL_ID)
+    def cache(layers, hidden, n, dtype="F32", values=None, **meta):
+        keys = ",".join(hashlib.sha256(b"stimulus %d" % i).hexdigest() for i in range(n))
+        m = dict({"format": "resid-hidden-cache-v1", "model_id": "fuzz-model", "keys": keys, "layers": f"1..={layers}",
+                  "texts": json.dumps([f"stimulus {i}" for i in range(n)])}, **meta)
+        return bytes([layers - 1, hidden - 1]) + st([("hidden_states", [n, layers, hidden], values, dtype)], metadata=m)
+    write("cache_shard", "f32", cache(2, 4, 3))
+    write("cache_shard", "bf16-one-row", cache(1, 8, 1, dtype="BF16"))
+    write("cache_shard", "no-rows", cache(3, 2, 0))
+    write("cache_shard", "other-model", cache(2, 4, 1, model_id="0" * 64))
+    write("cache_shard", "other-format", cache(2, 4, 1, format="resid-hidden-cache-v0"))
+    write("cache_shard", "bad-key", cache(1, 2, 1, keys="zz" * 32))
+    write("cache_shard", "short-key", cache(1, 2, 1, keys="abc"))
+    write("cache_shard", "fewer-keys", cache(2, 4, 3, keys=hashlib.sha256(b"x").hexdigest()))
+    write("cache_shard", "nan", cache(1, 2, 1, values=[0.5, float("nan")]))
+    write("cache_shard", "inf-f16", cache(1, 2, 1, dtype="F16", values=[float("inf"), 1.0]))
+    write("cache_shard", "wrong-tensor", bytes([0, 1]) + st([("states", [1, 1, 2])], metadata={"format": "resid-hidden-cache-v1"}))
+    write("cache_shard", "truncated", cache(2, 4, 3)[:-9])
 
 
 if __name__ == "__main__":

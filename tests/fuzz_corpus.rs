@@ -45,3 +45,28 @@ fn jsonl_corpus() {
 fn vectors_corpus() {
     replay("vectors", harness::vectors);
 }
+
+#[test]
+fn manifest_corpus() {
+    replay("manifest", harness::manifest);
+}
+
+#[test]
+fn lang_similarity_corpus() {
+    replay("lang_similarity", harness::lang_similarity);
+}
+
+#[test]
+fn weight_index_corpus() {
+    replay("weight_index", harness::weight_index);
+}
+
+#[test]
+fn tokenizer_config_corpus() {
+    replay("tokenizer_config", harness::tokenizer_config);
+}
+
+#[test]
+fn cache_shard_corpus() {
+    replay("cache_shard", harness::cache_shard);
+}

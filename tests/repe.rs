@@ -470,10 +470,9 @@ fn study_end_to_end_on_a_tiny_model() {
 
     let control = report["control"]["rows"].as_array().unwrap();
     assert_eq!(control.len(), 2 * 3 * 3, "concepts × targets × coefficients");
-    let gens: Vec<serde_json::Value> =
-        std::fs::read_to_string(t.dir.join("out/control_generations.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(gens.len(), 2 * 3 * 3 * 2);
-    check_control_scores(&t, &report, &gens);
+    let gens = std::fs::read_to_string(t.dir.join("out/control_generations.jsonl")).unwrap();
+    assert_eq!(gens.lines().count(), 2 * 3 * 3 * 2);
+    check_control_scores(&t.dir.join("model"), &t.dir.join("out"));
     for f in ["recognition", "best_layers", "crosslingual", "cosine", "transfer", "control"] {
         let text = std::fs::read_to_string(t.dir.join(format!("out/tables/{f}.csv"))).unwrap();
         assert!(text.lines().count() > 1, "{f}.csv is empty");
@@ -525,8 +524,12 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 /// at the score layer, projected on the target's unit direction from its vector file; every
 /// row's shift is the mean score at its coefficient minus the mean at 0 over the same prompts;
 /// and steering moves the score somewhere.
-fn check_control_scores(t: &Tiny, report: &serde_json::Value, gens: &[serde_json::Value]) {
-    let engine = resid::CpuEngine::load(&t.dir.join("model")).unwrap();
+fn check_control_scores(model: &Path, out: &Path) {
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let gens: Vec<serde_json::Value> =
+        std::fs::read_to_string(out.join("control_generations.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let engine = resid::CpuEngine::load(model).unwrap();
+    let (layers, hidden) = (engine.num_layers(), engine.hidden_size());
     let tok = engine.model.tokenizer.as_ref().unwrap();
     let stops = resid::repe::control::stop_tokens(&engine);
     let rows = report["control"]["rows"].as_array().unwrap();
@@ -534,8 +537,8 @@ fn check_control_scores(t: &Tiny, report: &serde_json::Value, gens: &[serde_json
     for row in rows {
         let key = |r: &serde_json::Value| (r["concept"].clone(), r["source"].clone(), r["target"].clone());
         let layer = row["score_layer"].as_u64().unwrap() as usize;
-        let file = t.dir.join(format!("out/vectors/{}_{}.safetensors", row["concept"].as_str().unwrap(), row["target"].as_str().unwrap()));
-        let dir = resid::io::read_directions(&file, 3, 32).unwrap().data[layer * 32..(layer + 1) * 32].to_vec();
+        let file = out.join(format!("vectors/{}_{}.safetensors", row["concept"].as_str().unwrap(), row["target"].as_str().unwrap()));
+        let dir = resid::io::read_directions(&file, layers, hidden).unwrap().data[layer * hidden..(layer + 1) * hidden].to_vec();
         let norm = dir.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
         let mean_score = |coef: f64| {
             let mine: Vec<&serde_json::Value> = gens.iter().filter(|g| key(g) == key(row) && g["coef"].as_f64() == Some(coef)).collect();
@@ -609,6 +612,7 @@ fn study_end_to_end_on_a_tiny_model_of_every_family() {
         // the greedy tokens change; on a random model most, not all, non-zero coefficients do).
         let moved = rows.iter().filter(|r| r["coef"] != 0.0 && r["shift"].as_f64().unwrap().abs() > 1e-6).count();
         assert!(moved >= rows.len() / 3, "{family}: only {moved} steered rows moved: {rows:?}");
+        check_control_scores(&model, &out);
         let d = resid::io::read_directions(&out.join("vectors/morality_en.safetensors"), 2, spec.hidden).unwrap();
         assert!(d.data[spec.hidden..].iter().any(|&x| x != 0.0), "{family}: empty vectors");
     }

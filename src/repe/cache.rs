@@ -75,6 +75,36 @@ pub fn model_identity(model: &ModelDir, backend: &str) -> Result<String> {
     Ok(hex(&h.finalize()))
 }
 
+/// The rows of one cache shard: `keys[i]` owns `states[i * L * hidden..][..L * hidden]`.
+#[derive(Debug)]
+pub struct ShardRows {
+    pub keys: Vec<[u8; 32]>,
+    pub states: Vec<f32>,
+}
+
+/// Reads a cache shard's bytes (`file` names it in errors) for the model `model_id` with `layers`
+/// decoder blocks of `hidden`: a shard of another format, model or shape, with a malformed key
+/// or with NaN or Inf in its states, is an error (the caller skips it).
+pub fn read_shard(bytes: &[u8], file: &str, model_id: &str, layers: usize, hidden: usize) -> Result<ShardRows> {
+    let t = crate::io::f32_tensor_from_bytes(bytes, file, "hidden_states")?;
+    let meta = |k: &str| t.metadata.get(k).map(String::as_str).unwrap_or_default();
+    if meta("format") != FORMAT {
+        return Err(Error::input(format!("{file}: not a {FORMAT} shard")));
+    }
+    if meta("model_id") != model_id {
+        return Err(Error::input(format!("{file}: written for another model")));
+    }
+    let keys = meta("keys").split(',').filter(|s| !s.is_empty()).map(|k| unhex(k).ok_or_else(|| Error::input(format!("{file}: bad key `{k}`")))).collect::<Result<Vec<_>>>()?;
+    if t.shape != [keys.len(), layers, hidden] {
+        return Err(Error::input(format!("{file}: `hidden_states` has shape {:?}, expected [{}, {layers}, {hidden}]", t.shape, keys.len())));
+    }
+    // The states were finite when computed: anything else is corruption.
+    if t.data.iter().any(|v| !v.is_finite()) {
+        return Err(Error::input(format!("{file}: NaN or Inf in `hidden_states`")));
+    }
+    Ok(ShardRows { keys, states: t.data })
+}
+
 /// One stimulus to compute: the templated text and where it came from (for messages).
 #[derive(Debug, Clone)]
 pub struct Stimulus {
@@ -133,7 +163,7 @@ impl HiddenCache {
         shards.sort();
         for s in shards {
             if let Err(e) = self.load_shard(&s) {
-                eprintln!("warning: skipping cache shard {}: {e}", s.display());
+                eprintln!("warning: skipping cache shard: {e}");
             }
             self.loaded.insert(s);
         }
@@ -166,32 +196,14 @@ impl HiddenCache {
     }
 
     fn load_shard(&mut self, path: &Path) -> Result<()> {
-        let t = crate::io::read_f32_tensor(path, "hidden_states")?;
-        let meta = |k: &str| t.metadata.get(k).cloned().unwrap_or_default();
-        if meta("format") != FORMAT {
-            return Err(Error::input(format!("not a {FORMAT} shard")));
-        }
-        if meta("model_id") != self.model_id {
-            return Err(Error::input("written for another model".to_string()));
-        }
-        let keys: Vec<&str> = t.metadata.get("keys").map(|k| k.split(',').filter(|s| !s.is_empty()).collect()).unwrap_or_default();
-        if t.shape != [keys.len(), self.layers, self.hidden] {
-            return Err(Error::input(format!(
-                "`hidden_states` has shape {:?}, expected [{}, {}, {}]",
-                t.shape,
-                keys.len(),
-                self.layers,
-                self.hidden
-            )));
-        }
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let shard = read_shard(&bytes, &path.display().to_string(), &self.model_id, self.layers, self.hidden)?;
         let per = self.layers * self.hidden;
-        for (i, k) in keys.iter().enumerate() {
-            let key = unhex(k).ok_or_else(|| Error::input(format!("bad key `{k}`")))?;
-            if self.index.contains_key(&key) {
-                continue;
+        for (i, key) in shard.keys.into_iter().enumerate() {
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.index.entry(key) {
+                slot.insert(self.store.len() / per);
+                self.store.extend_from_slice(&shard.states[i * per..(i + 1) * per]);
             }
-            self.index.insert(key, self.store.len() / per);
-            self.store.extend_from_slice(&t.data[i * per..(i + 1) * per]);
         }
         Ok(())
     }
