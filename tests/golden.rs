@@ -79,7 +79,10 @@ fn compare_greedy(what: &str, ours: &[u32], hf: &[i64], margins: &[f32]) {
             continue;
         }
         // A missing token is never a tie.
-        let margin = if a.is_some() && b.is_some() { margins[step] } else { f32::INFINITY };
+        let margin = match (a, margins.get(step)) {
+            (Some(_), Some(&m)) => m,
+            _ => f32::INFINITY,
+        };
         assert!(
             margin < TIE_MARGIN,
             "{what}: greedy token {step} is {a:?}, HF has {b:?} (HF margin {margin:.2e}); ours {ours:?} ({} tokens) vs HF {hf:?} ({} tokens)",
