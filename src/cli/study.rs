@@ -95,7 +95,9 @@ pub struct RecognizeArgs {
 #[derive(Args)]
 pub struct ControlArgs {
     /// Concepts to steer (default: every concept of the study; `resid control`: required).
-    #[arg(long = "control-concepts")]
+    /// Its own id: under the field's name it would share the id of `resid study --concepts`, and
+    /// clap would fill both from either flag.
+    #[arg(long = "control-concepts", id = "control_concepts")]
     concepts: Option<String>,
     /// Source languages of the steering vectors.
     #[arg(long = "control-sources", default_value = "en")]
@@ -497,4 +499,29 @@ pub fn control(a: ControlOnlyArgs) -> Result<()> {
         eprintln!("control: {} rows; wrote {}/control.json, control.csv, control_generations.jsonl", report.rows.len(), a.out.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{Command, FromArgMatches};
+
+    /// Flattened argument groups must not share an argument id: clap would then fill both
+    /// fields from one flag (`resid study --control-concepts x` restricted the whole study to x).
+    /// clap only checks this with debug assertions, which release test builds lack.
+    #[test]
+    fn argument_ids_are_unique_and_control_concepts_stays_apart() {
+        for cmd in [StudyArgs::augment_args(Command::new("study")), ControlOnlyArgs::augment_args(Command::new("control"))] {
+            let mut ids: Vec<&str> = cmd.get_arguments().map(|a| a.get_id().as_str()).collect();
+            let n = ids.len();
+            ids.sort_unstable();
+            ids.dedup();
+            assert_eq!(ids.len(), n, "{}: duplicate argument ids", cmd.get_name());
+        }
+        let m = StudyArgs::augment_args(Command::new("study"))
+            .try_get_matches_from(["study", "--model", "m", "--data", "d", "--out", "o", "--control-concepts", "morality"])
+            .unwrap();
+        let a = StudyArgs::from_arg_matches(&m).unwrap();
+        assert_eq!((a.concepts.as_deref(), a.control.concepts.as_deref()), (None, Some("morality")));
+    }
 }
