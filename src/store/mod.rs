@@ -50,6 +50,11 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The first 12 characters of a digest for messages (a manifest may hold a shorter one).
+fn short(digest: &str) -> &str {
+    digest.get(..12).unwrap_or(digest)
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
@@ -114,7 +119,7 @@ impl Manifest {
     /// Explains why `self` (found on disk) cannot be continued by a run described by `new`.
     pub fn incompatibility(&self, new: &Manifest) -> Option<String> {
         if self.input_sha256 != new.input_sha256 {
-            return Some(format!("the input changed (sha256 {} on disk, {} now)", &self.input_sha256[..12], &new.input_sha256[..12]));
+            return Some(format!("the input changed (sha256 {} on disk, {} now)", short(&self.input_sha256), short(&new.input_sha256)));
         }
         if self.options != new.options {
             return Some(format!("the model or options differ (on disk: {}; now: {})", self.options, new.options));
@@ -166,7 +171,7 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
         }
         let sum = sha256_file(&path)?;
         if sum != s.sha256 {
-            return Err(Error::input(format!("{}: checksum mismatch (manifest {}, file {})", path.display(), &s.sha256[..12], &sum[..12])));
+            return Err(Error::input(format!("{}: checksum mismatch (manifest {}, file {})", path.display(), short(&s.sha256), short(&sum))));
         }
         next = s.end;
     }
