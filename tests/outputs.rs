@@ -9,36 +9,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{extract_setup as setup, ExtractSetup as Setup};
+
 fn resid() -> Command {
     Command::new(env!("CARGO_BIN_EXE_resid"))
 }
 
-struct Setup {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    model: String,
-    input: String,
+/// Runs `resid extract` into an output of the shared setup.
+trait Runs {
+    fn args(&self, out: &Path, extra: &[&str]) -> Vec<String>;
+    fn spawn(&self, out: &Path, extra: &[&str]) -> Child;
+    fn run(&self, out: &Path, extra: &[&str]) -> Output;
 }
 
-/// A tiny model and `sequences` inputs of 20–170 ids: long enough that a run can be caught
-/// in the middle.
-fn setup(sequences: usize) -> Setup {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().to_owned();
-    let spec = TinySpec { vocab: 97, hidden: 128, inter: 256, layers: 4, heads: 4, kv_heads: 2, bias: false, tie: true };
-    write_tiny(&root.join("model"), &spec);
-    let mut text = String::new();
-    for i in 0..sequences {
-        text.push_str(&serde_json::json!({ "ids": random_ids(20 + (i * 37) % 150, spec.vocab, i as u64) }).to_string());
-        text.push('\n');
-    }
-    std::fs::write(root.join("in.jsonl"), text).unwrap();
-    let model = root.join("model").display().to_string();
-    let input = root.join("in.jsonl").display().to_string();
-    Setup { _tmp: tmp, root, model, input }
-}
-
-impl Setup {
+impl Runs for Setup {
     fn args(&self, out: &Path, extra: &[&str]) -> Vec<String> {
         let mut a: Vec<String> = ["extract", "--model", &self.model, "--input", &self.input, "--out", &out.display().to_string(), "--quiet", "--shard-sequences", "64", "--position", "mean"]
             .map(String::from)

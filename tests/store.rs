@@ -10,30 +10,7 @@ fn resid() -> Command {
     Command::new(env!("CARGO_BIN_EXE_resid"))
 }
 
-struct Setup {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    model: String,
-    input: String,
-}
-
-fn setup(sequences: usize) -> Setup {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().to_owned();
-    // Big enough that an extraction takes long enough to be killed half-way.
-    let spec = TinySpec { vocab: 97, hidden: 128, inter: 256, layers: 4, heads: 4, kv_heads: 2, bias: false, tie: true };
-    write_tiny(&root.join("model"), &spec);
-    let mut text = String::new();
-    for i in 0..sequences {
-        let ids = random_ids(20 + (i * 37) % 150, spec.vocab, i as u64);
-        text.push_str(&serde_json::json!({ "ids": ids }).to_string());
-        text.push('\n');
-    }
-    std::fs::write(root.join("in.jsonl"), text).unwrap();
-    let model = root.join("model").display().to_string();
-    let input = root.join("in.jsonl").display().to_string();
-    Setup { _tmp: tmp, root, model, input }
-}
+use common::{extract_setup as setup, ExtractSetup as Setup};
 
 fn extract(s: &Setup, out: &Path, extra: &[&str]) -> std::process::Output {
     let out = out.display().to_string();

@@ -132,3 +132,28 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den.max(1e-30)).sqrt()
 }
+
+/// A scratch directory for extraction-output tests: a tiny model (hidden 128, 4 layers) big
+/// enough that a run can be caught half-way, and `in.jsonl` with `sequences` lines of 20–170 ids.
+pub struct ExtractSetup {
+    pub _tmp: tempfile::TempDir,
+    pub root: PathBuf,
+    pub model: String,
+    pub input: String,
+}
+
+pub fn extract_setup(sequences: usize) -> ExtractSetup {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_owned();
+    let spec = TinySpec { vocab: 97, hidden: 128, inter: 256, layers: 4, heads: 4, kv_heads: 2, bias: false, tie: true };
+    write_tiny(&root.join("model"), &spec);
+    let mut text = String::new();
+    for i in 0..sequences {
+        text.push_str(&serde_json::json!({ "ids": random_ids(20 + (i * 37) % 150, spec.vocab, i as u64) }).to_string());
+        text.push('\n');
+    }
+    std::fs::write(root.join("in.jsonl"), text).unwrap();
+    let model = root.join("model").display().to_string();
+    let input = root.join("in.jsonl").display().to_string();
+    ExtractSetup { _tmp: tmp, root, model, input }
+}
