@@ -338,3 +338,59 @@ pub fn cache_shard(data: &[u8]) {
         }
     }
 }
+
+/// `resid serve`'s request bodies: the first byte picks the route (completions, chat,
+/// hidden states), the rest is the body. Every body is either a request within the limits
+/// or a one-line OpenAI-shaped 4xx error.
+pub fn serve_request(data: &[u8]) {
+    use resid::server::api;
+    let [route, body @ ..] = data else { return };
+    let limits = api::Limits { num_layers: 4, hidden: 3, vocab: 100, max_n: 8, max_prompts: 4 };
+    let check_error = |e: &api::ApiError| {
+        assert!((400..500).contains(&e.status), "{e:?}");
+        assert!(!e.message.is_empty() && !e.message.contains('\n'), "{e:?}");
+        let body = e.body();
+        assert!(body["error"]["message"].is_string() && body["error"]["type"].is_string());
+    };
+    let check_steering = |entries: &[api::SteerEntry]| {
+        for s in entries {
+            assert!(s.coef.is_finite());
+            assert!(s.layers.iter().flatten().all(|&l| l <= limits.num_layers));
+            if let api::VectorSource::Directions(rows) = &s.source {
+                assert!(rows.len() == 1 || rows.len() == limits.num_layers + 1);
+                assert!(rows.iter().all(|r| r.len() == limits.hidden && r.iter().all(|v| v.is_finite())));
+            }
+        }
+    };
+    match route % 3 {
+        0 | 1 => {
+            let parsed = if route % 3 == 0 { api::parse_completion(body, &limits) } else { api::parse_chat(body, &limits) };
+            match parsed {
+                Ok(p) => {
+                    assert!(p.n >= 1 && p.n <= limits.max_n);
+                    assert!(p.temperature.is_finite() && (0.0..=2.0).contains(&p.temperature));
+                    assert!(p.top_p > 0.0 && p.top_p <= 1.0);
+                    assert!(p.probes.iter().all(|q| q.layer <= limits.num_layers));
+                    if let api::Input::Prompts(list) = &p.input {
+                        assert!(!list.is_empty() && list.len() <= limits.max_prompts);
+                        for item in list {
+                            if let api::PromptInput::Ids(ids) = item {
+                                assert!(!ids.is_empty() && ids.iter().all(|&t| (t as usize) < limits.vocab));
+                            }
+                        }
+                    }
+                    check_steering(&p.steering);
+                }
+                Err(e) => check_error(&e),
+            }
+        }
+        _ => match api::parse_hidden_states(body, &limits) {
+            Ok(h) => {
+                assert!(!h.points.is_empty());
+                assert!(h.points.iter().all(|p| !matches!(p, resid::CapturePoint::Hidden(l) if *l > limits.num_layers)));
+                check_steering(&h.steering);
+            }
+            Err(e) => check_error(&e),
+        },
+    }
+}

@@ -6,3 +6,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/fetch-model.sh smollm2-135m
 cargo test --release --all-targets "$@"
+# The Python tests: the official `openai` client against `resid serve` (built above), in a
+# private venv (scripts/.venv-test) with the pinned client and pytest from PyPI.
+VENV="$ROOT/scripts/.venv-test"
+if [ ! -x "$VENV/bin/pytest" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q -r "$ROOT/tests/openai/requirements.txt"
+fi
+RESID_BIN="$ROOT/target/release/resid" "$VENV/bin/python" -m pytest -q "$ROOT/tests/openai"

@@ -41,6 +41,29 @@ impl Error {
         Error::Io { path: path.into(), source }
     }
 
+    /// The same error again, for each of several requests that one failure ends (an I/O
+    /// error's source becomes its message).
+    pub fn replicate(&self) -> Self {
+        match self {
+            Error::Input(m) => Error::Input(m.clone()),
+            Error::Model(m) => Error::Model(m.clone()),
+            Error::Device(m) => Error::Device(m.clone()),
+            Error::Io { path, source } => Error::Io { path: path.clone(), source: std::io::Error::new(source.kind(), source.to_string()) },
+            Error::Locked { path, holder } => Error::Locked { path: path.clone(), holder: *holder },
+            Error::Interrupted { signal, what } => Error::Interrupted { signal: *signal, what: what.clone() },
+        }
+    }
+
+    /// The same error with `what: ` before its message (Input, Model and Device errors).
+    pub fn prefixed(self, what: &str) -> Self {
+        match self {
+            Error::Input(m) => Error::Input(format!("{what}: {m}")),
+            Error::Model(m) => Error::Model(format!("{what}: {m}")),
+            Error::Device(m) => Error::Device(format!("{what}: {m}")),
+            e => e,
+        }
+    }
+
     /// Process exit code for this error class (documented in README.md).
     pub fn exit_code(&self) -> i32 {
         match self {

@@ -19,6 +19,8 @@ pub mod interrupt;
 pub mod io;
 pub mod model;
 pub mod repe;
+pub mod sched;
+pub mod server;
 pub mod store;
 pub mod testing;
 

@@ -185,16 +185,16 @@ fn cached_decoding_matches_full_recomputation() {
 fn check_greedy_by_hand(e: &CpuEngine, prompt: &[u32], tokens: &[u32], prefill: Option<Arc<Steering>>, continuation: Option<Arc<Steering>>, what: &str) {
     use resid::backend::Backend;
     use resid::engine::plan::BatchPlan;
-    use resid::engine::Pass;
+    use resid::engine::{Pass, Phase};
     let (p, n) = (prompt.len(), tokens.len());
     let mut kv = e.backend.kv(e.num_layers(), p + n, e.kv_dim()).unwrap();
     let plan = BatchPlan::fresh(&[p]);
-    let pass = Pass { ids: prompt, plan: &plan, generated: false, steering: &[prefill], capture: None, logits_rows: &[p - 1] };
+    let pass = Pass { ids: prompt, plan: &plan, phase: Phase::Prompt, steering: &[prefill], capture: None, logits_rows: &[p - 1] };
     let logits = e.forward(&mut kv, pass).unwrap();
     assert_eq!(argmax(&logits), tokens[0], "{what}: first token");
     let plan = BatchPlan::new(&[n - 1], &[p], &[0]);
     let rows: Vec<usize> = (0..n - 1).collect();
-    let pass = Pass { ids: &tokens[..n - 1], plan: &plan, generated: true, steering: &[continuation], capture: None, logits_rows: &rows };
+    let pass = Pass { ids: &tokens[..n - 1], plan: &plan, phase: Phase::Generated, steering: &[continuation], capture: None, logits_rows: &rows };
     let logits = e.forward(&mut kv, pass).unwrap();
     let next: Vec<u32> = logits.chunks(e.model.config.vocab_size).map(argmax).collect();
     assert_eq!(next, tokens[1..], "{what}: tokens after the first");
@@ -289,4 +289,60 @@ fn sharded_checkpoint_with_index_matches_single_file() {
     std::fs::write(dir.join("model.safetensors.index.json"), r#"{"weight_map": {"x": "../evil.safetensors"}}"#).unwrap();
     let err = CpuEngine::load(&dir).err().unwrap().to_string();
     assert!(err.contains("plain file name"), "{err}");
+}
+
+/// The scheduler's chunked prefill, mixed prefill-and-decode passes, host sampling for
+/// log-probabilities and probe captures give each sequence exactly what it gets alone in
+/// unchunked passes: tokens, log-probabilities and probe values bit for bit, with every
+/// steering position mode in the mix.
+#[test]
+fn scheduler_chunks_and_mixes_without_changing_any_sequence() {
+    use resid::sched::{Collect, GenRequest, Probe, SchedConfig, Scheduler};
+    let (_t, e) = engine(&TinySpec::default());
+    let h = e.hidden_size();
+    let probe = Probe { layer: 2, direction: Arc::new((0..h).map(|i| (i % 5) as f32 - 2.0).collect()) };
+    let modes = [None, Some(SteerPositions::All), Some(SteerPositions::Prompt), Some(SteerPositions::Generated)];
+    let request = |k: usize| GenRequest {
+        prompt: random_ids(5 + 3 * k, 97, 40 + k as u64),
+        max_new_tokens: 6,
+        sampling: if k % 3 == 2 { Sampling::Sample { temperature: 0.8, top_k: 0, top_p: 0.9, seed: 9 } } else { Sampling::Greedy },
+        stream: k,
+        stop_tokens: vec![],
+        steering: modes[k % 4].map(|p| steering(&e, vec![1, 2], 6.0, SteerOp::Add, p)),
+        probes: vec![probe.clone()],
+        logprobs: (k % 2 == 1).then_some(3),
+        deadline: None,
+    };
+    let run = |reqs: Vec<GenRequest>, max_batch_tokens: usize, max_running: usize| {
+        let cfg = SchedConfig { max_batch_tokens, max_running, kv_slots: 4096, check_interrupt: false };
+        let mut s = Scheduler::new(&e, cfg).unwrap();
+        let outs: Vec<Collect> = reqs
+            .into_iter()
+            .map(|r| {
+                let c = Collect::default();
+                s.submit(r, Box::new(c.clone())).unwrap();
+                c
+            })
+            .collect();
+        let mut passes = 0;
+        while s.step().unwrap().is_some() {
+            passes += 1;
+        }
+        assert!(s.is_idle());
+        (outs.iter().map(|c| c.take().tokens).collect::<Vec<_>>(), passes)
+    };
+    let alone: Vec<_> = (0..8).map(|k| run(vec![request(k)], 1 << 12, 1).0.remove(0)).collect();
+    // Prefill in chunks of at most 3 rows beside the decode steps, then two at a time.
+    let (chunked, passes) = run((0..8).map(request).collect(), 3, 8);
+    assert!(passes > 8 * 6 / 3, "{passes} passes: the budget of 3 rows was not respected");
+    assert_eq!(chunked, alone, "chunked and mixed passes changed a sequence");
+    let (pairs, _) = run((0..8).map(request).collect(), 64, 2);
+    assert_eq!(pairs, alone);
+    for (k, toks) in alone.iter().enumerate() {
+        assert_eq!(toks.len(), 6);
+        assert!(toks.iter().all(|t| t.probes.len() == 1 && t.probes[0].is_finite()));
+        assert_eq!(toks[0].logprob.is_some(), k % 2 == 1);
+    }
+    // Steered requests differ from the unsteered one of the same prompt length class.
+    assert_ne!(alone[1].iter().map(|t| t.probes[0]).collect::<Vec<_>>(), run(vec![GenRequest { steering: None, ..request(1) }], 4096, 1).0[0].iter().map(|t| t.probes[0]).collect::<Vec<_>>());
 }

@@ -70,3 +70,8 @@ fn tokenizer_config_corpus() {
 fn cache_shard_corpus() {
     replay("cache_shard", harness::cache_shard);
 }
+
+#[test]
+fn serve_request_corpus() {
+    replay("serve_request", harness::serve_request);
+}

@@ -127,6 +127,10 @@ pub trait Backend: Send + Sync {
     fn act_from(&self, data: &[f32], rows: usize, cols: usize, kind: ActKind) -> Result<Self::Act>;
     /// `stored_layers` may be 1 when no pass reuses the cache (extraction): layers then share it.
     fn kv(&self, stored_layers: usize, slots: usize, kv_dim: usize) -> Result<Self::Kv>;
+    /// Bytes of one cached key or value element (for KV budgets).
+    fn kv_value_bytes(&self) -> usize {
+        4
+    }
     fn to_host(&self, a: &Self::Act) -> Result<Vec<f32>>;
 
     /// `steering[l]` is the plan of hidden-state index l for the whole pass (empty when nothing

@@ -22,7 +22,7 @@ use resid::backend::{ActKind, Backend};
 use resid::engine::capture::{CapturePoint, CapturePosition, CaptureSink, CaptureSpec, Captured};
 use resid::engine::plan::BatchPlan;
 use resid::engine::sample::SampleParams;
-use resid::engine::Pass;
+use resid::engine::{Pass, Phase};
 use resid::model::weights::MatrixSource;
 use resid::{Engine, SteerOp, SteerPositions, Steering};
 use serde_json::{json, Value};
@@ -463,7 +463,7 @@ impl<B: Backend> Decoder<B> {
         let ids: Vec<u32> = prompts.iter().flatten().copied().collect();
         let steering = vec![steering; prompts.len()];
         let greedy = vec![SampleParams::GREEDY; prompts.len()];
-        let pass = Pass { ids: &ids, plan: &plan, generated: false, steering: &steering, capture: None, logits_rows: &plan.last_rows() };
+        let pass = Pass { ids: &ids, plan: &plan, phase: Phase::Prompt, steering: &steering, capture: None, logits_rows: &plan.last_rows() };
         let next = e.forward_sample(&mut kv, pass, &greedy)?;
         Ok(Decoder { kv, lens, starts, next, steering })
     }
@@ -480,7 +480,7 @@ impl<B: Backend> Decoder<B> {
         let greedy = vec![SampleParams::GREEDY; n];
         let next = e.forward_sample(
             &mut self.kv,
-            Pass { ids: &self.next, plan: &plan, generated: true, steering: &self.steering, capture: sink, logits_rows: &plan.last_rows() },
+            Pass { ids: &self.next, plan: &plan, phase: Phase::Generated, steering: &self.steering, capture: sink, logits_rows: &plan.last_rows() },
             &greedy,
         )?;
         let secs = t.elapsed().as_secs_f64();
@@ -587,7 +587,7 @@ fn steer<B: Backend>(e: &Engine<B>, a: &BenchArgs) -> Result<Value> {
         let capture = (variant == 2).then(|| CaptureSink { spec: &spec, out, seq_row: (0..batch).collect() });
         let steering = if variant == 1 { &steered } else { &none };
         let t = Instant::now();
-        e.forward(kv, Pass { ids: &ids, plan: &plan, generated: false, steering, capture, logits_rows: &[] })?;
+        e.forward(kv, Pass { ids: &ids, plan: &plan, phase: Phase::Prompt, steering, capture, logits_rows: &[] })?;
         e.backend.synchronize()?;
         Ok(t.elapsed().as_secs_f64())
     };

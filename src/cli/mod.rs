@@ -52,6 +52,56 @@ enum Command {
     Study(study::StudyArgs),
     /// The cross-lingual control (steering) experiment on its own.
     Control(study::ControlOnlyArgs),
+    /// An OpenAI-compatible HTTP server with per-request steering, probes and extraction.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to bind (loopback unless told otherwise).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to bind (0: any free port; the bound address is printed on stderr).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on every route but /health (default: $RESID_API_KEY).
+    #[arg(long, env = "RESID_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Load every .safetensors and .gguf vector file of DIR at start, named by its file stem.
+    #[arg(long)]
+    vectors: Option<PathBuf>,
+    /// Rows (tokens) of one forward pass: decode steps, prefill chunks and extraction inputs.
+    #[arg(long, default_value_t = 2048)]
+    max_batch_tokens: usize,
+    /// Sequences generating at once.
+    #[arg(long, default_value_t = 64)]
+    max_running: usize,
+    /// Requests waiting for admission beyond which the answer is 429.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Memory for the KV cache, which bounds the tokens of all running sequences together.
+    #[arg(long, default_value_t = 1024)]
+    kv_budget_mib: usize,
+    /// The model's name in the API (default: the model directory's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Largest request body in MiB (413 beyond).
+    #[arg(long, default_value_t = 32)]
+    max_body_mib: usize,
+    /// Largest `n` (choices per prompt).
+    #[arg(long, default_value_t = 16)]
+    max_n: usize,
+    /// Seconds a request may take at most (504 beyond); a request's `timeout` may ask for less.
+    #[arg(long, default_value_t = 600.0)]
+    request_timeout: f64,
+    /// Seconds a client has to send its request headers, and then its body.
+    #[arg(long, default_value_t = 30.0)]
+    client_timeout: f64,
+    /// Seconds SIGTERM waits for running requests before stopping them.
+    #[arg(long, default_value_t = 30.0)]
+    drain_timeout: f64,
 }
 
 #[derive(Args)]
@@ -213,9 +263,12 @@ pub fn run() -> i32 {
             return 1;
         }
     }
-    if let Err(e) = resid::interrupt::install_handlers() {
-        eprintln!("error: {e}");
-        return 1;
+    // The server drains on SIGTERM itself; every other command stops between batches.
+    if !matches!(cli.command, Command::Serve(_)) {
+        if let Err(e) = resid::interrupt::install_handlers() {
+            eprintln!("error: {e}");
+            return 1;
+        }
     }
     let result = match cli.command {
         Command::Info(a) => info(a),
@@ -229,6 +282,7 @@ pub fn run() -> i32 {
         Command::Recognize(a) => study::recognize(a),
         Command::Study(a) => study::study(a),
         Command::Control(a) => study::control(a),
+        Command::Serve(a) => serve(a),
     };
     match result {
         Ok(()) => 0,
@@ -570,5 +624,39 @@ fn generate_on<B: Backend>(engine: &Engine<B>, a: &GenerateArgs, sampling: Sampl
             println!("{text}");
         }
     }
+    Ok(())
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    for (flag, v) in [("--request-timeout", a.request_timeout), ("--client-timeout", a.client_timeout), ("--drain-timeout", a.drain_timeout)] {
+        if !(v.is_finite() && v > 0.0 && v <= 1e6) {
+            bail!(resid::Error::input(format!("{flag} {v}: must be a positive number of seconds")));
+        }
+    }
+    let name = match &a.served_model_name {
+        Some(n) => n.clone(),
+        None => a.model.model.file_name().map_or_else(|| a.model.model.display().to_string(), |n| n.to_string_lossy().into_owned()),
+    };
+    let mut cfg = resid::server::ServeConfig::new(name);
+    cfg.host = a.host.clone();
+    cfg.port = a.port;
+    cfg.api_key = a.api_key.clone().filter(|k| !k.is_empty());
+    cfg.vectors_dir = a.vectors.clone();
+    cfg.max_batch_tokens = a.max_batch_tokens;
+    cfg.max_running = a.max_running;
+    cfg.max_queue = a.max_queue;
+    cfg.kv_budget_mib = a.kv_budget_mib;
+    cfg.max_body_bytes = a.max_body_mib.saturating_mul(1 << 20);
+    cfg.max_n = a.max_n;
+    cfg.request_timeout = a.request_timeout;
+    cfg.client_timeout = a.client_timeout;
+    cfg.drain_timeout = a.drain_timeout;
+    let served = cfg.served_model_name.clone();
+    cfg.on_ready = Some(Box::new(move |addr| eprintln!("resid serve: `{served}` listening on http://{addr}")));
+    match load(&a.model)? {
+        AnyEngine::Cpu(e) => resid::server::serve(e, cfg)?,
+        AnyEngine::Cuda(e) => resid::server::serve(*e, cfg)?,
+    }
+    eprintln!("resid serve: stopped");
     Ok(())
 }

@@ -11,7 +11,7 @@ use resid::backend::Backend;
 use resid::engine::capture::CaptureSink;
 use resid::engine::plan::BatchPlan;
 use resid::engine::sample::{argmax, sample_row, SampleParams};
-use resid::engine::Pass;
+use resid::engine::{Pass, Phase};
 use resid::repe::linalg::dot;
 use resid::testing::{pseudo_random, RandomLlama, TestArch};
 use resid::{CapturePoint, CapturePosition, CaptureSpec, Captured, CpuBackend, Engine, GenerateOptions, Sampling, SteerOp, SteerPositions, Steering};
@@ -181,7 +181,7 @@ fn decode_capture<B: Backend>(
     let mut kv = e.backend.kv(e.num_layers(), slots, e.kv_dim())?;
     let plan = BatchPlan::new(&lens, &vec![0; n], &starts);
     let ids: Vec<u32> = prompts.iter().flatten().copied().collect();
-    e.forward(&mut kv, Pass { ids: &ids, plan: &plan, generated: false, steering, capture: None, logits_rows: &plan.last_rows() })?;
+    e.forward(&mut kv, Pass { ids: &ids, plan: &plan, phase: Phase::Prompt, steering, capture: None, logits_rows: &plan.last_rows() })?;
     let step = BatchPlan::new(&vec![1; n], &lens, &starts);
     let offsets = if spec.position == CapturePosition::All { (0..=n).collect() } else { Vec::new() };
     let mut out = Captured::new(n, spec.points.len(), e.hidden_size(), offsets);
@@ -191,7 +191,7 @@ fn decode_capture<B: Backend>(
         Pass {
             ids: next,
             plan: &step,
-            generated: true,
+            phase: Phase::Generated,
             steering,
             capture: Some(CaptureSink { spec, out: &mut out, seq_row }),
             logits_rows: &step.last_rows(),
@@ -206,7 +206,7 @@ fn cpu_next_logits(cpu: &Engine<CpuBackend>, seq: &[u32], steering: &Option<Arc<
     let plan = BatchPlan::fresh(&[seq.len()]);
     let mut kv = cpu.backend.kv(1, seq.len(), cpu.kv_dim())?;
     let steer = [steering.clone()];
-    Ok(cpu.forward(&mut kv, Pass { ids: seq, plan: &plan, generated: false, steering: &steer, capture: None, logits_rows: &[seq.len() - 1] })?)
+    Ok(cpu.forward(&mut kv, Pass { ids: seq, plan: &plan, phase: Phase::Prompt, steering: &steer, capture: None, logits_rows: &[seq.len() - 1] })?)
 }
 
 /// A sign-aware step whose residual is this close to orthogonal to its direction on the CPU,
@@ -473,7 +473,7 @@ fn check_sampling<B: Backend>(name: &str, spec: &RandomLlama, dev: &Engine<B>, f
     let flat: Vec<u32> = prompts.iter().flatten().copied().collect();
     let mut kv = dev.backend.kv(1, plan.rows(), dev.kv_dim())?;
     let none = vec![None; prompts.len()];
-    let pass = Pass { ids: &flat, plan: &plan, generated: false, steering: &none, capture: None, logits_rows: &plan.last_rows() };
+    let pass = Pass { ids: &flat, plan: &plan, phase: Phase::Prompt, steering: &none, capture: None, logits_rows: &plan.last_rows() };
     let Some(logits) = dev.forward_on_backend(&mut kv, pass)? else { bail!("no logits for the sampling check") };
     let host = dev.backend.to_host(&logits)?;
     let rows: Vec<&[f32]> = host.chunks(spec.vocab).collect();

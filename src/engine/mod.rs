@@ -33,13 +33,35 @@ pub struct Engine<B: Backend> {
 pub struct Pass<'a, 'b> {
     pub ids: &'a [u32],
     pub plan: &'a BatchPlan,
-    /// Whether the rows are generated tokens (decode) rather than prompt tokens.
-    pub generated: bool,
+    /// Whether each sequence's rows are generated tokens (decode) or prompt tokens (prefill):
+    /// steering limited to prompt or generated positions reads it.
+    pub phase: Phase<'a>,
     /// Steering per sequence of the batch.
     pub steering: &'a [Option<Arc<Steering>>],
     pub capture: Option<CaptureSink<'b>>,
     /// Rows that need logits (none for extraction: the LM head is never computed).
     pub logits_rows: &'a [usize],
+}
+
+/// Which tokens a pass's rows are, per sequence.
+#[derive(Debug, Clone, Copy)]
+pub enum Phase<'a> {
+    /// Every row is a prompt token (prefill, extraction, scoring).
+    Prompt,
+    /// Every row is a generated token fed back (a decode step).
+    Generated,
+    /// `generated[i]` for sequence i: the scheduler's passes mix prefill chunks and decode steps.
+    PerSequence(&'a [bool]),
+}
+
+impl Phase<'_> {
+    pub fn generated(&self, seq: usize) -> bool {
+        match self {
+            Phase::Prompt => false,
+            Phase::Generated => true,
+            Phase::PerSequence(g) => g.get(seq).copied().unwrap_or(false),
+        }
+    }
 }
 
 /// Default token budget of one extraction batch.
@@ -146,7 +168,7 @@ impl<B: Backend> Engine<B> {
         };
         let layout = spec.map(|s| CaptureLayout { slots: s.points.len(), position: s.position });
         // Every point's steering is planned before the pass, so a device backend uploads it once.
-        let steering = plan_pass(last_point, pass.steering, &plan.row_seq, pass.generated);
+        let steering = plan_pass(last_point, pass.steering, &plan.row_seq, pass.phase);
         let mut state = be.begin_pass(plan, &self.inv_freq, layout, &steering, h)?;
         be.mark("begin pass (between passes, tables)");
 
@@ -297,7 +319,7 @@ impl<B: Backend> Engine<B> {
                 Pass {
                     ids: &ids,
                     plan: &plan,
-                    generated: false,
+                    phase: Phase::Prompt,
                     steering: &steering[start..end],
                     capture: Some(CaptureSink { spec, out: &mut out, seq_row }),
                     logits_rows: &[],
@@ -321,7 +343,7 @@ impl<B: Backend> Engine<B> {
         let none = vec![None; seqs.len()];
         let logits = self.forward(
             &mut kv,
-            Pass { ids: &ids, plan: &plan, generated: false, steering: &none, capture: None, logits_rows: &plan.last_rows() },
+            Pass { ids: &ids, plan: &plan, phase: Phase::Prompt, steering: &none, capture: None, logits_rows: &plan.last_rows() },
         )?;
         Ok(logits.chunks(self.model.config.vocab_size).map(<[f32]>::to_vec).collect())
     }

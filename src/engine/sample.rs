@@ -113,6 +113,12 @@ impl Sampler {
         Sampler { mode, rng: StdRng::seed_from_u64(seed ^ (sequence as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) }
     }
 
+    /// Whether this sampler needs the logits on the host (top-k), where
+    /// [`Sampler::device_params`] would return None.
+    pub fn needs_host(&self) -> bool {
+        matches!(self.mode, Sampling::Sample { temperature, top_k, .. } if temperature > 0.0 && top_k > 0)
+    }
+
     /// This step's parameters for sampling on the backend, or None when the mode needs the
     /// host (top-k). Draws the step's uniform number, exactly as [`Sampler::next`] does.
     pub fn device_params(&mut self) -> Option<SampleParams> {

@@ -3,7 +3,7 @@
 use super::capture::{CaptureSink, CapturePosition, CaptureSpec, Captured};
 use super::plan::BatchPlan;
 use super::steer::Steering;
-use super::{Engine, Pass};
+use super::{Engine, Pass, Phase};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use std::sync::Arc;
@@ -126,7 +126,7 @@ impl<B: Backend> Engine<B> {
                     Pass {
                         ids: &ids,
                         plan: &plan,
-                        generated: false,
+                        phase: Phase::Prompt,
                         steering: &steering[start..end],
                         capture: sink,
                         logits_rows: &logit_rows,

@@ -1,4 +1,5 @@
 //! Writing the residual stream: steering vectors, operators, and the per-point plan a kernel reads.
+use super::Phase;
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
@@ -142,13 +143,13 @@ pub struct SlotSteer<'a> {
 
 /// Builds the plan for hidden-state index `layer`, or None when nothing steers there (the
 /// kernel then skips steering entirely: no cost when steering is off).
-/// `seq_steering[i]` is sequence i's intervention; `generated` says whether this pass's rows
+/// `seq_steering[i]` is sequence i's intervention; `phase` says whether each sequence's rows
 /// are generated tokens (decode) or prompt tokens (prefill).
 pub fn plan_point<'a>(
     layer: usize,
     seq_steering: &'a [Option<Arc<Steering>>],
     row_seq: &[u32],
-    generated: bool,
+    phase: Phase,
 ) -> Option<PointSteering<'a>> {
     let mut slots: Vec<SlotSteer<'a>> = Vec::new();
     let mut seq_slot = vec![-1i32; seq_steering.len()];
@@ -156,7 +157,7 @@ pub fn plan_point<'a>(
     let mut slot_of: std::collections::HashMap<*const Steering, i32> = std::collections::HashMap::new();
     for (i, s) in seq_steering.iter().enumerate() {
         let Some(s) = s else { continue };
-        if !s.layers.contains(&layer) || !s.positions.applies(generated) {
+        if !s.layers.contains(&layer) || !s.positions.applies(phase.generated(i)) {
             continue;
         }
         if let Some(&k) = slot_of.get(&Arc::as_ptr(s)) {
@@ -186,12 +187,12 @@ pub fn plan_pass<'a>(
     last: usize,
     seq_steering: &'a [Option<Arc<Steering>>],
     row_seq: &[u32],
-    generated: bool,
+    phase: Phase,
 ) -> Vec<Option<PointSteering<'a>>> {
     if seq_steering.iter().all(Option::is_none) {
         return Vec::new();
     }
-    (0..=last).map(|l| plan_point(l, seq_steering, row_seq, generated)).collect()
+    (0..=last).map(|l| plan_point(l, seq_steering, row_seq, phase)).collect()
 }
 
 /// Parses layer lists such as `0,5,10-20`.
@@ -262,12 +263,12 @@ mod tests {
         };
         let seqs = vec![s(vec![1], SteerPositions::All), None, s(vec![1, 2], SteerPositions::Generated)];
         let rows = [0u32, 0, 1, 2];
-        let p = plan_point(1, &seqs, &rows, false).unwrap();
+        let p = plan_point(1, &seqs, &rows, Phase::Prompt).unwrap();
         assert_eq!(p.row_slot, vec![0, 0, -1, -1]);
-        let p = plan_point(1, &seqs, &rows, true).unwrap();
+        let p = plan_point(1, &seqs, &rows, Phase::Generated).unwrap();
         assert_eq!(p.row_slot, vec![0, 0, -1, 1]);
-        assert!(plan_point(2, &seqs, &rows, false).is_none());
-        assert!(plan_point(0, &seqs, &rows, true).is_none());
+        assert!(plan_point(2, &seqs, &rows, Phase::Prompt).is_none());
+        assert!(plan_point(0, &seqs, &rows, Phase::Generated).is_none());
         // Each slot names its directions table and the row's offset in it.
         assert_eq!(p.index, 1);
         let (table, offset) = p.slots[1].table.unwrap();
@@ -275,16 +276,21 @@ mod tests {
         assert_eq!(offset, 2);
         assert_eq!(&table[offset..offset + 2], p.slots[1].vector);
 
-        let pass = plan_pass(2, &seqs, &rows, true);
+        let pass = plan_pass(2, &seqs, &rows, Phase::Generated);
         assert_eq!(pass.len(), 3);
         assert!(pass[0].is_none() && pass[1].is_some() && pass[2].is_some());
         assert_eq!(pass[2].as_ref().unwrap().index, 2);
-        assert!(plan_pass(2, &[None, None], &[0, 1], false).is_empty());
+        assert!(plan_pass(2, &[None, None], &[0, 1], Phase::Prompt).is_empty());
+        // A mixed pass: sequence 2 decodes while 0 is still in its prompt.
+        let p = plan_point(1, &seqs, &rows, Phase::PerSequence(&[false, false, true])).unwrap();
+        assert_eq!(p.row_slot, vec![0, 0, -1, 1]);
+        let p = plan_point(1, &seqs, &rows, Phase::PerSequence(&[true, false, false])).unwrap();
+        assert_eq!(p.row_slot, vec![0, 0, -1, -1]);
 
         // Sequences sharing one Arc share one slot; an equal but distinct Arc gets its own.
         let shared = s(vec![1], SteerPositions::All);
         let seqs = vec![shared.clone(), None, shared.clone(), s(vec![1], SteerPositions::All)];
-        let p = plan_point(1, &seqs, &[0, 1, 2, 3], false).unwrap();
+        let p = plan_point(1, &seqs, &[0, 1, 2, 3], Phase::Prompt).unwrap();
         assert_eq!(p.row_slot, vec![0, -1, 0, 1]);
         assert_eq!(p.slots.len(), 2);
     }

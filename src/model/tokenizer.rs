@@ -79,6 +79,12 @@ impl TextTokenizer {
 
     /// Renders a one-turn user conversation with the model's own chat template.
     pub fn render_chat(&self, user_message: &str) -> Result<String> {
+        self.render_messages(&[("user", user_message)])
+    }
+
+    /// Renders a conversation of `(role, content)` turns with the model's own chat template,
+    /// ending with the prompt for the assistant's turn.
+    pub fn render_messages(&self, messages: &[(&str, &str)]) -> Result<String> {
         let template = self
             .chat_template
             .as_deref()
@@ -90,8 +96,10 @@ impl TextTokenizer {
         env.add_template("chat", template)
             .map_err(|e| Error::model(format!("tokenizer_config.json: chat_template does not parse: {e}")))?;
         let tmpl = env.get_template("chat").map_err(|e| Error::model(e.to_string()))?;
+        let messages: Vec<minijinja::Value> =
+            messages.iter().map(|(role, content)| minijinja::context! { role => *role, content => *content }).collect();
         tmpl.render(minijinja::context! {
-            messages => vec![minijinja::context!{ role => "user", content => user_message }],
+            messages => messages,
             add_generation_prompt => true,
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),

@@ -166,7 +166,12 @@ impl<'a> Reader<'a> {
 /// (`direction.k` → row k + 1; rows without a tensor are zero).
 pub fn read_control_vector(path: &Path, num_layers: usize, hidden: usize) -> Result<LoadedTensor> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let mut r = Reader { bytes: &bytes, pos: 0, path };
+    parse_control_vector(&bytes, path, num_layers, hidden)
+}
+
+/// As [`read_control_vector`] on a file's bytes (an upload); `path` only names it in errors.
+pub fn parse_control_vector(bytes: &[u8], path: &Path, num_layers: usize, hidden: usize) -> Result<LoadedTensor> {
+    let mut r = Reader { bytes, pos: 0, path };
     if r.take(4)? != b"GGUF" {
         return Err(Error::input(format!("{}: not a GGUF file (bad magic)", path.display())));
     }

@@ -574,6 +574,10 @@ impl Backend for CudaBackend {
         Ok(CudaAct { buf, rows, cols })
     }
 
+    fn kv_value_bytes(&self) -> usize {
+        2
+    }
+
     fn kv(&self, stored_layers: usize, slots: usize, kv_dim: usize) -> Result<CudaKv> {
         let n = stored_layers.max(1);
         let mut k = Vec::with_capacity(n);

@@ -309,7 +309,7 @@ mod tests {
         };
         let seqs = vec![s(100.0, SteerOp::Add, false), None, s(200.0, SteerOp::SignAware, true)];
         let plan = BatchPlan::fresh(&[2, 1, 1]);
-        let mut points = plan_pass(2, &seqs, &plan.row_seq, false);
+        let mut points = plan_pass(2, &seqs, &plan.row_seq, crate::engine::Phase::Prompt);
         // A slot with no shared table (a bench's ad-hoc vector) travels inline.
         let ad_hoc = [9.0f32; 4];
         points[2].as_mut().unwrap().slots[0] =

@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""Serving benchmark: aggregate generated tokens/s, time to first token and inter-token latency
+at several concurrencies, steered and unsteered, against any OpenAI-compatible server
+(`resid serve`, llama.cpp's `llama-server`). Standard library only.
+
+    python3 scripts/bench-serve.py --url http://127.0.0.1:8000 [--concurrency 1,4,16,64]
+        [--max-tokens 64] [--requests-per-client 2] [--steering JSON] [--label NAME] [--json OUT]
+
+Each client sends its requests one after another, streaming (`stream: true`, greedy,
+`ignore_eos`), and times every chunk: TTFT is from sending a request to its first token, ITL
+the gaps between tokens of one request. Aggregate tokens/s = all generated tokens / wall time
+of the whole level. `--steering` is sent as the request's `steering` field (resid); a server
+steered globally (llama.cpp's --control-vector) is run without it and labelled by --label.
+"""
+import argparse
+import http.client
+import json
+import statistics
+import sys
+import threading
+import time
+import urllib.parse
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who",
+    "Explain why honesty matters in friendship:",
+    "The history of the printing press began when",
+    "List the steps to bake bread at home:",
+    "A letter to a friend about moving to a new city:",
+    "The most surprising fact about octopuses is",
+    "In a small village by the sea, there lived",
+    "Describe the water cycle to a ten-year-old:",
+]
+
+
+def one_request(url, body):
+    """Streams one completion; returns (ttft, [gaps], tokens)."""
+    u = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
+    sent = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+    times = []
+    buf = b""
+    while True:
+        chunk = resp.read1(65536) if hasattr(resp, "read1") else resp.read(1)
+        if not chunk:
+            break
+        buf += chunk
+        while b"\n\n" in buf:
+            event, buf = buf.split(b"\n\n", 1)
+            for line in event.split(b"\n"):
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    continue
+                d = json.loads(data)
+                ch = (d.get("choices") or [{}])[0]
+                # One token per chunk: resid sends token_ids; llama.cpp one chunk per token.
+                n = len(ch.get("token_ids") or []) or (1 if ch.get("text") or ch.get("content") else 0)
+                if "content" in d and "choices" not in d:  # llama.cpp's native stream
+                    n = 1 if d.get("content") else 0
+                now = time.perf_counter()
+                times.extend([now] * n)
+    conn.close()
+    if not times:
+        return None, [], 0
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return times[0] - sent, gaps, len(times)
+
+
+def level(url, concurrency, per_client, max_tokens, steering, model):
+    ttfts, gaps, tokens, errors = [], [], [0], []
+    lock = threading.Lock()
+
+    def client(k):
+        for j in range(per_client):
+            body = {"model": model, "prompt": PROMPTS[(k + j) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0,
+                    "stream": True, "ignore_eos": True}
+            if steering is not None:
+                body["steering"] = steering
+            try:
+                t, g, n = one_request(url, body)
+            except Exception as e:  # noqa: BLE001 - reported below
+                with lock:
+                    errors.append(str(e))
+                continue
+            with lock:
+                if t is not None:
+                    ttfts.append(t)
+                gaps.extend(g)
+                tokens[0] += n
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    q = lambda xs, p: statistics.quantiles(xs, n=100, method="inclusive")[p - 1] if len(xs) >= 2 else (xs[0] if xs else float("nan"))
+    return {
+        "concurrency": concurrency, "requests": concurrency * per_client, "errors": len(errors), "tokens": tokens[0],
+        "seconds": wall, "tokens_per_s": tokens[0] / wall,
+        "ttft_p50_ms": 1e3 * q(ttfts, 50), "ttft_p99_ms": 1e3 * q(ttfts, 99),
+        "itl_p50_ms": 1e3 * q(gaps, 50), "itl_p99_ms": 1e3 * q(gaps, 99),
+        "first_error": errors[0] if errors else None,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--model", default="")
+    ap.add_argument("--concurrency", default="1,4,16,64")
+    ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--steering", help="JSON for the request's steering field")
+    ap.add_argument("--label", default="")
+    ap.add_argument("--json", help="append the results as JSON lines here")
+    a = ap.parse_args()
+    steering = json.loads(a.steering) if a.steering else None
+    # Warm-up: one request, not counted.
+    level(a.url, 1, 1, 8, steering, a.model)
+    print(f"| server | concurrency | requests | tokens/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) |")
+    print("|---|---|---|---|---|---|")
+    for c in [int(x) for x in a.concurrency.split(",")]:
+        r = level(a.url, c, a.requests_per_client, a.max_tokens, steering, a.model)
+        r["label"] = a.label
+        print(f"| {a.label} | {c} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
+              f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |" + (f" {r['errors']} errors: {r['first_error']}" if r["errors"] else ""),
+              flush=True)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps(r) + "\n")
+        if r["errors"]:
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
