@@ -31,7 +31,9 @@ class), smollm2-135m (the real model in models/smollm2-135m, produced by
 scripts/fetch-model.sh smollm2-135m; skipped with a warning if it is missing), and recognition-smollm2 (mean-diff
 recognition accuracy per layer computed here with numpy from SmolLM2's HF hidden states on data/values, 7 concepts x
 en/fr: tests/fixtures/golden/recognition-smollm2.json plus the train/test JSONL split it drew, under
-tests/fixtures/golden/recognition-smollm2/).
+tests/fixtures/golden/recognition-smollm2/), and study-smollm2 (the study's aggregate numbers for 2 concepts x 4
+languages, mean-diff and PCA, with the control sweep, computed here from the README's definitions:
+tests/fixtures/golden/study-smollm2.json plus the best-layer vector rows in study-smollm2.vectors.safetensors).
 The bf16 / f16 models are always *computed* in float32 (f32 compute on rounded weights).  The non-Llama tiny models'
 JSON also has "family", "architecture" and "semantics" (notes on the HF behaviour the Rust side must match; for BLOOM
 checked against an independent float64 re-implementation at generation time).

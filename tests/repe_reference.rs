@@ -155,17 +155,16 @@ fn check_method(c: &Value, refm: &Value, method: &str, k: usize, n_test: &[usize
     }
     // Consistency: cosines per layer (upper triangle), their mean over layers, off-diagonal mean.
     let cos: Vec<Vec<Vec<f64>>> = c["cosine_by_layer"].as_array().unwrap().iter().map(matrix).collect();
-    for (l, upper) in refm["cosine_by_layer_upper"].as_array().unwrap().iter().enumerate() {
+    assert_eq!(cos.len(), refm["cosine_by_layer_upper"].as_array().unwrap().len(), "{concept} {method}: cosine layers");
+    let upper_pairs: Vec<(usize, usize)> = (0..k).flat_map(|a| (a + 1..k).map(move |b| (a, b))).collect();
+    for (l, (m, upper)) in cos.iter().zip(refm["cosine_by_layer_upper"].as_array().unwrap()).enumerate() {
         let upper = nums(upper);
-        let mut i = 0;
-        for a in 0..k {
-            for b in a + 1..k {
-                let d = (cos[l][a][b] - upper[i]).abs();
-                worst.see("cosine per layer", d);
-                assert!(d <= COS_TOL, "{concept} {method} cosine layer {} {a}/{b}: resid {} vs reference {}", l + 1, cos[l][a][b], upper[i]);
-                assert!(same(cos[l][b][a], cos[l][a][b], 1e-12), "{concept} {method}: cosine matrix not symmetric at layer {}", l + 1);
-                i += 1;
-            }
+        assert_eq!(upper.len(), upper_pairs.len());
+        for (&(a, b), want) in upper_pairs.iter().zip(upper) {
+            let d = (m[a][b] - want).abs();
+            worst.see("cosine per layer", d);
+            assert!(d <= COS_TOL, "{concept} {method} cosine layer {} {a}/{b}: resid {} vs reference {want}", l + 1, m[a][b]);
+            assert!(same(m[b][a], m[a][b], 1e-12), "{concept} {method}: cosine matrix not symmetric at layer {}", l + 1);
         }
     }
     let (cm, rcm) = (matrix(&c["cosine_mean_over_layers"]), matrix(&refm["cosine_mean_over_layers"]));
@@ -186,10 +185,12 @@ fn check_method(c: &Value, refm: &Value, method: &str, k: usize, n_test: &[usize
 fn check_languages(c: &Value, refm: &Value, method: &str, n_train: &[usize], n_test: &[usize]) -> (usize, usize) {
     let concept = c["concept"].as_str().unwrap();
     let (mut flips, mut train_diffs) = (0, 0);
+    assert_eq!(c["languages"].as_array().unwrap().len(), refm["languages"].as_array().unwrap().len(), "{concept}: languages");
     for (a, (lang, rl)) in c["languages"].as_array().unwrap().iter().zip(refm["languages"].as_array().unwrap()).enumerate() {
         assert_eq!(lang["lang"], rl["lang"]);
         let m = lang["methods"].as_array().unwrap().iter().find(|m| m["method"] == method).unwrap();
         let (acc, racc) = (nums(&m["accuracy"]), nums(&rl["accuracy"]));
+        assert_eq!(acc.len(), racc.len(), "{concept} {method}: layers");
         let margin = &refm["crosslingual_closest_margin_rel"];
         let mut lang_flips = 0;
         for l in 0..acc.len() {
@@ -211,6 +212,7 @@ fn check_languages(c: &Value, refm: &Value, method: &str, n_train: &[usize], n_t
             assert!(same(num(&m["best_accuracy"]), num(&rl["best_accuracy"]), 1e-12));
         }
         let (tacc, rtacc) = (nums(&m["train_accuracy"]), nums(&rl["train_accuracy"]));
+        assert_eq!(tacc.len(), rtacc.len(), "{concept} {method}: layers");
         for l in 0..tacc.len() {
             let d = (tacc[l] - rtacc[l]).abs();
             if d > 1e-12 {
@@ -230,6 +232,7 @@ fn check_vectors(out: &Path, c: &Value, refm: &Value, method: &str, reference: &
         let lang = rl["lang"].as_str().unwrap();
         let file = out.join(format!("vectors/{concept}_{lang}.safetensors"));
         let scale = resid::io::read_f32_tensor(&file, "scale").unwrap().data;
+        assert_eq!(scale.len(), rl["scale"].as_array().unwrap().len(), "{concept} {method} {lang}: scales");
         for (l, (&s, r)) in scale.iter().zip(nums(&rl["scale"])).enumerate() {
             let d = (s as f64 - r).abs() / r;
             worst.see("scale (relative)", d);
