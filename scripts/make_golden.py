@@ -31,7 +31,9 @@ class), smollm2-135m (the real model in models/smollm2-135m, produced by
 scripts/fetch-model.sh smollm2-135m; skipped with a warning if it is missing), and recognition-smollm2 (mean-diff
 recognition accuracy per layer computed here with numpy from SmolLM2's HF hidden states on data/values, 7 concepts x
 en/fr: tests/fixtures/golden/recognition-smollm2.json plus the train/test JSONL split it drew, under
-tests/fixtures/golden/recognition-smollm2/).
+tests/fixtures/golden/recognition-smollm2/), and study-smollm2 (the study's aggregate numbers for 2 concepts x 4
+languages, mean-diff and PCA, with the control sweep, computed here from the README's definitions:
+tests/fixtures/golden/study-smollm2.json plus the best-layer vector rows in study-smollm2.vectors.safetensors).
 The bf16 / f16 models are always *computed* in float32 (f32 compute on rounded weights).  The non-Llama tiny models'
 JSON also has "family", "architecture" and "semantics" (notes on the HF behaviour the Rust side must match; for BLOOM
 checked against an independent float64 re-implementation at generation time).
@@ -1573,6 +1575,312 @@ def do_recognition():
 
 
 # ----------------------------------------------------------------------------------------------
+# The study's aggregate numbers (cross-lingual matrix, transfer, consistency, PCA, control)
+# ----------------------------------------------------------------------------------------------
+#
+# Written from the study's definitions in README.md ("The multilingual value-concept study"), not from resid's
+# Rust code.  What this script must share with resid to compare numbers at all is the *draw*: which pairs
+# are train and test, and the random signs PCA gives the pair differences.  Both come from the generator the
+# README names (SplitMix64, Steele, Lea & Flood 2014, with its published constants; labels mixed in by
+# FNV-1a 64), implemented here from those published definitions.  Everything computed from the draws
+# (directions by SVD, signs, accuracies, matrices, best layer, ratios, group means, cosines, steered
+# generation through forward hooks, scores, NLLs) is plain numpy/torch over HF's own hidden states.
+
+STUDY_NAME = "study-smollm2"
+STUDY_CONCEPTS = ["morality", "utilitarianism"]
+STUDY_LANGS = ["en", "es", "id", "sw"]
+STUDY_HIGH = ["en", "fr", "zh", "es", "pt", "ja"]  # README: high resource, the rest low
+STUDY_METHODS = ["mean-diff", "pca"]
+STUDY_SEED = 0
+STUDY_CONTROL = {"sources": ["en"], "radius": 2, "prompts": 2, "coefs": [-2.0, 0.0, 2.0], "max_new_tokens": 8}
+_M64 = (1 << 64) - 1
+
+
+class SplitMix64Ref:
+    def __init__(self, seed: int):
+        self.state = seed & _M64
+
+    def next_u64(self) -> int:
+        self.state = (self.state + 0x9E3779B97F4A7C15) & _M64
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+        return z ^ (z >> 31)
+
+
+def fnv1a_seed(seed: int, label: str) -> int:
+    h = 0xCBF29CE484222325
+    for b in label.encode("utf-8"):
+        h = ((h ^ b) * 0x100000001B3) & _M64
+    return SplitMix64Ref(seed ^ h).next_u64()
+
+
+def natural_key(s: str):
+    """README: keys sorted naturally (numeric ids numerically, before any other id, which sort by bytes)."""
+    if s and len(s) < 20 and s.isascii() and s.isdigit():
+        return (0, int(s), s.encode())
+    return (1, 0, s.encode())
+
+
+def study_split(keys: list, seed: int):
+    """Sorted keys, Fisher-Yates (from the end, j = next_u64 mod (i+1)), first round(0.8 n) train."""
+    keys = sorted(set(keys), key=lambda k: (natural_key(k[0]), natural_key(k[1])))
+    rng = SplitMix64Ref(seed)
+    for i in range(len(keys) - 1, 0, -1):
+        j = rng.next_u64() % (i + 1)
+        keys[i], keys[j] = keys[j], keys[i]
+    n_train = min(max(int(math.floor(0.8 * len(keys) + 0.5)), 1), len(keys) - 1)
+    return set(keys[:n_train])
+
+
+def study_direction(method: str, dp: np.ndarray, seed: int, layer: int) -> np.ndarray:
+    """Unsigned unit direction from the train differences dp = pos - neg [n, H] at one layer."""
+    if method == "mean-diff":
+        d = dp.mean(axis=0)
+    else:
+        # RepE-style random order per pair: difference times a random sign (bit 0 of the stream), then the
+        # first principal component of the centred differences (SVD, not power iteration).
+        rng = SplitMix64Ref(fnv1a_seed(seed, f"pca/{layer}"))
+        s = np.array([-1.0 if rng.next_u64() & 1 else 1.0 for _ in range(len(dp))])
+        x = dp * s[:, None]
+        x = x - x.mean(axis=0)
+        _, sv, vt = np.linalg.svd(x, full_matrices=False)
+        d = vt[0]
+    return d / np.linalg.norm(d)
+
+
+def fit_concept(method: str, tr_pos, tr_neg, seed: int):
+    """Signed unit directions [L, H], train accuracy [L], scale [L], eigengap [L] (pca; NaN otherwise)."""
+    L = tr_pos.shape[1]
+    dirs, tacc, scale, ties = [], [], [], []
+    for l in range(L):
+        dp = tr_pos[:, l] - tr_neg[:, l]
+        u = study_direction(method, dp, seed, l + 1)
+        m = dp @ u
+        # README: the sign under which more train pairs project their positive side higher; a tied vote goes by
+        # the sign of the summed separation.
+        ties.append(int((m < 0).sum() == (m > 0).sum()))
+        if (m < 0).sum() > (m > 0).sum() or ((m < 0).sum() == (m > 0).sum() and m.sum() < 0):
+            u, m = -u, -m
+        dirs.append(u)
+        tacc.append(float((m >= 0).mean()))
+        scale.append(float(np.abs(m).mean()))
+    return np.stack(dirs), tacc, scale, ties
+
+
+def test_margins(u: np.ndarray, te_pos, te_neg, layer0: int):
+    return (te_pos[:, layer0] - te_neg[:, layer0]) @ u
+
+
+def first_max(xs):
+    best = 0
+    for i, x in enumerate(xs):
+        if x > xs[best]:
+            best = i
+    return best
+
+
+def transfer_summary(rel, langs):
+    high = [l in STUDY_HIGH for l in langs]
+    out = {}
+    for name, src, dst in [("high_to_low", True, False), ("low_to_high", False, True),
+                           ("high_to_high", True, True), ("low_to_low", False, False)]:
+        vals = [rel[a][b] for a in range(len(langs)) for b in range(len(langs))
+                if a != b and high[a] == src and high[b] == dst and np.isfinite(rel[a][b])]
+        out[name] = float(np.mean(vals)) if vals else None
+        out[name + "_count"] = len(vals)
+    return out
+
+
+@torch.no_grad()
+def study_hf_generate(model, ids: list, steer: dict, coef: float, n: int, stops: set):
+    """Greedy continuation with `coef * steer[l]` added to the output of block l-1 at every position
+    (prompt and generated), stopping after a stop token. Returns (tokens, top-2 margins)."""
+    hooks = []
+    if coef != 0.0:
+        for l, v in steer.items():
+            hooks.append(decoder_blocks(model)[l - 1].register_forward_hook(
+                make_steer_hook(torch.tensor(v, dtype=torch.float32), coef, "add"), prepend=True))
+    try:
+        toks, margins = greedy(model, torch.tensor(ids, dtype=torch.long), n)
+    finally:
+        for h in hooks:
+            h.remove()
+    toks, margins = toks.tolist(), margins.tolist()
+    for i, t in enumerate(toks):
+        if t in stops:
+            return toks[: i + 1], margins[: i + 1]
+    return toks, margins
+
+
+@torch.no_grad()
+def do_study_reference():
+    """The study's aggregate numbers computed from HF hidden states (see the section comment)."""
+    from transformers import AutoTokenizer
+
+    if not os.path.exists(os.path.join(SMOLLM2_DIR, "model.safetensors")):
+        log(f"  WARNING: {rel(SMOLLM2_DIR)}/model.safetensors missing (run scripts/fetch-model.sh smollm2-135m); skipping")
+        return None
+    tok = AutoTokenizer.from_pretrained(SMOLLM2_DIR)
+    model = load_model(SMOLLM2_DIR)
+    L = model.config.num_hidden_layers
+    states = {}
+
+    def last_states(text: str) -> np.ndarray:
+        if text not in states:
+            ids = torch.tensor([tok(text)["input_ids"]], dtype=torch.long)
+            hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+            states[text] = np.stack([hs[l][0, -1].double().numpy() for l in range(1, L + 1)])
+        return states[text]
+
+    def r(x, digits=9):
+        return None if x is None or not np.isfinite(x) else float(f"{x:.{digits}g}")
+
+    concepts_out, vec_tensors, lengths = [], {}, []
+    control_tasks = []
+    for concept in STUDY_CONCEPTS:
+        per_lang = []
+        for lang in STUDY_LANGS:
+            with open(os.path.join(REPO, "data", "values", concept, f"{concept}_{lang}.json"), encoding="utf-8") as f:
+                groups = json.load(f)
+            entries = {(g, i): e for g, items in groups.items() for i, e in items.items()}
+            train_keys = study_split(list(entries), STUDY_SEED)
+            order = sorted(entries, key=lambda k: (natural_key(k[0]), natural_key(k[1])))
+            split = {"train": [k for k in order if k in train_keys], "test": [k for k in order if k not in train_keys]}
+            split = {p: [k for k in ks if entries[k]["pos"] != entries[k]["neg"]] for p, ks in split.items()}
+            reps = {}
+            for part, ks in split.items():
+                pos = [recognition_stimulus(concept, entries[k], entries[k]["pos"]) for k in ks]
+                neg = [recognition_stimulus(concept, entries[k], entries[k]["neg"]) for k in ks]
+                lengths.extend(len(tok(t)["input_ids"]) for t in pos + neg)
+                reps[part] = (np.stack([last_states(t) for t in pos]), np.stack([last_states(t) for t in neg]))
+            per_lang.append({"lang": lang, "split": split, "reps": reps, "entries": entries})
+        k = len(STUDY_LANGS)
+        methods_out = {}
+        for method in STUDY_METHODS:
+            fits = []
+            for pl in per_lang:
+                seed = fnv1a_seed(STUDY_SEED, f"{method}/{concept}/{pl['lang']}")
+                dirs, tacc, scale, ties = fit_concept(method, *pl["reps"]["train"], seed)
+                fits.append({"dirs": dirs, "train_accuracy": tacc, "scale": scale, "sign_vote_tied": ties})
+            cross = np.zeros((L, k, k))
+            cross_margin = np.zeros((L, k, k))  # closest test pair to a tie, relative to the source's scale
+            for l in range(L):
+                for a in range(k):
+                    for b in range(k):
+                        m = test_margins(fits[a]["dirs"][l], *per_lang[b]["reps"]["test"], l)
+                        cross[l, a, b] = (m >= 0).mean()
+                        cross_margin[l, a, b] = np.abs(m).min() / fits[a]["scale"][l]
+            diag_mean = [float(np.mean([cross[l, a, a] for a in range(k)])) for l in range(L)]
+            best = first_max(diag_mean)
+            at_best = cross[best]
+            relt = [[at_best[a][b] / at_best[b][b] if at_best[b][b] > 0 else float("nan") for b in range(k)] for a in range(k)]
+            cos = np.einsum("lah,lbh->lab", np.stack([f["dirs"] for f in fits], axis=1), np.stack([f["dirs"] for f in fits], axis=1))
+            cos_mean = cos.mean(axis=0)
+            langs_out = []
+            for a, (pl, fit) in enumerate(zip(per_lang, fits)):
+                own = [float(cross[l, a, a]) for l in range(L)]
+                b_own = first_max(own)
+                langs_out.append({
+                    "lang": pl["lang"], "accuracy": own, "best_layer": b_own + 1, "best_accuracy": own[b_own],
+                    "train_accuracy": fit["train_accuracy"], "scale": [r(x) for x in fit["scale"]],
+                    "sign_vote_tied_layers": [l + 1 for l, t in enumerate(fit["sign_vote_tied"]) if t],
+                })
+                vec_tensors[f"{concept}.{method}.{pl['lang']}"] = torch.tensor(fit["dirs"][best] * fit["scale"][best], dtype=torch.float32)
+            methods_out[method] = {
+                "languages": langs_out,
+                "best_layer": best + 1,
+                "best_layer_mean_accuracy": diag_mean[best],
+                "crosslingual_by_layer": cross.tolist(),
+                "crosslingual_closest_margin_rel": [[[r(x, 3) for x in row] for row in m] for m in cross_margin],
+                "transfer_relative": [[r(x, 17) for x in row] for row in relt],
+                "transfer_summary": transfer_summary(relt, STUDY_LANGS),
+                "cosine_by_layer_upper": [[r(cos[l, a, b]) for a in range(k) for b in range(a + 1, k)] for l in range(L)],
+                "cosine_mean_over_layers": [[r(x) for x in row] for row in cos_mean],
+                "cosine_mean_off_diagonal": r(float(np.mean([cos_mean[a, b] for a in range(k) for b in range(a + 1, k)]))),
+            }
+            if method == "mean-diff":
+                control_tasks.append((concept, per_lang, fits, best + 1))
+            log(f"  {concept} {method}: best layer {best + 1} (mean own accuracy {diag_mean[best]:.3f}), "
+                f"cosine off-diagonal {methods_out[method]['cosine_mean_off_diagonal']:.3f}, "
+                f"closest cross margin {cross_margin.min():.2e}, transfer {methods_out[method]['transfer_summary']}")
+        concepts_out.append({
+            "concept": concept, "langs": STUDY_LANGS,
+            "split": {pl["lang"]: {p: [f"{g}/{i}" for g, i in ks] for p, ks in pl["split"].items()} for pl in per_lang},
+            "methods": methods_out,
+        })
+
+    # Control (primary method mean-diff): steer with the source's vector (unit direction times its scale, at the
+    # concept's best layer +- radius), continue the target's first test pairs' negative stimuli greedily, score
+    # the unsteered last-token state of prompt + generation (stop token removed) on the target's direction at the
+    # best layer, and the mean NLL of the generated tokens (unsteered).
+    stops = {int(model.config.eos_token_id)}
+    with open(os.path.join(SMOLLM2_DIR, "generation_config.json"), encoding="utf-8") as f:
+        ge = json.load(f).get("eos_token_id")
+    stops |= set(ge if isinstance(ge, list) else [ge]) - {None}
+    if tok.eos_token_id is not None:
+        stops.add(int(tok.eos_token_id))
+    c = STUDY_CONTROL
+    rows, gens = [], []
+    for concept, per_lang, fits, best in control_tasks:
+        layers = list(range(max(best - c["radius"], 1), min(best + c["radius"], L) + 1))
+        for source in c["sources"]:
+            si = STUDY_LANGS.index(source)
+            steer = {l: fits[si]["dirs"][l - 1] * fits[si]["scale"][l - 1] for l in layers}
+            for ti, target in enumerate(STUDY_LANGS):
+                pl = per_lang[ti]
+                u = fits[ti]["dirs"][best - 1]
+                per_coef = []
+                for coef in c["coefs"]:
+                    scores, nlls, lens = [], [], []
+                    for key in pl["split"]["test"][: c["prompts"]]:
+                        e = pl["entries"][key]
+                        prompt = recognition_stimulus(concept, e, e["neg"])
+                        ids = tok(prompt)["input_ids"]
+                        toks, margins = study_hf_generate(model, ids, steer, coef, c["max_new_tokens"], stops)
+                        body = toks[:-1] if toks and toks[-1] in stops else toks
+                        full = torch.tensor([ids + body], dtype=torch.long)
+                        out = model(input_ids=full, output_hidden_states=True)
+                        score = float(out.hidden_states[best][0, -1].double().numpy() @ u)
+                        lp = torch.log_softmax(out.logits[0].double(), dim=-1)
+                        nll = float(-np.mean([lp[len(ids) + j - 1, t].item() for j, t in enumerate(body)])) if body else None
+                        scores.append(score)
+                        nlls.append(nll)
+                        lens.append(len(body))
+                        gens.append({"concept": concept, "source": source, "target": target, "coef": coef,
+                                     "prompt_id": f"{key[0]}/{key[1]}", "tokens": toks,
+                                     "min_margin": r(min(margins), 4), "score": r(score, 12), "nll": r(nll, 12)})
+                    per_coef.append((coef, scores, nlls, lens))
+                base = next(p for p in per_coef if p[0] == 0.0)
+                base_score, base_nll = np.mean(base[1]), np.mean([x for x in base[2] if x is not None])
+                for coef, scores, nlls, lens in per_coef:
+                    nll_mean = np.mean([x for x in nlls if x is not None])
+                    shift = float(np.mean(scores) - base_score)
+                    rows.append({"concept": concept, "source": source, "target": target, "coef": coef, "layers": layers,
+                                 "score_layer": best, "prompts": len(scores), "score_mean": r(float(np.mean(scores)), 12),
+                                 "shift": r(shift, 12), "shift_rel": r(shift / fits[ti]["scale"][best - 1], 12),
+                                 "nll_mean": r(float(nll_mean), 12), "nll_delta": r(float(nll_mean - base_nll), 12),
+                                 "mean_generated_tokens": float(np.mean(lens))})
+                log(f"  control {concept} {source}->{target} layers {layers}: shift_rel "
+                    + ", ".join(f"{x['coef']:+g}: {x['shift_rel']:+.3f}" for x in rows[-len(per_coef):]))
+
+    meta = {"name": STUDY_NAME, "model_dir": rel(SMOLLM2_DIR), "data": "data/values", "template": "{input}",
+            "seed": STUDY_SEED, "concepts": STUDY_CONCEPTS, "langs": STUDY_LANGS, "high": STUDY_HIGH,
+            "methods": STUDY_METHODS, "control": STUDY_CONTROL,
+            "definitions": "README.md, 'The multilingual value-concept study'; SplitMix64/FNV-1a draws only shared with resid; "
+                           "directions by numpy SVD/mean over HF output_hidden_states[l][0, -1] (float64 from float32)",
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+            "concepts_out": concepts_out, "control_rows": rows, "control_generations": gens}
+    path = os.path.join(GOLDEN_DIR, f"{STUDY_NAME}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(meta, f, separators=(",", ":"))
+        f.write("\n")
+    vpath = os.path.join(GOLDEN_DIR, f"{STUDY_NAME}.vectors.safetensors")
+    save_safetensors(vec_tensors, vpath, {"layout": "concept.method.lang: the file row (signed unit direction times scale) at the method's best layer"})
+    return {"name": STUDY_NAME, "lengths": lengths, "files": {rel(p): os.path.getsize(p) for p in (path, vpath)}}
+
+
+# ----------------------------------------------------------------------------------------------
 # GGUF control vectors written by gguf-py, the way repeng writes them
 # ----------------------------------------------------------------------------------------------
 #
@@ -1750,7 +2058,7 @@ def main():
     import transformers
 
     log(f"torch {torch.__version__}, transformers {transformers.__version__}, python {sys.version.split()[0]}")
-    known = list(TINY_SPECS) + list(QWEN_CHAT_SPECS) + [GGUF_NAME, "smollm2-135m", RECOGNITION_NAME]
+    known = list(TINY_SPECS) + list(QWEN_CHAT_SPECS) + [GGUF_NAME, "smollm2-135m", RECOGNITION_NAME, STUDY_NAME]
     names = args.only or known
     results = []
     for name in names:
@@ -1767,6 +2075,10 @@ def main():
                 results.append(r)
         elif name == RECOGNITION_NAME:
             r = do_recognition()
+            if r:
+                results.append(r)
+        elif name == STUDY_NAME:
+            r = do_study_reference()
             if r:
                 results.append(r)
         else:

@@ -14,8 +14,10 @@
 //! * **random** (the paper's baseline): a seeded Gaussian direction per layer.
 //!
 //! Every direction is normalised to unit length. Its **sign** per layer is chosen on the
-//! training pairs: the sign under which more pairs project their positive side higher (ties
-//! keep +). **Train accuracy** is the fraction of training pairs whose positive side projects at
+//! training pairs: the sign under which more pairs project their positive side higher; a tied
+//! vote goes by the sign of the summed separation `Σ ⟨pos − neg, u⟩` (+ if that is 0 too), so
+//! that the orientation never depends on how a method happened to orient its raw direction (a
+//! principal component's sign is arbitrary). **Train accuracy** is the fraction of training pairs whose positive side projects at
 //! least as high as the negative side on the signed direction. **Scale** is the mean absolute
 //! separation `|⟨pos − neg, u⟩|` over the training pairs: vector files store `u · scale`, so a
 //! steering coefficient of 1 shifts the residual by one typical pair separation.
@@ -122,7 +124,7 @@ impl ConceptVectors {
                     unit(&(0..hidden).map(|_| rng.gaussian()).collect::<Vec<_>>())
                 }
             };
-            let (mut more, mut less) = (0usize, 0usize);
+            let (mut more, mut less, mut summed) = (0usize, 0usize, 0.0f64);
             for (p, n) in train.pos.iter().zip(&train.neg) {
                 let (pp, pn) = (dot(layer_row(p, l, hidden), &raw), dot(layer_row(n, l, hidden), &raw));
                 if pp > pn {
@@ -130,8 +132,9 @@ impl ConceptVectors {
                 } else if pp < pn {
                     less += 1;
                 }
+                summed += pp - pn;
             }
-            let sign = if less > more { -1.0f32 } else { 1.0 };
+            let sign = if less > more || (less == more && summed < 0.0) { -1.0f32 } else { 1.0 };
             let dir: Vec<f32> = raw.iter().map(|v| v * sign).collect();
             let acc = pair_accuracy(&dir, train, l, hidden);
             let sep: f64 = train
