@@ -59,10 +59,12 @@ def one_request(url, body):
                     continue
                 d = json.loads(data)
                 ch = (d.get("choices") or [{}])[0]
-                # One token per chunk: resid sends token_ids; llama.cpp one chunk per token.
-                n = len(ch.get("token_ids") or []) or (1 if ch.get("text") or ch.get("content") else 0)
-                if "content" in d and "choices" not in d:  # llama.cpp's native stream
-                    n = 1 if d.get("content") else 0
+                # resid names each chunk's tokens (token_ids); llama.cpp's server sends one chunk
+                # per token, then a last one with the finish reason.
+                if "token_ids" in ch:
+                    n = len(ch["token_ids"])
+                else:
+                    n = 1 if "text" in ch and ch.get("finish_reason") is None else 0
                 now = time.perf_counter()
                 times.extend([now] * n)
     conn.close()
@@ -78,8 +80,9 @@ def level(url, concurrency, per_client, max_tokens, steering, model):
 
     def client(k):
         for j in range(per_client):
-            body = {"model": model, "prompt": PROMPTS[(k + j) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0,
-                    "stream": True, "ignore_eos": True}
+            body = {"prompt": PROMPTS[(k + j) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+            if model:
+                body["model"] = model
             if steering is not None:
                 body["steering"] = steering
             try:
@@ -119,10 +122,26 @@ def main():
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--steering", help="JSON for the request's steering field")
+    ap.add_argument("--steering-direction", metavar="LAYERS", help="steer with one random inline direction (norm 4) at LAYERS, e.g. 8-15 (needs the model's hidden size from /v1/models)")
+    ap.add_argument("--ids", type=int, metavar="N", help="prompts of N random token ids instead of text (models without a tokenizer)")
     ap.add_argument("--label", default="")
     ap.add_argument("--json", help="append the results as JSON lines here")
     a = ap.parse_args()
     steering = json.loads(a.steering) if a.steering else None
+    if a.ids or a.steering_direction:
+        u = urllib.parse.urlparse(a.url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        conn.request("GET", "/v1/models")
+        info = json.loads(conn.getresponse().read())["data"][0]
+        import random
+        rng = random.Random(0)
+        if a.ids:
+            vocab = 1000  # low ids exist in every vocabulary
+            PROMPTS[:] = [[rng.randrange(vocab) for _ in range(a.ids)] for _ in range(8)]
+        if a.steering_direction:
+            row = [rng.uniform(-1, 1) for _ in range(info["hidden_size"])]
+            norm = sum(x * x for x in row) ** 0.5
+            steering = {"directions": [[4 * x / norm for x in row]], "layers": a.steering_direction}
     # Warm-up: one request, not counted.
     level(a.url, 1, 1, 8, steering, a.model)
     print(f"| server | concurrency | requests | tokens/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) |")

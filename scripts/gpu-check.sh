@@ -19,7 +19,8 @@
 # throughput against the GEMM peak and decode tokens/s (batch 1 and 32, unsteered and steered),
 # each with a per-operation time profile (`resid bench --profile`), and batch 1 again without
 # the GEMV kernel and without programmatic dependent launch (A/B); and the cost of steering
-# and of capture (`resid bench --workload steer`: batch 16, every index, prefill and decode).
+# and of capture (`resid bench --workload steer`: batch 16, every index, prefill and decode);
+# then `resid serve --device cuda` under scripts/bench-serve.py (concurrency 1, 16, 64).
 # Everything lands in OUTDIR as JSON (gpu-check.json collects it), with a short table last.
 # Sizes: GPU_CHECK_SEQS_1B (default 2048) and GPU_CHECK_SEQS_7B (default 512) sequences of
 # 16..512 tokens. Budget: under 8 minutes on one H100.
@@ -134,5 +135,33 @@ PYEOF
         log "this resid binary has no bench command: decode benchmarks skipped"
     fi
 done
+
+# --- 4. the server on the GPU: aggregate tokens/s, TTFT and ITL at concurrency 1, 16 and 64,
+# unsteered and steered (one inline direction at 8 layers), on the 1B model (token-id prompts:
+# the random models have no tokenizer).
+if "$RESID" serve --help > /dev/null 2>&1 && [ -f "$WORK/llama-1b/model.safetensors" ]; then
+    log "llama-1b: resid serve --device cuda"
+    "$RESID" serve --model "$WORK/llama-1b" --device cuda --port 0 --kv-budget-mib 8192 > /dev/null 2> "$OUT/serve.log" &
+    serve_pid=$!
+    url=""
+    for _ in $(seq 1 120); do
+        url="$(grep -o 'http://[0-9.:]*' "$OUT/serve.log" | head -1)"
+        [ -n "$url" ] && break
+        sleep 1
+    done
+    if [ -n "$url" ]; then
+        for steer in none inline; do
+            extra=()
+            [ "$steer" = inline ] && extra=(--steering-direction 8-15)
+            timeout 240 "$PY" "$ROOT/scripts/bench-serve.py" --url "$url" --ids 64 --concurrency 1,16,64 --requests-per-client 1 \
+                --max-tokens 32 --label "resid cuda $steer" --json "$OUT/serve-bench.jsonl" "${extra[@]}" >> "$OUT/gpu-check.log" 2>&1 \
+                || log "serve bench ($steer) failed"
+        done
+        curl -s "$url/metrics" > "$OUT/serve-metrics.txt" 2>/dev/null || true
+    else
+        log "resid serve did not start: $(tail -2 "$OUT/serve.log")"
+    fi
+    kill -TERM "$serve_pid" 2>/dev/null; wait "$serve_pid"; log "resid serve exit $? after SIGTERM"
+fi
 
 "$PY" "$ROOT/scripts/gpu_bench.py" summary "$OUT"

@@ -419,6 +419,10 @@ async fn generate(app: Arc<App>, job: Job) -> Response {
             Outcome::Failed(e) => return api_error(&e, "").into_response(),
         }
     }
+    if open > 0 {
+        // The scheduler stopped (shutdown past the drain timeout) before every choice ended.
+        return ApiError::status(503, "server_error", "the server stopped before the request finished").into_response();
+    }
     let created = app.created_now();
     let rendered: Vec<Value> = choices
         .iter()
@@ -485,7 +489,11 @@ async fn stream(app: Arc<App>, job: Job, mut rx: UnboundedReceiver<(usize, GenEv
                 e = rx.recv() => e,
                 _ = out.closed() => return,
             };
-            let Some((i, event)) = next else { break };
+            let Some((i, event)) = next else {
+                let stopped = ApiError::status(503, "server_error", "the server stopped before the request finished");
+                let _ = out.send(Ok(send(stopped.body()))).await;
+                break;
+            };
             if choices[i].finish.is_some() {
                 continue;
             }
