@@ -343,6 +343,9 @@ fn scheduler_chunks_and_mixes_without_changing_any_sequence() {
         assert!(toks.iter().all(|t| t.probes.len() == 1 && t.probes[0].is_finite()));
         assert_eq!(toks[0].logprob.is_some(), k % 2 == 1);
     }
+    // Nothing to generate is done without a pass.
+    let none = e.generate(&[random_ids(4, 97, 1)], &[None], &GenerateOptions { max_new_tokens: 0, sampling: Sampling::Greedy, stop_tokens: vec![] }).unwrap();
+    assert!(none[0].tokens.is_empty() && none[0].finish == resid::FinishReason::Length);
     // Steered requests differ from the unsteered one of the same prompt length class.
     assert_ne!(alone[1].iter().map(|t| t.probes[0]).collect::<Vec<_>>(), run(vec![GenRequest { steering: None, ..request(1) }], 4096, 1).0[0].iter().map(|t| t.probes[0]).collect::<Vec<_>>());
 }

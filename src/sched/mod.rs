@@ -393,6 +393,13 @@ impl<'e, B: Backend> Scheduler<'e, B> {
         // First come, first served: a request that does not fit holds back those behind it.
         while let Some(front) = self.waiting.front() {
             match front {
+                Waiting::Gen(req, _) if req.max_new_tokens == 0 => {
+                    // Nothing to generate: done without a pass.
+                    if let Some(Waiting::Gen(_, mut listener)) = self.waiting.pop_front() {
+                        listener.admitted();
+                        listener.event(GenEvent::Finished(FinishReason::Length));
+                    }
+                }
                 Waiting::Gen(req, _) => {
                     if self.running.len() >= self.cfg.max_running {
                         break;
