@@ -10,9 +10,9 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyValueError};
 use pyo3::prelude::*;
 
-create_exception!(_resid, InputError, PyValueError, "Bad input: arguments, token ids, vector files, layer lists (the CLI's exit code 3).");
-create_exception!(_resid, ModelError, PyException, "An unusable model directory: config, weights, tensors, tokenizer (exit code 4).");
-create_exception!(_resid, DeviceError, PyException, "A compute device that cannot be used, e.g. `cuda` without a GPU (exit code 5).");
+create_exception!(resid, InputError, PyValueError, "Bad input: arguments, token ids, vector files, layer lists (the CLI's exit code 3).");
+create_exception!(resid, ModelError, PyException, "An unusable model directory: config, weights, tensors, tokenizer (exit code 4).");
+create_exception!(resid, DeviceError, PyException, "A compute device that cannot be used, e.g. `cuda` without a GPU (exit code 5).");
 
 /// The library's error as the Python exception its class maps to, with the CLI's one-line message.
 pub(crate) fn to_py(e: resid::Error) -> PyErr {

@@ -97,7 +97,12 @@ fn input_item(item: &Bound<'_, PyAny>, at: &str) -> PyResult<InputItem> {
         if id.is_instance_of::<pyo3::types::PyBool>() || id.is_instance_of::<pyo3::types::PyFloat>() {
             return Err(input_err(format!("{at}: token id {} is not an integer", id.repr()?)));
         }
-        let v: i128 = id.extract().map_err(|_| input_err(format!("{at}: token id {} is not an integer", id.repr().map(|r| r.to_string()).unwrap_or_default())))?;
+        let repr = || id.repr().map(|r| r.to_string()).unwrap_or_default();
+        let v: i128 = match id.extract() {
+            Ok(v) => v,
+            Err(_) if id.is_instance_of::<pyo3::types::PyInt>() => return Err(input_err(format!("{at}: token id {} is outside the vocabulary", repr()))),
+            Err(_) => return Err(input_err(format!("{at}: token id {} is not an integer", repr()))),
+        };
         let v = u32::try_from(v).map_err(|_| input_err(format!("{at}: token id {v} is outside the vocabulary")))?;
         out.push(v);
     }
