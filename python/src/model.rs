@@ -374,12 +374,17 @@ impl Model {
         }
         let engine = &*self.engine;
         with_engine!(engine, e => {
-            let tok = tokenizer(e)?;
+            // Token-id prompts generate without a tokenizer (`text` is then None).
+            let tok = e.model.tokenizer.as_ref();
+            if tok.is_none() && !stop.is_empty() {
+                return Err(input_err("stop strings need the model's tokenizer.json"));
+            }
             let mut ids = Vec::with_capacity(list.len());
             for (i, p) in list.iter().enumerate() {
                 let at = format!("prompts[{i}]");
                 ids.push(match input_item(p, &at)? {
                     InputItem::Text(text) => {
+                        let tok = tokenizer(e)?;
                         let text = if chat { tok.render_chat(&text).map_err(to_py)? } else { text };
                         // A rendered chat template already carries its special tokens.
                         tok.encode_with(&text, !chat).map_err(|err| to_py(err.prefixed(&at)))?
@@ -395,6 +400,10 @@ impl Model {
                 // Stop strings through the server's TextStream, so that both cut text alike.
                 gens.into_iter()
                     .map(|g| {
+                        let Some(tok) = tok else {
+                            let reason = if matches!(g.finish, resid::FinishReason::Stop) { "stop" } else { "length" };
+                            return Ok((None, g.tokens, reason));
+                        };
                         let mut stream = TextStream::new(stop.clone(), opts.stop_tokens.clone());
                         let mut kept = 0;
                         for &t in &g.tokens {
@@ -406,7 +415,7 @@ impl Model {
                         }
                         stream.finish(tok)?;
                         let reason = if stream.stopped() || matches!(g.finish, resid::FinishReason::Stop) { "stop" } else { "length" };
-                        Ok((stream.text().to_owned(), g.tokens[..kept].to_vec(), reason))
+                        Ok((Some(stream.text().to_owned()), g.tokens[..kept].to_vec(), reason))
                     })
                     .collect::<resid::Result<Vec<_>>>()
             })?;
