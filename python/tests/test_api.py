@@ -170,3 +170,17 @@ def resid_root():
     from conftest import ROOT
 
     return ROOT
+
+
+def test_a_model_without_tokenizer_takes_token_ids(tiny_dir):
+    m = resid.Model(tiny_dir)
+    assert m.info["tokenizer"] is False
+    assert m.extract([[1, 2, 3]]).shape == (1, 3, 64)
+    g = m.generate([[1, 2, 3]], max_new_tokens=3)[0]
+    assert g["text"] is None and len(g["tokens"]) <= 3
+    with pytest.raises(resid.InputError):
+        m.extract(["text needs a tokenizer"])
+    with pytest.raises(resid.ModelError):
+        m.tokenize(["x"])
+    with pytest.raises(resid.InputError):
+        m.generate([[1, 2]], stop=["x"])
