@@ -61,11 +61,8 @@ pub fn run<T: Send>(py: Python<'_>, progress: Option<&Bound<'_, PyAny>>, work: i
                     }
                 });
             };
-            loop {
-                match rx.recv_timeout(POLL) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => report(false),
-                    _ => break,
-                }
+            while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(POLL) {
+                report(false);
             }
             report(true);
             (worker.join(), interrupt)

@@ -46,6 +46,7 @@ impl Steering {
         Ok(s)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn build(table: Vec<f32>, rows: usize, hidden: usize, sparse: bool, layers: Option<Vec<usize>>, coef: f32, op: &str, positions: &str, preserve_norm: bool) -> PyResult<Self> {
         if rows == 0 || hidden == 0 {
             return Err(input_err(format!("directions: shape [{rows}, {hidden}] is empty (expected [L+1, hidden])")));
