@@ -70,6 +70,10 @@ class _Progress:
             self.bar.close()
 
 
+def _delegate(name: str, doc: str) -> property:
+    return property(lambda self: getattr(self._inner, name), doc=doc)
+
+
 class Steering:
     """A steering intervention: per-layer directions, the layers they act on, and how.
 
@@ -142,35 +146,13 @@ class Steering:
         metadata, or with `gguf=True` a llama.cpp control vector (row 0 is not written)."""
         self._inner.save(os.fspath(path), bool(gguf))
 
-    @property
-    def directions(self) -> np.ndarray:
-        """A copy of the directions, float32 [rows, hidden]."""
-        return self._inner.directions
-
-    @property
-    def layers(self) -> List[int]:
-        """The hidden-state indices steered."""
-        return self._inner.layers
-
-    @property
-    def coef(self) -> float:
-        """The coefficient c."""
-        return self._inner.coef
-
-    @property
-    def op(self) -> str:
-        """"add" or "piecewise"."""
-        return self._inner.op
-
-    @property
-    def positions(self) -> str:
-        """"all", "prompt" or "generated"."""
-        return self._inner.positions
-
-    @property
-    def preserve_norm(self) -> bool:
-        """Whether steered rows keep their norm."""
-        return self._inner.preserve_norm
+    # Read-only views of the settings (types in __init__.pyi).
+    directions = _delegate("directions", "A copy of the directions, float32 [rows, hidden].")
+    layers = _delegate("layers", "The hidden-state indices steered.")
+    coef = _delegate("coef", "The coefficient c.")
+    op = _delegate("op", '"add" or "piecewise".')
+    positions = _delegate("positions", '"all", "prompt" or "generated".')
+    preserve_norm = _delegate("preserve_norm", "Whether steered rows keep their norm.")
 
     def __repr__(self) -> str:
         return (f"Steering(layers={self.layers}, coef={self.coef}, op={self.op!r}, "

@@ -101,6 +101,15 @@ def test_ctrl_c_stops_between_batches_and_leaves_nothing(model, tmp_path):
         model.extract(LONG, layers=[5], batch_tokens=12)
 
 
+def test_ctrl_c_stops_generation_between_decode_steps(model):
+    _interrupt_after(0.3)
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(["Write a very long story about a dragon."], max_new_tokens=2000, temperature=0.7)
+    assert time.perf_counter() - start < 5
+    assert len(model.generate(["Hi"], max_new_tokens=2)[0]["tokens"]) <= 2
+
+
 def test_ctrl_c_keeps_complete_shards_and_a_rerun_resumes(model, tmp_path):
     d = tmp_path / "shards"
     _interrupt_after(0.5)
