@@ -267,7 +267,6 @@ impl Model {
         with_engine!(engine, e => {
             let spec = CaptureSpec { points: capture_points(layers, e.num_layers())?, position: parse_position(position)? };
             let steering = vec![steering_for(e, steer)?; seqs.len()];
-            let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
             let total = seqs.len();
             let c = run(py, progress, |p| {
                 let mut done = 0;
@@ -278,7 +277,6 @@ impl Model {
             })?;
             let offsets = (spec.position == CapturePosition::All)
                 .then(|| PyArray1::from_vec(py, c.offsets.iter().map(|&o| o as i64).collect()).into_any());
-            debug_assert_eq!(lens.len(), total);
             Ok((numpy_rows(py, c.data, c.rows, c.points, c.hidden)?, offsets))
         })
     }
