@@ -24,3 +24,12 @@ $RESID generate --model $MODEL --chat --prompt "Describe my new neighbour in one
 echo "--- steered away from kindness (coef -2.5)"
 $RESID generate --model $MODEL --chat --prompt "Describe my new neighbour in one sentence." --max-new-tokens 40 \
     --steer out/kindness.safetensors --coef -2.5 --steer-layers 8-20
+# The same from Python (`import resid`, built from python/ into scripts/.venv-py): extract to
+# numpy, a concept vector, and three differently steered generations in one batch.
+PYVENV="$ROOT/scripts/.venv-py"
+if [ ! -x "$PYVENV/bin/python" ]; then
+    python3 -m venv "$PYVENV"
+fi
+CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}" "$PYVENV/bin/pip" install -q "$ROOT/python"
+echo "--- Python: examples/python_demo.py"
+"$PYVENV/bin/python" examples/python_demo.py $MODEL

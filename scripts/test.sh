@@ -14,3 +14,13 @@ if [ ! -x "$VENV/bin/pytest" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev
     "$VENV/bin/pip" install -q -r "$ROOT/tests/openai/requirements.txt"
 fi
 RESID_BIN="$ROOT/target/release/resid" "$VENV/bin/python" -m pytest -q "$ROOT/tests/openai"
+# The Python package (python/, `import resid`): pip builds it with maturin (fetched from PyPI)
+# into a private venv (scripts/.venv-py), sharing this checkout's target/ so that the library
+# compiled above is reused; then its tests, pinned in python/requirements-test.txt.
+PYVENV="$ROOT/scripts/.venv-py"
+if [ ! -x "$PYVENV/bin/python" ]; then
+    python3 -m venv "$PYVENV"
+fi
+"$PYVENV/bin/pip" install -q -r "$ROOT/python/requirements-test.txt"
+CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}" "$PYVENV/bin/pip" install -q "$ROOT/python"
+"$PYVENV/bin/python" -m pytest -q "$ROOT/python/tests"

@@ -1,6 +1,7 @@
 //! The small interface the one forward pass is written over. A backend owns weight storage,
 //! activations, the KV arena and the per-pass index maps; the forward pass only sequences its
 //! operations.
+pub mod any;
 pub mod cpu;
 pub mod cuda;
 pub mod profile;

@@ -11,10 +11,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use resid::engine::capture::{CapturePoint, CapturePosition, CaptureSpec};
 use resid::engine::steer::{parse_layer_list, SteerOp, SteerPositions, Steering};
 use resid::io::{read_directions, InputItem};
+
 use resid::store::extract::{ExtractJob, ExtractOutput};
-use resid::backend::cuda::{parse_device, CudaBackend};
 use resid::backend::Backend;
-use resid::{CpuBackend, Engine, GenerateOptions, Sampling};
+use resid::{Engine, GenerateOptions, Sampling};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -293,28 +293,8 @@ pub fn run() -> i32 {
     }
 }
 
-/// A loaded model on whichever backend `--device` named.
-// One per process: boxing the CPU engine would only add an indirection to every pass.
-#[allow(clippy::large_enum_variant)]
-pub(crate) enum AnyEngine {
-    Cpu(Engine<CpuBackend>),
-    Cuda(Box<Engine<CudaBackend>>),
-}
-
-/// Runs `$body` with `$e` bound to the engine, whatever its backend.
-macro_rules! with_engine {
-    ($any:expr, $e:ident => $body:expr) => {
-        match $any {
-            $crate::cli::AnyEngine::Cpu($e) => $body,
-            $crate::cli::AnyEngine::Cuda($e) => {
-                let $e = &**$e;
-                $body
-            }
-        }
-    };
-}
-#[allow(unused_imports)]
-pub(crate) use with_engine;
+pub(crate) use resid::backend::any::AnyEngine;
+pub(crate) use resid::with_engine;
 
 pub(crate) fn load(args: &ModelArgs) -> Result<AnyEngine> {
     load_backend_engine(&args.device, &args.model)
@@ -322,24 +302,16 @@ pub(crate) fn load(args: &ModelArgs) -> Result<AnyEngine> {
 
 /// Loads the model in `dir` on the backend `device` names.
 pub(crate) fn load_backend_engine(device: &str, dir: &Path) -> Result<AnyEngine> {
-    let device = parse_device(device)?;
-    let model = resid::model::ModelDir::open(dir)?;
-    Ok(match device {
-        None => AnyEngine::Cpu(Engine::new(CpuBackend, model)?),
-        Some(ordinal) => {
-            let started = std::time::Instant::now();
-            let backend = CudaBackend::new(ordinal)?;
-            let engine = Engine::new(backend, model)?;
-            engine.backend.synchronize()?;
-            eprintln!(
-                "{}: weights uploaded in {:.1} s; device memory in use {:.2} GiB",
-                Backend::name(&engine.backend),
-                started.elapsed().as_secs_f64(),
-                engine.backend.memory_used()? as f64 / (1u64 << 30) as f64
-            );
-            AnyEngine::Cuda(Box::new(engine))
-        }
-    })
+    let (engine, load) = AnyEngine::load(device, dir)?;
+    if let Some(l) = load {
+        eprintln!(
+            "{}: weights uploaded in {:.1} s; device memory in use {:.2} GiB",
+            l.backend,
+            l.seconds,
+            l.memory_used as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(engine)
 }
 
 fn steering<B: Backend>(engine: &Engine<B>, a: &SteerArgs) -> Result<Option<Arc<Steering>>> {
@@ -373,48 +345,13 @@ fn steering<B: Backend>(engine: &Engine<B>, a: &SteerArgs) -> Result<Option<Arc<
     Ok(Some(Arc::new(s)))
 }
 
-fn steering_description(s: &Option<Arc<Steering>>, a: &SteerArgs) -> String {
-    match s {
-        None => "none".into(),
-        Some(s) => serde_json::json!({
-            "file": a.steer.as_ref().map(|p| p.display().to_string()),
-            "coef": s.coef,
-            "layers": s.layers,
-            "op": s.op.name(),
-            "preserve_norm": s.preserve_norm,
-            "positions": s.positions.name(),
-        })
-        .to_string(),
-    }
-}
-
 fn info(a: InfoArgs) -> Result<()> {
     let any = load(&a.model)?;
     with_engine!(&any, engine => info_on(engine, &a))
 }
 
 fn info_on<B: Backend>(engine: &Engine<B>, a: &InfoArgs) -> Result<()> {
-    let m = &engine.model;
-    let c = &m.config;
-    let summary = serde_json::json!({
-        "model": m.dir.display().to_string(),
-        "architecture": c.architecture,
-        "family": c.family.name(),
-        "layers": c.num_layers,
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "attention_heads": c.num_heads,
-        "kv_heads": c.num_kv_heads,
-        "head_dim": c.head_dim,
-        "vocab_size": c.vocab_size,
-        "context": c.max_position_embeddings,
-        "dtype": m.store.dominant_dtype(),
-        "parameters": m.parameter_count(),
-        "tie_word_embeddings": c.tie_word_embeddings,
-        "tensor_check": format!("ok: all {} expected tensors present with expected dtypes and shapes", m.spec.expected_tensors(c).len()),
-        "tokenizer": m.tokenizer.is_some(),
-        "backend": engine.backend.name(),
-    });
+    let summary = engine.summary();
     if a.json {
         println!("{summary}");
     } else {
@@ -423,26 +360,6 @@ fn info_on<B: Backend>(engine: &Engine<B>, a: &InfoArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn tokenize_items<B: Backend>(engine: &Engine<B>, items: Vec<InputItem>, input: &Path) -> Result<Vec<Vec<u32>>> {
-    let mut seqs = Vec::with_capacity(items.len());
-    for (i, item) in items.into_iter().enumerate() {
-        let at = format!("{}: line {}", input.display(), i + 1);
-        let ids = match item {
-            InputItem::Ids(ids) => ids,
-            InputItem::Text(text) => engine
-                .model
-                .tokenizer
-                .as_ref()
-                .ok_or_else(|| resid::Error::input(format!("{at}: the model has no tokenizer.json; give `ids` instead of `text`")))?
-                .encode(&text)
-                .map_err(|e| resid::Error::input(format!("{at}: {e}")))?,
-        };
-        engine.check_tokens(&ids, &at)?;
-        seqs.push(ids);
-    }
-    Ok(seqs)
 }
 
 fn extract(a: ExtractArgs) -> Result<()> {
@@ -488,11 +405,11 @@ fn extract_on<B: Backend>(
     let spec = CaptureSpec { points, position };
     spec.validate(n_layers)?;
     let steer = steering(engine, &a.steer)?;
-    let seqs = tokenize_items(engine, items, &a.input)?;
+    let seqs = engine.input_ids(items, |i| format!("{}: line {}", a.input.display(), i + 1))?;
     let job = ExtractJob {
         seqs: &seqs,
         spec: &spec,
-        steering_description: steering_description(&steer, &a.steer),
+        steering_description: Steering::describe(steer.as_deref(), a.steer.steer.as_deref()),
         steering: steer,
         steering_file_sha256: a.steer.steer.as_ref().map(|p| resid::store::sha256_file(p)).transpose()?,
         batch_tokens: a.batch_tokens,

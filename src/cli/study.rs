@@ -376,20 +376,9 @@ fn control_plan(c: &ControlArgs, quiet: bool, batch_tokens: usize) -> Result<Con
         let v: f32 = part
             .parse()
             .map_err(|_| resid::Error::input(format!("--coefs `{}`: `{part}` is not a number", c.coefs)))?;
-        if !v.is_finite() {
-            bail!(resid::Error::input(format!("--coefs: `{part}` is not finite")));
-        }
         coefs.push(v);
     }
-    if coefs.is_empty() {
-        bail!(resid::Error::input("--coefs: no coefficients"));
-    }
-    if !coefs.contains(&0.0) {
-        coefs.insert(0, 0.0);
-    }
-    coefs.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    let op: resid::SteerOp = c.steer_op.parse()?;
-    let positions: resid::SteerPositions = c.steer_positions.parse()?;
+    let settings = ControlSettings::new(coefs, &c.steer_op, &c.steer_positions, c.steer_preserve_norm, c.max_new_tokens, batch_tokens, quiet)?;
     let sources = parse_list(&c.sources);
     if sources.is_empty() {
         bail!(resid::Error::input("--control-sources: no languages"));
@@ -401,15 +390,7 @@ fn control_plan(c: &ControlArgs, quiet: bool, batch_tokens: usize) -> Result<Con
         layers: c.layers.as_deref().map(parse_layer_list).transpose()?,
         radius: c.radius,
         prompts: c.prompts,
-        settings: ControlSettings {
-            coefs,
-            op: op.name(),
-            positions: positions.name(),
-            preserve_norm: c.steer_preserve_norm,
-            max_new_tokens: c.max_new_tokens,
-            batch_tokens,
-            quiet,
-        },
+        settings,
     })
 }
 

@@ -67,6 +67,23 @@ impl Phase<'_> {
 /// Default token budget of one extraction batch.
 pub const DEFAULT_BATCH_TOKENS: usize = 2048;
 
+/// How extraction packs sequences of lengths `lens` into batches of at most `batch_tokens`
+/// tokens (a longer sequence alone), in input order. Every face that walks batches uses this.
+pub fn batch_ranges(lens: &[usize], batch_tokens: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < lens.len() {
+        let (mut end, mut tokens) = (start, 0);
+        while end < lens.len() && (end == start || tokens + lens[end] <= batch_tokens.max(1)) {
+            tokens += lens[end];
+            end += 1;
+        }
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
 impl<B: Backend> Engine<B> {
     pub fn new(backend: B, model: ModelDir) -> Result<Self> {
         let weights = ModelWeights::load(&backend, &model)?;
@@ -108,6 +125,52 @@ impl<B: Backend> Engine<B> {
             return Err(Error::input(format!("{what}: token id {bad} is outside the vocabulary of {}", c.vocab_size)));
         }
         Ok(())
+    }
+
+    /// Token ids of input items (texts through the tokenizer), each checked with
+    /// [`Engine::check_tokens`]; `at(i)` names item i in errors (e.g. `FILE: line 3`).
+    pub fn input_ids(&self, items: Vec<crate::io::InputItem>, at: impl Fn(usize) -> String) -> Result<Vec<Vec<u32>>> {
+        let mut seqs = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            let ids = match item {
+                crate::io::InputItem::Ids(ids) => ids,
+                crate::io::InputItem::Text(text) => self
+                    .model
+                    .tokenizer
+                    .as_ref()
+                    .ok_or_else(|| Error::input(format!("{}: the model has no tokenizer.json; give `ids` instead of `text`", at(i))))?
+                    .encode(&text)
+                    .map_err(|e| Error::input(format!("{}: {e}", at(i))))?,
+            };
+            self.check_tokens(&ids, &at(i))?;
+            seqs.push(ids);
+        }
+        Ok(seqs)
+    }
+
+    /// What `resid info --json` prints: architecture, sizes, dtype, tensor check, backend.
+    pub fn summary(&self) -> serde_json::Value {
+        let m = &self.model;
+        let c = &m.config;
+        serde_json::json!({
+            "model": m.dir.display().to_string(),
+            "architecture": c.architecture,
+            "family": c.family.name(),
+            "layers": c.num_layers,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "attention_heads": c.num_heads,
+            "kv_heads": c.num_kv_heads,
+            "head_dim": c.head_dim,
+            "vocab_size": c.vocab_size,
+            "context": c.max_position_embeddings,
+            "dtype": m.store.dominant_dtype(),
+            "parameters": m.parameter_count(),
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "tensor_check": format!("ok: all {} expected tensors present with expected dtypes and shapes", m.spec.expected_tensors(c).len()),
+            "tokenizer": m.tokenizer.is_some(),
+            "backend": self.backend.name(),
+        })
     }
 
     fn norm<'v>(&self, weight: &'v B::Vector, bias: Option<&'v B::Vector>) -> Norm<'v, B::Vector> {
@@ -295,15 +358,11 @@ impl<B: Backend> Engine<B> {
         for (i, ids) in seqs.iter().enumerate() {
             self.check_tokens(ids, &format!("sequence {}", i + 1))?;
         }
-        let mut start = 0;
-        while start < seqs.len() {
+        let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        for range in batch_ranges(&lens, batch_tokens) {
             crate::interrupt::check()?;
-            let mut end = start;
-            let mut tokens = 0;
-            while end < seqs.len() && (end == start || tokens + seqs[end].len() <= batch_tokens.max(1)) {
-                tokens += seqs[end].len();
-                end += 1;
-            }
+            let (start, end) = (range.start, range.end);
+            let tokens: usize = lens[range].iter().sum();
             let batch = &seqs[start..end];
             let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
             let plan = BatchPlan::fresh(&lens);
@@ -326,7 +385,6 @@ impl<B: Backend> Engine<B> {
                 },
             )?;
             on_batch(start..end, &out)?;
-            start = end;
         }
         Ok(())
     }

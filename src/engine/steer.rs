@@ -114,6 +114,23 @@ impl Steering {
         Ok(())
     }
 
+    /// How outputs describe this steering in metadata and manifests (JSON, or `none`); `file`
+    /// is the vector file it came from, if any.
+    pub fn describe(s: Option<&Steering>, file: Option<&std::path::Path>) -> String {
+        match s {
+            None => "none".into(),
+            Some(s) => serde_json::json!({
+                "file": file.map(|p| p.display().to_string()),
+                "coef": s.coef,
+                "layers": s.layers,
+                "op": s.op.name(),
+                "preserve_norm": s.preserve_norm,
+                "positions": s.positions.name(),
+            })
+            .to_string(),
+        }
+    }
+
     pub fn direction(&self, layer: usize) -> &[f32] {
         &self.directions[layer * self.hidden..(layer + 1) * self.hidden]
     }

@@ -45,6 +45,24 @@ pub struct ControlSettings {
 }
 
 impl ControlSettings {
+    /// Checked settings: finite coefficients (0, the unsteered baseline, is added and they are
+    /// sorted), a known operator and known positions.
+    pub fn new(mut coefs: Vec<f32>, op: &str, positions: &str, preserve_norm: bool, max_new_tokens: usize, batch_tokens: usize, quiet: bool) -> Result<Self> {
+        if let Some(v) = coefs.iter().find(|v| !v.is_finite()) {
+            return Err(crate::error::Error::input(format!("--coefs: `{v}` is not finite")));
+        }
+        if coefs.is_empty() {
+            return Err(crate::error::Error::input("--coefs: no coefficients"));
+        }
+        if !coefs.contains(&0.0) {
+            coefs.insert(0, 0.0);
+        }
+        coefs.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        let op: SteerOp = op.parse()?;
+        let positions: SteerPositions = positions.parse()?;
+        Ok(ControlSettings { coefs, op: op.name(), positions: positions.name(), preserve_norm, max_new_tokens, batch_tokens, quiet })
+    }
+
     fn steer_op(&self) -> Result<SteerOp> {
         self.op.parse()
     }

@@ -171,6 +171,19 @@ pub fn read_control_vector(path: &Path, num_layers: usize, hidden: usize) -> Res
 
 /// As [`read_control_vector`] on a file's bytes (an upload); `path` only names it in errors.
 pub fn parse_control_vector(bytes: &[u8], path: &Path, num_layers: usize, hidden: usize) -> Result<LoadedTensor> {
+    parse_control_vector_for(bytes, path, Some((num_layers, hidden)))
+}
+
+/// Reads a control-vector GGUF without a model at hand: the hidden size is the tensors' own
+/// and the table has rows up to the highest `direction.k` (k + 2 rows); a face pads it to its
+/// model's `L + 1` rows when it steers with it.
+pub fn read_control_vector_unsized(path: &Path) -> Result<LoadedTensor> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_control_vector_for(&bytes, path, None)
+}
+
+fn parse_control_vector_for(bytes: &[u8], path: &Path, model: Option<(usize, usize)>) -> Result<LoadedTensor> {
+    let mut hidden = model.map(|m| m.1);
     let mut r = Reader { bytes, pos: 0, path };
     if r.take(4)? != b"GGUF" {
         return Err(Error::input(format!("{}: not a GGUF file (bad magic)", path.display())));
@@ -223,7 +236,11 @@ pub fn parse_control_vector(bytes: &[u8], path: &Path, num_layers: usize, hidden
         if layer == 0 {
             return Err(Error::input(format!("{}: tensor `{name}`: layer 0 is invalid in a control vector (llama.cpp rejects it)", path.display())));
         }
-        if layer + 1 > num_layers {
+        let hidden = *hidden.get_or_insert(dims.first().map_or(0, |&d| d as usize));
+        if hidden == 0 || hidden > 1 << 20 {
+            return Err(Error::input(format!("{}: tensor `{name}` has shape {dims:?}: no usable hidden size", path.display())));
+        }
+        if let Some((num_layers, _)) = model.filter(|&(n, _)| layer + 1 > n) {
             return Err(Error::input(format!(
                 "{}: tensor `{name}` targets decoder block {layer}, but the model has blocks 0..{}",
                 path.display(),
@@ -242,6 +259,10 @@ pub fn parse_control_vector(bytes: &[u8], path: &Path, num_layers: usize, hidden
         infos.push(Info { name, layer, dtype, len: hidden, offset });
     }
     let data_start = r.pos.div_ceil(alignment) * alignment;
+    let Some(hidden) = hidden else {
+        return Err(Error::input(format!("{}: no direction tensors", path.display())));
+    };
+    let num_layers = model.map_or_else(|| infos.iter().map(|i| i.layer + 1).max().unwrap_or(0), |m| m.0);
     let mut out = vec![0.0f32; (num_layers + 1) * hidden];
     for info in &infos {
         let width = if info.dtype == GGML_F32 { 4 } else { 2 };

@@ -299,6 +299,9 @@ const INTERRUPTED_STUDY: &str = "no report written; the hidden-state cache keeps
 
 /// Checks the data, template and similarity matrix before any model is loaded.
 pub fn check_inputs(cfg: &StudyConfig) -> Result<()> {
+    if cfg.batch_tokens == 0 {
+        return Err(Error::input("--batch-tokens must be at least 1"));
+    }
     data::check_template(&cfg.template)?;
     if let Some(p) = &cfg.lang_similarity {
         LangSimilarity::read(p)?;

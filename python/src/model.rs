@@ -1,0 +1,438 @@
+//! `resid._resid.Model`: a loaded model on a device, and the calls the Python `resid.Model`
+//! makes on it.
+use crate::run::run;
+use crate::steering::Steering as PySteering;
+use crate::{input_err, to_py, ModelError};
+use numpy::{PyArray1, PyArrayMethods};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyString};
+use resid::backend::any::AnyEngine;
+use resid::backend::Backend;
+use resid::engine::capture::{CapturePoint, CapturePosition, CaptureSpec};
+use resid::engine::steer::Steering;
+use resid::io::InputItem;
+use resid::model::tokenizer::TextTokenizer;
+use resid::sched::text::TextStream;
+use resid::store::extract::{ExtractJob, ExtractOutput};
+use resid::{with_engine, Engine, GenerateOptions, Sampling};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Sets the CPU backend's worker threads for this process (once, before the first compute).
+#[pyfunction]
+pub fn set_threads(n: usize) -> PyResult<()> {
+    if n == 0 {
+        return Err(input_err("threads must be at least 1"));
+    }
+    if rayon::ThreadPoolBuilder::new().num_threads(n).build_global().is_err() && rayon::current_num_threads() != n {
+        return Err(input_err(format!(
+            "threads={n}: this process already computes with {} threads (set threads on the first Model only)",
+            rayon::current_num_threads()
+        )));
+    }
+    Ok(())
+}
+
+/// A loaded model: immutable, shared by every Python thread that uses it.
+#[pyclass(frozen, module = "resid._resid")]
+pub struct Model {
+    engine: Arc<AnyEngine>,
+}
+
+/// Tokenized, checked inputs of one call (kept in Rust between the batches of `extract_iter`).
+#[pyclass(frozen, module = "resid._resid")]
+pub struct Inputs {
+    seqs: Vec<Vec<u32>>,
+    /// Name and SHA-256 of the input for `extract_to`'s manifest.
+    name: String,
+    sha256: String,
+}
+
+#[pymethods]
+impl Inputs {
+    fn __len__(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Token count of every input.
+    fn lengths(&self) -> Vec<usize> {
+        self.seqs.iter().map(Vec::len).collect()
+    }
+
+    /// The batches extraction packs these inputs into: `(start, end)` ranges.
+    fn batch_ranges(&self, batch_tokens: usize) -> PyResult<Vec<(usize, usize)>> {
+        check_batch_tokens(batch_tokens)?;
+        let lens = self.lengths();
+        Ok(resid::engine::batch_ranges(&lens, batch_tokens).into_iter().map(|r| (r.start, r.end)).collect())
+    }
+}
+
+fn check_batch_tokens(batch_tokens: usize) -> PyResult<()> {
+    if batch_tokens == 0 {
+        return Err(input_err("batch_tokens must be at least 1"));
+    }
+    Ok(())
+}
+
+fn tokenizer<B: Backend>(engine: &Engine<B>) -> PyResult<&TextTokenizer> {
+    engine
+        .model
+        .tokenizer
+        .as_ref()
+        .ok_or_else(|| ModelError::new_err(format!("{}: no tokenizer.json; give token ids instead of text", engine.model.dir.display())))
+}
+
+/// One input: a str, or a sequence of token ids (a list, a tuple, a 1-D integer array).
+fn input_item(item: &Bound<'_, PyAny>, at: &str) -> PyResult<InputItem> {
+    if let Ok(s) = item.cast::<PyString>() {
+        return Ok(InputItem::Text(s.to_cow()?.into_owned()));
+    }
+    let ids: Vec<Bound<'_, PyAny>> = item
+        .try_iter()
+        .map_err(|_| input_err(format!("{at}: expected a str or a list of token ids, got {}", type_name(item))))?
+        .collect::<PyResult<_>>()?;
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        // Python ints of any size, numpy integers; floats and bools are refused.
+        if id.is_instance_of::<pyo3::types::PyBool>() || id.is_instance_of::<pyo3::types::PyFloat>() {
+            return Err(input_err(format!("{at}: token id {} is not an integer", id.repr()?)));
+        }
+        let repr = || id.repr().map(|r| r.to_string()).unwrap_or_default();
+        let v: i128 = match id.extract() {
+            Ok(v) => v,
+            Err(_) if id.is_instance_of::<pyo3::types::PyInt>() => return Err(input_err(format!("{at}: token id {} is outside the vocabulary", repr()))),
+            Err(_) => return Err(input_err(format!("{at}: token id {} is not an integer", repr()))),
+        };
+        let v = u32::try_from(v).map_err(|_| input_err(format!("{at}: token id {v} is outside the vocabulary")))?;
+        out.push(v);
+    }
+    Ok(InputItem::Ids(out))
+}
+
+fn type_name(o: &Bound<'_, PyAny>) -> String {
+    o.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
+}
+
+/// The layer axis: Hugging Face indices (0 = embeddings .. L) and `"raw"` (the last block's
+/// output before the final norm); `None` is every index 0..=L.
+fn capture_points(layers: Option<&Bound<'_, PyAny>>, num_layers: usize) -> PyResult<Vec<CapturePoint>> {
+    let Some(layers) = layers.filter(|l| !l.is_none()) else {
+        return Ok((0..=num_layers).map(CapturePoint::Hidden).collect());
+    };
+    if layers.is_instance_of::<PyString>() {
+        return Err(input_err("layers: expected a list of layer indices and \"raw\", not a string"));
+    }
+    let mut points = Vec::new();
+    let items = layers.try_iter().map_err(|_| input_err(format!("layers: expected a list of layer indices, got {}", type_name(layers))))?;
+    for item in items {
+        let item = item?;
+        let p = if let Ok(s) = item.extract::<String>() {
+            if s != "raw" {
+                return Err(input_err(format!("layers: unknown layer `{s}` (expected an index 0..={num_layers} or \"raw\")")));
+            }
+            CapturePoint::LastBlockRaw
+        } else if item.is_instance_of::<pyo3::types::PyBool>() {
+            return Err(input_err("layers: a bool is not a layer index"));
+        } else {
+            let l: i128 = item.extract().map_err(|_| input_err(format!("layers: `{}` is not a layer index", item.repr().map(|r| r.to_string()).unwrap_or_default())))?;
+            let l = usize::try_from(l).ok().filter(|&l| l <= num_layers).ok_or_else(|| {
+                input_err(format!("capture layer {l} is out of range: this model has hidden-state indices 0..={num_layers}"))
+            })?;
+            CapturePoint::Hidden(l)
+        };
+        if !points.contains(&p) {
+            points.push(p);
+        }
+    }
+    Ok(points)
+}
+
+fn parse_position(p: &str) -> PyResult<CapturePosition> {
+    p.parse::<CapturePosition>().map_err(to_py)
+}
+
+fn steering_for<B: Backend>(engine: &Engine<B>, s: Option<&Bound<'_, PySteering>>) -> PyResult<Option<Arc<Steering>>> {
+    s.map(|s| s.get().for_model(engine.num_layers(), engine.hidden_size()).map(Arc::new)).transpose().map_err(to_py)
+}
+
+fn numpy_rows<'py>(py: Python<'py>, data: Vec<f32>, rows: usize, points: usize, hidden: usize) -> PyResult<Bound<'py, PyAny>> {
+    // The engine's buffer becomes the array's memory: no copy on the way out.
+    Ok(PyArray1::from_vec(py, data).reshape([rows, points, hidden])?.into_any())
+}
+
+#[pymethods]
+impl Model {
+    #[new]
+    #[pyo3(signature = (path, device = "cpu"))]
+    fn new(py: Python<'_>, path: PathBuf, device: &str) -> PyResult<Self> {
+        let device = device.to_owned();
+        let engine = run(py, None, move |_| AnyEngine::load(&device, &path).map(|(e, _)| e))?;
+        Ok(Model { engine: Arc::new(engine) })
+    }
+
+    /// `resid info --json` as a JSON string.
+    fn info_json(&self) -> String {
+        with_engine!(&*self.engine, e => e.summary().to_string())
+    }
+
+    #[getter]
+    fn num_layers(&self) -> usize {
+        with_engine!(&*self.engine, e => e.num_layers())
+    }
+
+    #[getter]
+    fn hidden_size(&self) -> usize {
+        with_engine!(&*self.engine, e => e.hidden_size())
+    }
+
+    fn tokenize(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<Vec<u32>>> {
+        with_engine!(&*self.engine, e => {
+            let tok = tokenizer(e)?;
+            py.detach(|| texts.iter().map(|t| tok.encode(t)).collect::<resid::Result<Vec<_>>>()).map_err(to_py)
+        })
+    }
+
+    fn decode(&self, ids: Vec<u32>) -> PyResult<String> {
+        with_engine!(&*self.engine, e => tokenizer(e)?.decode(&ids).map_err(to_py))
+    }
+
+    fn apply_chat_template(&self, messages: Vec<(String, String)>) -> PyResult<String> {
+        with_engine!(&*self.engine, e => {
+            let turns: Vec<(&str, &str)> = messages.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
+            tokenizer(e)?.render_messages(&turns).map_err(to_py)
+        })
+    }
+
+    /// Tokenizes and checks `inputs` (a list of str or of token-id lists) once, for the calls below.
+    #[pyo3(signature = (inputs, name = None))]
+    fn prepare(&self, py: Python<'_>, inputs: &Bound<'_, PyAny>, name: Option<String>) -> PyResult<Inputs> {
+        if inputs.is_instance_of::<PyString>() {
+            return Err(input_err("inputs: expected a list of str or of token-id lists, not a single str"));
+        }
+        let list: Vec<Bound<'_, PyAny>> = inputs
+            .try_iter()
+            .map_err(|_| input_err(format!("inputs: expected a list, got {}", type_name(inputs))))?
+            .collect::<PyResult<_>>()?;
+        if list.is_empty() {
+            return Err(input_err("inputs: empty list (nothing to extract)"));
+        }
+        let items = list.iter().enumerate().map(|(i, x)| input_item(x, &format!("inputs[{i}]"))).collect::<PyResult<Vec<_>>>()?;
+        // The same bytes `resid extract` would hash for this input as JSONL, so that a rerun
+        // with the same list resumes and one with another list refuses to mix results.
+        let mut jsonl = String::new();
+        for it in &items {
+            let line = match it {
+                InputItem::Text(t) => serde_json::json!({ "text": t }),
+                InputItem::Ids(ids) => serde_json::json!({ "ids": ids }),
+            };
+            jsonl.push_str(&line.to_string());
+            jsonl.push('\n');
+        }
+        let engine = self.engine.clone();
+        let seqs = py.detach(|| with_engine!(&*engine, e => e.input_ids(items, |i| format!("inputs[{i}]")))).map_err(to_py)?;
+        Ok(Inputs { seqs, name: name.unwrap_or_else(|| "<python list>".into()), sha256: resid::store::sha256_hex(jsonl.as_bytes()) })
+    }
+
+    /// Reads a JSONL input file (`text` or `ids` per line), as `resid extract --input` does.
+    fn prepare_jsonl(&self, py: Python<'_>, path: PathBuf) -> PyResult<Inputs> {
+        let engine = self.engine.clone();
+        py.detach(|| {
+            let bytes = std::fs::read(&path).map_err(|e| resid::Error::io(&path, e))?;
+            let name = path.display().to_string();
+            let items = resid::io::parse_jsonl(&bytes, &name)?;
+            let seqs = with_engine!(&*engine, e => e.input_ids(items, |i| format!("{name}: line {}", i + 1)))?;
+            Ok(Inputs { seqs, name, sha256: resid::store::sha256_hex(&bytes) })
+        })
+        .map_err(to_py)
+    }
+
+    /// Captures `inputs.seqs[start..end]`: `(array [rows, n_layers, hidden], offsets or None)`.
+    #[pyo3(signature = (inputs, start, end, layers, position, steer, batch_tokens, progress = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn extract<'py>(
+        &self,
+        py: Python<'py>,
+        inputs: &Inputs,
+        start: usize,
+        end: usize,
+        layers: Option<&Bound<'py, PyAny>>,
+        position: &str,
+        steer: Option<&Bound<'py, PySteering>>,
+        batch_tokens: usize,
+        progress: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<(Bound<'py, PyAny>, Option<Bound<'py, PyAny>>)> {
+        check_batch_tokens(batch_tokens)?;
+        let seqs = inputs.seqs.get(start..end).ok_or_else(|| input_err(format!("range {start}..{end} outside 0..{}", inputs.seqs.len())))?;
+        let engine = &*self.engine;
+        with_engine!(engine, e => {
+            let spec = CaptureSpec { points: capture_points(layers, e.num_layers())?, position: parse_position(position)? };
+            let steering = vec![steering_for(e, steer)?; seqs.len()];
+            let total = seqs.len();
+            let c = run(py, progress, |p| {
+                let mut done = 0;
+                e.extract(seqs, &spec, &steering, batch_tokens, |n, _| {
+                    done += n;
+                    p.set(done, total);
+                })
+            })?;
+            let offsets = (spec.position == CapturePosition::All)
+                .then(|| PyArray1::from_vec(py, c.offsets.iter().map(|&o| o as i64).collect()).into_any());
+            Ok((numpy_rows(py, c.data, c.rows, c.points, c.hidden)?, offsets))
+        })
+    }
+
+    /// The resumable, sharded writer of `resid extract --out`; returns its summary as JSON.
+    #[pyo3(signature = (out, inputs, layers, position, steer, batch_tokens, shard_sequences, part, wait_lock, progress = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn extract_to<'py>(
+        &self,
+        py: Python<'py>,
+        out: PathBuf,
+        inputs: &Inputs,
+        layers: Option<&Bound<'py, PyAny>>,
+        position: &str,
+        steer: Option<&Bound<'py, PySteering>>,
+        batch_tokens: usize,
+        shard_sequences: usize,
+        part: Option<(usize, usize)>,
+        wait_lock: bool,
+        progress: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<String> {
+        check_batch_tokens(batch_tokens)?;
+        if shard_sequences == 0 {
+            return Err(input_err("shard_sequences must be at least 1"));
+        }
+        let engine = &*self.engine;
+        with_engine!(engine, e => {
+            let spec = CaptureSpec { points: capture_points(layers, e.num_layers())?, position: parse_position(position)? };
+            let steering = steering_for(e, steer)?;
+            let job = ExtractJob {
+                seqs: &inputs.seqs,
+                spec: &spec,
+                steering_description: Steering::describe(steering.as_deref(), None),
+                steering,
+                steering_file_sha256: None,
+                batch_tokens,
+                input_name: inputs.name.clone(),
+                input_sha256: inputs.sha256.clone(),
+                part,
+                shard_sequences,
+            };
+            let summary = run(py, progress, |p| {
+                let output = ExtractOutput::open(&out, wait_lock)?;
+                output.write(e, &job, &mut |x| p.set(x.done_sequences, x.total_sequences))
+            })?;
+            serde_json::to_string(&summary).map_err(|e| input_err(format!("summary: {e}")))
+        })
+    }
+
+    /// Generates for every prompt in one batch; returns dicts with text, tokens, finish_reason.
+    #[pyo3(signature = (prompts, max_new_tokens, temperature, top_p, top_k, seed, chat, stop, steer))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate<'py>(
+        &self,
+        py: Python<'py>,
+        prompts: &Bound<'py, PyAny>,
+        max_new_tokens: usize,
+        temperature: f32,
+        top_p: f32,
+        top_k: Option<usize>,
+        seed: u64,
+        chat: bool,
+        stop: Vec<String>,
+        steer: Vec<Option<Bound<'py, PySteering>>>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        if !(temperature.is_finite() && temperature >= 0.0) {
+            return Err(input_err(format!("temperature {temperature}: must be a non-negative number")));
+        }
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(input_err(format!("top_p {top_p}: must be in (0, 1]")));
+        }
+        if top_k == Some(0) {
+            return Err(input_err("top_k must be at least 1 (or None)"));
+        }
+        let sampling = if temperature == 0.0 {
+            if top_k.is_some() || top_p != 1.0 {
+                return Err(input_err("top_p and top_k need temperature > 0 (temperature 0 is greedy)"));
+            }
+            Sampling::Greedy
+        } else {
+            Sampling::Sample { temperature, top_k: top_k.unwrap_or(0), top_p, seed }
+        };
+        if prompts.is_instance_of::<PyString>() {
+            return Err(input_err("prompts: expected a list of str, not a single str"));
+        }
+        let list: Vec<Bound<'py, PyAny>> =
+            prompts.try_iter().map_err(|_| input_err(format!("prompts: expected a list, got {}", type_name(prompts))))?.collect::<PyResult<_>>()?;
+        if list.is_empty() {
+            return Err(input_err("prompts: empty list"));
+        }
+        if steer.len() != list.len() {
+            return Err(input_err(format!("steer: {} entries for {} prompts", steer.len(), list.len())));
+        }
+        let engine = &*self.engine;
+        with_engine!(engine, e => {
+            // Token-id prompts generate without a tokenizer (`text` is then None).
+            let tok = e.model.tokenizer.as_ref();
+            if tok.is_none() && !stop.is_empty() {
+                return Err(input_err("stop strings need the model's tokenizer.json"));
+            }
+            let mut ids = Vec::with_capacity(list.len());
+            for (i, p) in list.iter().enumerate() {
+                let at = format!("prompts[{i}]");
+                ids.push(match input_item(p, &at)? {
+                    InputItem::Text(text) => {
+                        let tok = tokenizer(e)?;
+                        let text = if chat { tok.render_chat(&text).map_err(to_py)? } else { text };
+                        // A rendered chat template already carries its special tokens.
+                        tok.encode_with(&text, !chat).map_err(|err| to_py(err.prefixed(&at)))?
+                    }
+                    InputItem::Ids(_) if chat => return Err(input_err(format!("{at}: chat=True needs text prompts"))),
+                    InputItem::Ids(v) => v,
+                });
+            }
+            let steering = steer.iter().map(|s| steering_for(e, s.as_ref())).collect::<PyResult<Vec<_>>>()?;
+            let opts = GenerateOptions { max_new_tokens, sampling, stop_tokens: resid::repe::control::stop_tokens(e) };
+            let gens = run(py, None, |_| {
+                let gens = e.generate(&ids, &steering, &opts)?;
+                // Stop strings through the server's TextStream, so that both cut text alike.
+                gens.into_iter()
+                    .map(|g| {
+                        let Some(tok) = tok else {
+                            let reason = if matches!(g.finish, resid::FinishReason::Stop) { "stop" } else { "length" };
+                            return Ok((None, g.tokens, reason));
+                        };
+                        let mut stream = TextStream::new(stop.clone(), opts.stop_tokens.clone());
+                        let mut kept = 0;
+                        for &t in &g.tokens {
+                            stream.push(tok, t)?;
+                            kept += 1;
+                            if stream.stopped() {
+                                break;
+                            }
+                        }
+                        stream.finish(tok)?;
+                        let reason = if stream.stopped() || matches!(g.finish, resid::FinishReason::Stop) { "stop" } else { "length" };
+                        Ok((Some(stream.text().to_owned()), g.tokens[..kept].to_vec(), reason))
+                    })
+                    .collect::<resid::Result<Vec<_>>>()
+            })?;
+            let out = PyList::empty(py);
+            for ((text, tokens, reason), p) in gens.into_iter().zip(&ids) {
+                let d = PyDict::new(py);
+                d.set_item("text", text)?;
+                d.set_item("tokens", tokens)?;
+                d.set_item("prompt_tokens", p.len())?;
+                d.set_item("finish_reason", reason)?;
+                out.append(d)?;
+            }
+            Ok(out)
+        })
+    }
+}
+
+impl Model {
+    pub fn engine(&self) -> &AnyEngine {
+        &self.engine
+    }
+}
