@@ -49,6 +49,25 @@ pub fn pseudo_random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 }
 
 impl RandomLlama {
+    /// A one-layer random Llama with heads of 64 (hidden 128, vocab 128, context 64): the
+    /// emulator tests' base, which they change field by field.
+    pub fn small(seed: u64) -> Self {
+        RandomLlama {
+            arch: TestArch::Llama,
+            vocab: 128,
+            hidden: 128,
+            intermediate: 256,
+            layers: 1,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 64,
+            bias: false,
+            tie: true,
+            context: 64,
+            seed,
+        }
+    }
+
     pub fn config_json(&self) -> String {
         match self.arch {
             TestArch::Bloom => {

@@ -5,7 +5,7 @@
 //! against the CPU backend: every shape, steering mode, capture position, decode step, sampling
 //! and operation check of the GPU selftest (thresholds there). It cannot measure speed, and it
 //! runs one block at a time, so it misses races between blocks.
-use resid::testing::{RandomLlama, TestArch};
+use resid::testing::RandomLlama;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -41,20 +41,7 @@ fn resid_on_emulator(args: &[&str], kernel_cache: &Path) -> Output {
 
 /// A one-layer random Llama with heads of 64; tests change what they need.
 fn small_llama(seed: u64) -> RandomLlama {
-    RandomLlama {
-        arch: TestArch::Llama,
-        vocab: 128,
-        hidden: 128,
-        intermediate: 256,
-        layers: 1,
-        heads: 2,
-        kv_heads: 1,
-        head_dim: 64,
-        bias: false,
-        tie: true,
-        context: 64,
-        seed,
-    }
+    RandomLlama::small(seed)
 }
 
 #[test]

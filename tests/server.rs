@@ -551,20 +551,7 @@ fn serves_on_the_cuda_backend_through_the_emulator() {
     assert!(build.status.success(), "scripts/build-emu.sh failed:\n{}", String::from_utf8_lossy(&build.stderr));
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny");
-    let tiny = resid::testing::RandomLlama {
-        arch: resid::testing::TestArch::Llama,
-        vocab: 128,
-        hidden: 128,
-        intermediate: 256,
-        layers: 2,
-        heads: 2,
-        kv_heads: 1,
-        head_dim: 64,
-        bias: false,
-        tie: true,
-        context: 64,
-        seed: 5,
-    };
+    let tiny = resid::testing::RandomLlama { layers: 2, ..resid::testing::RandomLlama::small(5) };
     tiny.write(&model).unwrap();
     let cpu_engine = CpuEngine::load(&model).unwrap();
     let prompt: Vec<u32> = vec![1, 5, 9, 13, 17];
@@ -594,4 +581,28 @@ fn serves_on_the_cuda_backend_through_the_emulator() {
         assert_eq!(got.len(), 6);
         assert_eq!(got[..3], expected.tokens[..3], "cuda (emulator) {got:?} vs cpu {:?}", expected.tokens);
     }
+}
+
+/// The library's `generate_text` (Python's `generate(stop=...)`) ends a sequence at the step its
+/// text first holds a stop string, and cuts the text as the server does.
+#[test]
+fn generate_text_ends_sequences_at_stop_strings_like_the_server() {
+    let Some(model) = model_dir() else { return };
+    let e = engine();
+    let tok = e.model.tokenizer.as_ref().unwrap();
+    let prompt = "1, 2, 3, 4,";
+    let ids = tok.encode(prompt).unwrap();
+    let opts = greedy(24);
+    let free = e.generate_text(std::slice::from_ref(&ids), &[None], &opts, &[]).unwrap().remove(0);
+    let full = free.text.clone().unwrap();
+    assert!(full.contains(" 6"), "{full:?}: pick another stop string");
+    let cut = e.generate_text(std::slice::from_ref(&ids), &[None], &opts, &[" 6".to_string()]).unwrap().remove(0);
+    assert_eq!(cut.text.as_deref(), Some(&full[..full.find(" 6").unwrap()]));
+    assert_eq!(cut.finish, resid::FinishReason::Stop);
+    assert!(cut.tokens.len() < free.tokens.len() && cut.tokens[..] == free.tokens[..cut.tokens.len()]);
+    let server = Server::start(&model, &[], &[]);
+    let (s, r) = server.post("/v1/completions", &json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "stop": [" 6"]}));
+    assert_eq!(s, 200, "{r}");
+    assert_eq!(r["choices"][0]["text"].as_str(), cut.text.as_deref());
+    assert_eq!(token_ids(&r["choices"][0]), cut.tokens);
 }

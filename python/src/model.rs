@@ -12,7 +12,6 @@ use resid::engine::capture::{CapturePoint, CapturePosition, CaptureSpec};
 use resid::engine::steer::Steering;
 use resid::io::InputItem;
 use resid::model::tokenizer::TextTokenizer;
-use resid::sched::text::TextStream;
 use resid::store::extract::{ExtractJob, ExtractOutput};
 use resid::{with_engine, Engine, GenerateOptions, Sampling};
 use std::path::PathBuf;
@@ -394,28 +393,15 @@ impl Model {
             let steering = steer.iter().map(|s| steering_for(e, s.as_ref())).collect::<PyResult<Vec<_>>>()?;
             let opts = GenerateOptions { max_new_tokens, sampling, stop_tokens: resid::repe::control::stop_tokens(e) };
             let gens = run(py, None, |_| {
-                let gens = e.generate(&ids, &steering, &opts)?;
-                // Stop strings through the server's TextStream, so that both cut text alike.
-                gens.into_iter()
+                // Stop strings end a sequence at the step they appear, as in the server.
+                let gens = e.generate_text(&ids, &steering, &opts, &stop)?;
+                Ok(gens
+                    .into_iter()
                     .map(|g| {
-                        let Some(tok) = tok else {
-                            let reason = if matches!(g.finish, resid::FinishReason::Stop) { "stop" } else { "length" };
-                            return Ok((None, g.tokens, reason));
-                        };
-                        let mut stream = TextStream::new(stop.clone(), opts.stop_tokens.clone());
-                        let mut kept = 0;
-                        for &t in &g.tokens {
-                            stream.push(tok, t)?;
-                            kept += 1;
-                            if stream.stopped() {
-                                break;
-                            }
-                        }
-                        stream.finish(tok)?;
-                        let reason = if stream.stopped() || matches!(g.finish, resid::FinishReason::Stop) { "stop" } else { "length" };
-                        Ok((Some(stream.text().to_owned()), g.tokens[..kept].to_vec(), reason))
+                        let reason = if matches!(g.finish, resid::FinishReason::Stop) { "stop" } else { "length" };
+                        (g.text, g.tokens, reason)
                     })
-                    .collect::<resid::Result<Vec<_>>>()
+                    .collect::<Vec<_>>())
             })?;
             let out = PyList::empty(py);
             for ((text, tokens, reason), p) in gens.into_iter().zip(&ids) {

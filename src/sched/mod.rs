@@ -796,9 +796,10 @@ fn copy_captured(
     }
 }
 
-/// Collects one sequence's events in memory (the command line and Python).
+/// Collects one sequence's events in memory (the command line and Python). Once cancelled it
+/// refuses further events, so the scheduler drops the sequence at its next step.
 #[derive(Clone, Default)]
-pub struct Collect(Arc<Mutex<Collected>>);
+pub struct Collect(Arc<Mutex<Collected>>, Arc<std::sync::atomic::AtomicBool>);
 
 #[derive(Default)]
 pub struct Collected {
@@ -811,10 +812,26 @@ impl Collect {
     pub fn take(&self) -> Collected {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
     }
+
+    /// The ids of the tokens collected after the first `from`.
+    pub fn ids_since(&self, from: usize) -> Vec<u32> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).tokens.iter().skip(from).map(|t| t.id).collect()
+    }
+
+    pub fn cancel(&self) {
+        self.1.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl GenListener for Collect {
+    fn gone(&self) -> bool {
+        self.1.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn event(&mut self, event: GenEvent) -> bool {
+        if self.gone() {
+            return false;
+        }
         let mut c = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match event {
             GenEvent::Token(t) => c.tokens.push(t),
@@ -826,11 +843,43 @@ impl GenListener for Collect {
     }
 }
 
+/// A generation with its text: stop strings end it where they appear (the tokens kept are those
+/// up to the one that completed the stop string; the text ends before it).
+#[derive(Debug, Clone)]
+pub struct TextGeneration {
+    pub tokens: Vec<u32>,
+    /// None for a model without a tokenizer.
+    pub text: Option<String>,
+    pub finish: FinishReason,
+}
+
 impl<B: Backend> Engine<B> {
     /// Generates for several prompts as one batch, each with its own steering (or none),
     /// through the scheduler: every prompt is prefilled in the first pass, then all decode
     /// together. Prompt i samples from stream i of the seed.
     pub fn generate(&self, prompts: &[Vec<u32>], steering: &[Option<Arc<Steering>>], opts: &GenerateOptions) -> Result<Vec<Generation>> {
+        Ok(self.run_generation(prompts, steering, opts, None)?.into_iter().map(|g| Generation { tokens: g.tokens, finish: g.finish }).collect())
+    }
+
+    /// As [`Engine::generate`], with the text of each generation (stop tokens not shown) and
+    /// stop strings: a sequence ends at the step its text first contains one of `stop`, as the
+    /// server ends it (the same [`text::TextStream`]).
+    pub fn generate_text(&self, prompts: &[Vec<u32>], steering: &[Option<Arc<Steering>>], opts: &GenerateOptions, stop: &[String]) -> Result<Vec<TextGeneration>> {
+        let tok = match (self.model.tokenizer.as_ref(), stop.is_empty()) {
+            (Some(t), _) => Some(t),
+            (None, true) => None,
+            (None, false) => return Err(Error::input("stop strings need the model's tokenizer.json")),
+        };
+        self.run_generation(prompts, steering, opts, tok.map(|t| (t, stop)))
+    }
+
+    fn run_generation(
+        &self,
+        prompts: &[Vec<u32>],
+        steering: &[Option<Arc<Steering>>],
+        opts: &GenerateOptions,
+        text: Option<(&crate::model::tokenizer::TextTokenizer, &[String])>,
+    ) -> Result<Vec<TextGeneration>> {
         if steering.len() != prompts.len() {
             return Err(Error::input(format!("{} steering entries for {} prompts", steering.len(), prompts.len())));
         }
@@ -863,14 +912,52 @@ impl<B: Backend> Engine<B> {
             sched.submit(req, Box::new(c.clone())).map_err(|e| e.prefixed(&format!("prompt {}", i + 1)))?;
             outs.push(c);
         }
-        sched.run_until_idle()?;
+        let mut streams: Vec<Option<text::TextStream>> =
+            outs.iter().map(|_| text.map(|(_, stop)| text::TextStream::new(stop.to_vec(), opts.stop_tokens.clone()))).collect();
+        // Tokens each stream has read, and the tokens kept when a stop string ended a sequence.
+        let mut read = vec![0usize; outs.len()];
+        let mut kept: Vec<Option<usize>> = vec![None; outs.len()];
+        while !sched.is_idle() {
+            if sched.step()?.is_none() && !sched.is_idle() {
+                return Err(Error::input("the scheduler cannot admit the waiting requests (KV budget too small)"));
+            }
+            let Some((tok, _)) = text else { continue };
+            for (i, c) in outs.iter().enumerate() {
+                let Some(stream) = streams[i].as_mut().filter(|s| !s.stopped()) else { continue };
+                for id in c.ids_since(read[i]) {
+                    read[i] += 1;
+                    stream.push(tok, id)?;
+                    if stream.stopped() {
+                        kept[i] = Some(read[i]);
+                        c.cancel();
+                        break;
+                    }
+                }
+            }
+        }
         outs.iter()
-            .map(|c| {
+            .zip(streams.iter_mut())
+            .zip(kept)
+            .map(|((c, stream), kept)| {
                 let c = c.take();
                 if let Some(e) = c.error {
                     return Err(e);
                 }
-                Ok(Generation { tokens: c.tokens.iter().map(|t| t.id).collect(), finish: c.finish.unwrap_or(FinishReason::Length) })
+                let mut tokens: Vec<u32> = c.tokens.iter().map(|t| t.id).collect();
+                let mut finish = c.finish.unwrap_or(FinishReason::Length);
+                if let Some(k) = kept {
+                    tokens.truncate(k);
+                    finish = FinishReason::Stop;
+                }
+                let text = match (stream.as_mut(), text) {
+                    // The loop above read every token, the last step's included.
+                    (Some(s), Some((tok, _))) => {
+                        s.finish(tok)?;
+                        Some(s.text().to_string())
+                    }
+                    _ => None,
+                };
+                Ok(TextGeneration { tokens, text, finish })
             })
             .collect()
     }
