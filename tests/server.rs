@@ -606,3 +606,14 @@ fn generate_text_ends_sequences_at_stop_strings_like_the_server() {
     assert_eq!(r["choices"][0]["text"].as_str(), cut.text.as_deref());
     assert_eq!(token_ids(&r["choices"][0]), cut.tokens);
 }
+
+#[test]
+fn bad_server_flags_are_one_line_errors() {
+    let Some(model) = model_dir() else { return };
+    for (flag, value, want) in [("--max-batch-tokens", "1", "--max-batch-tokens 1: must be at least 2"), ("--request-timeout", "0", "--request-timeout 0"), ("--kv-budget-mib", "0", "--kv-budget-mib 0")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_resid")).args(["serve", "--model"]).arg(&model).args(["--port", "0", flag, value]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{flag} {value}: {err}");
+        assert!(err.contains(want) && err.trim().lines().count() == 1, "{flag} {value}: {err}");
+    }
+}

@@ -223,8 +223,9 @@ pub struct Scheduler<'e, B: Backend> {
 
 impl<'e, B: Backend> Scheduler<'e, B> {
     pub fn new(engine: &'e Engine<B>, cfg: SchedConfig) -> Result<Self> {
-        if cfg.max_batch_tokens == 0 || cfg.max_running == 0 {
-            return Err(Error::input("the scheduler needs max_batch_tokens and max_running of at least 1"));
+        // Two rows at least: a prompt is never cut into one-row pieces (see `step`).
+        if cfg.max_batch_tokens < 2 || cfg.max_running == 0 {
+            return Err(Error::input("the scheduler needs max_batch_tokens of at least 2 (--max-batch-tokens) and max_running of at least 1"));
         }
         let kv = engine.backend.kv(engine.num_layers(), cfg.kv_slots.max(1), engine.kv_dim())?;
         Ok(Scheduler { engine, arena: SlotArena::new(cfg.kv_slots), cfg, kv, waiting: VecDeque::new(), running: Vec::new(), captures: Vec::new() })
@@ -889,7 +890,7 @@ impl<B: Backend> Engine<B> {
         let ctx = self.model.config.max_position_embeddings;
         let kv_slots: usize = prompts.iter().map(|p| p.len().saturating_add(opts.max_new_tokens).min(ctx)).sum();
         let cfg = SchedConfig {
-            max_batch_tokens: prompts.iter().map(Vec::len).sum::<usize>().max(prompts.len()),
+            max_batch_tokens: prompts.iter().map(Vec::len).sum::<usize>().max(prompts.len()).max(2),
             max_running: prompts.len().max(1),
             kv_slots,
             check_interrupt: true,

@@ -199,8 +199,11 @@ pub fn serve<B: Backend + Send + Sync + 'static>(engine: Engine<B>, mut cfg: Ser
         let n = vectors.load_dir(dir)?;
         eprintln!("loaded {n} steering vectors from {}", dir.display());
     }
-    if cfg.max_queue == 0 || cfg.max_running == 0 || cfg.max_batch_tokens == 0 || cfg.max_n == 0 {
-        return Err(Error::input("--max-queue, --max-running, --max-batch-tokens and the largest n must be at least 1"));
+    if cfg.max_queue == 0 || cfg.max_running == 0 || cfg.max_n == 0 {
+        return Err(Error::input("--max-queue, --max-running and --max-n must be at least 1"));
+    }
+    if cfg.max_batch_tokens < 2 {
+        return Err(Error::input(format!("--max-batch-tokens {}: must be at least 2", cfg.max_batch_tokens)));
     }
     let kv_slots = SchedConfig::kv_slots_for_budget(&engine, cfg.kv_budget_mib);
     if kv_slots < 2 {
