@@ -9,6 +9,7 @@
 //! same cached keys, and each sequence samples from a random stream of its own.
 pub mod text;
 
+use crate::backend::cpu::residual::mean_of_rows;
 use crate::backend::Backend;
 use crate::engine::capture::{CapturePoint, CapturePosition, CaptureSink, CaptureSpec, Captured};
 use crate::engine::generate::{FinishReason, GenerateOptions, Generation};
@@ -254,16 +255,23 @@ impl<'e, B: Backend> Scheduler<'e, B> {
         prompt_len.saturating_add(max_new_tokens).min(self.engine.model.config.max_position_embeddings)
     }
 
-    /// Checks a generation request and queues it. Errors name what is wrong; nothing is queued.
-    pub fn submit(&mut self, req: GenRequest, listener: Box<dyn GenListener>) -> Result<()> {
-        self.check(&req)?;
+    /// Checks a generation request and queues it. A refusal names what is wrong, goes to the
+    /// listener too (as [`GenEvent::Failed`]), and queues nothing.
+    pub fn submit(&mut self, req: GenRequest, mut listener: Box<dyn GenListener>) -> Result<()> {
+        if let Err(e) = self.check(&req) {
+            listener.event(GenEvent::Failed(e.replicate()));
+            return Err(e);
+        }
         self.waiting.push_back(Waiting::Gen(Box::new(req), listener));
         Ok(())
     }
 
-    /// Checks a capture request and queues it.
-    pub fn submit_capture(&mut self, req: CaptureRequest, listener: Box<dyn CaptureListener>) -> Result<()> {
-        self.check_capture(&req)?;
+    /// Checks a capture request and queues it; a refusal goes to the listener too.
+    pub fn submit_capture(&mut self, req: CaptureRequest, mut listener: Box<dyn CaptureListener>) -> Result<()> {
+        if let Err(e) = self.check_capture(&req) {
+            listener.done(Err(CaptureFailure::Failed(e.replicate())));
+            return Err(e);
+        }
         let lens: Vec<usize> = req.seqs.iter().map(Vec::len).collect();
         let out = Captured::for_lengths(&lens, req.spec.points.len(), self.engine.hidden_size(), req.spec.position);
         self.waiting.push_back(Waiting::Capture(CaptureJob { req, listener, out, next: 0 }));
@@ -499,7 +507,7 @@ impl<'e, B: Backend> Scheduler<'e, B> {
         while !self.is_idle() {
             if self.step()?.is_none() && !self.is_idle() {
                 // Nothing could run: a waiting request that can never be admitted.
-                return Err(Error::input("the scheduler cannot admit the waiting requests (KV budget too small)"));
+                return Err(stuck());
             }
         }
         Ok(())
@@ -716,6 +724,11 @@ impl<'e, B: Backend> Scheduler<'e, B> {
     }
 }
 
+/// A step that ran nothing while requests wait: one can never be admitted.
+fn stuck() -> Error {
+    Error::input("the scheduler cannot admit the waiting requests (KV budget too small)")
+}
+
 /// A listener that has gone away.
 struct Gone;
 
@@ -761,7 +774,7 @@ pub fn log_probabilities(row: &[f32], chosen: u32, top: usize) -> (f32, Vec<(u32
 }
 
 /// Copies capture sequence `seq`'s rows out of a pass (entry `k`, rows `span`) into its job's
-/// output, reducing `mean` in f64 in row order exactly as the capture kernel does.
+/// output, reducing `mean` with the capture kernel's own reduction.
 fn copy_captured(
     pass: &Captured,
     pass_spec: &CaptureSpec,
@@ -776,17 +789,7 @@ fn copy_captured(
         match (spec.position, pass_spec.position) {
             (CapturePosition::Last, CapturePosition::Last) => out.row_mut(seq, slot).copy_from_slice(pass.row(k, from)),
             (CapturePosition::Last, _) => out.row_mut(seq, slot).copy_from_slice(pass.row(span.start + span.len - 1, from)),
-            (CapturePosition::Mean, _) => {
-                let mut acc = vec![0f64; out.hidden];
-                for r in span.rows() {
-                    for (a, &v) in acc.iter_mut().zip(pass.row(r, from)) {
-                        *a += v as f64;
-                    }
-                }
-                for (d, a) in out.row_mut(seq, slot).iter_mut().zip(acc) {
-                    *d = (a / span.len as f64) as f32;
-                }
-            }
+            (CapturePosition::Mean, _) => mean_of_rows(span.rows().map(|r| pass.row(r, from)), out.row_mut(seq, slot)),
             (CapturePosition::All, _) => {
                 let first = out.offsets[seq];
                 for j in 0..span.len {
@@ -920,7 +923,7 @@ impl<B: Backend> Engine<B> {
         let mut kept: Vec<Option<usize>> = vec![None; outs.len()];
         while !sched.is_idle() {
             if sched.step()?.is_none() && !sched.is_idle() {
-                return Err(Error::input("the scheduler cannot admit the waiting requests (KV budget too small)"));
+                return Err(stuck());
             }
             let Some((tok, _)) = text else { continue };
             for (i, c) in outs.iter().enumerate() {

@@ -167,6 +167,9 @@ impl<'a> Fields<'a> {
     fn get(&self, key: &str) -> Option<&'a Value> {
         self.m.get(key).filter(|v| !v.is_null())
     }
+    fn missing(&self, key: &str) -> ApiError {
+        ApiError::invalid(self.name(key), format!("`{}` is missing", self.name(key)))
+    }
     fn bad(&self, key: &str, what: &str) -> ApiError {
         let v = self.m.get(key).map(crate::io::json_kind).unwrap_or("nothing");
         ApiError::invalid(self.name(key), format!("`{}` must be {what} (got {v})", self.name(key)))
@@ -268,7 +271,7 @@ fn messages(v: Option<&Value>) -> ApiResult<Vec<ChatMessage>> {
                 return Err(ApiError::invalid(&at, format!("`{at}` must be an object with `role` and `content`")));
             };
             let f = Fields::new(o, &at);
-            let role = f.string("role")?.ok_or_else(|| ApiError::invalid(format!("{at}.role"), format!("`{at}.role` is missing")))?;
+            let role = f.string("role")?.ok_or_else(|| f.missing("role"))?;
             if !["system", "user", "assistant", "developer", "tool"].contains(&role.as_str()) {
                 return Err(ApiError::invalid(format!("{at}.role"), format!("`{at}.role` `{role}` is not one of system, user, assistant, developer, tool")));
             }
@@ -388,8 +391,8 @@ fn probes(v: Option<&Value>, limits: &Limits) -> ApiResult<Vec<ProbeSpec>> {
                 return Err(ApiError::invalid(&at, format!("`{at}` must be {{\"vector\": NAME, \"layer\": L}}")));
             };
             let f = Fields::new(o, &at);
-            let vector = f.string("vector")?.ok_or_else(|| ApiError::invalid(f.name("vector"), format!("`{at}.vector` is missing")))?;
-            let layer = f.integer("layer", 0, limits.num_layers as i64)?.ok_or_else(|| ApiError::invalid(f.name("layer"), format!("`{at}.layer` is missing")))?;
+            let vector = f.string("vector")?.ok_or_else(|| f.missing("vector"))?;
+            let layer = f.integer("layer", 0, limits.num_layers as i64)?.ok_or_else(|| f.missing("layer"))?;
             Ok(ProbeSpec { vector, layer: layer as usize })
         })
         .collect()
@@ -481,7 +484,7 @@ fn common(f: &Fields, input: Input, limits: &Limits, chat: bool) -> ApiResult<Ge
 pub fn parse_completion(body: &[u8], limits: &Limits) -> ApiResult<GenParams> {
     let m = parse_object(body)?;
     let f = Fields::new(&m, "");
-    let prompt = f.get("prompt").ok_or_else(|| ApiError::invalid("prompt", "`prompt` is missing"))?;
+    let prompt = f.get("prompt").ok_or_else(|| f.missing("prompt"))?;
     let input = Input::Prompts(prompts(prompt, "prompt", limits)?);
     let mut p = common(&f, input, limits, false)?;
     // OpenAI's default for completions.
@@ -501,7 +504,7 @@ pub fn parse_chat(body: &[u8], limits: &Limits) -> ApiResult<GenParams> {
 pub fn parse_hidden_states(body: &[u8], limits: &Limits) -> ApiResult<HiddenParams> {
     let m = parse_object(body)?;
     let f = Fields::new(&m, "");
-    let input = f.get("input").ok_or_else(|| ApiError::invalid("input", "`input` is missing"))?;
+    let input = f.get("input").ok_or_else(|| f.missing("input"))?;
     let inputs = prompts(input, "input", limits)?;
     let points = match f.get("layers") {
         None => (0..=limits.num_layers).map(CapturePoint::Hidden).collect(),

@@ -283,21 +283,14 @@ fn scheduler_loop<B: Backend>(
         }
     };
     let mut open = true;
+    // A refused request hears why through its listener.
     let submit = |sched: &mut Scheduler<B>, cmd: Command| match cmd {
-        Command::Gen(req, mut listener) => match sched.check(&req) {
-            Ok(()) => {
-                let _ = sched.submit(*req, listener);
-            }
-            Err(e) => {
-                listener.event(crate::sched::GenEvent::Failed(e));
-            }
-        },
-        Command::Capture(req, mut listener) => match sched.check_capture(&req) {
-            Ok(()) => {
-                let _ = sched.submit_capture(*req, listener);
-            }
-            Err(e) => listener.done(Err(crate::sched::CaptureFailure::Failed(e))),
-        },
+        Command::Gen(req, listener) => {
+            let _ = sched.submit(*req, listener);
+        }
+        Command::Capture(req, listener) => {
+            let _ = sched.submit_capture(*req, listener);
+        }
     };
     while !stop.load(Ordering::SeqCst) {
         loop {

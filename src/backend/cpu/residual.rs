@@ -43,23 +43,29 @@ pub fn capture_rows(src: &[f32], hidden: usize, plan: &BatchPlan, out: &mut Capt
                 let r = seq.start + seq.len - 1;
                 out.row_mut(i, slot).copy_from_slice(&src[r * hidden..(r + 1) * hidden]);
             }
-            CapturePosition::Mean => {
-                let mut acc = vec![0f64; hidden];
-                for r in seq.rows() {
-                    for (a, &v) in acc.iter_mut().zip(&src[r * hidden..(r + 1) * hidden]) {
-                        *a += v as f64;
-                    }
-                }
-                for (d, a) in out.row_mut(i, slot).iter_mut().zip(acc) {
-                    *d = (a / seq.len as f64) as f32;
-                }
-            }
+            CapturePosition::Mean => mean_of_rows(seq.rows().map(|r| &src[r * hidden..(r + 1) * hidden]), out.row_mut(i, slot)),
             CapturePosition::All => {
                 for r in seq.rows() {
                     out.row_mut(r, slot).copy_from_slice(&src[r * hidden..(r + 1) * hidden]);
                 }
             }
         }
+    }
+}
+
+/// The mean of `rows` into `out`: summed in f64 in row order, divided, rounded to f32 (the
+/// `mean` capture position; the scheduler reduces rows it captured whole the same way).
+pub fn mean_of_rows<'a>(rows: impl Iterator<Item = &'a [f32]>, out: &mut [f32]) {
+    let mut acc = vec![0f64; out.len()];
+    let mut n = 0usize;
+    for row in rows {
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a += v as f64;
+        }
+        n += 1;
+    }
+    for (d, a) in out.iter_mut().zip(acc) {
+        *d = (a / n as f64) as f32;
     }
 }
 
