@@ -6,6 +6,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/fetch-model.sh smollm2-135m
 cargo test --release --all-targets "$@"
+# The bf16 checks once more on AVX512-BF16 dot products: on a CPU with AMX they ran on AMX tiles
+# above (elsewhere this repeats the same kernel).
+RESID_CPU_BF16_KERNEL=avx512bf16 cargo test --release --test bf16 --test bf16_f32_down "$@"
 # The Python tests: the official `openai` client against `resid serve` (built above), in a
 # private venv (scripts/.venv-test) with the pinned client and pytest from PyPI.
 VENV="$ROOT/scripts/.venv-test"

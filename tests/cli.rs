@@ -196,3 +196,33 @@ fn bench_reports_overheads_with_intervals_and_rejects_bad_options() {
     assert_eq!(bad.status.code(), Some(6), "{}", stderr(&bad));
     assert!(stderr(&bad).contains("not-a-dir"), "{}", stderr(&bad));
 }
+
+/// `--compute` on every command that loads a model, recorded in the output's metadata as what
+/// ran (bf16 only where this CPU runs it: `effective_compute`); f32 on CUDA is refused.
+#[test]
+fn every_model_command_takes_compute_and_outputs_record_it() {
+    use resid::backend::cpu::{gemm, Compute};
+    for cmd in ["info", "extract", "generate", "serve", "bench", "vectors", "recognize", "study", "control"] {
+        let o = resid(&[cmd, "--help"]);
+        assert!(String::from_utf8_lossy(&o.stdout).contains("--compute <COMPUTE>"), "`resid {cmd}` has no --compute");
+    }
+    let f = Fixture::new();
+    let input = f.write("in.jsonl", b"{\"ids\": [3, 4, 5]}\n");
+    let out = f.p("out.safetensors");
+    for (asked, ran) in [("f32", Compute::F32), ("bf16", gemm::effective_compute(Compute::Bf16))] {
+        let o = resid(&["extract", "--model", &f.p("model"), "--input", &input, "--out", &out, "--compute", asked]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let t = resid::io::read_f32_tensor(Path::new(&out), "hidden_states").unwrap();
+        assert_eq!(t.metadata.get("compute").map(String::as_str), Some(ran.name()), "--compute {asked}");
+        let o = resid(&["info", "--model", &f.p("model"), "--json", "--compute", asked]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["compute"], ran.name(), "info --compute {asked}");
+        assert!(v["compute_note"].as_str().is_some_and(|n| n.contains("--compute bf16")), "{v}");
+    }
+    let o = resid(&["info", "--model", &f.p("model"), "--device", "cuda", "--compute", "f32"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--compute f32") && stderr(&o).trim().lines().count() == 1, "{}", stderr(&o));
+    let o = resid(&["info", "--model", &f.p("model"), "--compute", "f64"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("unknown compute type `f64`"), "{}", stderr(&o));
+}

@@ -204,19 +204,24 @@ def _batch_tokens(b: Any) -> int:
 class Model:
     """A model directory (Hugging Face layout: config.json, tokenizer.json, *.safetensors) loaded
     on `device` ("cpu", "cuda" or "cuda:N"). `threads` sets the CPU backend's worker threads for
-    the whole process (once, before the first compute; default: all cores).
+    the whole process (once, before the first compute; default: all cores). `compute` is the CPU
+    arithmetic, as `--compute`: "f32" (the default; HF parity within 1e-4) or "bf16" (bf16 GEMM
+    inputs with f32 accumulation, used only where it is faster than f32 on this CPU: a
+    `UserWarning` says when it falls back). It is chosen once per process.
 
     A Model is immutable and may be used from several Python threads at once: each call gives
     the result it would give alone. Without a usable GPU stack, `device="cuda"` raises
     `DeviceError` naming what is missing.
     """
 
-    def __init__(self, path: Union[str, os.PathLike], device: str = "cpu", threads: Optional[int] = None):
+    def __init__(self, path: Union[str, os.PathLike], device: str = "cpu", threads: Optional[int] = None, compute: Optional[str] = None):
         if threads is not None:
             if isinstance(threads, bool) or not isinstance(threads, int):
                 raise InputError(f"threads {threads!r}: must be an integer >= 1")
             _resid.set_threads(threads)
-        self._m = _resid.Model(os.fspath(path), str(device))
+        if compute is not None and not isinstance(compute, str):
+            raise InputError(f"compute {compute!r}: must be 'f32' or 'bf16'")
+        self._m = _resid.Model(os.fspath(path), str(device), compute)
         self.path = os.fspath(path)
         self.device = device
 

@@ -63,7 +63,7 @@ class Model:
     """A model directory loaded on a device ("cpu", "cuda", "cuda:N")."""
     path: str
     device: str
-    def __init__(self, path: PathLike, device: str = "cpu", threads: Optional[int] = None) -> None: ...
+    def __init__(self, path: PathLike, device: str = "cpu", threads: Optional[int] = None, compute: Optional[Literal["f32", "bf16"]] = None) -> None: ...
     @property
     def info(self) -> Dict[str, Any]:
         """As `resid info --json`."""

@@ -162,8 +162,13 @@ fn numpy_rows<'py>(py: Python<'py>, data: Vec<f32>, rows: usize, points: usize, 
 #[pymethods]
 impl Model {
     #[new]
-    #[pyo3(signature = (path, device = "cpu"))]
-    fn new(py: Python<'_>, path: PathBuf, device: &str) -> PyResult<Self> {
+    #[pyo3(signature = (path, device = "cpu", compute = None))]
+    fn new(py: Python<'_>, path: PathBuf, device: &str, compute: Option<&str>) -> PyResult<Self> {
+        let compute = compute.map(|c| c.parse::<resid::backend::cpu::Compute>().map_err(|e| to_py(resid::Error::input(format!("compute: {e}"))))).transpose()?;
+        if let Some(note) = resid::backend::any::choose_compute(device, compute).map_err(to_py)? {
+            // The same note the CLI prints: the model loads, in f32.
+            PyErr::warn(py, &py.get_type::<pyo3::exceptions::PyUserWarning>(), &std::ffi::CString::new(note).unwrap_or_default(), 1)?;
+        }
         let device = device.to_owned();
         let engine = run(py, None, move |_| AnyEngine::load(&device, &path).map(|(e, _)| e))?;
         Ok(Model { engine: Arc::new(engine) })

@@ -39,6 +39,22 @@ def test_device_errors(model_dir):
     one_line(e)
 
 
+
+def test_compute_choice(model_dir):
+    # The other tests load f32 models in this process; the compute type is per process.
+    m = resid.Model(model_dir, compute="f32")
+    assert m.info["compute"] == "f32" and "--compute bf16" in m.info["compute_note"]
+    with pytest.raises(resid.InputError) as e:
+        resid.Model(model_dir, compute="f64")
+    assert "unknown compute type `f64`" in one_line(e)
+    with pytest.raises(resid.InputError) as e:
+        resid.Model(model_dir, compute="bf16")
+    assert "chosen once per process" in one_line(e)
+    with pytest.raises(resid.InputError) as e:
+        resid.Model(model_dir, device="cuda", compute="f32")
+    assert "CUDA backend computes in bf16" in one_line(e)
+
+
 @pytest.mark.parametrize(
     "inputs,needle",
     [

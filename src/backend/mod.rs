@@ -105,6 +105,15 @@ pub trait Backend: Send + Sync {
     type Pass: Send;
 
     fn name(&self) -> String;
+    /// The arithmetic of the matrix products (`f32` or `bf16`: bf16 inputs, f32 accumulation),
+    /// recorded in every output's metadata.
+    fn compute_type(&self) -> &'static str {
+        "f32"
+    }
+    /// Why the backend computes in its type on this machine (`resid info`), if there is a choice.
+    fn compute_note(&self) -> Option<String> {
+        None
+    }
     /// A matrix read from the checkpoint in the precision the backend keeps.
     fn matrix(&self, src: &MatrixSource) -> Result<Self::Matrix>;
     /// A layer weight, which every pass multiplies by: a backend may prepare it now (the CPU

@@ -58,9 +58,6 @@ pub(crate) struct BenchArgs {
     /// decode: tokens generated per sequence (default 64); steer: interleaved repeats (default 20).
     #[arg(long)]
     steps: Option<usize>,
-    /// CPU compute type: f32 or bf16 (AVX512-BF16; falls back to f32 elsewhere).
-    #[arg(long, default_value = "f32")]
-    compute: String,
     /// Seed of the random token ids.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -89,18 +86,16 @@ pub(crate) fn run(a: BenchArgs) -> Result<()> {
     if a.sequences == 0 || a.batch == Some(0) || a.steps == Some(0) {
         bail!(resid::Error::input("--sequences, --batch and --steps must be at least 1"));
     }
-    let compute: resid::backend::cpu::Compute = a.compute.parse().map_err(|e: String| resid::Error::input(format!("--compute: {e}")))?;
     let on_cpu = resid::backend::cuda::parse_device(&a.model.device)?.is_none();
-    if on_cpu {
-        resid::backend::cpu::set_compute(compute);
-    }
+    a.model.apply_compute()?;
+    let compute = a.model.compute.unwrap_or(resid::backend::cpu::Compute::F32);
     if a.workload == "scaling" {
         // Checks the model loads before starting the sweep's child processes.
         resid::model::ModelDir::open(&a.model.model)?;
         let args = super::scaling::ScalingArgs {
             model: &a.model.model,
             device: &a.model.device,
-            compute: &a.compute,
+            compute: compute.name(),
             seed: a.seed,
             plot_dir: &a.plot_dir,
             wait_lock: a.lock.wait_lock,

@@ -112,6 +112,26 @@ pub(crate) struct ModelArgs {
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
+    /// CPU arithmetic: f32 (default: HF parity within 1e-4) or bf16 (bf16 GEMM inputs, f32
+    /// accumulation; used only where it is faster than f32 on this CPU, see `resid info`).
+    /// Recorded in every output's metadata. CUDA always computes in bf16.
+    #[arg(long, env = "RESID_CPU_COMPUTE", value_parser = parse_compute)]
+    pub(crate) compute: Option<resid::backend::cpu::Compute>,
+}
+
+fn parse_compute(s: &str) -> std::result::Result<resid::backend::cpu::Compute, String> {
+    s.parse()
+}
+
+impl ModelArgs {
+    /// Sets the CPU compute type before a model is loaded (it is chosen per process), and says
+    /// on stderr when bf16 was asked for where it does not run.
+    pub(crate) fn apply_compute(&self) -> Result<()> {
+        if let Some(note) = resid::backend::any::choose_compute(&self.device, self.compute)? {
+            eprintln!("note: {note}");
+        }
+        Ok(())
+    }
 }
 
 /// How a run treats an output that another run is writing.
@@ -297,6 +317,7 @@ pub(crate) use resid::backend::any::AnyEngine;
 pub(crate) use resid::with_engine;
 
 pub(crate) fn load(args: &ModelArgs) -> Result<AnyEngine> {
+    args.apply_compute()?;
     load_backend_engine(&args.device, &args.model)
 }
 

@@ -66,7 +66,10 @@ fn child_once(a: &ScalingArgs, threads: Option<usize>, extra: &[String]) -> Resu
     if let Some(t) = threads {
         cmd.arg("--threads").arg(t.to_string());
     }
-    cmd.args(["bench", "--workload", "extract", "--json", "--quiet", "--device", a.device, "--compute", a.compute]);
+    cmd.args(["bench", "--workload", "extract", "--json", "--quiet", "--device", a.device]);
+    if a.on_cpu {
+        cmd.args(["--compute", a.compute]);
+    }
     cmd.arg("--model").arg(a.model).arg("--seed").arg(a.seed.to_string()).args(extra);
     let out = cmd.output().context("cannot start a `resid bench` child process")?;
     if !out.status.success() {

@@ -170,6 +170,8 @@ impl<B: Backend> Engine<B> {
             "tensor_check": format!("ok: all {} expected tensors present with expected dtypes and shapes", m.spec.expected_tensors(c).len()),
             "tokenizer": m.tokenizer.is_some(),
             "backend": self.backend.name(),
+            "compute": self.backend.compute_type(),
+            "compute_note": self.backend.compute_note(),
         })
     }
 

@@ -139,7 +139,7 @@ impl HiddenCache {
     /// Opens the cache for `engine`'s model under `root` (None: memory only) and loads every
     /// readable shard of this model. Unreadable shards are reported on stderr and skipped.
     pub fn open<B: Backend>(root: Option<&Path>, engine: &Engine<B>) -> Result<Self> {
-        let model_id = model_identity(&engine.model, &crate::store::extract::device_kind(&engine.backend))?;
+        let model_id = model_identity(&engine.model, &crate::store::extract::compute_kind(&engine.backend))?;
         let (layers, hidden) = (engine.num_layers(), engine.hidden_size());
         let dir = root.map(|r| r.join(&model_id[..16]));
         let mut cache = HiddenCache { dir, model_id, layers, hidden, index: HashMap::new(), store: Vec::new(), loaded: HashSet::new() };

@@ -190,6 +190,8 @@ pub struct ModelInfo {
     pub architecture: String,
     pub layers: usize,
     pub hidden: usize,
+    /// The backend kind and compute type (`cpu`, `cpu-bf16`, `cuda`).
+    pub compute: String,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -413,6 +415,7 @@ fn analyse<B: Backend>(engine: &Engine<B>, cfg: &StudyConfig, sim: Option<&LangS
         architecture: engine.model.config.architecture.clone(),
         layers,
         hidden,
+        compute: crate::store::extract::compute_kind(&engine.backend),
     };
     Ok(Analysis { datasets, concepts, stats, model, seconds: analysis_started.elapsed().as_secs_f64() })
 }

@@ -106,6 +106,8 @@ enum Command {
 struct App {
     model: Arc<dyn ModelView>,
     name: String,
+    /// The compute type (`f32`, `bf16`), in extraction metadata.
+    compute: &'static str,
     created: u64,
     api_key_digest: Option<[u8; 32]>,
     vectors: VectorStore,
@@ -226,6 +228,7 @@ pub fn serve<B: Backend + Send + Sync + 'static>(engine: Engine<B>, mut cfg: Ser
     let app = Arc::new(App {
         model: Arc::new(LoadedModel { engine: engine.clone(), stop_tokens }),
         name: cfg.served_model_name.clone(),
+        compute: engine.backend.compute_type(),
         created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         api_key_digest: cfg.api_key.as_deref().map(digest),
         vectors,

@@ -655,6 +655,7 @@ async fn hidden_states_inner(app: &Arc<App>, headers: &HeaderMap, body: Result<B
         let metadata = std::collections::HashMap::from([
             ("model".to_string(), app.name.clone()),
             ("position".to_string(), p.position.name().to_string()),
+            ("compute".to_string(), app.compute.to_string()),
             ("sequences".to_string(), p.inputs.len().to_string()),
             ("tokens".to_string(), tokens.to_string()),
             ("resid_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
@@ -670,7 +671,7 @@ async fn hidden_states_inner(app: &Arc<App>, headers: &HeaderMap, body: Result<B
         json!(base64::engine::general_purpose::STANDARD.encode(bytes))
     };
     let mut v = json!({
-        "object": "hidden_states", "model": app.name, "position": p.position.name(), "layers": layers,
+        "object": "hidden_states", "model": app.name, "compute": app.compute, "position": p.position.name(), "layers": layers,
         "shape": shape, "dtype": "float32", "encoding_format": if p.floats { "float" } else { "base64" }, "data": data,
         "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
     });

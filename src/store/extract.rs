@@ -197,6 +197,7 @@ fn manifest_options<B: Backend>(engine: &Engine<B>, job: &ExtractJob) -> Result<
         "parameters": engine.model.parameter_count(),
         "weights_dtype": engine.model.store.dominant_dtype(),
         "device": device_kind(&engine.backend),
+        "compute": engine.backend.compute_type(),
         "position": job.spec.position.name(),
         "layers": layer_ids(job.spec),
         "steering": job.steering_description,
@@ -207,6 +208,15 @@ fn manifest_options<B: Backend>(engine: &Engine<B>, job: &ExtractJob) -> Result<
 /// The kind of a backend (`cpu`, `cuda`), without its device number or details.
 pub fn device_kind<B: Backend>(backend: &B) -> String {
     Backend::name(backend).split([' ', ':']).next().unwrap_or("").to_owned()
+}
+
+/// The backend kind and, where it is not the backend's only one, its compute type: `cpu`
+/// (f32), `cpu-bf16`, `cuda`. Cached results are only reused under the same.
+pub fn compute_kind<B: Backend>(backend: &B) -> String {
+    match (device_kind(backend).as_str(), backend.compute_type()) {
+        ("cpu", "bf16") => "cpu-bf16".into(),
+        (kind, _) => kind.into(),
+    }
 }
 
 /// The `layers` tensor of an output: hidden-state indices, -1 for the raw last-block output.
@@ -264,6 +274,7 @@ impl<'a, 'p, B: Backend> Writer<'a, 'p, B> {
             ("architecture", e.model.config.architecture.clone()),
             ("position", self.job.spec.position.name().to_string()),
             ("dtype", "float32".to_string()),
+            ("compute", e.backend.compute_type().to_string()),
             ("weights_dtype", e.model.store.dominant_dtype()),
             ("steering", self.job.steering_description.clone()),
             ("layers_note", "HF output_hidden_states indices; -1 = raw pre-norm output of the last block".to_string()),

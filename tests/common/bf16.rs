@@ -4,7 +4,10 @@
 //! Tolerance: ‖ours − HF‖ / ‖HF‖ per hidden-state index (activations and weights are rounded to
 //! bf16 at every GEMM input; the residual stream, norms and attention stay f32): 1e-2 on the
 //! real SmolLM2-135M, 1.5e-2 on the tiny random models (see `BF16_TINY_TOL`).
-//! On a CPU without AVX512-BF16 the path falls back to f32 and these checks still hold; every
+//! Both bf16 kernels are checked: AMX tiles where the CPU has them (and
+//! `RESID_CPU_BF16_KERNEL=avx512bf16`, which `scripts/test.sh` also runs, picks the other),
+//! AVX512-BF16 dot products elsewhere, even where bf16 is slower than f32 and so not used by
+//! default. On a CPU without AVX512-BF16 the path falls back to f32 and these checks still hold; every
 //! test binary that uses them says which path ran (`bf16 path: ...` on the terminal).
 use super::*;
 use resid::backend::cpu::{self, Compute};
@@ -36,6 +39,8 @@ fn root() -> PathBuf {
 }
 
 fn bf16_engine(dir: &std::path::Path) -> CpuEngine {
+    // The kernels are tested wherever the CPU has them, also where bf16 is slower than f32.
+    cpu::gemm::set_bf16_even_if_slower(true);
     cpu::set_compute(Compute::Bf16);
     report_path();
     CpuEngine::load(dir).unwrap()
@@ -48,7 +53,10 @@ pub fn report_path() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         use std::io::Write;
-        let path = if cpu::gemm::has_bf16() { "avx512bf16" } else { "f32 fallback (this CPU has no AVX512-BF16: bf16 is not tested here)" };
+        let path = match cpu::gemm::bf16_kernel() {
+            Some(k) => k.name(),
+            None => "f32 fallback (this CPU has no AVX512-BF16: bf16 is not tested here)",
+        };
         let _ = writeln!(std::io::stderr(), "bf16 path: {path}; kernels: {}", cpu::kernel_description());
     });
 }
@@ -78,7 +86,7 @@ fn tensor_ids(bytes: &[u8], name: &str) -> Vec<u32> {
 pub fn check_fixture(name: &str) {
     let Some((e, bytes, meta)) = fixture(name) else { return };
     let tol = tolerance(name);
-    let expect_bf16 = cpu::gemm::has_bf16();
+    let expect_bf16 = cpu::gemm::bf16_kernel().is_some();
     assert_eq!(e.backend.name().contains("bf16"), expect_bf16, "{}", e.backend.name());
     let (n_layers, h) = (e.num_layers(), e.hidden_size());
     let n = meta["num_prompts"].as_u64().unwrap() as usize;

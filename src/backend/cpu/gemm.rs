@@ -22,7 +22,11 @@
 //! buffers that are reused: nothing is allocated per call once they have grown.
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
+
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 
 /// Output columns per packed panel.
 pub const NR: usize = 32;
@@ -126,6 +130,94 @@ pub fn has_bf16() -> bool {
     })
 }
 
+/// The bf16 GEMM kernels a CPU can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// AMX tiles (`tdpbf16ps`): Intel Xeon from Sapphire Rapids on.
+    Amx,
+    /// AVX512-BF16 dot products (`vdpbf16ps`).
+    Avx512Bf16,
+}
+
+impl Bf16Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Kernel::Amx => "amx-bf16",
+            Bf16Kernel::Avx512Bf16 => "avx512bf16",
+        }
+    }
+}
+
+/// The bf16 kernel of this process: AMX where the CPU and the OS offer it, else AVX512-BF16,
+/// else none. `RESID_CPU_BF16_KERNEL=avx512bf16` picks AVX512-BF16 on an AMX CPU (for
+/// comparisons); the choice is made once, so that every row of every batch takes one path.
+pub fn bf16_kernel() -> Option<Bf16Kernel> {
+    static KERNEL: OnceLock<Option<Bf16Kernel>> = OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        if !has_bf16() || isa() != Isa::Avx512 {
+            return None;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let asked = std::env::var("RESID_CPU_BF16_KERNEL").ok();
+            if asked.as_deref() != Some("avx512bf16") && amx::available() {
+                return Some(Bf16Kernel::Amx);
+            }
+        }
+        Some(Bf16Kernel::Avx512Bf16)
+    })
+}
+
+/// The CPU's vendor string (cpuid leaf 0), e.g. `GenuineIntel` or `AuthenticAMD`.
+pub fn cpu_vendor() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let r = std::arch::x86_64::__cpuid(0);
+        let bytes: Vec<u8> = [r.ebx, r.edx, r.ecx].iter().flat_map(|w| w.to_le_bytes()).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        String::new()
+    }
+}
+
+/// Whether bf16 compute is faster than f32 on this CPU, by measurement (NOTES.md): with AMX
+/// tiles (Intel Xeon, 2026-12-05), and with AVX512-BF16 on AMD EPYC Zen 4 (2026-11-28). Not with
+/// AVX512-BF16 alone on Intel Xeon, where `vdpbf16ps` runs at half its f32 rate (extraction 504
+/// against 708 tokens/s; PyTorch's bf16 GEMM there is also at half its f32 rate).
+pub fn bf16_pays() -> bool {
+    match bf16_kernel() {
+        Some(Bf16Kernel::Amx) => true,
+        Some(Bf16Kernel::Avx512Bf16) => cpu_vendor() == "AuthenticAMD",
+        None => false,
+    }
+}
+
+static BF16_EVEN_IF_SLOWER: AtomicBool = AtomicBool::new(false);
+
+/// Lets bf16 run where it is slower than f32 (for tests and comparisons); also
+/// `RESID_CPU_BF16_FORCE=1`.
+pub fn set_bf16_even_if_slower(on: bool) {
+    BF16_EVEN_IF_SLOWER.store(on, Ordering::SeqCst);
+}
+
+fn bf16_even_if_slower() -> bool {
+    static ENV: OnceLock<bool> = OnceLock::new();
+    BF16_EVEN_IF_SLOWER.load(Ordering::SeqCst) || *ENV.get_or_init(|| std::env::var("RESID_CPU_BF16_FORCE").as_deref() == Ok("1"))
+}
+
+/// Why `--compute bf16` runs what it runs on this CPU, for `resid info` and warnings.
+pub fn bf16_note() -> String {
+    match bf16_kernel() {
+        None => "this CPU has no AVX512-BF16: bf16 falls back to f32".into(),
+        Some(Bf16Kernel::Amx) => "AMX tiles: bf16 is faster than f32 here".into(),
+        Some(Bf16Kernel::Avx512Bf16) if bf16_pays() => "AVX512-BF16 on AMD: bf16 is faster than f32 here".into(),
+        Some(Bf16Kernel::Avx512Bf16) if bf16_even_if_slower() => "AVX512-BF16 without AMX, forced (RESID_CPU_BF16_FORCE=1): slower than f32 on Intel".into(),
+        Some(Bf16Kernel::Avx512Bf16) => "AVX512-BF16 without AMX on Intel is slower than f32 (measured), so bf16 falls back to f32; RESID_CPU_BF16_FORCE=1 runs it anyway".into(),
+    }
+}
+
 /// A 64-byte aligned, zero-initialised heap buffer.
 struct AlignedBuf {
     ptr: *mut u8,
@@ -162,7 +254,8 @@ pub struct PackedMatrix {
     pub k: usize,
     pub format: Compute,
     panels: usize,
-    /// Elements along K per panel row: k (f32) or ⌈k/2⌉ pairs (bf16).
+    /// Elements along K per panel row: k (f32) or ⌈k/2⌉ pairs (bf16; zero-padded to whole AMX
+    /// tile steps when AMX runs the bf16 GEMMs).
     kdepth: usize,
     buf: AlignedBuf,
 }
@@ -182,6 +275,8 @@ impl PackedMatrix {
         let panels = n.div_ceil(NR);
         let kdepth = match format {
             Compute::F32 => k,
+            // AMX reads whole tile steps of K: zero pairs pad the panels to them.
+            Compute::Bf16 if bf16_kernel() == Some(Bf16Kernel::Amx) => amx_pairs(k.div_ceil(2)),
             Compute::Bf16 => k.div_ceil(2),
         };
         // f32: kdepth × NR f32; bf16: kdepth × NR pairs of u16 — 4 bytes per slot either way.
@@ -260,10 +355,11 @@ impl PackedMatrix {
     }
 }
 
-/// The compute type actually used for `asked`: bf16 needs AVX512-BF16 and the AVX-512 kernels.
+/// The compute type actually used for `asked`: bf16 needs a bf16 kernel and runs only where it
+/// is faster than f32 (see [`bf16_pays`]), unless forced.
 pub fn effective_compute(asked: Compute) -> Compute {
     match asked {
-        Compute::Bf16 if has_bf16() && isa() == Isa::Avx512 => Compute::Bf16,
+        Compute::Bf16 if bf16_kernel().is_some() && (bf16_pays() || bf16_even_if_slower()) => Compute::Bf16,
         _ => Compute::F32,
     }
 }
@@ -402,10 +498,21 @@ pub fn gemm(x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, y:
 /// `skip`.
 fn gemm_bf16(x: &[f32], tokens: usize, w: &PackedMatrix, out: Out, skip: &[(usize, usize, f32)]) {
     let kp = w.kdepth;
-    with_scratch(&BF16_SCRATCH, tokens * kp, |xb| {
-        to_bf16_pairs(x, tokens, w.k, xb);
+    #[cfg(target_arch = "x86_64")]
+    let on_amx = bf16_kernel() == Some(Bf16Kernel::Amx);
+    #[cfg(not(target_arch = "x86_64"))]
+    let on_amx = false;
+    // AMX reads whole tiles: rows padded with zero rows.
+    let rows = if on_amx { amx_rows(tokens) } else { tokens };
+    with_scratch(&BF16_SCRATCH, rows * kp, |xb| {
+        to_bf16_pairs(x, tokens, w.k, kp, xb);
         for &(t, j, _) in skip {
             xb[t * kp + j / 2] &= if j % 2 == 0 { 0xffff_0000 } else { 0x0000_ffff };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if on_amx {
+            xb[tokens * kp..].fill(0);
+            return amx::gemm(xb, tokens, w, out);
         }
         let src = Src(xb.as_ptr());
         drive(tokens, kp, src, w, 8, 4, &|a, t0, mr, p, np| {
@@ -414,6 +521,30 @@ fn gemm_bf16(x: &[f32], tokens: usize, w: &PackedMatrix, out: Out, skip: &[(usiz
             unsafe { kernel_bf16(a, w, p, np, mr, t0, out) }
         });
     });
+}
+
+/// K pairs of a bf16 panel on AMX.
+fn amx_pairs(kp: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::padded_pairs(kp)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        kp
+    }
+}
+
+/// Activation rows of a bf16 GEMM on AMX.
+fn amx_rows(tokens: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::padded_rows(tokens)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        tokens
+    }
 }
 
 /// Inputs larger than this multiple of their row's RMS are outliers in [`gemm_split`].
@@ -496,11 +627,13 @@ fn find_outliers(x: &[f32], k: usize) -> Vec<(usize, usize, f32)> {
     }
 }
 
-/// Rows of x as bf16 pairs (low half = even k), zero-padded to an even K.
-fn to_bf16_pairs(x: &[f32], tokens: usize, k: usize, out: &mut [u32]) {
+/// Rows of x as bf16 pairs (low half = even k), `ld` pairs a row, zero-padded beyond K.
+fn to_bf16_pairs(x: &[f32], tokens: usize, k: usize, ld: usize, out: &mut [u32]) {
     let kp = k.div_ceil(2);
     let conv = |(t, o): (usize, &mut [u32])| {
         let row = &x[t * k..(t + 1) * k];
+        let (o, pad) = o.split_at_mut(kp);
+        pad.fill(0);
         #[cfg(target_arch = "x86_64")]
         {
             if has_bf16() {
@@ -515,10 +648,11 @@ fn to_bf16_pairs(x: &[f32], tokens: usize, k: usize, out: &mut [u32]) {
             *o = lo | (hi << 16);
         }
     };
+    let out = &mut out[..tokens * ld];
     if tokens * k > 1 << 16 {
-        out.par_chunks_mut(kp).enumerate().for_each(conv);
+        out.par_chunks_mut(ld).enumerate().for_each(conv);
     } else {
-        out.chunks_mut(kp).enumerate().for_each(conv);
+        out.chunks_mut(ld).enumerate().for_each(conv);
     }
 }
 
@@ -666,6 +800,13 @@ mod simd512 {
             v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), v);
         }
         _mm512_mask_storeu_ps(dst, m, v);
+    }
+
+    /// One 32-column row of an accumulator block (64-byte aligned) through the epilogue.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn store_row32(out: &Out, row: usize, acc: *const f32) {
+        store16(out, row, 0, _mm512_load_ps(acc));
+        store16(out, row, 16, _mm512_load_ps(acc.add(16)));
     }
 
     #[target_feature(enable = "avx512f")]
@@ -1181,6 +1322,37 @@ mod tests {
             let err: f64 = y.iter().zip(&want).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
             let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt();
             assert!(err <= 1e-2 * norm.max(1e-3), "{t}x{k}x{n}: bf16 relative error {}", err / norm);
+        }
+    }
+
+    /// The bf16 kernel in use (AMX tiles or AVX512-BF16) against an f64 sum of the same
+    /// bf16-rounded products: only the f32 accumulation may differ, so the bound is tight. Odd K
+    /// and row counts that are not whole tiles check the padding.
+    #[test]
+    fn bf16_kernel_matches_rounded_reference() {
+        set_bf16_even_if_slower(true);
+        if effective_compute(Compute::Bf16) != Compute::Bf16 {
+            eprintln!("no bf16 kernel here");
+            return;
+        }
+        let round = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
+        for &(t, k, n) in &[(1, 7, 5), (17, 33, 40), (33, 576, 64), (70, 1537, 97), (5, 64, 3)] {
+            let x = pseudo(t * k, 31);
+            let w = pseudo(n * k, 32);
+            let bias = pseudo(n, 33);
+            let p = PackedMatrix::pack(&w, n, k, Compute::Bf16);
+            let y0 = pseudo(t * n, 34);
+            let mut y = y0.clone();
+            gemm(&x, t, &p, Some(&bias), &mut y, true);
+            for r in 0..t {
+                for c in 0..n {
+                    let dot: f64 = (0..k).map(|j| round(x[r * k + j]) * round(w[c * k + j])).sum();
+                    let want = y0[r * n + c] as f64 + (dot + bias[c] as f64);
+                    let scale: f64 = (0..k).map(|j| (round(x[r * k + j]) * round(w[c * k + j])).abs()).sum::<f64>() + 1.0;
+                    let got = y[r * n + c] as f64;
+                    assert!((got - want).abs() <= 1e-6 * scale, "{t}x{k}x{n} [{r},{c}] ({:?}): {got} vs {want}", bf16_kernel());
+                }
+            }
         }
     }
 

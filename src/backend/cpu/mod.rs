@@ -70,11 +70,14 @@ pub fn compute() -> Compute {
 pub fn kernel_description() -> String {
     match compute() {
         Compute::F32 => format!("f32 {}", gemm::isa().name()),
-        Compute::Bf16 => match bf16_policy() {
-            Bf16Policy::All => "bf16 avx512bf16 (f32 accumulation), every GEMM".into(),
-            Bf16Policy::F32Down => format!("bf16 avx512bf16 (f32 accumulation); down projections f32 {}", gemm::isa().name()),
-            Bf16Policy::SplitDown => "bf16 avx512bf16 (f32 accumulation); down projections bf16 with f32 outlier inputs and sink rows".into(),
-        },
+        Compute::Bf16 => {
+            let kernel = gemm::bf16_kernel().map_or("none", |k| k.name());
+            match bf16_policy() {
+                Bf16Policy::All => format!("bf16 {kernel} (f32 accumulation), every GEMM"),
+                Bf16Policy::F32Down => format!("bf16 {kernel} (f32 accumulation); down projections f32 {}", gemm::isa().name()),
+                Bf16Policy::SplitDown => format!("bf16 {kernel} (f32 accumulation); down projections bf16 with f32 outlier inputs and sink rows"),
+            }
+        }
     }
 }
 
@@ -259,6 +262,12 @@ impl Backend for CpuBackend {
 
     fn name(&self) -> String {
         format!("cpu ({} threads, {})", rayon::current_num_threads(), kernel_description())
+    }
+    fn compute_type(&self) -> &'static str {
+        compute().name()
+    }
+    fn compute_note(&self) -> Option<String> {
+        Some(format!("--compute bf16 on this CPU: {}", gemm::bf16_note()))
     }
 
     fn matrix(&self, src: &MatrixSource) -> Result<CpuMatrix> {

@@ -521,6 +521,9 @@ impl Backend for CudaBackend {
     type Kv = CudaKv;
     type Pass = CudaPass;
 
+    fn compute_type(&self) -> &'static str {
+        "bf16"
+    }
     fn name(&self) -> String {
         let (a, b) = self.info.compute_capability;
         let gemv = if !self.gemv {

@@ -1,0 +1,197 @@
+//! The bf16 GEMM on AMX tiles (Intel Xeon, Sapphire Rapids and later): `tdpbf16ps` multiplies
+//! a 16 × 32 bf16 tile of activations by a 32 × 16 bf16 tile of weights into a 16 × 16 f32
+//! tile, 16 times the work of one `vdpbf16ps` per instruction. Stable Rust has no AMX
+//! intrinsics, so the few tile instructions are inline assembly, and Linux must first grant the
+//! process the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`).
+//!
+//! The operands are the bf16 path's own layouts: activations as rows of bf16 pairs (an A tile is
+//! 16 rows × 16 pairs, at the row stride), and the packed weight panels `[k pair][32 columns][2]`
+//! (a B tile is 16 pair-rows × 16 columns: half a panel row, at a 128-byte stride). K is padded
+//! with zero pairs to a multiple of 16 pairs in both, and the activations with zero rows to a
+//! multiple of 32, so that every tile is whole.
+//!
+//! Batch invariance: an output element only ever accumulates its own row's tiles, in increasing
+//! K, from zero; which rows share a tile, and how the work is split, never changes that.
+use super::{simd512, Out, PackedMatrix, NR};
+use std::arch::asm;
+use std::sync::OnceLock;
+
+/// K pairs (32 bf16 values) per tile step: 64 bytes, one tile row.
+pub const KSTEP: usize = 16;
+/// Activation rows per block (two A tiles).
+pub const MBLOCK: usize = 32;
+
+/// The tile configuration `ldtilecfg` reads: palette 1, eight tiles of 16 rows × 64 bytes
+/// (tmm0–3 accumulators, tmm4–5 activations, tmm6–7 weights).
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+static CONFIG: TileConfig = TileConfig {
+    palette: 1,
+    start_row: 0,
+    reserved: [0; 14],
+    colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+    rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+};
+
+/// Whether the CPU has AMX-BF16 and the kernel granted this process the tile state (asked for
+/// once, on the first call).
+pub fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+        let (amx_bf16, amx_tile) = ((leaf7.edx >> 22) & 1 == 1, (leaf7.edx >> 24) & 1 == 1);
+        amx_bf16 && amx_tile && super::has_bf16() && request_tile_state()
+    })
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn request_tile_state() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain syscall with integer arguments; it fails (non-zero) where the kernel or
+    // the hypervisor does not offer AMX.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn request_tile_state() -> bool {
+    false
+}
+
+/// K pairs as stored for AMX: padded to whole tile steps.
+pub fn padded_pairs(kp: usize) -> usize {
+    kp.div_ceil(KSTEP) * KSTEP
+}
+
+/// Rows of the activation buffer: padded to whole blocks.
+pub fn padded_rows(tokens: usize) -> usize {
+    tokens.div_ceil(MBLOCK) * MBLOCK
+}
+
+/// `out = xb · Wᵀ` through the epilogue of `out`: `xb` holds `padded_rows(tokens)` rows of
+/// `w.kdepth` bf16 pairs (zero padding), `w` is packed in bf16 with `kdepth` a multiple of
+/// [`KSTEP`].
+pub(super) fn gemm(xb: &[u32], tokens: usize, w: &PackedMatrix, out: Out) {
+    use rayon::prelude::*;
+    let kdepth = w.kdepth;
+    debug_assert!(kdepth.is_multiple_of(KSTEP) && xb.len() >= padded_rows(tokens) * kdepth);
+    let panels = w.panels;
+    let blocks = tokens.div_ceil(MBLOCK);
+    // Row chunks whose activations stay in L2 while the panels stream past them.
+    let chunk_blocks = ((512 * 1024) / (MBLOCK * kdepth * 4).max(1)).clamp(1, blocks);
+    let chunks = blocks.div_ceil(chunk_blocks);
+    let threads = rayon::current_num_threads().max(1);
+    let target = if threads == 1 { 1 } else { 8 * threads };
+    let group = panels.div_ceil(target.div_ceil(chunks).clamp(1, panels));
+    let groups = panels.div_ceil(group);
+    let a = super::Src(xb.as_ptr());
+    let task = |i: usize| {
+        #[allow(clippy::redundant_locals)]
+        let a = a;
+        let (c, g) = (i / groups, i % groups);
+        let (b0, b1) = (c * chunk_blocks, ((c + 1) * chunk_blocks).min(blocks));
+        let (p0, p1) = (g * group, ((g + 1) * group).min(panels));
+        // SAFETY: AMX is available (checked by the caller), the tiles are configured on this
+        // thread before use, and every tile load stays inside the padded buffers.
+        unsafe {
+            configure();
+            for p in p0..p1 {
+                let b = w.buf.ptr.add(p * w.panel_bytes()) as *const u32;
+                for blk in b0..b1 {
+                    let t0 = blk * MBLOCK;
+                    let rows = (tokens - t0).min(MBLOCK);
+                    block(a.0.add(t0 * kdepth), kdepth, b, rows, p * NR, t0, out);
+                }
+            }
+            release();
+        }
+    };
+    if threads == 1 || chunks * groups == 1 {
+        (0..chunks * groups).for_each(task);
+    } else {
+        (0..chunks * groups).into_par_iter().for_each(task);
+    }
+}
+
+#[inline(always)]
+unsafe fn configure() {
+    asm!("ldtilecfg [{0}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
+}
+
+#[inline(always)]
+unsafe fn release() {
+    asm!("tilerelease", options(nostack, nomem));
+}
+
+/// Rows t0..t0+rows (at most 32; `a` points at row t0, `kdepth` pairs a row) × one panel
+/// (`b`, columns col0..col0+32), through the epilogue.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn block(a: *const u32, kdepth: usize, b: *const u32, rows: usize, col0: usize, t0: usize, out: Out) {
+    let lda = kdepth * 4;
+    let ldb = NR * 4;
+    let a1 = a.add(16 * kdepth);
+    asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+    if rows > 16 {
+        asm!("tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+    }
+    let mut kk = 0;
+    while kk < kdepth {
+        let (ak, bk) = (a.add(kk), b.add(kk * NR));
+        if rows > 16 {
+            asm!(
+                "tileloadd tmm4, [{a} + {lda}*1]",
+                "tileloadd tmm6, [{b} + {ldb}*1]",
+                "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
+                "tileloadd tmm5, [{a1} + {lda}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a = in(reg) ak, a1 = in(reg) a1.add(kk), b = in(reg) bk, lda = in(reg) lda, ldb = in(reg) ldb,
+                options(nostack, readonly),
+            );
+        } else {
+            asm!(
+                "tileloadd tmm4, [{a} + {lda}*1]",
+                "tileloadd tmm6, [{b} + {ldb}*1]",
+                "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                a = in(reg) ak, b = in(reg) bk, lda = in(reg) lda, ldb = in(reg) ldb,
+                options(nostack, readonly),
+            );
+        }
+        kk += KSTEP;
+    }
+    // The accumulators, 32 × 32 f32 (128-byte rows), then the epilogue row by row.
+    #[repr(align(64))]
+    struct Acc([f32; MBLOCK * NR]);
+    let mut acc = Acc([0.0; MBLOCK * NR]);
+    let c = acc.0.as_mut_ptr();
+    asm!(
+        "tilestored [{c} + {ldc}*1], tmm0",
+        "tilestored [{c} + {ldc}*1 + 64], tmm1",
+        c = in(reg) c, ldc = in(reg) ldb,
+        options(nostack),
+    );
+    if rows > 16 {
+        asm!(
+            "tilestored [{c} + {ldc}*1], tmm2",
+            "tilestored [{c} + {ldc}*1 + 64], tmm3",
+            c = in(reg) c.add(16 * NR), ldc = in(reg) ldb,
+            options(nostack),
+        );
+    }
+    let out = Out { y: out.y.add(t0 * out.ldy + col0), cols: out.cols - col0, bias: if out.bias.is_null() { out.bias } else { out.bias.add(col0) }, ..out };
+    for r in 0..rows {
+        simd512::store_row32(&out, r, c.add(r * NR));
+    }
+}
