@@ -181,7 +181,7 @@ impl<B: Backend> Engine<B> {
 
     /// Runs one packed pass; returns logits `[logits_rows.len(), vocab]`.
     pub fn forward(&self, kv: &mut B::Kv, pass: Pass) -> Result<Vec<f32>> {
-        match self.forward_on_backend(kv, pass)? {
+        match self.backend.on_workers(|| self.forward_on_backend(kv, pass))? {
             Some(logits) => {
                 let host = self.backend.to_host(&logits)?;
                 self.backend.mark("logits to host");
@@ -197,7 +197,7 @@ impl<B: Backend> Engine<B> {
         if params.len() != pass.logits_rows.len() {
             return Err(Error::input(format!("{} sampling rows for {} logits rows", params.len(), pass.logits_rows.len())));
         }
-        match self.forward_on_backend(kv, pass)? {
+        match self.backend.on_workers(|| self.forward_on_backend(kv, pass))? {
             Some(logits) => {
                 let ids = self.backend.sample(&logits, params)?;
                 self.backend.mark("sample");

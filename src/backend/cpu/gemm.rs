@@ -28,6 +28,12 @@ use std::sync::OnceLock;
 #[cfg(target_arch = "x86_64")]
 pub mod amx;
 
+/// Panel rows (128 bytes each) that the one- and two-row f32 kernels prefetch ahead of their
+/// loads. Decode streams every weight once: the hardware prefetchers alone left batch-1 decode
+/// at 0.80–0.89 of the copy-bandwidth limit on an Intel Xeon (family 6 model 167); 16 rows
+/// ahead reached 0.96–1.09, 8 and 24 less (NOTES.md, 2026-12-05).
+const DECODE_PREFETCH_ROWS: usize = 16;
+
 /// Output columns per packed panel.
 pub const NR: usize = 32;
 
@@ -667,7 +673,9 @@ fn drive(tokens: usize, kdepth: usize, src: Src, w: &PackedMatrix, mr_max: usize
     let mblocks = tokens.div_ceil(mc);
     let threads = rayon::current_num_threads().max(1);
     let target = if threads == 1 { 1 } else { 8 * threads };
-    let groups = target.div_ceil(mblocks).clamp(1, panels);
+    // A few rows (decode) stream the weights once, memory-bound: one long contiguous stream per
+    // thread (the prefetchers ramp up once), in equal parts.
+    let groups = if tokens <= np_small_rows { threads.min(panels) } else { target.div_ceil(mblocks).clamp(1, panels) };
     let g = panels.div_ceil(groups);
     let ngroups = panels.div_ceil(g);
     with_scratch(&A_SCRATCH, tokens * kdepth, |buf| {
@@ -847,6 +855,12 @@ mod simd512 {
             let mut wv = [_mm512_setzero_ps(); NV];
             for j in 0..NV {
                 wv[j] = _mm512_load_ps(bp[j].add(kk * NR));
+            }
+            if MR <= 2 {
+                // Past a panel's end this touches the next panel or nothing: a prefetch never faults.
+                for j in 0..NV {
+                    _mm_prefetch::<_MM_HINT_T0>(bp[j].wrapping_add((kk + super::DECODE_PREFETCH_ROWS) * NR) as *const i8);
+                }
             }
             for i in 0..MR {
                 let xv = _mm512_set1_ps(*a.add(kk * MR + i));

@@ -266,6 +266,10 @@ impl Backend for CpuBackend {
     fn compute_type(&self) -> &'static str {
         compute().name()
     }
+    fn on_workers<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        // From outside the pool this runs `f` on a worker (and waits once); on a worker, in place.
+        rayon::scope(|_| f())
+    }
     fn compute_note(&self) -> Option<String> {
         Some(format!("--compute bf16 on this CPU: {}", gemm::bf16_note()))
     }
