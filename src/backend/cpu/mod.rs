@@ -267,8 +267,40 @@ impl Backend for CpuBackend {
         compute().name()
     }
     fn on_workers<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        // From outside the pool this runs `f` on a worker (and waits once); on a worker, in place.
-        rayon::scope(|_| f())
+        if rayon::current_thread_index().is_some() {
+            return f();
+        }
+        // `f` runs on a worker (the caller waits once, not once per operation), and every other
+        // worker is kept awake for the pass: a sleeping worker takes a futex wake-up (tens of µs
+        // in a VM) per operation, 150 operations per decoded token. The keepers run the pass's
+        // tasks through `yield_now` and spin (yielding the CPU to other threads) in between.
+        let keepers = rayon::current_num_threads().saturating_sub(1);
+        let done = AtomicBool::new(false);
+        rayon::scope(|s| {
+            // A keeper that this worker itself picks up (while it waits inside the pass) returns
+            // at once: spinning there, above the pass it waits for, would never end.
+            let (owner, done) = (rayon::current_thread_index(), &done);
+            for _ in 0..keepers {
+                s.spawn(move |_| {
+                    if rayon::current_thread_index() == owner {
+                        return;
+                    }
+                    while !done.load(Ordering::Acquire) {
+                        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                            std::thread::yield_now();
+                        }
+                    }
+                });
+            }
+            struct Done<'a>(&'a AtomicBool);
+            impl Drop for Done<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::Release);
+                }
+            }
+            let _done = Done(done);
+            f()
+        })
     }
     fn compute_note(&self) -> Option<String> {
         Some(format!("--compute bf16 on this CPU: {}", gemm::bf16_note()))
