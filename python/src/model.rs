@@ -10,7 +10,7 @@ use resid::backend::any::AnyEngine;
 use resid::backend::Backend;
 use resid::engine::capture::{CapturePoint, CapturePosition, CaptureSpec};
 use resid::engine::steer::Steering;
-use resid::io::InputItem;
+use resid::io::{InputItem, OutputDtype};
 use resid::model::tokenizer::TextTokenizer;
 use resid::store::extract::{ExtractJob, ExtractOutput};
 use resid::{with_engine, Engine, GenerateOptions, Sampling};
@@ -154,9 +154,29 @@ fn steering_for<B: Backend>(engine: &Engine<B>, s: Option<&Bound<'_, PySteering>
     s.map(|s| s.get().for_model(engine.num_layers(), engine.hidden_size()).map(Arc::new)).transpose().map_err(to_py)
 }
 
-fn numpy_rows<'py>(py: Python<'py>, data: Vec<f32>, rows: usize, points: usize, hidden: usize) -> PyResult<Bound<'py, PyAny>> {
-    // The engine's buffer becomes the array's memory: no copy on the way out.
-    Ok(PyArray1::from_vec(py, data).reshape([rows, points, hidden])?.into_any())
+fn numpy_rows<'py>(py: Python<'py>, data: Vec<f32>, rows: usize, points: usize, hidden: usize, dtype: OutputDtype) -> PyResult<Bound<'py, PyAny>> {
+    use half::slice::HalfFloatSliceExt;
+    let shape = [rows, points, hidden];
+    Ok(match dtype {
+        // The engine's buffer becomes the array's memory: no copy on the way out.
+        OutputDtype::F32 => PyArray1::from_vec(py, data).reshape(shape)?.into_any(),
+        // Half precision goes out as its bits (uint16); the Python side views them as
+        // float16 (or ml_dtypes.bfloat16): numpy has no bfloat16 of its own.
+        OutputDtype::F16 => {
+            let mut h = vec![half::f16::ZERO; data.len()];
+            h.convert_from_f32_slice(&data);
+            PyArray1::from_vec(py, h.iter().map(|v| v.to_bits()).collect::<Vec<u16>>()).reshape(shape)?.into_any()
+        }
+        OutputDtype::Bf16 => {
+            let mut h = vec![half::bf16::ZERO; data.len()];
+            h.convert_from_f32_slice(&data);
+            PyArray1::from_vec(py, h.iter().map(|v| v.to_bits()).collect::<Vec<u16>>()).reshape(shape)?.into_any()
+        }
+    })
+}
+
+fn parse_dtype(d: &str) -> PyResult<OutputDtype> {
+    d.parse::<OutputDtype>().map_err(to_py)
 }
 
 #[pymethods]
@@ -245,8 +265,9 @@ impl Model {
         .map_err(to_py)
     }
 
-    /// Captures `inputs.seqs[start..end]`: `(array [rows, n_layers, hidden], offsets or None)`.
-    #[pyo3(signature = (inputs, start, end, layers, position, steer, batch_tokens, progress = None))]
+    /// Captures `inputs.seqs[start..end]`: `(array [rows, n_layers, hidden], offsets or None)`;
+    /// for f16/bf16 the array holds the bits (uint16).
+    #[pyo3(signature = (inputs, start, end, layers, position, steer, batch_tokens, progress = None, dtype = "f32"))]
     #[allow(clippy::too_many_arguments)]
     fn extract<'py>(
         &self,
@@ -259,8 +280,10 @@ impl Model {
         steer: Option<&Bound<'py, PySteering>>,
         batch_tokens: usize,
         progress: Option<&Bound<'py, PyAny>>,
+        dtype: &str,
     ) -> PyResult<(Bound<'py, PyAny>, Option<Bound<'py, PyAny>>)> {
         check_batch_tokens(batch_tokens)?;
+        let dtype = parse_dtype(dtype)?;
         let seqs = inputs.seqs.get(start..end).ok_or_else(|| input_err(format!("range {start}..{end} outside 0..{}", inputs.seqs.len())))?;
         let engine = &*self.engine;
         with_engine!(engine, e => {
@@ -269,19 +292,22 @@ impl Model {
             let total = seqs.len();
             let c = run(py, progress, |p| {
                 let mut done = 0;
-                e.extract(seqs, &spec, &steering, batch_tokens, |n, _| {
+                let c = e.extract(seqs, &spec, &steering, batch_tokens, |n, _| {
                     done += n;
                     p.set(done, total);
-                })
+                })?;
+                // Overflow to f16 infinity is refused as NaN is in files.
+                resid::store::extract::check_finite(&c, &spec, dtype, &inputs.name, start)?;
+                Ok(c)
             })?;
             let offsets = (spec.position == CapturePosition::All)
                 .then(|| PyArray1::from_vec(py, c.offsets.iter().map(|&o| o as i64).collect()).into_any());
-            Ok((numpy_rows(py, c.data, c.rows, c.points, c.hidden)?, offsets))
+            Ok((numpy_rows(py, c.data, c.rows, c.points, c.hidden, dtype)?, offsets))
         })
     }
 
     /// The resumable, sharded writer of `resid extract --out`; returns its summary as JSON.
-    #[pyo3(signature = (out, inputs, layers, position, steer, batch_tokens, shard_sequences, part, wait_lock, progress = None))]
+    #[pyo3(signature = (out, inputs, layers, position, steer, batch_tokens, shard_sequences, part, wait_lock, progress = None, dtype = "f32"))]
     #[allow(clippy::too_many_arguments)]
     fn extract_to<'py>(
         &self,
@@ -296,8 +322,10 @@ impl Model {
         part: Option<(usize, usize)>,
         wait_lock: bool,
         progress: Option<&Bound<'py, PyAny>>,
+        dtype: &str,
     ) -> PyResult<String> {
         check_batch_tokens(batch_tokens)?;
+        let dtype = parse_dtype(dtype)?;
         if shard_sequences == 0 {
             return Err(input_err("shard_sequences must be at least 1"));
         }
@@ -316,6 +344,7 @@ impl Model {
                 input_sha256: inputs.sha256.clone(),
                 part,
                 shard_sequences,
+                dtype,
             };
             let summary = run(py, progress, |p| {
                 let output = ExtractOutput::open(&out, wait_lock)?;

@@ -199,6 +199,10 @@ struct ExtractArgs {
     /// Token budget of one packed batch.
     #[arg(long, default_value_t = resid::engine::DEFAULT_BATCH_TOKENS)]
     batch_tokens: usize,
+    /// Element type of the captured tensor: f32, f16 or bf16 (half the disk; rounded to
+    /// nearest even; a value beyond f16's range is an error naming its line and layer).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -364,6 +368,7 @@ fn info_on<B: Backend>(engine: &Engine<B>, a: &InfoArgs) -> Result<()> {
 
 fn extract(a: ExtractArgs) -> Result<()> {
     let position: CapturePosition = a.position.parse()?;
+    let dtype: resid::io::OutputDtype = a.dtype.parse()?;
     let part = a.shard.as_deref().map(resid::store::parse_part).transpose()?;
     let is_file = a.out.extension().is_some_and(|e| e == "safetensors");
     if is_file && part.is_some() {
@@ -374,20 +379,12 @@ fn extract(a: ExtractArgs) -> Result<()> {
     // Locked before the model loads, so that a second writer fails at once.
     let out = ExtractOutput::open(&a.out, a.lock.wait_lock)?;
     let any = load(&a.model)?;
-    with_engine!(&any, engine => extract_on(engine, &a, position, part, items, &input_bytes, &out))
+    with_engine!(&any, engine => extract_on(engine, &a, position, dtype, part, items, &input_bytes, &out))
 }
 
-fn extract_on<B: Backend>(
-    engine: &Engine<B>,
-    a: &ExtractArgs,
-    position: CapturePosition,
-    part: Option<(usize, usize)>,
-    items: Vec<InputItem>,
-    input_bytes: &[u8],
-    out: &ExtractOutput,
-) -> Result<()> {
-    let n_layers = engine.num_layers();
-    let points: Vec<CapturePoint> = match &a.layers {
+/// The capture points `--layers` names (default: every hidden-state index 0..=L).
+pub(crate) fn capture_points(layers: Option<&str>, n_layers: usize) -> Result<Vec<CapturePoint>> {
+    Ok(match layers {
         None => (0..=n_layers).map(CapturePoint::Hidden).collect(),
         Some(list) => {
             let mut points = Vec::new();
@@ -401,7 +398,22 @@ fn extract_on<B: Backend>(
             }
             points
         }
-    };
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn extract_on<B: Backend>(
+    engine: &Engine<B>,
+    a: &ExtractArgs,
+    position: CapturePosition,
+    dtype: resid::io::OutputDtype,
+    part: Option<(usize, usize)>,
+    items: Vec<InputItem>,
+    input_bytes: &[u8],
+    out: &ExtractOutput,
+) -> Result<()> {
+    let n_layers = engine.num_layers();
+    let points = capture_points(a.layers.as_deref(), n_layers)?;
     let spec = CaptureSpec { points, position };
     spec.validate(n_layers)?;
     let steer = steering(engine, &a.steer)?;
@@ -417,6 +429,7 @@ fn extract_on<B: Backend>(
         input_sha256: resid::store::sha256_hex(input_bytes),
         part,
         shard_sequences: a.shard_sequences,
+        dtype,
     };
     let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
     bar.set_style(
