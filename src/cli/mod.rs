@@ -36,6 +36,9 @@ enum Command {
     Extract(ExtractArgs),
     /// Generate text, optionally with steering.
     Generate(GenerateArgs),
+    /// Per-point count, mean, covariance or Gram matrix, min and max over a whole input,
+    /// without storing rows (resumable).
+    Stats(StatsArgs),
     /// Check a sharded extraction directory against its manifest.
     Verify(VerifyArgs),
     /// Join the outputs of `extract --shard i/N` runs into one directory.
@@ -213,6 +216,45 @@ struct ExtractArgs {
 }
 
 #[derive(Args)]
+struct StatsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// JSONL input: `text` (or `ids`) per line; with --pairs, `pos` and `neg` per line.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output `.safetensors`: `count`, `mean`, `cov`, `gram`, `min`, `max`, each with a
+    /// leading points axis, in f64. The resumable state lives beside it in `OUT.state`.
+    #[arg(long)]
+    out: PathBuf,
+    /// Capture points, as for `extract` (default: all, 0..=L).
+    #[arg(long)]
+    layers: Option<String>,
+    /// Rows: every token (all), the last token or the mean over tokens of each sequence.
+    #[arg(long, default_value = "all")]
+    position: String,
+    /// Statistics besides count, min and max: mean, cov (n − 1, as numpy.cov), gram (Σ x xᵀ).
+    #[arg(long, default_value = "mean,cov")]
+    stats: String,
+    /// Rows are the differences pos − neg of each pair's rows (for `vectors --from-stats`).
+    #[arg(long)]
+    pairs: bool,
+    /// Token budget of one packed batch (the results do not depend on it).
+    #[arg(long, default_value_t = resid::engine::DEFAULT_BATCH_TOKENS)]
+    batch_tokens: usize,
+    /// Seconds between checkpoints of the state.
+    #[arg(long, default_value_t = 60.0)]
+    checkpoint_seconds: f64,
+    /// Stop after this many input sequences (pairs count two), checkpointed; rerun to go on.
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    lock: LockArgs,
+}
+
+#[derive(Args)]
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -279,6 +321,7 @@ pub fn run() -> i32 {
         Command::Extract(a) => extract(a),
         Command::Generate(a) => generate(a),
         Command::Selftest(a) => selftest::run(a),
+        Command::Stats(a) => stats(a),
         Command::Verify(a) => verify(a),
         Command::Merge(a) => merge(a),
         Command::Bench(a) => bench::run(a),
@@ -472,6 +515,86 @@ fn extract_on<B: Backend>(
             seqs.len(),
             s.tokens,
             s.seconds
+        );
+    }
+    Ok(())
+}
+
+fn stats(a: StatsArgs) -> Result<()> {
+    use resid::store::stats::StatsSelection;
+    let position: CapturePosition = a.position.parse()?;
+    let selection: StatsSelection = a.stats.parse()?;
+    if !(a.checkpoint_seconds.is_finite() && a.checkpoint_seconds >= 0.0) {
+        bail!(resid::Error::input(format!("--checkpoint-seconds {}: must be a non-negative number", a.checkpoint_seconds)));
+    }
+    if a.out.extension().is_none_or(|e| e != "safetensors") {
+        bail!(resid::Error::input(format!("--out {}: expected a .safetensors file", a.out.display())));
+    }
+    resid::io::check_writable(&a.out)?;
+    let input_bytes = std::fs::read(&a.input).map_err(|e| resid::Error::io(&a.input, e))?;
+    let name = a.input.display().to_string();
+    // With pairs: the sequences pos, neg of every pair in turn, named by the pair's line.
+    let (items, origins): (Vec<InputItem>, Vec<String>) = if a.pairs {
+        let pairs = resid::repe::data::load_jsonl(&a.input)?;
+        pairs.into_iter().flat_map(|p| [(InputItem::Text(p.pos), p.origin.clone()), (InputItem::Text(p.neg), p.origin)]).unzip()
+    } else {
+        let items = resid::io::parse_jsonl(&input_bytes, &name)?;
+        let origins = (0..items.len()).map(|i| format!("{name}: line {}", i + 1)).collect();
+        (items, origins)
+    };
+    let any = load(&a.model)?;
+    with_engine!(&any, engine => stats_on(engine, &a, position, selection, items, &origins, &input_bytes))
+}
+
+fn stats_on<B: Backend>(
+    engine: &Engine<B>,
+    a: &StatsArgs,
+    position: CapturePosition,
+    stats: resid::store::stats::StatsSelection,
+    items: Vec<InputItem>,
+    origins: &[String],
+    input_bytes: &[u8],
+) -> Result<()> {
+    let spec = CaptureSpec { points: capture_points(a.layers.as_deref(), engine.num_layers())?, position };
+    spec.validate(engine.num_layers())?;
+    let seqs = engine.input_ids(items, |i| origins[i].clone())?;
+    let origin = |i: usize| origins.get(if a.pairs { 2 * i } else { i }).cloned().unwrap_or_default();
+    let job = resid::store::stats::StatsJob {
+        seqs: &seqs,
+        spec: &spec,
+        stats,
+        pairs: a.pairs,
+        batch_tokens: a.batch_tokens,
+        input_name: a.input.display().to_string(),
+        input_sha256: resid::store::sha256_hex(input_bytes),
+        origin: &origin,
+        checkpoint_seconds: a.checkpoint_seconds,
+        stop_after: a.stop_after,
+    };
+    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} stats [{bar:30}] {pos}/{len} seqs {msg} ({elapsed} < {eta})")
+            .map_err(|e| anyhow!("progress template: {e}"))?
+            .progress_chars("=> "),
+    );
+    let s = resid::store::stats::run(engine, &job, &a.out, a.lock.wait_lock, &mut |p| {
+        bar.set_length(p.total_sequences as u64);
+        bar.set_position(p.done_sequences as u64);
+        bar.set_message(format!("{:.0} tok/s", p.tokens as f64 / p.seconds.max(1e-9)));
+    });
+    bar.finish_and_clear();
+    let s = s?;
+    if a.quiet {
+        return Ok(());
+    }
+    let resumed = if s.resumed_from > 0 { format!("; resumed at sequence {}", s.resumed_from) } else { String::new() };
+    if s.complete {
+        eprintln!("wrote {} ({} rows per point over {} sequences, {} tokens computed in {:.1} s{resumed})", a.out.display(), s.rows, s.sequences, s.tokens_computed, s.seconds);
+    } else {
+        eprintln!(
+            "stopped after {} rows per point; state checkpointed in {} (rerun the same command to go on{resumed})",
+            s.rows,
+            resid::store::stats::state_path(&a.out).display()
         );
     }
     Ok(())
