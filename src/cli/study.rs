@@ -357,7 +357,7 @@ fn vectors_from_stats(a: &VectorsArgs, stats: &Path, method: Method) -> Result<(
         ("model", a.model.model.display().to_string()),
         ("seed", a.pairs.seed.to_string()),
         ("train_pairs", pairs.to_string()),
-        ("from_stats", "sign of the summed separation; scale = root-mean-square pair separation; no train accuracy".to_string()),
+        ("from_stats", "sign of the summed separation; scale = root-mean-square pair separation (mean separation without cov or gram); no train accuracy".to_string()),
     ];
     study::write_vectors(out, &v, &meta)?;
     if a.json {

@@ -284,7 +284,8 @@ fn pca_direction(train: &PairReps, l: usize, hidden: usize, seed: u64) -> Vec<f3
 /// Without the rows, the sign is that of the summed separation `⟨mean, u⟩` (the rows' majority
 /// vote falls back to the same sum on a tie), the scale is the root-mean-square separation
 /// `√(uᵀ E[d dᵀ] u)` (the rows' mean absolute separation needs the rows; it is at most this),
-/// and the train accuracy is NaN.
+/// or without second moments the mean separation `⟨mean, u⟩` (at most the rows' value), and
+/// the train accuracy is NaN.
 pub fn from_moments(method: Method, layers: usize, hidden: usize, mean: &[Option<&[f64]>], second: &[Option<&[f64]>], seed: u64) -> Result<ConceptVectors> {
     if mean.len() != layers + 1 || second.len() != layers + 1 {
         return Err(Error::input(format!("statistics for {} indices, expected {}", mean.len(), layers + 1)));

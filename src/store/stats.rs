@@ -549,7 +549,8 @@ pub struct StatsFile {
 }
 
 impl StatsFile {
-    /// Reads `path`; `need_second` asks for the second moment (PCA).
+    /// Reads `path`, with the second moment when the file has `gram` or `cov`; `need_second`
+    /// makes its absence an error (PCA).
     pub fn read(path: &Path, need_second: bool) -> Result<StatsFile> {
         let name = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
@@ -577,9 +578,7 @@ impl StatsFile {
             return Err(bad(format!("`mean` has shape {shape:?} for {p} points")));
         }
         let hidden = shape[1];
-        let second_moment = if !need_second {
-            Vec::new()
-        } else if st.names().contains(&"gram") {
+        let second_moment = if st.names().contains(&"gram") {
             let (g, _) = f64s("gram")?;
             g.chunks_exact(hidden * hidden).zip(&count).flat_map(|(g, &n)| g.iter().map(move |v| v / n as f64)).collect()
         } else if st.names().contains(&"cov") {
@@ -594,10 +593,12 @@ impl StatsFile {
                 }
             }
             out
-        } else {
+        } else if need_second {
             return Err(bad("PCA needs `gram` or `cov` (compute it with --stats mean,cov or mean,gram)".into()));
+        } else {
+            Vec::new()
         };
-        if second_moment.len() != if need_second { p * hidden * hidden } else { 0 } {
+        if !second_moment.is_empty() && second_moment.len() != p * hidden * hidden {
             return Err(bad("second-moment tensor has the wrong shape".into()));
         }
         Ok(StatsFile { layers, hidden, count, mean, second_moment, metadata })
