@@ -408,6 +408,56 @@ class Model:
             bar.close()
         return json.loads(summary)
 
+    def stats(
+        self,
+        out: Union[str, os.PathLike],
+        inputs: Union[Sequence[Any], str, os.PathLike],
+        layers: Optional[Sequence[Union[int, str]]] = None,
+        position: str = "all",
+        stats: Union[str, Sequence[str]] = "mean,cov",
+        pairs: bool = False,
+        batch_tokens: int = 2048,
+        checkpoint_seconds: float = 60.0,
+        stop_after: Optional[int] = None,
+        wait_lock: bool = False,
+        progress: bool = False,
+    ) -> Dict[str, Any]:
+        """`resid stats`: per-point `count`, `mean`, `cov` (n - 1, as numpy.cov) or `gram`
+        (sum of x x^T), `min` and `max` over every row of `inputs`, accumulated in float64
+        without storing rows, written to the safetensors file `out` (each tensor with a leading
+        points axis). Rows are tokens (`position="all"`) or one per input ("last", "mean").
+        With `pairs=True`, `inputs` is a list of `(pos, neg)` tuples or the path of a JSONL
+        file with `pos` and `neg` per line, and the rows are the differences pos - neg (for
+        `resid vectors --from-stats`). The result does not depend on `batch_tokens` or the
+        threads. The state is checkpointed beside `out` (`out + ".state"`) every
+        `checkpoint_seconds`, on Ctrl-C and after `stop_after` sequences; calling again with the
+        same arguments resumes. Returns the run's summary."""
+        if isinstance(stats, (list, tuple)):
+            stats = ",".join(str(x) for x in stats)
+        if isinstance(inputs, (str, os.PathLike)):
+            path = os.fspath(inputs)
+            prepared = self._m.prepare_pairs_jsonl(path) if pairs else self._m.prepare_jsonl(path)
+        elif pairs:
+            flat: List[Any] = []
+            for i, pair in enumerate(inputs):
+                if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                    raise InputError(f"inputs[{i}]: expected a (pos, neg) pair")
+                flat.extend(pair)
+            prepared = self._prepare(flat)
+        else:
+            prepared = self._prepare(inputs)
+        if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0):
+            raise InputError(f"stop_after {stop_after!r}: must be a non-negative integer or None")
+        bar = _Progress(progress, "seq")
+        try:
+            summary = self._m.stats(
+                os.fspath(out), prepared, layers, _position(position), str(stats), bool(pairs),
+                _batch_tokens(batch_tokens), float(checkpoint_seconds), stop_after, bool(wait_lock), bar.callback(),
+            )
+        finally:
+            bar.close()
+        return json.loads(summary)
+
     def generate(
         self,
         prompts: Sequence[Union[str, Sequence[int]]],

@@ -124,6 +124,21 @@ class Model:
         dtype: Literal["f32", "f16", "bf16"] = "f32",
     ) -> Dict[str, Any]:
         """The resumable, sharded writer of `resid extract --out`."""
+    def stats(
+        self,
+        out: PathLike,
+        inputs: Union[Sequence[Any], PathLike],
+        layers: Optional[Sequence[Layer]] = None,
+        position: Literal["last", "mean", "all"] = "all",
+        stats: Union[str, Sequence[str]] = "mean,cov",
+        pairs: bool = False,
+        batch_tokens: int = 2048,
+        checkpoint_seconds: float = 60.0,
+        stop_after: Optional[int] = None,
+        wait_lock: bool = False,
+        progress: bool = False,
+    ) -> Dict[str, Any]:
+        """`resid stats`: f64 count, mean, cov/gram, min, max per point, written to `out`."""
     def generate(
         self,
         prompts: Sequence[Input],

@@ -354,6 +354,69 @@ impl Model {
         })
     }
 
+    /// Reads JSONL pairs (`pos` and `neg` per line, as `resid stats --pairs --input`): the
+    /// sequences pos, neg of every pair in turn.
+    fn prepare_pairs_jsonl(&self, py: Python<'_>, path: PathBuf) -> PyResult<Inputs> {
+        let engine = self.engine.clone();
+        py.detach(|| {
+            let bytes = std::fs::read(&path).map_err(|e| resid::Error::io(&path, e))?;
+            let pairs = resid::repe::data::load_jsonl(&path)?;
+            let (items, origins): (Vec<InputItem>, Vec<String>) =
+                pairs.into_iter().flat_map(|p| [(InputItem::Text(p.pos), p.origin.clone()), (InputItem::Text(p.neg), p.origin)]).unzip();
+            let seqs = with_engine!(&*engine, e => e.input_ids(items, |i| origins[i].clone()))?;
+            Ok(Inputs { seqs, name: path.display().to_string(), sha256: resid::store::sha256_hex(&bytes) })
+        })
+        .map_err(to_py)
+    }
+
+    /// `resid stats`: per-point statistics of `inputs` into `out`; returns the summary as JSON.
+    #[pyo3(signature = (out, inputs, layers, position, stats, pairs, batch_tokens, checkpoint_seconds, stop_after, wait_lock, progress = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn stats<'py>(
+        &self,
+        py: Python<'py>,
+        out: PathBuf,
+        inputs: &Inputs,
+        layers: Option<&Bound<'py, PyAny>>,
+        position: &str,
+        stats: &str,
+        pairs: bool,
+        batch_tokens: usize,
+        checkpoint_seconds: f64,
+        stop_after: Option<usize>,
+        wait_lock: bool,
+        progress: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<String> {
+        check_batch_tokens(batch_tokens)?;
+        let selection: resid::store::stats::StatsSelection = stats.parse().map_err(to_py)?;
+        if out.extension().is_none_or(|e| e != "safetensors") {
+            return Err(input_err(format!("out {}: expected a .safetensors file", out.display())));
+        }
+        if !(checkpoint_seconds.is_finite() && checkpoint_seconds >= 0.0) {
+            return Err(input_err(format!("checkpoint_seconds {checkpoint_seconds}: must be a non-negative number")));
+        }
+        let engine = &*self.engine;
+        with_engine!(engine, e => {
+            let spec = CaptureSpec { points: capture_points(layers, e.num_layers())?, position: parse_position(position)? };
+            let name = inputs.name.clone();
+            let origin = move |i: usize| format!("{name}: {} {}", if pairs { "pair" } else { "input" }, i + 1);
+            let job = resid::store::stats::StatsJob {
+                seqs: &inputs.seqs,
+                spec: &spec,
+                stats: selection,
+                pairs,
+                batch_tokens,
+                input_name: inputs.name.clone(),
+                input_sha256: inputs.sha256.clone(),
+                origin: &origin,
+                checkpoint_seconds,
+                stop_after,
+            };
+            let summary = run(py, progress, |p| resid::store::stats::run(e, &job, &out, wait_lock, &mut |x| p.set(x.done_sequences, x.total_sequences)))?;
+            serde_json::to_string(&summary).map_err(|e| input_err(format!("summary: {e}")))
+        })
+    }
+
     /// Generates for every prompt in one batch; returns dicts with text, tokens, finish_reason.
     #[pyo3(signature = (prompts, max_new_tokens, temperature, top_p, top_k, seed, chat, stop, steer))]
     #[allow(clippy::too_many_arguments)]
