@@ -161,6 +161,7 @@ fn overflow_to_f16_infinity_names_the_line_and_the_point() {
 }
 
 /// Naive two-pass f64 statistics of rows `[n, h]`: (mean, cov with n − 1, gram, min, max).
+#[allow(clippy::type_complexity)]
 fn reference_stats(rows: &[Vec<f64>], h: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
     let n = rows.len() as f64;
     let mut mean = vec![0.0; h];

@@ -298,7 +298,7 @@ pub fn run<B: Backend>(engine: &Engine<B>, job: &StatsJob, out: &Path, wait: boo
         if job.spec.position == CapturePosition::All {
             return Err(Error::input("--pairs needs --position last or mean (a pair's two texts have different lengths)"));
         }
-        if job.seqs.len() % 2 != 0 {
+        if !job.seqs.len().is_multiple_of(2) {
             return Err(Error::input("--pairs: internal: an odd number of sequences"));
         }
     }
@@ -378,7 +378,7 @@ fn check_rows(captured: &Captured, job: &StatsJob, first_seq: usize) -> Result<(
     let seq = if job.spec.position == CapturePosition::All { captured.offsets.iter().rposition(|&o| o <= row).unwrap_or(0) } else { row };
     let point = job.spec.points[(i / captured.hidden) % captured.points];
     let seq = first_seq + seq;
-    let at = if job.pairs { format!("{} ({})", (job.origin)(seq / 2), if seq % 2 == 0 { "pos" } else { "neg" }) } else { (job.origin)(seq) };
+    let at = if job.pairs { format!("{} ({})", (job.origin)(seq / 2), if seq.is_multiple_of(2) { "pos" } else { "neg" }) } else { (job.origin)(seq) };
     Err(Error::input(format!("{at}: NaN or Inf in captured activations at layer {point:?}; no statistics written")))
 }
 
