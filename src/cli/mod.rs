@@ -425,6 +425,17 @@ fn extract(a: ExtractArgs) -> Result<()> {
     with_engine!(&any, engine => extract_on(engine, &a, position, dtype, part, items, &input_bytes, &out))
 }
 
+/// A progress bar over input sequences, with tokens/s in its message (hidden when `quiet`).
+fn sequence_bar(quiet: bool, label: &str) -> Result<ProgressBar> {
+    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    bar.set_style(
+        ProgressStyle::with_template(&format!("{{spinner}} {label} [{{bar:30}}] {{pos}}/{{len}} seqs {{msg}} ({{elapsed}} < {{eta}})"))
+            .map_err(|e| anyhow!("progress template: {e}"))?
+            .progress_chars("=> "),
+    );
+    Ok(bar)
+}
+
 /// The capture points `--layers` names (default: every hidden-state index 0..=L).
 pub(crate) fn capture_points(layers: Option<&str>, n_layers: usize) -> Result<Vec<CapturePoint>> {
     Ok(match layers {
@@ -474,12 +485,7 @@ fn extract_on<B: Backend>(
         shard_sequences: a.shard_sequences,
         dtype,
     };
-    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} extract [{bar:30}] {pos}/{len} seqs {msg} ({elapsed} < {eta})")
-            .map_err(|e| anyhow!("progress template: {e}"))?
-            .progress_chars("=> "),
-    );
+    let bar = sequence_bar(a.quiet, "extract")?;
     let s = out.write(engine, &job, &mut |p| {
         bar.set_length(p.total_sequences as u64);
         bar.set_position(p.done_sequences as u64);
@@ -571,12 +577,7 @@ fn stats_on<B: Backend>(
         checkpoint_seconds: a.checkpoint_seconds,
         stop_after: a.stop_after,
     };
-    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} stats [{bar:30}] {pos}/{len} seqs {msg} ({elapsed} < {eta})")
-            .map_err(|e| anyhow!("progress template: {e}"))?
-            .progress_chars("=> "),
-    );
+    let bar = sequence_bar(a.quiet, "stats")?;
     let s = resid::store::stats::run(engine, &job, &a.out, a.lock.wait_lock, &mut |p| {
         bar.set_length(p.total_sequences as u64);
         bar.set_position(p.done_sequences as u64);

@@ -240,20 +240,30 @@ fn pca_direction(train: &PairReps, l: usize, hidden: usize, seed: u64) -> Vec<f3
     if total <= 1e-9 * scale.max(1e-300) {
         rows = uncentred;
     }
-    let mut v: Vec<f64> = (0..hidden).map(|_| rng.gaussian()).collect();
-    let nv = norm64(&v);
-    v.iter_mut().for_each(|x| *x /= nv);
-    for _ in 0..1000 {
-        let proj: Vec<f64> = rows.iter().map(|r| r.iter().zip(&v).map(|(a, b)| a * b).sum()).collect();
+    power_iteration(hidden, &mut rng, |v| {
+        let proj: Vec<f64> = rows.iter().map(|r| r.iter().zip(v).map(|(a, b)| a * b).sum()).collect();
         let mut next = vec![0.0f64; hidden];
         for (r, p) in rows.iter().zip(&proj) {
             for (x, a) in next.iter_mut().zip(r) {
                 *x += p * a;
             }
         }
+        next
+    })
+}
+
+/// The unit leading eigenvector of a symmetric positive semi-definite operator `apply` on
+/// vectors of length `n`: power iteration from a seeded Gaussian start until the change is
+/// below 1e-10 or after 1000 iterations (zeros if the operator vanishes).
+fn power_iteration(n: usize, rng: &mut SplitMix64, apply: impl Fn(&[f64]) -> Vec<f64>) -> Vec<f32> {
+    let mut v: Vec<f64> = (0..n).map(|_| rng.gaussian()).collect();
+    let nv = norm64(&v);
+    v.iter_mut().for_each(|x| *x /= nv);
+    for _ in 0..1000 {
+        let mut next = apply(&v);
         let nn = norm64(&next);
         if nn == 0.0 || !nn.is_finite() {
-            return vec![0.0; hidden];
+            return vec![0.0; n];
         }
         next.iter_mut().for_each(|x| *x /= nn);
         // Fix the sign so that convergence can be measured (the sign is chosen later anyway).
@@ -336,27 +346,7 @@ pub fn from_moments(method: Method, layers: usize, hidden: usize, mean: &[Option
     Ok(out)
 }
 
-/// The unit leading eigenvector of the symmetric `[n, n]` matrix `a`: power iteration from a
-/// seeded Gaussian start until the change is below 1e-10 or after 1000 iterations.
+/// The unit leading eigenvector of the symmetric `[n, n]` matrix `a` ([`power_iteration`]).
 pub fn leading_eigenvector(a: &[f64], n: usize, rng: &mut SplitMix64) -> Vec<f32> {
-    let mut v: Vec<f64> = (0..n).map(|_| rng.gaussian()).collect();
-    let nv = norm64(&v);
-    v.iter_mut().for_each(|x| *x /= nv);
-    for _ in 0..1000 {
-        let mut next: Vec<f64> = a.chunks_exact(n).map(|row| row.iter().zip(&v).map(|(x, y)| x * y).sum()).collect();
-        let nn = norm64(&next);
-        if nn == 0.0 || !nn.is_finite() {
-            return vec![0.0; n];
-        }
-        next.iter_mut().for_each(|x| *x /= nn);
-        if next.iter().zip(&v).map(|(a, b)| a * b).sum::<f64>() < 0.0 {
-            next.iter_mut().for_each(|x| *x = -*x);
-        }
-        let change: f64 = next.iter().zip(&v).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
-        v = next;
-        if change < 1e-10 {
-            break;
-        }
-    }
-    unit(&v)
+    power_iteration(n, rng, |v| a.chunks_exact(n).map(|row| row.iter().zip(v).map(|(x, y)| x * y).sum()).collect())
 }
