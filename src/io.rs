@@ -9,6 +9,86 @@ use std::path::{Path, PathBuf};
 pub enum TensorData {
     F32(Vec<f32>),
     I64(Vec<i64>),
+    /// Statistics accumulated in f64 (`resid stats`).
+    F64(Vec<f64>),
+}
+
+/// The element type of captured tensors in an output (`--dtype`): f32, or half precision for
+/// half the disk. Conversion rounds to nearest, ties to even (the `half` crate, F16C on x86).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutputDtype {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
+impl std::str::FromStr for OutputDtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "float32" => Ok(OutputDtype::F32),
+            "f16" | "float16" => Ok(OutputDtype::F16),
+            "bf16" | "bfloat16" => Ok(OutputDtype::Bf16),
+            other => Err(Error::input(format!("unknown dtype `{other}` (expected f32, f16 or bf16)"))),
+        }
+    }
+}
+
+impl OutputDtype {
+    /// The PyTorch/numpy name recorded in metadata (`float32`, `float16`, `bfloat16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputDtype::F32 => "float32",
+            OutputDtype::F16 => "float16",
+            OutputDtype::Bf16 => "bfloat16",
+        }
+    }
+
+    pub fn stream(self) -> StreamDtype {
+        match self {
+            OutputDtype::F32 => StreamDtype::F32,
+            OutputDtype::F16 => StreamDtype::F16,
+            OutputDtype::Bf16 => StreamDtype::Bf16,
+        }
+    }
+
+    /// The largest finite magnitude this type holds.
+    pub fn max_finite(self) -> f32 {
+        match self {
+            OutputDtype::F32 => f32::MAX,
+            OutputDtype::F16 => half::f16::MAX.to_f32(),
+            OutputDtype::Bf16 => half::bf16::MAX.to_f32(),
+        }
+    }
+
+    /// The index of the first value that is not finite once stored as this type (NaN, Inf, or
+    /// a finite f32 that rounds to infinity), if any.
+    pub fn first_nonfinite(self, values: &[f32]) -> Option<usize> {
+        match self {
+            OutputDtype::F32 => values.iter().position(|v| !v.is_finite()),
+            OutputDtype::F16 => values.iter().position(|&v| !half::f16::from_f32(v).is_finite()),
+            OutputDtype::Bf16 => values.iter().position(|&v| !half::bf16::from_f32(v).is_finite()),
+        }
+    }
+
+    /// `values` as little-endian bytes of this type, rounded to nearest even.
+    pub fn to_le_bytes(self, values: &[f32]) -> Vec<u8> {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            OutputDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            OutputDtype::F16 => {
+                let mut h = vec![half::f16::ZERO; values.len()];
+                h.convert_from_f32_slice(values);
+                h.iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            OutputDtype::Bf16 => {
+                let mut h = vec![half::bf16::ZERO; values.len()];
+                h.convert_from_f32_slice(values);
+                h.iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+        }
+    }
 }
 
 pub struct OutTensor {
@@ -151,7 +231,7 @@ pub fn write_safetensors_typed(path: &Path, tensors: &[OutTensor], metadata: Has
 pub fn serialize_safetensors(tensors: &[OutTensor], metadata: &HashMap<String, String>, f32_as_bf16: bool) -> Result<Vec<u8>> {
     let mut order: Vec<&OutTensor> = tensors.iter().collect();
     order.sort_by_key(|t| match t.data {
-        TensorData::I64(_) => 0,
+        TensorData::I64(_) | TensorData::F64(_) => 0,
         TensorData::F32(_) => 1,
     });
     let mut entries = Vec::with_capacity(order.len());
@@ -160,7 +240,8 @@ pub fn serialize_safetensors(tensors: &[OutTensor], metadata: &HashMap<String, S
         let (dtype, bytes): (StreamDtype, Vec<u8>) = match &t.data {
             TensorData::F32(v) if f32_as_bf16 => (StreamDtype::Bf16, v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect()),
             TensorData::F32(v) => (StreamDtype::F32, bytemuck::cast_slice(v).to_vec()),
-            TensorData::I64(v) => (StreamDtype::I64, bytemuck::cast_slice(v).to_vec()),
+            TensorData::I64(v) => (StreamDtype::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            TensorData::F64(v) => (StreamDtype::F64, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
         };
         let elems: usize = t.shape.iter().product();
         if elems * dtype.size() != bytes.len() {
@@ -180,22 +261,26 @@ pub fn serialize_safetensors(tensors: &[OutTensor], metadata: &HashMap<String, S
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamDtype {
     I64,
+    F64,
     F32,
+    F16,
     Bf16,
 }
 
 impl StreamDtype {
     fn size(self) -> usize {
         match self {
-            StreamDtype::I64 => 8,
+            StreamDtype::I64 | StreamDtype::F64 => 8,
             StreamDtype::F32 => 4,
-            StreamDtype::Bf16 => 2,
+            StreamDtype::F16 | StreamDtype::Bf16 => 2,
         }
     }
     fn name(self) -> &'static str {
         match self {
             StreamDtype::I64 => "I64",
+            StreamDtype::F64 => "F64",
             StreamDtype::F32 => "F32",
+            StreamDtype::F16 => "F16",
             StreamDtype::Bf16 => "BF16",
         }
     }
@@ -328,6 +413,18 @@ impl SafetensorsStream {
             let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             self.put(&bytes)?;
         }
+        self.skip_finished();
+        Ok(())
+    }
+
+    /// Writes captured values converted to `dtype` (rounded to nearest even).
+    pub fn write_as(&mut self, values: &[f32], dtype: OutputDtype) -> Result<()> {
+        if dtype == OutputDtype::F32 {
+            return self.write_f32(values);
+        }
+        let bytes = dtype.to_le_bytes(values);
+        self.take(dtype.stream(), bytes.len())?;
+        self.put(&bytes)?;
         self.skip_finished();
         Ok(())
     }

@@ -209,3 +209,52 @@ fn a_refused_programmatic_launch_falls_back_to_a_plain_one() {
     assert_eq!(programmatic, 1, "only the refused launch tried programmatic launch");
     assert!(trace.lines().filter(|l| l.contains(" launch ")).count() > 10);
 }
+
+/// `resid stats` and `--dtype f16` on the CUDA backend: the statistics are those of the rows
+/// the device extracts (to f64 rounding, 1e-9), and the f16 file is the rounding of its f32
+/// file, bit for bit. (The accumulation runs on the host from the rows each pass copies back.)
+#[test]
+fn stats_and_half_outputs_on_the_emulator() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    let spec = RandomLlama { layers: 2, ..small_llama(11) };
+    spec.write(&model).unwrap();
+    let input = tmp.path().join("ids.jsonl");
+    let lines: Vec<String> = (0..12).map(|i| serde_json::json!({ "ids": (0..3 + (i * 7) % 20).map(|j| ((i * 31 + j * 5) % 120 + 3) as u32).collect::<Vec<_>>() }).to_string()).collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let (m, inp) = (model.display().to_string(), input.display().to_string());
+    let cache = tmp.path().join("kernels");
+    let path = |n: &str| tmp.path().join(n).display().to_string();
+    let run = |args: &[&str]| {
+        let o = resid_on_emulator(args, &cache);
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    let common = ["--model", &m, "--device", "cuda", "--input", &inp, "--layers", "1,2,raw", "--position", "all", "--batch-tokens", "40", "--quiet"];
+    run(&[&["extract"][..], &common, &["--out", &path("f32.safetensors")]].concat());
+    run(&[&["extract"][..], &common, &["--out", &path("f16.safetensors"), "--dtype", "f16"]].concat());
+    run(&[&["stats"][..], &common, &["--out", &path("stats.safetensors"), "--stats", "mean,cov"]].concat());
+    let rows = resid::io::read_f32_tensor(Path::new(&path("f32.safetensors")), "hidden_states").unwrap();
+    let bytes = std::fs::read(path("f16.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let f16: Vec<u16> = st.tensor("hidden_states").unwrap().data().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+    let want: Vec<u16> = rows.data.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+    assert!(f16 == want, "the f16 file is not the rounding of the f32 file");
+
+    let sbytes = std::fs::read(path("stats.safetensors")).unwrap();
+    let s = safetensors::SafeTensors::deserialize(&sbytes).unwrap();
+    let f64s = |t: &str| -> Vec<f64> { s.tensor(t).unwrap().data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect() };
+    let (mean, cov) = (f64s("mean"), f64s("cov"));
+    let (t, p, h) = (rows.shape[0], rows.shape[1], rows.shape[2]);
+    for pt in 0..p {
+        let x: Vec<Vec<f64>> = (0..t).map(|r| rows.data[(r * p + pt) * h..(r * p + pt + 1) * h].iter().map(|&v| v as f64).collect()).collect();
+        let m: Vec<f64> = (0..h).map(|j| x.iter().map(|r| r[j]).sum::<f64>() / t as f64).collect();
+        let scale = m.iter().fold(1.0f64, |a, v| a.max(v.abs()));
+        for j in 0..h {
+            assert!((mean[pt * h + j] - m[j]).abs() <= 1e-9 * scale, "mean, point {pt}, {j}");
+        }
+        for (i, j) in [(0, 0), (1, 5), (h - 1, 3), (7, h - 2)] {
+            let c = x.iter().map(|r| (r[i] - m[i]) * (r[j] - m[j])).sum::<f64>() / (t as f64 - 1.0);
+            assert!((cov[(pt * h + i) * h + j] - c).abs() <= 1e-9 * c.abs().max(1.0), "cov, point {pt}, ({i}, {j})");
+        }
+    }
+}

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 fn f32s(t: &OutTensor) -> &Vec<f32> {
     match &t.data {
         TensorData::F32(v) => v,
-        TensorData::I64(_) => unreachable!(),
+        TensorData::I64(_) | TensorData::F64(_) => unreachable!(),
     }
 }
 

@@ -201,6 +201,38 @@ def _batch_tokens(b: Any) -> int:
     return int(b)
 
 
+_DTYPES = ("f32", "f16", "bf16")
+
+
+def _dtype(d: Any, in_memory: bool) -> str:
+    """Checks `dtype`; in-memory bf16 needs ml_dtypes (numpy has no bfloat16)."""
+    if d not in _DTYPES:
+        raise InputError(f"unknown dtype `{d}` (expected f32, f16 or bf16)")
+    if d == "bf16" and in_memory and _bfloat16() is None:
+        raise InputError(
+            "dtype='bf16' in memory needs the ml_dtypes package (numpy has no bfloat16): "
+            "pip install ml_dtypes, or use dtype='f16', or extract_to(..., dtype='bf16') for files"
+        )
+    return d
+
+
+def _bfloat16() -> Any:
+    try:
+        import ml_dtypes  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return ml_dtypes.bfloat16
+
+
+def _as_dtype(arr: np.ndarray, d: str) -> np.ndarray:
+    """The engine returns f16/bf16 as their bits (uint16): view them as the real type (no copy)."""
+    if d == "f16":
+        return arr.view(np.float16)
+    if d == "bf16":
+        return arr.view(_bfloat16())
+    return arr
+
+
 class Model:
     """A model directory (Hugging Face layout: config.json, tokenizer.json, *.safetensors) loaded
     on `device` ("cpu", "cuda" or "cuda:N"). `threads` sets the CPU backend's worker threads for
@@ -278,6 +310,7 @@ class Model:
         steer: Optional[Steering] = None,
         batch_tokens: int = 2048,
         progress: bool = False,
+        dtype: str = "f32",
     ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
         """Hidden states of every input (a list of str, or of token-id lists), in one forward pass.
 
@@ -287,16 +320,21 @@ class Model:
         `output_hidden_states` indices (0 = embeddings, L = after the final norm) and "raw"
         (the last block's output before the final norm), in the order given; default 0..=L.
         `steer` applies one `Steering` to every input. The array is the engine's own buffer
-        (no copy). Ctrl-C stops between batches with `KeyboardInterrupt`.
+        (no copy). `dtype` "f16" gives numpy float16 (rounded to nearest even; a value beyond
+        float16's range raises InputError naming the input and layer); "bf16" gives
+        `ml_dtypes.bfloat16` and needs the ml_dtypes package. Ctrl-C stops between batches with
+        `KeyboardInterrupt`.
         """
+        d = _dtype(dtype, in_memory=True)
         prepared = self._prepare(inputs)
         bar = _Progress(progress, "seq")
         try:
             arr, offsets = self._m.extract(
-                prepared, 0, len(prepared), layers, _position(position), _steer_inner(steer), _batch_tokens(batch_tokens), bar.callback()
+                prepared, 0, len(prepared), layers, _position(position), _steer_inner(steer), _batch_tokens(batch_tokens), bar.callback(), d
             )
         finally:
             bar.close()
+        arr = _as_dtype(arr, d)
         return (arr, offsets) if position == "all" else arr
 
     def extract_iter(
@@ -307,10 +345,13 @@ class Model:
         steer: Optional[Steering] = None,
         batch_tokens: int = 2048,
         progress: bool = False,
+        dtype: str = "f32",
     ) -> Iterator[Tuple[range, Any]]:
         """As `extract`, one batch at a time: yields `(range, array)` per batch of about
         `batch_tokens` tokens (for "all", `(range, (array, offsets))` with offsets from 0), so
-        memory holds one batch however long the input. Inputs are tokenized and checked first."""
+        memory holds one batch however long the input. Inputs are tokenized and checked first.
+        `dtype` as for `extract`."""
+        d = _dtype(dtype, in_memory=True)
         prepared = self._prepare(inputs)
         bt = _batch_tokens(batch_tokens)
         pos = _position(position)
@@ -318,7 +359,8 @@ class Model:
         bar = _Progress(progress, "seq")
         try:
             for start, end in prepared.batch_ranges(bt):
-                arr, offsets = self._m.extract(prepared, start, end, layers, pos, s, bt, None)
+                arr, offsets = self._m.extract(prepared, start, end, layers, pos, s, bt, None, d)
+                arr = _as_dtype(arr, d)
                 bar(end, len(prepared))
                 yield range(start, end), ((arr, offsets) if pos == "all" else arr)
         finally:
@@ -336,13 +378,17 @@ class Model:
         shard: Optional[Tuple[int, int]] = None,
         wait_lock: bool = False,
         progress: bool = False,
+        dtype: str = "f32",
     ) -> Dict[str, Any]:
         """The writer of `resid extract --out`: a `.safetensors` file, or any other path a
         directory of numbered shards with a manifest. A directory resumes after its last complete
         shard when called again with the same inputs and options, and refuses to mix results
         otherwise. `inputs` is a list (as for `extract`) or the path (`pathlib.Path`) of a JSONL
-        file. `shard=(i, n)` writes part i of n. Returns the run's summary. Ctrl-C: nothing
-        half-written (a file output leaves nothing, a directory keeps its complete shards)."""
+        file. `shard=(i, n)` writes part i of n. `dtype` ("f32", "f16" or "bf16") is the
+        element type of `hidden_states` in the files (bf16 needs no extra package here).
+        Returns the run's summary. Ctrl-C: nothing half-written (a file output leaves nothing,
+        a directory keeps its complete shards)."""
+        d = _dtype(dtype, in_memory=False)
         if isinstance(inputs, (str, os.PathLike)):
             prepared = self._m.prepare_jsonl(os.fspath(inputs))
         else:
@@ -361,7 +407,57 @@ class Model:
         try:
             summary = self._m.extract_to(
                 os.fspath(out), prepared, layers, _position(position), _steer_inner(steer),
-                _batch_tokens(batch_tokens), shard_sequences, shard, bool(wait_lock), bar.callback(),
+                _batch_tokens(batch_tokens), shard_sequences, shard, bool(wait_lock), bar.callback(), d,
+            )
+        finally:
+            bar.close()
+        return json.loads(summary)
+
+    def stats(
+        self,
+        out: Union[str, os.PathLike],
+        inputs: Union[Sequence[Any], str, os.PathLike],
+        layers: Optional[Sequence[Union[int, str]]] = None,
+        position: str = "all",
+        stats: Union[str, Sequence[str]] = "mean,cov",
+        pairs: bool = False,
+        batch_tokens: int = 2048,
+        checkpoint_seconds: float = 60.0,
+        stop_after: Optional[int] = None,
+        wait_lock: bool = False,
+        progress: bool = False,
+    ) -> Dict[str, Any]:
+        """`resid stats`: per-point `count`, `mean`, `cov` (n - 1, as numpy.cov) or `gram`
+        (sum of x x^T), `min` and `max` over every row of `inputs`, accumulated in float64
+        without storing rows, written to the safetensors file `out` (each tensor with a leading
+        points axis). Rows are tokens (`position="all"`) or one per input ("last", "mean").
+        With `pairs=True`, `inputs` is a list of `(pos, neg)` tuples or the path of a JSONL
+        file with `pos` and `neg` per line, and the rows are the differences pos - neg (for
+        `resid vectors --from-stats`). The result does not depend on `batch_tokens` or the
+        threads. The state is checkpointed beside `out` (`out + ".state"`) every
+        `checkpoint_seconds`, on Ctrl-C and after `stop_after` sequences; calling again with the
+        same arguments resumes. Returns the run's summary."""
+        if isinstance(stats, (list, tuple)):
+            stats = ",".join(str(x) for x in stats)
+        if isinstance(inputs, (str, os.PathLike)):
+            path = os.fspath(inputs)
+            prepared = self._m.prepare_pairs_jsonl(path) if pairs else self._m.prepare_jsonl(path)
+        elif pairs:
+            flat: List[Any] = []
+            for i, pair in enumerate(inputs):
+                if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                    raise InputError(f"inputs[{i}]: expected a (pos, neg) pair")
+                flat.extend(pair)
+            prepared = self._prepare(flat)
+        else:
+            prepared = self._prepare(inputs)
+        if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0):
+            raise InputError(f"stop_after {stop_after!r}: must be a non-negative integer or None")
+        bar = _Progress(progress, "seq")
+        try:
+            summary = self._m.stats(
+                os.fspath(out), prepared, layers, _position(position), str(stats), bool(pairs),
+                _batch_tokens(batch_tokens), float(checkpoint_seconds), stop_after, bool(wait_lock), bar.callback(),
             )
         finally:
             bar.close()

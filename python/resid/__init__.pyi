@@ -83,8 +83,9 @@ class Model:
         steer: Optional[Steering] = None,
         batch_tokens: int = 2048,
         progress: bool = False,
-    ) -> npt.NDArray[np.float32]:
-        """float32 [N, n_layers, hidden]."""
+        dtype: Literal["f32", "f16", "bf16"] = "f32",
+    ) -> npt.NDArray[Any]:
+        """[N, n_layers, hidden] of float32, float16 or ml_dtypes.bfloat16."""
     @overload
     def extract(
         self,
@@ -94,7 +95,8 @@ class Model:
         steer: Optional[Steering] = None,
         batch_tokens: int = 2048,
         progress: bool = False,
-    ) -> Tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        dtype: Literal["f32", "f16", "bf16"] = "f32",
+    ) -> Tuple[npt.NDArray[Any], npt.NDArray[np.int64]]:
         """(float32 [T, n_layers, hidden], int64 offsets [N+1])."""
     def extract_iter(
         self,
@@ -104,6 +106,7 @@ class Model:
         steer: Optional[Steering] = None,
         batch_tokens: int = 2048,
         progress: bool = False,
+        dtype: Literal["f32", "f16", "bf16"] = "f32",
     ) -> Iterator[Tuple[range, Any]]:
         """(range, array) per batch; for "all", (range, (array, offsets))."""
     def extract_to(
@@ -118,8 +121,24 @@ class Model:
         shard: Optional[Tuple[int, int]] = None,
         wait_lock: bool = False,
         progress: bool = False,
+        dtype: Literal["f32", "f16", "bf16"] = "f32",
     ) -> Dict[str, Any]:
         """The resumable, sharded writer of `resid extract --out`."""
+    def stats(
+        self,
+        out: PathLike,
+        inputs: Union[Sequence[Any], PathLike],
+        layers: Optional[Sequence[Layer]] = None,
+        position: Literal["last", "mean", "all"] = "all",
+        stats: Union[str, Sequence[str]] = "mean,cov",
+        pairs: bool = False,
+        batch_tokens: int = 2048,
+        checkpoint_seconds: float = 60.0,
+        stop_after: Optional[int] = None,
+        wait_lock: bool = False,
+        progress: bool = False,
+    ) -> Dict[str, Any]:
+        """`resid stats`: f64 count, mean, cov/gram, min, max per point, written to `out`."""
     def generate(
         self,
         prompts: Sequence[Input],

@@ -10,7 +10,7 @@ use resid::backend::any::AnyEngine;
 use resid::backend::Backend;
 use resid::engine::capture::{CapturePoint, CapturePosition, CaptureSpec};
 use resid::engine::steer::Steering;
-use resid::io::InputItem;
+use resid::io::{InputItem, OutputDtype};
 use resid::model::tokenizer::TextTokenizer;
 use resid::store::extract::{ExtractJob, ExtractOutput};
 use resid::{with_engine, Engine, GenerateOptions, Sampling};
@@ -154,9 +154,29 @@ fn steering_for<B: Backend>(engine: &Engine<B>, s: Option<&Bound<'_, PySteering>
     s.map(|s| s.get().for_model(engine.num_layers(), engine.hidden_size()).map(Arc::new)).transpose().map_err(to_py)
 }
 
-fn numpy_rows<'py>(py: Python<'py>, data: Vec<f32>, rows: usize, points: usize, hidden: usize) -> PyResult<Bound<'py, PyAny>> {
-    // The engine's buffer becomes the array's memory: no copy on the way out.
-    Ok(PyArray1::from_vec(py, data).reshape([rows, points, hidden])?.into_any())
+fn numpy_rows<'py>(py: Python<'py>, data: Vec<f32>, rows: usize, points: usize, hidden: usize, dtype: OutputDtype) -> PyResult<Bound<'py, PyAny>> {
+    use half::slice::HalfFloatSliceExt;
+    let shape = [rows, points, hidden];
+    Ok(match dtype {
+        // The engine's buffer becomes the array's memory: no copy on the way out.
+        OutputDtype::F32 => PyArray1::from_vec(py, data).reshape(shape)?.into_any(),
+        // Half precision goes out as its bits (uint16); the Python side views them as
+        // float16 (or ml_dtypes.bfloat16): numpy has no bfloat16 of its own.
+        OutputDtype::F16 => {
+            let mut h = vec![half::f16::ZERO; data.len()];
+            h.convert_from_f32_slice(&data);
+            PyArray1::from_vec(py, h.iter().map(|v| v.to_bits()).collect::<Vec<u16>>()).reshape(shape)?.into_any()
+        }
+        OutputDtype::Bf16 => {
+            let mut h = vec![half::bf16::ZERO; data.len()];
+            h.convert_from_f32_slice(&data);
+            PyArray1::from_vec(py, h.iter().map(|v| v.to_bits()).collect::<Vec<u16>>()).reshape(shape)?.into_any()
+        }
+    })
+}
+
+fn parse_dtype(d: &str) -> PyResult<OutputDtype> {
+    d.parse::<OutputDtype>().map_err(to_py)
 }
 
 #[pymethods]
@@ -250,8 +270,9 @@ impl Model {
         .map_err(to_py)
     }
 
-    /// Captures `inputs.seqs[start..end]`: `(array [rows, n_layers, hidden], offsets or None)`.
-    #[pyo3(signature = (inputs, start, end, layers, position, steer, batch_tokens, progress = None))]
+    /// Captures `inputs.seqs[start..end]`: `(array [rows, n_layers, hidden], offsets or None)`;
+    /// for f16/bf16 the array holds the bits (uint16).
+    #[pyo3(signature = (inputs, start, end, layers, position, steer, batch_tokens, progress = None, dtype = "f32"))]
     #[allow(clippy::too_many_arguments)]
     fn extract<'py>(
         &self,
@@ -264,8 +285,10 @@ impl Model {
         steer: Option<&Bound<'py, PySteering>>,
         batch_tokens: usize,
         progress: Option<&Bound<'py, PyAny>>,
+        dtype: &str,
     ) -> PyResult<(Bound<'py, PyAny>, Option<Bound<'py, PyAny>>)> {
         check_batch_tokens(batch_tokens)?;
+        let dtype = parse_dtype(dtype)?;
         let seqs = inputs.seqs.get(start..end).ok_or_else(|| input_err(format!("range {start}..{end} outside 0..{}", inputs.seqs.len())))?;
         let engine = &*self.engine;
         with_engine!(engine, e => {
@@ -274,19 +297,22 @@ impl Model {
             let total = seqs.len();
             let c = run(py, progress, |p| {
                 let mut done = 0;
-                e.extract(seqs, &spec, &steering, batch_tokens, |n, _| {
+                let c = e.extract(seqs, &spec, &steering, batch_tokens, |n, _| {
                     done += n;
                     p.set(done, total);
-                })
+                })?;
+                // Overflow to f16 infinity is refused as NaN is in files.
+                resid::store::extract::check_finite(&c, &spec, dtype, &inputs.name, start)?;
+                Ok(c)
             })?;
             let offsets = (spec.position == CapturePosition::All)
                 .then(|| PyArray1::from_vec(py, c.offsets.iter().map(|&o| o as i64).collect()).into_any());
-            Ok((numpy_rows(py, c.data, c.rows, c.points, c.hidden)?, offsets))
+            Ok((numpy_rows(py, c.data, c.rows, c.points, c.hidden, dtype)?, offsets))
         })
     }
 
     /// The resumable, sharded writer of `resid extract --out`; returns its summary as JSON.
-    #[pyo3(signature = (out, inputs, layers, position, steer, batch_tokens, shard_sequences, part, wait_lock, progress = None))]
+    #[pyo3(signature = (out, inputs, layers, position, steer, batch_tokens, shard_sequences, part, wait_lock, progress = None, dtype = "f32"))]
     #[allow(clippy::too_many_arguments)]
     fn extract_to<'py>(
         &self,
@@ -301,8 +327,10 @@ impl Model {
         part: Option<(usize, usize)>,
         wait_lock: bool,
         progress: Option<&Bound<'py, PyAny>>,
+        dtype: &str,
     ) -> PyResult<String> {
         check_batch_tokens(batch_tokens)?;
+        let dtype = parse_dtype(dtype)?;
         if shard_sequences == 0 {
             return Err(input_err("shard_sequences must be at least 1"));
         }
@@ -321,11 +349,75 @@ impl Model {
                 input_sha256: inputs.sha256.clone(),
                 part,
                 shard_sequences,
+                dtype,
             };
             let summary = run(py, progress, |p| {
                 let output = ExtractOutput::open(&out, wait_lock)?;
                 output.write(e, &job, &mut |x| p.set(x.done_sequences, x.total_sequences))
             })?;
+            serde_json::to_string(&summary).map_err(|e| input_err(format!("summary: {e}")))
+        })
+    }
+
+    /// Reads JSONL pairs (`pos` and `neg` per line, as `resid stats --pairs --input`): the
+    /// sequences pos, neg of every pair in turn.
+    fn prepare_pairs_jsonl(&self, py: Python<'_>, path: PathBuf) -> PyResult<Inputs> {
+        let engine = self.engine.clone();
+        py.detach(|| {
+            let bytes = std::fs::read(&path).map_err(|e| resid::Error::io(&path, e))?;
+            let pairs = resid::repe::data::load_jsonl(&path)?;
+            let (items, origins): (Vec<InputItem>, Vec<String>) =
+                pairs.into_iter().flat_map(|p| [(InputItem::Text(p.pos), p.origin.clone()), (InputItem::Text(p.neg), p.origin)]).unzip();
+            let seqs = with_engine!(&*engine, e => e.input_ids(items, |i| origins[i].clone()))?;
+            Ok(Inputs { seqs, name: path.display().to_string(), sha256: resid::store::sha256_hex(&bytes) })
+        })
+        .map_err(to_py)
+    }
+
+    /// `resid stats`: per-point statistics of `inputs` into `out`; returns the summary as JSON.
+    #[pyo3(signature = (out, inputs, layers, position, stats, pairs, batch_tokens, checkpoint_seconds, stop_after, wait_lock, progress = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn stats<'py>(
+        &self,
+        py: Python<'py>,
+        out: PathBuf,
+        inputs: &Inputs,
+        layers: Option<&Bound<'py, PyAny>>,
+        position: &str,
+        stats: &str,
+        pairs: bool,
+        batch_tokens: usize,
+        checkpoint_seconds: f64,
+        stop_after: Option<usize>,
+        wait_lock: bool,
+        progress: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<String> {
+        check_batch_tokens(batch_tokens)?;
+        let selection: resid::store::stats::StatsSelection = stats.parse().map_err(to_py)?;
+        if out.extension().is_none_or(|e| e != "safetensors") {
+            return Err(input_err(format!("out {}: expected a .safetensors file", out.display())));
+        }
+        if !(checkpoint_seconds.is_finite() && checkpoint_seconds >= 0.0) {
+            return Err(input_err(format!("checkpoint_seconds {checkpoint_seconds}: must be a non-negative number")));
+        }
+        let engine = &*self.engine;
+        with_engine!(engine, e => {
+            let spec = CaptureSpec { points: capture_points(layers, e.num_layers())?, position: parse_position(position)? };
+            let name = inputs.name.clone();
+            let origin = move |i: usize| format!("{name}: {} {}", if pairs { "pair" } else { "input" }, i + 1);
+            let job = resid::store::stats::StatsJob {
+                seqs: &inputs.seqs,
+                spec: &spec,
+                stats: selection,
+                pairs,
+                batch_tokens,
+                input_name: inputs.name.clone(),
+                input_sha256: inputs.sha256.clone(),
+                origin: &origin,
+                checkpoint_seconds,
+                stop_after,
+            };
+            let summary = run(py, progress, |p| resid::store::stats::run(e, &job, &out, wait_lock, &mut |x| p.set(x.done_sequences, x.total_sequences)))?;
             serde_json::to_string(&summary).map_err(|e| input_err(format!("summary: {e}")))
         })
     }

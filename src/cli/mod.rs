@@ -36,6 +36,9 @@ enum Command {
     Extract(ExtractArgs),
     /// Generate text, optionally with steering.
     Generate(GenerateArgs),
+    /// Per-point count, mean, covariance or Gram matrix, min and max over a whole input,
+    /// without storing rows (resumable).
+    Stats(StatsArgs),
     /// Check a sharded extraction directory against its manifest.
     Verify(VerifyArgs),
     /// Join the outputs of `extract --shard i/N` runs into one directory.
@@ -219,11 +222,54 @@ struct ExtractArgs {
     /// Token budget of one packed batch.
     #[arg(long, default_value_t = resid::engine::DEFAULT_BATCH_TOKENS)]
     batch_tokens: usize,
+    /// Element type of the captured tensor: f32, f16 or bf16 (half the disk; rounded to
+    /// nearest even; a value beyond f16's range is an error naming its line and layer).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
     #[command(flatten)]
     steer: SteerArgs,
+    #[command(flatten)]
+    lock: LockArgs,
+}
+
+#[derive(Args)]
+struct StatsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// JSONL input: `text` (or `ids`) per line; with --pairs, `pos` and `neg` per line.
+    #[arg(long)]
+    input: PathBuf,
+    /// Output `.safetensors`: `count`, `mean`, `cov`, `gram`, `min`, `max`, each with a
+    /// leading points axis, in f64. The resumable state lives beside it in `OUT.state`.
+    #[arg(long)]
+    out: PathBuf,
+    /// Capture points, as for `extract` (default: all, 0..=L).
+    #[arg(long)]
+    layers: Option<String>,
+    /// Rows: every token (all), the last token or the mean over tokens of each sequence.
+    #[arg(long, default_value = "all")]
+    position: String,
+    /// Statistics besides count, min and max: mean, cov (n − 1, as numpy.cov), gram (Σ x xᵀ).
+    #[arg(long, default_value = "mean,cov")]
+    stats: String,
+    /// Rows are the differences pos − neg of each pair's rows (for `vectors --from-stats`).
+    #[arg(long)]
+    pairs: bool,
+    /// Token budget of one packed batch (the results do not depend on it).
+    #[arg(long, default_value_t = resid::engine::DEFAULT_BATCH_TOKENS)]
+    batch_tokens: usize,
+    /// Seconds between checkpoints of the state.
+    #[arg(long, default_value_t = 60.0)]
+    checkpoint_seconds: f64,
+    /// Stop after this many input sequences (pairs count two), checkpointed; rerun to go on.
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
     #[command(flatten)]
     lock: LockArgs,
 }
@@ -295,6 +341,7 @@ pub fn run() -> i32 {
         Command::Extract(a) => extract(a),
         Command::Generate(a) => generate(a),
         Command::Selftest(a) => selftest::run(a),
+        Command::Stats(a) => stats(a),
         Command::Verify(a) => verify(a),
         Command::Merge(a) => merge(a),
         Command::Bench(a) => bench::run(a),
@@ -385,6 +432,7 @@ fn info_on<B: Backend>(engine: &Engine<B>, a: &InfoArgs) -> Result<()> {
 
 fn extract(a: ExtractArgs) -> Result<()> {
     let position: CapturePosition = a.position.parse()?;
+    let dtype: resid::io::OutputDtype = a.dtype.parse()?;
     let part = a.shard.as_deref().map(resid::store::parse_part).transpose()?;
     let is_file = a.out.extension().is_some_and(|e| e == "safetensors");
     if is_file && part.is_some() {
@@ -395,20 +443,23 @@ fn extract(a: ExtractArgs) -> Result<()> {
     // Locked before the model loads, so that a second writer fails at once.
     let out = ExtractOutput::open(&a.out, a.lock.wait_lock)?;
     let any = load(&a.model)?;
-    with_engine!(&any, engine => extract_on(engine, &a, position, part, items, &input_bytes, &out))
+    with_engine!(&any, engine => extract_on(engine, &a, position, dtype, part, items, &input_bytes, &out))
 }
 
-fn extract_on<B: Backend>(
-    engine: &Engine<B>,
-    a: &ExtractArgs,
-    position: CapturePosition,
-    part: Option<(usize, usize)>,
-    items: Vec<InputItem>,
-    input_bytes: &[u8],
-    out: &ExtractOutput,
-) -> Result<()> {
-    let n_layers = engine.num_layers();
-    let points: Vec<CapturePoint> = match &a.layers {
+/// A progress bar over input sequences, with tokens/s in its message (hidden when `quiet`).
+fn sequence_bar(quiet: bool, label: &str) -> Result<ProgressBar> {
+    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    bar.set_style(
+        ProgressStyle::with_template(&format!("{{spinner}} {label} [{{bar:30}}] {{pos}}/{{len}} seqs {{msg}} ({{elapsed}} < {{eta}})"))
+            .map_err(|e| anyhow!("progress template: {e}"))?
+            .progress_chars("=> "),
+    );
+    Ok(bar)
+}
+
+/// The capture points `--layers` names (default: every hidden-state index 0..=L).
+pub(crate) fn capture_points(layers: Option<&str>, n_layers: usize) -> Result<Vec<CapturePoint>> {
+    Ok(match layers {
         None => (0..=n_layers).map(CapturePoint::Hidden).collect(),
         Some(list) => {
             let mut points = Vec::new();
@@ -422,7 +473,22 @@ fn extract_on<B: Backend>(
             }
             points
         }
-    };
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn extract_on<B: Backend>(
+    engine: &Engine<B>,
+    a: &ExtractArgs,
+    position: CapturePosition,
+    dtype: resid::io::OutputDtype,
+    part: Option<(usize, usize)>,
+    items: Vec<InputItem>,
+    input_bytes: &[u8],
+    out: &ExtractOutput,
+) -> Result<()> {
+    let n_layers = engine.num_layers();
+    let points = capture_points(a.layers.as_deref(), n_layers)?;
     let spec = CaptureSpec { points, position };
     spec.validate(n_layers)?;
     let steer = steering(engine, &a.steer)?;
@@ -438,13 +504,9 @@ fn extract_on<B: Backend>(
         input_sha256: resid::store::sha256_hex(input_bytes),
         part,
         shard_sequences: a.shard_sequences,
+        dtype,
     };
-    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} extract [{bar:30}] {pos}/{len} seqs {msg} ({elapsed} < {eta})")
-            .map_err(|e| anyhow!("progress template: {e}"))?
-            .progress_chars("=> "),
-    );
+    let bar = sequence_bar(a.quiet, "extract")?;
     let s = out.write(engine, &job, &mut |p| {
         bar.set_length(p.total_sequences as u64);
         bar.set_position(p.done_sequences as u64);
@@ -480,6 +542,81 @@ fn extract_on<B: Backend>(
             seqs.len(),
             s.tokens,
             s.seconds
+        );
+    }
+    Ok(())
+}
+
+fn stats(a: StatsArgs) -> Result<()> {
+    use resid::store::stats::StatsSelection;
+    let position: CapturePosition = a.position.parse()?;
+    let selection: StatsSelection = a.stats.parse()?;
+    if !(a.checkpoint_seconds.is_finite() && a.checkpoint_seconds >= 0.0) {
+        bail!(resid::Error::input(format!("--checkpoint-seconds {}: must be a non-negative number", a.checkpoint_seconds)));
+    }
+    if a.out.extension().is_none_or(|e| e != "safetensors") {
+        bail!(resid::Error::input(format!("--out {}: expected a .safetensors file", a.out.display())));
+    }
+    resid::io::check_writable(&a.out)?;
+    let input_bytes = std::fs::read(&a.input).map_err(|e| resid::Error::io(&a.input, e))?;
+    let name = a.input.display().to_string();
+    // With pairs: the sequences pos, neg of every pair in turn, named by the pair's line.
+    let (items, origins): (Vec<InputItem>, Vec<String>) = if a.pairs {
+        let pairs = resid::repe::data::load_jsonl(&a.input)?;
+        pairs.into_iter().flat_map(|p| [(InputItem::Text(p.pos), p.origin.clone()), (InputItem::Text(p.neg), p.origin)]).unzip()
+    } else {
+        let items = resid::io::parse_jsonl(&input_bytes, &name)?;
+        let origins = (0..items.len()).map(|i| format!("{name}: line {}", i + 1)).collect();
+        (items, origins)
+    };
+    let any = load(&a.model)?;
+    with_engine!(&any, engine => stats_on(engine, &a, position, selection, items, &origins, &input_bytes))
+}
+
+fn stats_on<B: Backend>(
+    engine: &Engine<B>,
+    a: &StatsArgs,
+    position: CapturePosition,
+    stats: resid::store::stats::StatsSelection,
+    items: Vec<InputItem>,
+    origins: &[String],
+    input_bytes: &[u8],
+) -> Result<()> {
+    let spec = CaptureSpec { points: capture_points(a.layers.as_deref(), engine.num_layers())?, position };
+    spec.validate(engine.num_layers())?;
+    let seqs = engine.input_ids(items, |i| origins[i].clone())?;
+    let origin = |i: usize| origins.get(if a.pairs { 2 * i } else { i }).cloned().unwrap_or_default();
+    let job = resid::store::stats::StatsJob {
+        seqs: &seqs,
+        spec: &spec,
+        stats,
+        pairs: a.pairs,
+        batch_tokens: a.batch_tokens,
+        input_name: a.input.display().to_string(),
+        input_sha256: resid::store::sha256_hex(input_bytes),
+        origin: &origin,
+        checkpoint_seconds: a.checkpoint_seconds,
+        stop_after: a.stop_after,
+    };
+    let bar = sequence_bar(a.quiet, "stats")?;
+    let s = resid::store::stats::run(engine, &job, &a.out, a.lock.wait_lock, &mut |p| {
+        bar.set_length(p.total_sequences as u64);
+        bar.set_position(p.done_sequences as u64);
+        bar.set_message(format!("{:.0} tok/s", p.tokens as f64 / p.seconds.max(1e-9)));
+    });
+    bar.finish_and_clear();
+    let s = s?;
+    if a.quiet {
+        return Ok(());
+    }
+    let resumed = if s.resumed_from > 0 { format!("; resumed at sequence {}", s.resumed_from) } else { String::new() };
+    if s.complete {
+        eprintln!("wrote {} ({} rows per point over {} sequences, {} tokens computed in {:.1} s{resumed})", a.out.display(), s.rows, s.sequences, s.tokens_computed, s.seconds);
+    } else {
+        eprintln!(
+            "stopped after {} rows per point; state checkpointed in {} (rerun the same command to go on{resumed})",
+            s.rows,
+            resid::store::stats::state_path(&a.out).display()
         );
     }
     Ok(())

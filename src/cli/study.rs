@@ -41,6 +41,10 @@ pub struct VectorsArgs {
     /// MVALUE data directory (DIR/{concept}/{concept}_{lang}.json); needs --concept and --lang.
     #[arg(long, conflicts_with = "train")]
     data: Option<PathBuf>,
+    /// Build the vectors from `resid stats --pairs` statistics instead of rows (O(L·hidden²)
+    /// memory however many pairs); --model names the model they came from (checked).
+    #[arg(long, conflicts_with_all = ["data", "train", "gguf"])]
+    from_stats: Option<PathBuf>,
     #[arg(long, requires = "data")]
     concept: Option<String>,
     #[arg(long, requires = "data")]
@@ -273,6 +277,9 @@ pub fn vectors(a: VectorsArgs) -> Result<()> {
     if a.out.is_none() && a.gguf.is_none() {
         bail!(resid::Error::input("give --out FILE.safetensors and/or --gguf FILE.gguf"));
     }
+    if let Some(stats) = &a.from_stats {
+        return vectors_from_stats(&a, stats, method);
+    }
     let (split, source, label) = match (&a.data, &a.train) {
         (Some(dir), None) => {
             let (Some(concept), Some(lang)) = (&a.concept, &a.lang) else {
@@ -308,6 +315,58 @@ pub fn vectors(a: VectorsArgs) -> Result<()> {
         .collect::<resid::Result<Vec<_>>>()?;
     let any = load(&a.model)?;
     with_engine!(&any, engine => vectors_on(engine, &a, &split, method, &source, label.clone()))
+}
+
+/// `resid vectors --from-stats`: concept vectors from the statistics of pair differences.
+fn vectors_from_stats(a: &VectorsArgs, stats: &Path, method: Method) -> Result<()> {
+    use resid::store::stats::StatsFile;
+    let out = a.out.as_ref().ok_or_else(|| resid::Error::input("--from-stats needs --out FILE.safetensors"))?;
+    let _lock = resid::store::lock::lock_output_file(out, a.lock.wait_lock)?;
+    let config_path = a.model.model.join("config.json");
+    let config = resid::model::config::ModelConfig::from_file(&config_path)?;
+    let f = StatsFile::read(stats, method == Method::Pca)?;
+    let name = stats.display();
+    let config_sha = resid::store::sha256_file(&config_path)?;
+    if f.metadata.get("model_config_sha256") != Some(&config_sha) {
+        bail!(resid::Error::input(format!("{name}: computed with another model than {} (config.json differs)", a.model.model.display())));
+    }
+    if f.metadata.get("pairs").map(String::as_str) != Some("true") {
+        bail!(resid::Error::input(format!("{name}: not statistics of pair differences (compute them with `resid stats --pairs`)")));
+    }
+    let (layers, hidden) = (config.num_layers, config.hidden_size);
+    if f.hidden != hidden {
+        bail!(resid::Error::input(format!("{name}: hidden size {}, the model has {hidden}", f.hidden)));
+    }
+    let mut mean: Vec<Option<&[f64]>> = vec![None; layers + 1];
+    let mut second: Vec<Option<&[f64]>> = vec![None; layers + 1];
+    for (p, &l) in f.layers.iter().enumerate() {
+        if (1..=layers as i64).contains(&l) {
+            mean[l as usize] = Some(&f.mean[p * hidden..(p + 1) * hidden]);
+            if !f.second_moment.is_empty() {
+                second[l as usize] = Some(&f.second_moment[p * hidden * hidden..(p + 1) * hidden * hidden]);
+            }
+        }
+    }
+    if mean.iter().all(Option::is_none) {
+        bail!(resid::Error::input(format!("{name}: no hidden-state index 1..={layers} among its points")));
+    }
+    let v = resid::repe::vectors::from_moments(method, layers, hidden, &mean, &second, a.pairs.seed)?;
+    let pairs = f.count.first().copied().unwrap_or(0);
+    let meta = vec![
+        ("source", name.to_string()),
+        ("model", a.model.model.display().to_string()),
+        ("seed", a.pairs.seed.to_string()),
+        ("train_pairs", pairs.to_string()),
+        ("from_stats", "sign of the summed separation; scale = root-mean-square pair separation (mean separation without cov or gram); no train accuracy".to_string()),
+    ];
+    study::write_vectors(out, &v, &meta)?;
+    if a.json {
+        println!("{}", serde_json::json!({ "out": out.display().to_string(), "method": method.name(), "train_pairs": pairs, "from_stats": name.to_string() }));
+    }
+    if !a.pairs.quiet {
+        eprintln!("{} vectors from the statistics of {pairs} pairs in {name}: wrote {}", method.name(), out.display());
+    }
+    Ok(())
 }
 
 fn vectors_on<B: Backend>(engine: &Engine<B>, a: &VectorsArgs, split: &Split, method: Method, source: &Path, label: Vec<(&'static str, String)>) -> Result<()> {

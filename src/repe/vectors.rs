@@ -240,20 +240,30 @@ fn pca_direction(train: &PairReps, l: usize, hidden: usize, seed: u64) -> Vec<f3
     if total <= 1e-9 * scale.max(1e-300) {
         rows = uncentred;
     }
-    let mut v: Vec<f64> = (0..hidden).map(|_| rng.gaussian()).collect();
-    let nv = norm64(&v);
-    v.iter_mut().for_each(|x| *x /= nv);
-    for _ in 0..1000 {
-        let proj: Vec<f64> = rows.iter().map(|r| r.iter().zip(&v).map(|(a, b)| a * b).sum()).collect();
+    power_iteration(hidden, &mut rng, |v| {
+        let proj: Vec<f64> = rows.iter().map(|r| r.iter().zip(v).map(|(a, b)| a * b).sum()).collect();
         let mut next = vec![0.0f64; hidden];
         for (r, p) in rows.iter().zip(&proj) {
             for (x, a) in next.iter_mut().zip(r) {
                 *x += p * a;
             }
         }
+        next
+    })
+}
+
+/// The unit leading eigenvector of a symmetric positive semi-definite operator `apply` on
+/// vectors of length `n`: power iteration from a seeded Gaussian start until the change is
+/// below 1e-10 or after 1000 iterations (zeros if the operator vanishes).
+fn power_iteration(n: usize, rng: &mut SplitMix64, apply: impl Fn(&[f64]) -> Vec<f64>) -> Vec<f32> {
+    let mut v: Vec<f64> = (0..n).map(|_| rng.gaussian()).collect();
+    let nv = norm64(&v);
+    v.iter_mut().for_each(|x| *x /= nv);
+    for _ in 0..1000 {
+        let mut next = apply(&v);
         let nn = norm64(&next);
         if nn == 0.0 || !nn.is_finite() {
-            return vec![0.0; hidden];
+            return vec![0.0; n];
         }
         next.iter_mut().for_each(|x| *x /= nn);
         // Fix the sign so that convergence can be measured (the sign is chosen later anyway).
@@ -267,4 +277,76 @@ fn pca_direction(train: &PairReps, l: usize, hidden: usize, seed: u64) -> Vec<f3
         }
     }
     unit(&v)
+}
+
+/// Concept vectors from the statistics of paired differences `d = pos − neg` (`resid stats
+/// --pairs`), in O(hidden²) memory per layer: `mean[l]` is the mean difference at hidden-state
+/// index l (None where the statistics lack that index: the row stays zero) and
+/// `second[l]` its uncentred second moment `E[d dᵀ]` (`[hidden, hidden]`, needed for PCA).
+///
+/// * mean-diff: the unit mean difference, exactly as [`ConceptVectors::fit`].
+/// * pca: the leading eigenvector of `E[d dᵀ]`, by the same seeded power iteration. This is the
+///   population form of the rows' random-sign PCA: with random signs `s`, `E[(s d)(s d)ᵀ] =
+///   E[d dᵀ]` and the mean of the signed differences tends to 0, which the rows' version
+///   subtracts from its covariance (a rank-one term of order 1/n).
+/// * random: as [`ConceptVectors::fit`].
+///
+/// Without the rows, the sign is that of the summed separation `⟨mean, u⟩` (the rows' majority
+/// vote falls back to the same sum on a tie), the scale is the root-mean-square separation
+/// `√(uᵀ E[d dᵀ] u)` (the rows' mean absolute separation needs the rows; it is at most this),
+/// or without second moments the mean separation `⟨mean, u⟩` (at most the rows' value), and
+/// the train accuracy is NaN.
+pub fn from_moments(method: Method, layers: usize, hidden: usize, mean: &[Option<&[f64]>], second: &[Option<&[f64]>], seed: u64) -> Result<ConceptVectors> {
+    if mean.len() != layers + 1 || second.len() != layers + 1 {
+        return Err(Error::input(format!("statistics for {} indices, expected {}", mean.len(), layers + 1)));
+    }
+    let mut out = ConceptVectors {
+        method,
+        layers,
+        hidden,
+        directions: Vec::with_capacity(layers * hidden),
+        signs: Vec::with_capacity(layers),
+        train_accuracy: vec![f64::NAN; layers],
+        scale: Vec::with_capacity(layers),
+    };
+    for l in 1..=layers {
+        let Some(m) = mean[l] else {
+            out.directions.extend(std::iter::repeat_n(0.0, hidden));
+            out.signs.push(1.0);
+            out.scale.push(0.0);
+            continue;
+        };
+        let raw: Vec<f32> = match method {
+            Method::MeanDiff => unit(m),
+            Method::Pca => {
+                let s = second[l].ok_or_else(|| Error::input(format!("pca needs the second moment at index {l} (--stats mean,cov or mean,gram)")))?;
+                let mut rng = SplitMix64::new(derive_seed(seed, &format!("pca/{l}")));
+                leading_eigenvector(s, hidden, &mut rng)
+            }
+            Method::Random => {
+                let mut rng = SplitMix64::new(derive_seed(seed, &format!("random/{l}")));
+                unit(&(0..hidden).map(|_| rng.gaussian()).collect::<Vec<_>>())
+            }
+        };
+        let separation: f64 = raw.iter().zip(m).map(|(&u, &d)| u as f64 * d).sum();
+        let sign = if separation < 0.0 { -1.0f32 } else { 1.0 };
+        let dir: Vec<f32> = raw.iter().map(|v| v * sign).collect();
+        let scale = match second[l] {
+            Some(s) => {
+                let u: Vec<f64> = dir.iter().map(|&v| v as f64).collect();
+                let q: f64 = (0..hidden).map(|i| u[i] * (0..hidden).map(|j| s[i * hidden + j] * u[j]).sum::<f64>()).sum();
+                q.max(0.0).sqrt()
+            }
+            None => (separation * sign as f64).abs(),
+        };
+        out.directions.extend_from_slice(&dir);
+        out.signs.push(sign);
+        out.scale.push(scale as f32);
+    }
+    Ok(out)
+}
+
+/// The unit leading eigenvector of the symmetric `[n, n]` matrix `a` ([`power_iteration`]).
+pub fn leading_eigenvector(a: &[f64], n: usize, rng: &mut SplitMix64) -> Vec<f32> {
+    power_iteration(n, rng, |v| a.chunks_exact(n).map(|row| row.iter().zip(v).map(|(x, y)| x * y).sum()).collect())
 }

@@ -7,11 +7,11 @@
 use super::lock::{lock_output_dir, lock_output_file, OutputLock};
 use super::{Manifest, ShardEntry};
 use crate::backend::Backend;
-use crate::engine::capture::{row_offsets, CapturePoint, CapturePosition, CaptureSpec};
+use crate::engine::capture::{row_offsets, CapturePoint, CapturePosition, CaptureSpec, Captured};
 use crate::engine::steer::Steering;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::io::{SafetensorsStream, StreamDtype, StreamTensor};
+use crate::io::{OutputDtype, SafetensorsStream, StreamDtype, StreamTensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,6 +36,8 @@ pub struct ExtractJob<'a> {
     pub part: Option<(usize, usize)>,
     /// Sequences per shard (directory outputs).
     pub shard_sequences: usize,
+    /// Element type of the captured tensor (`hidden_states`).
+    pub dtype: OutputDtype,
 }
 
 /// Where a run stands, for progress bars.
@@ -191,7 +193,7 @@ impl ExtractOutput {
 fn manifest_options<B: Backend>(engine: &Engine<B>, job: &ExtractJob) -> Result<serde_json::Value> {
     let config = engine.model.dir.join("config.json");
     let config_bytes = std::fs::read(&config).map_err(|e| Error::io(&config, e))?;
-    Ok(serde_json::json!({
+    let mut options = serde_json::json!({
         "model_config_sha256": super::sha256_hex(&config_bytes),
         "architecture": engine.model.config.architecture,
         "parameters": engine.model.parameter_count(),
@@ -202,7 +204,12 @@ fn manifest_options<B: Backend>(engine: &Engine<B>, job: &ExtractJob) -> Result<
         "layers": layer_ids(job.spec),
         "steering": job.steering_description,
         "steering_file_sha256": job.steering_file_sha256,
-    }))
+    });
+    // Recorded only when not f32, so that directories written before `--dtype` existed resume.
+    if job.dtype != OutputDtype::F32 {
+        options["dtype"] = job.dtype.name().into();
+    }
+    Ok(options)
 }
 
 /// The kind of a backend (`cpu`, `cuda`), without its device number or details.
@@ -228,6 +235,25 @@ pub fn layer_ids(spec: &CaptureSpec) -> Vec<i64> {
             CapturePoint::LastBlockRaw => -1,
         })
         .collect()
+}
+
+/// Refuses a batch holding a value that is not finite once stored as `dtype` (NaN, Inf, or a
+/// magnitude beyond the type's range), naming the input line (`first_seq` is the batch's first
+/// sequence, 0-based in the whole input) and the capture point.
+pub fn check_finite(captured: &Captured, spec: &CaptureSpec, dtype: OutputDtype, input_name: &str, first_seq: usize) -> Result<()> {
+    let Some(i) = dtype.first_nonfinite(&captured.data) else {
+        return Ok(());
+    };
+    let row = i / (captured.points * captured.hidden);
+    let seq = if spec.position == CapturePosition::All { captured.offsets.iter().rposition(|&o| o <= row).unwrap_or(0) } else { row };
+    let point = spec.points[(i / captured.hidden) % captured.points];
+    let v = captured.data[i];
+    let what = if v.is_finite() {
+        format!("value {v:e} overflows {} (largest finite {})", dtype.name(), dtype.max_finite())
+    } else {
+        "NaN or Inf".to_string()
+    };
+    Err(Error::input(format!("{input_name}: line {}: {what} in captured activations at layer {point:?}; nothing written for it", first_seq + seq + 1)))
 }
 
 /// Streams ranges of sequences into safetensors files and keeps the run's counts.
@@ -273,7 +299,7 @@ impl<'a, 'p, B: Backend> Writer<'a, 'p, B> {
             ("model", e.model.dir.display().to_string()),
             ("architecture", e.model.config.architecture.clone()),
             ("position", self.job.spec.position.name().to_string()),
-            ("dtype", "float32".to_string()),
+            ("dtype", self.job.dtype.name().to_string()),
             ("compute", e.backend.compute_type().to_string()),
             ("weights_dtype", e.model.store.dominant_dtype()),
             ("steering", self.job.steering_description.clone()),
@@ -305,7 +331,7 @@ impl<'a, 'p, B: Backend> Writer<'a, 'p, B> {
         if index {
             declared.push(StreamTensor { name: "index".into(), dtype: StreamDtype::I64, shape: vec![range.len()] });
         }
-        declared.push(StreamTensor { name: "hidden_states".into(), dtype: StreamDtype::F32, shape: vec![rows, job.spec.points.len(), engine.hidden_size()] });
+        declared.push(StreamTensor { name: "hidden_states".into(), dtype: job.dtype.stream(), shape: vec![rows, job.spec.points.len(), engine.hidden_size()] });
         let mut file = SafetensorsStream::create(path, declared, &self.metadata(range.len(), tokens))?;
         file.write_i64(&ids)?;
         if position == CapturePosition::All {
@@ -317,18 +343,9 @@ impl<'a, 'p, B: Backend> Writer<'a, 'p, B> {
         let steering = vec![job.steering.clone(); seqs.len()];
         let base_done = self.done;
         engine.extract_batches(seqs, job.spec, &steering, job.batch_tokens, |batch, captured| {
-            if let Some(i) = captured.data.iter().position(|v| !v.is_finite()) {
-                let row = i / (captured.points * captured.hidden);
-                let seq = if position == CapturePosition::All { captured.offsets.iter().rposition(|&o| o <= row).unwrap_or(0) } else { row };
-                return Err(Error::input(format!(
-                    "{}: line {}: NaN or Inf in captured activations at layer {:?}; nothing written for it",
-                    job.input_name,
-                    range.start + batch.start + seq + 1,
-                    job.spec.points[(i / captured.hidden) % captured.points]
-                )));
-            }
+            check_finite(captured, job.spec, job.dtype, &job.input_name, range.start + batch.start)?;
             let t = std::time::Instant::now();
-            file.write_f32(&captured.data)?;
+            file.write_as(&captured.data, job.dtype)?;
             self.write_seconds += t.elapsed().as_secs_f64();
             self.tokens += lens[batch.clone()].iter().sum::<usize>();
             self.report(base_done + batch.end);

@@ -7,6 +7,7 @@
 //! on its output for the whole run ([`lock`]), and removes what dead runs left there.
 pub mod extract;
 pub mod lock;
+pub mod stats;
 
 use crate::error::{Error, Result};
 use crate::io::AtomicPath;
