@@ -108,7 +108,7 @@ pub fn recognize<'py>(
 #[pyfunction]
 #[pyo3(signature = (model, data, out, concepts, langs, method, cache, template, seed, batch_tokens, high, low, lang_similarity,
     control, figures, quiet, wait_lock, control_concepts, control_sources, control_targets, control_layers, control_radius,
-    control_prompts, coefs, steer_op, steer_positions, steer_preserve_norm, max_new_tokens))]
+    control_prompts, coefs, steer_op, steer_positions, steer_preserve_norm, max_new_tokens, protocol, split, family, lang2vec))]
 #[allow(clippy::too_many_arguments)]
 pub fn study(
     py: Python<'_>,
@@ -119,8 +119,8 @@ pub fn study(
     langs: Option<Vec<String>>,
     method: &str,
     cache: Option<PathBuf>,
-    template: String,
-    seed: u64,
+    template: Option<String>,
+    seed: Option<u64>,
     batch_tokens: usize,
     high: Option<Vec<String>>,
     low: Option<Vec<String>>,
@@ -140,15 +140,15 @@ pub fn study(
     steer_positions: &str,
     steer_preserve_norm: bool,
     max_new_tokens: usize,
+    protocol: &str,
+    split: f64,
+    family: Option<String>,
+    lang2vec: Option<PathBuf>,
 ) -> PyResult<String> {
     let method = self::method(method)?;
-    let mut groups = ResourceGroups::default();
-    if let Some(h) = high {
-        groups.high = h;
-    }
-    if let Some(l) = low {
-        groups.low = l;
-    }
+    let protocol: resid::repe::paper::Protocol = protocol.parse().map_err(to_py)?;
+    let model_dir = with_engine!(model.engine(), e => e.model.dir.clone());
+    let st = rstudy::ProtocolSettings::resolve(&model_dir, protocol, family.as_deref(), template.as_deref(), seed, high, low).map_err(to_py)?;
     let control = if control {
         if control_sources.is_empty() {
             return Err(input_err("control_sources: no languages"));
@@ -172,15 +172,20 @@ pub fn study(
         langs,
         out,
         cache,
-        template,
-        seed,
+        template: st.template,
+        seed: st.seed,
         method,
-        groups,
+        groups: st.groups,
         lang_similarity,
         control,
         batch_tokens,
         figures,
         quiet,
+        protocol,
+        split,
+        family: st.family,
+        family_source: st.family_source,
+        lang2vec,
     };
     let engine = model.engine();
     run(py, None, |_| {
