@@ -358,9 +358,13 @@ pub fn markdown(r: &StudyReport) -> String {
     let _ = writeln!(s, "* Split: {} ({}% train)", r.split, (r.train_fraction * 100.0).round());
     let _ = writeln!(
         s,
-        "* Representations: last-token hidden states at indices 1..={} (Hugging Face `output_hidden_states`); primary method `{}`; baselines `pca` and `random`",
+        "* Representations: last-token hidden states at indices 1..={} (Hugging Face `output_hidden_states`); primary method `{}`; baselines {}",
         r.model.layers,
-        r.method.name()
+        r.method.name(),
+        match r.protocol {
+            super::paper::Protocol::Paper => "`random-labels` (the paper's) and `random` (Gaussian directions, resid's extra)",
+            super::paper::Protocol::Resid => "`pca` and `random`",
+        }
     );
     let hs = &r.timing.hidden_states;
     let _ = writeln!(
