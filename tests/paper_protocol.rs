@@ -42,7 +42,11 @@ fn f(row: &HashMap<String, String>, k: &str) -> f64 {
 }
 
 fn close(a: f64, b: f64, what: &str) {
-    assert!((a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-6, "{what}: {a} vs {b}");
+    close_within(a, b, 1e-6, what);
+}
+
+fn close_within(a: f64, b: f64, tol: f64, what: &str) {
+    assert!((a.is_nan() && b.is_nan()) || (a - b).abs() <= tol, "{what}: {a} vs {b}");
 }
 
 /// Recomputes every paper aggregate from the per-layer tables and compares.
@@ -178,6 +182,64 @@ fn paper_protocol_on_a_tiny_model_and_compare() {
     }
     check_aggregates(&out);
 
+    // Table 1 from a lang2vec CSV, recomputed here: Pearson of the consistency with 1 - distance.
+    let l2v = dir.join("lang2vec.csv");
+    let dist = |a: &str, b: &str, k: usize| {
+        let h = |s: &str| s.bytes().map(|c| c as f64).sum::<f64>();
+        ((h(a) * h(b)).sqrt() * (k + 1) as f64 * 0.37).fract()
+    };
+    let langs3 = ["en", "fr", "sw"];
+    let mut text = String::from("lang_b,lang_a,phonological,geographic,syntactic,genetic\n");
+    for a in langs3 {
+        for b in langs3 {
+            if a < b {
+                text.push_str(&format!("{b},{a},{},{},{},{}\n", dist(a, b, 3), dist(a, b, 2), dist(a, b, 1), dist(a, b, 0)));
+            }
+        }
+    }
+    std::fs::write(&l2v, text).unwrap();
+    let out_t1 = dir.join("out-t1");
+    ok(&resid(&["study", "--model", &m, "--data", &v, "--out", &out_t1.display().to_string(), "--family", "other", "--no-control", "--no-figures", "--quiet", "--cache", &out.join("cache").display().to_string(), "--lang2vec", &l2v.display().to_string(), "--high", "en,fr"]));
+    let cons = csv(&out_t1.join("tables/paper_consistency.csv"));
+    let heat = |a: &str, b: &str| f(cons.iter().find(|r| r["lang_a"] == a && r["lang_b"] == b).unwrap(), "cosine");
+    let pearson = |pts: &[(f64, f64)]| {
+        let n = pts.len() as f64;
+        let (mx, my) = (pts.iter().map(|p| p.0).sum::<f64>() / n, pts.iter().map(|p| p.1).sum::<f64>() / n);
+        let cov: f64 = pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+        let vx: f64 = pts.iter().map(|p| (p.0 - mx).powi(2)).sum();
+        let vy: f64 = pts.iter().map(|p| (p.1 - my).powi(2)).sum();
+        cov / (vx * vy).sqrt()
+    };
+    let t1 = csv(&out_t1.join("tables/paper_table1.csv"));
+    for (k, kind) in ["genetic", "syntactic", "geographic", "phonological"].iter().enumerate() {
+        let pts = |keep: &dyn Fn(&str, &str) -> bool| -> Vec<(f64, f64)> {
+            langs3.iter().flat_map(|a| langs3.iter().map(move |b| (*a, *b))).filter(|(a, b)| a != b && keep(a, b)).map(|(a, b)| (heat(a, b), 1.0 - dist(a.min(b), a.max(b), k))).collect()
+        };
+        let row = t1.iter().find(|r| r["distance"] == *kind).unwrap();
+        // 1e-4: recomputed from the consistency table's six decimals, which Pearson amplifies on 6 points.
+        close_within(f(row, "direct"), pearson(&pts(&|_, _| true)), 1e-4, &format!("Table 1 direct {kind}"));
+        // Split: pairs with a high-resource language (every pair here has en or fr) and low-low pairs (none: NaN).
+        let high = pearson(&pts(&|a, b| a != "sw" || b != "sw"));
+        close(f(row, "split"), (high + f64::NAN) / 2.0, &format!("Table 1 split {kind}"));
+    }
+    let bad = dir.join("bad-l2v.csv");
+    std::fs::write(&bad, "lang_a,lang_b,genetic,syntactic,geographic,phonological\nen,fr,0.1,x,0.3,0.4\n").unwrap();
+    let o = resid(&["study", "--model", &m, "--data", &v, "--out", &dir.join("bad").display().to_string(), "--lang2vec", &bad.display().to_string()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(3) && err.contains("bad-l2v.csv: line 2, column `syntactic`") && err.trim().lines().count() == 1, "{err}");
+    for (args, needle) in [
+        (vec!["--split", "0"], "--split 0"),
+        (vec!["--protocol", "paperish"], "--protocol `paperish`"),
+        (vec!["--protocol", "resid", "--split", "0.5"], "only with --protocol paper"),
+        (vec!["--family", "gpt"], "--family `gpt`"),
+    ] {
+        let mut full = vec!["study", "--model", &m, "--data", &v, "--out", "/nonexistent/never-written"];
+        full.extend(args);
+        let o = resid(&full);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.code() == Some(3) && err.contains(needle) && err.trim().lines().count() == 1, "{full:?}: {err}");
+    }
+
     // --split 5: five training pairs, the same test set.
     let out5 = dir.join("out5");
     ok(&resid(&["study", "--model", &m, "--data", &v, "--out", &out5.display().to_string(), "--family", "other", "--no-control", "--no-figures", "--quiet", "--split", "5", "--cache", &out.join("cache").display().to_string()]));
@@ -185,6 +247,21 @@ fn paper_protocol_on_a_tiny_model_and_compare() {
     assert_eq!(s5["morality"]["en"]["train"].as_array().unwrap().len(), 5);
     assert_eq!(s5["morality"]["en"]["test"], splits["morality"]["en"]["test"]);
     check_aggregates(&out5);
+
+    // vectors and recognize under the paper's protocol.
+    let vec_out = dir.join("v.safetensors");
+    let o = resid(&["vectors", "--protocol", "paper", "--family", "other", "--model", &m, "--data", &v, "--concept", "morality", "--lang", "en", "--split", "5", "--out", &vec_out.display().to_string(), "--json", "--quiet", "--cache", &out.join("cache").display().to_string()]);
+    ok(&o);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((j["protocol"].as_str(), j["train_pairs"].as_u64(), j["test_pairs"].as_u64()), (Some("paper"), Some(5), Some(4)));
+    // The paper's per-layer test accuracy of en's own vectors, as the study computed it.
+    let own_en: Vec<f64> = csv(&out5.join("tables/recognition.csv")).iter().filter(|r| r["concept"] == "morality" && r["lang"] == "en" && r["method"] == "mean-diff").map(|r| f(r, "test_accuracy")).collect();
+    let got: Vec<f64> = j["test_accuracy"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    assert_eq!(got.len(), own_en.len());
+    for (a, b) in got.iter().zip(&own_en) {
+        close(*a, *b, "vectors --protocol paper vs the study");
+    }
+
 
     // A language outside the 16 needs its group.
     let xx = dir.join("values/morality/morality_xx.json");
