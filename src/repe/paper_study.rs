@@ -291,7 +291,7 @@ pub fn figures(dir: &Path, p: &PaperResult) -> Result<()> {
     let span = p.transfer_difference.iter().flatten().filter(|v| v.is_finite()).fold(0.01f64, |m, v| m.max(v.abs()));
     heat_figure(
         &dir.join("paper_transfer"),
-        "Transfer: M[source][target] - M[target][target] (red: the source's vectors do at least as well)",
+        "Transfer: M[s][t] - M[t][t] (red: at least as good as own)",
         &[heat("difference", &p.transfer_difference, "target", "source", true)],
         (-span, span),
     )?;
