@@ -6,7 +6,7 @@
 //!   layers and its first layer, M[s][t], the differences, transfer rates, the consistency
 //!   heatmap and its depth curve, the own-language means (1e-6, the CSVs' precision).
 //!   `resid compare` then reads two finished runs.
-//! * On SmolLM2-135M (when `models/smollm2-135m` is present): per-layer accuracy on the paper's
+//! * On SmolLM2-135M (missing: a failure unless RESID_SKIP_REAL_MODEL=allow): per-layer accuracy on the paper's
 //!   split against `tests/fixtures/golden/paper-smollm2.json` (`scripts/make_golden.py --only
 //!   paper-smollm2`: HF hidden states, the split from CPython's `random`, RepE's cluster mean and
 //!   signs written from the paper's code). splits.json must be identical; an accuracy cell may
@@ -298,10 +298,10 @@ fn root() -> PathBuf {
 fn per_layer_accuracy_on_the_papers_split_matches_the_hf_reference() {
     let model = root().join("models/smollm2-135m");
     let fixture = root().join("tests/fixtures/golden/paper-smollm2.json");
-    if !common::real_model_present(&model) || !fixture.is_file() {
-        eprintln!("SKIPPED: models/smollm2-135m or {} missing", fixture.display());
+    if !common::real_model_present(&model) {
         return;
     }
+    assert!(fixture.is_file(), "{} missing: scripts/make-golden.sh --only paper-smollm2", fixture.display());
     let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&fixture).unwrap()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
