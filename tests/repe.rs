@@ -580,7 +580,8 @@ fn recognize_json_contract_vectors_gguf_and_steering() {
         assert_eq!(out.trim().lines().count(), 1, "exactly one JSON object: {out}");
         let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-        assert_eq!(keys, ["layers", "accuracy", "best_layer", "best_accuracy"]);
+        assert_eq!(keys, ["protocol", "layers", "accuracy", "best_layer", "best_accuracy"]);
+        assert_eq!(v["protocol"], "resid", "recognize defaults to resid's protocol");
         assert_eq!(v["layers"], serde_json::json!([1, 2, 3]));
         let acc: Vec<f64> = v["accuracy"].as_array().unwrap().iter().map(|a| a.as_f64().unwrap()).collect();
         assert_eq!(acc.len(), 3);
