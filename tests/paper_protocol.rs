@@ -273,6 +273,15 @@ fn paper_protocol_on_a_tiny_model_and_compare() {
     assert!(!dir.join("bad/report.json").exists());
     ok(&resid(&["study", "--model", &m, "--data", &v, "--out", &dir.join("xx").display().to_string(), "--concepts", "morality", "--langs", "en,xx", "--low", "xx", "--family", "other", "--no-control", "--no-figures", "--quiet"]));
 
+    // control under the paper's protocol: its split's test prompts, RepE-signed vectors.
+    let ctrl = dir.join("ctrl");
+    ok(&resid(&["control", "--protocol", "paper", "--family", "other", "--model", &m, "--data", &v, "--out", &ctrl.display().to_string(), "--control-concepts", "morality", "--control-targets", "fr", "--coefs", "0,1", "--max-new-tokens", "2", "--control-prompts", "1", "--no-figures", "--quiet", "--cache", &out.join("cache").display().to_string()]));
+    let cj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ctrl.join("control.json")).unwrap()).unwrap();
+    assert_eq!(cj["seed"], 1);
+    let gens = std::fs::read_to_string(ctrl.join("control_generations.jsonl")).unwrap();
+    let first_fr_test = splits["morality"]["fr"]["test"][0].as_str().unwrap().replace('|', "/");
+    assert!(gens.contains(&format!("\"{first_fr_test}\"")), "the prompts are the paper split's test pairs: {first_fr_test} not in {gens}");
+
     // resid compare over finished runs: one bar group per model, Table 6 per concept.
     let cmp = dir.join("cmp");
     ok(&resid(&["compare", &out.display().to_string(), &out5.display().to_string(), "--out", &cmp.display().to_string()]));
