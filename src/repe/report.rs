@@ -355,7 +355,14 @@ pub fn markdown(r: &StudyReport) -> String {
     );
     let _ = writeln!(s, "* Model: `{}` ({}, {} layers, hidden size {})", r.model.dir, r.model.architecture, r.model.layers, r.model.hidden);
     let _ = writeln!(s, "* Data: `{}`; template `{}`; seed {}", r.data, r.template.replace('\n', "\\n"), r.seed);
-    let _ = writeln!(s, "* Split: {} ({}% train)", r.split, (r.train_fraction * 100.0).round());
+    match r.protocol {
+        super::paper::Protocol::Resid => {
+            let _ = writeln!(s, "* Split: {} ({}% train)", r.split, (r.train_fraction * 100.0).round());
+        }
+        super::paper::Protocol::Paper => {
+            let _ = writeln!(s, "* Split: {} (--split {}; keys in `splits.json`)", r.split, r.train_fraction);
+        }
+    }
     let _ = writeln!(
         s,
         "* Representations: last-token hidden states at indices 1..={} (Hugging Face `output_hidden_states`); primary method `{}`; baselines {}",

@@ -349,6 +349,7 @@ pub struct StudyReport {
     pub template: String,
     pub seed: u64,
     pub method: Method,
+    /// resid: the train fraction; paper: its `--split` (a fraction ≤ 0.8 or a train count ≥ 1).
     pub train_fraction: f64,
     pub split: String,
     pub resource_groups: ResourceGroups,
