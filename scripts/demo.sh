@@ -11,8 +11,14 @@ RESID=target/release/resid
 MODEL=models/smollm2-135m
 mkdir -p out
 $RESID info --model $MODEL
+# The paper's protocol (the default): its split, RepE vectors, max over layers; tables in CSV and LaTeX.
 $RESID study --model $MODEL --data data/values --out out/study
-echo "study report: out/study/report.md (figures in out/study/figures)"
+echo "study report (paper protocol): out/study/report.md (tables/paper_*.csv|.tex, figures/paper_*.png, splits.json)"
+# resid's own protocol on the same cached hidden states, beside it.
+$RESID study --protocol resid --model $MODEL --data data/values --out out/study-resid --cache out/study/cache --no-control
+echo "study report (resid protocol): out/study-resid/report.md"
+# Several models side by side (here one, twice): the paper's Fig. 2 and Table 6.
+$RESID compare out/study out/study --out out/compare
 $RESID extract --model $MODEL --input data/demo/sentences.jsonl --out out/demo-hidden.safetensors
 # A steering vector from the extraction itself: mean(kind) − mean(cruel) sentences, per layer.
 python3 scripts/mean_diff_vector.py out/demo-hidden.safetensors data/demo/sentences.jsonl out/kindness.safetensors

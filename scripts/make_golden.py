@@ -2043,6 +2043,102 @@ def do_gguf():
     return {"name": GGUF_NAME, "lengths": [int(p.numel()) for p in prompts], "files": files}
 
 
+PAPER_NAME = "paper-smollm2"
+PAPER_CONCEPTS = ["morality", "utilitarianism"]
+PAPER_LANGS = ["en", "es", "id", "sw"]
+PAPER_TEMPLATE = "[INST] {input} [/INST] "  # the LLaMA family's (SmolLM2's config says model_type llama)
+
+
+@torch.no_grad()
+def do_paper_reference():
+    """Per-layer recognition on the paper's split (`--protocol paper`), from HF hidden states.  The split is
+    scripts/paper_split.py (the paper's utils.read_data on CPython's own `random`); the vectors are RepE's
+    cluster means with RepE's get_signs, written here from the paper's code, not from resid's."""
+    from transformers import AutoTokenizer
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import paper_split
+
+    if not os.path.exists(os.path.join(SMOLLM2_DIR, "model.safetensors")):
+        log(f"  WARNING: {rel(SMOLLM2_DIR)}/model.safetensors missing; skipping")
+        return None
+    tok = AutoTokenizer.from_pretrained(SMOLLM2_DIR)
+    model = load_model(SMOLLM2_DIR)
+    L = model.config.num_hidden_layers
+    states = {}
+
+    def last_states(text):
+        if text not in states:
+            ids = torch.tensor([tok(text)["input_ids"]], dtype=torch.long)
+            hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+            states[text] = np.stack([hs[l][0, -1].double().numpy() for l in range(1, L + 1)])
+        return states[text]
+
+    def fit(tp, tn):
+        """RepE cluster_mean per layer, sign by get_signs: -1 when more pairs have pos at the min than at the max."""
+        dirs = []
+        for l in range(L):
+            d = tp[:, l].mean(axis=0) - tn[:, l].mean(axis=0)
+            m = (tp[:, l] - tn[:, l]) @ d
+            sign = -1.0 if (m <= 0).sum() > (m >= 0).sum() else 1.0
+            dirs.append(sign * d / np.linalg.norm(d))
+        return np.stack(dirs)
+
+    out_concepts, lengths = [], []
+    for concept in PAPER_CONCEPTS:
+        per = []
+        for lang in PAPER_LANGS:
+            path = os.path.join(REPO, "data", "values", concept, f"{concept}_{lang}.json")
+            sp = paper_split.read_data(path, 0.8, 1)
+            with open(path, encoding="utf-8") as f:
+                groups = json.load(f)
+            entry = lambda k: groups[k.split("|", 1)[0]][k.split("|", 1)[1]]  # noqa: E731
+
+            def reps(keys):
+                pos = [PAPER_TEMPLATE.replace("{input}", recognition_stimulus(concept, entry(k), entry(k)["pos"])) for k in keys]
+                neg = [PAPER_TEMPLATE.replace("{input}", recognition_stimulus(concept, entry(k), entry(k)["neg"])) for k in keys]
+                lengths.extend(len(tok(t)["input_ids"]) for t in pos + neg)
+                return np.stack([last_states(t) for t in pos]), np.stack([last_states(t) for t in neg])
+
+            tp, tn = reps(sp["train"])
+            xp, xn = reps(sp["test"])
+            flips = np.array(sp["flips"])
+            rp = np.where(flips[:, None, None], tn, tp)
+            rn = np.where(flips[:, None, None], tp, tn)
+            per.append({"lang": lang, "split": sp, "dirs": fit(tp, tn), "rand": fit(rp, rn), "test": (xp, xn),
+                        "train": (tp, tn)})
+        k = len(per)
+        cross = [[[0.0] * k for _ in range(k)] for _ in range(L)]
+        margin = [[[0.0] * k for _ in range(k)] for _ in range(L)]
+        cos = [[[0.0] * k for _ in range(k)] for _ in range(L)]
+        for l in range(L):
+            for a in range(k):
+                u = per[a]["dirs"][l]
+                tp, tn = per[a]["train"]
+                scale = np.abs((tp[:, l] - tn[:, l]) @ u).mean()
+                for b in range(k):
+                    xp, xn = per[b]["test"]
+                    m = (xp[:, l] - xn[:, l]) @ u
+                    cross[l][a][b] = float((m >= 0).mean())
+                    margin[l][a][b] = float(np.abs(m).min() / scale)
+                    v = per[b]["dirs"][l]
+                    cos[l][a][b] = float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
+        random_labels = []
+        for p in per:
+            xp, xn = p["test"]
+            random_labels.append([float((((xp[:, l] - xn[:, l]) @ p["rand"][l]) >= 0).mean()) for l in range(L)])
+        out_concepts.append({"concept": concept, "langs": PAPER_LANGS,
+                             "splits": {p["lang"]: {"train": p["split"]["train"], "test": p["split"]["test"]} for p in per},
+                             "crosslingual": cross, "closest_margin_rel": margin, "cosine": cos,
+                             "random_labels": random_labels})
+    meta = {"name": PAPER_NAME, "model_dir": rel(SMOLLM2_DIR), "data": "data/values", "template": PAPER_TEMPLATE,
+            "seed": 1, "split": 0.8, "layers": L, "concepts": out_concepts,
+            "definitions": "scripts/paper_split.py (utils.read_data on CPython random) and RepE cluster_mean/get_signs"}
+    path = os.path.join(GOLDEN_DIR, PAPER_NAME + ".json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+    return {"name": PAPER_NAME, "lengths": lengths, "files": {rel(path): os.path.getsize(path)}}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", default=[],
@@ -2058,7 +2154,7 @@ def main():
     import transformers
 
     log(f"torch {torch.__version__}, transformers {transformers.__version__}, python {sys.version.split()[0]}")
-    known = list(TINY_SPECS) + list(QWEN_CHAT_SPECS) + [GGUF_NAME, "smollm2-135m", RECOGNITION_NAME, STUDY_NAME]
+    known = list(TINY_SPECS) + list(QWEN_CHAT_SPECS) + [GGUF_NAME, "smollm2-135m", RECOGNITION_NAME, STUDY_NAME, PAPER_NAME]
     names = args.only or known
     results = []
     for name in names:
@@ -2079,6 +2175,10 @@ def main():
                 results.append(r)
         elif name == STUDY_NAME:
             r = do_study_reference()
+            if r:
+                results.append(r)
+        elif name == PAPER_NAME:
+            r = do_paper_reference()
             if r:
                 results.append(r)
         else:

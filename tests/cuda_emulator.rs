@@ -5,6 +5,8 @@
 //! against the CPU backend: every shape, steering mode, capture position, decode step, sampling
 //! and operation check of the GPU selftest (thresholds there). It cannot measure speed, and it
 //! runs one block at a time, so it misses races between blocks.
+mod common;
+
 use resid::testing::RandomLlama;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -257,4 +259,45 @@ fn stats_and_half_outputs_on_the_emulator() {
             assert!((cov[(pt * h + i) * h + j] - c).abs() <= 1e-9 * c.abs().max(1.0), "cov, point {pt}, ({i}, {j})");
         }
     }
+}
+
+/// `resid study --protocol paper --device cuda` on the emulator gives the CPU's split and, up to
+/// near ties between a pair's two projections, its numbers: identical splits.json, every
+/// paper_recognition cell within one test pair of the CPU's and at least 90% identical.
+#[test]
+fn paper_protocol_study_on_cuda_matches_the_cpu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    let spec = RandomLlama { vocab: 97, ..small_llama(3) };
+    spec.write(&model).unwrap();
+    common::study::write_tokenizer(&model);
+    common::study::write_values(&tmp.path().join("values"));
+    let run = |device: &str| {
+        let out = tmp.path().join(format!("out-{device}"));
+        let args = [
+            "study", "--model", &model.display().to_string(), "--data", &tmp.path().join("values").display().to_string(),
+            "--out", &out.display().to_string(), "--family", "other", "--no-control", "--no-figures", "--quiet", "--device", device,
+        ];
+        let o = resid_on_emulator(&args, &tmp.path().join("kernels"));
+        assert!(o.status.success(), "study --device {device}: {}", String::from_utf8_lossy(&o.stderr));
+        out
+    };
+    let (cpu, cuda) = (run("cpu"), run("cuda"));
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+    assert_eq!(read(&cpu.join("splits.json")), read(&cuda.join("splits.json")));
+    let rows = |d: &Path| read(&d.join("tables/paper_recognition.csv")).lines().map(str::to_owned).collect::<Vec<_>>();
+    let (a, b) = (rows(&cpu), rows(&cuda));
+    assert_eq!(a.len(), b.len());
+    let mut same = 0;
+    for (x, y) in a.iter().zip(&b) {
+        let (cx, cy): (Vec<&str>, Vec<&str>) = (x.split(',').collect(), y.split(',').collect());
+        assert_eq!(cx[..3], cy[..3]);
+        if x == y {
+            same += 1;
+        } else {
+            let (p, q): (f64, f64) = (cx[3].parse().unwrap(), cy[3].parse().unwrap());
+            assert!((p - q).abs() <= 0.25 + 1e-9, "{x} vs {y}");
+        }
+    }
+    assert!(same * 10 >= a.len() * 9, "{same} of {} cells identical", a.len());
 }

@@ -366,7 +366,7 @@ fn study_end_to_end_on_a_tiny_model() {
     let t = Tiny::new();
     let (model, values, out) = (t.p("model"), t.p("values"), t.p("out"));
     let args = [
-        "study", "--model", &model, "--data", &values, "--out", &out, "--quiet", "--high", "en,fr", "--low", "sw",
+        "study", "--protocol", "resid", "--model", &model, "--data", &values, "--out", &out, "--quiet", "--high", "en,fr", "--low", "sw",
         "--control-sources", "en", "--control-prompts", "2", "--coefs", "-1,0,1", "--max-new-tokens", "4", "--control-layers", "1-2",
     ];
     ok(&resid(&args));
@@ -437,7 +437,7 @@ fn study_end_to_end_on_a_tiny_model() {
     // A second run reads every hidden state from the cache and gives the same numbers.
     let out2 = t.p("out2");
     let cache = t.p("out/cache");
-    ok(&resid(&["study", "--model", &model, "--data", &values, "--out", &out2, "--cache", &cache, "--quiet", "--no-control", "--no-figures", "--batch-tokens", "5"]));
+    ok(&resid(&["study", "--protocol", "resid", "--model", &model, "--data", &values, "--out", &out2, "--cache", &cache, "--quiet", "--no-control", "--no-figures", "--batch-tokens", "5"]));
     let report2: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(t.dir.join("out2/report.json")).unwrap()).unwrap();
     assert_eq!(report2["timing"]["hidden_states"]["computed"], 0);
     assert_eq!(report2["timing"]["hidden_states"]["from_cache"], report["timing"]["hidden_states"]["requested"]);
@@ -540,7 +540,7 @@ fn study_end_to_end_on_a_tiny_model_of_every_family() {
         let out = t.dir.join(format!("out-{family}"));
         let (m, o) = (model.display().to_string(), out.display().to_string());
         ok(&resid(&[
-            "study", "--model", &m, "--data", &t.p("values"), "--out", &o, "--quiet", "--high", "en,fr", "--low", "sw", "--no-figures",
+            "study", "--protocol", "resid", "--model", &m, "--data", &t.p("values"), "--out", &o, "--quiet", "--high", "en,fr", "--low", "sw", "--no-figures",
             "--control-sources", "en", "--control-prompts", "2", "--coefs", "-4,0,4", "--max-new-tokens", "3", "--control-layers", "1-2",
         ]));
         let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
@@ -580,7 +580,8 @@ fn recognize_json_contract_vectors_gguf_and_steering() {
         assert_eq!(out.trim().lines().count(), 1, "exactly one JSON object: {out}");
         let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-        assert_eq!(keys, ["layers", "accuracy", "best_layer", "best_accuracy"]);
+        assert_eq!(keys, ["protocol", "layers", "accuracy", "best_layer", "best_accuracy"]);
+        assert_eq!(v["protocol"], "resid", "recognize defaults to resid's protocol");
         assert_eq!(v["layers"], serde_json::json!([1, 2, 3]));
         let acc: Vec<f64> = v["accuracy"].as_array().unwrap().iter().map(|a| a.as_f64().unwrap()).collect();
         assert_eq!(acc.len(), 3);
@@ -648,7 +649,7 @@ fn commands_reject_bad_input_with_one_line_errors() {
         (
             vec!["study".into(), "--model".into(), model.clone(), "--data".into(), t.p("values"), "--out".into(), t.p("o"), "--langs".into(), "en,xx".into()],
             3,
-            "morality_xx.json: no such file".into(),
+            "morality_xx.json: language `xx` is not one of the paper's 16".into(),
         ),
         (
             vec!["study".into(), "--model".into(), model.clone(), "--data".into(), t.p("values"), "--out".into(), t.p("o"), "--coefs".into(), "1,x".into()],

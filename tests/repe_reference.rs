@@ -80,7 +80,7 @@ impl Worst {
 
 fn study(model: &Path, out: &Path, cache: &Path, method: &str, control: bool) -> Value {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_resid"));
-    cmd.args(["study", "--model"]).arg(model).arg("--data").arg(root().join("data/values"));
+    cmd.args(["study", "--protocol", "resid", "--model"]).arg(model).arg("--data").arg(root().join("data/values"));
     cmd.args(["--concepts", "morality,utilitarianism", "--langs", "en,es,id,sw", "--seed", "0", "--method", method]);
     cmd.arg("--out").arg(out).arg("--cache").arg(cache).args(["--no-figures", "--quiet"]);
     if control {

@@ -514,8 +514,10 @@ def study(model: Model, data: Union[str, os.PathLike], out: Union[str, os.PathLi
     hidden states (cached), vectors by every method, recognition, cross-lingual analyses,
     control, and report.md / report.json / tables / figures / vectors under `out`.
 
-    Options (the command's flags, with underscores): concepts, langs (lists), method
-    ("mean-diff"), cache, template ("{input}"), seed (0), batch_tokens (2048), high, low,
+    Options (the command's flags, with underscores): protocol ("paper", as `resid study`; or
+    "resid"), split (0.8, the paper's --split), family (from config.json), lang2vec (CSV for
+    Table 1), concepts, langs (lists), method ("mean-diff"), cache, template (the family's with
+    the paper's protocol, "{input}" with resid's), seed (1 paper, 0 resid), batch_tokens (2048), high, low,
     lang_similarity, control (True), figures (True), quiet (True), wait_lock (False),
     control_concepts, control_sources (["en"]), control_targets, control_layers, control_radius
     (2), control_prompts (2), coefs ([-2, 0, 2]), steer_op ("add"), steer_positions ("all"),
@@ -524,7 +526,8 @@ def study(model: Model, data: Union[str, os.PathLike], out: Union[str, os.PathLi
     if not isinstance(model, Model):
         raise InputError(f"study: model must be a resid.Model, got {type(model).__name__}")
     defaults: Dict[str, Any] = dict(
-        concepts=None, langs=None, method="mean-diff", cache=None, template="{input}", seed=0, batch_tokens=2048,
+        protocol="paper", split=0.8, family=None, lang2vec=None,
+        concepts=None, langs=None, method="mean-diff", cache=None, template=None, seed=None, batch_tokens=2048,
         high=None, low=None, lang_similarity=None, control=True, figures=True, quiet=True, wait_lock=False,
         control_concepts=None, control_sources=["en"], control_targets=None, control_layers=None, control_radius=2,
         control_prompts=2, coefs=[-2.0, 0.0, 2.0], steer_op="add", steer_positions="all", steer_preserve_norm=False,
@@ -537,7 +540,7 @@ def study(model: Model, data: Union[str, os.PathLike], out: Union[str, os.PathLi
     for k in ("concepts", "langs", "high", "low", "control_concepts", "control_sources", "control_targets"):
         if isinstance(o[k], str):
             o[k] = [s.strip() for s in o[k].split(",") if s.strip()]
-    for k in ("cache", "lang_similarity"):
+    for k in ("cache", "lang_similarity", "lang2vec"):
         if o[k] is not None:
             o[k] = os.fspath(o[k])
     try:
@@ -547,7 +550,7 @@ def study(model: Model, data: Union[str, os.PathLike], out: Union[str, os.PathLi
             bool(o["figures"]), bool(o["quiet"]), bool(o["wait_lock"]), o["control_concepts"], o["control_sources"],
             o["control_targets"], o["control_layers"], o["control_radius"], o["control_prompts"],
             [float(c) for c in o["coefs"]], o["steer_op"], o["steer_positions"], bool(o["steer_preserve_norm"]),
-            o["max_new_tokens"],
+            o["max_new_tokens"], str(o["protocol"]), float(o["split"]), o["family"], o["lang2vec"],
         )
     except (TypeError, OverflowError) as e:
         raise InputError(f"study: {e}") from None

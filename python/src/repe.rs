@@ -5,7 +5,6 @@ use crate::{input_err, to_py};
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray3, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use resid::repe::analysis::ResourceGroups;
 use resid::repe::control::ControlSettings;
 use resid::repe::study::{self as rstudy, ControlPlan, StudyConfig};
 use resid::repe::vectors::{ConceptVectors, Method, PairReps};
@@ -53,12 +52,29 @@ fn f32_array<'py>(py: Python<'py>, v: Vec<f32>, shape: &[usize]) -> PyResult<Bou
 
 /// Concept vectors from pairs (as `resid vectors`): a dict of numpy arrays.
 #[pyfunction]
-#[pyo3(signature = (pos, neg, method = "mean-diff", seed = 0))]
-pub fn concept_vectors<'py>(py: Python<'py>, pos: PyReadonlyArray3<'py, f32>, neg: PyReadonlyArray3<'py, f32>, method: &str, seed: u64) -> PyResult<Bound<'py, PyDict>> {
+#[pyo3(signature = (pos, neg, method = "mean-diff", seed = 0, protocol = "resid"))]
+pub fn concept_vectors<'py>(py: Python<'py>, pos: PyReadonlyArray3<'py, f32>, neg: PyReadonlyArray3<'py, f32>, method: &str, seed: u64, protocol: &str) -> PyResult<Bound<'py, PyDict>> {
     let m = self::method(method)?;
+    let rule = match protocol.parse::<resid::repe::paper::Protocol>().map_err(to_py)? {
+        resid::repe::paper::Protocol::Paper => resid::repe::vectors::SignRule::RepE,
+        resid::repe::paper::Protocol::Resid => resid::repe::vectors::SignRule::Resid,
+    };
     let (n, rows, hidden) = shape("concept_vectors", &pos, &neg)?;
     let (p, q) = (pos.as_slice()?, neg.as_slice()?);
-    let v = py.detach(|| ConceptVectors::fit(m, &pair_reps(p, q, n, rows, hidden), rows - 1, hidden, seed)).map_err(to_py)?;
+    let v = py
+        .detach(|| {
+            let mut reps = pair_reps(p, q, n, rows, hidden);
+            if m == Method::RandomLabels {
+                // The paper's baseline: pairs oriented by labels shuffled within each pair.
+                for (i, f) in resid::repe::paper::explicit_flips(seed, n).into_iter().enumerate() {
+                    if f {
+                        std::mem::swap(&mut reps.pos[i], &mut reps.neg[i]);
+                    }
+                }
+            }
+            ConceptVectors::fit_with(m, &reps, rows - 1, hidden, seed, rule)
+        })
+        .map_err(to_py)?;
     let d = PyDict::new(py);
     d.set_item("method", m.name())?;
     d.set_item("directions", f32_array(py, v.file_directions(), &[rows, hidden])?)?;
@@ -73,7 +89,7 @@ pub fn concept_vectors<'py>(py: Python<'py>, pos: PyReadonlyArray3<'py, f32>, ne
 
 /// Per-layer recognition accuracy (as `resid recognize --json`).
 #[pyfunction]
-#[pyo3(signature = (train_pos, train_neg, test_pos, test_neg, method = "mean-diff", seed = 0))]
+#[pyo3(signature = (train_pos, train_neg, test_pos, test_neg, method = "mean-diff", seed = 0, protocol = "resid"))]
 #[allow(clippy::too_many_arguments)]
 pub fn recognize<'py>(
     py: Python<'py>,
@@ -83,8 +99,10 @@ pub fn recognize<'py>(
     test_neg: PyReadonlyArray3<'py, f32>,
     method: &str,
     seed: u64,
+    protocol: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
     let m = self::method(method)?;
+    let protocol: resid::repe::paper::Protocol = protocol.parse().map_err(to_py)?;
     let (n, rows, hidden) = shape("recognize: train", &train_pos, &train_neg)?;
     let (tn, trows, thidden) = shape("recognize: test", &test_pos, &test_neg)?;
     if (trows, thidden) != (rows, hidden) {
@@ -92,7 +110,10 @@ pub fn recognize<'py>(
     }
     let (a, b, c, e) = (train_pos.as_slice()?, train_neg.as_slice()?, test_pos.as_slice()?, test_neg.as_slice()?);
     let r = py
-        .detach(|| rstudy::recognize(&pair_reps(a, b, n, rows, hidden), &pair_reps(c, e, tn, rows, hidden), m, rows - 1, hidden, seed))
+        .detach(|| {
+            let flips = resid::repe::paper::explicit_flips(seed, n);
+            rstudy::recognize_protocol(&pair_reps(a, b, n, rows, hidden), &pair_reps(c, e, tn, rows, hidden), m, rows - 1, hidden, seed, protocol, &flips)
+        })
         .map_err(to_py)?;
     let d = PyDict::new(py);
     d.set_item("method", m.name())?;
@@ -108,7 +129,7 @@ pub fn recognize<'py>(
 #[pyfunction]
 #[pyo3(signature = (model, data, out, concepts, langs, method, cache, template, seed, batch_tokens, high, low, lang_similarity,
     control, figures, quiet, wait_lock, control_concepts, control_sources, control_targets, control_layers, control_radius,
-    control_prompts, coefs, steer_op, steer_positions, steer_preserve_norm, max_new_tokens))]
+    control_prompts, coefs, steer_op, steer_positions, steer_preserve_norm, max_new_tokens, protocol, split, family, lang2vec))]
 #[allow(clippy::too_many_arguments)]
 pub fn study(
     py: Python<'_>,
@@ -119,8 +140,8 @@ pub fn study(
     langs: Option<Vec<String>>,
     method: &str,
     cache: Option<PathBuf>,
-    template: String,
-    seed: u64,
+    template: Option<String>,
+    seed: Option<u64>,
     batch_tokens: usize,
     high: Option<Vec<String>>,
     low: Option<Vec<String>>,
@@ -140,15 +161,15 @@ pub fn study(
     steer_positions: &str,
     steer_preserve_norm: bool,
     max_new_tokens: usize,
+    protocol: &str,
+    split: f64,
+    family: Option<String>,
+    lang2vec: Option<PathBuf>,
 ) -> PyResult<String> {
     let method = self::method(method)?;
-    let mut groups = ResourceGroups::default();
-    if let Some(h) = high {
-        groups.high = h;
-    }
-    if let Some(l) = low {
-        groups.low = l;
-    }
+    let protocol: resid::repe::paper::Protocol = protocol.parse().map_err(to_py)?;
+    let model_dir = with_engine!(model.engine(), e => e.model.dir.clone());
+    let st = rstudy::ProtocolSettings::resolve(&model_dir, protocol, family.as_deref(), template.as_deref(), seed, high, low).map_err(to_py)?;
     let control = if control {
         if control_sources.is_empty() {
             return Err(input_err("control_sources: no languages"));
@@ -172,15 +193,20 @@ pub fn study(
         langs,
         out,
         cache,
-        template,
-        seed,
+        template: st.template,
+        seed: st.seed,
         method,
-        groups,
+        groups: st.groups,
         lang_similarity,
         control,
         batch_tokens,
         figures,
         quiet,
+        protocol,
+        split,
+        family: st.family,
+        family_source: st.family_source,
+        lang2vec,
     };
     let engine = model.engine();
     run(py, None, |_| {

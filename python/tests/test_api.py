@@ -151,6 +151,10 @@ def test_repe_concept_vectors_and_recognize(model):
         assert v["train_accuracy"].shape == (30,)
     r = resid.repe.recognize(pos[:3], neg[:3], pos[3:], neg[3:])
     assert r["layers"] == list(range(1, 31)) and 1 <= r["best_layer"] <= 30 and len(r["accuracy"]) == 30
+    p = resid.repe.recognize(pos[:3], neg[:3], pos[3:], neg[3:], method="random-labels", protocol="paper")
+    assert p["method"] == "random-labels" and len(p["accuracy"]) == 30
+    with pytest.raises(resid.InputError):
+        resid.repe.recognize(pos[:3], neg[:3], pos[3:], neg[3:], protocol="papers")
     # The vectors steer directly.
     s = resid.Steering(resid.repe.concept_vectors(pos, neg)["directions"], coef=1.0, layers=[10])
     model.extract(["x"], steer=s)
@@ -162,6 +166,12 @@ def test_study_runs_the_cli_code(model, tmp_path):
     report = resid.study(model, src, tmp_path / "study", concepts=[concept], langs=["en", "fr"], control=False, figures=False)
     assert len(report["concepts"]) == 1
     assert (tmp_path / "study" / "report.md").exists() and (tmp_path / "study" / "report.json").exists()
+    # The paper's protocol by default, as `resid study`; resid's own on request.
+    assert report["protocol"] == "paper" and report["paper"]["langs"] == ["en", "fr"]
+    assert (tmp_path / "study" / "splits.json").exists()
+    own = resid.study(model, src, tmp_path / "study-resid", concepts=[concept], langs=["en", "fr"], control=False,
+                      figures=False, protocol="resid", cache=tmp_path / "study" / "cache")
+    assert own["protocol"] == "resid" and own["paper"] is None
     with pytest.raises(resid.InputError):
         resid.study(model, src, tmp_path / "s2", bogus=1)
 

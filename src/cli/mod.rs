@@ -55,6 +55,8 @@ enum Command {
     Study(study::StudyArgs),
     /// The cross-lingual control (steering) experiment on its own.
     Control(study::ControlOnlyArgs),
+    /// Own-language accuracy of several finished paper-protocol studies (the paper's Fig. 2, Table 6).
+    Compare(study::CompareArgs),
     /// An OpenAI-compatible HTTP server with per-request steering, probes and extraction.
     Serve(ServeArgs),
 }
@@ -349,6 +351,7 @@ pub fn run() -> i32 {
         Command::Recognize(a) => study::recognize(a),
         Command::Study(a) => study::study(a),
         Command::Control(a) => study::control(a),
+        Command::Compare(a) => study::compare(a),
         Command::Serve(a) => serve(a),
     };
     match result {

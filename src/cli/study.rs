@@ -4,11 +4,11 @@ use super::{load, with_engine, ModelArgs};
 use anyhow::{bail, Result};
 use clap::Args;
 use resid::engine::steer::parse_layer_list;
-use resid::repe::analysis::ResourceGroups;
 use resid::repe::cache::HiddenCache;
 use resid::repe::control::ControlSettings;
 use resid::repe::data::{self, parse_list, Split};
-use resid::repe::study::{self, ControlPlan, StudyConfig};
+use resid::repe::study::{self, ControlPlan, ProtocolSettings, StudyConfig};
+use resid::repe::paper::{self, Protocol};
 use resid::repe::vectors::Method;
 use resid::backend::Backend;
 use resid::Engine;
@@ -16,13 +16,22 @@ use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct PairArgs {
-    /// Prompt template wrapping every stimulus; `{input}` is replaced by it
-    /// (e.g. "[INST] {input} [/INST] " for LLaMA-2-chat).
-    #[arg(long, default_value = "{input}")]
-    template: String,
-    /// Seed of the 80/20 split, PCA sign flips and random directions.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// Prompt template wrapping every stimulus; `{input}` is replaced by it (default: the
+    /// family's with --protocol paper, "[INST] {input} [/INST] " for LLaMA-2-chat; `{input}` with
+    /// --protocol resid).
+    #[arg(long)]
+    template: Option<String>,
+    /// Seed (default: 1, the paper's `random.seed(1)`, with --protocol paper; 0 with resid).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// paper (the paper's code exactly) or resid (resid's own protocol). Default: paper for
+    /// `study`, resid for `recognize`, `vectors` and `control`.
+    #[arg(long)]
+    protocol: Option<String>,
+    /// The paper's model family for its settings (llama, qwen, bloomz, other); default: from
+    /// config.json's model_type.
+    #[arg(long)]
+    family: Option<String>,
     /// Hidden-state cache directory (safetensors shards keyed by model, template and text).
     #[arg(long)]
     cache: Option<PathBuf>,
@@ -49,7 +58,8 @@ pub struct VectorsArgs {
     concept: Option<String>,
     #[arg(long, requires = "data")]
     lang: Option<String>,
-    /// With --data: `train` uses the 80% training split, `all` every pair.
+    /// With --data: `train` uses the training split, `all` every pair; with --protocol paper
+    /// also a number F (the paper's --split: a train fraction ≤ 0.8, or a train count ≥ 1).
     #[arg(long, default_value = "train")]
     split: String,
     /// JSONL pairs ({"pos", "neg"} per line) to fit on, instead of --data.
@@ -151,12 +161,21 @@ pub struct StudyArgs {
     /// Method behind cross-lingual matrices, consistency, transfer and control.
     #[arg(long, default_value = "mean-diff")]
     method: String,
-    /// High-resource languages for the transfer summary (default: en,fr,zh,es,pt,ja).
+    /// High-resource languages (default with --protocol paper: the family's, e.g. en for
+    /// LLaMA; with resid: en,fr,zh,es,pt,ja). A language outside the paper's 16 needs a group.
     #[arg(long)]
     high: Option<String>,
-    /// Low-resource languages (default: vi,ca,id,ko,fi,hu,ta,te,sw,ny).
+    /// Low-resource languages (default: every other language).
     #[arg(long)]
     low: Option<String>,
+    /// The paper's --split: a train fraction ≤ 0.8 (same test set) or a train count ≥ 1
+    /// (--protocol paper only; default 0.8).
+    #[arg(long)]
+    split: Option<String>,
+    /// lang2vec distances for the paper's Table 1: CSV `lang_a,lang_b,genetic,syntactic,
+    /// geographic,phonological` (scripts/lang_sim_to_csv.py converts the paper's lang_sim.pt).
+    #[arg(long)]
+    lang2vec: Option<PathBuf>,
     /// Language-similarity matrix (CSV with a header row of languages) to correlate with the
     /// cosine similarities.
     #[arg(long)]
@@ -187,6 +206,9 @@ pub struct ControlOnlyArgs {
     out: PathBuf,
     #[arg(long, default_value = "mean-diff")]
     method: String,
+    /// The paper's --split (with --protocol paper).
+    #[arg(long)]
+    split: Option<String>,
     #[arg(long)]
     no_figures: bool,
     #[command(flatten)]
@@ -197,12 +219,33 @@ pub struct ControlOnlyArgs {
     lock: super::LockArgs,
 }
 
-fn check_batch(p: &PairArgs) -> Result<()> {
+type Setup = ProtocolSettings;
+
+fn setup_groups(p: &PairArgs, model: &Path, default: Protocol, high: Option<&str>, low: Option<&str>) -> Result<Setup> {
     if p.batch_tokens == 0 {
         bail!(resid::Error::input("--batch-tokens must be at least 1"));
     }
-    data::check_template(&p.template)?;
-    Ok(())
+    let protocol: Protocol = match &p.protocol {
+        Some(x) => x.parse()?,
+        None => default,
+    };
+    Ok(ProtocolSettings::resolve(model, protocol, p.family.as_deref(), p.template.as_deref(), p.seed, high.map(parse_list), low.map(parse_list))?)
+}
+
+fn setup(p: &PairArgs, model: &Path, default: Protocol) -> Result<Setup> {
+    setup_groups(p, model, default, None, None)
+}
+
+/// `--split`: the paper's train fraction or count (study, control).
+fn parse_split(s: Option<&str>) -> Result<f64> {
+    match s {
+        None => Ok(data::TRAIN_FRACTION),
+        Some(x) => {
+            let f: f64 = x.parse().map_err(|_| resid::Error::input(format!("--split `{x}`: expected a number (train fraction ≤ 0.8 or train count ≥ 1)")))?;
+            paper::check_split(f)?;
+            Ok(f)
+        }
+    }
 }
 
 fn stimuli(split: &Split, template: &str) -> Vec<resid::repe::cache::Stimulus> {
@@ -222,24 +265,28 @@ fn nonempty(split: &Split, train: &Path, test: Option<&Path>) -> Result<()> {
 }
 
 pub fn recognize(a: RecognizeArgs) -> Result<()> {
-    check_batch(&a.pairs)?;
+    let st = setup(&a.pairs, &a.model.model, Protocol::Resid)?;
     let method: Method = a.method.parse()?;
     let split = data::explicit_split(data::load_jsonl(&a.train)?, data::load_jsonl(&a.test)?);
     nonempty(&split, &a.train, Some(&a.test))?;
     let any = load(&a.model)?;
-    with_engine!(&any, engine => recognize_on(engine, &a, &split, method))
+    with_engine!(&any, engine => recognize_on(engine, &a, &st, &split, method))
 }
 
-fn recognize_on<B: Backend>(engine: &Engine<B>, a: &RecognizeArgs, split: &Split, method: Method) -> Result<()> {
+fn recognize_on<B: Backend>(engine: &Engine<B>, a: &RecognizeArgs, st: &Setup, split: &Split, method: Method) -> Result<()> {
     let mut cache = HiddenCache::open(a.pairs.cache.as_deref(), engine)?;
-    cache.ensure(engine, &stimuli(split, &a.pairs.template), a.pairs.batch_tokens, a.pairs.quiet)?;
-    let train = study::reps(&cache, &split.train, &a.pairs.template)?;
-    let test = study::reps(&cache, &split.test, &a.pairs.template)?;
-    let r = study::recognize(&train, &test, method, engine.num_layers(), engine.hidden_size(), a.pairs.seed)?;
+    cache.ensure(engine, &stimuli(split, &st.template), a.pairs.batch_tokens, a.pairs.quiet)?;
+    let train = study::reps(&cache, &split.train, &st.template)?;
+    let test = study::reps(&cache, &split.test, &st.template)?;
+    let flips = paper::explicit_flips(st.seed, train.len());
+    let r = study::recognize_protocol(&train, &test, method, engine.num_layers(), engine.hidden_size(), st.seed, st.protocol, &flips)?;
     if a.json {
+        // With the paper's protocol, best_layer is the max over layers of the test accuracy
+        // (chosen on the test set), as the paper reports it.
         println!(
             "{}",
             serde_json::json!({
+                "protocol": st.protocol.name(),
                 "layers": (1..=engine.num_layers()).collect::<Vec<_>>(),
                 "accuracy": r.accuracy,
                 "best_layer": r.best_layer,
@@ -252,12 +299,13 @@ fn recognize_on<B: Backend>(engine: &Engine<B>, a: &RecognizeArgs, split: &Split
             println!("{:>5}  {:>8.4}  {:>8.4}", i + 1, tr, te);
         }
         println!(
-            "best layer {} accuracy {:.4} ({} method, {} train / {} test pairs)",
+            "best layer {} accuracy {:.4} ({} method, {} train / {} test pairs, protocol {}: the layer is chosen on the test set)",
             r.best_layer,
             r.best_accuracy,
             method.name(),
             split.train.len(),
-            split.test.len()
+            split.test.len(),
+            st.protocol.name()
         );
     }
     Ok(())
@@ -272,7 +320,7 @@ fn model_hint<B: Backend>(engine: &Engine<B>) -> String {
 }
 
 pub fn vectors(a: VectorsArgs) -> Result<()> {
-    check_batch(&a.pairs)?;
+    let st = setup(&a.pairs, &a.model.model, Protocol::Resid)?;
     let method: Method = a.method.parse()?;
     if a.out.is_none() && a.gguf.is_none() {
         bail!(resid::Error::input("give --out FILE.safetensors and/or --gguf FILE.gguf"));
@@ -280,26 +328,32 @@ pub fn vectors(a: VectorsArgs) -> Result<()> {
     if let Some(stats) = &a.from_stats {
         return vectors_from_stats(&a, stats, method);
     }
-    let (split, source, label) = match (&a.data, &a.train) {
+    let (split, source, label, flips) = match (&a.data, &a.train) {
         (Some(dir), None) => {
             let (Some(concept), Some(lang)) = (&a.concept, &a.lang) else {
                 bail!(resid::Error::input("--data needs --concept and --lang"));
             };
             let pairs = data::load_mvalue(dir, concept, lang)?;
             let file = data::mvalue_path(dir, concept, lang);
-            let split = match a.split.as_str() {
-                "train" => data::split_pairs(pairs, a.pairs.seed, data::TRAIN_FRACTION),
-                "all" => data::explicit_split(pairs, Vec::new()),
-                other => bail!(resid::Error::input(format!("--split `{other}`: expected train or all"))),
+            paper::check_language(lang, &[], &[], "--lang")?;
+            let (split, flips) = match (a.split.as_str(), st.protocol) {
+                ("all", _) => (data::explicit_split(pairs, Vec::new()), None),
+                ("train", Protocol::Resid) => (data::split_pairs(pairs, st.seed, data::TRAIN_FRACTION), None),
+                (f, Protocol::Paper) => {
+                    let f = if f == "train" { data::TRAIN_FRACTION } else { parse_split(Some(f))? };
+                    let p = paper::paper_split(pairs, f, st.seed);
+                    (p.as_split(), Some(p.random_flip))
+                }
+                (other, Protocol::Resid) => bail!(resid::Error::input(format!("--split `{other}`: expected train or all (a number needs --protocol paper)"))),
             };
-            (split, file, vec![("concept", concept.clone()), ("lang", lang.clone())])
+            (split, file, vec![("concept", concept.clone()), ("lang", lang.clone())], flips)
         }
         (None, Some(train)) => {
             let test = match &a.test {
                 Some(t) => data::load_jsonl(t)?,
                 None => Vec::new(),
             };
-            (data::explicit_split(data::load_jsonl(train)?, test), train.clone(), Vec::new())
+            (data::explicit_split(data::load_jsonl(train)?, test), train.clone(), Vec::new(), None)
         }
         _ => bail!(resid::Error::input("give --data DIR --concept C --lang L, or --train FILE.jsonl")),
     };
@@ -314,7 +368,8 @@ pub fn vectors(a: VectorsArgs) -> Result<()> {
         .map(|p| resid::store::lock::lock_output_file(p, a.lock.wait_lock))
         .collect::<resid::Result<Vec<_>>>()?;
     let any = load(&a.model)?;
-    with_engine!(&any, engine => vectors_on(engine, &a, &split, method, &source, label.clone()))
+    let flips = flips.unwrap_or_else(|| paper::explicit_flips(st.seed, split.train.len()));
+    with_engine!(&any, engine => vectors_on(engine, &a, &st, &split, &flips, method, &source, label.clone()))
 }
 
 /// `resid vectors --from-stats`: concept vectors from the statistics of pair differences.
@@ -350,12 +405,14 @@ fn vectors_from_stats(a: &VectorsArgs, stats: &Path, method: Method) -> Result<(
     if mean.iter().all(Option::is_none) {
         bail!(resid::Error::input(format!("{name}: no hidden-state index 1..={layers} among its points")));
     }
-    let v = resid::repe::vectors::from_moments(method, layers, hidden, &mean, &second, a.pairs.seed)?;
+    // Only the random and PCA starts use the seed: resid's default, as without --protocol paper.
+    let seed = a.pairs.seed.unwrap_or(0);
+    let v = resid::repe::vectors::from_moments(method, layers, hidden, &mean, &second, seed)?;
     let pairs = f.count.first().copied().unwrap_or(0);
     let meta = vec![
         ("source", name.to_string()),
         ("model", a.model.model.display().to_string()),
-        ("seed", a.pairs.seed.to_string()),
+        ("seed", seed.to_string()),
         ("train_pairs", pairs.to_string()),
         ("from_stats", "sign of the summed separation; scale = root-mean-square pair separation (mean separation without cov or gram); no train accuracy".to_string()),
     ];
@@ -369,18 +426,20 @@ fn vectors_from_stats(a: &VectorsArgs, stats: &Path, method: Method) -> Result<(
     Ok(())
 }
 
-fn vectors_on<B: Backend>(engine: &Engine<B>, a: &VectorsArgs, split: &Split, method: Method, source: &Path, label: Vec<(&'static str, String)>) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+fn vectors_on<B: Backend>(engine: &Engine<B>, a: &VectorsArgs, st: &Setup, split: &Split, flips: &[bool], method: Method, source: &Path, label: Vec<(&'static str, String)>) -> Result<()> {
     let mut cache = HiddenCache::open(a.pairs.cache.as_deref(), engine)?;
-    cache.ensure(engine, &stimuli(split, &a.pairs.template), a.pairs.batch_tokens, a.pairs.quiet)?;
-    let train = study::reps(&cache, &split.train, &a.pairs.template)?;
-    let test = study::reps(&cache, &split.test, &a.pairs.template)?;
-    let r = study::recognize(&train, &test, method, engine.num_layers(), engine.hidden_size(), a.pairs.seed)?;
+    cache.ensure(engine, &stimuli(split, &st.template), a.pairs.batch_tokens, a.pairs.quiet)?;
+    let train = study::reps(&cache, &split.train, &st.template)?;
+    let test = study::reps(&cache, &split.test, &st.template)?;
+    let r = study::recognize_protocol(&train, &test, method, engine.num_layers(), engine.hidden_size(), st.seed, st.protocol, flips)?;
     let v = r.vectors.as_ref().ok_or_else(|| anyhow::anyhow!("internal: no vectors"))?;
     let mut meta: Vec<(&str, String)> = label;
     meta.push(("source", source.display().to_string()));
     meta.push(("model", engine.model.dir.display().to_string()));
-    meta.push(("template", a.pairs.template.clone()));
-    meta.push(("seed", a.pairs.seed.to_string()));
+    meta.push(("template", st.template.clone()));
+    meta.push(("seed", st.seed.to_string()));
+    meta.push(("protocol", st.protocol.name().to_string()));
     meta.push(("train_pairs", split.train.len().to_string()));
     let dirs = match &a.out {
         Some(out) => study::write_vectors(out, v, &meta)?,
@@ -398,6 +457,7 @@ fn vectors_on<B: Backend>(engine: &Engine<B>, a: &VectorsArgs, split: &Split, me
                 "out": a.out.as_ref().map(|p| p.display().to_string()),
                 "gguf": a.gguf.as_ref().map(|p| p.display().to_string()),
                 "method": method.name(),
+                "protocol": st.protocol.name(),
                 "train_pairs": split.train.len(),
                 "test_pairs": split.test.len(),
                 "layers": (1..=engine.num_layers()).collect::<Vec<_>>(),
@@ -454,15 +514,9 @@ fn control_plan(c: &ControlArgs, quiet: bool, batch_tokens: usize) -> Result<Con
 }
 
 pub fn study(a: StudyArgs) -> Result<()> {
-    check_batch(&a.pairs)?;
+    let st = setup_groups(&a.pairs, &a.model.model, Protocol::Paper, a.high.as_deref(), a.low.as_deref())?;
     let method: Method = a.method.parse()?;
-    let mut groups = ResourceGroups::default();
-    if let Some(h) = &a.high {
-        groups.high = parse_list(h);
-    }
-    if let Some(l) = &a.low {
-        groups.low = parse_list(l);
-    }
+    let groups = st.groups.clone();
     let control = if a.no_control { None } else { Some(control_plan(&a.control, a.pairs.quiet, a.pairs.batch_tokens)?) };
     let cfg = StudyConfig {
         data: a.data.clone(),
@@ -470,8 +524,8 @@ pub fn study(a: StudyArgs) -> Result<()> {
         langs: a.langs.as_deref().map(parse_list),
         out: a.out.clone(),
         cache: a.pairs.cache.clone(),
-        template: a.pairs.template.clone(),
-        seed: a.pairs.seed,
+        template: st.template.clone(),
+        seed: st.seed,
         method,
         groups,
         lang_similarity: a.lang_similarity.clone(),
@@ -479,6 +533,11 @@ pub fn study(a: StudyArgs) -> Result<()> {
         batch_tokens: a.pairs.batch_tokens,
         figures: !a.no_figures,
         quiet: a.pairs.quiet,
+        protocol: st.protocol,
+        split: parse_split(a.split.as_deref())?,
+        family: st.family,
+        family_source: st.family_source.clone(),
+        lang2vec: a.lang2vec.clone(),
     };
     study::check_inputs(&cfg)?;
     let _lock = study::lock_output(&cfg, a.lock.wait_lock)?;
@@ -486,7 +545,8 @@ pub fn study(a: StudyArgs) -> Result<()> {
     let report = with_engine!(&any, engine => study::run_study(engine, &cfg))?;
     if !a.pairs.quiet {
         eprintln!(
-            "study: {} concepts, {:.1} s; wrote {}/report.md, report.json, tables/, figures/, vectors/",
+            "study ({} protocol): {} concepts, {:.1} s; wrote {}/report.md, report.json, tables/, figures/, vectors/",
+            report.protocol.name(),
             report.concepts.len(),
             report.timing.total_seconds,
             a.out.display()
@@ -496,7 +556,7 @@ pub fn study(a: StudyArgs) -> Result<()> {
 }
 
 pub fn control(a: ControlOnlyArgs) -> Result<()> {
-    check_batch(&a.pairs)?;
+    let st = setup(&a.pairs, &a.model.model, Protocol::Resid)?;
     let method: Method = a.method.parse()?;
     let Some(concepts) = a.control.concepts.as_deref().map(parse_list) else {
         bail!(resid::Error::input("resid control needs --control-concepts (e.g. --control-concepts morality)"));
@@ -521,15 +581,20 @@ pub fn control(a: ControlOnlyArgs) -> Result<()> {
         langs,
         out: a.out.clone(),
         cache: a.pairs.cache.clone(),
-        template: a.pairs.template.clone(),
-        seed: a.pairs.seed,
+        template: st.template.clone(),
+        seed: st.seed,
         method,
-        groups: ResourceGroups::default(),
+        groups: st.groups.clone(),
         lang_similarity: None,
         control: Some(plan),
         batch_tokens: a.pairs.batch_tokens,
         figures: !a.no_figures,
         quiet: a.pairs.quiet,
+        protocol: st.protocol,
+        split: parse_split(a.split.as_deref())?,
+        family: st.family,
+        family_source: st.family_source.clone(),
+        lang2vec: None,
     };
     study::check_inputs(&cfg)?;
     let _lock = study::lock_output(&cfg, a.lock.wait_lock)?;
@@ -564,4 +629,22 @@ mod tests {
         let a = StudyArgs::from_arg_matches(&m).unwrap();
         assert_eq!((a.concepts.as_deref(), a.control.concepts.as_deref()), (None, Some("morality")));
     }
+}
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// Finished study directories (run with --protocol paper), one per model.
+    #[arg(required = true)]
+    dirs: Vec<PathBuf>,
+    /// Output directory for compare.csv, compare_{concept}.tex and the figure.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    no_figures: bool,
+}
+
+pub fn compare(a: CompareArgs) -> Result<()> {
+    let written = resid::repe::paper_study::compare(&a.dirs, &a.out, !a.no_figures)?;
+    eprintln!("compare: {} models; wrote {}", a.dirs.len(), written.join(", "));
+    Ok(())
 }

@@ -71,6 +71,28 @@ pub fn viridis(t: f64) -> RGBColor {
     RGBColor(mix(V[i].0, V[i + 1].0), mix(V[i].1, V[i + 1].1), mix(V[i].2, V[i + 1].2))
 }
 
+/// Blue–white–red (a coolwarm-like diverging map); `t` in [0, 1], 0.5 white.
+pub fn coolwarm(t: f64) -> RGBColor {
+    const V: [(f64, f64, f64); 5] = [(59., 76., 192.), (141., 176., 254.), (242., 242., 242.), (244., 154., 123.), (180., 4., 38.)];
+    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.5 };
+    let x = t * (V.len() - 1) as f64;
+    let i = (x.floor() as usize).min(V.len() - 2);
+    let f = x - i as f64;
+    let mix = |a: f64, b: f64| (a + (b - a) * f).round() as u8;
+    RGBColor(mix(V[i].0, V[i + 1].0), mix(V[i].1, V[i + 1].1), mix(V[i].2, V[i + 1].2))
+}
+
+/// Grouped bars: one group of bars per category, one bar per series (`values[i]` for
+/// `categories[i]`; NaN leaves a gap).
+#[derive(Debug, Clone)]
+pub struct BarPanel {
+    pub title: String,
+    pub categories: Vec<String>,
+    pub series: Vec<(String, Vec<f64>)>,
+    pub y_desc: String,
+    pub y_range: (f64, f64),
+}
+
 /// One line of a line panel.
 #[derive(Debug, Clone)]
 pub struct Series {
@@ -106,6 +128,8 @@ pub struct HeatPanel {
     pub vmax: f64,
     pub x_desc: String,
     pub y_desc: String,
+    /// Diverging colours (blue below the middle of the range, red above) instead of viridis.
+    pub diverging: bool,
 }
 
 fn derr<E: std::fmt::Debug>(e: E) -> Error {
@@ -214,7 +238,11 @@ fn draw_heat<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &HeatPanel) -
         let y = (k - 1 - r) as i32;
         for (c, &v) in row.iter().enumerate() {
             let x = c as i32;
-            let color = if v.is_finite() { viridis((v - p.vmin) / span) } else { RGBColor(230, 230, 230) };
+            let color = match (v.is_finite(), p.diverging) {
+                (false, _) => RGBColor(230, 230, 230),
+                (true, false) => viridis((v - p.vmin) / span),
+                (true, true) => coolwarm((v - p.vmin) / span),
+            };
             chart
                 .draw_series(std::iter::once(Rectangle::new(
                     [(SegmentValue::Exact(x), SegmentValue::Exact(y)), (SegmentValue::Exact(x + 1), SegmentValue::Exact(y + 1))],
@@ -223,7 +251,7 @@ fn draw_heat<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &HeatPanel) -
                 .map_err(derr)?;
             if k <= 16 {
                 let t = (v - p.vmin) / span;
-                let text_color = if t > 0.6 { BLACK } else { WHITE };
+                let text_color = if p.diverging || t > 0.6 { BLACK } else { WHITE };
                 let size = if k <= 8 { 12 } else { 9 };
                 let style = TextStyle::from((FAMILY, size).into_font()).color(&text_color).pos(Pos::new(HPos::Center, VPos::Center));
                 let label = if v.is_finite() { format!("{v:.2}") } else { "–".into() };
@@ -239,6 +267,50 @@ fn draw_heat<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &HeatPanel) -
 enum Panels<'a> {
     Lines(&'a [LinePanel], &'a [Series]),
     Heat(&'a [HeatPanel], (f64, f64)),
+    Bars(&'a BarPanel),
+}
+
+fn draw_bars<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, p: &BarPanel) -> Result<()> {
+    let k = p.categories.len().max(1);
+    let m = p.series.len().max(1);
+    let (y0, y1) = p.y_range;
+    let mut chart = ChartBuilder::on(area)
+        .caption(&p.title, (FAMILY, 18))
+        .margin(8)
+        .x_label_area_size(36)
+        .y_label_area_size(52)
+        .build_cartesian_2d(0.0..k as f64, y0..y1)
+        .map_err(derr)?;
+    let cats = p.categories.clone();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(k * 2 + 1)
+        .x_label_formatter(&move |x: &f64| {
+            let i = (x - 0.5).round();
+            if (x - 0.5 - i).abs() < 1e-6 && i >= 0.0 { cats.get(i as usize).cloned().unwrap_or_default() } else { String::new() }
+        })
+        .y_desc(p.y_desc.as_str())
+        .y_label_formatter(&|y: &f64| format!("{:.0}%", y * 100.0))
+        .label_style((FAMILY, 12))
+        .axis_desc_style((FAMILY, 13))
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()
+        .map_err(derr)?;
+    let width = 0.8 / m as f64;
+    for (j, (_, values)) in p.series.iter().enumerate() {
+        let color = palette(j);
+        for (i, &v) in values.iter().enumerate().take(k) {
+            if !v.is_finite() {
+                continue;
+            }
+            let x = i as f64 + 0.1 + j as f64 * width;
+            chart
+                .draw_series(std::iter::once(Rectangle::new([(x, y0), (x + width * 0.92, v.clamp(y0, y1))], color.filled())))
+                .map_err(derr)?;
+        }
+    }
+    Ok(())
 }
 
 /// One row of legend entries (line samples and labels), centred.
@@ -265,13 +337,14 @@ fn draw_legend<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, entries: &[Ser
 }
 
 /// A horizontal colour bar from vmin to vmax with its end labels.
-fn draw_colorbar<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, (vmin, vmax): (f64, f64)) -> Result<()> {
+fn draw_colorbar<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, (vmin, vmax): (f64, f64), diverging: bool) -> Result<()> {
     let (w, h) = area.dim_in_pixel();
     let bar_w = 300i32.min(w as i32 - 120);
     let x0 = (w as i32 - bar_w) / 2;
     let (y0, y1) = (h as i32 / 2 - 7, h as i32 / 2 + 7);
     for i in 0..bar_w {
-        let c = viridis(i as f64 / (bar_w - 1).max(1) as f64);
+        let t = i as f64 / (bar_w - 1).max(1) as f64;
+        let c = if diverging { coolwarm(t) } else { viridis(t) };
         area.draw(&Rectangle::new([(x0 + i, y0), (x0 + i + 1, y1)], c.filled())).map_err(derr)?;
     }
     let right = TextStyle::from((FAMILY, 13).into_font()).pos(Pos::new(HPos::Right, VPos::Center));
@@ -291,8 +364,18 @@ fn draw_all<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, title: &str, panel
             p.len()
         }
         Panels::Heat(p, range) => {
-            draw_colorbar(&top, *range)?;
+            draw_colorbar(&top, *range, p.first().is_some_and(|x| x.diverging))?;
             p.len()
+        }
+        Panels::Bars(b) => {
+            let legend: Vec<Series> = b
+                .series
+                .iter()
+                .enumerate()
+                .map(|(j, (label, _))| Series { label: label.clone(), points: Vec::new(), color: j, dashed: false })
+                .collect();
+            draw_legend(&top, &legend)?;
+            return { draw_bars(&body, b)?; root.present().map_err(derr) };
         }
     };
     let areas = body.split_evenly(grid_shape(n));
@@ -300,6 +383,7 @@ fn draw_all<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, title: &str, panel
         match panels {
             Panels::Lines(p, _) => draw_lines(area, &p[i])?,
             Panels::Heat(p, _) => draw_heat(area, &p[i])?,
+            Panels::Bars(b) => draw_bars(area, b)?,
         }
     }
     root.present().map_err(derr)?;
@@ -342,4 +426,10 @@ pub fn heat_figure(stem: &Path, title: &str, panels: &[HeatPanel], range: (f64, 
         p
     }).collect();
     write_both(stem, title, Panels::Heat(&panels, range), size_for(panels.len(), true))
+}
+
+/// Writes `stem.png` and `stem.svg`: one panel of grouped bars, the series named in a legend.
+pub fn bar_figure(stem: &Path, title: &str, panel: &BarPanel) -> Result<()> {
+    let w = (panel.categories.len() * (panel.series.len() * 22 + 24)).max(720) as u32;
+    write_both(stem, title, Panels::Bars(panel), (w, 480))
 }

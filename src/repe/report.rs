@@ -208,6 +208,7 @@ pub fn recognition_figures(dir: &Path, r: &StudyReport) -> Result<()> {
                     vmax: 1.0,
                     x_desc: "target (test pairs)".into(),
                     y_desc: "source (vectors)".into(),
+                    diverging: false,
                 }
             })
             .collect()
@@ -343,14 +344,34 @@ pub fn markdown(r: &StudyReport) -> String {
         s,
         "Following Xu et al. (Findings of EMNLP 2024), *Exploring Multilingual Concepts of Human Values in Large Language Models*.\n"
     );
-    let _ = writeln!(s, "* Model: `{}` ({}, {} layers, hidden size {})", r.model.dir, r.model.architecture, r.model.layers, r.model.hidden);
-    let _ = writeln!(s, "* Data: `{}`; template `{}`; seed {}", r.data, r.template.replace('\n', "\\n"), r.seed);
-    let _ = writeln!(s, "* Split: {} ({}% train)", r.split, (r.train_fraction * 100.0).round());
     let _ = writeln!(
         s,
-        "* Representations: last-token hidden states at indices 1..={} (Hugging Face `output_hidden_states`); primary method `{}`; baselines `pca` and `random`",
+        "* Protocol: `{}` ({}); every number below comes from it",
+        r.protocol.name(),
+        match r.protocol {
+            super::paper::Protocol::Paper => "the paper's code: its split, RepE's signs, the max over layers on the test set; resid's per-concept layer is reported beside it",
+            super::paper::Protocol::Resid => "resid's own: SplitMix64 split, one layer per concept for every cell",
+        }
+    );
+    let _ = writeln!(s, "* Model: `{}` ({}, {} layers, hidden size {})", r.model.dir, r.model.architecture, r.model.layers, r.model.hidden);
+    let _ = writeln!(s, "* Data: `{}`; template `{}`; seed {}", r.data, r.template.replace('\n', "\\n"), r.seed);
+    match r.protocol {
+        super::paper::Protocol::Resid => {
+            let _ = writeln!(s, "* Split: {} ({}% train)", r.split, (r.train_fraction * 100.0).round());
+        }
+        super::paper::Protocol::Paper => {
+            let _ = writeln!(s, "* Split: {} (--split {}; keys in `splits.json`)", r.split, r.train_fraction);
+        }
+    }
+    let _ = writeln!(
+        s,
+        "* Representations: last-token hidden states at indices 1..={} (Hugging Face `output_hidden_states`); primary method `{}`; baselines {}",
         r.model.layers,
-        r.method.name()
+        r.method.name(),
+        match r.protocol {
+            super::paper::Protocol::Paper => "`random-labels` (the paper's) and `random` (Gaussian directions, resid's extra)",
+            super::paper::Protocol::Resid => "`pca` and `random`",
+        }
     );
     let hs = &r.timing.hidden_states;
     let _ = writeln!(
@@ -373,6 +394,12 @@ pub fn markdown(r: &StudyReport) -> String {
                 langs.push(l.clone());
             }
         }
+    }
+    if let Some(p) = &r.paper {
+        let best: Vec<(String, usize)> = r.concepts.iter().map(|c| (c.concept.clone(), c.best_layer)).collect();
+        s.push_str(&super::paper_study::markdown(p, &best));
+        let _ = writeln!(s, "## resid's per-concept view of the same run\n");
+        let _ = writeln!(s, "The sections below use the same split and vectors (protocol `{}`), reported at one layer per concept instead of the max over layers.\n", r.protocol.name());
     }
     let _ = writeln!(s, "## Recognition\n");
     let _ = writeln!(
@@ -404,7 +431,8 @@ pub fn markdown(r: &StudyReport) -> String {
     let _ = writeln!(s, "\nMean over concepts of the best-layer accuracy:\n");
     let _ = writeln!(s, "| method | {} |", langs.join(" | "));
     let _ = writeln!(s, "|---|{}", "---|".repeat(langs.len()));
-    for m in Method::ALL {
+    let methods: Vec<Method> = Method::ALL.iter().chain(&Method::PAPER).copied().filter(|m| r.overall.mean_best_accuracy.iter().any(|(_, v)| v.get(m.name()).is_some_and(|x| x.is_finite()))).fold(Vec::new(), |mut acc, m| { if !acc.contains(&m) { acc.push(m) } acc });
+    for m in methods {
         let cells: Vec<String> = langs
             .iter()
             .map(|lang| {

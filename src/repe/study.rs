@@ -8,7 +8,8 @@ use super::cache::{CacheStats, HiddenCache, Stimulus};
 use super::control::{layers_around, run_control, ControlPrompt, ControlRow, ControlSettings, ControlTask, GenerationRecord};
 use super::data::{self, apply_template, derive_seed, Pair, Split};
 use super::recognition::{accuracy_by_layer, best_layer, cross_matrix, mean};
-use super::vectors::{ConceptVectors, Method, PairReps};
+use super::paper::{self, Family, PaperSplit, Protocol};
+use super::vectors::{ConceptVectors, Method, PairReps, SignRule};
 use crate::error::{Error, Result};
 use crate::io::{write_safetensors, OutTensor, TensorData};
 use crate::backend::Backend;
@@ -62,12 +63,17 @@ pub const RANDOM_DRAWS: usize = 32;
 /// random direction; a single draw on a small test set is too noisy to compare against), and
 /// the returned vectors are the first draw.
 pub fn recognize(train: &PairReps, test: &PairReps, method: Method, layers: usize, hidden: usize, seed: u64) -> Result<MethodResult> {
-    let v = ConceptVectors::fit(method, train, layers, hidden, seed)?;
+    recognize_with(train, test, method, layers, hidden, seed, SignRule::Resid)
+}
+
+/// [`recognize`] with a sign rule (the paper's protocol uses RepE's).
+pub fn recognize_with(train: &PairReps, test: &PairReps, method: Method, layers: usize, hidden: usize, seed: u64, rule: SignRule) -> Result<MethodResult> {
+    let v = ConceptVectors::fit_with(method, train, layers, hidden, seed, rule)?;
     let mut accuracy = accuracy_by_layer(&v, test);
     let mut train_accuracy = v.train_accuracy.clone();
     if method == Method::Random {
         for draw in 1..RANDOM_DRAWS {
-            let d = ConceptVectors::fit(method, train, layers, hidden, derive_seed(seed, &format!("draw/{draw}")))?;
+            let d = ConceptVectors::fit_with(method, train, layers, hidden, derive_seed(seed, &format!("draw/{draw}")), rule)?;
             for (a, x) in accuracy.iter_mut().zip(accuracy_by_layer(&d, test)) {
                 *a += x;
             }
@@ -79,6 +85,39 @@ pub fn recognize(train: &PairReps, test: &PairReps, method: Method, layers: usiz
     }
     let (best_layer, best_accuracy) = best_layer(&accuracy);
     Ok(MethodResult { method, accuracy, train_accuracy, best_layer, best_accuracy, vectors: Some(v) })
+}
+
+/// Fits and scores `method` under `protocol`: RepE's sign rule for the paper's; for
+/// [`Method::RandomLabels`], the train pairs are first oriented by the re-shuffled labels
+/// (`flips[i]`: pair i's labels name its negative side).
+#[allow(clippy::too_many_arguments)]
+pub fn recognize_protocol(
+    train: &PairReps,
+    test: &PairReps,
+    method: Method,
+    layers: usize,
+    hidden: usize,
+    seed: u64,
+    protocol: Protocol,
+    flips: &[bool],
+) -> Result<MethodResult> {
+    let rule = match protocol {
+        Protocol::Paper => SignRule::RepE,
+        Protocol::Resid => SignRule::Resid,
+    };
+    if method != Method::RandomLabels {
+        return recognize_with(train, test, method, layers, hidden, seed, rule);
+    }
+    if flips.len() != train.len() {
+        return Err(Error::input(format!("internal: {} label swaps for {} training pairs", flips.len(), train.len())));
+    }
+    let mut oriented = train.clone();
+    for (i, &f) in flips.iter().enumerate() {
+        if f {
+            std::mem::swap(&mut oriented.pos[i], &mut oriented.neg[i]);
+        }
+    }
+    recognize_with(&oriented, test, method, layers, hidden, seed, rule)
 }
 
 /// Writes concept vectors in the foundation's vector format (plus signs, train accuracy and
@@ -144,6 +183,90 @@ pub struct StudyConfig {
     pub batch_tokens: usize,
     pub figures: bool,
     pub quiet: bool,
+    /// Which computation: the paper's (default of `resid study`) or resid's own.
+    pub protocol: Protocol,
+    /// The paper's `--split F` (0.8: its default); only with the paper's protocol.
+    pub split: f64,
+    /// The paper's per-family settings (languages, order, high-resource set).
+    pub family: Family,
+    /// Where the family came from, for the report (e.g. "config.json model_type `llama`").
+    pub family_source: String,
+    /// lang2vec distances for Table 1 (paper protocol).
+    pub lang2vec: Option<PathBuf>,
+}
+
+impl StudyConfig {
+    /// A configuration with resid's defaults for everything but the paths and the template.
+    pub fn new(data: PathBuf, out: PathBuf, template: String) -> Self {
+        StudyConfig {
+            data,
+            concepts: None,
+            langs: None,
+            out,
+            cache: None,
+            template,
+            seed: 0,
+            method: Method::MeanDiff,
+            groups: ResourceGroups::default(),
+            lang_similarity: None,
+            control: None,
+            batch_tokens: crate::engine::DEFAULT_BATCH_TOKENS,
+            figures: true,
+            quiet: true,
+            protocol: Protocol::Resid,
+            split: data::TRAIN_FRACTION,
+            family: Family::Other,
+            family_source: String::new(),
+            lang2vec: None,
+        }
+    }
+}
+
+/// The protocol-dependent settings every face resolves the same way.
+#[derive(Debug, Clone)]
+pub struct ProtocolSettings {
+    pub protocol: Protocol,
+    pub family: Family,
+    pub family_source: String,
+    /// `template`, else the family's with the paper's protocol, else `{input}`.
+    pub template: String,
+    /// `seed`, else 1 (the paper's) or 0 (resid's).
+    pub seed: u64,
+    /// The family's high-resource set with the paper's protocol (low: every other language),
+    /// resid's defaults otherwise; `high` / `low` override.
+    pub groups: ResourceGroups,
+}
+
+impl ProtocolSettings {
+    pub fn resolve(
+        model_dir: &Path,
+        protocol: Protocol,
+        family: Option<&str>,
+        template: Option<&str>,
+        seed: Option<u64>,
+        high: Option<Vec<String>>,
+        low: Option<Vec<String>>,
+    ) -> Result<Self> {
+        let (family, family_source) = paper::resolve_family(model_dir, family)?;
+        let template = match (template, protocol) {
+            (Some(t), _) => t.to_owned(),
+            (None, Protocol::Paper) => family.template().to_owned(),
+            (None, Protocol::Resid) => "{input}".to_owned(),
+        };
+        data::check_template(&template)?;
+        let seed = seed.unwrap_or(if protocol == Protocol::Paper { paper::PAPER_SEED } else { 0 });
+        let mut groups = ResourceGroups::default();
+        if protocol == Protocol::Paper {
+            groups = ResourceGroups { high: family.high(), low: Vec::new() };
+        }
+        if let Some(h) = high {
+            groups.high = h;
+        }
+        if let Some(l) = low {
+            groups.low = l;
+        }
+        Ok(ProtocolSettings { protocol, family, family_source, template, seed, groups })
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -221,11 +344,14 @@ pub struct Overall {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StudyReport {
     pub resid_version: String,
+    /// The protocol that produced every number of `concepts` and `paper`.
+    pub protocol: Protocol,
     pub model: ModelInfo,
     pub data: String,
     pub template: String,
     pub seed: u64,
     pub method: Method,
+    /// resid: the train fraction; paper: its `--split` (a fraction ≤ 0.8 or a train count ≥ 1).
     pub train_fraction: f64,
     pub split: String,
     pub resource_groups: ResourceGroups,
@@ -233,13 +359,17 @@ pub struct StudyReport {
     pub concepts: Vec<ConceptResult>,
     pub overall: Overall,
     pub control: Option<ControlReport>,
+    /// The paper's aggregates (with `--protocol paper`).
+    pub paper: Option<super::paper_study::PaperResult>,
     pub timing: Timing,
 }
 
-struct LangData {
-    lang: String,
-    file: PathBuf,
-    split: Split,
+pub(crate) struct LangData {
+    pub(crate) lang: String,
+    pub(crate) file: PathBuf,
+    pub(crate) split: Split,
+    /// The paper's split (train and test in its order, the random baseline's label swaps).
+    pub(crate) paper: Option<PaperSplit>,
 }
 
 fn load_data(cfg: &StudyConfig) -> Result<Vec<(String, Vec<LangData>)>> {
@@ -265,19 +395,31 @@ fn load_data(cfg: &StudyConfig) -> Result<Vec<(String, Vec<LangData>)>> {
     let mut out = Vec::new();
     for c in concepts {
         let available = &found.iter().find(|f| f.0 == c).map(|f| f.1.clone()).unwrap_or_default();
-        let langs: Vec<String> = match &cfg.langs {
-            Some(l) => l.clone(),
-            None => available.clone(),
+        let langs: Vec<String> = match (&cfg.langs, cfg.protocol) {
+            (Some(l), _) => l.clone(),
+            (None, Protocol::Resid) => available.clone(),
+            // The family's languages in its order (`utils.get_new_langs`).
+            (None, Protocol::Paper) => cfg.family.order_langs(available),
         };
         let mut per = Vec::new();
         for lang in langs {
             let file = data::mvalue_path(&cfg.data, &c, &lang);
+            paper::check_language(&lang, &cfg.groups.high, &cfg.groups.low, &file.display().to_string())?;
             let pairs = data::load_mvalue(&cfg.data, &c, &lang)?;
-            let split = data::split_pairs(pairs, cfg.seed, data::TRAIN_FRACTION);
+            let (split, paper_split) = match cfg.protocol {
+                Protocol::Resid => (data::split_pairs(pairs, cfg.seed, data::TRAIN_FRACTION), None),
+                Protocol::Paper => {
+                    let p = paper::paper_split(pairs, cfg.split, cfg.seed);
+                    (p.as_split(), Some(p))
+                }
+            };
             if split.train.is_empty() {
-                return Err(Error::input(format!("{}: no training pairs left after dropping identical pairs", file.display())));
+                return Err(Error::input(format!("{}: no training pairs left after dropping identical pairs and splitting", file.display())));
             }
-            per.push(LangData { lang, file, split });
+            if split.test.is_empty() {
+                return Err(Error::input(format!("{}: no test pairs left after dropping identical pairs", file.display())));
+            }
+            per.push(LangData { lang, file, split, paper: paper_split });
         }
         out.push((c, per));
     }
@@ -308,6 +450,16 @@ pub fn check_inputs(cfg: &StudyConfig) -> Result<()> {
     if let Some(p) = &cfg.lang_similarity {
         LangSimilarity::read(p)?;
     }
+    if let Some(p) = &cfg.lang2vec {
+        paper::LangDistances::read(p)?;
+    }
+    match cfg.protocol {
+        Protocol::Paper => paper::check_split(cfg.split)?,
+        Protocol::Resid if cfg.split != data::TRAIN_FRACTION => {
+            return Err(Error::input(format!("--split {}: only with --protocol paper (resid's split is fixed at 80/20)", cfg.split)))
+        }
+        Protocol::Resid => {}
+    }
     load_data(cfg)?;
     if cfg.out.exists() && !cfg.out.is_dir() {
         return Err(Error::input(format!("{}: exists and is not a directory", cfg.out.display())));
@@ -315,9 +467,9 @@ pub fn check_inputs(cfg: &StudyConfig) -> Result<()> {
     Ok(())
 }
 
-struct Analysis {
-    datasets: Vec<(String, Vec<LangData>)>,
-    concepts: Vec<ConceptResult>,
+pub(crate) struct Analysis {
+    pub(crate) datasets: Vec<(String, Vec<LangData>)>,
+    pub(crate) concepts: Vec<ConceptResult>,
     stats: CacheStats,
     model: ModelInfo,
     seconds: f64,
@@ -347,9 +499,17 @@ fn analyse<B: Backend>(engine: &Engine<B>, cfg: &StudyConfig, sim: Option<&LangS
             let train = reps(&cache, &ld.split.train, &cfg.template)?;
             let test = reps(&cache, &ld.split.test, &cfg.template)?;
             let mut methods = Vec::new();
-            for m in Method::ALL {
+            let all: &[Method] = match cfg.protocol {
+                Protocol::Resid => &Method::ALL,
+                Protocol::Paper => &Method::PAPER,
+            };
+            for &m in all {
                 let seed = derive_seed(cfg.seed, &format!("{}/{concept}/{}", m.name(), ld.lang));
-                methods.push(recognize(&train, &test, m, layers, hidden, seed)?);
+                let flips = match &ld.paper {
+                    Some(p) => p.random_flip.clone(),
+                    None => paper::explicit_flips(cfg.seed, train.len()),
+                };
+                methods.push(recognize_protocol(&train, &test, m, layers, hidden, seed, cfg.protocol, &flips)?);
             }
             tests.push(test);
             lang_results.push(LangResult {
@@ -430,6 +590,10 @@ fn study_inner<B: Backend>(engine: &Engine<B>, cfg: &StudyConfig) -> Result<Stud
     data::check_template(&cfg.template)?;
     let sim = cfg.lang_similarity.as_deref().map(LangSimilarity::read).transpose()?;
     let a = analyse(engine, cfg, sim.as_ref())?;
+    let paper_result = match cfg.protocol {
+        Protocol::Paper => Some(super::paper_study::paper_result(cfg, &a)?),
+        Protocol::Resid => None,
+    };
 
     // 3. Control.
     let control_started = std::time::Instant::now();
@@ -442,18 +606,23 @@ fn study_inner<B: Backend>(engine: &Engine<B>, cfg: &StudyConfig) -> Result<Stud
     let overall = overall(&a.concepts);
     let mut report = StudyReport {
         resid_version: env!("CARGO_PKG_VERSION").into(),
+        protocol: cfg.protocol,
         model: a.model,
         data: cfg.data.display().to_string(),
         template: cfg.template.clone(),
         seed: cfg.seed,
         method: cfg.method,
-        train_fraction: data::TRAIN_FRACTION,
-        split: SPLIT_DESCRIPTION.into(),
+        train_fraction: if cfg.protocol == Protocol::Paper { cfg.split } else { data::TRAIN_FRACTION },
+        split: match cfg.protocol {
+            Protocol::Resid => SPLIT_DESCRIPTION.into(),
+            Protocol::Paper => PAPER_SPLIT_DESCRIPTION.into(),
+        },
         resource_groups: cfg.groups.clone(),
         lang_similarity: cfg.lang_similarity.as_ref().map(|p| p.display().to_string()),
         concepts: a.concepts,
         overall,
         control,
+        paper: paper_result,
         timing: Timing { hidden_states: a.stats, analysis_seconds: a.seconds, control_seconds, total_seconds: 0.0 },
     };
     for sub in ["tables", "figures"] {
@@ -461,8 +630,15 @@ fn study_inner<B: Backend>(engine: &Engine<B>, cfg: &StudyConfig) -> Result<Stud
         std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
     }
     super::report::write_tables(&cfg.out.join("tables"), &report)?;
+    if let Some(p) = &report.paper {
+        super::paper_study::write_splits(&cfg.out.join("splits.json"), &a.datasets)?;
+        super::paper_study::write_tables(&cfg.out.join("tables"), p)?;
+    }
     if cfg.figures {
         super::report::recognition_figures(&cfg.out.join("figures"), &report)?;
+        if let Some(p) = &report.paper {
+            super::paper_study::figures(&cfg.out.join("figures"), p)?;
+        }
         if let Some(c) = &report.control {
             super::report::control_figures(&cfg.out.join("figures"), c)?;
         }
@@ -513,6 +689,9 @@ fn control_only_inner<B: Backend>(engine: &Engine<B>, cfg: &StudyConfig) -> Resu
     Ok(report)
 }
 
+/// How the paper's split is made (recorded in reports).
+pub const PAPER_SPLIT_DESCRIPTION: &str = "the paper's utils.read_data: pairs with pos == neg dropped, keys group|id in file order, CPython random.seed(seed) and random.shuffle, first floor(0.8 n) train (or --split), last n - floor(0.8 n) test";
+
 /// How the split is made (recorded in reports).
 pub const SPLIT_DESCRIPTION: &str = "keys (group, id) sorted naturally, Fisher-Yates shuffled with SplitMix64(seed), first round(0.8 n) train; identical pairs dropped after the split";
 
@@ -539,6 +718,7 @@ fn overall(concepts: &[ConceptResult]) -> Overall {
         .map(|lang| {
             let per: HashMap<String, f64> = Method::ALL
                 .iter()
+                .chain(&Method::PAPER)
                 .map(|&m| {
                     let v = mean(
                         concepts

@@ -33,6 +33,20 @@ pub enum Method {
     Pca,
     #[serde(rename = "random")]
     Random,
+    /// The paper's random baseline: cluster means on training labels shuffled within each pair
+    /// (the caller orients the pairs by those labels).
+    #[serde(rename = "random-labels")]
+    RandomLabels,
+}
+
+/// How a direction's sign is chosen on the training pairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignRule {
+    /// resid: the majority of pairs; a tied vote goes by the summed separation.
+    Resid,
+    /// RepE's `get_signs`: −1 when more pairs have their positive side at the minimum than at
+    /// the maximum (a tied pair counts for both), else +1.
+    RepE,
 }
 
 impl std::str::FromStr for Method {
@@ -41,8 +55,9 @@ impl std::str::FromStr for Method {
         match s {
             "mean-diff" | "mean_diff" | "cluster_mean" | "cluster-mean" => Ok(Method::MeanDiff),
             "pca" => Ok(Method::Pca),
-            "random" => Ok(Method::Random),
-            other => Err(Error::input(format!("unknown method `{other}` (expected mean-diff, pca or random)"))),
+            "random" | "gaussian" => Ok(Method::Random),
+            "random-labels" => Ok(Method::RandomLabels),
+            other => Err(Error::input(format!("unknown method `{other}` (expected mean-diff, pca, random or random-labels)"))),
         }
     }
 }
@@ -53,10 +68,14 @@ impl Method {
             Method::MeanDiff => "mean-diff",
             Method::Pca => "pca",
             Method::Random => "random",
+            Method::RandomLabels => "random-labels",
         }
     }
 
     pub const ALL: [Method; 3] = [Method::MeanDiff, Method::Pca, Method::Random];
+    /// The paper protocol's methods: cluster mean, its random baseline, and the Gaussian
+    /// directions as an extra.
+    pub const PAPER: [Method; 3] = [Method::MeanDiff, Method::RandomLabels, Method::Random];
 }
 
 /// Hidden states of a set of pairs: `pos[i]` and `neg[i]` are `[L, hidden]` (row l-1 = index l).
@@ -103,6 +122,11 @@ impl ConceptVectors {
 
     /// Fits directions on training pairs.
     pub fn fit(method: Method, train: &PairReps, layers: usize, hidden: usize, seed: u64) -> Result<Self> {
+        Self::fit_with(method, train, layers, hidden, seed, SignRule::Resid)
+    }
+
+    /// Fits directions with the given sign rule.
+    pub fn fit_with(method: Method, train: &PairReps, layers: usize, hidden: usize, seed: u64, rule: SignRule) -> Result<Self> {
         if train.is_empty() {
             return Err(Error::input("no training pairs to compute concept vectors from"));
         }
@@ -117,7 +141,7 @@ impl ConceptVectors {
         };
         for l in 1..=layers {
             let raw: Vec<f32> = match method {
-                Method::MeanDiff => mean_diff(train, l, hidden),
+                Method::MeanDiff | Method::RandomLabels => mean_diff(train, l, hidden),
                 Method::Pca => pca_direction(train, l, hidden, derive_seed(seed, &format!("pca/{l}"))),
                 Method::Random => {
                     let mut rng = SplitMix64::new(derive_seed(seed, &format!("random/{l}")));
@@ -134,7 +158,11 @@ impl ConceptVectors {
                 }
                 summed += pp - pn;
             }
-            let sign = if less > more || (less == more && summed < 0.0) { -1.0f32 } else { 1.0 };
+            let sign = match rule {
+                SignRule::Resid if less > more || (less == more && summed < 0.0) => -1.0f32,
+                SignRule::RepE if less > more => -1.0,
+                _ => 1.0,
+            };
             let dir: Vec<f32> = raw.iter().map(|v| v * sign).collect();
             let acc = pair_accuracy(&dir, train, l, hidden);
             let sep: f64 = train
@@ -327,6 +355,8 @@ pub fn from_moments(method: Method, layers: usize, hidden: usize, mean: &[Option
                 let mut rng = SplitMix64::new(derive_seed(seed, &format!("random/{l}")));
                 unit(&(0..hidden).map(|_| rng.gaussian()).collect::<Vec<_>>())
             }
+            // Shuffled labels need each pair's difference, which the statistics no longer hold.
+            Method::RandomLabels => return Err(Error::input("random-labels needs the pairs themselves: statistics hold only their sums (use mean-diff, pca or random)")),
         };
         let separation: f64 = raw.iter().zip(m).map(|(&u, &d)| u as f64 * d).sum();
         let sign = if separation < 0.0 { -1.0f32 } else { 1.0 };
