@@ -47,14 +47,14 @@
 //   if s >= 0:
 //     v = steer_table[s].vec[0:H], c = steer_table[s].coef, m = steer_table[s].mode
 //     n0 = sqrtf(sum_i h_i^2)                      (only needed if m & 2)
-//     k  = (m & 1) ? c * sign(sum_i h_i * v_i) : c (sign(0) = 0)
+//     k  = (m & 1) ? |c| * sign(sum_i h_i * v_i) : c (sign(0) = 0)
 //     h_i = fmaf(k, v_i, h_i)
 //     if m & 2: n1 = sqrtf(sum_i h_i^2); if n1 > 0: h_i = h_i * (n0 / n1)
 //     resid[t, :] = h                              (row written only if s >= 0)
 //   r = capture_row[t]; if r >= 0: capture_buf[r, :] = h
 //   if norm_out: norm_out[t, :] = RMSNorm/LayerNorm(h) as in rownorm.cuh
-// (The RepE sign-aware operator with a coefficient folded into the vector
-// would use sign(dot(h, c*v)); here the sign is of dot(h, v) by spec.)
+// (RepE's piecewise_linear adds c*v*sign(dot(h, c*v)) = |c|*v*sign(dot(h, v)):
+// with c < 0 the row still moves away from dot(h, v) = 0.)
 #include "rownorm.cuh"
 
 struct __align__(16) steer_slot_t {
@@ -101,7 +101,7 @@ __device__ __forceinline__ void fused_residual_body(
             }
             block_sum2(n0sq, dot);
         }
-        const float k = sign_aware ? c * resid_signf(dot) : c;
+        const float k = sign_aware ? fabsf(c) * resid_signf(dot) : c;
         float n1sq = 0.0f;
 #pragma unroll
         for (int it = 0; it < RESID_ROW_QUADS; ++it) {

@@ -570,7 +570,7 @@ def make_steer_hook(vec: torch.Tensor, coef: float, mode: str):
         if mode == "add":
             new = h + coef * v
         elif mode == "pw":
-            sign = torch.sign((h * v).sum(-1, keepdim=True))
+            sign = torch.sign((h * (coef * v)).sum(-1, keepdim=True))  # RepE piecewise_linear
             new = h + coef * v * sign
         elif mode == "norm":
             norm_pre = torch.norm(h, dim=-1, keepdim=True)
@@ -1080,7 +1080,7 @@ def apply_steer_np(h, v, coef, mode):
     if mode == "add":
         return h + coef * v
     if mode == "pw":
-        return h + coef * v * np.sign(h @ v)[:, None]
+        return h + coef * v * np.sign(h @ (coef * v))[:, None]  # RepE piecewise_linear
     if mode == "norm":
         new = h + coef * v
         return new * (np.linalg.norm(h, axis=-1, keepdims=True) / np.linalg.norm(new, axis=-1, keepdims=True))
@@ -1170,7 +1170,7 @@ def do_qwen_chat(name: str, rebuild: bool):
         "hidden_size": H,
         "vocab_size": V,
         "steer": {"coef": float(coef), "layers": list(layers), "seed": 2000 + spec["seed"],
-                  "modes": {"add": "h + coef*v", "pw": "h + coef*v*sign(<h,v>)",
+                  "modes": {"add": "h + coef*v", "pw": "h + coef*v*sign(<h,coef*v>)",
                             "norm": "(h + coef*v) * ||h|| / ||h + coef*v||"},
                   "applied_to": "output of decoder block l-1 for each l in layers, every position"},
         "greedy": "argmax loop with full recomputation at every step (no KV cache), no EOS stop",
@@ -1286,7 +1286,7 @@ def run_model(name, model, prompts_ids, prompt_texts, steer_layers, steer_coef, 
         "hidden_size": H,
         "vocab_size": V,
         "steer": {"coef": float(steer_coef), "layers": list(steer_layers), "seed": steer_seed,
-                  "modes": {"add": "h + coef*v", "pw": "h + coef*v*sign(<h,v>)",
+                  "modes": {"add": "h + coef*v", "pw": "h + coef*v*sign(<h,coef*v>)",
                             "norm": "(h + coef*v) * ||h|| / ||h + coef*v||"},
                   "applied_to": "output of decoder block l-1 for each l in layers, every position"},
         "tensors": sorted(tensors.keys()),

@@ -80,7 +80,7 @@ class Steering:
     `directions` is an array `[L+1, hidden]` (row l acts at hidden-state index l, i.e. on the
     output of decoder block l-1; row 0 is the embeddings) of any float dtype, or a dict
     `{layer: vector}` (rows the model has beyond those given are zero). `layers` defaults to
-    every row that is not all zero. `op` is "add" (h + c·v) or "piecewise" (h + c·v·sign(⟨h, v⟩));
+    every row that is not all zero. `op` is "add" (h + c·v) or "piecewise" (RepE: h + c·v·sign(⟨h, c·v⟩));
     `positions` is "all", "prompt" or "generated"; `preserve_norm` rescales each steered row
     back to its norm. NaN or Inf anywhere in the directions raises `InputError`.
     """

@@ -160,7 +160,7 @@ struct SteerArgs {
     /// Hidden-state indices to steer (steering at l changes the output of block l-1), e.g. 10-15.
     #[arg(long)]
     steer_layers: Option<String>,
-    /// add (h + c·v) or piecewise (h + c·v·sign(⟨h,v⟩)).
+    /// add (h + c·v) or piecewise (RepE: h + c·v·sign(⟨h,c·v⟩) = h + |c|·v·sign(⟨h,v⟩)).
     #[arg(long, default_value = "add")]
     steer_op: String,
     /// Rescale each steered row back to its norm before steering.

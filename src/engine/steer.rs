@@ -7,7 +7,7 @@ use std::sync::Arc;
 pub enum SteerOp {
     /// h + c·v (RepE `linear_comb`).
     Add,
-    /// h + c·v·sign(⟨h, v⟩) (RepE `piecewise_linear`).
+    /// h + c·v·sign(⟨h, c·v⟩) = h + |c|·v·sign(⟨h, v⟩) (RepE `piecewise_linear`).
     SignAware,
 }
 
