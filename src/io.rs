@@ -388,6 +388,39 @@ pub fn read_directions(path: &Path, num_layers: usize, hidden: usize) -> Result<
     parse_directions(&bytes, &path.display().to_string(), num_layers, hidden)
 }
 
+/// A steering file for `targets`: a safetensors file with `directions` (`[L+1, hidden]`, needed
+/// when a target is a hidden-state index) and, for each point inside a block, a tensor named by
+/// the point (`blocks.3.hook_mlp_out` `[hidden]`, `blocks.3.hook_z` `[heads·head_dim]`).
+pub fn read_steering_file(path: &Path, targets: &[crate::engine::steer::SteerTarget], g: crate::engine::steer::SteerGeometry) -> Result<crate::engine::steer::Steering> {
+    use crate::engine::steer::{SteerTarget, Steering};
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let file = path.display().to_string();
+    let directions = if targets.iter().any(|t| matches!(t, SteerTarget::Index(_))) {
+        parse_directions(&bytes, &file, g.num_layers, g.hidden)?.data
+    } else {
+        // Only points inside blocks: `directions` may be absent, but the file must parse.
+        SafeTensors::deserialize(&bytes).map_err(|e| Error::input(format!("{file}: not a valid safetensors file: {e}")))?;
+        Vec::new()
+    };
+    let mut failure = None;
+    let s = Steering::for_targets(std::sync::Arc::new(directions), targets, g, &file, |name| match f32_tensor_from_bytes(&bytes, &file, name) {
+        Ok(t) if t.shape.len() == 1 => Some(t.data),
+        Ok(t) => {
+            failure = Some(Error::input(format!("{file}: tensor `{name}` has shape {:?}, expected one vector", t.shape)));
+            None
+        }
+        Err(e) => {
+            failure = Some(e);
+            None
+        }
+    });
+    match (s, failure) {
+        (Ok(s), _) => Ok(s),
+        (Err(_), Some(e)) => Err(e),
+        (Err(e), None) => Err(e),
+    }
+}
+
 /// As [`read_directions`] on the bytes of a safetensors file; `file` names it in errors.
 pub fn parse_directions(bytes: &[u8], file: &str, num_layers: usize, hidden: usize) -> Result<LoadedTensor> {
     let t = f32_tensor_from_bytes(bytes, file, "directions")?;

@@ -110,6 +110,7 @@ fn steering(e: &CpuEngine, layers: Vec<usize>, coef: f32, op: SteerOp, positions
         directions: Arc::new(pseudo_random((e.num_layers() + 1) * h, 99, 1.0)),
         hidden: h,
         layers,
+        sites: Vec::new(),
         coef,
         op,
         preserve_norm: false,

@@ -37,6 +37,7 @@ impl Steering {
             directions: table,
             hidden: self.hidden,
             layers: self.layers.clone(),
+            sites: Vec::new(),
             coef: self.coef,
             op: self.op,
             preserve_norm: self.preserve_norm,

@@ -425,6 +425,7 @@ fn all_layer_steering<B: Backend>(e: &Engine<B>) -> Arc<Steering> {
         directions: Arc::new(pseudo((l + 1) * h, 77)),
         hidden: h,
         layers: (0..=l).collect(),
+        sites: Vec::new(),
         coef: 1.0,
         op: SteerOp::Add,
         preserve_norm: false,

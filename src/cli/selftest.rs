@@ -148,6 +148,7 @@ fn mixed_steering(spec: &RandomLlama, n: usize, seed: u64, sign_aware: bool) -> 
             directions: Arc::new(pseudo_random((n_layers + 1) * spec.hidden, seed, 1.0)),
             hidden: spec.hidden,
             layers,
+            sites: Vec::new(),
             // A negative coefficient for the sign-aware entry: RepE's |c|·v·sign(⟨h, v⟩).
             coef: if op == SteerOp::SignAware { -2.0 } else { 2.0 },
             op,

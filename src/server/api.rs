@@ -500,6 +500,11 @@ pub fn parse_chat(body: &[u8], limits: &Limits) -> ApiResult<GenParams> {
     common(&f, input, limits, true)
 }
 
+/// The points a `layers` string names (`resid extract --layers` syntax).
+fn points_of(s: &str, limits: &Limits) -> ApiResult<Vec<CapturePoint>> {
+    crate::engine::capture::parse_points(s, limits.num_layers).map_err(|e| ApiError::invalid("layers", format!("`layers`: {e}")))
+}
+
 /// `POST /v1/hidden_states`.
 pub fn parse_hidden_states(body: &[u8], limits: &Limits) -> ApiResult<HiddenParams> {
     let m = parse_object(body)?;
@@ -508,26 +513,18 @@ pub fn parse_hidden_states(body: &[u8], limits: &Limits) -> ApiResult<HiddenPara
     let inputs = prompts(input, "input", limits)?;
     let points = match f.get("layers") {
         None => (0..=limits.num_layers).map(CapturePoint::Hidden).collect(),
-        Some(Value::String(s)) => {
-            let raw = s.split(',').any(|p| p.trim() == "raw");
-            let rest: Vec<&str> = s.split(',').filter(|p| p.trim() != "raw").collect();
+        Some(Value::String(s)) => points_of(s, limits)?,
+        Some(Value::Array(items)) => {
             let mut points = Vec::new();
-            if !rest.iter().all(|p| p.trim().is_empty()) {
-                points.extend(layer_list(&Value::String(rest.join(",")), "layers", limits.num_layers)?.into_iter().map(CapturePoint::Hidden));
-            }
-            if raw {
-                points.push(CapturePoint::LastBlockRaw);
+            for x in items {
+                match x {
+                    Value::String(s) => points.extend(points_of(s, limits)?),
+                    _ => points.push(CapturePoint::Hidden(layer_list(x, "layers", limits.num_layers)?[0])),
+                }
             }
             points
         }
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|x| match x {
-                Value::String(s) if s == "raw" => Ok(CapturePoint::LastBlockRaw),
-                _ => Ok(CapturePoint::Hidden(layer_list(x, "layers", limits.num_layers)?[0])),
-            })
-            .collect::<ApiResult<_>>()?,
-        Some(_) => return Err(f.bad("layers", "a list of layer indices (and \"raw\") or a string like \"0,5,10-12,raw\"")),
+        Some(_) => return Err(f.bad("layers", "a list of layer indices and point names (\"raw\", \"blocks.3.hook_mlp_out\") or a string like \"0,5,10-12,raw\"")),
     };
     if points.is_empty() {
         return Err(ApiError::invalid("layers", "`layers` names no layer"));

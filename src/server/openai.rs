@@ -2,7 +2,7 @@
 //! states, steering vectors, health and metrics.
 use super::api::{self, ApiError, ApiResult, GenParams, Input, PromptInput, SteerEntry, VectorSource};
 use super::{api_error, App, Command, QueueTicket};
-use crate::engine::capture::{CapturePoint, CapturePosition, CaptureSpec, Captured};
+use crate::engine::capture::{CapturePosition, CaptureSpec, Captured};
 use crate::engine::generate::FinishReason;
 use crate::engine::sample::Sampling;
 use crate::engine::steer::{SteerOp, Steering};
@@ -70,7 +70,7 @@ fn resolve_steering(app: &App, entries: &[SteerEntry]) -> ApiResult<Option<Arc<S
     }
     let steering = if parts.len() == 1 {
         let (table, layers, e) = parts.remove(0);
-        Steering { directions: table, hidden, layers, coef: e.coef, op: e.op, preserve_norm: e.preserve_norm, positions: e.positions }
+        Steering { directions: table, hidden, layers, sites: Vec::new(), coef: e.coef, op: e.op, preserve_norm: e.preserve_norm, positions: e.positions }
     } else {
         let first = parts[0].2;
         if parts.iter().any(|(_, _, e)| e.op != SteerOp::Add || e.preserve_norm || e.positions != first.positions) {
@@ -89,7 +89,7 @@ fn resolve_steering(app: &App, entries: &[SteerEntry]) -> ApiResult<Option<Arc<S
             }
         }
         layers.sort_unstable();
-        Steering { directions: Arc::new(sum), hidden, layers, coef: 1.0, op: SteerOp::Add, preserve_norm: false, positions: first.positions }
+        Steering { directions: Arc::new(sum), hidden, layers, sites: Vec::new(), coef: 1.0, op: SteerOp::Add, preserve_norm: false, positions: first.positions }
     };
     steering.validate(num_layers, hidden).map_err(|e| api_error(&e, "steering"))?;
     Ok(Some(Arc::new(steering)))
@@ -639,7 +639,7 @@ async fn hidden_states_inner(app: &Arc<App>, headers: &HeaderMap, body: Result<B
         let row = i / (captured.points * captured.hidden).max(1);
         return Err(ApiError::status(500, "server_error", format!("captured activations contain NaN or Inf (row {row})")));
     }
-    let layers: Vec<i64> = p.points.iter().map(|pt| match pt { CapturePoint::Hidden(l) => *l as i64, CapturePoint::LastBlockRaw => -1 }).collect();
+    let layers: Vec<i64> = crate::store::extract::layer_ids(&CaptureSpec { points: p.points.clone(), position: p.position });
     let shape = vec![captured.rows, captured.points, captured.hidden];
     let offsets: Option<Vec<i64>> = (p.position == CapturePosition::All).then(|| captured.offsets.iter().map(|&o| o as i64).collect());
     let binary = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("application/octet-stream"));

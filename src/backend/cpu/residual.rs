@@ -88,6 +88,15 @@ pub fn steer_rows(x: &mut [f32], hidden: usize, st: &PointSteering) {
     }
 }
 
+/// `x += y`, element by element.
+pub fn add_rows(x: &mut [f32], y: &[f32]) {
+    if x.len() < PAR_MIN_VALUES {
+        x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+    } else {
+        x.par_chunks_mut(4096).zip(y.par_chunks(4096)).for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+    }
+}
+
 /// RMS-normalises every row of `x` into `normed`.
 pub fn norm_rows(x: &[f32], hidden: usize, norm: &[f32], eps: f32, normed: &mut [f32]) {
     if x.len() < PAR_MIN_VALUES {
