@@ -210,3 +210,25 @@ fn cli_points_metadata_steer_files_and_bad_input() {
     one_line_error(&base("blocks.1.hook_mlp_out", &narrow, &fresh("x3.safetensors")), "has 48 values, the point is 64 wide");
     one_line_error(&base("blocks.5.hook_mlp_out", &good, &fresh("x4.safetensors")), "beyond the model");
 }
+
+/// Capturing points inside blocks changes no other captured value, bit for bit, on the CPU: the
+/// branch is added into the residual in the order the projection's GEMM epilogue adds it.
+#[test]
+fn capturing_inside_blocks_leaves_every_other_point_unchanged() {
+    let e = CpuEngine::load(&root().join("tests/fixtures/models/tiny-llama-gqa")).unwrap();
+    let l = e.num_layers();
+    let seqs: Vec<Vec<u32>> = vec![(0..9).map(|i| (i * 37 + 5) % 256).collect(), (0..4).map(|i| (i * 11 + 3) % 256).collect()];
+    let indices: Vec<CapturePoint> = (0..=l).map(CapturePoint::Hidden).chain([CapturePoint::LastBlockRaw]).collect();
+    for position in [CapturePosition::Last, CapturePosition::Mean, CapturePosition::All] {
+        let plain = e.extract(&seqs, &CaptureSpec { points: indices.clone(), position }, &[None, None], 4096, |_, _| {}).unwrap();
+        let mut points = indices.clone();
+        points.extend((0..l).flat_map(|b| Site::ALL.map(|s| CapturePoint::Block(b, s))));
+        let spec = CaptureSpec { points, position };
+        let with = e.extract(&seqs, &spec, &[None, None], 4096, |_, _| {}).unwrap();
+        for r in 0..plain.rows {
+            for slot in 0..indices.len() {
+                assert_eq!(plain.row(r, slot), with.row(r, slot), "{position:?}: row {r}, point {:?}", indices[slot]);
+            }
+        }
+    }
+}

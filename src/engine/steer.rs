@@ -199,8 +199,7 @@ impl Steering {
             };
             let name = format!("blocks.{l}.{}", site.hook());
             let width = if site == Site::Z { z_width } else { g.hidden };
-            let mut v = tensor(&name)
-                .ok_or_else(|| Error::input(format!("{file}: no tensor `{name}` for steering point {name}")))?;
+            let mut v = tensor(&name).ok_or_else(|| Error::input(format!("{file}: no tensor `{name}` for the steering point")))?;
             if v.len() != width {
                 return Err(Error::input(format!(
                     "{file}: tensor `{name}` has {} values, the point is {width} wide{}",

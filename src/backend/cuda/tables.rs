@@ -258,7 +258,7 @@ mod tests {
         // Two sequences: 2 new tokens after 0 cached, 3 after 4 cached.
         let plan = BatchPlan::new(&[2, 3], &[0, 4], &[0, 10]);
         for position in [CapturePosition::Last, CapturePosition::All, CapturePosition::Mean] {
-            let (l, img) = build(&plan, &[0.5, 0.25], Some(CaptureLayout { slots: 3, position }), &[], 8, |_| unreachable!()).unwrap();
+            let (l, img) = build(&plan, &[0.5, 0.25], Some(CaptureLayout { slots: 3, position, width: 8 }), &[], 8, |_| unreachable!()).unwrap();
             let b = img.finish(0);
             assert!([l.positions, l.kv_slot, l.cu_seqlens, l.kv_start, l.kv_len].iter().all(|o| o.is_multiple_of(ALIGN)));
             assert_eq!((0..5).map(|k| i32_at(&b, l.positions, k)).collect::<Vec<_>>(), [0, 1, 4, 5, 6]);
