@@ -226,8 +226,8 @@ fn capturing_inside_blocks_leaves_every_other_point_unchanged() {
         let spec = CaptureSpec { points, position };
         let with = e.extract(&seqs, &spec, &[None, None], 4096, |_, _| {}).unwrap();
         for r in 0..plain.rows {
-            for slot in 0..indices.len() {
-                assert_eq!(plain.row(r, slot), with.row(r, slot), "{position:?}: row {r}, point {:?}", indices[slot]);
+            for (slot, point) in indices.iter().enumerate() {
+                assert_eq!(plain.row(r, slot), with.row(r, slot), "{position:?}: row {r}, point {point:?}");
             }
         }
     }

@@ -154,7 +154,7 @@ fn parse_position(p: &str) -> PyResult<CapturePosition> {
 }
 
 fn steering_for<B: Backend>(engine: &Engine<B>, s: Option<&Bound<'_, PySteering>>) -> PyResult<Option<Arc<Steering>>> {
-    s.map(|s| s.get().for_model(engine.num_layers(), engine.hidden_size()).map(Arc::new)).transpose().map_err(to_py)
+    s.map(|s| s.get().for_model(engine.steer_geometry()).map(Arc::new)).transpose().map_err(to_py)
 }
 
 fn numpy_rows<'py>(py: Python<'py>, data: Vec<f32>, rows: usize, points: usize, hidden: usize) -> PyResult<Bound<'py, PyAny>> {

@@ -310,7 +310,9 @@ impl<B: Backend> Engine<B> {
                             None => branch.insert(be.scratch_act(rows, h, ActKind::Residual)?),
                         };
                         be.linear(&attn, &lw.o, lw.o_bias.as_ref(), b, false)?;
+                        be.mark("o projection");
                         be.branch_step(&mut state, b, steer, slot, Some(&mut x))?;
+                        be.mark("hook_attn_out (steer, capture, add)");
                     }
                 }
                 be.mark("o projection");
@@ -328,7 +330,9 @@ impl<B: Backend> Engine<B> {
                             None => branch.insert(be.scratch_act(rows, h, ActKind::Residual)?),
                         };
                         be.down_projection(&state, &act, &lw.down, lw.down_bias.as_ref(), b, false)?;
+                        be.mark("down projection");
                         be.branch_step(&mut state, b, steer, slot, Some(&mut x))?;
+                        be.mark("hook_mlp_out (steer, capture, add)");
                     }
                 }
                 be.mark("down projection");

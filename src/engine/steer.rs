@@ -138,7 +138,7 @@ pub fn parse_steer_targets(text: &str, g: SteerGeometry) -> Result<Vec<SteerTarg
     let mut out: Vec<SteerTarget> = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         // `blocks.L.hook_z.HEADS`: the heads after the point's name.
-        let heads = part.strip_prefix("blocks.").and_then(|r| r.split_once(".hook_z.")).map(|(l, h)| (l, h));
+        let heads = part.strip_prefix("blocks.").and_then(|r| r.split_once(".hook_z."));
         if let Some((layers, heads)) = heads {
             let heads = parse_layer_list(heads).map_err(|_| {
                 Error::input(format!("invalid steering point `{part}`: heads of hook_z are a head or a range, e.g. blocks.3.hook_z.0-3"))
