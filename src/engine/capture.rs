@@ -90,10 +90,9 @@ pub fn parse_points(text: &str, num_layers: usize) -> Result<Vec<CapturePoint>> 
                 });
             }
         } else {
-            let layers = crate::engine::steer::parse_layer_list(part)
-                .map_err(|_| Error::input(format!("invalid point `{part}` in `{text}`: not a layer, a range like 10-20, raw, or blocks.L.hook_NAME")))?;
+            let layers = crate::engine::steer::parse_layer_list(part)?;
             if let Some(l) = layers.iter().find(|&&l| l > num_layers) {
-                return Err(Error::input(format!("layer {l} is out of range: this model has hidden-state indices 0..={num_layers}")));
+                return Err(Error::input(format!("capture layer {l} is out of range: this model has hidden-state indices 0..={num_layers}")));
             }
             out.extend(layers.into_iter().map(CapturePoint::Hidden));
         }

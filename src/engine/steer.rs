@@ -156,6 +156,17 @@ pub fn parse_steer_targets(text: &str, g: SteerGeometry) -> Result<Vec<SteerTarg
             }
             continue;
         }
+        if !part.starts_with("blocks.") && part != "raw" {
+            let layers = parse_layer_list(part)?;
+            if let Some(l) = layers.iter().find(|&&l| l > g.num_layers) {
+                return Err(Error::input(format!(
+                    "steering layer {l} is out of range: this model has hidden-state indices 0..={}",
+                    g.num_layers
+                )));
+            }
+            out.extend(layers.into_iter().map(SteerTarget::Index));
+            continue;
+        }
         for p in parse_points(part, g.num_layers)? {
             out.push(match p {
                 CapturePoint::Hidden(l) => SteerTarget::Index(l),
