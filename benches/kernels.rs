@@ -131,7 +131,7 @@ fn bench_layer(c: &mut Criterion) {
         let rows = seqs * len;
         let plan = BatchPlan::new(&vec![len; seqs], &vec![0; seqs], &(0..seqs).map(|i| i * len).collect::<Vec<_>>());
         let mut kv = be.kv(1, rows, kvd).unwrap();
-        let mut pass = be.begin_pass(&plan, &inv_freq, Some(CaptureLayout { slots: 1, position: CapturePosition::Last }), &[], H).unwrap();
+        let mut pass = be.begin_pass(&plan, &inv_freq, Some(CaptureLayout { slots: 1, position: CapturePosition::Last, width: H }), &[], H).unwrap();
         let act = |cols| be.act(rows, cols, ActKind::Hidden).unwrap();
         let mut x = be.act(rows, H, ActKind::Residual).unwrap();
         x.data.copy_from_slice(&data(rows * H, 15));

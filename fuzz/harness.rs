@@ -168,6 +168,7 @@ fn check_vectors(parsed: resid::Result<LoadedTensor>, layers: usize, hidden: usi
                 directions: Arc::new(t.data),
                 hidden,
                 layers: (0..=layers).collect(),
+                sites: Vec::new(),
                 coef: 1.0,
                 op: SteerOp::Add,
                 preserve_norm: false,

@@ -25,6 +25,11 @@
 //   const bf16_t* norm_b       [H] bf16 norm bias (LN only; may be null)
 //   float         eps
 //   bf16_t*       norm_out     [T, H] bf16; null = skip the norm entirely
+//   float*        add_to       [T, H] f32; null = none. When given, the (steered)
+//                              row is added into it: the kernel then serves a
+//                              sub-layer's output before its residual add
+//                              (hook_attn_out, hook_mlp_out; hook_z without
+//                              add_to), with norm_out null.
 //
 // Launch: grid = (T, 1, 1); block = (B, 1, 1) with B a multiple of 32,
 //   B = min(1024, max(128, roundup32(ceil(H / 8)))) recommended; B must be a
@@ -47,14 +52,16 @@
 //   if s >= 0:
 //     v = steer_table[s].vec[0:H], c = steer_table[s].coef, m = steer_table[s].mode
 //     n0 = sqrtf(sum_i h_i^2)                      (only needed if m & 2)
-//     k  = (m & 1) ? c * sign(sum_i h_i * v_i) : c (sign(0) = 0)
+//     k  = (m & 1) ? |c| * sign(sum_i h_i * v_i) : c (sign(0) = 0)
 //     h_i = fmaf(k, v_i, h_i)
 //     if m & 2: n1 = sqrtf(sum_i h_i^2); if n1 > 0: h_i = h_i * (n0 / n1)
 //     resid[t, :] = h                              (row written only if s >= 0)
 //   r = capture_row[t]; if r >= 0: capture_buf[r, :] = h
 //   if norm_out: norm_out[t, :] = RMSNorm/LayerNorm(h) as in rownorm.cuh
-// (The RepE sign-aware operator with a coefficient folded into the vector
-// would use sign(dot(h, c*v)); here the sign is of dot(h, v) by spec.)
+//   if add_to:   add_to[t, :] = add_to[t, :] + h  (f32 add, the GEMM epilogue's
+//                order y + (acc + b) when it accumulates)
+// (RepE's piecewise_linear adds c*v*sign(dot(h, c*v)) = |c|*v*sign(dot(h, v)):
+// with c < 0 the row still moves away from dot(h, v) = 0.)
 #include "rownorm.cuh"
 
 struct __align__(16) steer_slot_t {
@@ -69,7 +76,7 @@ __device__ __forceinline__ void fused_residual_body(
     const int* __restrict__ steer_slot, const steer_slot_t* __restrict__ steer_table,
     const int* __restrict__ capture_row, float* __restrict__ capture_buf,
     const bf16_t* __restrict__ norm_w, const bf16_t* __restrict__ norm_b, float eps,
-    bf16_t* __restrict__ norm_out) {
+    bf16_t* __restrict__ norm_out, float* __restrict__ add_to) {
     const int nq = (H + 3) >> 2;
     float* row = resid + (size_t)t * H;
     float x[RESID_ROW_ITEMS];
@@ -101,7 +108,7 @@ __device__ __forceinline__ void fused_residual_body(
             }
             block_sum2(n0sq, dot);
         }
-        const float k = sign_aware ? c * resid_signf(dot) : c;
+        const float k = sign_aware ? fabsf(c) * resid_signf(dot) : c;
         float n1sq = 0.0f;
 #pragma unroll
         for (int it = 0; it < RESID_ROW_QUADS; ++it) {
@@ -133,38 +140,49 @@ __device__ __forceinline__ void fused_residual_body(
 
     if (norm_out != nullptr)
         row_norm_store<NORM, AL>(x, H, norm_w, norm_b, eps, norm_out + (size_t)t * H);
+
+    if (add_to != nullptr) {
+        float* dst = add_to + (size_t)t * H;
+        float y[RESID_ROW_ITEMS];
+        row_load<AL>(dst, H, y);
+#pragma unroll
+        for (int i = 0; i < RESID_ROW_ITEMS; ++i) y[i] = y[i] + x[i];
+        row_store<AL>(dst, H, y);
+    }
 }
 
 template <int NORM>
 __device__ __forceinline__ void fused_residual_dispatch(
     float* resid, int T, int H, const int* steer_slot, const steer_slot_t* steer_table,
     const int* capture_row, float* capture_buf, const bf16_t* norm_w, const bf16_t* norm_b,
-    float eps, bf16_t* norm_out) {
+    float eps, bf16_t* norm_out, float* add_to) {
     row_guard(H);
     const int t = blockIdx.x;
     if (t >= T) return;
     if ((H & 3) == 0)
         fused_residual_body<NORM, true>(resid, H, t, steer_slot, steer_table, capture_row,
-                                        capture_buf, norm_w, norm_b, eps, norm_out);
+                                        capture_buf, norm_w, norm_b, eps, norm_out, add_to);
     else
         fused_residual_body<NORM, false>(resid, H, t, steer_slot, steer_table, capture_row,
-                                         capture_buf, norm_w, norm_b, eps, norm_out);
+                                         capture_buf, norm_w, norm_b, eps, norm_out, add_to);
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
 fused_residual_rms(float* resid, int T, int H, const int* steer_slot,
                    const steer_slot_t* steer_table, const int* capture_row, float* capture_buf,
-                   const bf16_t* norm_w, const bf16_t* norm_b, float eps, bf16_t* norm_out) {
+                   const bf16_t* norm_w, const bf16_t* norm_b, float eps, bf16_t* norm_out,
+                   float* add_to) {
     resid_pdl_prologue();
     fused_residual_dispatch<RESID_NORM_RMS>(resid, T, H, steer_slot, steer_table, capture_row,
-                                            capture_buf, norm_w, norm_b, eps, norm_out);
+                                            capture_buf, norm_w, norm_b, eps, norm_out, add_to);
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
 fused_residual_ln(float* resid, int T, int H, const int* steer_slot,
                   const steer_slot_t* steer_table, const int* capture_row, float* capture_buf,
-                  const bf16_t* norm_w, const bf16_t* norm_b, float eps, bf16_t* norm_out) {
+                  const bf16_t* norm_w, const bf16_t* norm_b, float eps, bf16_t* norm_out,
+                  float* add_to) {
     resid_pdl_prologue();
     fused_residual_dispatch<RESID_NORM_LAYER>(resid, T, H, steer_slot, steer_table, capture_row,
-                                              capture_buf, norm_w, norm_b, eps, norm_out);
+                                              capture_buf, norm_w, norm_b, eps, norm_out, add_to);
 }

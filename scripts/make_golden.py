@@ -570,7 +570,7 @@ def make_steer_hook(vec: torch.Tensor, coef: float, mode: str):
         if mode == "add":
             new = h + coef * v
         elif mode == "pw":
-            sign = torch.sign((h * v).sum(-1, keepdim=True))
+            sign = torch.sign((h * (coef * v)).sum(-1, keepdim=True))  # RepE piecewise_linear
             new = h + coef * v * sign
         elif mode == "norm":
             norm_pre = torch.norm(h, dim=-1, keepdim=True)
@@ -1023,7 +1023,8 @@ class QwenChatReference:
         b = self.w.get(name + ".bias")
         return y if b is None else y + b
 
-    def attention(self, x, p):
+    def attention_ctx(self, x, p):
+        """hook_z: every head's output before c_proj, [T, heads * head_dim] head-major."""
         T = x.shape[0]
         qkv = self.linear(x, p + "attn.c_attn")
         q, k, v = (qkv[:, i * self.H:(i + 1) * self.H].reshape(T, self.n_head, self.head_dim) for i in range(3))
@@ -1037,8 +1038,10 @@ class QwenChatReference:
         scores = scores - scores.max(-1, keepdims=True)
         wts = np.exp(scores)
         wts = wts / wts.sum(-1, keepdims=True)
-        ctx = np.einsum("hij,jhd->ihd", wts, v).reshape(T, self.H)
-        return self.linear(ctx, p + "attn.c_proj")
+        return np.einsum("hij,jhd->ihd", wts, v).reshape(T, self.H)
+
+    def attention(self, x, p):
+        return self.linear(self.attention_ctx(x, p), p + "attn.c_proj")
 
     def mlp(self, x, p):
         a1 = self.linear(x, p + "mlp.w1")
@@ -1080,7 +1083,7 @@ def apply_steer_np(h, v, coef, mode):
     if mode == "add":
         return h + coef * v
     if mode == "pw":
-        return h + coef * v * np.sign(h @ v)[:, None]
+        return h + coef * v * np.sign(h @ (coef * v))[:, None]  # RepE piecewise_linear
     if mode == "norm":
         new = h + coef * v
         return new * (np.linalg.norm(h, axis=-1, keepdims=True) / np.linalg.norm(new, axis=-1, keepdims=True))
@@ -1170,7 +1173,7 @@ def do_qwen_chat(name: str, rebuild: bool):
         "hidden_size": H,
         "vocab_size": V,
         "steer": {"coef": float(coef), "layers": list(layers), "seed": 2000 + spec["seed"],
-                  "modes": {"add": "h + coef*v", "pw": "h + coef*v*sign(<h,v>)",
+                  "modes": {"add": "h + coef*v", "pw": "h + coef*v*sign(<h,coef*v>)",
                             "norm": "(h + coef*v) * ||h|| / ||h + coef*v||"},
                   "applied_to": "output of decoder block l-1 for each l in layers, every position"},
         "greedy": "argmax loop with full recomputation at every step (no KV cache), no EOS stop",
@@ -1286,7 +1289,7 @@ def run_model(name, model, prompts_ids, prompt_texts, steer_layers, steer_coef, 
         "hidden_size": H,
         "vocab_size": V,
         "steer": {"coef": float(steer_coef), "layers": list(steer_layers), "seed": steer_seed,
-                  "modes": {"add": "h + coef*v", "pw": "h + coef*v*sign(<h,v>)",
+                  "modes": {"add": "h + coef*v", "pw": "h + coef*v*sign(<h,coef*v>)",
                             "norm": "(h + coef*v) * ||h|| / ||h + coef*v||"},
                   "applied_to": "output of decoder block l-1 for each l in layers, every position"},
         "tensors": sorted(tensors.keys()),
@@ -2137,6 +2140,217 @@ def do_paper_reference():
     with open(path, "w", encoding="utf-8") as f:
         json.dump(meta, f)
     return {"name": PAPER_NAME, "lengths": lengths, "files": {rel(path): os.path.getsize(path)}}
+# ----------------------------------------------------------------------------------------------
+# points inside blocks (TransformerLens names): tests/fixtures/golden/points/NAME.safetensors
+# ----------------------------------------------------------------------------------------------
+
+POINTS_NAME = "points"
+POINTS_DIR = os.path.join(GOLDEN_DIR, "points")
+POINT_SITES = ("resid_mid", "attn_out", "mlp_out", "z")
+POINTS_PROMPT_LENGTHS = [7, 33]
+POINTS_STEER_LAYER = 1
+# (site, mode, coef): every site with `add`; piecewise (with c < 0: RepE's sign rule) and
+# norm-preserving adds where they are allowed; hook_z takes additions on chosen heads only.
+POINTS_STEER_CASES = [
+    ("resid_mid", "add", 2.0), ("resid_mid", "pw", -2.0), ("resid_mid", "norm", 2.0),
+    ("attn_out", "add", 2.0), ("attn_out", "pw", -2.0),
+    ("mlp_out", "add", 2.0), ("mlp_out", "norm", 2.0),
+    ("z", "add", 2.0),
+]
+
+
+def steer_rows(h: torch.Tensor, v: torch.Tensor, coef: float, mode: str) -> torch.Tensor:
+    """The steering operators on the last axis, as make_steer_hook applies them."""
+    if mode == "add":
+        return h + coef * v
+    if mode == "pw":
+        return h + coef * v * torch.sign((h * (coef * v)).sum(-1, keepdim=True))  # RepE piecewise_linear
+    if mode == "norm":
+        new = h + coef * v
+        return new / torch.norm(new, dim=-1, keepdim=True) * torch.norm(h, dim=-1, keepdim=True)
+    raise ValueError(mode)
+
+
+def point_modules(block, family: str):
+    """(attention output module, o projection, post-attention norm, MLP output module) and whether the
+    attention module's output already includes the residual (BLOOM's self_attention adds it)."""
+    if family == "bloom":
+        a = block.self_attention
+        return a.dense, a.dense, block.post_attention_layernorm, block.mlp.dense_4h_to_h, a
+    return block.self_attn, block.self_attn.o_proj, block.post_attention_layernorm, block.mlp, None
+
+
+@torch.no_grad()
+def hf_points(model, family: str, ids: torch.Tensor, steer=None):
+    """Every point of every block by HF forward hooks: attn_out = the attention module's output (BLOOM:
+    self_attention.dense's, before dropout_add), z = the o projection's input, resid_mid = the input of
+    post_attention_layernorm, mlp_out = the MLP's output (BLOOM: dense_4h_to_h's).  Returns
+    ({site: [L, T, W]}, hidden_states last [L+1, H]).  steer = (layer, site, vector, coef, mode) steers that
+    point: attn_out / mlp_out / z at their modules; resid_mid through the attention output, as
+    steer(x + a) - x with x the block's input (BLOOM: steer(self_attention output), which holds x + a)."""
+    rec = {s: {} for s in POINT_SITES}
+    handles = []
+    block_in = {}
+
+    def out_of(o):
+        return block_output(o)[0]
+
+    for l, block in enumerate(decoder_blocks(model)):
+        attn_mod, o_proj, post_norm, mlp_mod, bloom_attn = point_modules(block, family)
+        st = steer if steer is not None and steer[0] == l else None
+
+        def steer_out(site, st=st):
+            def hook(m, a, o):
+                h, rebuild = block_output(o)
+                return rebuild(steer_rows(h, st[2], st[3], st[4]))
+            return hook
+
+        if st is not None and st[1] == "attn_out":
+            handles.append(attn_mod.register_forward_hook(steer_out("attn_out")))
+        if st is not None and st[1] == "mlp_out":
+            handles.append(mlp_mod.register_forward_hook(steer_out("mlp_out")))
+        if st is not None and st[1] == "z":
+            handles.append(o_proj.register_forward_pre_hook(
+                lambda m, a, st=st: (steer_rows(a[0], st[2], st[3], st[4]),) + tuple(a[1:])))
+        if st is not None and st[1] == "resid_mid":
+            if bloom_attn is not None:
+                handles.append(bloom_attn.register_forward_hook(steer_out("resid_mid")))
+            else:
+                handles.append(block.input_layernorm.register_forward_pre_hook(
+                    lambda m, a, l=l: block_in.__setitem__(l, a[0])))
+
+                def mid_hook(m, a, o, l=l, st=st):
+                    h, rebuild = block_output(o)
+                    x = block_in[l]
+                    return rebuild(steer_rows(x + h, st[2], st[3], st[4]) - x)
+                handles.append(attn_mod.register_forward_hook(mid_hook))
+        # records (registered after the steering hooks: they see steered values)
+        handles.append(attn_mod.register_forward_hook(lambda m, a, o, l=l: rec["attn_out"].__setitem__(l, out_of(o)[0].clone())))
+        handles.append(o_proj.register_forward_pre_hook(lambda m, a, l=l: rec["z"].__setitem__(l, a[0][0].clone())))
+        handles.append(post_norm.register_forward_pre_hook(lambda m, a, l=l: rec["resid_mid"].__setitem__(l, a[0][0].clone())))
+        handles.append(mlp_mod.register_forward_hook(lambda m, a, o, l=l: rec["mlp_out"].__setitem__(l, out_of(o)[0].clone())))
+    try:
+        out = model(input_ids=ids[None], output_hidden_states=True, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    L = model.config.num_hidden_layers
+    sites = {s: torch.stack([rec[s][l] for l in range(L)]).float() for s in POINT_SITES}
+    last = torch.stack([h[0, -1] for h in out.hidden_states]).float()
+    return sites, last
+
+
+def qwen_points(ref, ids, steer=None):
+    """hf_points for Qwen-chat, on the float64 numpy reference (no transformers class exists)."""
+    x = ref.w["transformer.wte.weight"][np.asarray(ids)]
+    rec = {s: [] for s in POINT_SITES}
+    hs = [x]
+
+    def st_np(h, site, l):
+        if steer is None or steer[0] != l or steer[1] != site:
+            return h
+        return steer_rows(torch.from_numpy(h), torch.from_numpy(steer[2].double().numpy()), steer[3], steer[4]).numpy()
+
+    for l in range(ref.L):
+        p = f"transformer.h.{l}."
+        z = st_np(ref.attention_ctx(ref.rms(x, ref.w[p + "ln_1.weight"]), p), "z", l)
+        a = st_np(ref.linear(z, p + "attn.c_proj"), "attn_out", l)
+        mid = st_np(x + a, "resid_mid", l)
+        m = st_np(ref.mlp(ref.rms(mid, ref.w[p + "ln_2.weight"]), p), "mlp_out", l)
+        x = mid + m
+        for s, v in (("z", z), ("attn_out", a), ("resid_mid", mid), ("mlp_out", m)):
+            rec[s].append(v)
+        hs.append(x)
+    hs[-1] = ref.rms(x, ref.w["transformer.ln_f.weight"])
+    sites = {s: torch.from_numpy(np.stack(rec[s]).astype(np.float32)) for s in POINT_SITES}
+    last = torch.from_numpy(np.stack([h[-1] for h in hs]).astype(np.float32))
+    return sites, last
+
+
+def do_points():
+    """Fixtures for the points inside blocks, for every tiny family: per prompt, each point's last-token row
+    and mean over tokens ([L, W]), and, for each steering case, the hidden states (last token, [L+1, H]) with
+    that point of block POINTS_STEER_LAYER steered."""
+    from safetensors.numpy import load_file
+
+    os.makedirs(POINTS_DIR, exist_ok=True)
+    files, lengths = {}, []
+    for name in list(TINY_SPECS) + list(QWEN_CHAT_SPECS):
+        log(f"  points: {name}")
+        mdir = os.path.join(TINY_MODELS_DIR, name)
+        if name in QWEN_CHAT_SPECS:
+            cfg = QWEN_CHAT_SPECS[name]["config"]
+            ref = QwenChatReference(load_file(os.path.join(mdir, "model.safetensors")), cfg)
+            family, L, H, V = "qwen", cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]
+            heads, head_dim = ref.n_head, ref.head_dim
+            run = lambda ids, steer=None: qwen_points(ref, ids.numpy(), steer)
+        else:
+            family = TINY_SPECS[name].get("family", "llama")
+            model = load_model(mdir, family)
+            c = model.config
+            L, H, V = c.num_hidden_layers, c.hidden_size, c.vocab_size
+            heads = c.num_attention_heads
+            head_dim = getattr(c, "head_dim", None) or H // heads
+            run = lambda ids, steer=None, model=model, family=family: hf_points(model, family, ids, steer)
+        g = torch.Generator().manual_seed(3000)
+        prompts = [torch.randint(0, V, (n,), generator=g, dtype=torch.long) for n in POINTS_PROMPT_LENGTHS]
+        vg = torch.Generator().manual_seed(4000)
+        vectors = {}
+        for site in POINT_SITES:
+            w = heads * head_dim if site == "z" else H
+            v = torch.randn(w, generator=vg, dtype=torch.float64)
+            if site == "z":  # ITI: chosen heads only (the first and the last)
+                mask = torch.zeros(heads, head_dim, dtype=torch.float64)
+                mask[0] = 1
+                mask[heads - 1] = 1
+                v = v * mask.reshape(-1)
+            vectors[site] = (v / v.norm()).float()
+        tensors = {f"steer.{s}": v for s, v in vectors.items()}
+        for i, ids in enumerate(prompts):
+            sites, last = run(ids)
+            tensors[f"p{i}.ids"] = ids
+            tensors[f"p{i}.hidden.last"] = last
+            for s in POINT_SITES:
+                tensors[f"p{i}.{s}.last"] = sites[s][:, -1].contiguous()
+                tensors[f"p{i}.{s}.mean"] = sites[s].double().mean(1).float().contiguous()
+            for site, mode, coef in POINTS_STEER_CASES:
+                steer = (POINTS_STEER_LAYER, site, vectors[site], coef, mode)
+                s_sites, s_last = run(ids, steer)
+                # the steered point itself holds the steered value
+                tensors[f"p{i}.steer.{site}.{mode}.last"] = s_last.contiguous()
+                tensors[f"p{i}.steer.{site}.{mode}.point"] = s_sites[site][POINTS_STEER_LAYER, -1].contiguous()
+        path = os.path.join(POINTS_DIR, f"{name}.safetensors")
+        save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path,
+                         metadata={"model": name, "family": family, "layers": str(L), "heads": str(heads),
+                                   "head_dim": str(head_dim)})
+        files[rel(path)] = os.path.getsize(path)
+    meta = {
+        "models": list(TINY_SPECS) + list(QWEN_CHAT_SPECS),
+        "prompt_lengths": POINTS_PROMPT_LENGTHS,
+        "prompt_seed": 3000,
+        "sites": list(POINT_SITES),
+        "steer_layer": POINTS_STEER_LAYER,
+        "steer_cases": [{"site": s, "mode": m, "coef": c} for s, m, c in POINTS_STEER_CASES],
+        "hooks": {
+            "attn_out": "self_attn output[0] (BLOOM: self_attention.dense output, before dropout_add)",
+            "z": "input of o_proj (BLOOM: of self_attention.dense)",
+            "resid_mid": "input of post_attention_layernorm",
+            "mlp_out": "mlp output (BLOOM: mlp.dense_4h_to_h output)",
+            "qwen-chat": "the float64 numpy reference QwenChatReference, split at the same points",
+        },
+        "steering": "resid_mid: steer(x + a) - x added through the attention output (BLOOM: steer(self_attention "
+                    "output)); attn_out, mlp_out: the module output; z: the o projection's input.  Vectors unit norm; "
+                    "z's is zero outside heads 0 and heads-1",
+        "tensors": "p{i}.ids, p{i}.hidden.last [L+1,H], p{i}.{site}.{last,mean} [L,W], steer.{site} [W], "
+                   "p{i}.steer.{site}.{mode}.last [L+1,H], p{i}.steer.{site}.{mode}.point [W] (the steered point)",
+        "transformers_version": __import__("transformers").__version__,
+        "torch_version": torch.__version__,
+    }
+    with open(os.path.join(POINTS_DIR, "points.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+        f.write("\n")
+    return {"name": POINTS_NAME, "lengths": POINTS_PROMPT_LENGTHS, "files": files}
+
 
 
 def main():
@@ -2154,7 +2368,7 @@ def main():
     import transformers
 
     log(f"torch {torch.__version__}, transformers {transformers.__version__}, python {sys.version.split()[0]}")
-    known = list(TINY_SPECS) + list(QWEN_CHAT_SPECS) + [GGUF_NAME, "smollm2-135m", RECOGNITION_NAME, STUDY_NAME, PAPER_NAME]
+    known = list(TINY_SPECS) + list(QWEN_CHAT_SPECS) + [GGUF_NAME, "smollm2-135m", RECOGNITION_NAME, STUDY_NAME, PAPER_NAME, POINTS_NAME]
     names = args.only or known
     results = []
     for name in names:
@@ -2173,6 +2387,8 @@ def main():
             r = do_recognition()
             if r:
                 results.append(r)
+        elif name == POINTS_NAME:
+            results.append(do_points())
         elif name == STUDY_NAME:
             r = do_study_reference()
             if r:

@@ -485,6 +485,59 @@ pub fn read_directions(path: &Path, num_layers: usize, hidden: usize) -> Result<
     parse_directions(&bytes, &path.display().to_string(), num_layers, hidden)
 }
 
+/// The tensors of a steering file: `directions` (`[L+1, hidden]`, when present) and one vector
+/// per point inside a block, named by the point (`blocks.3.hook_mlp_out`, `blocks.3.hook_z`).
+#[derive(Debug, Clone, Default)]
+pub struct SteeringTensors {
+    pub directions: Option<Vec<f32>>,
+    pub points: std::collections::BTreeMap<String, std::sync::Arc<Vec<f32>>>,
+}
+
+impl SteeringTensors {
+    /// Reads a steering file's bytes; `file` names it in errors. It must hold `directions` or at
+    /// least one point tensor; each point tensor is one vector of finite values.
+    pub fn parse(bytes: &[u8], file: &str, num_layers: usize, hidden: usize) -> Result<Self> {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| Error::input(format!("{file}: not a valid safetensors file: {e}")))?;
+        let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
+        names.sort_unstable();
+        let mut out = SteeringTensors::default();
+        for name in names.iter().filter(|n| n.starts_with("blocks.")) {
+            let t = f32_tensor_from_bytes(bytes, file, name)?;
+            if t.shape.len() != 1 {
+                return Err(Error::input(format!("{file}: tensor `{name}` has shape {:?}, expected one vector", t.shape)));
+            }
+            if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
+                return Err(Error::input(format!("{file}: tensor `{name}` contains NaN or Inf (value {i})")));
+            }
+            out.points.insert(name.clone(), std::sync::Arc::new(t.data));
+        }
+        if names.iter().any(|n| n == "directions") || out.points.is_empty() {
+            out.directions = Some(parse_directions(bytes, file, num_layers, hidden)?.data);
+        }
+        Ok(out)
+    }
+
+    /// The steering `targets` name: indices use `directions`, points their tensors.
+    pub fn steering(&self, targets: &[crate::engine::steer::SteerTarget], g: crate::engine::steer::SteerGeometry, file: &str) -> Result<crate::engine::steer::Steering> {
+        use crate::engine::steer::{SteerTarget, Steering};
+        let directions = match &self.directions {
+            Some(d) => d.clone(),
+            None if targets.iter().any(|t| matches!(t, SteerTarget::Index(_))) => {
+                return Err(Error::input(format!("{file}: no tensor `directions` for the hidden-state indices steered")))
+            }
+            None => Vec::new(),
+        };
+        Steering::for_targets(std::sync::Arc::new(directions), targets, g, file, |name| self.points.get(name).map(|v| v.to_vec()))
+    }
+}
+
+/// A steering file for `targets` ([`SteeringTensors`]).
+pub fn read_steering_file(path: &Path, targets: &[crate::engine::steer::SteerTarget], g: crate::engine::steer::SteerGeometry) -> Result<crate::engine::steer::Steering> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let file = path.display().to_string();
+    SteeringTensors::parse(&bytes, &file, g.num_layers, g.hidden)?.steering(targets, g, &file)
+}
+
 /// As [`read_directions`] on the bytes of a safetensors file; `file` names it in errors.
 pub fn parse_directions(bytes: &[u8], file: &str, num_layers: usize, hidden: usize) -> Result<LoadedTensor> {
     let t = f32_tensor_from_bytes(bytes, file, "directions")?;

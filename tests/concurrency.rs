@@ -18,6 +18,7 @@ fn concurrent_requests_match_sequential_results() {
             directions: Arc::new(pseudo_random((layers + 1) * h, seed, 1.0)),
             hidden: h,
             layers: vec![1, 2],
+            sites: Vec::new(),
             coef: 3.0,
             op: if seed % 2 == 0 { SteerOp::Add } else { SteerOp::SignAware },
             preserve_norm: seed % 3 == 0,

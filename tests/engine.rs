@@ -110,6 +110,7 @@ fn steering(e: &CpuEngine, layers: Vec<usize>, coef: f32, op: SteerOp, positions
         directions: Arc::new(pseudo_random((e.num_layers() + 1) * h, 99, 1.0)),
         hidden: h,
         layers,
+        sites: Vec::new(),
         coef,
         op,
         preserve_norm: false,
@@ -137,6 +138,55 @@ fn steering_at_l_changes_hidden_state_l_and_not_before() {
     let zero = steering(&e, vec![1, 2, 3], 0.0, SteerOp::Add, SteerPositions::All);
     let z = e.extract(&seqs, &spec, &vec![Some(zero); seqs.len()], 4096, |_, _| {}).unwrap();
     assert_eq!(z.data, base.data);
+}
+
+/// RepE's `piecewise_linear` (repe/rep_control_reading_vec.py) adds `controller * sign` with
+/// `controller = coef * v` and `sign = torch.sign((output * controller).sum(-1))`: with coef < 0
+/// the row moves along |coef|·sign(⟨h, v⟩)·v. CPython computes that literally from the unsteered
+/// rows (in f64), and resid's steered rows must match it to 1e-6 relative per row, for both signs
+/// of the coefficient.
+#[test]
+fn piecewise_matches_repe_formula_computed_by_cpython() {
+    let (_t, e) = engine(&TinySpec::default());
+    let seqs = seqs();
+    let spec = CaptureSpec { points: vec![CapturePoint::Hidden(2)], position: CapturePosition::All };
+    let none = vec![None; seqs.len()];
+    let base = e.extract(&seqs, &spec, &none, 4096, |_, _| {}).unwrap();
+    for coef in [-1.5f32, 1.5] {
+        let s = steering(&e, vec![2], coef, SteerOp::SignAware, SteerPositions::All);
+        let steered = e.extract(&seqs, &spec, &vec![Some(s.clone()); seqs.len()], 4096, |_, _| {}).unwrap();
+        let script = r#"
+import json, sys
+d = json.load(sys.stdin)
+c, v = d["coef"], d["v"]
+out = []
+for h in d["rows"]:
+    controller = [c * x for x in v]
+    dot = sum(a * b for a, b in zip(h, controller))
+    sign = (dot > 0) - (dot < 0)
+    out.append([a + b * sign for a, b in zip(h, controller)])
+json.dump(out, sys.stdout)
+"#;
+        let rows: Vec<&[f32]> = (0..base.rows).map(|r| base.row(r, 0)).collect();
+        let input = serde_json::json!({"coef": coef, "v": s.direction(2), "rows": rows}).to_string();
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let want: Vec<Vec<f32>> = serde_json::from_slice(&out.stdout).unwrap();
+        let mut moved = 0;
+        for (r, w) in want.iter().enumerate() {
+            assert!(rel_err(steered.row(r, 0), w) < 1e-6, "coef {coef}, row {r}: resid's piecewise is not RepE's");
+            moved += (steered.row(r, 0) != base.row(r, 0)) as usize;
+        }
+        assert_eq!(moved, base.rows, "every row is steered");
+    }
 }
 
 #[test]

@@ -102,6 +102,7 @@ fn steering_with_a_repeng_gguf_matches_hf_and_the_safetensors_vector() {
             directions: Arc::new(dirs.to_vec()),
             hidden,
             layers: steer_layers.clone(),
+            sites: Vec::new(),
             coef,
             op: SteerOp::Add,
             preserve_norm: false,

@@ -166,6 +166,7 @@ fn run_fixture(name: &str) {
             directions: Arc::new(dirs.data.clone()),
             hidden: h,
             layers: layers.clone(),
+            sites: Vec::new(),
             coef,
             op,
             preserve_norm,

@@ -206,6 +206,7 @@ fn completions_equal_resid_generate_with_and_without_steering() {
         directions: Arc::new(fx.honesty.clone()),
         hidden: e.hidden_size(),
         layers: vec![8, 9, 10, 11, 12],
+        sites: Vec::new(),
         coef: 4.0,
         op: SteerOp::Add,
         preserve_norm: false,
@@ -560,6 +561,7 @@ fn serves_on_the_cuda_backend_through_the_emulator() {
         directions: Arc::new(dirs.concat()),
         hidden: 128,
         layers: vec![1, 2],
+        sites: Vec::new(),
         coef: 3.0,
         op: SteerOp::Add,
         preserve_norm: false,
@@ -616,4 +618,63 @@ fn bad_server_flags_are_one_line_errors() {
         assert_eq!(out.status.code(), Some(3), "{flag} {value}: {err}");
         assert!(err.contains(want) && err.trim().lines().count() == 1, "{flag} {value}: {err}");
     }
+}
+
+/// `layers` names points inside blocks, in `/v1/hidden_states` and in `steering` (vectors from
+/// a stored file whose tensors are named by the points): the engine's own results, bit for bit.
+#[test]
+fn points_inside_blocks_through_the_server() {
+    let Some(model) = model_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine();
+    let (h, g) = (e.hidden_size(), e.steer_geometry());
+    let zw = g.heads * g.head_dim;
+    let mlp: Vec<f32> = (0..h).map(|i| ((i as f32) * 0.61).sin() * 0.3).collect();
+    let z: Vec<f32> = (0..zw).map(|i| ((i as f32) * 0.23).cos() * 0.3).collect();
+    let vectors = dir.path().join("vectors");
+    std::fs::create_dir_all(&vectors).unwrap();
+    write_safetensors(
+        &vectors.join("inside.safetensors"),
+        &[
+            OutTensor { name: "blocks.5.hook_mlp_out".into(), shape: vec![h], data: TensorData::F32(mlp.clone()) },
+            OutTensor { name: "blocks.4.hook_z".into(), shape: vec![zw], data: TensorData::F32(z.clone()) },
+        ],
+        Default::default(),
+    )
+    .unwrap();
+    let server = Server::start(&model, &["--vectors", vectors.to_str().unwrap()], &[]);
+    let texts = ["Points inside blocks.", "Another, longer input about attention heads."];
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| e.model.tokenizer.as_ref().unwrap().encode(t).unwrap()).collect();
+    let targets = resid::engine::steer::parse_steer_targets("blocks.5.hook_mlp_out,blocks.4.hook_z.2-3", g).unwrap();
+    let tensors = resid::io::SteeringTensors {
+        directions: None,
+        points: [("blocks.5.hook_mlp_out".to_string(), Arc::new(mlp)), ("blocks.4.hook_z".to_string(), Arc::new(z))].into_iter().collect(),
+    };
+    let steer = Arc::new(Steering { coef: 3.0, ..tensors.steering(&targets, g, "test").unwrap() });
+    let spec = resid::CaptureSpec {
+        points: resid::engine::capture::parse_points("7,blocks.5.hook_mlp_out,blocks.4.hook_z,blocks.2.hook_resid_mid", e.num_layers()).unwrap(),
+        position: resid::CapturePosition::Last,
+    };
+    for steered in [false, true] {
+        let s = steered.then(|| steer.clone());
+        let want = e.extract(&ids, &spec, &[s.clone(), s], 2048, |_, _| {}).unwrap();
+        let mut body = json!({"input": texts, "layers": "7,blocks.5.hook_mlp_out,blocks.4.hook_z,blocks.2.hook_resid_mid", "encoding_format": "float"});
+        if steered {
+            body["steering"] = json!({"vector": "inside", "coef": 3.0, "layers": ["blocks.5.hook_mlp_out", "blocks.4.hook_z.2-3"]});
+        }
+        let (s, r) = server.post("/v1/hidden_states", &body);
+        assert_eq!(s, 200, "{r}");
+        let got: Vec<f32> = r["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        assert_eq!(got, want.data, "steered: {steered}");
+        assert_eq!(r["layers"], json!([7, -2, -2, -2]));
+    }
+    // Bad points are 400s naming the field.
+    for (layers, want) in [("blocks.4.hook_z.99", "out of range"), ("blocks.5.hook_attn_out", "no tensor"), ("blocks.99.hook_mlp_out", "beyond the model")] {
+        let body = json!({"input": texts, "steering": {"vector": "inside", "layers": layers}});
+        let (s, r) = server.post("/v1/hidden_states", &body);
+        assert_eq!(s, 400, "{layers}: {r}");
+        assert!(r["error"]["message"].as_str().unwrap().contains(want), "{layers}: {r}");
+    }
+    let (s, r) = server.post("/v1/hidden_states", &json!({"input": texts, "layers": "blocks.99.hook_z"}));
+    assert_eq!(s, 400, "{r}");
 }

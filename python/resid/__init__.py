@@ -80,24 +80,42 @@ class Steering:
     `directions` is an array `[L+1, hidden]` (row l acts at hidden-state index l, i.e. on the
     output of decoder block l-1; row 0 is the embeddings) of any float dtype, or a dict
     `{layer: vector}` (rows the model has beyond those given are zero). `layers` defaults to
-    every row that is not all zero. `op` is "add" (h + c·v) or "piecewise" (h + c·v·sign(⟨h, v⟩));
+    every row that is not all zero. `op` is "add" (h + c·v) or "piecewise" (RepE: h + c·v·sign(⟨h, c·v⟩));
     `positions` is "all", "prompt" or "generated"; `preserve_norm` rescales each steered row
     back to its norm. NaN or Inf anywhere in the directions raises `InputError`.
+
+    `points` steers points inside blocks (README, "Points inside blocks"): `{name: vector}` with
+    names as `resid extract --steer-layers` takes them, e.g. `"blocks.3.hook_mlp_out"` (a
+    `[hidden]` vector) or `"blocks.3.hook_z.0-1"` (ITI: heads 0 and 1, from a
+    `[heads * head_dim]` vector). `directions` may then be None.
     """
 
     def __init__(
         self,
-        directions: Union[np.ndarray, Mapping[int, Any]],
+        directions: Union[np.ndarray, Mapping[int, Any], None],
         coef: float = 1.0,
         layers: Optional[Sequence[int]] = None,
         op: str = "add",
         positions: str = "all",
         preserve_norm: bool = False,
         *,
+        points: Optional[Mapping[str, Any]] = None,
         _inner: Any = None,
     ):
         if _inner is not None:
             self._inner = _inner
+            return
+        point_list = []
+        for k, v in (points or {}).items():
+            if not isinstance(k, str):
+                raise InputError(f"points: key {k!r} is not a point name such as 'blocks.3.hook_mlp_out'")
+            point_list.append((k, [float(x) for x in _float32(v, f"points[{k!r}]", 1)]))
+        if directions is None:
+            if not point_list:
+                raise InputError("steering: give directions or points")
+            self._inner = _resid.Steering(
+                np.zeros((0, 0), dtype=np.float32), False, None, _coef(coef), str(op), str(positions), bool(preserve_norm), point_list
+            )
             return
         sparse = isinstance(directions, Mapping)
         if sparse:
@@ -122,7 +140,7 @@ class Steering:
         else:
             table = _float32(directions, "directions", 2)
         self._inner = _resid.Steering(
-            table, sparse, _layer_list(layers), _coef(coef), str(op), str(positions), bool(preserve_norm)
+            table, sparse, _layer_list(layers), _coef(coef), str(op), str(positions), bool(preserve_norm), point_list
         )
 
     @classmethod
@@ -149,6 +167,7 @@ class Steering:
     # Read-only views of the settings (types in __init__.pyi).
     directions = _delegate("directions", "A copy of the directions, float32 [rows, hidden].")
     layers = _delegate("layers", "The hidden-state indices steered.")
+    points = _delegate("points", "The points inside blocks steered (names).")
     coef = _delegate("coef", "The coefficient c.")
     op = _delegate("op", '"add" or "piecewise".')
     positions = _delegate("positions", '"all", "prompt" or "generated".')

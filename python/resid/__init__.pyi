@@ -26,12 +26,14 @@ class Steering:
     """A steering intervention: directions [L+1, hidden] or {layer: vector}, layers, coef, op, positions."""
     def __init__(
         self,
-        directions: Union[npt.ArrayLike, Mapping[int, npt.ArrayLike]],
+        directions: Union[npt.ArrayLike, Mapping[int, npt.ArrayLike], None],
         coef: float = 1.0,
         layers: Optional[Sequence[int]] = None,
         op: Literal["add", "piecewise"] = "add",
         positions: Literal["all", "prompt", "generated"] = "all",
         preserve_norm: bool = False,
+        *,
+        points: Optional[Mapping[str, npt.ArrayLike]] = None,
     ) -> None: ...
     @classmethod
     def load(
@@ -50,6 +52,8 @@ class Steering:
     def directions(self) -> npt.NDArray[np.float32]: ...
     @property
     def layers(self) -> List[int]: ...
+    @property
+    def points(self) -> List[str]: ...
     @property
     def coef(self) -> float: ...
     @property

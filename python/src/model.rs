@@ -112,24 +112,27 @@ fn type_name(o: &Bound<'_, PyAny>) -> String {
     o.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
 }
 
-/// The layer axis: Hugging Face indices (0 = embeddings .. L) and `"raw"` (the last block's
-/// output before the final norm); `None` is every index 0..=L.
+/// The layer axis: Hugging Face indices (0 = embeddings .. L), `"raw"` (the last block's
+/// output before the final norm) and point names (`"blocks.3.hook_mlp_out"`, any string
+/// `resid extract --layers` takes); `None` is every index 0..=L.
 fn capture_points(layers: Option<&Bound<'_, PyAny>>, num_layers: usize) -> PyResult<Vec<CapturePoint>> {
     let Some(layers) = layers.filter(|l| !l.is_none()) else {
         return Ok((0..=num_layers).map(CapturePoint::Hidden).collect());
     };
     if layers.is_instance_of::<PyString>() {
-        return Err(input_err("layers: expected a list of layer indices and \"raw\", not a string"));
+        return Err(input_err("layers: expected a list of layer indices, \"raw\" and point names, not a string"));
     }
     let mut points = Vec::new();
     let items = layers.try_iter().map_err(|_| input_err(format!("layers: expected a list of layer indices, got {}", type_name(layers))))?;
     for item in items {
         let item = item?;
         let p = if let Ok(s) = item.extract::<String>() {
-            if s != "raw" {
-                return Err(input_err(format!("layers: unknown layer `{s}` (expected an index 0..={num_layers} or \"raw\")")));
+            for p in resid::engine::capture::parse_points(&s, num_layers).map_err(|e| input_err(format!("layers: {e}")))? {
+                if !points.contains(&p) {
+                    points.push(p);
+                }
             }
-            CapturePoint::LastBlockRaw
+            continue;
         } else if item.is_instance_of::<pyo3::types::PyBool>() {
             return Err(input_err("layers: a bool is not a layer index"));
         } else {
@@ -151,7 +154,7 @@ fn parse_position(p: &str) -> PyResult<CapturePosition> {
 }
 
 fn steering_for<B: Backend>(engine: &Engine<B>, s: Option<&Bound<'_, PySteering>>) -> PyResult<Option<Arc<Steering>>> {
-    s.map(|s| s.get().for_model(engine.num_layers(), engine.hidden_size()).map(Arc::new)).transpose().map_err(to_py)
+    s.map(|s| s.get().for_model(engine.steer_geometry()).map(Arc::new)).transpose().map_err(to_py)
 }
 
 fn numpy_rows<'py>(py: Python<'py>, data: Vec<f32>, rows: usize, points: usize, hidden: usize, dtype: OutputDtype) -> PyResult<Bound<'py, PyAny>> {

@@ -18,6 +18,8 @@ pub struct Steering {
     /// Built from `{layer: vector}` or a GGUF file: a model with more layers gets zero rows.
     sparse: bool,
     layers: Vec<usize>,
+    /// Points inside blocks: (`--steer-layers` text such as `blocks.3.hook_z.0-1`, its vector).
+    points: Vec<(String, Arc<Vec<f32>>)>,
     coef: f32,
     op: SteerOp,
     positions: SteerPositions,
@@ -25,29 +27,78 @@ pub struct Steering {
 }
 
 impl Steering {
-    /// The library's steering for a model with `num_layers` blocks and `hidden` columns, checked.
-    pub fn for_model(&self, num_layers: usize, hidden: usize) -> resid::Result<resid::Steering> {
+    /// The library's steering for a model of geometry `g`, checked.
+    pub fn for_model(&self, g: resid::engine::steer::SteerGeometry) -> resid::Result<resid::Steering> {
+        let (num_layers, hidden) = (g.num_layers, g.hidden);
         let mut table = self.table.clone();
         if self.sparse && self.rows < num_layers + 1 && self.hidden == hidden {
             let mut t = (*table).clone();
             t.resize((num_layers + 1) * hidden, 0.0);
             table = Arc::new(t);
         }
+        // Each point's text names its targets (heads of hook_z included); its vector is the
+        // tensor of the point's name, as in a steering file.
+        let mut targets = Vec::new();
+        let mut tensors = resid::io::SteeringTensors::default();
+        for (text, v) in &self.points {
+            for t in resid::engine::steer::parse_steer_targets(text, g)? {
+                let name = match &t {
+                    resid::engine::steer::SteerTarget::Index(_) => {
+                        return Err(resid::Error::input(format!("points: `{text}` is a hidden-state index; give it in `directions`")))
+                    }
+                    resid::engine::steer::SteerTarget::Site(l, site) => format!("blocks.{l}.{}", site.hook()),
+                    resid::engine::steer::SteerTarget::Heads(l, _) => format!("blocks.{l}.hook_z"),
+                };
+                tensors.points.insert(name, v.clone());
+                targets.push(t);
+            }
+        }
+        let sites = if targets.is_empty() { Vec::new() } else { tensors.steering(&targets, g, "points")?.sites };
         let s = resid::Steering {
             directions: table,
-            hidden: self.hidden,
+            hidden: self.hidden.max(if self.rows == 0 { hidden } else { 0 }),
             layers: self.layers.clone(),
+            sites,
             coef: self.coef,
             op: self.op,
             preserve_norm: self.preserve_norm,
             positions: self.positions,
         };
-        s.validate(num_layers, hidden)?;
+        s.validate_for(g)?;
         Ok(s)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn build(table: Vec<f32>, rows: usize, hidden: usize, sparse: bool, layers: Option<Vec<usize>>, coef: f32, op: &str, positions: &str, preserve_norm: bool) -> PyResult<Self> {
+        Self::build_with_points(table, rows, hidden, sparse, layers, Vec::new(), coef, op, positions, preserve_norm)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build_with_points(
+        table: Vec<f32>,
+        rows: usize,
+        hidden: usize,
+        sparse: bool,
+        layers: Option<Vec<usize>>,
+        points: Vec<(String, Vec<f32>)>,
+        coef: f32,
+        op: &str,
+        positions: &str,
+        preserve_norm: bool,
+    ) -> PyResult<Self> {
+        let points: Vec<(String, Arc<Vec<f32>>)> = points.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+        if let Some((k, _)) = points.iter().find(|(_, v)| v.iter().any(|x| !x.is_finite())) {
+            return Err(input_err(format!("points[{k:?}] contains NaN or Inf")));
+        }
+        if rows == 0 && !points.is_empty() {
+            // Only points inside blocks: no per-index rows.
+            let op: SteerOp = op.parse().map_err(to_py)?;
+            let positions: SteerPositions = positions.parse().map_err(to_py)?;
+            if !coef.is_finite() {
+                return Err(input_err(format!("steering coefficient {coef} is not finite")));
+            }
+            return Ok(Steering { table: Arc::new(Vec::new()), rows: 0, hidden: 0, sparse: false, layers: Vec::new(), points, coef, op, positions, preserve_norm });
+        }
         if rows == 0 || hidden == 0 {
             return Err(input_err(format!("directions: shape [{rows}, {hidden}] is empty (expected [L+1, hidden])")));
         }
@@ -76,20 +127,37 @@ impl Steering {
                 seen.push(l);
             }
         }
-        Ok(Steering { table: Arc::new(table), rows, hidden, sparse, layers: seen, coef, op, positions, preserve_norm })
+        Ok(Steering { table: Arc::new(table), rows, hidden, sparse, layers: seen, points, coef, op, positions, preserve_norm })
     }
 }
 
 #[pymethods]
 impl Steering {
     /// `directions` is a C-contiguous float32 `[rows, hidden]` array (the Python face converts).
+    /// `points`: (point text, float32 vector) for points inside blocks; `directions` may then
+    /// have no rows.
     #[new]
-    #[pyo3(signature = (directions, sparse, layers, coef, op, positions, preserve_norm))]
+    #[pyo3(signature = (directions, sparse, layers, coef, op, positions, preserve_norm, points=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
-    fn new(directions: PyReadonlyArray2<'_, f32>, sparse: bool, layers: Option<Vec<usize>>, coef: f32, op: &str, positions: &str, preserve_norm: bool) -> PyResult<Self> {
+    fn new(
+        directions: PyReadonlyArray2<'_, f32>,
+        sparse: bool,
+        layers: Option<Vec<usize>>,
+        coef: f32,
+        op: &str,
+        positions: &str,
+        preserve_norm: bool,
+        points: Vec<(String, Vec<f32>)>,
+    ) -> PyResult<Self> {
         let [rows, hidden] = [directions.shape()[0], directions.shape()[1]];
         let table = directions.as_slice().map_err(|_| input_err("directions: not contiguous"))?.to_vec();
-        Self::build(table, rows, hidden, sparse, layers, coef, op, positions, preserve_norm)
+        Self::build_with_points(table, rows, hidden, sparse, layers, points, coef, op, positions, preserve_norm)
+    }
+
+    /// The points inside blocks steered, in order.
+    #[getter]
+    fn points(&self) -> Vec<String> {
+        self.points.iter().map(|(k, _)| k.clone()).collect()
     }
 
     /// Reads a safetensors vector file (`directions` [L+1, hidden]) or a llama.cpp control-vector GGUF.

@@ -115,6 +115,32 @@ def test_steering_construction_and_files(model, tmp_path):
     assert t["directions"].shape == (31, 576)
 
 
+def test_points_inside_blocks_capture_and_steer(model):
+    # Capture: point names mix with indices, in the order given.
+    h = model.extract(TEXTS, layers=[7, "blocks.5.hook_mlp_out", "blocks.4.hook_z", "raw"])
+    assert h.shape == (len(TEXTS), 4, 576)
+    with pytest.raises(resid.InputError, match="beyond the model"):
+        model.extract(TEXTS, layers=["blocks.30.hook_z"])
+    rng = np.random.default_rng(3)
+    v = rng.standard_normal(576)
+    # add at hook_mlp_out: the point and index 6 (block 5's output) move by exactly c·v.
+    s = resid.Steering(None, coef=3.0, points={"blocks.5.hook_mlp_out": v})
+    assert s.points == ["blocks.5.hook_mlp_out"]
+    plain = model.extract(TEXTS, layers=["blocks.5.hook_mlp_out", 6])
+    steered = model.extract(TEXTS, layers=["blocks.5.hook_mlp_out", 6], steer=s)
+    np.testing.assert_allclose(steered - plain, np.broadcast_to(3.0 * v.astype(np.float32), plain.shape), rtol=0, atol=2e-4)
+    # ITI: heads 2 and 3 of hook_z (9 heads of 64): the other heads do not move.
+    z = rng.standard_normal(576)
+    s = resid.Steering(None, coef=2.0, points={"blocks.4.hook_z.2-3": z})
+    dz = model.extract(TEXTS, layers=["blocks.4.hook_z"], steer=s) - model.extract(TEXTS, layers=["blocks.4.hook_z"])
+    want = np.zeros(576, dtype=np.float32)
+    want[128:256] = 2.0 * z[128:256]
+    np.testing.assert_allclose(dz[:, 0], np.broadcast_to(want, dz[:, 0].shape), rtol=0, atol=2e-4)
+    for bad, msg in [({"blocks.4.hook_z.9": z}, "head 9 is out of range"), ({"blocks.5.hook_mlp_out": v[:100]}, "the point is 576 wide")]:
+        with pytest.raises(resid.InputError, match=msg):
+            model.extract(TEXTS, layers=[3], steer=resid.Steering(None, points=bad))
+
+
 def test_mixed_steering_in_one_batch_equals_separate_calls(model):
     rng = np.random.default_rng(1)
     s1 = resid.Steering({8: rng.standard_normal(576)}, coef=6.0)

@@ -41,11 +41,13 @@ pub struct Norm<'a, V> {
     pub eps: f32,
 }
 
-/// Capture buffers of one pass: `slots` capture points, rows per `position`.
+/// Capture buffers of one pass: `slots` capture points of `width` values, rows per `position`.
 #[derive(Debug, Clone, Copy)]
 pub struct CaptureLayout {
     pub slots: usize,
     pub position: CapturePosition,
+    /// The hidden size, or heads·head_dim when only `hook_z` is captured.
+    pub width: usize,
 }
 
 /// [`Backend::mlp_input`] as two operations: the projection into `scratch`, then the activation.
@@ -169,12 +171,13 @@ pub trait Backend: Send + Sync {
     fn embed(&self, table: &Self::Matrix, ids: &[u32], norm: Option<Norm<'_, Self::Vector>>, out: &mut Self::Act) -> Result<()>;
     /// `out = x·Wᵀ + b`, or `out += x·Wᵀ + b` when `accumulate` (the residual add).
     fn linear(&self, x: &Self::Act, w: &Self::Matrix, b: Option<&Self::Vector>, out: &mut Self::Act, accumulate: bool) -> Result<()>;
-    /// The MLP's down projection into the residual, `out += x·Wᵀ + b`. Its own entry because a
+    /// The MLP's down projection into the residual, `out += x·Wᵀ + b` (`out = ` without
+    /// `accumulate`: the MLP's output alone, for `hook_mlp_out`). Its own entry because a
     /// reduced-precision path may compute the pass's attention-sink rows (position 0 of each
     /// sequence, which carry the model's massive activations) in full precision.
-    fn down_projection(&self, pass: &Self::Pass, x: &Self::Act, w: &Self::Matrix, b: Option<&Self::Vector>, out: &mut Self::Act) -> Result<()> {
+    fn down_projection(&self, pass: &Self::Pass, x: &Self::Act, w: &Self::Matrix, b: Option<&Self::Vector>, out: &mut Self::Act, accumulate: bool) -> Result<()> {
         let _ = pass;
-        self.linear(x, w, b, out, true)
+        self.linear(x, w, b, out, accumulate)
     }
     /// From the stacked QKV projection `[rows, (nq + 2·nkv)·hd]` (plus its bias): writes the
     /// rotated queries to `q` and stores the rotated keys and the values at each row's arena
@@ -230,6 +233,19 @@ pub trait Backend: Send + Sync {
         capture_residual: Option<usize>,
         capture_normed: Option<usize>,
         post_ln: bool,
+    ) -> Result<()>;
+    /// A point inside a block that is not the residual (`hook_attn_out`, `hook_mlp_out`: a
+    /// sub-layer's output before its add; `hook_z`: the heads' output before the o
+    /// projection), computed apart only when a pass steers or captures there: steer its rows
+    /// (`steer` is the entry of the plan given to `begin_pass` for this point), capture them
+    /// in slot `capture`, then add them into the residual `add_to` when given.
+    fn branch_step(
+        &self,
+        pass: &mut Self::Pass,
+        branch: &mut Self::Act,
+        steer: Option<&PointSteering>,
+        capture: Option<usize>,
+        add_to: Option<&mut Self::Act>,
     ) -> Result<()>;
     /// Copies the given rows of `x` into a new activation.
     fn gather_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Self::Act>;

@@ -37,6 +37,10 @@ pub(crate) struct BenchArgs {
     /// extract, decode, steer or scaling.
     #[arg(long, default_value = "extract")]
     workload: String,
+    /// extract: the captured points, as `resid extract --layers` takes them (default: every
+    /// hidden-state index).
+    #[arg(long)]
+    layers: Option<String>,
     /// scaling: directory for scaling.json, scaling.png and scaling.svg.
     #[arg(long, default_value = "bench-scaling")]
     plot_dir: std::path::PathBuf,
@@ -347,7 +351,12 @@ fn extract<B: Backend>(e: &Engine<B>, a: &BenchArgs, on_cpu: bool) -> Result<Val
     let max_len = a.max_len.min(c.max_position_embeddings).max(1);
     let seqs = random_seqs(a.seed, a.sequences, a.min_len.min(max_len), max_len, c.vocab_size);
     let tokens: usize = seqs.iter().map(Vec::len).sum();
-    let spec = CaptureSpec { points: (0..=e.num_layers()).map(CapturePoint::Hidden).collect(), position: CapturePosition::Last };
+    let points = match &a.layers {
+        Some(list) => resid::engine::capture::parse_points(list, e.num_layers())?,
+        None => (0..=e.num_layers()).map(CapturePoint::Hidden).collect(),
+    };
+    let spec = CaptureSpec { points, position: CapturePosition::Last };
+    e.capture_width(&spec)?;
 
     // Warm-up (weight packing, first-touch of buffers); not timed.
     note(a.quiet, "warm-up pass");
@@ -420,6 +429,7 @@ fn all_layer_steering<B: Backend>(e: &Engine<B>) -> Arc<Steering> {
         directions: Arc::new(pseudo((l + 1) * h, 77)),
         hidden: h,
         layers: (0..=l).collect(),
+        sites: Vec::new(),
         coef: 1.0,
         op: SteerOp::Add,
         preserve_norm: false,

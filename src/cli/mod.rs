@@ -8,9 +8,9 @@ mod study;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use resid::engine::capture::{CapturePoint, CapturePosition, CaptureSpec};
-use resid::engine::steer::{parse_layer_list, SteerOp, SteerPositions, Steering};
-use resid::io::{read_directions, InputItem};
+use resid::engine::capture::{parse_points, CapturePoint, CapturePosition, CaptureSpec};
+use resid::engine::steer::{parse_steer_targets, SteerOp, SteerPositions, Steering};
+use resid::io::InputItem;
 
 use resid::store::extract::{ExtractJob, ExtractOutput};
 use resid::backend::Backend;
@@ -185,7 +185,7 @@ struct SteerArgs {
     /// Hidden-state indices to steer (steering at l changes the output of block l-1), e.g. 10-15.
     #[arg(long)]
     steer_layers: Option<String>,
-    /// add (h + c·v) or piecewise (h + c·v·sign(⟨h,v⟩)).
+    /// add (h + c·v) or piecewise (RepE: h + c·v·sign(⟨h,c·v⟩) = h + |c|·v·sign(⟨h,v⟩)).
     #[arg(long, default_value = "add")]
     steer_op: String,
     /// Rescale each steered row back to its norm before steering.
@@ -396,23 +396,22 @@ fn steering<B: Backend>(engine: &Engine<B>, a: &SteerArgs) -> Result<Option<Arc<
         .steer_layers
         .as_deref()
         .ok_or_else(|| resid::Error::input("--steer needs --steer-layers (e.g. --steer-layers 10-15)"))?;
-    let layers = parse_layer_list(layers)?;
-    let (n_layers, hidden) = (engine.num_layers(), engine.hidden_size());
-    let t = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
-        resid::repe::gguf::read_control_vector(path, n_layers, hidden)?
+    let g = engine.steer_geometry();
+    let targets = parse_steer_targets(layers, g).context("--steer-layers")?;
+    let s = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        let t = resid::repe::gguf::read_control_vector(path, g.num_layers, g.hidden)?;
+        Steering::for_targets(Arc::new(t.data), &targets, g, &path.display().to_string(), |_| None)?
     } else {
-        read_directions(path, n_layers, hidden)?
+        resid::io::read_steering_file(path, &targets, g)?
     };
     let s = Steering {
-        directions: Arc::new(t.data),
-        hidden,
-        layers,
         coef: a.coef,
         op: a.steer_op.parse::<SteerOp>()?,
         preserve_norm: a.steer_preserve_norm,
         positions: a.steer_positions.parse::<SteerPositions>()?,
+        ..s
     };
-    s.validate(n_layers, hidden).map_err(|e| anyhow!(e).context(format!("{}", path.display())))?;
+    s.validate_for(g).map_err(|e| anyhow!(e).context(format!("{}", path.display())))?;
     Ok(Some(Arc::new(s)))
 }
 
@@ -464,18 +463,7 @@ fn sequence_bar(quiet: bool, label: &str) -> Result<ProgressBar> {
 pub(crate) fn capture_points(layers: Option<&str>, n_layers: usize) -> Result<Vec<CapturePoint>> {
     Ok(match layers {
         None => (0..=n_layers).map(CapturePoint::Hidden).collect(),
-        Some(list) => {
-            let mut points = Vec::new();
-            let raw = list.split(',').any(|p| p.trim() == "raw");
-            let rest: Vec<&str> = list.split(',').filter(|p| p.trim() != "raw").collect();
-            if !rest.is_empty() {
-                points.extend(parse_layer_list(&rest.join(","))?.into_iter().map(CapturePoint::Hidden));
-            }
-            if raw {
-                points.push(CapturePoint::LastBlockRaw);
-            }
-            points
-        }
+        Some(list) => parse_points(list, n_layers).context("--layers")?,
     })
 }
 
@@ -494,6 +482,7 @@ fn extract_on<B: Backend>(
     let points = capture_points(a.layers.as_deref(), n_layers)?;
     let spec = CaptureSpec { points, position };
     spec.validate(n_layers)?;
+    engine.capture_width(&spec).context("--layers")?;
     let steer = steering(engine, &a.steer)?;
     let seqs = engine.input_ids(items, |i| format!("{}: line {}", a.input.display(), i + 1))?;
     let job = ExtractJob {

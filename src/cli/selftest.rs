@@ -148,7 +148,9 @@ fn mixed_steering(spec: &RandomLlama, n: usize, seed: u64, sign_aware: bool) -> 
             directions: Arc::new(pseudo_random((n_layers + 1) * spec.hidden, seed, 1.0)),
             hidden: spec.hidden,
             layers,
-            coef: 2.0,
+            sites: Vec::new(),
+            // A negative coefficient for the sign-aware entry: RepE's |c|·v·sign(⟨h, v⟩).
+            coef: if op == SteerOp::SignAware { -2.0 } else { 2.0 },
             op,
             preserve_norm: keep,
             positions: SteerPositions::All,
@@ -215,7 +217,7 @@ fn cpu_next_logits(cpu: &Engine<CpuBackend>, seq: &[u32], steering: &Option<Arc<
 const SIGN_TIE_MARGIN: f64 = 1e-3;
 
 /// The smallest |cos(h, v)| over a sequence's sign-aware steps on the CPU, where h is the residual
-/// before steering, recovered from the captured steered row h'' (h' = h + c·sign(⟨h, v⟩)·v, and
+/// before steering, recovered from the captured steered row h'' (h' = h + |c|·sign(⟨h, v⟩)·v, and
 /// h'' = h'·‖h‖/‖h'‖ when the norm is preserved).
 fn sign_margins(cpu: &Engine<CpuBackend>, seqs: &[Vec<u32>], steering: &[Option<Arc<Steering>>], n_layers: usize) -> Result<Vec<f64>> {
     let mut margins = vec![f64::INFINITY; seqs.len()];

@@ -154,6 +154,14 @@ pub(crate) fn check_ops<D: Backend>(name: &str, dev: &D, failures: &mut Vec<Stri
                 c.compare(&format!("{what}, normed rows"), &nd, &nc, TOL)?;
                 c.compare(&format!("{what}, residual"), &xd, &xc, if post_ln { TOL } else { EXACT_TOL })?;
             }
+            // The branch step of a point inside a block (hook_attn_out, hook_mlp_out): the
+            // sub-layer's output added into the residual by the fused residual kernel.
+            let (branch, resid) = (c.values(rows * h, 1.0), c.values(rows * h, 4.0));
+            let (mut bd, mut bc) = c.acts(&branch, rows, h, ActKind::Residual)?;
+            let (mut xd, mut xc) = c.acts(&resid, rows, h, ActKind::Residual)?;
+            dev.branch_step(&mut pd, &mut bd, None, None, Some(&mut xd))?;
+            c.cpu.branch_step(&mut pc, &mut bc, None, None, Some(&mut xc))?;
+            c.compare(&format!("{phase} branch step (added into the residual)"), &xd, &xc, EXACT_TOL)?;
             dev.end_pass(pd, None)?;
             c.cpu.end_pass(pc, None)?;
         }

@@ -8,6 +8,101 @@ pub enum CapturePoint {
     Hidden(usize),
     /// Output of the last decoder block before the final norm.
     LastBlockRaw,
+    /// A point inside decoder block `l` (TransformerLens `blocks.{l}.hook_*`).
+    Block(usize, Site),
+}
+
+/// The points inside a decoder block, as TransformerLens names them (`hook_resid_pre` and
+/// `hook_resid_post` are hidden-state indices: [`CapturePoint::Hidden`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Site {
+    /// `hook_resid_mid`: the residual after attention's add, the input of the MLP's norm.
+    ResidMid,
+    /// `hook_attn_out`: attention's output after the o projection (and its bias), before the add.
+    AttnOut,
+    /// `hook_mlp_out`: the MLP's output (down projection and its bias), before the add.
+    MlpOut,
+    /// `hook_z`: every head's attention output before the o projection, `[heads·head_dim]`
+    /// flattened head-major.
+    Z,
+}
+
+impl Site {
+    pub const ALL: [Site; 4] = [Site::ResidMid, Site::AttnOut, Site::MlpOut, Site::Z];
+
+    pub fn hook(self) -> &'static str {
+        match self {
+            Site::ResidMid => "hook_resid_mid",
+            Site::AttnOut => "hook_attn_out",
+            Site::MlpOut => "hook_mlp_out",
+            Site::Z => "hook_z",
+        }
+    }
+
+    /// Position in [`Site::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A point's name in outputs (the `points` metadata) and errors: TransformerLens names where one
+/// exists (`blocks.{l}.hook_resid_pre` for index l < L, `blocks.{L-1}.hook_resid_post` for the
+/// raw last-block output), and the index itself for L (after the final norm, which
+/// TransformerLens does not name). Each name parses back to the same point.
+pub fn point_name(p: CapturePoint, num_layers: usize) -> String {
+    match p {
+        CapturePoint::Hidden(l) if l < num_layers => format!("blocks.{l}.hook_resid_pre"),
+        CapturePoint::Hidden(l) => l.to_string(),
+        CapturePoint::LastBlockRaw => format!("blocks.{}.hook_resid_post", num_layers.saturating_sub(1)),
+        CapturePoint::Block(l, site) => format!("blocks.{l}.{}", site.hook()),
+    }
+}
+
+/// Parses a point list as `--layers` takes it: hidden-state indices and ranges (`0,5,10-20`),
+/// `raw`, and TransformerLens names (`blocks.3.hook_mlp_out`, with a layer range such as
+/// `blocks.2-4.hook_z`), mixed freely, kept in the order given, duplicates dropped.
+/// `blocks.{l}.hook_resid_pre` is index l and `blocks.{l}.hook_resid_post` index l + 1, except
+/// for the last block, whose `hook_resid_post` is `raw` (before the final norm, as in
+/// TransformerLens). `num_layers` bounds every layer: a point beyond the model is an error.
+pub fn parse_points(text: &str, num_layers: usize) -> Result<Vec<CapturePoint>> {
+    let mut out = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if part == "raw" {
+            out.push(CapturePoint::LastBlockRaw);
+        } else if let Some(rest) = part.strip_prefix("blocks.") {
+            let bad = || Error::input(format!(
+                "invalid point `{part}` in `{text}`: expected blocks.LAYER.hook_NAME with NAME one of resid_pre, resid_mid, resid_post, attn_out, mlp_out, z"
+            ));
+            let (layers, hook) = rest.split_once('.').ok_or_else(bad)?;
+            let layers = crate::engine::steer::parse_layer_list(layers).map_err(|_| bad())?;
+            for l in layers {
+                if l >= num_layers {
+                    return Err(Error::input(format!(
+                        "point `{part}` is beyond the model: it has blocks 0..={}",
+                        num_layers.saturating_sub(1)
+                    )));
+                }
+                out.push(match hook {
+                    "hook_resid_pre" => CapturePoint::Hidden(l),
+                    "hook_resid_post" if l + 1 == num_layers => CapturePoint::LastBlockRaw,
+                    "hook_resid_post" => CapturePoint::Hidden(l + 1),
+                    _ => CapturePoint::Block(l, *Site::ALL.iter().find(|s| s.hook() == hook).ok_or_else(bad)?),
+                });
+            }
+        } else {
+            let layers = crate::engine::steer::parse_layer_list(part)?;
+            if let Some(l) = layers.iter().find(|&&l| l > num_layers) {
+                return Err(Error::input(format!("capture layer {l} is out of range: this model has hidden-state indices 0..={num_layers}")));
+            }
+            out.extend(layers.into_iter().map(CapturePoint::Hidden));
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::input(format!("invalid layer list `{text}`: no points")));
+    }
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|p| seen.insert(*p));
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,15 +147,57 @@ impl CaptureSpec {
             return Err(Error::input("no capture layers requested"));
         }
         for p in &self.points {
-            if let CapturePoint::Hidden(l) = p {
-                if *l > num_layers {
+            match *p {
+                CapturePoint::Hidden(l) if l > num_layers => {
                     return Err(Error::input(format!(
                         "capture layer {l} is out of range: this model has hidden-state indices 0..={num_layers}"
-                    )));
+                    )))
                 }
+                CapturePoint::Block(l, _) if l >= num_layers => {
+                    return Err(Error::input(format!(
+                        "capture point {} is beyond the model: it has blocks 0..={}",
+                        point_name(*p, num_layers),
+                        num_layers.saturating_sub(1)
+                    )))
+                }
+                _ => {}
             }
         }
         Ok(())
+    }
+
+    /// The width of the output's rows: `hidden`, or `z_width` (heads·head_dim) when every point
+    /// is a `hook_z`. One output holds one width: `hook_z` mixes with other points only where
+    /// the two widths are equal.
+    pub fn width(&self, hidden: usize, z_width: usize) -> Result<usize> {
+        let z = self.points.iter().filter(|p| matches!(p, CapturePoint::Block(_, Site::Z))).count();
+        if z == 0 || z_width == hidden {
+            return Ok(hidden);
+        }
+        if z == self.points.len() {
+            return Ok(z_width);
+        }
+        Err(Error::input(format!(
+            "hook_z points are {z_width} wide (heads·head_dim) and the other points {hidden}: one output holds one width, so capture hook_z separately"
+        )))
+    }
+
+    /// The names of the points, in output order (the `points` metadata).
+    pub fn point_names(&self, num_layers: usize) -> Vec<String> {
+        self.points.iter().map(|&p| point_name(p, num_layers)).collect()
+    }
+
+    /// The hidden-state index after which nothing more is captured: the pass can stop there.
+    pub fn deepest_index(&self, num_layers: usize) -> usize {
+        self.points
+            .iter()
+            .map(|p| match *p {
+                CapturePoint::Hidden(l) => l,
+                CapturePoint::LastBlockRaw => num_layers,
+                CapturePoint::Block(l, _) => l + 1,
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     /// Slot of `point` in the output's layer axis.
@@ -164,6 +301,31 @@ impl CaptureSink<'_> {
 mod tests {
     use super::*;
     use crate::engine::plan::BatchPlan;
+
+    #[test]
+    fn point_lists() {
+        use CapturePoint::*;
+        let p = parse_points("0, blocks.1.hook_mlp_out,raw,2-3,blocks.0.hook_resid_post,blocks.0-1.hook_z,blocks.2.hook_resid_pre", 4).unwrap();
+        assert_eq!(p, vec![Hidden(0), Block(1, Site::MlpOut), LastBlockRaw, Hidden(2), Hidden(3), Hidden(1), Block(0, Site::Z), Block(1, Site::Z)]);
+        assert_eq!(parse_points("blocks.3.hook_resid_post", 4).unwrap(), vec![LastBlockRaw]);
+        assert_eq!(parse_points("blocks.3.hook_resid_mid,blocks.3.hook_attn_out", 4).unwrap(), vec![Block(3, Site::ResidMid), Block(3, Site::AttnOut)]);
+        // Names round-trip.
+        for p in p {
+            assert_eq!(parse_points(&point_name(p, 4), 4).unwrap(), vec![p]);
+        }
+        assert_eq!(point_name(Hidden(4), 4), "4");
+        let err = parse_points("blocks.4.hook_z", 4).unwrap_err().to_string();
+        assert!(err.contains("beyond the model") && err.contains("0..=3"), "{err}");
+        for bad in ["blocks.1.hook_q", "blocks.x.hook_z", "blocks.1", "1-x", ""] {
+            assert!(parse_points(bad, 4).is_err(), "{bad}");
+        }
+        let spec = CaptureSpec { points: vec![Block(0, Site::Z), Hidden(1)], position: CapturePosition::Last };
+        assert_eq!(spec.width(8, 8).unwrap(), 8);
+        assert!(spec.width(8, 12).unwrap_err().to_string().contains("hook_z"));
+        let z = CaptureSpec { points: vec![Block(0, Site::Z)], position: CapturePosition::Last };
+        assert_eq!(z.width(8, 12).unwrap(), 12);
+        assert_eq!(z.deepest_index(4), 1);
+    }
 
     #[test]
     fn contiguous_destinations() {

@@ -12,11 +12,11 @@ use crate::error::{Error, Result};
 use crate::backend::Norm;
 use crate::model::arch::{alibi_slopes, MlpKind, PositionKind};
 use crate::model::{ModelDir, ModelWeights};
-use capture::{CapturePoint, CapturePosition, CaptureSink, CaptureSpec, Captured};
+use capture::{CapturePoint, CapturePosition, CaptureSink, CaptureSpec, Captured, Site};
 use plan::BatchPlan;
 use sample::SampleParams;
 use std::sync::Arc;
-use steer::{plan_pass, Steering};
+use steer::{plan_pass, steer_key, SteerGeometry, Steering};
 
 /// A loaded model on one backend. Immutable after loading: share it across threads.
 pub struct Engine<B: Backend> {
@@ -106,6 +106,21 @@ impl<B: Backend> Engine<B> {
 
     pub fn kv_dim(&self) -> usize {
         self.heads.kv_heads * self.heads.head_dim
+    }
+
+    /// What steering needs of the model: layers, widths and heads.
+    pub fn steer_geometry(&self) -> SteerGeometry {
+        SteerGeometry { num_layers: self.num_layers(), hidden: self.hidden_size(), heads: self.heads.q_heads, head_dim: self.heads.head_dim }
+    }
+
+    /// The width of `spec`'s output rows (hidden, or heads·head_dim for `hook_z` alone).
+    pub fn capture_width(&self, spec: &CaptureSpec) -> Result<usize> {
+        spec.width(self.hidden_size(), self.heads.q_heads * self.heads.head_dim)
+    }
+
+    /// Checks a steering intervention against this model ([`Steering::validate_for`]).
+    pub fn check_steering(&self, s: &Steering) -> Result<()> {
+        s.validate_for(self.steer_geometry())
     }
 
     /// Checks token ids and lengths before any compute.
@@ -220,20 +235,22 @@ impl<B: Backend> Engine<B> {
         let spec = sink.as_ref().map(|s| s.spec);
         // Without logits, stop after the deepest captured point.
         let last_point = match spec {
-            Some(spec) if pass.logits_rows.is_empty() => spec
-                .points
-                .iter()
-                .map(|p| match p {
-                    CapturePoint::Hidden(l) => *l,
-                    CapturePoint::LastBlockRaw => n_layers,
-                })
-                .max()
-                .unwrap_or(0),
+            Some(spec) if pass.logits_rows.is_empty() => spec.deepest_index(n_layers),
             _ => n_layers,
         };
-        let layout = spec.map(|s| CaptureLayout { slots: s.points.len(), position: s.position });
+        let layout = match spec {
+            Some(s) => Some(CaptureLayout { slots: s.points.len(), position: s.position, width: self.capture_width(s)? }),
+            None => None,
+        };
         // Every point's steering is planned before the pass, so a device backend uploads it once.
-        let steering = plan_pass(last_point, pass.steering, &plan.row_seq, pass.phase);
+        let steering = plan_pass(last_point, n_layers, pass.steering, &plan.row_seq, pass.phase);
+        // A point inside block l: its steering plan and capture slot, None when neither (the
+        // common path, which then runs as if the point did not exist).
+        let site_point = |l: usize, site: Site| {
+            let steer = steering.get(steer_key(n_layers, l, Some(site))).and_then(Option::as_ref);
+            let slot = spec.and_then(|s| s.slot(CapturePoint::Block(l, site)));
+            (steer.is_some() || slot.is_some()).then_some((steer, slot))
+        };
         let mut state = be.begin_pass(plan, &self.inv_freq, layout, &steering, h)?;
         be.mark("begin pass (between passes, tables)");
 
@@ -273,6 +290,9 @@ impl<B: Backend> Engine<B> {
             let mlp = self.model.spec.mlp;
             let up_rows = if mlp == MlpKind::SwiGlu { 2 * inter } else { inter };
             let (mut gate_up, mut act) = (hidden(up_rows)?, hidden(inter)?);
+            // A sub-layer's output before its residual add, made only when a pass steers or
+            // captures there: otherwise the projections add straight into the residual.
+            let mut branch: Option<B::Act> = None;
             for (l, lw) in w.layers.iter().enumerate().take(last_point) {
                 let qk_norm = lw.q_norm.as_ref().zip(lw.k_norm.as_ref()).map(|(qn, kn)| (qn, kn, eps));
                 let input = AttentionInput { qkv: &lw.qkv, bias: lw.qkv_bias.as_ref(), qk_norm, heads: self.heads };
@@ -280,14 +300,43 @@ impl<B: Backend> Engine<B> {
                 be.mark("rope and kv store (all of the attention input when fused)");
                 be.attention(&state, &q, kv, l, self.heads, self.alibi.as_deref(), &mut attn)?;
                 be.mark("attention");
-                be.linear(&attn, &lw.o, lw.o_bias.as_ref(), &mut x, true)?;
+                if let Some((steer, slot)) = site_point(l, Site::Z) {
+                    be.branch_step(&mut state, &mut attn, steer, slot, None)?;
+                    be.mark("hook_z (steer, capture)");
+                }
+                match site_point(l, Site::AttnOut) {
+                    None => be.linear(&attn, &lw.o, lw.o_bias.as_ref(), &mut x, true)?,
+                    Some((steer, slot)) => {
+                        let b = match branch.as_mut() {
+                            Some(b) => b,
+                            None => branch.insert(be.scratch_act(rows, h, ActKind::Residual)?),
+                        };
+                        be.linear(&attn, &lw.o, lw.o_bias.as_ref(), b, false)?;
+                        be.mark("o projection");
+                        be.branch_step(&mut state, b, steer, slot, Some(&mut x))?;
+                        be.mark("hook_attn_out (steer, capture, add)");
+                    }
+                }
                 be.mark("o projection");
                 let mlp_norm = self.norm(&lw.mlp_norm, lw.mlp_norm_bias.as_ref());
-                be.residual_step(&mut state, &mut x, mlp_norm, &mut normed, None, None, None, post_ln)?;
+                let (mid_steer, mid_slot) = site_point(l, Site::ResidMid).unwrap_or((None, None));
+                be.residual_step(&mut state, &mut x, mlp_norm, &mut normed, mid_steer, mid_slot, None, post_ln)?;
                 be.mark("mlp norm");
                 be.mlp_input(mlp, &normed, &lw.gate_up, lw.gate_up_bias.as_ref(), &mut gate_up, &mut act)?;
                 be.mark("activation (all of the MLP input when fused)");
-                be.down_projection(&state, &act, &lw.down, lw.down_bias.as_ref(), &mut x)?;
+                match site_point(l, Site::MlpOut) {
+                    None => be.down_projection(&state, &act, &lw.down, lw.down_bias.as_ref(), &mut x, true)?,
+                    Some((steer, slot)) => {
+                        let b = match branch.as_mut() {
+                            Some(b) => b,
+                            None => branch.insert(be.scratch_act(rows, h, ActKind::Residual)?),
+                        };
+                        be.down_projection(&state, &act, &lw.down, lw.down_bias.as_ref(), b, false)?;
+                        be.mark("down projection");
+                        be.branch_step(&mut state, b, steer, slot, Some(&mut x))?;
+                        be.mark("hook_mlp_out (steer, capture, add)");
+                    }
+                }
                 be.mark("down projection");
                 point(l + 1, &mut state, &mut x, &mut normed)?;
             }
@@ -327,7 +376,7 @@ impl<B: Backend> Engine<B> {
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Captured> {
         let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
-        let mut out = Captured::for_lengths(&lens, spec.points.len(), self.hidden_size(), spec.position);
+        let mut out = Captured::for_lengths(&lens, spec.points.len(), self.capture_width(spec)?, spec.position);
         let mut next_row = 0;
         self.extract_batches(seqs, spec, steering, batch_tokens, |range, batch| {
             let n = batch.data.len();
@@ -351,11 +400,12 @@ impl<B: Backend> Engine<B> {
         mut on_batch: impl FnMut(std::ops::Range<usize>, &Captured) -> Result<()>,
     ) -> Result<()> {
         spec.validate(self.num_layers())?;
+        let width = self.capture_width(spec)?;
         if steering.len() != seqs.len() {
             return Err(Error::input(format!("{} steering entries for {} sequences", steering.len(), seqs.len())));
         }
         for s in steering.iter().flatten() {
-            s.validate(self.num_layers(), self.hidden_size())?;
+            self.check_steering(s)?;
         }
         for (i, ids) in seqs.iter().enumerate() {
             self.check_tokens(ids, &format!("sequence {}", i + 1))?;
@@ -369,7 +419,7 @@ impl<B: Backend> Engine<B> {
             let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
             let plan = BatchPlan::fresh(&lens);
             let ids: Vec<u32> = batch.iter().flatten().copied().collect();
-            let mut out = Captured::for_lengths(&lens, spec.points.len(), self.hidden_size(), spec.position);
+            let mut out = Captured::for_lengths(&lens, spec.points.len(), width, spec.position);
             let seq_row = match spec.position {
                 CapturePosition::All => out.offsets[..lens.len()].to_vec(),
                 _ => (0..lens.len()).collect(),

@@ -67,7 +67,7 @@ impl<B: Backend> Engine<B> {
             spec.validate(self.num_layers())?;
         }
         for s in steering.iter().flatten() {
-            s.validate(self.num_layers(), self.hidden_size())?;
+            self.check_steering(s)?;
         }
         for (i, ids) in seqs.iter().enumerate() {
             self.check_tokens(ids, &format!("sequence {}", i + 1))?;
@@ -82,7 +82,10 @@ impl<B: Backend> Engine<B> {
         }
         let vocab = self.model.config.vocab_size;
         let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
-        let mut captured = capture.map(|spec| Captured::for_lengths(&lens, spec.points.len(), self.hidden_size(), spec.position));
+        let mut captured = match capture {
+            Some(spec) => Some(Captured::for_lengths(&lens, spec.points.len(), self.capture_width(spec)?, spec.position)),
+            None => None,
+        };
         let mut logprobs: Vec<Vec<f32>> = Vec::with_capacity(seqs.len());
         let mut start = 0;
         while start < seqs.len() {

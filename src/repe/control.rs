@@ -193,6 +193,7 @@ pub fn run_control<B: Backend>(engine: &Engine<B>, tasks: &[ControlTask], settin
                     directions: t.steer.clone(),
                     hidden,
                     layers: t.layers.clone(),
+                    sites: Vec::new(),
                     coef: c,
                     op,
                     preserve_norm: settings.preserve_norm,

@@ -282,11 +282,19 @@ impl<'e, B: Backend> Scheduler<'e, B> {
     pub fn check_capture(&self, req: &CaptureRequest) -> Result<()> {
         let e = self.engine;
         req.spec.validate(e.num_layers())?;
+        // Requests share passes, whose captures hold one width: the hidden size.
+        if e.capture_width(&req.spec)? != e.hidden_size() {
+            return Err(Error::input(format!(
+                "hook_z alone is {} wide here, not the hidden size {}: capture it together with another point, or with `resid extract`",
+                e.capture_width(&req.spec)?,
+                e.hidden_size()
+            )));
+        }
         if req.seqs.is_empty() {
             return Err(Error::input("no sequences to capture"));
         }
         if let Some(s) = &req.steering {
-            s.validate(e.num_layers(), e.hidden_size())?;
+            e.check_steering(s)?;
         }
         for (i, ids) in req.seqs.iter().enumerate() {
             e.check_tokens(ids, &format!("input {}", i + 1))?;
@@ -308,7 +316,7 @@ impl<'e, B: Backend> Scheduler<'e, B> {
         let e = self.engine;
         e.check_tokens(&req.prompt, "prompt")?;
         if let Some(s) = &req.steering {
-            s.validate(e.num_layers(), e.hidden_size())?;
+            e.check_steering(s)?;
         }
         for p in &req.probes {
             if p.layer > e.num_layers() {

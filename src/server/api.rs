@@ -80,6 +80,9 @@ pub struct SteerEntry {
     pub coef: f32,
     /// None: the layers where the vector is non-zero.
     pub layers: Option<Vec<usize>>,
+    /// `layers` when it names points inside blocks (`"blocks.3.hook_mlp_out,10-12"`, or a list
+    /// with such names), as `--steer-layers` takes them: resolved against the model's heads.
+    pub points: Option<String>,
     pub op: SteerOp,
     pub positions: SteerPositions,
     pub preserve_norm: bool,
@@ -347,7 +350,31 @@ fn steer_entry(v: &Value, at: &str, limits: &Limits) -> ApiResult<SteerEntry> {
         (None, None) => return Err(ApiError::invalid(at, format!("`{at}` needs `vector` (a loaded vector's name) or `directions`"))),
     };
     let coef = f.number("coef", -1e6, 1e6)?.unwrap_or(1.0) as f32;
-    let layers = f.get("layers").map(|v| layer_list(v, &f.name("layers"), limits.num_layers)).transpose()?;
+    // Point names go to `points` (checked against the model's heads when resolved).
+    let names_points = |v: &Value| match v {
+        Value::String(s) => s.contains("blocks."),
+        Value::Array(items) => items.iter().any(|x| x.as_str().is_some_and(|s| s.contains("blocks."))),
+        _ => false,
+    };
+    let (layers, points) = match f.get("layers") {
+        Some(v) if names_points(v) => {
+            let text = match v {
+                Value::Array(items) => items
+                    .iter()
+                    .map(|x| match x {
+                        Value::String(s) => Ok(s.clone()),
+                        Value::Number(n) if n.is_u64() => Ok(n.to_string()),
+                        _ => Err(ApiError::invalid(f.name("layers"), format!("`{}` must hold layer indices and point names", f.name("layers")))),
+                    })
+                    .collect::<ApiResult<Vec<_>>>()?
+                    .join(","),
+                other => other.as_str().unwrap_or_default().to_string(),
+            };
+            (None, Some(text))
+        }
+        Some(v) => (Some(layer_list(v, &f.name("layers"), limits.num_layers)?), None),
+        None => (None, None),
+    };
     let op = match f.string("op")? {
         None => SteerOp::Add,
         Some(s) => s.parse().map_err(|e| ApiError::invalid(f.name("op"), format!("`{}`: {e}", f.name("op"))))?,
@@ -357,7 +384,7 @@ fn steer_entry(v: &Value, at: &str, limits: &Limits) -> ApiResult<SteerEntry> {
         Some(s) => s.parse().map_err(|e| ApiError::invalid(f.name("positions"), format!("`{}`: {e}", f.name("positions"))))?,
     };
     let preserve_norm = f.bool("preserve_norm")?.unwrap_or(false);
-    Ok(SteerEntry { source, coef, layers, op, positions, preserve_norm })
+    Ok(SteerEntry { source, coef, layers, points, op, positions, preserve_norm })
 }
 
 fn steering(v: Option<&Value>, limits: &Limits) -> ApiResult<Vec<SteerEntry>> {
@@ -500,6 +527,11 @@ pub fn parse_chat(body: &[u8], limits: &Limits) -> ApiResult<GenParams> {
     common(&f, input, limits, true)
 }
 
+/// The points a `layers` string names (`resid extract --layers` syntax).
+fn points_of(s: &str, limits: &Limits) -> ApiResult<Vec<CapturePoint>> {
+    crate::engine::capture::parse_points(s, limits.num_layers).map_err(|e| ApiError::invalid("layers", format!("`layers`: {e}")))
+}
+
 /// `POST /v1/hidden_states`.
 pub fn parse_hidden_states(body: &[u8], limits: &Limits) -> ApiResult<HiddenParams> {
     let m = parse_object(body)?;
@@ -508,26 +540,18 @@ pub fn parse_hidden_states(body: &[u8], limits: &Limits) -> ApiResult<HiddenPara
     let inputs = prompts(input, "input", limits)?;
     let points = match f.get("layers") {
         None => (0..=limits.num_layers).map(CapturePoint::Hidden).collect(),
-        Some(Value::String(s)) => {
-            let raw = s.split(',').any(|p| p.trim() == "raw");
-            let rest: Vec<&str> = s.split(',').filter(|p| p.trim() != "raw").collect();
+        Some(Value::String(s)) => points_of(s, limits)?,
+        Some(Value::Array(items)) => {
             let mut points = Vec::new();
-            if !rest.iter().all(|p| p.trim().is_empty()) {
-                points.extend(layer_list(&Value::String(rest.join(",")), "layers", limits.num_layers)?.into_iter().map(CapturePoint::Hidden));
-            }
-            if raw {
-                points.push(CapturePoint::LastBlockRaw);
+            for x in items {
+                match x {
+                    Value::String(s) => points.extend(points_of(s, limits)?),
+                    _ => points.push(CapturePoint::Hidden(layer_list(x, "layers", limits.num_layers)?[0])),
+                }
             }
             points
         }
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|x| match x {
-                Value::String(s) if s == "raw" => Ok(CapturePoint::LastBlockRaw),
-                _ => Ok(CapturePoint::Hidden(layer_list(x, "layers", limits.num_layers)?[0])),
-            })
-            .collect::<ApiResult<_>>()?,
-        Some(_) => return Err(f.bad("layers", "a list of layer indices (and \"raw\") or a string like \"0,5,10-12,raw\"")),
+        Some(_) => return Err(f.bad("layers", "a list of layer indices and point names (\"raw\", \"blocks.3.hook_mlp_out\") or a string like \"0,5,10-12,raw\"")),
     };
     if points.is_empty() {
         return Err(ApiError::invalid("layers", "`layers` names no layer"));
@@ -624,6 +648,13 @@ mod tests {
         let h = parse_hidden_states(br#"{"input":["a","b"],"layers":"0,2-3,raw","position":"mean"}"#, &LIMITS).unwrap();
         assert_eq!(h.points, vec![CapturePoint::Hidden(0), CapturePoint::Hidden(2), CapturePoint::Hidden(3), CapturePoint::LastBlockRaw]);
         assert_eq!(h.position, CapturePosition::Mean);
+        let h = parse_hidden_states(br#"{"input":["a"],"layers":[2,"blocks.1.hook_z","blocks.0-1.hook_mlp_out"]}"#, &LIMITS).unwrap();
+        use crate::engine::capture::Site;
+        assert_eq!(h.points, vec![CapturePoint::Hidden(2), CapturePoint::Block(1, Site::Z), CapturePoint::Block(0, Site::MlpOut), CapturePoint::Block(1, Site::MlpOut)]);
+        assert_eq!(parse_hidden_states(br#"{"input":"a","layers":"blocks.4.hook_z"}"#, &LIMITS).unwrap_err().param.as_deref(), Some("layers"));
+        let p = parse_completion(br#"{"prompt":"x","steering":{"vector":"v","layers":["blocks.1.hook_z.0",2]}}"#, &LIMITS).unwrap();
+        assert_eq!(p.steering[0].points.as_deref(), Some("blocks.1.hook_z.0,2"));
+        assert_eq!(p.steering[0].layers, None);
         let h = parse_hidden_states(br#"{"input":[[1,2]],"layers":[1,"raw",1]}"#, &LIMITS).unwrap();
         assert_eq!(h.points, vec![CapturePoint::Hidden(1), CapturePoint::LastBlockRaw]);
         assert_eq!(parse_hidden_states(br#"{"input":"a","layers":[7]}"#, &LIMITS).unwrap_err().param.as_deref(), Some("layers"));

@@ -2,10 +2,10 @@
 //! states, steering vectors, health and metrics.
 use super::api::{self, ApiError, ApiResult, GenParams, Input, PromptInput, SteerEntry, VectorSource};
 use super::{api_error, App, Command, QueueTicket};
-use crate::engine::capture::{CapturePoint, CapturePosition, CaptureSpec, Captured};
+use crate::engine::capture::{CapturePosition, CaptureSpec, Captured};
 use crate::engine::generate::FinishReason;
 use crate::engine::sample::Sampling;
-use crate::engine::steer::{SteerOp, Steering};
+use crate::engine::steer::{parse_steer_targets, SteerGeometry, SteerOp, Steering};
 use crate::sched::text::TextStream;
 use crate::sched::{CaptureFailure, CaptureListener, CaptureRequest, GenEvent, GenListener, GenRequest, Probe, TokenOut};
 use axum::body::Bytes;
@@ -46,6 +46,9 @@ fn resolve_steering(app: &App, entries: &[SteerEntry]) -> ApiResult<Option<Arc<S
     }
     let c = &app.model.model().config;
     let (num_layers, hidden) = (c.num_layers, c.hidden_size);
+    if let Some(i) = entries.iter().position(|e| e.points.is_some()) {
+        return steering_at_points(app, entries, i).map(|s| Some(Arc::new(s)));
+    }
     let mut parts = Vec::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
         let at = if entries.len() == 1 { "steering".to_string() } else { format!("steering[{i}]") };
@@ -70,7 +73,7 @@ fn resolve_steering(app: &App, entries: &[SteerEntry]) -> ApiResult<Option<Arc<S
     }
     let steering = if parts.len() == 1 {
         let (table, layers, e) = parts.remove(0);
-        Steering { directions: table, hidden, layers, coef: e.coef, op: e.op, preserve_norm: e.preserve_norm, positions: e.positions }
+        Steering { directions: table, hidden, layers, sites: Vec::new(), coef: e.coef, op: e.op, preserve_norm: e.preserve_norm, positions: e.positions }
     } else {
         let first = parts[0].2;
         if parts.iter().any(|(_, _, e)| e.op != SteerOp::Add || e.preserve_norm || e.positions != first.positions) {
@@ -89,10 +92,34 @@ fn resolve_steering(app: &App, entries: &[SteerEntry]) -> ApiResult<Option<Arc<S
             }
         }
         layers.sort_unstable();
-        Steering { directions: Arc::new(sum), hidden, layers, coef: 1.0, op: SteerOp::Add, preserve_norm: false, positions: first.positions }
+        Steering { directions: Arc::new(sum), hidden, layers, sites: Vec::new(), coef: 1.0, op: SteerOp::Add, preserve_norm: false, positions: first.positions }
     };
     steering.validate(num_layers, hidden).map_err(|e| api_error(&e, "steering"))?;
     Ok(Some(Arc::new(steering)))
+}
+
+/// A steering entry whose `layers` name points inside blocks: one entry only (sums of such
+/// entries are not one intervention), its vectors the stored file's tensors named by the points.
+fn steering_at_points(app: &App, entries: &[SteerEntry], i: usize) -> ApiResult<Steering> {
+    let at = if entries.len() == 1 { "steering".to_string() } else { format!("steering[{i}]") };
+    if entries.len() != 1 {
+        return Err(ApiError::invalid(format!("{at}.layers"), format!("`{at}`: steering at points inside blocks takes one `steering` entry")));
+    }
+    let e = &entries[0];
+    let c = &app.model.model().config;
+    let g = SteerGeometry { num_layers: c.num_layers, hidden: c.hidden_size, heads: c.num_heads, head_dim: c.head_dim };
+    let text = e.points.as_deref().unwrap_or_default();
+    let targets = parse_steer_targets(text, g).map_err(|err| ApiError::invalid(format!("{at}.layers"), format!("`{at}.layers`: {err}")))?;
+    let VectorSource::Named(name) = &e.source else {
+        return Err(ApiError::invalid(format!("{at}.vector"), format!("`{at}`: points inside blocks take their vectors from a loaded vector file (`vector`), whose tensors name the points")));
+    };
+    let v = app.vectors.get(name, &format!("{at}.vector"))?;
+    let mut tensors = v.points.clone();
+    tensors.directions = (!v.table.is_empty()).then(|| v.table.to_vec());
+    let s = tensors.steering(&targets, g, &format!("vector `{name}`")).map_err(|err| api_error(&err, &format!("{at}.layers")))?;
+    let s = Steering { coef: e.coef, op: e.op, preserve_norm: e.preserve_norm, positions: e.positions, ..s };
+    s.validate_for(g).map_err(|err| api_error(&err, "steering"))?;
+    Ok(s)
 }
 
 fn resolve_probes(app: &App, specs: &[api::ProbeSpec]) -> ApiResult<Vec<Probe>> {
@@ -102,7 +129,9 @@ fn resolve_probes(app: &App, specs: &[api::ProbeSpec]) -> ApiResult<Vec<Probe>> 
         .enumerate()
         .map(|(i, p)| {
             let v = app.vectors.get(&p.vector, &format!("probes[{i}].vector"))?;
-            let row = &v.table[p.layer * hidden..(p.layer + 1) * hidden];
+            let Some(row) = v.table.get(p.layer * hidden..(p.layer + 1) * hidden) else {
+                return Err(ApiError::invalid(format!("probes[{i}].vector"), format!("`probes[{i}]`: vector `{}` has no `directions` (only points inside blocks)", p.vector)));
+            };
             if row.iter().all(|&x| x == 0.0) {
                 return Err(ApiError::invalid(format!("probes[{i}].layer"), format!("`probes[{i}]`: vector `{}` is zero at layer {}", p.vector, p.layer)));
             }
@@ -639,7 +668,7 @@ async fn hidden_states_inner(app: &Arc<App>, headers: &HeaderMap, body: Result<B
         let row = i / (captured.points * captured.hidden).max(1);
         return Err(ApiError::status(500, "server_error", format!("captured activations contain NaN or Inf (row {row})")));
     }
-    let layers: Vec<i64> = p.points.iter().map(|pt| match pt { CapturePoint::Hidden(l) => *l as i64, CapturePoint::LastBlockRaw => -1 }).collect();
+    let layers: Vec<i64> = crate::store::extract::layer_ids(&CaptureSpec { points: p.points.clone(), position: p.position });
     let shape = vec![captured.rows, captured.points, captured.hidden];
     let offsets: Option<Vec<i64>> = (p.position == CapturePosition::All).then(|| captured.offsets.iter().map(|&o| o as i64).collect());
     let binary = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("application/octet-stream"));

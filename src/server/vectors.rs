@@ -8,7 +8,10 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 pub struct StoredVector {
+    /// `[L+1, hidden]`; empty for a file that holds only points inside blocks.
     pub table: Arc<Vec<f32>>,
+    /// Vectors for points inside blocks, by point name (`blocks.3.hook_mlp_out`).
+    pub points: crate::io::SteeringTensors,
     /// `safetensors` or `gguf`.
     pub format: &'static str,
     pub source: String,
@@ -39,12 +42,13 @@ impl VectorStore {
 
     /// Reads a vector file's bytes (safetensors `directions` or a GGUF control vector).
     pub fn parse(&self, bytes: &[u8], source: &str) -> Result<StoredVector> {
-        let (t, format) = if is_gguf(bytes) {
-            (crate::repe::gguf::parse_control_vector(bytes, Path::new(source), self.num_layers, self.hidden)?, "gguf")
-        } else {
-            (crate::io::parse_directions(bytes, source, self.num_layers, self.hidden)?, "safetensors")
-        };
-        Ok(StoredVector { table: Arc::new(t.data), format, source: source.to_string() })
+        if is_gguf(bytes) {
+            let t = crate::repe::gguf::parse_control_vector(bytes, Path::new(source), self.num_layers, self.hidden)?;
+            return Ok(StoredVector { table: Arc::new(t.data), points: Default::default(), format: "gguf", source: source.to_string() });
+        }
+        let mut t = crate::io::SteeringTensors::parse(bytes, source, self.num_layers, self.hidden)?;
+        let table = Arc::new(t.directions.take().unwrap_or_default());
+        Ok(StoredVector { table, points: t, format: "safetensors", source: source.to_string() })
     }
 
     /// Loads every `.safetensors` and `.gguf` file of `dir`, each named by its file stem.
@@ -112,6 +116,7 @@ impl VectorStore {
             "rows": self.num_layers + 1,
             "hidden_size": self.hidden,
             "nonzero_layers": v.nonzero_layers(self.hidden),
+            "points": v.points.points.keys().collect::<Vec<_>>(),
         })
     }
 }

@@ -202,6 +202,7 @@ fn manifest_options<B: Backend>(engine: &Engine<B>, job: &ExtractJob) -> Result<
         "compute": engine.backend.compute_type(),
         "position": job.spec.position.name(),
         "layers": layer_ids(job.spec),
+        "points": job.spec.point_names(engine.num_layers()),
         "steering": job.steering_description,
         "steering_file_sha256": job.steering_file_sha256,
     });
@@ -226,13 +227,15 @@ pub fn compute_kind<B: Backend>(backend: &B) -> String {
     }
 }
 
-/// The `layers` tensor of an output: hidden-state indices, -1 for the raw last-block output.
+/// The `layers` tensor of an output: hidden-state indices, -1 for the raw last-block output,
+/// -2 for a point inside a block (the `points` metadata names every point).
 pub fn layer_ids(spec: &CaptureSpec) -> Vec<i64> {
     spec.points
         .iter()
         .map(|p| match p {
             CapturePoint::Hidden(l) => *l as i64,
             CapturePoint::LastBlockRaw => -1,
+            CapturePoint::Block(..) => -2,
         })
         .collect()
 }
@@ -303,7 +306,8 @@ impl<'a, 'p, B: Backend> Writer<'a, 'p, B> {
             ("compute", e.backend.compute_type().to_string()),
             ("weights_dtype", e.model.store.dominant_dtype()),
             ("steering", self.job.steering_description.clone()),
-            ("layers_note", "HF output_hidden_states indices; -1 = raw pre-norm output of the last block".to_string()),
+            ("layers_note", "HF output_hidden_states indices; -1 = raw pre-norm output of the last block; -2 = a point inside a block (see points)".to_string()),
+            ("points", serde_json::to_string(&self.job.spec.point_names(e.num_layers())).unwrap_or_default()),
             ("sequences", sequences.to_string()),
             ("tokens", tokens.to_string()),
             ("resid_version", env!("CARGO_PKG_VERSION").to_string()),
@@ -331,7 +335,7 @@ impl<'a, 'p, B: Backend> Writer<'a, 'p, B> {
         if index {
             declared.push(StreamTensor { name: "index".into(), dtype: StreamDtype::I64, shape: vec![range.len()] });
         }
-        declared.push(StreamTensor { name: "hidden_states".into(), dtype: job.dtype.stream(), shape: vec![rows, job.spec.points.len(), engine.hidden_size()] });
+        declared.push(StreamTensor { name: "hidden_states".into(), dtype: job.dtype.stream(), shape: vec![rows, job.spec.points.len(), engine.capture_width(job.spec)?] });
         let mut file = SafetensorsStream::create(path, declared, &self.metadata(range.len(), tokens))?;
         file.write_i64(&ids)?;
         if position == CapturePosition::All {

@@ -15,7 +15,7 @@
 //! the end, and the state is then removed.
 use super::lock::lock_output_file;
 use crate::backend::Backend;
-use crate::engine::capture::{CapturePoint, CapturePosition, CaptureSpec, Captured};
+use crate::engine::capture::{CapturePosition, CaptureSpec, Captured};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::io::{OutTensor, OutputDtype, TensorData};
@@ -283,14 +283,6 @@ pub fn state_path(out: &Path) -> PathBuf {
     out.with_file_name(name)
 }
 
-/// The `--layers` syntax of a point, for the `points` metadata.
-pub fn point_name(p: CapturePoint) -> String {
-    match p {
-        CapturePoint::Hidden(l) => l.to_string(),
-        CapturePoint::LastBlockRaw => "raw".into(),
-    }
-}
-
 /// Runs `job` into the safetensors file `out` (locked for the whole run; `wait` for the lock).
 pub fn run<B: Backend>(engine: &Engine<B>, job: &StatsJob, out: &Path, wait: bool, progress: &mut dyn FnMut(StatsProgress)) -> Result<StatsSummary> {
     job.spec.validate(engine.num_layers())?;
@@ -308,7 +300,7 @@ pub fn run<B: Backend>(engine: &Engine<B>, job: &StatsJob, out: &Path, wait: boo
     let _lock = lock_output_file(out, wait)?;
     let state_file = state_path(out);
     let options = options(engine, job)?;
-    let hidden = engine.hidden_size();
+    let hidden = engine.capture_width(job.spec)?;
     let points = job.spec.points.len();
     let (mut moments, resumed_from) = match load_state(&state_file, &options, points, hidden)? {
         Some(s) => s,
@@ -419,13 +411,13 @@ fn options<B: Backend>(engine: &Engine<B>, job: &StatsJob) -> Result<serde_json:
         "format": FORMAT,
         "model_config_sha256": super::sha256_hex(&config_bytes),
         "architecture": engine.model.config.architecture,
-        "hidden_size": engine.hidden_size(),
+        "hidden_size": engine.capture_width(job.spec)?,
         "weights_dtype": engine.model.store.dominant_dtype(),
         "device": super::extract::device_kind(&engine.backend),
         "input_sha256": job.input_sha256,
         "input_sequences": job.seqs.len(),
         "position": job.spec.position.name(),
-        "points": job.spec.points.iter().map(|&p| point_name(p)).collect::<Vec<_>>(),
+        "points": job.spec.point_names(engine.num_layers()),
         "second_moments": job.stats.second_moments(),
         "pairs": job.pairs,
     }))
@@ -513,7 +505,7 @@ fn load_state(path: &Path, options: &serde_json::Value, points: usize, hidden: u
 }
 
 fn write_output<B: Backend>(engine: &Engine<B>, job: &StatsJob, out: &Path, moments: &[PointMoments]) -> Result<()> {
-    let (p, h) = (moments.len(), engine.hidden_size());
+    let (p, h) = (moments.len(), engine.capture_width(job.spec)?);
     let n = moments.first().map_or(0, |m| m.count);
     if n == 0 {
         return Err(Error::input(format!("{}: no rows to compute statistics over", job.input_name)));
@@ -539,7 +531,7 @@ fn write_output<B: Backend>(engine: &Engine<B>, job: &StatsJob, out: &Path, mome
     tensors.push(f64_tensor("max", vec![p, h], cat(&|m| m.max.clone())));
     let config = engine.model.dir.join("config.json");
     let config_bytes = std::fs::read(&config).map_err(|e| Error::io(&config, e))?;
-    let points: Vec<String> = job.spec.points.iter().map(|&p| point_name(p)).collect();
+    let points: Vec<String> = job.spec.point_names(engine.num_layers());
     let meta: HashMap<String, String> = [
         ("format", FORMAT.to_string()),
         ("points", serde_json::to_string(&points).unwrap_or_default()),

@@ -356,11 +356,11 @@ impl Backend for CpuBackend {
         inv_freq: &[f32],
         capture: Option<CaptureLayout>,
         _steering: &[Option<PointSteering<'_>>],
-        hidden: usize,
+        _hidden: usize,
     ) -> Result<CpuPass> {
         let capture = capture.map(|c| {
             let rows = if c.position == CapturePosition::All { plan.rows() } else { plan.seqs.len() };
-            (Captured::new(rows, c.slots, hidden, Vec::new()), c.position)
+            (Captured::new(rows, c.slots, c.width, Vec::new()), c.position)
         });
         let sink_rows = plan.positions.iter().enumerate().filter(|&(_, &p)| p == 0).map(|(r, _)| r).collect();
         Ok(CpuPass { plan: plan.clone(), sink_rows, rope: rope::rope_rows(inv_freq, &plan.positions), capture })
@@ -390,8 +390,8 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn down_projection(&self, pass: &CpuPass, x: &CpuAct, w: &CpuMatrix, b: Option<&F32Data>, out: &mut CpuAct) -> Result<()> {
-        w.multiply(x, b, out, true, &pass.sink_rows);
+    fn down_projection(&self, pass: &CpuPass, x: &CpuAct, w: &CpuMatrix, b: Option<&F32Data>, out: &mut CpuAct, accumulate: bool) -> Result<()> {
+        w.multiply(x, b, out, accumulate, &pass.sink_rows);
         Ok(())
     }
 
@@ -505,6 +505,29 @@ impl Backend for CpuBackend {
         }
         if post_ln {
             x.data.copy_from_slice(&normed.data);
+        }
+        Ok(())
+    }
+
+    fn branch_step(
+        &self,
+        pass: &mut CpuPass,
+        branch: &mut CpuAct,
+        steer: Option<&PointSteering>,
+        capture: Option<usize>,
+        add_to: Option<&mut CpuAct>,
+    ) -> Result<()> {
+        let w = branch.cols;
+        if let Some(st) = steer {
+            residual::steer_rows(&mut branch.data, w, st);
+        }
+        if let (Some(slot), Some((buf, position))) = (capture, pass.capture.as_mut()) {
+            residual::capture_rows(&branch.data, w, &pass.plan, buf, *position, slot);
+        }
+        if let Some(x) = add_to {
+            // x + (x·Wᵀ + b): the GEMM epilogue's order when it accumulates, so capturing here
+            // changes no other value.
+            residual::add_rows(&mut x.data, &branch.data);
         }
         Ok(())
     }

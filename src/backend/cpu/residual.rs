@@ -16,9 +16,10 @@ pub fn steer_row(row: &mut [f32], s: &SlotSteer) {
         SteerOp::Add => s.coef,
         SteerOp::SignAware => {
             let d: f32 = row.iter().zip(s.vector).map(|(a, b)| a * b).sum();
-            // torch.sign: 0 stays 0
+            // RepE adds c·v·sign(⟨h, c·v⟩) = |c|·v·sign(⟨h, v⟩): the row moves away from the
+            // hyperplane ⟨h, v⟩ = 0 whatever the sign of c. torch.sign: 0 stays 0.
             let sign = if d > 0.0 { 1.0 } else if d < 0.0 { -1.0 } else { 0.0 };
-            s.coef * sign
+            s.coef.abs() * sign
         }
     };
     for (h, &v) in row.iter_mut().zip(s.vector) {
@@ -87,6 +88,15 @@ pub fn steer_rows(x: &mut [f32], hidden: usize, st: &PointSteering) {
     }
 }
 
+/// `x += y`, element by element.
+pub fn add_rows(x: &mut [f32], y: &[f32]) {
+    if x.len() < PAR_MIN_VALUES {
+        x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+    } else {
+        x.par_chunks_mut(4096).zip(y.par_chunks(4096)).for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+    }
+}
+
 /// RMS-normalises every row of `x` into `normed`.
 pub fn norm_rows(x: &[f32], hidden: usize, norm: &[f32], eps: f32, normed: &mut [f32]) {
     if x.len() < PAR_MIN_VALUES {
@@ -120,6 +130,10 @@ mod tests {
         let pw = SlotSteer { op: SteerOp::SignAware, ..add };
         let mut row = [-1.0f32, 1.0, 0.0];
         steer_row(&mut row, &pw);
+        assert_eq!(row, [-3.0, 1.0, 0.0]);
+        // RepE: c < 0 still pushes away from ⟨h, v⟩ = 0 (|c|·v·sign(⟨h, v⟩)).
+        let mut row = [-1.0f32, 1.0, 0.0];
+        steer_row(&mut row, &SlotSteer { coef: -2.0, ..pw });
         assert_eq!(row, [-3.0, 1.0, 0.0]);
         let mut zero_dot = [0.0f32, 1.0, 0.0];
         steer_row(&mut zero_dot, &pw);

@@ -229,6 +229,8 @@ pub struct CudaPass {
     plan: BatchPlan,
     rows: usize,
     hidden: usize,
+    /// Values per captured row (the hidden size, or heads·head_dim for `hook_z` alone).
+    width: usize,
     /// Where each table of `layout` lives: the device address of the uploaded image.
     base: u64,
     layout: PassLayout,
@@ -268,6 +270,36 @@ impl CudaPass {
     /// Device addresses of a segment list: begin, end, dst, weight.
     fn segs(&self, s: &Segments) -> [u64; 4] {
         [self.at(s.begin), self.at(s.end), self.at(s.dst), self.at(s.weight)]
+    }
+
+    /// The steering kernel arguments (row slot map, slot descriptors) of a point: the tables
+    /// uploaded for it at begin_pass; null pointers without steering.
+    fn steer_args(&self, steer: Option<&PointSteering>) -> Result<(u64, u64)> {
+        match steer {
+            None => Ok((0, 0)),
+            Some(st) => match self.layout.steer.get(st.index).copied().flatten() {
+                Some(m) if m.slots == st.slots.len() => Ok((self.at(m.row_slot), self.at(m.table))),
+                _ => Err(Error::Device(format!("steering at point {} was not planned when the pass began", st.index))),
+            },
+        }
+    }
+
+    /// Capture slot `slot`'s plane (slot s of plane row r is at (r·slots + s)·width, tables.rs)
+    /// and the pass's capture maps.
+    fn slot_plane(&self, slot: usize) -> Result<(u64, tables::CaptureMaps)> {
+        match self.layout.capture {
+            Some(c) if slot < c.slots => Ok((self.plane + (slot * self.width * 4) as u64, c)),
+            _ => Err(Error::Device(format!("capture slot {slot} is not in this pass's capture layout"))),
+        }
+    }
+
+    /// The fused residual kernel's capture arguments (capture row map, plane): last/all
+    /// captures go through the kernel, means through mean_capture after it.
+    fn capture_args(&self, plane: Option<(u64, tables::CaptureMaps)>) -> (u64, u64) {
+        match plane {
+            Some((plane, c)) => c.capture_row.map_or((0, 0), |map| (self.at(map), plane)),
+            None => (0, 0),
+        }
     }
 }
 
@@ -514,6 +546,49 @@ macro_rules! launch {
     }};
 }
 
+/// The fused residual kernel's other uses (points inside blocks).
+impl CudaBackend {
+    /// Mean capture of `width`-wide f32 rows at `src` into a slot's plane (mean_capture.cu),
+    /// when the capture is a mean.
+    fn mean_capture(&self, pass: &CudaPass, src: u64, width: usize, plane: Option<(u64, tables::CaptureMaps)>) -> Result<()> {
+        if let Some((plane, c)) = plane {
+            if let Some(m) = c.mean {
+                let (nseg, accumulate, w) = (m.count as i32, 0i32, width as i32);
+                let [begin, end, dst, weight] = pass.segs(&m);
+                launch!(
+                    self,
+                    "mean_capture",
+                    cfg((width.div_ceil(256) as u32, nseg as u32, 1), 256),
+                    &src, &w, &begin, &end, &dst, &weight, &plane, &accumulate, &nseg
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Backend::branch_step`] on f32 rows at `rows_ptr`: the fused residual kernel without a
+    /// norm steers and captures them and adds them into `add_to` (0: no add).
+    #[allow(clippy::too_many_arguments)]
+    fn branch_rows(&self, pass: &mut CudaPass, rows_ptr: u64, rows: usize, width: usize, steer: Option<&PointSteering>, capture: Option<usize>, add_to: u64) -> Result<()> {
+        let (t, h, null, eps) = (rows as i32, width as i32, 0u64, 0f32);
+        let (steer_slot, steer_table) = pass.steer_args(steer)?;
+        let plane = capture.map(|s| pass.slot_plane(s)).transpose()?;
+        let (capture_row, capture_buf) = pass.capture_args(plane);
+        launch!(
+            self,
+            "fused_residual_rms",
+            cfg((rows as u32, 1, 1), row_block(width)),
+            &rows_ptr, &t, &h, &steer_slot, &steer_table, &capture_row, &capture_buf, &null, &null, &eps, &null, &add_to
+        );
+        self.mean_capture(pass, rows_ptr, width, plane)?;
+        if plane.is_some() {
+            let events = &mut pass.bufs.get_mut().capture_events;
+            capture_copy::mark_written(&self.ctx, &self.stream, events, &mut pass.written, capture)?;
+        }
+        Ok(())
+    }
+}
+
 impl Backend for CudaBackend {
     type Matrix = CudaMatrix;
     type Vector = CudaVector;
@@ -643,9 +718,10 @@ impl Backend for CudaBackend {
         if !bytes.is_empty() {
             self.stream.memcpy_htod(&bytes[..], &mut dev_tables.slice_mut(..bytes.len())).map_err(dev_err("host-to-device copy"))?;
         }
+        let width = capture.map_or(hidden, |c| c.width);
         let mut plane = 0;
         if let Some(c) = &layout.capture {
-            let n = c.rows * c.slots * hidden;
+            let n = c.rows * c.slots * width;
             grow(&self.stream, &mut bufs.plane, n)?;
             if let Some(p) = bufs.plane.as_mut() {
                 // Zeroed as the CPU's buffer is: a duplicated point's second slot is never written.
@@ -656,6 +732,7 @@ impl Backend for CudaBackend {
         Ok(CudaPass {
             rows,
             hidden,
+            width,
             base,
             layout,
             plane,
@@ -670,7 +747,7 @@ impl Backend for CudaBackend {
     }
 
     fn end_pass(&self, pass: CudaPass, sink: Option<&mut CaptureSink>) -> Result<()> {
-        let CudaPass { plan, hidden: h, layout, bufs, _resident, written, .. } = pass;
+        let CudaPass { plan, width: h, layout, bufs, _resident, written, .. } = pass;
         let mut bufs = bufs.into_inner();
         let copied = match (&layout.capture, sink, bufs.plane.as_ref()) {
             (Some(cap), Some(sink), Some(plane)) => {
@@ -933,57 +1010,19 @@ impl Backend for CudaBackend {
         let (t, h) = (pass.rows as i32, pass.hidden as i32);
         let hidden = pass.hidden;
         let null = 0u64;
-        // Steering: the tables uploaded for this point at begin_pass; null pointers otherwise.
-        let (steer_slot, steer_table) = match steer {
-            None => (null, null),
-            Some(st) => match pass.layout.steer.get(st.index).copied().flatten() {
-                Some(m) if m.slots == st.slots.len() => (pass.at(m.row_slot), pass.at(m.table)),
-                _ => {
-                    return Err(Error::Device(format!(
-                        "steering at hidden-state index {} was not planned when the pass began",
-                        st.index
-                    )))
-                }
-            },
-        };
-        // Capture planes: slot s of plane row r is at (r·slots + s)·hidden (tables.rs).
-        let cap = pass.layout.capture;
-        let slot_plane = |slot: usize| -> Result<(u64, tables::CaptureMaps)> {
-            match cap {
-                Some(c) if slot < c.slots => Ok((pass.plane + (slot * hidden * 4) as u64, c)),
-                _ => Err(Error::Device(format!("capture slot {slot} is not in this pass's capture layout"))),
-            }
-        };
-        let residual_plane = capture_residual.map(slot_plane).transpose()?;
-        let normed_plane = capture_normed.map(slot_plane).transpose()?;
-        // Last/all captures go through the kernel's capture_row map.
-        let (capture_row, capture_buf) = match residual_plane {
-            Some((plane, c)) => match c.capture_row {
-                Some(map) => (pass.at(map), plane),
-                None => (null, null),
-            },
-            None => (null, null),
-        };
+        let (steer_slot, steer_table) = pass.steer_args(steer)?;
+        let residual_plane = capture_residual.map(|s| pass.slot_plane(s)).transpose()?;
+        let normed_plane = capture_normed.map(|s| pass.slot_plane(s)).transpose()?;
+        let (capture_row, capture_buf) = pass.capture_args(residual_plane);
         let bias = norm_bias.map_or(null, |b| self.ptr(&b.bf16));
         launch!(
             self,
             kernel,
             cfg((pass.rows as u32, 1, 1), row_block(hidden)),
-            &mut *resid, &t, &h, &steer_slot, &steer_table, &capture_row, &capture_buf, &norm.bf16, &bias, &eps, &mut *norm_out
+            &mut *resid, &t, &h, &steer_slot, &steer_table, &capture_row, &capture_buf, &norm.bf16, &bias, &eps, &mut *norm_out, &null
         );
-        if let Some((plane, c)) = residual_plane {
-            if let Some(m) = c.mean {
-                let nseg = m.count as i32;
-                let accumulate = 0i32;
-                let [begin, end, dst, weight] = pass.segs(&m);
-                launch!(
-                    self,
-                    "mean_capture",
-                    cfg((hidden.div_ceil(256) as u32, nseg as u32, 1), 256),
-                    &*resid, &h, &begin, &end, &dst, &weight, &plane, &accumulate, &nseg
-                );
-            }
-        }
+        let resid_ptr = self.ptr(resid);
+        self.mean_capture(pass, resid_ptr, hidden, residual_plane)?;
         if let Some((plane, c)) = normed_plane {
             // The final norm in f32 of the captured rows only, into the plane (capture_norm.cu).
             let name = match kind {
@@ -1013,6 +1052,42 @@ impl Backend for CudaBackend {
             launch!(self, "bf16_to_f32", cfg((grid, 1, 1), 256), &*norm_out, &mut *resid, &n);
         }
         Ok(())
+    }
+
+    fn branch_step(
+        &self,
+        pass: &mut CudaPass,
+        branch: &mut CudaAct,
+        steer: Option<&PointSteering>,
+        capture: Option<usize>,
+        add_to: Option<&mut CudaAct>,
+    ) -> Result<()> {
+        let (rows, width) = (branch.rows, branch.cols);
+        let n = (rows * width) as i32;
+        let grid = (rows * width).div_ceil(256).clamp(1, 1 << 20) as u32;
+        let add_to = match add_to {
+            None => 0u64,
+            Some(CudaAct { buf: Buf::F32(x), .. }) => self.ptr_mut(x),
+            Some(_) => return Err(Error::Device("a branch adds into the f32 residual".into())),
+        };
+        match &mut branch.buf {
+            Buf::F32(rows_f32) => {
+                let p = self.ptr_mut(rows_f32);
+                self.branch_rows(pass, p, rows, width, steer, capture, add_to)
+            }
+            // hook_z: the heads' bf16 output, widened to f32 for steering and capture, and
+            // narrowed back (round to nearest even) only when steered.
+            Buf::Bf16(z) => {
+                let mut wide = self.zeros::<f32>(rows * width)?;
+                launch!(self, "bf16_to_f32", cfg((grid, 1, 1), 256), &*z, &mut wide, &n);
+                let p = self.ptr_mut(&mut wide);
+                self.branch_rows(pass, p, rows, width, steer, capture, add_to)?;
+                if steer.is_some() {
+                    launch!(self, "f32_to_bf16", cfg((grid, 1, 1), 256), &wide, &mut *z, &n);
+                }
+                Ok(())
+            }
+        }
     }
 
     fn gather_rows(&self, x: &CudaAct, rows: &[usize]) -> Result<CudaAct> {

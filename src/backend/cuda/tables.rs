@@ -203,12 +203,14 @@ pub fn build(
         };
         // Descriptors first, vectors that are not resident after them (patched in `finish`).
         let mut addrs = Vec::with_capacity(p.slots.len());
+        // The hidden size, or heads·head_dim at hook_z: every slot of a point has one width.
+        let width = p.slots.first().map_or(hidden, |s| s.vector.len());
         for s in &p.slots {
-            if s.vector.len() != hidden {
-                return Err(Error::Device(format!("steering vector for index {} has {} values, hidden size {hidden}", p.index, s.vector.len())));
+            if s.vector.len() != width || width == 0 {
+                return Err(Error::Device(format!("steering vector for point {} has {} values, the point {width}", p.index, s.vector.len())));
             }
             addrs.push(match s.table {
-                Some((t, off)) if off + hidden <= t.len() && t[off..off + hidden].as_ptr() == s.vector.as_ptr() => {
+                Some((t, off)) if off + width <= t.len() && t[off..off + width].as_ptr() == s.vector.as_ptr() => {
                     Some(resident(t)? + (off * 4) as u64)
                 }
                 _ => None,
@@ -256,7 +258,7 @@ mod tests {
         // Two sequences: 2 new tokens after 0 cached, 3 after 4 cached.
         let plan = BatchPlan::new(&[2, 3], &[0, 4], &[0, 10]);
         for position in [CapturePosition::Last, CapturePosition::All, CapturePosition::Mean] {
-            let (l, img) = build(&plan, &[0.5, 0.25], Some(CaptureLayout { slots: 3, position }), &[], 8, |_| unreachable!()).unwrap();
+            let (l, img) = build(&plan, &[0.5, 0.25], Some(CaptureLayout { slots: 3, position, width: 8 }), &[], 8, |_| unreachable!()).unwrap();
             let b = img.finish(0);
             assert!([l.positions, l.kv_slot, l.cu_seqlens, l.kv_start, l.kv_len].iter().all(|o| o.is_multiple_of(ALIGN)));
             assert_eq!((0..5).map(|k| i32_at(&b, l.positions, k)).collect::<Vec<_>>(), [0, 1, 4, 5, 6]);
@@ -301,6 +303,7 @@ mod tests {
                 directions: Arc::new((0..3 * h).map(|i| seed + i as f32).collect()),
                 hidden: h,
                 layers: vec![1, 2],
+                sites: Vec::new(),
                 coef: 1.5,
                 op,
                 preserve_norm: keep,
@@ -309,7 +312,7 @@ mod tests {
         };
         let seqs = vec![s(100.0, SteerOp::Add, false), None, s(200.0, SteerOp::SignAware, true)];
         let plan = BatchPlan::fresh(&[2, 1, 1]);
-        let mut points = plan_pass(2, &seqs, &plan.row_seq, crate::engine::Phase::Prompt);
+        let mut points = plan_pass(2, 2, &seqs, &plan.row_seq, crate::engine::Phase::Prompt);
         // A slot with no shared table (a bench's ad-hoc vector) travels inline.
         let ad_hoc = [9.0f32; 4];
         points[2].as_mut().unwrap().slots[0] =
