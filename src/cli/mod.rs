@@ -537,9 +537,7 @@ fn generate_on<B: Backend>(engine: &Engine<B>, a: &GenerateArgs, sampling: Sampl
     let steer = steering(engine, &a.steer)?;
     let mut prompts = Vec::with_capacity(a.prompt.len());
     for (i, p) in a.prompt.iter().enumerate() {
-        let text = if a.chat { tok.render_chat(p)? } else { p.clone() };
-        // A rendered chat template already carries its special tokens.
-        let ids = tok.encode_with(&text, !a.chat).with_context(|| format!("prompt {}", i + 1))?;
+        let ids = if a.chat { tok.encode_chat(&[("user", p)]) } else { tok.encode(p) }.with_context(|| format!("prompt {}", i + 1))?;
         prompts.push(ids);
     }
     let opts = GenerateOptions {
