@@ -385,3 +385,28 @@ fn tokenizer_speed() {
         }
     }
 }
+
+/// `generate --chat` on a Qwen-chat model with the real vocabulary: the prompt is
+/// make_context's ids, and generation stops on `<|im_end|>` and `<|endoftext|>`.
+#[test]
+fn qwen_chat_generate_uses_make_context_and_stops_on_im_end() {
+    use resid::testing::{RandomLlama, TestArch};
+    let Some(vocab) = real_vocab() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("qwen-chat");
+    // The real vocabulary's size (151936 rows, padded past the 151851 ids) on a tiny body.
+    let model = RandomLlama { arch: TestArch::QwenChat, vocab: 151_936, hidden: 16, heads: 1, kv_heads: 1, head_dim: 16, intermediate: 32, layers: 1, ..RandomLlama::small(3) };
+    model.write(&dir).unwrap();
+    std::fs::copy(&vocab, dir.join("qwen.tiktoken")).unwrap();
+    std::fs::write(dir.join("tokenizer_config.json"), r#"{"tokenizer_class": "QWenTokenizer"}"#).unwrap();
+    let engine = resid::CpuEngine::load(&dir).unwrap();
+    let stops = resid::repe::control::stop_tokens(&engine);
+    assert!(stops.contains(&151_643) && stops.contains(&151_645), "{stops:?}");
+    // Leading newlines: tokenized whole, the rendered text would merge them with the role's.
+    let chat = &reference()["chat"][2];
+    assert_eq!(chat["name"], "leading_newlines");
+    let o = resid(&["generate", "--model", dir.to_str().unwrap(), "--chat", "--json", "--max-new-tokens", "2", "--prompt", chat["query"].as_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(String::from_utf8(o.stdout).unwrap().trim()).unwrap();
+    assert_eq!(v["prompt_tokens"].as_u64().unwrap() as usize, ids(&chat["ids"]).len());
+}
