@@ -178,15 +178,9 @@ impl QwenTiktoken {
         let mut parts: Vec<(usize, u32)> = (0..piece.len() + 1)
             .map(|i| (i, if i + 2 <= piece.len() { rank_of(&piece[i..i + 2]) } else { u32::MAX }))
             .collect();
-        loop {
-            let Some((i, _)) = parts[..parts.len() - 1]
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| p.1 != u32::MAX)
-                .min_by_key(|&(i, p)| (p.1, i))
-            else {
-                break;
-            };
+        while let Some((i, _)) =
+            parts[..parts.len() - 1].iter().enumerate().filter(|(_, p)| p.1 != u32::MAX).min_by_key(|&(i, p)| (p.1, i))
+        {
             // Part i absorbs part i+1; the ranks of the pairs touching it change.
             parts.remove(i + 1);
             let joined_rank = |parts: &[(usize, u32)], j: usize| {
