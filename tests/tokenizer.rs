@@ -400,6 +400,7 @@ fn qwen_chat_generate_uses_make_context_and_stops_on_im_end() {
     std::fs::copy(&vocab, dir.join("qwen.tiktoken")).unwrap();
     std::fs::write(dir.join("tokenizer_config.json"), r#"{"tokenizer_class": "QWenTokenizer"}"#).unwrap();
     let engine = resid::CpuEngine::load(&dir).unwrap();
+    assert_eq!(engine.summary()["tokenizer_file"], "qwen.tiktoken");
     let stops = resid::repe::control::stop_tokens(&engine);
     assert!(stops.contains(&151_643) && stops.contains(&151_645), "{stops:?}");
     // Leading newlines: tokenized whole, the rendered text would merge them with the role's.
