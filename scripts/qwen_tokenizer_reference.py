@@ -75,6 +75,11 @@ OTHER = {
     "long_word": "Donaudampfschifffahrtsgesellschaftskapitänsmützenabzeichen pneumonoultramicroscopicsilicovolcanoconiosis",
     "repeated_chars": "a" * 300 + " " + "!" * 50 + " " + "好" * 40,
     "control_chars": "tab\there\x00nul\x07bell\x1bescape\x7fdel",
+    # Pieces of thousands of bytes (one regex match each): many merges in one piece.
+    "long_space_run": "x" + " " * 3000 + "y",
+    "long_newline_run": " \n" * 1000,
+    "long_letter_piece": "".join("abcdefghij"[(i * i + 3 * i) % 10] for i in range(4000)),
+    "long_cjk_piece": "".join("诚实是最好的策略"[(i * 7) % 8] for i in range(1000)),
     "empty": "",
 }
 
@@ -125,5 +130,18 @@ out = {
     "chat": chats,
 }
 out_path.parent.mkdir(parents=True, exist_ok=True)
-out_path.write_text(json.dumps(out, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+
+def dump(value):
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+# One entry per line: small, and a diff shows which text changed.
+lines = []
+for key, value in out.items():
+    if isinstance(value, list):
+        lines.append(f"{dump(key)}:[\n" + ",\n".join(dump(v) for v in value) + "\n]")
+    else:
+        lines.append(f"{dump(key)}:{dump(value)}")
+out_path.write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
 print(f"wrote {out_path}: {len(texts)} texts, {len(chats)} chats, {sum(len(t['ids']) for t in texts)} ids")

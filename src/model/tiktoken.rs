@@ -171,27 +171,45 @@ impl QwenTiktoken {
     }
 
     /// tiktoken's merge: repeatedly join the adjacent pair whose joined bytes have the lowest
-    /// rank (the leftmost on ties) until no joined pair is a token.
+    /// rank (the leftmost on ties) until no joined pair is a token. A heap of candidate pairs
+    /// with stale entries skipped keeps it O(n log n): a 300 kB run of spaces is one piece.
     fn byte_pair_encode(&self, piece: &[u8], out: &mut Vec<u32>) {
-        let rank_of = |bytes: &[u8]| self.ranks.get(bytes).copied().unwrap_or(u32::MAX);
-        // (start of part, rank of this part joined with the next one)
-        let mut parts: Vec<(usize, u32)> = (0..piece.len() + 1)
-            .map(|i| (i, if i + 2 <= piece.len() { rank_of(&piece[i..i + 2]) } else { u32::MAX }))
-            .collect();
-        while let Some((i, _)) =
-            parts[..parts.len() - 1].iter().enumerate().filter(|(_, p)| p.1 != u32::MAX).min_by_key(|&(i, p)| (p.1, i))
-        {
-            // Part i absorbs part i+1; the ranks of the pairs touching it change.
-            parts.remove(i + 1);
-            let joined_rank = |parts: &[(usize, u32)], j: usize| {
-                if j + 2 < parts.len() { rank_of(&piece[parts[j].0..parts[j + 2].0]) } else { u32::MAX }
-            };
-            parts[i].1 = joined_rank(&parts, i);
-            if i > 0 {
-                parts[i - 1].1 = joined_rank(&parts, i - 1);
+        use std::cmp::Reverse;
+        let n = piece.len();
+        let rank_of = |bytes: &[u8]| self.ranks.get(bytes).copied();
+        // Parts are named by their first byte; `next[p]` is the first byte of the next part.
+        let mut next: Vec<usize> = (1..=n).collect();
+        let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect();
+        let mut alive = vec![true; n];
+        // (rank, left part, right part, end of right part): stale once either part changed.
+        let mut heap = std::collections::BinaryHeap::new();
+        let push = |heap: &mut std::collections::BinaryHeap<_>, left: usize, right: usize, end: usize| {
+            if let Some(rank) = rank_of(&piece[left..end]) {
+                heap.push(Reverse((rank, left, right, end)));
+            }
+        };
+        for i in 0..n.saturating_sub(1) {
+            push(&mut heap, i, i + 1, i + 2);
+        }
+        while let Some(Reverse((_, left, right, end))) = heap.pop() {
+            if !alive[left] || next[left] != right || next[right] != end {
+                continue;
+            }
+            alive[right] = false;
+            next[left] = end;
+            if end < n {
+                prev[end] = left;
+                push(&mut heap, left, end, next[end]);
+            }
+            if left > 0 {
+                push(&mut heap, prev[left], left, end);
             }
         }
-        out.extend(parts.windows(2).map(|w| rank_of(&piece[w[0].0..w[1].0])));
+        let mut p = 0;
+        while p < n {
+            out.push(rank_of(&piece[p..next[p]]).expect("every part is a token: single bytes all have ranks"));
+            p = next[p];
+        }
     }
 
     /// The bytes of `ids` as text (invalid UTF-8 replaced by U+FFFD, as `errors="replace"`),
