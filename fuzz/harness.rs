@@ -395,3 +395,44 @@ pub fn serve_request(data: &[u8]) {
         },
     }
 }
+
+/// `qwen.tiktoken` (`QwenTiktoken::parse`): a model error naming the file, or a vocabulary
+/// whose ids for ordinary text decode back to the text (NFC) and whose every id has a token.
+/// The input's own bytes, as text, go through the vocabulary of the `merges` seed too.
+pub fn qwen_tiktoken(data: &[u8]) {
+    use resid::model::tiktoken::QwenTiktoken;
+    match QwenTiktoken::parse(data, "qwen.tiktoken") {
+        Ok(t) => {
+            let cases = [("Hello wörld 诚实\r\n\n  x\t", "Hello wörld 诚实\r\n\n  x\t"), ("Cafe\u{301}", "Café"), ("<|im_end|>", "<|im_end|>")];
+            for (text, nfc) in cases {
+                let plain = t.encode_plain(text).expect("ordinary text encodes");
+                assert_eq!(t.decode(&plain), nfc);
+                let ids = t.encode(text).expect("text encodes");
+                assert!(ids.iter().all(|&id| t.id_to_token(id).is_some()), "{ids:?}");
+            }
+        }
+        Err(e) => {
+            assert_eq!(e.exit_code(), 4, "{e}");
+            assert!(e.to_string().starts_with("qwen.tiktoken: "), "{e}");
+        }
+    }
+    thread_local! {
+        static MERGES: QwenTiktoken = {
+            let b64 = |t: &[u8]| { use base64::Engine; base64::engine::general_purpose::STANDARD.encode(t) };
+            let mut v: String = (0..=255u8).map(|b| format!("{} {b}\n", b64(&[b]))).collect();
+            for (i, t) in ["he", "ll", "hell", "hello", " w", "or", " wor", " world", "\r\n", "  ", "é", "诚"].iter().enumerate() {
+                v += &format!("{} {}\n", b64(t.as_bytes()), 256 + i);
+            }
+            QwenTiktoken::parse(v.as_bytes(), "merges").expect("the merges vocabulary")
+        };
+    }
+    let text = String::from_utf8_lossy(data);
+    MERGES.with(|t| {
+        let once = t.decode(&t.encode_plain(&text).expect("any text encodes"));
+        assert_eq!(t.decode(&t.encode_plain(&once).expect("any text encodes")), once, "NFC text round-trips");
+        if text.is_ascii() {
+            assert_eq!(once, text);
+        }
+        let _ = t.encode(&text).expect("any text encodes");
+    });
+}

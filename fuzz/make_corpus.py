@@ -5,6 +5,7 @@ Seeds are valid and near-valid inputs, small enough for libFuzzer (a few KB). St
 only. Rerun after changing it: `python3 fuzz/make_corpus.py` (files are rewritten in place;
 regression inputs named `regress-*` are kept).
 """
+import base64
 import hashlib
 import json
 import math
@@ -420,6 +421,23 @@ def main():
     write("cache_shard", "inf-f16", cache(1, 2, 1, dtype="F16", values=[float("inf"), 1.0]))
     write("cache_shard", "wrong-tensor", bytes([0, 1]) + st([("states", [1, 1, 2])], metadata={"format": "resid-hidden-cache-v1"}))
     write("cache_shard", "truncated", cache(2, 4, 3)[:-9])
+
+    # qwen_tiktoken: a qwen.tiktoken file (`BASE64_TOKEN RANK` lines)
+    def tiktoken(extra=(), skip=()):
+        lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256) if b not in skip]
+        lines += [f"{base64.b64encode(t.encode()).decode()} {256 + i}" for i, t in enumerate(extra)]
+        return "\n".join(lines) + "\n"
+    merges = ["he", "ll", "hell", "hello", " w", "or", " wor", " world", "\r\n", "  ", "\u00e9", "\u8bda"]
+    write("qwen_tiktoken", "bytes-only", tiktoken())
+    write("qwen_tiktoken", "merges", tiktoken(merges))
+    write("qwen_tiktoken", "crlf-lines", tiktoken(merges).replace("\n", "\r\n"))
+    write("qwen_tiktoken", "missing-byte", tiktoken(skip=(65,)))
+    write("qwen_tiktoken", "bad-base64", tiktoken() + "QQ=* 300\n")
+    write("qwen_tiktoken", "duplicate-rank", tiktoken() + "YWI= 7\n")
+    write("qwen_tiktoken", "duplicate-token", tiktoken() + "QQ== 300\n")
+    write("qwen_tiktoken", "truncated", tiktoken(merges)[:-5])
+    write("qwen_tiktoken", "rank-too-large", tiktoken() + "YWI= 151643\n")
+    write("qwen_tiktoken", "empty", "")
 
 
 if __name__ == "__main__":

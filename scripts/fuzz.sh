@@ -15,7 +15,7 @@ cd "$ROOT/fuzz"
 SECS="${1:-60}"
 shift || true
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(config safetensors tensor_check jsonl vectors manifest lang_similarity weight_index tokenizer_config cache_shard serve_request)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(config safetensors tensor_check jsonl vectors manifest lang_similarity weight_index tokenizer_config cache_shard serve_request qwen_tiktoken)
 
 # libFuzzer itself is C++ (built by the libfuzzer-sys crate).
 command -v c++ >/dev/null || command -v g++ >/dev/null || { apt-get update -qq && apt-get install -y -qq g++; }

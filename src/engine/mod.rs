@@ -184,6 +184,7 @@ impl<B: Backend> Engine<B> {
             "tie_word_embeddings": c.tie_word_embeddings,
             "tensor_check": format!("ok: all {} expected tensors present with expected dtypes and shapes", m.spec.expected_tensors(c).len()),
             "tokenizer": m.tokenizer.is_some(),
+            "tokenizer_file": m.tokenizer.as_ref().map(|t| t.source()),
             "backend": self.backend.name(),
             "compute": self.backend.compute_type(),
             "compute_note": self.backend.compute_note(),

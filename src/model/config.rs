@@ -264,6 +264,23 @@ fn qwen_chat(keys: &Keys, architecture: String) -> Result<ModelConfig> {
     let seq_length = keys.usize_opt("seq_length")?.or(keys.usize_opt("max_position_embeddings")?).unwrap_or(2048);
     // QWenAttention and QWenMLP build c_proj, w1, w2 and the MLP's c_proj with `bias=not no_bias`.
     let biases = !keys.bool_opt("no_bias")?.unwrap_or(true);
+    // Qwen's precision flags: its modelling code asserts that at most one is set and then casts
+    // the weights; resid computes from the weights as stored and takes the flag as their dtype.
+    let mut flagged = Vec::new();
+    for (flag, dtype) in [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32")] {
+        if keys.bool_opt(flag)?.unwrap_or(false) {
+            flagged.push((flag, dtype));
+        }
+    }
+    if flagged.len() > 1 {
+        let names: Vec<&str> = flagged.iter().map(|f| f.0).collect();
+        return Err(Error::model(format!("{file}: only one of `bf16`, `fp16` and `fp32` may be true, got {}", names.join(" and "))));
+    }
+    let torch_dtype = obj
+        .get("torch_dtype")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .or_else(|| flagged.first().map(|f| f.1.to_owned()));
     let config = ModelConfig {
         family: Family::QwenChat,
         architecture,
@@ -286,7 +303,7 @@ fn qwen_chat(keys: &Keys, architecture: String) -> Result<ModelConfig> {
         post_ln_residual: false,
         bos_token_id: keys.token_ids("bos_token_id")?.first().copied(),
         eos_token_ids: keys.token_ids("eos_token_id")?,
-        torch_dtype: obj.get("torch_dtype").and_then(Value::as_str).map(str::to_owned),
+        torch_dtype,
     };
     config.validate(file)?;
     Ok(config)
@@ -427,5 +444,34 @@ mod tests {
         assert!(c.qkv_bias && c.o_bias && c.mlp_bias);
         let err = ModelConfig::from_json_str(&QWEN_CHAT.replace("\"kv_channels\":16", "\"kv_channels\":32"), "c.json").unwrap_err();
         assert!(err.to_string().contains("kv_channels (32) × num_attention_heads (4) must equal hidden_size (64)") && err.exit_code() == 4, "{err}");
+    }
+
+    /// Qwen-7B-Chat's own config.json (every key as published), then its precision flags.
+    const QWEN_7B_CHAT: &str = r#"{"architectures":["QWenLMHeadModel"],"auto_map":{"AutoConfig":"configuration_qwen.QWenConfig",
+        "AutoModelForCausalLM":"modeling_qwen.QWenLMHeadModel"},"attn_dropout_prob":0.0,"bf16":false,"emb_dropout_prob":0.0,
+        "fp16":false,"fp32":false,"hidden_size":4096,"intermediate_size":22016,"initializer_range":0.02,"kv_channels":128,
+        "layer_norm_epsilon":1e-06,"max_position_embeddings":8192,"model_type":"qwen","no_bias":true,"num_attention_heads":32,
+        "num_hidden_layers":32,"onnx_safe":null,"rotary_emb_base":10000,"rotary_pct":1.0,"scale_attn_weights":true,
+        "seq_length":8192,"softmax_in_fp32":false,"tie_word_embeddings":false,"tokenizer_class":"QWenTokenizer",
+        "transformers_version":"4.32.0","use_cache":true,"use_cache_kernel":false,"use_cache_quantization":false,
+        "use_dynamic_ntk":true,"use_flash_attn":"auto","use_logn_attn":true,"vocab_size":151936}"#;
+
+    #[test]
+    fn qwen_7b_chat_config_and_its_precision_flags() {
+        let c = ModelConfig::from_json_str(QWEN_7B_CHAT, "c.json").unwrap();
+        assert_eq!((c.family, c.hidden_size, c.intermediate_size, c.head_dim, c.vocab_size), (Family::QwenChat, 4096, 11008, 128, 151936));
+        assert_eq!((c.max_position_embeddings, c.torch_dtype.as_deref()), (8192, None));
+        for (flag, dtype) in [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32")] {
+            let text = QWEN_7B_CHAT.replace(&format!("\"{flag}\":false"), &format!("\"{flag}\":true"));
+            assert_eq!(ModelConfig::from_json_str(&text, "c.json").unwrap().torch_dtype.as_deref(), Some(dtype), "{flag}");
+        }
+        // torch_dtype, when given, names the stored dtype.
+        let text = QWEN_7B_CHAT.replace("\"bf16\":false", "\"bf16\":true,\"torch_dtype\":\"float32\"");
+        assert_eq!(ModelConfig::from_json_str(&text, "c.json").unwrap().torch_dtype.as_deref(), Some("float32"));
+        let text = QWEN_7B_CHAT.replace("\"bf16\":false", "\"bf16\":true").replace("\"fp16\":false", "\"fp16\":true");
+        let err = ModelConfig::from_json_str(&text, "c.json").unwrap_err();
+        assert_eq!(err.to_string(), "c.json: only one of `bf16`, `fp16` and `fp32` may be true, got bf16 and fp16");
+        let err = ModelConfig::from_json_str(&QWEN_7B_CHAT.replace("\"bf16\":false", "\"bf16\":\"yes\""), "c.json").unwrap_err();
+        assert!(err.to_string().contains("`bf16` must be true or false"), "{err}");
     }
 }

@@ -1,6 +1,7 @@
 //! Model directories: config, weights, tokenizer and chat template.
 pub mod arch;
 pub mod config;
+pub mod tiktoken;
 pub mod tokenizer;
 pub mod weights;
 
@@ -24,17 +25,7 @@ pub struct ModelDir {
 impl ModelDir {
     /// Opens a Hugging Face model directory and checks every expected tensor before any compute.
     pub fn open(dir: &Path) -> Result<Self> {
-        if !dir.exists() {
-            return Err(Error::model(format!("{}: no such model directory", dir.display())));
-        }
-        if !dir.is_dir() {
-            return Err(Error::model(format!("{}: not a directory (expected a Hugging Face model directory)", dir.display())));
-        }
-        let config_path = dir.join("config.json");
-        if !config_path.is_file() {
-            return Err(Error::model(format!("{}: no config.json in the model directory", dir.display())));
-        }
-        let config = ModelConfig::from_file(&config_path)?;
+        let config = open_config(dir)?;
         let spec = config.family.spec();
         let store = WeightStore::open(dir)?;
         store.check(&spec.expected_tensors(&config))?;
@@ -45,6 +36,30 @@ impl ModelDir {
     pub fn parameter_count(&self) -> usize {
         self.spec.expected_tensors(&self.config).iter().map(|t| t.shape.iter().product::<usize>()).sum()
     }
+}
+
+/// The checks of a model directory and its parsed `config.json`.
+fn open_config(dir: &Path) -> Result<ModelConfig> {
+    if !dir.exists() {
+        return Err(Error::model(format!("{}: no such model directory", dir.display())));
+    }
+    if !dir.is_dir() {
+        return Err(Error::model(format!("{}: not a directory (expected a Hugging Face model directory)", dir.display())));
+    }
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(Error::model(format!("{}: no config.json in the model directory", dir.display())));
+    }
+    ModelConfig::from_file(&config_path)
+}
+
+/// The tokenizer of a model directory, without opening its weights (`resid tokenize` works on
+/// a directory with `config.json` and a tokenizer alone).
+pub fn open_tokenizer(dir: &Path) -> Result<(ModelConfig, TextTokenizer)> {
+    let config = open_config(dir)?;
+    let tokenizer = TextTokenizer::open(dir)?
+        .ok_or_else(|| Error::model(format!("{}: no tokenizer.json or qwen.tiktoken in the model directory", dir.display())))?;
+    Ok((config, tokenizer))
 }
 
 pub struct LayerWeights<B: Backend> {

@@ -144,9 +144,7 @@ pub fn stop_tokens<B: Backend>(engine: &Engine<B>) -> Vec<u32> {
         }
     }
     if let Some(tok) = &engine.model.tokenizer {
-        if let Some(id) = tok.eos_token().and_then(|t| tok.token_id(t)) {
-            stops.push(id);
-        }
+        stops.extend(tok.stop_token_ids());
     }
     stops.sort_unstable();
     stops.dedup();

@@ -198,9 +198,8 @@ fn prepare(app: &App, params: GenParams, kind: Kind) -> ApiResult<Job> {
         Input::Chat(messages) => {
             let tok = model.tokenizer.as_ref().ok_or_else(|| ApiError::invalid("messages", "this model has no tokenizer.json: use /v1/completions with token ids"))?;
             let turns: Vec<(&str, &str)> = messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
-            let text = tok.render_messages(&turns).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-            // The rendered template already carries its special tokens.
-            let ids = tok.encode_with(&text, false).map_err(|e| api_error(&e, "messages"))?;
+            // Rendering and tokenizing only fail on what the client sent.
+            let ids = tok.encode_chat(&turns).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
             check_length(app, &ids, "messages")?;
             vec![ids]
         }

@@ -88,24 +88,29 @@ pub fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 }
 
 /// Whether the real model in `dir` (SmolLM2-135M, fetched by `scripts/fetch-model.sh`) is there.
-/// A missing model fails the test, unless `RESID_SKIP_REAL_MODEL=allow` explicitly allows
-/// skipping: then the test says so on the terminal, past the harness's capture, and returns
-/// (it checked nothing). Any other value fails too, so that a stray `=1` cannot hide the checks.
 pub fn real_model_present(dir: &Path) -> bool {
-    if dir.join("model.safetensors").exists() {
+    fetched_or_skip(&dir.join("model.safetensors"), "bash scripts/fetch-model.sh smollm2-135m")
+}
+
+/// Whether a fetched test file is there. A missing file fails the test with the command that
+/// fetches it, unless `RESID_SKIP_REAL_MODEL=allow` explicitly allows skipping: then the test
+/// says so on the terminal, past the harness's capture, and returns (it checked nothing). Any
+/// other value fails too, so that a stray `=1` cannot hide the checks.
+pub fn fetched_or_skip(path: &Path, fetch_command: &str) -> bool {
+    if path.exists() {
         return true;
     }
     let setting = std::env::var("RESID_SKIP_REAL_MODEL").unwrap_or_default();
     if setting != "allow" {
         panic!(
-            "{} is missing: run `bash scripts/fetch-model.sh smollm2-135m`, or set RESID_SKIP_REAL_MODEL=allow to skip the real-model tests (RESID_SKIP_REAL_MODEL is {setting:?})",
-            dir.display()
+            "{} is missing: run `{fetch_command}`, or set RESID_SKIP_REAL_MODEL=allow to skip the tests that need fetched files (RESID_SKIP_REAL_MODEL is {setting:?})",
+            path.display()
         );
     }
     use std::io::Write;
     let test = std::thread::current().name().unwrap_or("?").to_owned();
     // Straight to the file descriptor: the test harness captures only eprint!.
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {} is not fetched and RESID_SKIP_REAL_MODEL=allow: nothing was checked", dir.display());
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {} is not fetched and RESID_SKIP_REAL_MODEL=allow: nothing was checked", path.display());
     false
 }
 
