@@ -20,7 +20,8 @@
 # each with a per-operation time profile (`resid bench --profile`), and batch 1 again without
 # the GEMV kernel and without programmatic dependent launch (A/B); and the cost of steering
 # and of capture (`resid bench --workload steer`: batch 16, every index, prefill and decode);
-# then `resid serve --device cuda` under scripts/bench-serve.py (concurrency 1, 16, 64).
+# then `resid serve --device cuda` under scripts/bench-serve.py (concurrency 1, 16, 64); then
+# points inside blocks (capture cost A/B, CUDA against CPU) and `resid stats` against extraction.
 # Everything lands in OUTDIR as JSON (gpu-check.json collects it), with a short table last.
 # Sizes: GPU_CHECK_SEQS_1B (default 2048) and GPU_CHECK_SEQS_7B (default 512) sequences of
 # 16..512 tokens. Budget: under 8 minutes on one H100.
@@ -162,6 +163,34 @@ if "$RESID" serve --help > /dev/null 2>&1 && [ -f "$WORK/llama-1b/model.safetens
         log "resid serve did not start: $(tail -2 "$OUT/serve.log")"
     fi
     kill -TERM "$serve_pid" 2>/dev/null; wait "$serve_pid"; log "resid serve exit $? after SIGTERM"
+fi
+
+# --- 5. points inside blocks and statistics on the GPU (1B model): the capture cost of every
+# point of 4 blocks (A/B against the block boundaries alone), the CUDA points against the CPU's on
+# 4 sequences, and `resid stats` throughput against plain extraction.
+dir="$WORK/llama-1b"
+if "$RESID" stats --help > /dev/null 2>&1 && [ -f "$dir/model.safetensors" ]; then
+    pts="0,4,8,12,blocks.3.hook_resid_mid,blocks.3.hook_attn_out,blocks.3.hook_mlp_out,blocks.3.hook_z,blocks.7.hook_attn_out,blocks.7.hook_mlp_out,blocks.7.hook_z,blocks.11.hook_z"
+    for layers in 0,4,8,12 "$pts"; do
+        tag=$([ "$layers" = 0,4,8,12 ] && echo plain || echo points)
+        timeout 120 "$RESID" bench --model "$dir" --device cuda --workload extract --sequences 512 --layers "$layers" --json > "$OUT/points-$tag.json" 2>> "$OUT/gpu-check.log" || log "points bench ($tag) failed"
+    done
+    head -4 "$WORK/llama-1b.jsonl" > "$WORK/points.jsonl"
+    for dev in cuda cpu; do
+        timeout 240 "$RESID" extract --model "$dir" --device $dev --input "$WORK/points.jsonl" --layers "$pts" --position mean --out "$WORK/points-$dev.safetensors" --quiet 2>> "$OUT/gpu-check.log" || log "points extract on $dev failed"
+    done
+    "$PY" - "$WORK/points-cuda.safetensors" "$WORK/points-cpu.safetensors" > "$OUT/points-cuda-vs-cpu.json" 2>> "$OUT/gpu-check.log" <<'PYEOF'
+import json, sys
+from safetensors.numpy import load_file
+a, b = (load_file(p)["hidden_states"].astype("float64") for p in sys.argv[1:3])
+rel = [float(abs(a[:, i] - b[:, i]).max() / max(abs(b[:, i]).max(), 1e-30)) for i in range(a.shape[1])]
+print(json.dumps({"max_relative_difference_per_point": rel}))
+PYEOF
+    for cmd in extract stats; do
+        start=$(date +%s%N)
+        timeout 240 "$RESID" $cmd --model "$dir" --device cuda --input "$WORK/llama-1b.jsonl" --layers 4,8,12 --out "$WORK/$cmd-run.safetensors" --quiet 2>> "$OUT/gpu-check.log" || log "$cmd run failed"
+        echo "{\"command\": \"$cmd\", \"milliseconds\": $(( ($(date +%s%N) - start) / 1000000 ))}" >> "$OUT/stats-vs-extract.jsonl"
+    done
 fi
 
 "$PY" "$ROOT/scripts/gpu_bench.py" summary "$OUT"

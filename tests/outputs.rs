@@ -192,7 +192,9 @@ fn sigint_keeps_complete_shards_and_a_rerun_resumes() {
 
 #[test]
 fn a_second_ctrl_c_exits_at_once_without_a_partial_file() {
-    let s = setup(2000);
+    // Enough work that the one batch (about 480,000 tokens, under --batch-tokens) outlasts the
+    // 100 ms between the two signals: 2,000 lines sometimes did not once passes got faster.
+    let s = setup(5000);
     let out = s.root.join("one.safetensors");
     let before = names(&s.root);
     // One batch of everything: a clean stop would have to wait for the whole extraction.
