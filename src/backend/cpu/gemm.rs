@@ -29,9 +29,10 @@ use std::sync::OnceLock;
 pub mod amx;
 
 /// Panel rows (128 bytes each) that the one- and two-row f32 kernels prefetch ahead of their
-/// loads. Decode streams every weight once: the hardware prefetchers alone left batch-1 decode
-/// at 0.80–0.89 of the copy-bandwidth limit on an Intel Xeon (family 6 model 167); 16 rows
-/// ahead reached 0.96–1.09, 8 and 24 less (NOTES.md, 2026-12-05).
+/// loads (decode streams every weight once). On an Intel Xeon (family 6 model 167) it helped
+/// only while the VM's memory bandwidth was throttled (0.96–1.09 of the copy-bandwidth limit
+/// against 0.80–0.89; 8 and 24 rows less), and was neutral within noise at full bandwidth
+/// (NOTES.md, 2026-12-05).
 const DECODE_PREFETCH_ROWS: usize = 16;
 
 /// Output columns per packed panel.
