@@ -193,13 +193,17 @@ fn sigint_keeps_complete_shards_and_a_rerun_resumes() {
 #[test]
 fn a_second_ctrl_c_exits_at_once_without_a_partial_file() {
     // Enough work that the one batch (about 480,000 tokens, under --batch-tokens) outlasts the
-    // 100 ms between the two signals: 2,000 lines sometimes did not once passes got faster.
+    // 400 ms of the two signals below.
     let s = setup(5000);
     let out = s.root.join("one.safetensors");
     let before = names(&s.root);
     // One batch of everything: a clean stop would have to wait for the whole extraction.
     let mut child = s.spawn(&out, &["--batch-tokens", "1000000"]);
     assert!(wait_for(&mut child, || !temp_files(&s.root).is_empty()));
+    // The temporary file appears before the batch starts, and a first Ctrl-C that arrives
+    // before the batch's interruption check stops the run cleanly at once (a race that a loaded
+    // machine lost): let the batch (about 2 s) start first.
+    std::thread::sleep(Duration::from_millis(300));
     signal(&child, libc::SIGINT);
     std::thread::sleep(Duration::from_millis(100));
     let sent = Instant::now();
