@@ -207,7 +207,8 @@ fn stats_match_a_two_pass_reference_over_an_all_token_extraction() {
     let st = stats.display().to_string();
     ok(&resid(&["stats", "--model", &s.model, "--input", &s.input, "--out", &st, "--layers", layers, "--stats", "mean,cov,gram", "--quiet"]));
     let meta = metadata(&stats);
-    assert_eq!(meta["points"], r#"["1","3","raw"]"#);
+    // TransformerLens names, as extraction outputs name their points (index L has none).
+    assert_eq!(meta["points"], r#"["blocks.1.hook_resid_pre","blocks.3.hook_resid_pre","blocks.3.hook_resid_post"]"#);
     assert_eq!(meta["position"], "all");
     let (count, mean, cov, gram, min, max) = (raw(&stats, "count").2, f64s(&stats, "mean"), f64s(&stats, "cov"), f64s(&stats, "gram"), f64s(&stats, "min"), f64s(&stats, "max"));
     assert_eq!(raw(&stats, "cov").1, vec![p, h, h]);

@@ -51,7 +51,7 @@ def test_stats_match_numpy_over_an_all_token_extraction(model, tmp_path):
     summary = model.stats(out, TEXTS, layers=layers, stats="mean,cov,gram", batch_tokens=7)
     assert summary["complete"] and summary["rows"] == rows.shape[0]
     t, meta = read_safetensors(out)
-    assert json.loads(meta["points"]) == ["3", "30", "raw"]
+    assert json.loads(meta["points"]) == ["blocks.3.hook_resid_pre", "30", "blocks.29.hook_resid_post"]
     for p in range(len(layers)):
         x = rows[:, p].astype(np.float64)
         assert t["count"][p] == x.shape[0]
