@@ -85,7 +85,7 @@ def test_bad_inputs(model, inputs, needle):
         (dict(layers=[31]), "out of range"),
         (dict(layers=[-1]), "out of range"),
         (dict(layers=[10**30]), "out of range"),
-        (dict(layers=["rawr"]), "unknown layer"),
+        (dict(layers=["rawr"]), "`rawr` is not a layer"),
         (dict(layers=[]), "no capture layers"),
         (dict(layers="10"), "not a string"),
         (dict(layers=[1.5]), "not a layer index"),
