@@ -202,7 +202,7 @@ fn bench_reports_overheads_with_intervals_and_rejects_bad_options() {
 #[test]
 fn every_model_command_takes_compute_and_outputs_record_it() {
     use resid::backend::cpu::{gemm, Compute};
-    for cmd in ["info", "extract", "generate", "serve", "bench", "vectors", "recognize", "study", "control"] {
+    for cmd in ["info", "extract", "stats", "generate", "serve", "bench", "vectors", "recognize", "study", "control"] {
         let o = resid(&[cmd, "--help"]);
         assert!(String::from_utf8_lossy(&o.stdout).contains("--compute <COMPUTE>"), "`resid {cmd}` has no --compute");
     }
