@@ -214,6 +214,12 @@ fn every_model_command_takes_compute_and_outputs_record_it() {
         assert!(o.status.success(), "{}", stderr(&o));
         let t = resid::io::read_f32_tensor(Path::new(&out), "hidden_states").unwrap();
         assert_eq!(t.metadata.get("compute").map(String::as_str), Some(ran.name()), "--compute {asked}");
+        let stats = f.p(&format!("stats-{asked}.safetensors"));
+        let o = resid(&["stats", "--model", &f.p("model"), "--input", &input, "--out", &stats, "--layers", "1", "--quiet", "--compute", asked]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let bytes = std::fs::read(&stats).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(meta.metadata().as_ref().and_then(|m| m.get("compute")).map(String::as_str), Some(ran.name()), "stats --compute {asked}");
         let o = resid(&["info", "--model", &f.p("model"), "--json", "--compute", asked]);
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(v["compute"], ran.name(), "info --compute {asked}");

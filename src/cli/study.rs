@@ -437,6 +437,7 @@ fn vectors_on<B: Backend>(engine: &Engine<B>, a: &VectorsArgs, st: &Setup, split
     let mut meta: Vec<(&str, String)> = label;
     meta.push(("source", source.display().to_string()));
     meta.push(("model", engine.model.dir.display().to_string()));
+    meta.push(("compute", engine.backend.compute_type().to_string()));
     meta.push(("template", st.template.clone()));
     meta.push(("seed", st.seed.to_string()));
     meta.push(("protocol", st.protocol.name().to_string()));
