@@ -700,14 +700,7 @@ fn machine(on_cpu: bool) -> Value {
         .ok()
         .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal")).and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<f64>().ok()))
         .map(|kb| round(kb / (1u64 << 20) as f64, 1));
-    let mut caches = Vec::new();
-    for i in 0..8 {
-        let d = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
-        let read = |f: &str| std::fs::read_to_string(format!("{d}/{f}")).ok().map(|s| s.trim().to_string());
-        if let (Some(level), Some(ty), Some(size)) = (read("level"), read("type"), read("size")) {
-            caches.push(format!("L{level} {ty} {size}"));
-        }
-    }
+    let caches: Vec<String> = resid::backend::cpu::gemm::cpu0_caches().iter().map(|c| format!("L{} {} {}", c.level, c.kind, c.size)).collect();
     json!({
         "cpu": field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string()),
         "cpu_family_model": format!("{}/{}", field("cpu family").unwrap_or_default(), field("model\t").or_else(|| field("model ")).unwrap_or_default()),

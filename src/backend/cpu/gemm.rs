@@ -671,21 +671,37 @@ fn l2_block_bytes() -> usize {
     *BYTES.get_or_init(|| l2_bytes().map_or(384 * 1024, |l2| (l2 / 8 * 3).clamp(128 * 1024, 2 << 20)))
 }
 
-/// The L2 size of cpu0, from Linux's cache description.
-fn l2_bytes() -> Option<usize> {
-    let dir = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
-    for i in 0..8 {
-        let read = |f: &str| std::fs::read_to_string(dir.join(format!("index{i}/{f}"))).ok();
-        if read("level")?.trim() == "2" && read("type").is_some_and(|t| t.trim() != "Instruction") {
-            let size = read("size")?;
-            let size = size.trim();
-            return match size.strip_suffix('K') {
-                Some(k) => k.parse::<usize>().ok().map(|k| k << 10),
-                None => size.strip_suffix('M').and_then(|m| m.parse::<usize>().ok()).map(|m| m << 20),
-            };
+/// One cache of cpu0, as Linux describes it (`/sys/devices/system/cpu/cpu0/cache/index*`).
+pub struct CacheInfo {
+    pub level: String,
+    /// `Data`, `Instruction` or `Unified`.
+    pub kind: String,
+    /// As written there, e.g. `2048K`.
+    pub size: String,
+}
+
+impl CacheInfo {
+    pub fn bytes(&self) -> Option<usize> {
+        match self.size.strip_suffix('K') {
+            Some(k) => k.parse::<usize>().ok().map(|k| k << 10),
+            None => self.size.strip_suffix('M').and_then(|m| m.parse::<usize>().ok()).map(|m| m << 20),
         }
     }
-    None
+}
+
+/// cpu0's caches (empty where Linux does not describe them).
+pub fn cpu0_caches() -> Vec<CacheInfo> {
+    (0..8)
+        .filter_map(|i| {
+            let read = |f: &str| std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu0/cache/index{i}/{f}")).ok().map(|s| s.trim().to_string());
+            Some(CacheInfo { level: read("level")?, kind: read("type")?, size: read("size")? })
+        })
+        .collect()
+}
+
+/// The L2 size of cpu0.
+fn l2_bytes() -> Option<usize> {
+    cpu0_caches().iter().find(|c| c.level == "2" && c.kind != "Instruction")?.bytes()
 }
 
 /// Splits the work into (row block × panel group) tasks and runs `kern(a, t0, rows, panel, np)`
