@@ -388,3 +388,132 @@ fn points_inside_blocks_capture_and_steer_on_cuda_as_on_the_cpu() {
         }
     }
 }
+
+/// The CPU fold (`PointMoments::add_rows`, the reference of kernels/stats_accumulate.cu) of
+/// captured rows `[n, points, h]`, all in one call.
+fn cpu_fold(rows: &[f32], points: usize, h: usize, second: bool) -> Vec<resid::store::stats::PointMoments> {
+    (0..points)
+        .map(|p| {
+            let mut m = resid::store::stats::PointMoments::new(h, second);
+            m.add_rows(&rows.chunks_exact(points * h).map(|r| &r[p * h..(p + 1) * h]).collect::<Vec<_>>());
+            m
+        })
+        .collect()
+}
+
+/// Asserts that the statistics file `path` holds, bit for bit, count, mean, cov, gram, min
+/// and max of `moments`.
+fn assert_stats_file_is(path: &Path, moments: &[resid::store::stats::PointMoments], what: &str) {
+    use resid::store::stats::PointMoments;
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let f64s = |t: &str| -> Vec<u64> { st.tensor(t).unwrap().data().chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().unwrap())).collect() };
+    let counts: Vec<u64> = f64s("count");
+    assert!(counts.iter().all(|&c| c == moments[0].count), "{what}: count {counts:?}, want {}", moments[0].count);
+    let bits = |f: &dyn Fn(&PointMoments) -> Vec<f64>| -> Vec<u64> { moments.iter().flat_map(f).map(f64::to_bits).collect() };
+    let stats: [(&str, &dyn Fn(&PointMoments) -> Vec<f64>); 5] =
+        [("mean", &PointMoments::mean), ("cov", &PointMoments::cov), ("gram", &PointMoments::gram), ("min", &|m| m.min.clone()), ("max", &|m| m.max.clone())];
+    for (name, f) in stats {
+        if st.names().contains(&name) {
+            let (got, want) = (f64s(name), bits(f));
+            let wrong = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            assert!(got.len() == want.len() && wrong == 0, "{what}: `{name}` differs from the CPU fold in {wrong} of {} values", want.len());
+        }
+    }
+}
+
+/// `resid stats --device cuda` folds the captured rows on the device (stats_accumulate.cu, no
+/// row copied out): its output is bit for bit the CPU fold (`PointMoments::add_rows`) of the
+/// rows the device extracts, with every statistic, for all-token rows at five points (one
+/// inside a block) and for pair differences of mean rows; the same bytes with other batch
+/// sizes (a pair split over two batches included) and after two interruptions and resumes.
+/// A NaN in the captured rows is refused naming the input line, as on the CPU.
+#[test]
+fn device_stats_are_the_cpu_fold_of_the_device_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    RandomLlama { layers: 2, vocab: 97, ..small_llama(23) }.write(&model).unwrap();
+    common::study::write_tokenizer(&model);
+    let input = tmp.path().join("ids.jsonl");
+    let lines: Vec<String> = (0..14).map(|i| serde_json::json!({ "ids": (0..2 + (i * 5) % 11).map(|j| ((i * 13 + j * 7) % 90 + 3) as u32).collect::<Vec<_>>() }).to_string()).collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let (m, inp) = (model.display().to_string(), input.display().to_string());
+    let cache = tmp.path().join("kernels");
+    let path = |n: &str| tmp.path().join(n);
+    // Without the GEMV kernels of passes of up to 4 rows, whose roundings differ from
+    // cuBLASLt's, the captured rows themselves do not depend on the batching.
+    let no_gemv: &[(&str, &OsStr)] = &[("RESID_CUDA_GEMV", OsStr::new("0"))];
+    let run = |args: &[&str]| {
+        let o = resid_on_emulator_with(args, &cache, no_gemv);
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    let rows_of = |file: &Path| resid::io::read_f32_tensor(file, "hidden_states").unwrap();
+
+    // All tokens, five points; the reference folds the device's own rows on the CPU.
+    let common = ["--model", &m, "--device", "cuda", "--input", &inp, "--layers", "0,1,blocks.1.hook_mlp_out,2,raw", "--position", "all", "--quiet"];
+    let stats = |out: &Path, extra: &[&str]| run(&[&["stats"][..], &common, &["--out", &out.display().to_string(), "--stats", "mean,cov,gram"], extra].concat());
+    run(&[&["extract"][..], &common, &["--out", &path("rows.safetensors").display().to_string()]].concat());
+    let rows = rows_of(&path("rows.safetensors"));
+    let (p, h) = (rows.shape[1], rows.shape[2]);
+    stats(&path("a.safetensors"), &["--batch-tokens", "40"]);
+    assert_stats_file_is(&path("a.safetensors"), &cpu_fold(&rows.data, p, h, true), "all tokens");
+    let want = std::fs::read(path("a.safetensors")).unwrap();
+    stats(&path("b.safetensors"), &["--batch-tokens", "9"]);
+    assert!(std::fs::read(path("b.safetensors")).unwrap() == want, "another batching changed the bytes");
+    let resumed = path("r.safetensors");
+    stats(&resumed, &["--batch-tokens", "17", "--stop-after", "5"]);
+    assert!(resid::store::stats::state_path(&resumed).exists() && !resumed.exists());
+    stats(&resumed, &["--batch-tokens", "30", "--stop-after", "9"]);
+    stats(&resumed, &["--batch-tokens", "25"]);
+    assert!(std::fs::read(&resumed).unwrap() == want, "the resumed run differs from the uninterrupted one");
+
+    // Pairs of mean rows: the differences pos − neg (f32), folded in order.
+    let mut rng = resid::repe::data::SplitMix64::new(3);
+    let words = &common::study::WORDS;
+    let mut pairs = String::new();
+    let mut texts = String::new();
+    for _ in 0..9 {
+        let len = 2 + (rng.next_u64() % 5) as usize;
+        let stem = common::study::sentence(&mut rng, &words[..20], len);
+        let (pos, neg) = (format!("{stem} {}", common::study::sentence(&mut rng, &words[20..30], 2)), format!("{stem} {}", common::study::sentence(&mut rng, &words[30..], 1)));
+        pairs.push_str(&format!("{}\n", serde_json::json!({ "pos": pos, "neg": neg })));
+        texts.push_str(&format!("{}\n{}\n", serde_json::json!({ "text": pos }), serde_json::json!({ "text": neg })));
+    }
+    std::fs::write(path("pairs.jsonl"), pairs).unwrap();
+    std::fs::write(path("texts.jsonl"), texts).unwrap();
+    let pair_run = |cmd: &str, input: &str, out: &str, extra: &[&str]| {
+        let (input, out) = (path(input).display().to_string(), path(out).display().to_string());
+        run(&[&[cmd, "--model", &m, "--device", "cuda", "--layers", "1,2", "--position", "mean", "--quiet", "--input", &input, "--out", &out][..], extra].concat());
+    };
+    pair_run("extract", "texts.jsonl", "pair-rows.safetensors", &[]);
+    let rows = rows_of(&path("pair-rows.safetensors"));
+    let (p, h) = (rows.shape[1], rows.shape[2]);
+    let diffs: Vec<f32> = rows.data.chunks_exact(2 * p * h).flat_map(|pn| pn[..p * h].iter().zip(&pn[p * h..]).map(|(a, b)| a - b).collect::<Vec<_>>()).collect();
+    let reference = cpu_fold(&diffs, p, h, true);
+    pair_run("stats", "pairs.jsonl", "pa.safetensors", &["--pairs", "--stats", "mean,cov,gram", "--batch-tokens", "1000"]);
+    assert_stats_file_is(&path("pa.safetensors"), &reference, "pairs");
+    // About one text per batch: pos and neg of most pairs in different batches.
+    pair_run("stats", "pairs.jsonl", "pb.safetensors", &["--pairs", "--stats", "mean,cov,gram", "--batch-tokens", "5"]);
+    assert!(std::fs::read(path("pb.safetensors")).unwrap() == std::fs::read(path("pa.safetensors")).unwrap(), "pairs: another batching changed the bytes");
+
+    // A NaN: token 50's embedding row poisoned (bf16 NaN) on lines 4 and 9 only.
+    let weights = model.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+    let embed = tensors.iter_mut().find(|t| t.0 == "model.embed_tokens.weight").unwrap();
+    let hidden = embed.2[1];
+    embed.3[(50 * hidden + 3) * 2..][..2].copy_from_slice(&0x7fc0u16.to_le_bytes());
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors.iter().map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    std::fs::write(&weights, safetensors::tensor::serialize(views, None).unwrap()).unwrap();
+    let lines: Vec<String> = (0..10).map(|i| serde_json::json!({ "ids": [5, 6 + i, if i == 3 || i == 8 { 50 } else { 7 }, 8] }).to_string()).collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    for device in ["cpu", "cuda"] {
+        let out = path(&format!("nan-{device}.safetensors"));
+        let args = ["stats", "--model", &m, "--device", device, "--input", &inp, "--layers", "1,2", "--position", "all", "--batch-tokens", "12", "--quiet", "--out", &out.display().to_string()];
+        let o = resid_on_emulator(&args, &cache);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("line 4: NaN or Inf") && err.contains("Hidden(1)"), "{device}: {err}");
+        assert!(!out.exists(), "{device}: no output after a NaN");
+    }
+}

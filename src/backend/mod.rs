@@ -13,6 +13,7 @@ use crate::engine::steer::PointSteering;
 use crate::error::Result;
 use crate::model::arch::{MlpKind, NormKind};
 use crate::model::weights::{F32Data, MatrixSource};
+use crate::store::stats::PointMoments;
 
 /// Attention geometry.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +49,14 @@ pub struct CaptureLayout {
     pub position: CapturePosition,
     /// The hidden size, or heads·head_dim when only `hook_z` is captured.
     pub width: usize,
+}
+
+/// Where [`Backend::end_pass_stats`] found the first NaN or Inf: the pass's captured row (a
+/// sequence for last/mean, a packed token row for all) and capture slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NonFinite {
+    pub row: usize,
+    pub slot: usize,
 }
 
 /// [`Backend::mlp_input`] as two operations: the projection into `scratch`, then the activation.
@@ -105,6 +114,9 @@ pub trait Backend: Send + Sync {
     type Kv: Send;
     /// Per-pass state: the batch's index maps, rotary tables and capture buffers.
     type Pass: Send;
+    /// `resid stats` accumulators kept on the device ([`Backend::stats_accumulators`]); a
+    /// backend that folds on the host never makes one (`std::convert::Infallible`).
+    type Stats: Send;
 
     fn name(&self) -> String;
     /// Runs `f` (a forward pass) where the backend's parallel operations start cheapest: the CPU
@@ -165,6 +177,30 @@ pub trait Backend: Send + Sync {
     ) -> Result<Self::Pass>;
     /// Copies the pass's captured rows into the caller's output.
     fn end_pass(&self, pass: Self::Pass, sink: Option<&mut CaptureSink>) -> Result<()>;
+
+    // --- `resid stats` where the captured rows are (store/stats.rs).
+
+    /// Accumulators holding `moments` (one per capture point: fresh, or a resumed state) that
+    /// [`Backend::end_pass_stats`] folds each pass's captured rows into, or None when the backend
+    /// leaves the fold to the host: the caller then copies rows out with `end_pass` and folds
+    /// them itself (the CPU, whose rows are already on the host). With `pairs`, the rows
+    /// alternate pos, neg and the statistics are over their differences pos − neg.
+    fn stats_accumulators(&self, moments: &[PointMoments], pairs: bool) -> Result<Option<Self::Stats>> {
+        let _ = (moments, pairs);
+        Ok(None)
+    }
+    /// Ends a pass by folding its captured rows into `acc`, in order, instead of copying them
+    /// out. Returns where the first NaN or Inf among the pass's captured rows is, if any (the
+    /// caller refuses the input; `acc` is then spoilt).
+    fn end_pass_stats(&self, pass: Self::Pass, acc: &mut Self::Stats) -> Result<Option<NonFinite>> {
+        let _ = (pass, acc);
+        Err(crate::error::Error::Device(format!("{}: no device statistics accumulators", self.name())))
+    }
+    /// The statistics accumulated so far (checkpoints and the final write).
+    fn stats_moments(&self, acc: &Self::Stats) -> Result<Vec<PointMoments>> {
+        let _ = acc;
+        Err(crate::error::Error::Device(format!("{}: no device statistics accumulators", self.name())))
+    }
 
     /// Gathers embedding rows into the residual, then applies `norm` in place when given
     /// (BLOOM's LayerNorm on the embeddings).

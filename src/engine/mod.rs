@@ -7,7 +7,7 @@ pub mod score;
 pub mod steer;
 
 use crate::backend::cpu::rope::inverse_frequencies;
-use crate::backend::{ActKind, AttentionInput, Backend, CaptureLayout, Heads};
+use crate::backend::{ActKind, AttentionInput, Backend, CaptureLayout, Heads, NonFinite};
 use crate::error::{Error, Result};
 use crate::backend::Norm;
 use crate::model::arch::{alibi_slopes, MlpKind, PositionKind};
@@ -225,6 +225,12 @@ impl<B: Backend> Engine<B> {
 
     /// The forward pass; the logits stay on the backend (None without logits rows).
     pub fn forward_on_backend(&self, kv: &mut B::Kv, pass: Pass) -> Result<Option<B::Act>> {
+        self.forward_ending(kv, pass, |be, state, sink| be.end_pass(state, sink))
+    }
+
+    /// The forward pass, ended by `end` (which hands the pass's captured rows on: `end_pass`
+    /// copies them out, `end_pass_stats` folds them into device statistics).
+    fn forward_ending(&self, kv: &mut B::Kv, pass: Pass, end: impl FnOnce(&B, B::Pass, Option<&mut CaptureSink>) -> Result<()>) -> Result<Option<B::Act>> {
         let be = &self.backend;
         let c = &self.model.config;
         let w = &self.weights;
@@ -360,7 +366,7 @@ impl<B: Backend> Engine<B> {
             be.mark("lm head");
             Some(logits)
         };
-        be.end_pass(state, sink.as_mut())?;
+        end(be, state, sink.as_mut())?;
         be.mark("end pass (capture copy)");
         Ok(logits)
     }
@@ -400,8 +406,61 @@ impl<B: Backend> Engine<B> {
         batch_tokens: usize,
         mut on_batch: impl FnMut(std::ops::Range<usize>, &Captured) -> Result<()>,
     ) -> Result<()> {
-        spec.validate(self.num_layers())?;
         let width = self.capture_width(spec)?;
+        self.capture_batches(seqs, spec, steering, batch_tokens, |range, lens, pass, kv| {
+            let mut out = Captured::for_lengths(lens, spec.points.len(), width, spec.position);
+            let seq_row = match spec.position {
+                CapturePosition::All => out.offsets[..lens.len()].to_vec(),
+                _ => (0..lens.len()).collect(),
+            };
+            self.forward(kv, Pass { capture: Some(CaptureSink { spec, out: &mut out, seq_row }), ..pass })?;
+            on_batch(range, &out)
+        })
+    }
+
+    /// As [`Engine::extract_batches`] without steering, each batch's captured rows folded into
+    /// the backend's statistics accumulators `acc` ([`Backend::end_pass_stats`]) where they are,
+    /// never copied out: `on_batch` gets the range of sequences done, the accumulators and
+    /// where the batch's first NaN or Inf was, if any (its row counts the batch's sequences
+    /// for last/mean, its tokens for all).
+    pub fn stats_batches(
+        &self,
+        seqs: &[Vec<u32>],
+        spec: &CaptureSpec,
+        batch_tokens: usize,
+        acc: &mut B::Stats,
+        mut on_batch: impl FnMut(std::ops::Range<usize>, &B::Stats, Option<NonFinite>) -> Result<()>,
+    ) -> Result<()> {
+        let width = self.capture_width(spec)?;
+        let none = vec![None; seqs.len()];
+        self.capture_batches(seqs, spec, &none, batch_tokens, |range, _, pass, kv| {
+            // The pass needs the spec only: its rows stay on the device.
+            let mut nothing = Captured::new(0, spec.points.len(), width, Vec::new());
+            let mut bad = None;
+            let pass = Pass { capture: Some(CaptureSink { spec, out: &mut nothing, seq_row: Vec::new() }), ..pass };
+            self.backend.on_workers(|| {
+                self.forward_ending(kv, pass, |be, state, _| {
+                    bad = be.end_pass_stats(state, acc)?;
+                    Ok(())
+                })
+            })?;
+            on_batch(range, acc, bad)
+        })
+    }
+
+    /// The batching of [`Engine::extract_batches`]: checks the inputs, then for each batch of
+    /// about `batch_tokens` tokens calls `run` with its range of sequences, their lengths, a
+    /// prompt pass without capture, and a KV arena for it.
+    fn capture_batches(
+        &self,
+        seqs: &[Vec<u32>],
+        spec: &CaptureSpec,
+        steering: &[Option<Arc<Steering>>],
+        batch_tokens: usize,
+        mut run: impl FnMut(std::ops::Range<usize>, &[usize], Pass, &mut B::Kv) -> Result<()>,
+    ) -> Result<()> {
+        spec.validate(self.num_layers())?;
+        self.capture_width(spec)?;
         if steering.len() != seqs.len() {
             return Err(Error::input(format!("{} steering entries for {} sequences", steering.len(), seqs.len())));
         }
@@ -420,24 +479,9 @@ impl<B: Backend> Engine<B> {
             let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
             let plan = BatchPlan::fresh(&lens);
             let ids: Vec<u32> = batch.iter().flatten().copied().collect();
-            let mut out = Captured::for_lengths(&lens, spec.points.len(), width, spec.position);
-            let seq_row = match spec.position {
-                CapturePosition::All => out.offsets[..lens.len()].to_vec(),
-                _ => (0..lens.len()).collect(),
-            };
             let mut kv = self.backend.kv(1, tokens, self.kv_dim())?;
-            self.forward(
-                &mut kv,
-                Pass {
-                    ids: &ids,
-                    plan: &plan,
-                    phase: Phase::Prompt,
-                    steering: &steering[start..end],
-                    capture: Some(CaptureSink { spec, out: &mut out, seq_row }),
-                    logits_rows: &[],
-                },
-            )?;
-            on_batch(start..end, &out)?;
+            let pass = Pass { ids: &ids, plan: &plan, phase: Phase::Prompt, steering: &steering[start..end], capture: None, logits_rows: &[] };
+            run(start..end, &lens, pass, &mut kv)?;
         }
         Ok(())
     }

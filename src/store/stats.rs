@@ -15,7 +15,7 @@
 //! the end, and the state is then removed.
 use super::lock::lock_output_file;
 use crate::backend::Backend;
-use crate::engine::capture::{CapturePosition, CaptureSpec, Captured};
+use crate::engine::capture::{row_offsets, CapturePosition, CaptureSpec, Captured};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::io::{OutTensor, OutputDtype, TensorData};
@@ -222,7 +222,7 @@ fn columns<const W: usize>(row: &mut [f64], block: &[f64], i: usize, mut j: usiz
         for yr in block.chunks_exact(h) {
             let a = yr[i];
             for (s, &b) in acc.iter_mut().zip(&yr[j..j + W]) {
-                *s += a * b;
+                *s = a.mul_add(b, *s);
             }
         }
         row[j..j + W].copy_from_slice(&acc);
@@ -313,24 +313,55 @@ pub fn run<B: Backend>(engine: &Engine<B>, job: &StatsJob, out: &Path, wait: boo
     let mut done = resumed_from;
     let mut tokens = 0usize;
     progress(StatsProgress { total_sequences: total, done_sequences: done, tokens, seconds: 0.0 });
-    // With pairs, the rows of a pair whose `neg` is in the next batch wait here.
+    // With pairs, the rows of a pair whose `neg` is in the next batch wait here (on the host), or
+    // in the device accumulators (`half_pair`).
     let mut pending: Option<Vec<f32>> = None;
-    let none = vec![None; stop - resumed_from];
-    let result = engine.extract_batches(&job.seqs[resumed_from..stop], job.spec, &none, job.batch_tokens, |range, captured| {
+    let mut half_pair = false;
+    // Progress after each batch, and the next sequence of a checkpoint when one is due.
+    let mut batch_done = |range: std::ops::Range<usize>, half_pair: bool| -> Option<usize> {
         let first = resumed_from + range.start;
-        check_rows(captured, job, first)?;
-        fold(&mut moments, captured, job.pairs, &mut pending);
         done = resumed_from + range.end;
         tokens += job.seqs[first..done].iter().map(Vec::len).sum::<usize>();
         progress(StatsProgress { total_sequences: total, done_sequences: done, tokens, seconds: started.elapsed().as_secs_f64() });
-        if last_checkpoint.elapsed().as_secs_f64() >= job.checkpoint_seconds && done < stop {
-            // A half pair is not in the state: the resumed run recomputes it.
-            save_state(&state_file, &moments, &options, done - usize::from(pending.is_some()))?;
+        // A half pair is not in the state: the resumed run recomputes it.
+        let due = last_checkpoint.elapsed().as_secs_f64() >= job.checkpoint_seconds && done < stop;
+        due.then(|| {
             last_checkpoint = std::time::Instant::now();
+            done - usize::from(half_pair)
+        })
+    };
+    let seqs = &job.seqs[resumed_from..stop];
+    // On a device that accumulates where the rows are (CUDA), the rows never leave it.
+    let mut device = engine.backend.stats_accumulators(&moments, job.pairs)?;
+    let result = match device.as_mut() {
+        None => engine.extract_batches(seqs, job.spec, &vec![None; seqs.len()], job.batch_tokens, |range, captured| {
+            check_rows(captured, job, resumed_from + range.start)?;
+            fold(&mut moments, captured, job.pairs, &mut pending);
+            if let Some(next) = batch_done(range, pending.is_some()) {
+                save_state(&state_file, &moments, &options, next)?;
+            }
+            Ok(())
+        }),
+        Some(acc) => engine.stats_batches(seqs, job.spec, job.batch_tokens, acc, |range, acc, bad| {
+            let first = resumed_from + range.start;
+            if let Some(bad) = bad {
+                let lens: Vec<usize> = job.seqs[first..resumed_from + range.end].iter().map(Vec::len).collect();
+                return Err(nonfinite_error(job, first, &row_offsets(&lens), bad.row, bad.slot));
+            }
+            // With pairs a row is a sequence (last/mean).
+            half_pair ^= job.pairs && range.len() % 2 == 1;
+            if let Some(next) = batch_done(range, half_pair) {
+                save_state(&state_file, &engine.backend.stats_moments(acc)?, &options, next)?;
+            }
+            Ok(())
+        }),
+    };
+    let consumed = done - usize::from(pending.is_some() || half_pair);
+    if let Some(acc) = &device {
+        if result.as_ref().is_ok() || matches!(result, Err(Error::Interrupted { .. })) {
+            moments = engine.backend.stats_moments(acc)?;
         }
-        Ok(())
-    });
-    let consumed = done - usize::from(pending.is_some());
+    }
     if let Err(e) = result {
         if matches!(e, Error::Interrupted { .. }) && consumed > resumed_from {
             save_state(&state_file, &moments, &options, consumed)?;
@@ -367,11 +398,17 @@ fn check_rows(captured: &Captured, job: &StatsJob, first_seq: usize) -> Result<(
         return Ok(());
     };
     let row = i / (captured.points * captured.hidden);
-    let seq = if job.spec.position == CapturePosition::All { captured.offsets.iter().rposition(|&o| o <= row).unwrap_or(0) } else { row };
-    let point = job.spec.points[(i / captured.hidden) % captured.points];
+    Err(nonfinite_error(job, first_seq, &captured.offsets, row, (i / captured.hidden) % captured.points))
+}
+
+/// The error for a NaN or Inf in the batch's captured `row` (a sequence, or with position all a
+/// token: `offsets` are its sequences' first rows) at capture `slot`.
+fn nonfinite_error(job: &StatsJob, first_seq: usize, offsets: &[usize], row: usize, slot: usize) -> Error {
+    let seq = if job.spec.position == CapturePosition::All { offsets.iter().rposition(|&o| o <= row).unwrap_or(0) } else { row };
+    let point = job.spec.points[slot];
     let seq = first_seq + seq;
     let at = if job.pairs { format!("{} ({})", (job.origin)(seq / 2), if seq.is_multiple_of(2) { "pos" } else { "neg" }) } else { (job.origin)(seq) };
-    Err(Error::input(format!("{at}: NaN or Inf in captured activations at layer {point:?}; no statistics written")))
+    Error::input(format!("{at}: NaN or Inf in captured activations at layer {point:?}; no statistics written"))
 }
 
 /// Folds a batch's rows (or with `pairs`, its pair differences) into `moments`, in order.

@@ -259,6 +259,7 @@ impl Backend for CpuBackend {
     type Act = CpuAct;
     type Kv = CpuKv;
     type Pass = CpuPass;
+    type Stats = std::convert::Infallible;
 
     fn name(&self) -> String {
         format!("cpu ({} threads, {})", rayon::current_num_threads(), kernel_description())

@@ -11,7 +11,8 @@ pub mod resident;
 pub mod tables;
 pub mod upload;
 
-use super::{ActKind, AttentionInput, Backend, CaptureLayout, Heads, Norm};
+use super::{ActKind, AttentionInput, Backend, CaptureLayout, Heads, NonFinite, Norm};
+use crate::store::stats::PointMoments;
 use crate::model::arch::{MlpKind, NormKind};
 use crate::engine::capture::{CaptureSink, Captured};
 use crate::engine::plan::BatchPlan;
@@ -546,6 +547,9 @@ macro_rules! launch {
     }};
 }
 
+// After `launch!`, which it uses.
+mod stats;
+
 /// The fused residual kernel's other uses (points inside blocks).
 impl CudaBackend {
     /// Mean capture of `width`-wide f32 rows at `src` into a slot's plane (mean_capture.cu),
@@ -595,6 +599,7 @@ impl Backend for CudaBackend {
     type Act = CudaAct;
     type Kv = CudaKv;
     type Pass = CudaPass;
+    type Stats = stats::CudaStats;
 
     fn compute_type(&self) -> &'static str {
         "bf16"
@@ -791,6 +796,18 @@ impl Backend for CudaBackend {
         // (or were never queued), so nothing of this pass is still reading them.
         self.pool.lock().unwrap_or_else(|p| p.into_inner()).push(bufs);
         copied
+    }
+
+    fn stats_accumulators(&self, moments: &[PointMoments], pairs: bool) -> Result<Option<stats::CudaStats>> {
+        self.stats_upload(moments, pairs).map(Some)
+    }
+
+    fn end_pass_stats(&self, pass: CudaPass, acc: &mut stats::CudaStats) -> Result<Option<NonFinite>> {
+        self.stats_end_pass(pass, acc)
+    }
+
+    fn stats_moments(&self, acc: &stats::CudaStats) -> Result<Vec<PointMoments>> {
+        self.stats_download(acc)
     }
 
     fn embed(&self, table: &CudaMatrix, ids: &[u32], norm: Option<Norm<'_, CudaVector>>, out: &mut CudaAct) -> Result<()> {
