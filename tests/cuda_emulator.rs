@@ -492,9 +492,15 @@ fn device_stats_are_the_cpu_fold_of_the_device_rows() {
     let reference = cpu_fold(&diffs, p, h, true);
     pair_run("stats", "pairs.jsonl", "pa.safetensors", &["--pairs", "--stats", "mean,cov,gram", "--batch-tokens", "1000"]);
     assert_stats_file_is(&path("pa.safetensors"), &reference, "pairs");
-    // About one text per batch: pos and neg of most pairs in different batches.
-    pair_run("stats", "pairs.jsonl", "pb.safetensors", &["--pairs", "--stats", "mean,cov,gram", "--batch-tokens", "5"]);
-    assert!(std::fs::read(path("pb.safetensors")).unwrap() == std::fs::read(path("pa.safetensors")).unwrap(), "pairs: another batching changed the bytes");
+    // About one text per batch, then about three: pos and neg of many pairs in different batches.
+    for tokens in ["5", "23"] {
+        pair_run("stats", "pairs.jsonl", "pb.safetensors", &["--pairs", "--stats", "mean,cov,gram", "--batch-tokens", tokens]);
+        assert!(std::fs::read(path("pb.safetensors")).unwrap() == std::fs::read(path("pa.safetensors")).unwrap(), "pairs, batches of {tokens} tokens: other bytes");
+    }
+    // Stopped after a pos whose neg is not done: the state ends before that pair.
+    pair_run("stats", "pairs.jsonl", "pc.safetensors", &["--pairs", "--stats", "mean,cov,gram", "--batch-tokens", "23", "--stop-after", "7"]);
+    pair_run("stats", "pairs.jsonl", "pc.safetensors", &["--pairs", "--stats", "mean,cov,gram", "--batch-tokens", "11"]);
+    assert!(std::fs::read(path("pc.safetensors")).unwrap() == std::fs::read(path("pa.safetensors")).unwrap(), "pairs, resumed: other bytes");
 
     // A NaN: token 50's embedding row poisoned (bf16 NaN) on lines 4 and 9 only.
     let weights = model.join("model.safetensors");
