@@ -21,7 +21,9 @@
 # the GEMV kernel and without programmatic dependent launch (A/B); and the cost of steering
 # and of capture (`resid bench --workload steer`: batch 16, every index, prefill and decode);
 # then `resid serve --device cuda` under scripts/bench-serve.py (concurrency 1, 16, 64); then
-# points inside blocks (capture cost A/B, CUDA against CPU) and `resid stats` against extraction.
+# points inside blocks (capture cost A/B, CUDA against CPU) and `resid stats` against extraction;
+# then `resid stats` accumulating on the device: time at 3 and at every point, and its numbers
+# against numpy over the device's rows and against the CPU backend.
 # Everything lands in OUTDIR as JSON (gpu-check.json collects it), with a short table last.
 # Sizes: GPU_CHECK_SEQS_1B (default 2048) and GPU_CHECK_SEQS_7B (default 512) sequences of
 # 16..512 tokens. Budget: under 8 minutes on one H100.
@@ -191,6 +193,54 @@ PYEOF
         timeout 240 "$RESID" $cmd --model "$dir" --device cuda --input "$WORK/llama-1b.jsonl" --layers 4,8,12 --out "$WORK/$cmd-run.safetensors" --quiet 2>> "$OUT/gpu-check.log" || log "$cmd run failed"
         echo "{\"command\": \"$cmd\", \"milliseconds\": $(( ($(date +%s%N) - start) / 1000000 ))}" >> "$OUT/stats-vs-extract.jsonl"
     done
+fi
+
+# --- 6. `resid stats` accumulating on the device (kernels/stats_accumulate.cu; 1B model): time
+# against extracting the same rows (all tokens of 128 sequences) at 3 points and at every point,
+# into stats-device.jsonl; then on 8 sequences (3 points, mean, cov, gram) the CUDA statistics
+# against a numpy f64 two-pass fold of the rows `resid extract --device cuda` gives (the same
+# rows: expected within 1e-9 of each point's largest value), and against the CPU backend's
+# statistics (its f32 forward against CUDA's bf16: expected within 5e-2), into
+# stats-device-check.json.
+if "$RESID" stats --help > /dev/null 2>&1 && [ -f "$dir/model.safetensors" ]; then
+    head -128 "$WORK/llama-1b.jsonl" > "$WORK/stats.jsonl"
+    tokens=$("$PY" -c 'import json, sys; print(sum(len(json.loads(l)["ids"]) for l in open(sys.argv[1])))' "$WORK/stats.jsonl" 2>/dev/null || echo 0)
+    for layers in 4,8,12 all; do
+        pick=(); [ "$layers" != all ] && pick=(--layers "$layers")
+        for cmd in extract stats; do
+            start=$(date +%s%N)
+            timeout 240 "$RESID" $cmd --model "$dir" --device cuda --input "$WORK/stats.jsonl" ${pick[@]+"${pick[@]}"} --position all --out "$WORK/timed-$cmd.safetensors" --quiet 2>> "$OUT/gpu-check.log" || log "$cmd at points $layers failed"
+            echo "{\"command\": \"$cmd\", \"points\": \"$layers\", \"tokens\": $tokens, \"milliseconds\": $(( ($(date +%s%N) - start) / 1000000 ))}" >> "$OUT/stats-device.jsonl"
+            rm -f "$WORK/timed-$cmd.safetensors"
+        done
+    done
+    head -8 "$WORK/llama-1b.jsonl" > "$WORK/stats8.jsonl"
+    few=(--model "$dir" --input "$WORK/stats8.jsonl" --layers 4,8,12 --position all --quiet)
+    timeout 120 "$RESID" extract "${few[@]}" --device cuda --out "$WORK/rows-cuda.safetensors" 2>> "$OUT/gpu-check.log" || log "rows extract failed"
+    for dev in cuda cpu; do
+        timeout 240 "$RESID" stats "${few[@]}" --device $dev --stats mean,cov,gram --out "$WORK/stats-$dev.safetensors" 2>> "$OUT/gpu-check.log" || log "stats on $dev failed"
+    done
+    "$PY" - "$WORK/rows-cuda.safetensors" "$WORK/stats-cuda.safetensors" "$WORK/stats-cpu.safetensors" > "$OUT/stats-device-check.json" 2>> "$OUT/gpu-check.log" <<'PYEOF'
+import json, sys
+import numpy as np
+from safetensors.numpy import load_file
+rows = load_file(sys.argv[1])["hidden_states"].astype(np.float64)
+cuda, cpu = load_file(sys.argv[2]), load_file(sys.argv[3])
+def rel(a, b):  # per point, the largest difference over the point's largest value
+    return [float(abs(a[i] - b[i]).max() / max(abs(b[i]).max(), 1e-30)) for i in range(b.shape[0])]
+mean = rows.mean(axis=0)
+cov = np.stack([np.cov(rows[:, p].T) for p in range(rows.shape[1])])
+gram = np.einsum("rpi,rpj->pij", rows, rows)
+vs_rows = {"mean": rel(cuda["mean"], mean), "cov": rel(cuda["cov"], cov), "gram": rel(cuda["gram"], gram),
+           "min": rel(cuda["min"], rows.min(axis=0)), "max": rel(cuda["max"], rows.max(axis=0))}
+vs_cpu = {k: rel(cuda[k], cpu[k]) for k in ("mean", "cov", "gram", "min", "max")}
+worst = lambda d: max(max(v) for v in d.values())
+print(json.dumps({"count_equal": bool((cuda["count"] == rows.shape[0]).all() and (cuda["count"] == cpu["count"]).all()),
+                  "vs_numpy_of_cuda_rows": vs_rows, "vs_numpy_ok_1e-9": worst(vs_rows) <= 1e-9,
+                  "vs_cpu_backend": vs_cpu, "vs_cpu_ok_5e-2": worst(vs_cpu) <= 5e-2}))
+PYEOF
+    log "stats on the device: $(cat "$OUT/stats-device-check.json" 2>/dev/null | "$PY" -c 'import json, sys; d = json.load(sys.stdin); print("count", d["count_equal"], "vs numpy", d["vs_numpy_ok_1e-9"], "vs cpu", d["vs_cpu_ok_5e-2"])' 2>/dev/null)"
+    rm -f "$WORK/rows-cuda.safetensors"
 fi
 
 "$PY" "$ROOT/scripts/gpu_bench.py" summary "$OUT"
