@@ -214,7 +214,8 @@ fn a_refused_programmatic_launch_falls_back_to_a_plain_one() {
 
 /// `resid stats` and `--dtype f16` on the CUDA backend: the statistics are those of the rows
 /// the device extracts (to f64 rounding, 1e-9), and the f16 file is the rounding of its f32
-/// file, bit for bit. (The accumulation runs on the host from the rows each pass copies back.)
+/// file, bit for bit. (The accumulation runs on the device: see
+/// `device_stats_are_the_cpu_fold_of_the_device_rows`.)
 #[test]
 fn stats_and_half_outputs_on_the_emulator() {
     let tmp = tempfile::tempdir().unwrap();

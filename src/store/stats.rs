@@ -8,6 +8,11 @@
 //! in input order, row after row, so the result is bit-identical whatever the batching and the
 //! thread count (threads split the matrix into tiles, never the rows).
 //!
+//! A backend may keep the accumulators where the rows are ([`Backend::stats_accumulators`]):
+//! CUDA folds each pass's captured rows on the device (kernels/stats_accumulate.cu, with the
+//! same operations in the same order as [`PointMoments::add_rows`]) and no row is copied out;
+//! the CPU folds here, on the host.
+//!
 //! The state is checkpointed atomically beside the output (`OUT.state`, safetensors with its
 //! options and the next input sequence in the metadata) every `checkpoint_seconds`, on
 //! interruption and at `stop_after`; a rerun with the same input and options resumes from it
