@@ -411,9 +411,9 @@ fn assert_stats_file_is(path: &Path, moments: &[resid::store::stats::PointMoment
     let f64s = |t: &str| -> Vec<u64> { st.tensor(t).unwrap().data().chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().unwrap())).collect() };
     let counts: Vec<u64> = f64s("count");
     assert!(counts.iter().all(|&c| c == moments[0].count), "{what}: count {counts:?}, want {}", moments[0].count);
-    let bits = |f: &dyn Fn(&PointMoments) -> Vec<f64>| -> Vec<u64> { moments.iter().flat_map(f).map(f64::to_bits).collect() };
-    let stats: [(&str, &dyn Fn(&PointMoments) -> Vec<f64>); 5] =
-        [("mean", &PointMoments::mean), ("cov", &PointMoments::cov), ("gram", &PointMoments::gram), ("min", &|m| m.min.clone()), ("max", &|m| m.max.clone())];
+    type Statistic<'a> = &'a dyn Fn(&PointMoments) -> Vec<f64>;
+    let bits = |f: Statistic| -> Vec<u64> { moments.iter().flat_map(f).map(f64::to_bits).collect() };
+    let stats: [(&str, Statistic); 5] = [("mean", &PointMoments::mean), ("cov", &PointMoments::cov), ("gram", &PointMoments::gram), ("min", &|m| m.min.clone()), ("max", &|m| m.max.clone())];
     for (name, f) in stats {
         if st.names().contains(&name) {
             let (got, want) = (f64s(name), bits(f));
