@@ -32,9 +32,10 @@
 //
 //   stats_outer(const double* y, int n, int slots, int H, double* sq)
 //     sq[s, i, j] = fma-chain over r in 0..n ascending of y[s, r, i] · y[s, r, j], j >= i.
-//   Launch: grid = (ceil(H / 16), ceil(H / 16), slots), block = (256, 1, 1); a block covers
-//   columns j in 16·blockIdx.x .. and rows i in 16·blockIdx.y ..; blocks wholly below the
-//   diagonal return at once. Static smem 2·32·16·8 B = 8 KiB (32 rows of y per stage).
+//   Launch: grid = (ceil(H / 64), ceil(H / 64), slots), block = (256, 1, 1); a block covers
+//   columns j in 64·blockIdx.x .. and rows i in 64·blockIdx.y .. (4 x 4 per thread); blocks
+//   wholly below the diagonal return at once. Static smem 2·32·64·8 B = 32 KiB (32 rows of y
+//   per stage).
 //
 // CPU reference (exact, bit for bit: no contraction but the explicit fma):
 //   for each slot s, column c, statistics row r in order (x in f32, pos − neg rounded in f32):
@@ -46,7 +47,7 @@
 #include "common.cuh"
 
 #define STATS_ROWS_BLOCK 128
-#define STATS_TILE 16
+#define STATS_TILE 64
 #define STATS_STAGE 32
 
 extern "C" __global__ void __launch_bounds__(STATS_ROWS_BLOCK)
@@ -105,18 +106,22 @@ stats_rows(const float* __restrict__ plane, int rows, int slots, int H, int pair
 extern "C" __global__ void __launch_bounds__(256)
 stats_outer(const double* __restrict__ y, int n, int slots, int H, double* __restrict__ sq) {
     resid_pdl_prologue();
+    // Each thread owns 4 x 4 elements (rows ty + 16a, columns tx + 16b of the block's 64 x 64
+    // tile): 8 shared loads per 16 fma, and every element still one chain in row order.
     __shared__ double yi[STATS_STAGE][STATS_TILE];
     __shared__ double yj[STATS_STAGE][STATS_TILE];
     const int j0 = blockIdx.x * STATS_TILE, i0 = blockIdx.y * STATS_TILE, s = blockIdx.z;
     if (j0 + STATS_TILE <= i0) return;  // every j < every i: below the diagonal (whole block)
-    const int tx = threadIdx.x % STATS_TILE, ty = threadIdx.x / STATS_TILE;
-    const int i = i0 + ty, j = j0 + tx;
-    const bool mine = i < H && j < H && j >= i;
-    double* out = sq + ((size_t)s * H + i) * H + j;
-    double acc = mine ? *out : 0.0;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    double acc[4][4];
+    for (int a = 0; a < 4; ++a) {
+        for (int b = 0; b < 4; ++b) {
+            const int i = i0 + ty + 16 * a, j = j0 + tx + 16 * b;
+            acc[a][b] = (i < H && j < H && j >= i) ? sq[((size_t)s * H + i) * H + j] : 0.0;
+        }
+    }
     const double* ys = y + (size_t)s * n * H;
     for (int r0 = 0; r0 < n; r0 += STATS_STAGE) {
-        // 256 threads load 2 · 32 · 16 values: each its (row, column) pair twice.
         for (int e = threadIdx.x; e < STATS_STAGE * STATS_TILE; e += blockDim.x) {
             const int rr = e / STATS_TILE, cc = e % STATS_TILE, r = r0 + rr;
             yi[rr][cc] = (r < n && i0 + cc < H) ? ys[(size_t)r * H + i0 + cc] : 0.0;
@@ -124,8 +129,20 @@ stats_outer(const double* __restrict__ y, int n, int slots, int H, double* __res
         }
         __syncthreads();
         const int stage = min(STATS_STAGE, n - r0);
-        for (int rr = 0; rr < stage; ++rr) acc = fma(yi[rr][ty], yj[rr][tx], acc);
+        for (int rr = 0; rr < stage; ++rr) {
+            double vi[4], vj[4];
+            for (int a = 0; a < 4; ++a) vi[a] = yi[rr][ty + 16 * a];
+            for (int b = 0; b < 4; ++b) vj[b] = yj[rr][tx + 16 * b];
+            for (int a = 0; a < 4; ++a) {
+                for (int b = 0; b < 4; ++b) acc[a][b] = fma(vi[a], vj[b], acc[a][b]);
+            }
+        }
         __syncthreads();
     }
-    if (mine) *out = acc;
+    for (int a = 0; a < 4; ++a) {
+        for (int b = 0; b < 4; ++b) {
+            const int i = i0 + ty + 16 * a, j = j0 + tx + 16 * b;
+            if (i < H && j < H && j >= i) sq[((size_t)s * H + i) * H + j] = acc[a][b];
+        }
+    }
 }

@@ -12,8 +12,9 @@ use cudarc::driver::{CudaSlice, LaunchConfig};
 
 /// Threads per block of `stats_rows` (columns per block).
 const ROWS_BLOCK: usize = 128;
-/// The square tile of `stats_outer`.
-const OUTER_TILE: usize = 16;
+/// The square tile of `stats_outer` (a block of 256 threads, 4 x 4 elements each).
+const OUTER_TILE: usize = 64;
+const OUTER_THREADS: u32 = 256;
 
 /// Device accumulators of every capture point (`[slots, hidden]` f64 each, `sq`
 /// `[slots, hidden, hidden]`), as stats_accumulate.cu lays them out.
@@ -114,7 +115,7 @@ impl CudaBackend {
         );
         if let (Some(sq), true) = (acc.sq.as_ref(), n > 0) {
             let tiles = h.div_ceil(OUTER_TILE) as u32;
-            let grid = LaunchConfig { grid_dim: (tiles, tiles, slots as u32), block_dim: ((OUTER_TILE * OUTER_TILE) as u32, 1, 1), shared_mem_bytes: 0 };
+            let grid = LaunchConfig { grid_dim: (tiles, tiles, slots as u32), block_dim: (OUTER_THREADS, 1, 1), shared_mem_bytes: 0 };
             launch!(self, "stats_outer", grid, shifted, &n_i, &slots_i, &h_i, sq);
         }
         // A few ints; the copy waits for the kernels.
