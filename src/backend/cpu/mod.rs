@@ -111,6 +111,13 @@ fn bf16_policy() -> Bf16Policy {
     })
 }
 
+/// Whether the MLP input fuses its activation into the gate/up GEMM (default), or, with
+/// `RESID_CPU_FUSED_MLP=0`, runs them as two operations (for comparisons: same results).
+fn fused_mlp() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RESID_CPU_FUSED_MLP").as_deref() != Ok("0"))
+}
+
 /// A KV arena base pointer shared by the row tasks of one pass (each writes its own slot).
 #[derive(Clone, Copy)]
 struct RowPtr(*mut f32);
@@ -130,10 +137,18 @@ pub struct CpuMatrix {
     /// Split matrices (bf16 down projections, see [`Bf16Policy::SplitDown`]): the bf16 panels
     /// beside the f32 ones, which serve the outlier inputs.
     split: Option<OnceLock<PackedMatrix>>,
+    /// A stacked `[gate; up]` of equal halves: packed with each half on whole panels
+    /// ([`PackedMatrix::pack_halves`]), so that the MLP input fuses its activation.
+    halves: bool,
 }
 
 impl CpuMatrix {
     pub fn new(data: F32Data, rows: usize, cols: usize, compute: Compute) -> Self {
+        Self::with_layout(data, rows, cols, compute, false)
+    }
+
+    /// `halves`: W is a stacked `[gate; up]` (two blocks of rows/2 rows).
+    fn with_layout(data: F32Data, rows: usize, cols: usize, compute: Compute, halves: bool) -> Self {
         let compute = gemm::effective_compute(compute);
         let wide_input = compute == Compute::Bf16 && cols > rows;
         let (compute, split) = match bf16_policy() {
@@ -141,7 +156,8 @@ impl CpuMatrix {
             Bf16Policy::F32Down if wide_input => (Compute::F32, None),
             _ => (compute, None),
         };
-        let m = CpuMatrix { data, rows, cols, compute, packed: OnceLock::new(), split };
+        let halves = halves && split.is_none() && rows % 2 == 0;
+        let m = CpuMatrix { data, rows, cols, compute, packed: OnceLock::new(), split, halves };
         // Mapped tensors are packed on first use; meanwhile the file pages the loader touched
         // so far (the parts of stacked matrices, say) need not stay resident.
         if m.data.is_mapped() {
@@ -149,7 +165,7 @@ impl CpuMatrix {
         }
         // Owned f32 copies are packed now and dropped: the panels hold the same values exactly.
         if !m.data.is_mapped() && m.compute == Compute::F32 && m.rows * m.cols > 0 {
-            let _ = m.packed.set(PackedMatrix::pack(&m.data, rows, cols, Compute::F32));
+            let _ = m.packed.set(m.pack(Compute::F32));
             if let Some(fast) = &m.split {
                 let _ = fast.set(PackedMatrix::pack(&m.data, rows, cols, Compute::Bf16));
             }
@@ -158,10 +174,18 @@ impl CpuMatrix {
         m
     }
 
+    fn pack(&self, compute: Compute) -> PackedMatrix {
+        if self.halves {
+            PackedMatrix::pack_halves(&self.data, self.rows, self.cols, compute)
+        } else {
+            PackedMatrix::pack(&self.data, self.rows, self.cols, compute)
+        }
+    }
+
     /// The packed panels, made on first use.
     pub fn packed(&self) -> &PackedMatrix {
         self.packed.get_or_init(|| {
-            let p = PackedMatrix::pack(&self.data, self.rows, self.cols, self.compute);
+            let p = self.pack(self.compute);
             release_pages(&self.data);
             p
         })
@@ -248,11 +272,6 @@ fn apply_norm(x: &[f32], h: usize, norm: &Norm<'_, F32Data>, out: &mut [f32]) {
     }
 }
 
-/// BLOOM's tanh approximation, with its constant.
-fn gelu_tanh(x: f32) -> f32 {
-    x * 0.5 * (1.0 + (0.797_884_6 * x * (1.0 + 0.044715 * x * x)).tanh())
-}
-
 impl Backend for CpuBackend {
     type Matrix = CpuMatrix;
     type Vector = F32Data;
@@ -311,7 +330,9 @@ impl Backend for CpuBackend {
     }
 
     fn weight_matrix(&self, src: &MatrixSource) -> Result<CpuMatrix> {
-        let mut m = CpuMatrix::new(src.to_f32(), src.rows(), src.cols(), requested_compute());
+        // Two stacked blocks of equal size are a SwiGLU `[gate; up]` (see `mlp_input`).
+        let halves = matches!(src.part_rows()[..], [g, u] if g == u);
+        let mut m = CpuMatrix::with_layout(src.to_f32(), src.rows(), src.cols(), requested_compute(), halves);
         m.packed();
         m.split_panels();
         // The panels are all a layer weight needs: an owned copy (stacked or converted
@@ -461,6 +482,21 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    /// The gate/up GEMM with the activation in its epilogue ([`gemm::gemm_activation`]):
+    /// bit-identical to the unfused default, without the `[rows, 2I]` round trip through
+    /// `scratch`. f32 matrices only (bf16 ones, and any when `RESID_CPU_FUSED_MLP=0`, take the
+    /// unfused path).
+    fn mlp_input(&self, kind: MlpKind, x: &CpuAct, w: &CpuMatrix, b: Option<&F32Data>, scratch: &mut CpuAct, out: &mut CpuAct) -> Result<()> {
+        let act = match kind {
+            MlpKind::SwiGlu => gemm::Activation::SwiGlu,
+            MlpKind::GeluTanh => gemm::Activation::GeluTanh,
+        };
+        if w.split.is_none() && fused_mlp() && gemm::gemm_activation(&x.data, x.rows, w.packed(), b.map(|b| &b[..]), act, &mut out.data) {
+            return Ok(());
+        }
+        super::unfused_mlp_input(self, kind, x, w, b, scratch, out)
+    }
+
     fn activation(&self, kind: MlpKind, input: &CpuAct, out: &mut CpuAct) -> Result<()> {
         let inter = out.cols;
         match kind {
@@ -475,7 +511,7 @@ impl Backend for CpuBackend {
                     out.data.par_chunks_mut(inter).zip(input.data.par_chunks(2 * inter)).for_each(one);
                 }
             }
-            MlpKind::GeluTanh => out.data.par_iter_mut().zip(input.data.par_iter()).for_each(|(o, &x)| *o = gelu_tanh(x)),
+            MlpKind::GeluTanh => out.data.par_iter_mut().zip(input.data.par_iter()).for_each(|(o, &x)| *o = vmath::gelu_tanh(x)),
         }
         Ok(())
     }
