@@ -288,9 +288,9 @@ impl PackedMatrix {
     /// Packs a stacked `[gate; up]` (`n` even) with each half padded to whole panels (f32
     /// compute; bf16 matrices get the plain layout), for [`gemm_swiglu`].
     pub fn pack_halves(w: &[f32], n: usize, k: usize, format: Compute) -> Self {
-        assert!(n % 2 == 0, "gate/up halves of an odd row count");
+        assert!(n.is_multiple_of(2), "gate/up halves of an odd row count");
         let half = n / 2;
-        let halves = (half % NR != 0 && effective_compute(format) == Compute::F32).then_some(half);
+        let halves = (!half.is_multiple_of(NR) && effective_compute(format) == Compute::F32).then_some(half);
         Self::pack_layout(w, n, k, format, halves)
     }
 
@@ -358,7 +358,7 @@ impl PackedMatrix {
     /// Panels per half of a `[gate; up]` matrix of `half` rows packed by [`Self::pack_halves`]
     /// (or plainly, when `half` is a multiple of [`NR`]); `None` when W is not laid out so.
     pub fn half_panels(&self, half: usize) -> Option<usize> {
-        let aligned = self.halves == Some(half) || (self.halves.is_none() && half % NR == 0);
+        let aligned = self.halves == Some(half) || (self.halves.is_none() && half.is_multiple_of(NR));
         (self.n == 2 * half && aligned).then(|| half.div_ceil(NR))
     }
 
@@ -893,7 +893,7 @@ pub fn gemm_activation(x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<
 fn gemm_activation_on(isa: Isa, x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, act: Activation, y: &mut [f32]) -> bool {
     let (width, out_panels, up_panel) = match act {
         Activation::SwiGlu => match w.half_panels(w.n / 2) {
-            Some(hp) if w.n % 2 == 0 => (w.n / 2, hp, hp),
+            Some(hp) if w.n.is_multiple_of(2) => (w.n / 2, hp, hp),
             _ => return false,
         },
         Activation::GeluTanh if w.halves.is_none() => (w.n, w.panels, 0),

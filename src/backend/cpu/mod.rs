@@ -156,7 +156,7 @@ impl CpuMatrix {
             Bf16Policy::F32Down if wide_input => (Compute::F32, None),
             _ => (compute, None),
         };
-        let halves = halves && split.is_none() && rows % 2 == 0;
+        let halves = halves && split.is_none() && rows.is_multiple_of(2);
         let m = CpuMatrix { data, rows, cols, compute, packed: OnceLock::new(), split, halves };
         // Mapped tensors are packed on first use; meanwhile the file pages the loader touched
         // so far (the parts of stacked matrices, say) need not stay resident.
