@@ -863,124 +863,162 @@ const FUSED_ROWS: usize = 24;
 #[repr(align(64))]
 struct Tile([[f32; 2 * NR]; FUSED_ROWS]);
 
-/// Where a fused GEMM writes: `y [tokens, width]`, the activation, and W's bias (all of W's rows).
+/// A fused GEMM's output pointer, shared by its tasks.
 #[derive(Clone, Copy)]
-struct FusedOut {
-    y: *mut f32,
-    width: usize,
-    bias: *const f32,
-    act: Activation,
-}
+struct FusedPtr(*mut f32);
+// SAFETY: tasks write disjoint blocks.
+unsafe impl Send for FusedPtr {}
+unsafe impl Sync for FusedPtr {}
 
-// SAFETY: tasks write disjoint blocks of y; bias is read-only.
-unsafe impl Send for FusedOut {}
-unsafe impl Sync for FusedOut {}
-
-/// `y = act(x·Wᵀ + b)` in one pass over W, without writing `x·Wᵀ + b` out: each task computes
-/// its output panels' products for [`FUSED_ROWS`] rows at a time into a tile and applies the
-/// activation from there. For [`Activation::SwiGlu`], output panel q needs gate panel q and up
-/// panel q + (panels per half): both are computed by the same task (in one kernel, as a pair of
-/// panels, when the rows are few). Every product is the FMA chain of [`gemm`], `+ b` is the same
-/// single add, and the activation is [`super::vmath`]'s (the one the unfused `activation`
-/// applies), so `y` is bit-identical to the GEMM followed by the activation, and as batch- and
-/// thread-invariant. Returns false (computing nothing) where W is not f32 or, for SwiGLU, not a
-/// `[gate; up]` whose halves start on panel boundaries ([`PackedMatrix::pack_halves`]).
+/// `y = act(x·Wᵀ + b)` in one pass over W, without writing `x·Wᵀ + b` out ([`fused`]). For
+/// [`Activation::SwiGlu`], output panel q needs gate panel q and up panel q + (panels per half):
+/// both are computed by the same task (in one kernel, as a pair of panels, when the rows are
+/// few). Every product is the FMA chain of [`gemm`], `+ b` is the same single add, and the
+/// activation is [`super::vmath`]'s (the one the unfused `activation` applies), so `y` is
+/// bit-identical to the GEMM followed by the activation, and as batch- and thread-invariant.
+/// Returns false (computing nothing) where W is not f32 or, for SwiGLU, not a `[gate; up]` whose
+/// halves start on panel boundaries ([`PackedMatrix::pack_halves`]).
 pub fn gemm_activation(x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, act: Activation, y: &mut [f32]) -> bool {
     gemm_activation_on(isa(), x, tokens, w, bias, act, y)
 }
 
 /// [`gemm_activation`] with the kernels of `isa` (which the CPU must have).
 fn gemm_activation_on(isa: Isa, x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, act: Activation, y: &mut [f32]) -> bool {
-    let (width, out_panels, up_panel) = match act {
+    let (width, count, units) = match act {
         Activation::SwiGlu => match w.half_panels(w.n / 2) {
-            Some(hp) if w.n.is_multiple_of(2) => (w.n / 2, hp, hp),
+            // Each gate panel with its up panel.
+            Some(hp) if w.n.is_multiple_of(2) => (w.n / 2, hp, Units::Pairs { stride: 1, offset: hp }),
             _ => return false,
         },
-        Activation::GeluTanh if w.halves.is_none() => (w.n, w.panels, 0),
+        // W's own panels, paired as in `gemm`.
+        Activation::GeluTanh if w.halves.is_none() => (w.n, w.panels, Units::Panels),
         Activation::GeluTanh => return false,
     };
     if w.format != Compute::F32 {
         return false;
     }
-    let k = w.k;
-    assert_eq!(x.len(), tokens * k, "x shape");
     assert_eq!(y.len(), tokens * width, "y shape");
     if let Some(b) = bias {
         assert_eq!(b.len(), w.n, "bias shape");
     }
-    if tokens == 0 || width == 0 {
-        return true;
-    }
-    let mr = match isa {
-        Isa::Avx512 => 8,
-        Isa::Avx2 => 3,
-        Isa::Portable => 4,
-    };
-    let out = FusedOut { y: y.as_mut_ptr(), width, bias: bias.map_or(std::ptr::null(), |b| b.as_ptr()), act };
-    let src = Src(x.as_ptr() as *const u32);
-    drive(tokens, k, src, Panels { count: out_panels, pair_break: usize::MAX }, mr, 4, &|a, t0, rows, q, np| {
-        // SAFETY: `a` is the packed micro-panel of rows t0..t0+rows, output panels q..q+np exist,
-        // the task owns these outputs.
-        unsafe {
-            match act {
-                // GELU's panels are W's own, paired as in `gemm`; SwiGLU pairs each gate panel
-                // with its up panel instead.
-                Activation::GeluTanh => fused_block(isa, a as *const f32, w, q, np, up_panel, rows, t0, out),
-                Activation::SwiGlu => (q..q + np).for_each(|q| fused_block(isa, a as *const f32, w, q, 1, up_panel, rows, t0, out)),
+    let yp = FusedPtr(y.as_mut_ptr());
+    fused(isa, x, tokens, w, count, units, &|t, q, np, vals| {
+        #[allow(clippy::redundant_locals)]
+        let yp = yp;
+        // SAFETY: row t's output panels q..q+np belong to this task.
+        let y = unsafe { std::slice::from_raw_parts_mut(yp.0.add(t * width), width) };
+        match act {
+            Activation::SwiGlu => {
+                let (c0, cols) = (q * NR, (width - q * NR).min(NR));
+                let (gate, up) = vals.split_at_mut(NR);
+                if let Some(b) = bias {
+                    for c in 0..cols {
+                        gate[c] += b[c0 + c];
+                        up[c] += b[width + c0 + c];
+                    }
+                }
+                super::vmath::swiglu_row(&gate[..cols], &up[..cols], &mut y[c0..c0 + cols]);
+            }
+            Activation::GeluTanh => {
+                for j in 0..np {
+                    let c0 = (q + j) * NR;
+                    for c in 0..(width - c0).min(NR) {
+                        let v = match bias {
+                            Some(b) => vals[j * NR + c] + b[c0 + c],
+                            None => vals[j * NR + c],
+                        };
+                        y[c0 + c] = super::vmath::gelu_tanh(v);
+                    }
+                }
             }
         }
     });
     true
 }
 
-/// Output panels q..q+np (np = 2 only for GELU) of rows t0..t0+rows, [`FUSED_ROWS`] at a time.
+/// `x·Wᵀ` of f32 W (plain layout, N a multiple of 2·[`NR`]) in heads of 64 columns, without
+/// writing it out: `epi(t, h, values)` gets row t's 64 products of head h (columns 64h..64h+64;
+/// each the FMA chain of [`gemm`], no bias) to finish and store. Each head is computed by one
+/// task, so the epilogue sees whole heads (rotary pairs, per-head norms). Returns false
+/// (computing nothing) where W is not laid out so.
+pub fn gemm_heads(x: &[f32], tokens: usize, w: &PackedMatrix, epi: &(dyn Fn(usize, usize, &mut [f32]) + Sync)) -> bool {
+    gemm_heads_on(isa(), x, tokens, w, epi)
+}
+
+fn gemm_heads_on(isa: Isa, x: &[f32], tokens: usize, w: &PackedMatrix, epi: &(dyn Fn(usize, usize, &mut [f32]) + Sync)) -> bool {
+    if w.format != Compute::F32 || w.halves.is_some() || !w.n.is_multiple_of(2 * NR) {
+        return false;
+    }
+    fused(isa, x, tokens, w, w.panels / 2, Units::Pairs { stride: 2, offset: 1 }, &|t, h, _, vals| epi(t, h, vals));
+    true
+}
+
+/// A fused GEMM's epilogue: `epi(t, u, panels, values)` finishes row t of unit u.
+type FusedEpilogue<'a> = dyn Fn(usize, usize, usize, &mut [f32]) + Sync + 'a;
+
+/// What one unit of a fused GEMM's work is.
+#[derive(Clone, Copy)]
+enum Units {
+    /// Output panel u, with panel u + 1 when the rows are few (as in [`gemm`]).
+    Panels,
+    /// Panels `u·stride` and `u·stride + offset`, always together.
+    Pairs { stride: usize, offset: usize },
+}
+
+/// The fused GEMMs' driver: the `count` units of W's panels are spread over tasks as [`gemm`]
+/// spreads panels; a task computes a unit's panels for [`FUSED_ROWS`] rows at a time into an
+/// L1-resident tile, then hands each row's values (`NR` per panel, no bias) to
+/// `epi(t, u, panels, values)`.
+fn fused(isa: Isa, x: &[f32], tokens: usize, w: &PackedMatrix, count: usize, units: Units, epi: &FusedEpilogue) {
+    let k = w.k;
+    assert_eq!(x.len(), tokens * k, "x shape");
+    if tokens == 0 || count == 0 {
+        return;
+    }
+    let mr = match isa {
+        Isa::Avx512 => 8,
+        Isa::Avx2 => 3,
+        Isa::Portable => 4,
+    };
+    let src = Src(x.as_ptr() as *const u32);
+    drive(tokens, k, src, Panels { count, pair_break: usize::MAX }, mr, 4, &|a, t0, rows, u, np| {
+        let a = a as *const f32;
+        // SAFETY: `a` is the packed micro-panel of rows t0..t0+rows, the units' panels exist, the
+        // task owns these outputs.
+        unsafe {
+            match units {
+                Units::Panels => fused_block(isa, a, w, (u, 1, np), rows, t0, u, epi),
+                Units::Pairs { stride, offset } => (u..u + np).for_each(|u| fused_block(isa, a, w, (u * stride, offset, 2), rows, t0, u, epi)),
+            }
+        }
+    });
+}
+
+/// Unit `u` of rows t0..t0+rows: `panels = (first, offset, n)` are panels first + j·offset,
+/// j < n (n ≤ 2), computed [`FUSED_ROWS`] rows at a time into tile columns 32j.., then handed to
+/// the epilogue row by row.
 #[allow(clippy::too_many_arguments)]
-unsafe fn fused_block(isa: Isa, a: *const f32, w: &PackedMatrix, q: usize, np: usize, up_panel: usize, rows: usize, t0: usize, out: FusedOut) {
+unsafe fn fused_block(isa: Isa, a: *const f32, w: &PackedMatrix, panels: (usize, usize, usize), rows: usize, t0: usize, u: usize, epi: &FusedEpilogue) {
+    let (first, offset, n) = panels;
     let pstride = w.kdepth * NR;
     let panel = |p: usize| (w.buf.ptr as *const f32).add(p * pstride);
     let mut tile = Tile([[0.0; 2 * NR]; FUSED_ROWS]);
     let tp = tile.0.as_mut_ptr() as *mut f32;
-    let to_tile = |y: *mut f32, cols: usize| Out { y, ldy: 2 * NR, cols, bias: std::ptr::null(), accumulate: false };
+    let to_tile = |y: *mut f32| Out { y, ldy: 2 * NR, cols: NR * n, bias: std::ptr::null(), accumulate: false };
     let mut i = 0;
     while i < rows {
         let r = (rows - i).min(FUSED_ROWS);
         let ai = a.add(i * w.k);
-        match out.act {
-            // Gate in tile columns 0..32, up in 32..64.
-            Activation::SwiGlu if rows <= 4 => block_f32(isa, ai, panel(q), up_panel * pstride, w.k, r, 2, to_tile(tp, 2 * NR)),
-            Activation::SwiGlu => {
-                block_f32(isa, ai, panel(q), pstride, w.k, r, 1, to_tile(tp, NR));
-                block_f32(isa, ai, panel(q + up_panel), pstride, w.k, r, 1, to_tile(tp.add(NR), NR));
+        if n == 2 && rows <= 4 {
+            // Few rows: both panels in one kernel, for more independent FMA chains.
+            block_f32(isa, ai, panel(first), offset * pstride, w.k, r, 2, to_tile(tp));
+        } else {
+            for j in 0..n {
+                block_f32(isa, ai, panel(first + j * offset), pstride, w.k, r, 1, to_tile(tp.add(j * NR)));
             }
-            Activation::GeluTanh => block_f32(isa, ai, panel(q), pstride, w.k, r, np, to_tile(tp, np * NR)),
         }
-        for (row, t) in tile.0.iter_mut().enumerate().take(r) {
-            let y = out.y.add((t0 + i + row) * out.width);
-            match out.act {
-                Activation::SwiGlu => {
-                    let (c0, cols) = (q * NR, (out.width - q * NR).min(NR));
-                    let (gate, up) = t.split_at_mut(NR);
-                    if !out.bias.is_null() {
-                        for c in 0..cols {
-                            gate[c] += *out.bias.add(c0 + c);
-                            up[c] += *out.bias.add(out.width + c0 + c);
-                        }
-                    }
-                    super::vmath::swiglu_row(&gate[..cols], &up[..cols], std::slice::from_raw_parts_mut(y.add(c0), cols));
-                }
-                Activation::GeluTanh => {
-                    for j in 0..np {
-                        let c0 = (q + j) * NR;
-                        for c in 0..(out.width - c0).min(NR) {
-                            let mut v = t[j * NR + c];
-                            if !out.bias.is_null() {
-                                v += *out.bias.add(c0 + c);
-                            }
-                            *y.add(c0 + c) = super::vmath::gelu_tanh(v);
-                        }
-                    }
-                }
-            }
+        for (row, vals) in tile.0.iter_mut().enumerate().take(r) {
+            epi(t0 + i + row, u, n, &mut vals[..n * NR]);
         }
         i += r;
     }
@@ -1775,6 +1813,24 @@ mod tests {
                         assert!(pool.install(|| gemm_activation_on(isa, &x, t, &single_up, bias.map(|b| &b[..inter]), Activation::GeluTanh, &mut y)));
                         assert!(y.iter().zip(&want_gelu).all(|(a, b)| a.to_bits() == b.to_bits()), "GELU {isa:?} {t}x{k}x{inter} bias={} threads {n}", bias.is_some());
                     }
+                }
+            }
+            // Heads of 64 columns: the epilogue gets exactly the GEMM's products.
+            let heads = (2 * inter).div_ceil(2 * NR);
+            let wh = pseudo(heads * 2 * NR * k, 44);
+            let ph = PackedMatrix::pack(&wh, heads * 2 * NR, k, Compute::F32);
+            let mut want = vec![0f32; t * heads * 2 * NR];
+            gemm(&x, t, &ph, None, &mut want, false);
+            for &isa in &isas {
+                for pool in &pools {
+                    let got: Vec<std::sync::atomic::AtomicU32> = (0..want.len()).map(|_| std::sync::atomic::AtomicU32::new(u32::MAX)).collect();
+                    let n = ph.n;
+                    assert!(pool.install(|| gemm_heads_on(isa, &x, t, &ph, &|r, h, vals| {
+                        for (c, v) in vals.iter().enumerate() {
+                            got[r * n + h * 2 * NR + c].store(v.to_bits(), std::sync::atomic::Ordering::Relaxed);
+                        }
+                    })));
+                    assert!(got.iter().zip(&want).all(|(a, b)| a.load(std::sync::atomic::Ordering::Relaxed) == b.to_bits()), "heads {isa:?} {t}x{k}x{n} threads {}", pool.current_num_threads());
                 }
             }
             // A stacked matrix whose halves are not on panel boundaries, packed plainly: refused.
