@@ -15,6 +15,11 @@
 //! however many threads run. In f32, the AVX-512, AVX2 and portable paths even agree bit for bit
 //! (they issue the same FMA chain); the bf16 path differs (it rounds its inputs).
 //!
+//! **Fused epilogues** ([`gemm_activation`], [`gemm_heads`]): a task computes a unit of one or
+//! two panels (SwiGLU's gate panel with its up panel, a 64-column attention head) for 24 rows at
+//! a time into an L1 tile and finishes them from there (activation; bias, norm, rotation, KV
+//! store), so the GEMM's output never goes out to memory and back. Same chains, same results.
+//!
 //! Activations are packed once per call into micro-panels of 8 rows (`[k][8]`, 8×8 transposes),
 //! so a kernel reads one contiguous activation stream and one weight stream. Work is split along
 //! N (panel groups) and along T (blocks of rows sized to stay in L2) over rayon's persistent
