@@ -165,6 +165,11 @@ impl<'a> HeadStore<'a> {
         }
     }
 
+    /// Columns of the QKV projection: (nq + 2·nkv)·hd.
+    fn width(&self) -> usize {
+        (self.heads.q_heads + 2 * self.heads.kv_heads) * self.heads.head_dim
+    }
+
     /// Head h (Q heads, then K, then V) of row r of the QKV projection, `vals` (head_dim
     /// values, without bias): + bias, per-head RMSNorm (Q and K, Qwen3), rotation (Q and K),
     /// then stored. `tmp`: head_dim scratch values.
@@ -511,6 +516,7 @@ impl Backend for CpuBackend {
         let hd = heads.head_dim;
         let dst = HeadStore::new(pass, bias, qk_norm, heads, kv, layer, q);
         let cols = qkv.cols;
+        assert_eq!(cols, dst.width(), "QKV projection columns");
         // One row: each head copied out of the projection, finished and stored.
         let one = |head: &mut (Vec<f32>, Vec<f32>), r: usize| {
             let (vals, tmp) = head;
@@ -541,6 +547,7 @@ impl Backend for CpuBackend {
         let rotary = pass.rope.half == 0 || 2 * pass.rope.half == heads.head_dim;
         if fused_rope() && w.split.is_none() && heads.head_dim == 2 * gemm::NR && rotary {
             let dst = HeadStore::new(pass, input.bias, input.qk_norm, heads, kv, layer, q);
+            assert_eq!(w.rows, dst.width(), "QKV projection rows");
             let fused = gemm::gemm_heads(&x.data, x.rows, w.packed(), &|r, h, vals| {
                 let mut tmp = [0f32; 2 * gemm::NR];
                 // SAFETY: head h of row r is handed to one task once.
