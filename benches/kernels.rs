@@ -7,7 +7,9 @@
 //! QKV, O, stacked gate/up and down shapes, for 1, 64 and 512 tokens), `attention_prefill`
 //! (causal attention of 4 sequences of 64, 512 and 2,048 tokens), `attention_decode` (one new
 //! row over 512 and 4,096 cached keys), `residual_step` (norm; steer + norm; steer + capture +
-//! norm) and `layer` (one whole decoder layer through the backend: 1 and 512 tokens).
+//! norm), `layer` (one whole decoder layer through the backend: 1 and 512 tokens) and
+//! `stats_fold` (`resid stats`' f64 fold of 2,048 captured rows into one point's mean and
+//! second moments; FLOPs are the upper triangle's multiply-adds × 2).
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use resid::backend::cpu::gemm::{self, Compute, PackedMatrix};
 use resid::backend::cpu::{attention, residual, CpuBackend, CpuMatrix};
@@ -185,9 +187,20 @@ fn bench_weight_staging(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_stats_fold(c: &mut Criterion) {
+    let rows = 2048;
+    let x = data(rows * H, 7);
+    let batch: Vec<&[f32]> = x.chunks_exact(H).collect();
+    let mut g = c.benchmark_group("stats_fold");
+    g.throughput(Throughput::Elements((rows * H * (H + 1)) as u64));
+    let mut m = resid::store::stats::PointMoments::new(H, true);
+    g.bench_function("mean_cov_2048x576", |b| b.iter(|| m.add_rows(black_box(&batch))));
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2)).sample_size(20)
 }
 
-criterion_group! { name = benches; config = config(); targets = bench_gemm_f32, bench_gemm_bf16, bench_attention, bench_residual, bench_layer, bench_weight_staging }
+criterion_group! { name = benches; config = config(); targets = bench_gemm_f32, bench_gemm_bf16, bench_attention, bench_residual, bench_layer, bench_weight_staging, bench_stats_fold }
 criterion_main!(benches);

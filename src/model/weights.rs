@@ -447,6 +447,11 @@ impl MatrixSource {
         Ok(MatrixSource { interleaved_qkv: Some((heads, head_dim)), ..m })
     }
 
+    /// Rows of each stacked block, in order.
+    pub fn part_rows(&self) -> Vec<usize> {
+        self.parts.iter().map(|p| p.len() / self.cols).collect()
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
     }

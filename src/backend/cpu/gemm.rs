@@ -15,6 +15,11 @@
 //! however many threads run. In f32, the AVX-512, AVX2 and portable paths even agree bit for bit
 //! (they issue the same FMA chain); the bf16 path differs (it rounds its inputs).
 //!
+//! **Fused epilogues** ([`gemm_activation`], [`gemm_heads`]): a task computes a unit of one or
+//! two panels (SwiGLU's gate panel with its up panel, a 64-column attention head) for 24 rows at
+//! a time into an L1 tile and finishes them from there (activation; bias, norm, rotation, KV
+//! store), so the GEMM's output never goes out to memory and back. Same chains, same results.
+//!
 //! Activations are packed once per call into micro-panels of 8 rows (`[k][8]`, 8×8 transposes),
 //! so a kernel reads one contiguous activation stream and one weight stream. Work is split along
 //! N (panel groups) and along T (blocks of rows sized to stay in L2) over rayon's persistent
@@ -261,6 +266,11 @@ pub struct PackedMatrix {
     pub k: usize,
     pub format: Compute,
     panels: usize,
+    /// `Some(h)`: W is two halves of `h` rows (a SwiGLU `[gate; up]`), each padded to whole
+    /// panels, so that gate panel q and up panel `q + h/32` (rounded up) hold the same output
+    /// columns of their halves ([`gemm_swiglu`]). `None` when h is a multiple of [`NR`]: the
+    /// layout is then the plain one.
+    halves: Option<usize>,
     /// Elements along K per panel row: k (f32) or ⌈k/2⌉ pairs (bf16; zero-padded to whole AMX
     /// tile steps when AMX runs the bf16 GEMMs).
     kdepth: usize,
@@ -277,9 +287,25 @@ impl PackedMatrix {
     /// Packs `w` (`[n, k]`, row-major) for `format`. bf16 falls back to f32 when the CPU has no
     /// AVX512-BF16 (see [`effective_compute`]).
     pub fn pack(w: &[f32], n: usize, k: usize, format: Compute) -> Self {
+        Self::pack_layout(w, n, k, format, None)
+    }
+
+    /// Packs a stacked `[gate; up]` (`n` even) with each half padded to whole panels (f32
+    /// compute; bf16 matrices get the plain layout), for [`gemm_swiglu`].
+    pub fn pack_halves(w: &[f32], n: usize, k: usize, format: Compute) -> Self {
+        assert!(n.is_multiple_of(2), "gate/up halves of an odd row count");
+        let half = n / 2;
+        let halves = (!half.is_multiple_of(NR) && effective_compute(format) == Compute::F32).then_some(half);
+        Self::pack_layout(w, n, k, format, halves)
+    }
+
+    fn pack_layout(w: &[f32], n: usize, k: usize, format: Compute, halves: Option<usize>) -> Self {
         assert_eq!(w.len(), n * k, "w shape");
         let format = effective_compute(format);
-        let panels = n.div_ceil(NR);
+        let panels = match halves {
+            Some(h) => 2 * h.div_ceil(NR),
+            None => n.div_ceil(NR),
+        };
         let kdepth = match format {
             Compute::F32 => k,
             // AMX reads whole tile steps of K: zero pairs pad the panels to them.
@@ -294,7 +320,8 @@ impl PackedMatrix {
             // The whole wrapper, not its raw-pointer field, is what the closure must capture.
             #[allow(clippy::redundant_locals)]
             let base = base;
-            let rows = (n - p * NR).min(NR);
+            let (row0, end) = panel_rows(halves, n, p);
+            let rows = (end - row0).min(NR);
             // SAFETY: panel p owns bytes [p·panel_bytes, (p+1)·panel_bytes).
             unsafe {
                 let dst = base.0.add(p * panel_bytes);
@@ -302,7 +329,7 @@ impl PackedMatrix {
                     Compute::F32 => {
                         let dst = dst as *mut f32;
                         for j in 0..rows {
-                            let src = &w[(p * NR + j) * k..(p * NR + j + 1) * k];
+                            let src = &w[(row0 + j) * k..(row0 + j + 1) * k];
                             for (kk, &v) in src.iter().enumerate() {
                                 *dst.add(kk * NR + j) = v;
                             }
@@ -311,7 +338,7 @@ impl PackedMatrix {
                     Compute::Bf16 => {
                         let dst = dst as *mut u16;
                         for j in 0..rows {
-                            let src = &w[(p * NR + j) * k..(p * NR + j + 1) * k];
+                            let src = &w[(row0 + j) * k..(row0 + j + 1) * k];
                             for (kk, &v) in src.iter().enumerate() {
                                 *dst.add((kk / 2) * NR * 2 + j * 2 + kk % 2) = half::bf16::from_f32(v).to_bits();
                             }
@@ -325,7 +352,19 @@ impl PackedMatrix {
         } else {
             (0..panels).for_each(fill);
         }
-        PackedMatrix { n, k, format, panels, kdepth, buf }
+        PackedMatrix { n, k, format, panels, halves, kdepth, buf }
+    }
+
+    /// The first output column of panel p and the end of its valid columns.
+    fn panel_cols(&self, p: usize) -> (usize, usize) {
+        panel_rows(self.halves, self.n, p)
+    }
+
+    /// Panels per half of a `[gate; up]` matrix of `half` rows packed by [`Self::pack_halves`]
+    /// (or plainly, when `half` is a multiple of [`NR`]); `None` when W is not laid out so.
+    pub fn half_panels(&self, half: usize) -> Option<usize> {
+        let aligned = self.halves == Some(half) || (self.halves.is_none() && half.is_multiple_of(NR));
+        (self.n == 2 * half && aligned).then(|| half.div_ceil(NR))
     }
 
     /// Bytes of the packed weights (what one pass over the matrix reads).
@@ -340,7 +379,10 @@ impl PackedMatrix {
     /// Copies row `row` of W (as packed: exact for f32, bf16-rounded for bf16) into `out`.
     pub fn row(&self, row: usize, out: &mut [f32]) {
         assert!(row < self.n && out.len() == self.k);
-        let (p, j) = (row / NR, row % NR);
+        let (p, j) = match self.halves {
+            Some(h) if row >= h => (h.div_ceil(NR) + (row - h) / NR, (row - h) % NR),
+            _ => (row / NR, row % NR),
+        };
         // SAFETY: indices are inside panel p.
         unsafe {
             let base = self.buf.ptr.add(p * self.panel_bytes());
@@ -359,6 +401,16 @@ impl PackedMatrix {
                 }
             }
         }
+    }
+}
+
+/// Rows of W (= output columns) in panel p: its first and the end of its part (W's end, or the
+/// gate half's end for the gate panels of a halves layout).
+fn panel_rows(halves: Option<usize>, n: usize, p: usize) -> (usize, usize) {
+    match halves {
+        Some(h) if p >= h.div_ceil(NR) => (h + (p - h.div_ceil(NR)) * NR, n),
+        Some(h) => (p * NR, h),
+        None => (p * NR, n),
     }
 }
 
@@ -491,7 +543,7 @@ pub fn gemm(x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, y:
                 Isa::Portable => 4,
             };
             let src = Src(x.as_ptr() as *const u32);
-            drive(tokens, k, src, w, mr, 4, &|a, t0, mr, p, np| {
+            drive(tokens, k, src, Panels::of(w), mr, 4, &|a, t0, mr, p, np| {
                 // SAFETY: `a` is the packed micro-panel of rows t0..t0+mr, panels p..p+np
                 // exist, the task owns these outputs.
                 unsafe { kernel_f32(isa, a as *const f32, w, p, np, mr, t0, out) }
@@ -522,7 +574,7 @@ fn gemm_bf16(x: &[f32], tokens: usize, w: &PackedMatrix, out: Out, skip: &[(usiz
             return amx::gemm(xb, tokens, w, out);
         }
         let src = Src(xb.as_ptr());
-        drive(tokens, kp, src, w, 8, 4, &|a, t0, mr, p, np| {
+        drive(tokens, kp, src, Panels::of(w), 8, 4, &|a, t0, mr, p, np| {
             // SAFETY: `a` is the packed micro-panel of rows t0..t0+mr, panels p..p+np exist, the
             // task owns these outputs; bf16 matrices exist only when the CPU has AVX512-BF16.
             unsafe { kernel_bf16(a, w, p, np, mr, t0, out) }
@@ -588,7 +640,7 @@ fn for_each_outlier(row: &[f32], mut f: impl FnMut(usize, f32)) {
 /// alone (and on whether it is listed), so it stays batch- and thread-invariant.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_split(x: &[f32], tokens: usize, fast: &PackedMatrix, exact: &PackedMatrix, bias: Option<&[f32]>, y: &mut [f32], accumulate: bool, f32_rows: &[usize]) {
-    assert!(exact.format == Compute::F32 && fast.n == exact.n && fast.k == exact.k, "split GEMM needs one matrix in two formats");
+    assert!(exact.format == Compute::F32 && fast.n == exact.n && fast.k == exact.k && exact.halves.is_none(), "split GEMM needs one plain matrix in two formats");
     if fast.format != Compute::Bf16 {
         return gemm(x, tokens, exact, bias, y, accumulate);
     }
@@ -704,12 +756,26 @@ fn l2_bytes() -> Option<usize> {
     cpu0_caches().iter().find(|c| c.level == "2" && c.kind != "Instruction")?.bytes()
 }
 
+/// The panels [`drive`] spreads over its tasks; a kernel never takes `pair_break` as the second
+/// of two panels (the up half of a halves layout does not continue the gate half's columns).
+#[derive(Clone, Copy)]
+struct Panels {
+    count: usize,
+    pair_break: usize,
+}
+
+impl Panels {
+    fn of(w: &PackedMatrix) -> Self {
+        Panels { count: w.panels, pair_break: w.halves.map_or(usize::MAX, |h| h.div_ceil(NR)) }
+    }
+}
+
 /// Splits the work into (row block × panel group) tasks and runs `kern(a, t0, rows, panel, np)`
 /// over them, `a` being rows t0..t0+rows packed as consecutive micro-panels of `mr_max` rows. The split only decides who
 /// computes an element, never how.
 #[allow(clippy::type_complexity)]
-fn drive(tokens: usize, kdepth: usize, src: Src, w: &PackedMatrix, mr_max: usize, np_small_rows: usize, kern: &(dyn Fn(*const u32, usize, usize, usize, usize) + Sync)) {
-    let panels = w.panels;
+fn drive(tokens: usize, kdepth: usize, src: Src, panels: Panels, mr_max: usize, np_small_rows: usize, kern: &(dyn Fn(*const u32, usize, usize, usize, usize) + Sync)) {
+    let Panels { count: panels, pair_break } = panels;
     // A row block of activations (kdepth × 4 bytes per row) plus one panel stay in L2.
     let mc = (l2_block_bytes() / (kdepth * 4).max(1) / mr_max * mr_max).max(mr_max);
     let mblocks = tokens.div_ceil(mc);
@@ -744,7 +810,7 @@ fn drive(tokens: usize, kdepth: usize, src: Src, w: &PackedMatrix, mr_max: usize
             let mut p = p0;
             while p < p1 {
                 // Few rows: two panels at once, for more independent FMA chains.
-                let np = if m1 - m0 <= np_small_rows && p + 1 < p1 { 2 } else { 1 };
+                let np = if m1 - m0 <= np_small_rows && p + 1 < p1 && p + 1 != pair_break { 2 } else { 1 };
                 // SAFETY: the micro-panels of rows m0..m1 lie inside the packed buffer.
                 kern(unsafe { a.0.add(m0 * kdepth) }, m0, m1 - m0, p, np);
                 p += np;
@@ -763,26 +829,212 @@ fn drive(tokens: usize, kdepth: usize, src: Src, w: &PackedMatrix, mr_max: usize
 unsafe fn kernel_f32(isa: Isa, a: *const f32, w: &PackedMatrix, p: usize, np: usize, rows: usize, t0: usize, out: Out) {
     let b = w.buf.ptr.add(p * w.panel_bytes()) as *const f32;
     let pstride = w.kdepth * NR;
-    let col0 = p * NR;
-    let out = Out { y: out.y.add(t0 * out.ldy + col0), cols: out.cols - col0, bias: if out.bias.is_null() { out.bias } else { out.bias.add(col0) }, ..out };
+    let (col0, end) = w.panel_cols(p);
+    let out = Out { y: out.y.add(t0 * out.ldy + col0), cols: end.min(out.cols) - col0, bias: if out.bias.is_null() { out.bias } else { out.bias.add(col0) }, ..out };
+    block_f32(isa, a, b, pstride, w.k, rows, np, out)
+}
+
+/// The f32 microkernels of `isa` over `rows` rows (at `a`) and `np` panels: the first at `b`,
+/// the second `pstride` floats on.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn block_f32(isa: Isa, a: *const f32, b: *const f32, pstride: usize, k: usize, rows: usize, np: usize, out: Out) {
     #[cfg(target_arch = "x86_64")]
     {
         match isa {
-            Isa::Avx512 => return simd512::f32_block(a, b, pstride, w.k, rows, np, out),
-            Isa::Avx2 => return simd256::f32_block(a, b, pstride, w.k, rows, np, out),
+            Isa::Avx512 => return simd512::f32_block(a, b, pstride, k, rows, np, out),
+            Isa::Avx2 => return simd256::f32_block(a, b, pstride, k, rows, np, out),
             Isa::Portable => {}
         }
     }
     let _ = isa;
-    portable_f32(a, b, pstride, w.k, rows, np, out)
+    portable_f32(a, b, pstride, k, rows, np, out)
+}
+
+/// The activation a fused GEMM ([`gemm_activation`]) applies in its epilogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu(gate) · up` from a stacked `[gate; up]` W: `y` has half of W's rows as columns.
+    SwiGlu,
+    /// `gelu_tanh(·)` (BLOOM's tanh approximation) of each output.
+    GeluTanh,
+}
+
+/// Rows a fused task computes into its tile before the epilogue: a multiple of every kernel's
+/// micro-panel height (8, 3 and 4), small enough for the tile to stay in L1 (6 KiB).
+const FUSED_ROWS: usize = 24;
+
+/// A fused GEMM's accumulator tile: [`FUSED_ROWS`] rows of two panels.
+#[repr(align(64))]
+struct Tile([[f32; 2 * NR]; FUSED_ROWS]);
+
+/// A fused GEMM's output pointer, shared by its tasks.
+#[derive(Clone, Copy)]
+struct FusedPtr(*mut f32);
+// SAFETY: tasks write disjoint blocks.
+unsafe impl Send for FusedPtr {}
+unsafe impl Sync for FusedPtr {}
+
+/// `y = act(x·Wᵀ + b)` in one pass over W, without writing `x·Wᵀ + b` out ([`fused`]). For
+/// [`Activation::SwiGlu`], output panel q needs gate panel q and up panel q + (panels per half):
+/// both are computed by the same task (in one kernel, as a pair of panels, when the rows are
+/// few). Every product is the FMA chain of [`gemm`], `+ b` is the same single add, and the
+/// activation is [`super::vmath`]'s (the one the unfused `activation` applies), so `y` is
+/// bit-identical to the GEMM followed by the activation, and as batch- and thread-invariant.
+/// Returns false (computing nothing) where W is not f32 or, for SwiGLU, not a `[gate; up]` whose
+/// halves start on panel boundaries ([`PackedMatrix::pack_halves`]).
+pub fn gemm_activation(x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, act: Activation, y: &mut [f32]) -> bool {
+    gemm_activation_on(isa(), x, tokens, w, bias, act, y)
+}
+
+/// [`gemm_activation`] with the kernels of `isa` (which the CPU must have).
+fn gemm_activation_on(isa: Isa, x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, act: Activation, y: &mut [f32]) -> bool {
+    let (width, count, units) = match act {
+        Activation::SwiGlu => match w.half_panels(w.n / 2) {
+            // Each gate panel with its up panel.
+            Some(hp) if w.n.is_multiple_of(2) => (w.n / 2, hp, Units::Pairs { stride: 1, offset: hp }),
+            _ => return false,
+        },
+        // W's own panels, paired as in `gemm`.
+        Activation::GeluTanh if w.halves.is_none() => (w.n, w.panels, Units::Panels),
+        Activation::GeluTanh => return false,
+    };
+    if w.format != Compute::F32 {
+        return false;
+    }
+    assert_eq!(y.len(), tokens * width, "y shape");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), w.n, "bias shape");
+    }
+    let yp = FusedPtr(y.as_mut_ptr());
+    fused(isa, x, tokens, w, count, units, &|t, q, np, vals| {
+        #[allow(clippy::redundant_locals)]
+        let yp = yp;
+        // SAFETY: row t's output panels q..q+np belong to this task.
+        let y = unsafe { std::slice::from_raw_parts_mut(yp.0.add(t * width), width) };
+        match act {
+            Activation::SwiGlu => {
+                let (c0, cols) = (q * NR, (width - q * NR).min(NR));
+                let (gate, up) = vals.split_at_mut(NR);
+                if let Some(b) = bias {
+                    for c in 0..cols {
+                        gate[c] += b[c0 + c];
+                        up[c] += b[width + c0 + c];
+                    }
+                }
+                super::vmath::swiglu_row(&gate[..cols], &up[..cols], &mut y[c0..c0 + cols]);
+            }
+            Activation::GeluTanh => {
+                for j in 0..np {
+                    let c0 = (q + j) * NR;
+                    for c in 0..(width - c0).min(NR) {
+                        let v = match bias {
+                            Some(b) => vals[j * NR + c] + b[c0 + c],
+                            None => vals[j * NR + c],
+                        };
+                        y[c0 + c] = super::vmath::gelu_tanh(v);
+                    }
+                }
+            }
+        }
+    });
+    true
+}
+
+/// `x·Wᵀ` of f32 W (plain layout, N a multiple of 2·[`NR`]) in heads of 64 columns, without
+/// writing it out: `epi(t, h, values)` gets row t's 64 products of head h (columns 64h..64h+64;
+/// each the FMA chain of [`gemm`], no bias) to finish and store. Each head is computed by one
+/// task, so the epilogue sees whole heads (rotary pairs, per-head norms). Returns false
+/// (computing nothing) where W is not laid out so.
+pub fn gemm_heads(x: &[f32], tokens: usize, w: &PackedMatrix, epi: &(dyn Fn(usize, usize, &mut [f32]) + Sync)) -> bool {
+    gemm_heads_on(isa(), x, tokens, w, epi)
+}
+
+fn gemm_heads_on(isa: Isa, x: &[f32], tokens: usize, w: &PackedMatrix, epi: &(dyn Fn(usize, usize, &mut [f32]) + Sync)) -> bool {
+    if w.format != Compute::F32 || w.halves.is_some() || !w.n.is_multiple_of(2 * NR) {
+        return false;
+    }
+    fused(isa, x, tokens, w, w.panels / 2, Units::Pairs { stride: 2, offset: 1 }, &|t, h, _, vals| epi(t, h, vals));
+    true
+}
+
+/// A fused GEMM's epilogue: `epi(t, u, panels, values)` finishes row t of unit u.
+type FusedEpilogue<'a> = dyn Fn(usize, usize, usize, &mut [f32]) + Sync + 'a;
+
+/// What one unit of a fused GEMM's work is.
+#[derive(Clone, Copy)]
+enum Units {
+    /// Output panel u, with panel u + 1 when the rows are few (as in [`gemm`]).
+    Panels,
+    /// Panels `u·stride` and `u·stride + offset`, always together.
+    Pairs { stride: usize, offset: usize },
+}
+
+/// The fused GEMMs' driver: the `count` units of W's panels are spread over tasks as [`gemm`]
+/// spreads panels; a task computes a unit's panels for [`FUSED_ROWS`] rows at a time into an
+/// L1-resident tile, then hands each row's values (`NR` per panel, no bias) to
+/// `epi(t, u, panels, values)`.
+fn fused(isa: Isa, x: &[f32], tokens: usize, w: &PackedMatrix, count: usize, units: Units, epi: &FusedEpilogue) {
+    let k = w.k;
+    assert_eq!(x.len(), tokens * k, "x shape");
+    if tokens == 0 || count == 0 {
+        return;
+    }
+    let mr = match isa {
+        Isa::Avx512 => 8,
+        Isa::Avx2 => 3,
+        Isa::Portable => 4,
+    };
+    let src = Src(x.as_ptr() as *const u32);
+    drive(tokens, k, src, Panels { count, pair_break: usize::MAX }, mr, 4, &|a, t0, rows, u, np| {
+        let a = a as *const f32;
+        // SAFETY: `a` is the packed micro-panel of rows t0..t0+rows, the units' panels exist, the
+        // task owns these outputs.
+        unsafe {
+            match units {
+                Units::Panels => fused_block(isa, a, w, (u, 1, np), rows, t0, u, epi),
+                Units::Pairs { stride, offset } => (u..u + np).for_each(|u| fused_block(isa, a, w, (u * stride, offset, 2), rows, t0, u, epi)),
+            }
+        }
+    });
+}
+
+/// Unit `u` of rows t0..t0+rows: `panels = (first, offset, n)` are panels first + j·offset,
+/// j < n (n ≤ 2), computed [`FUSED_ROWS`] rows at a time into tile columns 32j.., then handed to
+/// the epilogue row by row.
+#[allow(clippy::too_many_arguments)]
+unsafe fn fused_block(isa: Isa, a: *const f32, w: &PackedMatrix, panels: (usize, usize, usize), rows: usize, t0: usize, u: usize, epi: &FusedEpilogue) {
+    let (first, offset, n) = panels;
+    let pstride = w.kdepth * NR;
+    let panel = |p: usize| (w.buf.ptr as *const f32).add(p * pstride);
+    let mut tile = Tile([[0.0; 2 * NR]; FUSED_ROWS]);
+    let tp = tile.0.as_mut_ptr() as *mut f32;
+    let to_tile = |y: *mut f32| Out { y, ldy: 2 * NR, cols: NR * n, bias: std::ptr::null(), accumulate: false };
+    let mut i = 0;
+    while i < rows {
+        let r = (rows - i).min(FUSED_ROWS);
+        let ai = a.add(i * w.k);
+        if n == 2 && rows <= 4 {
+            // Few rows: both panels in one kernel, for more independent FMA chains.
+            block_f32(isa, ai, panel(first), offset * pstride, w.k, r, 2, to_tile(tp));
+        } else {
+            for j in 0..n {
+                block_f32(isa, ai, panel(first + j * offset), pstride, w.k, r, 1, to_tile(tp.add(j * NR)));
+            }
+        }
+        for (row, vals) in tile.0.iter_mut().enumerate().take(r) {
+            epi(t0 + i + row, u, n, &mut vals[..n * NR]);
+        }
+        i += r;
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel_bf16(a: *const u32, w: &PackedMatrix, p: usize, np: usize, rows: usize, t0: usize, out: Out) {
     let b = w.buf.ptr.add(p * w.panel_bytes()) as *const u32;
     let pstride = w.kdepth * NR;
-    let col0 = p * NR;
-    let out = Out { y: out.y.add(t0 * out.ldy + col0), cols: out.cols - col0, bias: if out.bias.is_null() { out.bias } else { out.bias.add(col0) }, ..out };
+    let (col0, end) = w.panel_cols(p);
+    let out = Out { y: out.y.add(t0 * out.ldy + col0), cols: end.min(out.cols) - col0, bias: if out.bias.is_null() { out.bias } else { out.bias.add(col0) }, ..out };
     #[cfg(target_arch = "x86_64")]
     {
         simd512::bf16_block(a, b, pstride, w.kdepth, rows, np, out)
@@ -1333,7 +1585,7 @@ mod tests {
                     for threads in [1, 2] {
                         y2.copy_from_slice(&if acc { y0.clone() } else { vec![0f32; t * n] });
                         rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| {
-                            drive(t, k, Src(x.as_ptr() as *const u32), &p, mr, 4, &|a, t0, mr, pp, np| unsafe { kernel_f32(lower, a as *const f32, &p, pp, np, mr, t0, out) })
+                            drive(t, k, Src(x.as_ptr() as *const u32), Panels::of(&p), mr, 4, &|a, t0, mr, pp, np| unsafe { kernel_f32(lower, a as *const f32, &p, pp, np, mr, t0, out) })
                         });
                         assert_eq!(y2, want, "{lower:?} {t}x{k}x{n} threads {threads}");
                     }
@@ -1521,6 +1773,78 @@ mod tests {
         });
     }
 
+    /// The fused MLP input against the GEMM followed by the activation, as the unfused path
+    /// runs them: bit for bit, on odd widths (halves not on panel boundaries), row counts around
+    /// the tile and the pair kernels, with and without bias, on every instruction set the CPU
+    /// has and on 1–3 threads. Also: a plain GEMM over a halves layout is the plain GEMM.
+    #[test]
+    fn fused_activation_is_the_unfused_result() {
+        let isas: Vec<Isa> = [Isa::Avx512, Isa::Avx2, Isa::Portable]
+            .into_iter()
+            .filter(|&i| match i {
+                Isa::Avx512 => detect_isa() == Isa::Avx512,
+                Isa::Avx2 => detect_isa() != Isa::Portable,
+                Isa::Portable => true,
+            })
+            .collect();
+        let pools: Vec<_> = [1, 2, 3].iter().map(|&n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()).collect();
+        for &(t, k, inter) in &[(1, 7, 5), (2, 33, 32), (3, 64, 48), (4, 40, 80), (5, 17, 64), (24, 9, 33), (25, 64, 96), (50, 100, 70), (130, 2000, 40), (9, 576, 1)] {
+            let x = pseudo(t * k, 41);
+            let w = pseudo(2 * inter * k, 42);
+            let b = pseudo(2 * inter, 43);
+            let (plain, halves) = (PackedMatrix::pack(&w, 2 * inter, k, Compute::F32), PackedMatrix::pack_halves(&w, 2 * inter, k, Compute::F32));
+            assert_eq!(halves.halves.is_some(), inter % NR != 0);
+            let single_up = PackedMatrix::pack(&w[..inter * k], inter, k, Compute::F32);
+            for bias in [None, Some(&b[..])] {
+                let mut gu = vec![0f32; t * 2 * inter];
+                gemm(&x, t, &plain, bias, &mut gu, false);
+                let mut gu_halves = vec![0f32; t * 2 * inter];
+                gemm(&x, t, &halves, bias, &mut gu_halves, false);
+                assert_eq!(gu_halves, gu, "{t}x{k}x{inter}: plain GEMM over the halves layout");
+                let mut want = vec![0f32; t * inter];
+                for (o, row) in want.chunks_mut(inter).zip(gu.chunks(2 * inter)) {
+                    super::super::vmath::swiglu_row(&row[..inter], &row[inter..], o);
+                }
+                let mut up = vec![0f32; t * inter];
+                gemm(&x, t, &single_up, bias.map(|b| &b[..inter]), &mut up, false);
+                let want_gelu: Vec<f32> = up.iter().map(|&v| super::super::vmath::gelu_tanh(v)).collect();
+                for &isa in &isas {
+                    for pool in &pools {
+                        let n = pool.current_num_threads();
+                        let mut y = vec![f32::NAN; t * inter];
+                        assert!(pool.install(|| gemm_activation_on(isa, &x, t, &halves, bias, Activation::SwiGlu, &mut y)));
+                        assert!(y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "SwiGLU {isa:?} {t}x{k}x{inter} bias={} threads {n}", bias.is_some());
+                        let mut y = vec![f32::NAN; t * inter];
+                        assert!(pool.install(|| gemm_activation_on(isa, &x, t, &single_up, bias.map(|b| &b[..inter]), Activation::GeluTanh, &mut y)));
+                        assert!(y.iter().zip(&want_gelu).all(|(a, b)| a.to_bits() == b.to_bits()), "GELU {isa:?} {t}x{k}x{inter} bias={} threads {n}", bias.is_some());
+                    }
+                }
+            }
+            // Heads of 64 columns: the epilogue gets exactly the GEMM's products.
+            let heads = (2 * inter).div_ceil(2 * NR);
+            let wh = pseudo(heads * 2 * NR * k, 44);
+            let ph = PackedMatrix::pack(&wh, heads * 2 * NR, k, Compute::F32);
+            let mut want = vec![0f32; t * heads * 2 * NR];
+            gemm(&x, t, &ph, None, &mut want, false);
+            for &isa in &isas {
+                for pool in &pools {
+                    let got: Vec<std::sync::atomic::AtomicU32> = (0..want.len()).map(|_| std::sync::atomic::AtomicU32::new(u32::MAX)).collect();
+                    let n = ph.n;
+                    assert!(pool.install(|| gemm_heads_on(isa, &x, t, &ph, &|r, h, vals| {
+                        for (c, v) in vals.iter().enumerate() {
+                            got[r * n + h * 2 * NR + c].store(v.to_bits(), std::sync::atomic::Ordering::Relaxed);
+                        }
+                    })));
+                    assert!(got.iter().zip(&want).all(|(a, b)| a.load(std::sync::atomic::Ordering::Relaxed) == b.to_bits()), "heads {isa:?} {t}x{k}x{n} threads {}", pool.current_num_threads());
+                }
+            }
+            // A stacked matrix whose halves are not on panel boundaries, packed plainly: refused.
+            if inter % NR != 0 {
+                assert!(!gemm_activation(&x, t, &plain, None, Activation::SwiGlu, &mut vec![0f32; t * inter]));
+            }
+        }
+    }
+
     #[test]
     fn packed_rows_read_back() {
         let (n, k) = (37, 11);
@@ -1530,6 +1854,12 @@ mod tests {
         for r in 0..n {
             p.row(r, &mut row);
             assert_eq!(row, w[r * k..(r + 1) * k]);
+        }
+        let (n, w) = (2 * 37, pseudo(2 * 37 * k, 11));
+        let p = PackedMatrix::pack_halves(&w, n, k, Compute::F32);
+        for r in 0..n {
+            p.row(r, &mut row);
+            assert_eq!(row, w[r * k..(r + 1) * k], "halves layout, row {r}");
         }
     }
 }

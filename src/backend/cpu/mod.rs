@@ -111,6 +111,99 @@ fn bf16_policy() -> Bf16Policy {
     })
 }
 
+/// Whether the MLP input fuses its activation into the gate/up GEMM (default), or, with
+/// `RESID_CPU_FUSED_MLP=0`, runs them as two operations (for comparisons: same results).
+fn fused_mlp() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RESID_CPU_FUSED_MLP").as_deref() != Ok("0"))
+}
+
+/// Whether the attention input fuses the rotary embedding and KV store into the QKV GEMM
+/// (default), or, with `RESID_CPU_FUSED_ROPE=0`, runs them as two operations (same results).
+fn fused_rope() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RESID_CPU_FUSED_ROPE").as_deref() != Ok("0"))
+}
+
+/// Where one layer's attention input goes, head by head: the queries to their rows, keys and
+/// values to each row's arena slot.
+struct HeadStore<'a> {
+    heads: Heads,
+    bias: Option<&'a [f32]>,
+    qk_norm: Option<(&'a [f32], &'a [f32], f32)>,
+    rope: &'a rope::RopeRows,
+    q: RowPtr,
+    k: RowPtr,
+    v: RowPtr,
+    /// Each row's arena slot.
+    slots: Vec<usize>,
+}
+
+impl<'a> HeadStore<'a> {
+    fn new(pass: &'a CpuPass, bias: Option<&'a F32Data>, qk_norm: Option<(&'a F32Data, &'a F32Data, f32)>, heads: Heads, kv: &mut CpuKv, layer: usize, q: &mut CpuAct) -> Self {
+        let plan = &pass.plan;
+        let l = kv.layer(layer);
+        let kvd = heads.kv_heads * heads.head_dim;
+        let cache_len = kv.k[l].len();
+        assert_eq!(q.data.len(), plan.rows() * heads.q_heads * heads.head_dim, "query rows");
+        let slots = (0..plan.rows())
+            .map(|r| {
+                let slot = plan.seqs[plan.row_seq[r] as usize].kv_start + plan.positions[r] as usize;
+                assert!((slot + 1) * kvd <= cache_len, "KV slot {slot} outside the arena");
+                slot
+            })
+            .collect();
+        HeadStore {
+            heads,
+            bias: bias.map(|b| &b[..]),
+            qk_norm: qk_norm.map(|(qn, kn, eps)| (&qn[..], &kn[..], eps)),
+            rope: &pass.rope,
+            q: RowPtr(q.data.as_mut_ptr()),
+            k: RowPtr(kv.k[l].as_mut_ptr()),
+            v: RowPtr(kv.v[l].as_mut_ptr()),
+            slots,
+        }
+    }
+
+    /// Columns of the QKV projection: (nq + 2·nkv)·hd.
+    fn width(&self) -> usize {
+        (self.heads.q_heads + 2 * self.heads.kv_heads) * self.heads.head_dim
+    }
+
+    /// Head h (Q heads, then K, then V) of row r of the QKV projection, `vals` (head_dim
+    /// values, without bias): + bias, per-head RMSNorm (Q and K, Qwen3), rotation (Q and K),
+    /// then stored. `tmp`: head_dim scratch values.
+    ///
+    /// # Safety
+    /// r < rows, h < nq + 2·nkv, and no other thread stores head h of row r meanwhile.
+    unsafe fn finish(&self, r: usize, h: usize, vals: &mut [f32], tmp: &mut [f32]) {
+        let Heads { q_heads: nq, kv_heads: nkv, head_dim: hd } = self.heads;
+        if let Some(b) = self.bias {
+            vals.iter_mut().zip(&b[h * hd..(h + 1) * hd]).for_each(|(x, b)| *x += b);
+        }
+        if h < nq + nkv {
+            if let Some((qn, kn, eps)) = self.qk_norm {
+                norm::rms_norm_row(vals, if h < nq { qn } else { kn }, eps, tmp);
+                vals.copy_from_slice(tmp);
+            }
+            let half = self.rope.half;
+            if half > 0 {
+                let (cos, sin) = (&self.rope.cos[r * half..(r + 1) * half], &self.rope.sin[r * half..(r + 1) * half]);
+                rope::rotate_row(vals, 1, hd, cos, sin);
+            }
+        }
+        let kvd = nkv * hd;
+        let dst = if h < nq {
+            self.q.0.add(r * nq * hd + h * hd)
+        } else if h < nq + nkv {
+            self.k.0.add(self.slots[r] * kvd + (h - nq) * hd)
+        } else {
+            self.v.0.add(self.slots[r] * kvd + (h - nq - nkv) * hd)
+        };
+        std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, hd);
+    }
+}
+
 /// A KV arena base pointer shared by the row tasks of one pass (each writes its own slot).
 #[derive(Clone, Copy)]
 struct RowPtr(*mut f32);
@@ -130,10 +223,18 @@ pub struct CpuMatrix {
     /// Split matrices (bf16 down projections, see [`Bf16Policy::SplitDown`]): the bf16 panels
     /// beside the f32 ones, which serve the outlier inputs.
     split: Option<OnceLock<PackedMatrix>>,
+    /// A stacked `[gate; up]` of equal halves: packed with each half on whole panels
+    /// ([`PackedMatrix::pack_halves`]), so that the MLP input fuses its activation.
+    halves: bool,
 }
 
 impl CpuMatrix {
     pub fn new(data: F32Data, rows: usize, cols: usize, compute: Compute) -> Self {
+        Self::with_layout(data, rows, cols, compute, false)
+    }
+
+    /// `halves`: W is a stacked `[gate; up]` (two blocks of rows/2 rows).
+    fn with_layout(data: F32Data, rows: usize, cols: usize, compute: Compute, halves: bool) -> Self {
         let compute = gemm::effective_compute(compute);
         let wide_input = compute == Compute::Bf16 && cols > rows;
         let (compute, split) = match bf16_policy() {
@@ -141,7 +242,8 @@ impl CpuMatrix {
             Bf16Policy::F32Down if wide_input => (Compute::F32, None),
             _ => (compute, None),
         };
-        let m = CpuMatrix { data, rows, cols, compute, packed: OnceLock::new(), split };
+        let halves = halves && split.is_none() && rows.is_multiple_of(2);
+        let m = CpuMatrix { data, rows, cols, compute, packed: OnceLock::new(), split, halves };
         // Mapped tensors are packed on first use; meanwhile the file pages the loader touched
         // so far (the parts of stacked matrices, say) need not stay resident.
         if m.data.is_mapped() {
@@ -149,7 +251,7 @@ impl CpuMatrix {
         }
         // Owned f32 copies are packed now and dropped: the panels hold the same values exactly.
         if !m.data.is_mapped() && m.compute == Compute::F32 && m.rows * m.cols > 0 {
-            let _ = m.packed.set(PackedMatrix::pack(&m.data, rows, cols, Compute::F32));
+            let _ = m.packed.set(m.pack(Compute::F32));
             if let Some(fast) = &m.split {
                 let _ = fast.set(PackedMatrix::pack(&m.data, rows, cols, Compute::Bf16));
             }
@@ -158,10 +260,18 @@ impl CpuMatrix {
         m
     }
 
+    fn pack(&self, compute: Compute) -> PackedMatrix {
+        if self.halves {
+            PackedMatrix::pack_halves(&self.data, self.rows, self.cols, compute)
+        } else {
+            PackedMatrix::pack(&self.data, self.rows, self.cols, compute)
+        }
+    }
+
     /// The packed panels, made on first use.
     pub fn packed(&self) -> &PackedMatrix {
         self.packed.get_or_init(|| {
-            let p = PackedMatrix::pack(&self.data, self.rows, self.cols, self.compute);
+            let p = self.pack(self.compute);
             release_pages(&self.data);
             p
         })
@@ -248,11 +358,6 @@ fn apply_norm(x: &[f32], h: usize, norm: &Norm<'_, F32Data>, out: &mut [f32]) {
     }
 }
 
-/// BLOOM's tanh approximation, with its constant.
-fn gelu_tanh(x: f32) -> f32 {
-    x * 0.5 * (1.0 + (0.797_884_6 * x * (1.0 + 0.044715 * x * x)).tanh())
-}
-
 impl Backend for CpuBackend {
     type Matrix = CpuMatrix;
     type Vector = F32Data;
@@ -312,7 +417,9 @@ impl Backend for CpuBackend {
     }
 
     fn weight_matrix(&self, src: &MatrixSource) -> Result<CpuMatrix> {
-        let mut m = CpuMatrix::new(src.to_f32(), src.rows(), src.cols(), requested_compute());
+        // Two stacked blocks of equal size are a SwiGLU `[gate; up]` (see `mlp_input`).
+        let halves = matches!(src.part_rows()[..], [g, u] if g == u);
+        let mut m = CpuMatrix::with_layout(src.to_f32(), src.rows(), src.cols(), requested_compute(), halves);
         m.packed();
         m.split_panels();
         // The panels are all a layer weight needs: an owned copy (stacked or converted
@@ -407,59 +514,72 @@ impl Backend for CpuBackend {
         layer: usize,
         q: &mut CpuAct,
     ) -> Result<()> {
-        let (rope, plan) = (&pass.rope, &pass.plan);
-        let (half, hd) = (rope.half, heads.head_dim);
-        let (qd, kvd) = (heads.q_heads * hd, heads.kv_heads * hd);
-        let l = kv.layer(layer);
+        let hd = heads.head_dim;
+        let dst = HeadStore::new(pass, bias, qk_norm, heads, kv, layer, q);
         let cols = qkv.cols;
-        let cache_len = kv.k[l].len();
-        let (kc, vc) = (RowPtr(kv.k[l].as_mut_ptr()), RowPtr(kv.v[l].as_mut_ptr()));
-        // One row: bias, per-head Q/K norm, rotation; q to its row, k and v to the row's slot.
-        let one = |scratch: &mut (Vec<f32>, Vec<f32>), r: usize, qrow: &mut [f32]| {
-            let (kc, vc) = (kc, vc);
-            let (row, head) = scratch;
-            row.copy_from_slice(&qkv.data[r * cols..(r + 1) * cols]);
-            if let Some(b) = bias {
-                row.iter_mut().zip(b.iter()).for_each(|(x, b)| *x += b);
-            }
-            let (cos, sin) = (&rope.cos[r * half..(r + 1) * half], &rope.sin[r * half..(r + 1) * half]);
-            let (qpart, rest) = row.split_at_mut(qd);
-            let (kpart, vpart) = rest.split_at_mut(kvd);
-            if let Some((qn, kn, eps)) = qk_norm {
-                for (part, w) in [(&mut *qpart, qn), (&mut *kpart, kn)] {
-                    for chunk in part.chunks_exact_mut(hd) {
-                        norm::rms_norm_row(chunk, w, eps, head);
-                        chunk.copy_from_slice(head);
-                    }
-                }
-            }
-            if half > 0 {
-                rope::rotate_row(qpart, heads.q_heads, hd, cos, sin);
-                rope::rotate_row(kpart, heads.kv_heads, hd, cos, sin);
-            }
-            qrow.copy_from_slice(qpart);
-            let slot = plan.seqs[plan.row_seq[r] as usize].kv_start + plan.positions[r] as usize;
-            assert!((slot + 1) * kvd <= cache_len, "KV slot {slot} outside the arena");
-            // SAFETY: in bounds (checked); every row of a pass has its own slot.
-            unsafe {
-                std::ptr::copy_nonoverlapping(kpart.as_ptr(), kc.0.add(slot * kvd), kvd);
-                std::ptr::copy_nonoverlapping(vpart.as_ptr(), vc.0.add(slot * kvd), kvd);
+        assert_eq!(cols, dst.width(), "QKV projection columns");
+        // One row: each head copied out of the projection, finished and stored.
+        let one = |head: &mut (Vec<f32>, Vec<f32>), r: usize| {
+            let (vals, tmp) = head;
+            for (h, src) in qkv.data[r * cols..(r + 1) * cols].chunks_exact(hd).enumerate() {
+                vals.copy_from_slice(src);
+                // SAFETY: row r's heads are written by this call only.
+                unsafe { dst.finish(r, h, vals, tmp) };
             }
         };
-        let scratch = || (vec![0f32; cols], vec![0f32; hd]);
+        let scratch = || (vec![0f32; hd], vec![0f32; hd]);
         if qkv.rows * cols < residual::PAR_MIN_VALUES {
             let mut s = scratch();
-            q.data.chunks_mut(qd).enumerate().for_each(|(r, qrow)| one(&mut s, r, qrow));
+            (0..qkv.rows).for_each(|r| one(&mut s, r));
         } else {
-            q.data.par_chunks_mut(qd).enumerate().for_each_init(scratch, |s, (r, qrow)| one(s, r, qrow));
+            (0..qkv.rows).into_par_iter().for_each_init(scratch, one);
         }
         Ok(())
+    }
+
+    /// The QKV GEMM with the rotary embedding and KV store in its epilogue
+    /// ([`gemm::gemm_heads`]): each task finishes whole heads of 64 columns (two panels, which
+    /// in HF's `rotate_half` layout hold a head's two halves) from an L1 tile and stores them,
+    /// without the `[rows, (nq + 2·nkv)·hd]` round trip through `scratch`. Bit-identical to the
+    /// unfused default (the same per-head finishing). f32 matrices and head_dim 64 only; others,
+    /// and any when `RESID_CPU_FUSED_ROPE=0`, take the unfused path.
+    fn attention_input(&self, pass: &CpuPass, x: &CpuAct, input: super::AttentionInput<'_, Self>, kv: &mut CpuKv, layer: usize, scratch: &mut CpuAct, q: &mut CpuAct) -> Result<()> {
+        let (heads, w) = (input.heads, input.qkv);
+        let rotary = pass.rope.half == 0 || 2 * pass.rope.half == heads.head_dim;
+        if fused_rope() && w.split.is_none() && heads.head_dim == 2 * gemm::NR && rotary {
+            let dst = HeadStore::new(pass, input.bias, input.qk_norm, heads, kv, layer, q);
+            assert_eq!(w.rows, dst.width(), "QKV projection rows");
+            let fused = gemm::gemm_heads(&x.data, x.rows, w.packed(), &|r, h, vals| {
+                let mut tmp = [0f32; 2 * gemm::NR];
+                // SAFETY: head h of row r is handed to one task once.
+                unsafe { dst.finish(r, h, vals, &mut tmp) }
+            });
+            if fused {
+                return Ok(());
+            }
+        }
+        super::unfused_attention_input(self, pass, x, input, kv, layer, scratch, q)
     }
 
     fn attention(&self, pass: &CpuPass, q: &CpuAct, kv: &CpuKv, layer: usize, heads: Heads, alibi: Option<&[f32]>, out: &mut CpuAct) -> Result<()> {
         let l = kv.layer(layer);
         attention::attention(&q.data, &kv.k[l], &kv.v[l], heads, &pass.plan, alibi, &mut out.data);
         Ok(())
+    }
+
+    /// The gate/up GEMM with the activation in its epilogue ([`gemm::gemm_activation`]):
+    /// bit-identical to the unfused default, without the `[rows, 2I]` round trip through
+    /// `scratch`. f32 matrices only (bf16 ones, and any when `RESID_CPU_FUSED_MLP=0`, take the
+    /// unfused path).
+    fn mlp_input(&self, kind: MlpKind, x: &CpuAct, w: &CpuMatrix, b: Option<&F32Data>, scratch: &mut CpuAct, out: &mut CpuAct) -> Result<()> {
+        let act = match kind {
+            MlpKind::SwiGlu => gemm::Activation::SwiGlu,
+            MlpKind::GeluTanh => gemm::Activation::GeluTanh,
+        };
+        if w.split.is_none() && fused_mlp() && gemm::gemm_activation(&x.data, x.rows, w.packed(), b.map(|b| &b[..]), act, &mut out.data) {
+            return Ok(());
+        }
+        super::unfused_mlp_input(self, kind, x, w, b, scratch, out)
     }
 
     fn activation(&self, kind: MlpKind, input: &CpuAct, out: &mut CpuAct) -> Result<()> {
@@ -476,7 +596,7 @@ impl Backend for CpuBackend {
                     out.data.par_chunks_mut(inter).zip(input.data.par_chunks(2 * inter)).for_each(one);
                 }
             }
-            MlpKind::GeluTanh => out.data.par_iter_mut().zip(input.data.par_iter()).for_each(|(o, &x)| *o = gelu_tanh(x)),
+            MlpKind::GeluTanh => out.data.par_iter_mut().zip(input.data.par_iter()).for_each(|(o, &x)| *o = vmath::gelu_tanh(x)),
         }
         Ok(())
     }
@@ -592,4 +712,111 @@ pub fn copy_bandwidth(bytes: usize, reps: usize) -> f64 {
         std::hint::black_box(&dst);
     }
     2.0 * (n * 8) as f64 / best.max(1e-12)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{unfused_attention_input, unfused_mlp_input, AttentionInput};
+    use crate::model::weights::{MatrixSource, SourcePart};
+    use std::sync::Arc;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(7);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) - 0.5
+            })
+            .collect()
+    }
+
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
+    /// A pass over three sequences (one with cached tokens) in an arena with gaps: 3 rows (the
+    /// few-row kernels) or 40 (tiles and row blocks).
+    fn plan(long: usize) -> BatchPlan {
+        BatchPlan::new(&[2, long, 1], &[0, 3, 7], &[100, 0, 60])
+    }
+
+    /// The fused attention input (QKV GEMM, then bias, Q/K norm, rotation and KV store in its
+    /// epilogue) against the unfused default, bit for bit: queries and both arenas, with and
+    /// without bias and Qwen3's Q/K norm, rotary and ALiBi (no rotation), GQA and MHA, on 1–3
+    /// threads.
+    #[test]
+    fn fused_attention_input_is_the_unfused_result() {
+        let be = CpuBackend;
+        let hidden = 72;
+        let pools: Vec<_> = [1, 2, 3].iter().map(|&n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()).collect();
+        for (nq, nkv, with_bias, with_norm, rotary) in [(3, 1, false, false, true), (2, 2, true, false, true), (4, 2, true, true, true), (2, 1, true, false, false)] {
+            let heads = Heads { q_heads: nq, kv_heads: nkv, head_dim: 64 };
+            let (qd, kvd) = (nq * 64, nkv * 64);
+            let n = qd + 2 * kvd;
+            let w = be.weight_matrix(&MatrixSource::from_values(values(n * hidden, 1), n, hidden).unwrap()).unwrap();
+            let bias = with_bias.then(|| F32Data::Owned(values(n, 2)));
+            let (qn, kn) = (F32Data::Owned(values(64, 3).iter().map(|v| 1.0 + v).collect()), F32Data::Owned(values(64, 4).iter().map(|v| 1.0 + v).collect()));
+            let inv_freq: Vec<f32> = if rotary { (0..32).map(|i| 1.0 / 10000f32.powf(i as f32 / 32.0)).collect() } else { Vec::new() };
+            for long in [0, 37] {
+                let plan = plan(long);
+                let rows = plan.rows();
+                let pass = be.begin_pass(&plan, &inv_freq, None, &[], hidden).unwrap();
+                let x = be.act_from(&values(rows * hidden, 5), rows, hidden, ActKind::Hidden).unwrap();
+                let input = || AttentionInput::<CpuBackend> { qkv: &w, bias: bias.as_ref(), qk_norm: with_norm.then_some((&qn, &kn, 1e-6)), heads };
+                let run = |fused: bool| {
+                    let mut kv = be.kv(2, 160, kvd).unwrap();
+                    let (mut scratch, mut q) = (be.act(rows, n, ActKind::Hidden).unwrap(), be.act(rows, qd, ActKind::Hidden).unwrap());
+                    if fused {
+                        be.attention_input(&pass, &x, input(), &mut kv, 1, &mut scratch, &mut q).unwrap();
+                    } else {
+                        unfused_attention_input(&be, &pass, &x, input(), &mut kv, 1, &mut scratch, &mut q).unwrap();
+                    }
+                    (q.data, kv.k[1].clone(), kv.v[1].clone())
+                };
+                let want = run(false);
+                assert!(want.1.iter().any(|&v| v != 0.0));
+                for pool in &pools {
+                    let got = pool.install(|| run(true));
+                    let case = format!("nq {nq} nkv {nkv} bias {with_bias} norm {with_norm} rotary {rotary}, {rows} rows, {} threads", pool.current_num_threads());
+                    assert!(same_bits(&got.0, &want.0), "queries: {case}");
+                    assert!(same_bits(&got.1, &want.1), "keys: {case}");
+                    assert!(same_bits(&got.2, &want.2), "values: {case}");
+                }
+            }
+        }
+    }
+
+    /// The fused MLP input against the unfused default, bit for bit, through the backend: a
+    /// stacked `[gate; up]` as the loader makes it (halves off panel boundaries for I = 40),
+    /// with and without bias, and GELU.
+    #[test]
+    fn fused_mlp_input_is_the_unfused_result() {
+        let be = CpuBackend;
+        let hidden = 50;
+        for inter in [40, 64] {
+            let part = |seed| SourcePart::Values(Arc::new(values(inter * hidden, seed)));
+            let swiglu = be.weight_matrix(&MatrixSource::stacked(vec![part(1), part(2)], hidden).unwrap()).unwrap();
+            let gelu = be.weight_matrix(&MatrixSource::from_values(values(inter * hidden, 3), inter, hidden).unwrap()).unwrap();
+            for rows in [1, 3, 30] {
+                let x = be.act_from(&values(rows * hidden, 4), rows, hidden, ActKind::Hidden).unwrap();
+                for (kind, w, width) in [(MlpKind::SwiGlu, &swiglu, 2 * inter), (MlpKind::GeluTanh, &gelu, inter)] {
+                    for bias in [None, Some(F32Data::Owned(values(width, 5)))] {
+                        let run = |fused: bool| {
+                            let (mut scratch, mut out) = (be.act(rows, width, ActKind::Hidden).unwrap(), be.act(rows, inter, ActKind::Hidden).unwrap());
+                            if fused {
+                                be.mlp_input(kind, &x, w, bias.as_ref(), &mut scratch, &mut out).unwrap();
+                            } else {
+                                unfused_mlp_input(&be, kind, &x, w, bias.as_ref(), &mut scratch, &mut out).unwrap();
+                            }
+                            out.data
+                        };
+                        assert!(same_bits(&run(true), &run(false)), "{kind:?} I {inter} rows {rows} bias {}", bias.is_some());
+                    }
+                }
+            }
+        }
+    }
 }

@@ -18,6 +18,12 @@ pub fn swiglu_row(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
+/// BLOOM's tanh approximation of GELU, with its constant (libm's tanh on every CPU).
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    x * 0.5 * (1.0 + (0.797_884_6 * x * (1.0 + 0.044715 * x * x)).tanh())
+}
+
 /// `x[i] = e^(x[i] − m)` in place; returns Σ x[i] summed in index order, lane by lane of 16
 /// (then lanes in a fixed tree), so the sum depends only on the values and the length.
 pub fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
