@@ -193,7 +193,7 @@ fn bench_stats_fold(c: &mut Criterion) {
     let batch: Vec<&[f32]> = x.chunks_exact(H).collect();
     let mut g = c.benchmark_group("stats_fold");
     g.throughput(Throughput::Elements((rows * H * (H + 1)) as u64));
-    let mut m = resid::store::stats::PointMoments::new(H, true);
+    let mut m = resid::backend::moments::PointMoments::new(H, true);
     g.bench_function("mean_cov_2048x576", |b| b.iter(|| m.add_rows(black_box(&batch))));
     g.finish();
 }

@@ -3,7 +3,7 @@
 //
 // Design choice (determinism): no atomics. Every accumulator element is owned by one thread,
 // which loops over the batch's rows in input order, so a sum is the same chain of roundings
-// whatever the batching (and equals the CPU fold, src/store/stats.rs PointMoments::add_rows).
+// whatever the batching (and equals the CPU fold, src/backend/moments.rs PointMoments::add_rows).
 // Per point s (a capture slot) the accumulators are, each [slots, H] f64 row-major:
 //   shift k (the first row ever folded), sum Σ(x − k), min, max,
 // and, when second moments are wanted, sq [slots, H, H] f64: Σ(x − k)_i (x − k)_j for j >= i

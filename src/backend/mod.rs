@@ -4,6 +4,7 @@
 pub mod any;
 pub mod cpu;
 pub mod cuda;
+pub mod moments;
 pub mod profile;
 
 use crate::engine::capture::{CapturePosition, CaptureSink};
@@ -13,7 +14,7 @@ use crate::engine::steer::PointSteering;
 use crate::error::Result;
 use crate::model::arch::{MlpKind, NormKind};
 use crate::model::weights::{F32Data, MatrixSource};
-use crate::store::stats::PointMoments;
+use crate::backend::moments::PointMoments;
 
 /// Attention geometry.
 #[derive(Debug, Clone, Copy)]

@@ -12,7 +12,7 @@ pub mod tables;
 pub mod upload;
 
 use super::{ActKind, AttentionInput, Backend, CaptureLayout, Heads, NonFinite, Norm};
-use crate::store::stats::PointMoments;
+use crate::backend::moments::PointMoments;
 use crate::model::arch::{MlpKind, NormKind};
 use crate::engine::capture::{CaptureSink, Captured};
 use crate::engine::plan::BatchPlan;

@@ -7,7 +7,7 @@
 use super::{cfg, dev_err, grow, CudaBackend, CudaPass, KernelArg};
 use crate::backend::NonFinite;
 use crate::error::{Error, Result};
-use crate::store::stats::PointMoments;
+use crate::backend::moments::PointMoments;
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
 /// Threads per block of `stats_rows` (columns per block).
