@@ -1432,11 +1432,27 @@ def crosscheck_gguf(model_dir: str, gguf_path: str, strings: list[str]) -> dict:
     return res
 
 
+def smollm2_present() -> bool:
+    """Whether models/smollm2-135m is fetched; logs that the fixture is skipped when not."""
+    if os.path.exists(os.path.join(SMOLLM2_DIR, "model.safetensors")):
+        return True
+    log(f"  WARNING: {rel(SMOLLM2_DIR)}/model.safetensors missing (run scripts/fetch-model.sh smollm2-135m); skipping")
+    return False
+
+
+def load_smollm2():
+    """(tokenizer, model) of SmolLM2-135M, or None (logged) when it is not fetched."""
+    from transformers import AutoTokenizer
+
+    if not smollm2_present():
+        return None
+    return AutoTokenizer.from_pretrained(SMOLLM2_DIR), load_model(SMOLLM2_DIR)
+
+
 def do_smollm2(gguf_arg, check_gguf: bool, coef: float):
     from transformers import AutoTokenizer
 
-    if not os.path.exists(os.path.join(SMOLLM2_DIR, "model.safetensors")):
-        log(f"  WARNING: {rel(SMOLLM2_DIR)}/model.safetensors missing (run scripts/fetch-model.sh smollm2-135m); skipping")
+    if not smollm2_present():
         return None
     tok = AutoTokenizer.from_pretrained(SMOLLM2_DIR)
     chat_rendered = None
@@ -1502,13 +1518,10 @@ def do_recognition():
     """Mean-diff recognition accuracies per layer computed from HF hidden states, on a split this
     script draws itself (numpy) and writes as JSONL, so that resid's `recognize --train --test`
     reads exactly the same pairs."""
-    from transformers import AutoTokenizer
-
-    if not os.path.exists(os.path.join(SMOLLM2_DIR, "model.safetensors")):
-        log(f"  WARNING: {rel(SMOLLM2_DIR)}/model.safetensors missing (run scripts/fetch-model.sh smollm2-135m); skipping")
+    loaded = load_smollm2()
+    if loaded is None:
         return None
-    tok = AutoTokenizer.from_pretrained(SMOLLM2_DIR)
-    model = load_model(SMOLLM2_DIR)
+    tok, model = loaded
     out_dir = os.path.join(GOLDEN_DIR, RECOGNITION_NAME)
     os.makedirs(out_dir, exist_ok=True)
     n_layers = model.config.num_hidden_layers
@@ -1719,13 +1732,10 @@ def study_hf_generate(model, ids: list, steer: dict, coef: float, n: int, stops:
 @torch.no_grad()
 def do_study_reference():
     """The study's aggregate numbers computed from HF hidden states (see the section comment)."""
-    from transformers import AutoTokenizer
-
-    if not os.path.exists(os.path.join(SMOLLM2_DIR, "model.safetensors")):
-        log(f"  WARNING: {rel(SMOLLM2_DIR)}/model.safetensors missing (run scripts/fetch-model.sh smollm2-135m); skipping")
+    loaded = load_smollm2()
+    if loaded is None:
         return None
-    tok = AutoTokenizer.from_pretrained(SMOLLM2_DIR)
-    model = load_model(SMOLLM2_DIR)
+    tok, model = loaded
     L = model.config.num_hidden_layers
     states = {}
 
@@ -2057,15 +2067,13 @@ def do_paper_reference():
     """Per-layer recognition on the paper's split (`--protocol paper`), from HF hidden states.  The split is
     scripts/paper_split.py (the paper's utils.read_data on CPython's own `random`); the vectors are RepE's
     cluster means with RepE's get_signs, written here from the paper's code, not from resid's."""
-    from transformers import AutoTokenizer
     sys.path.insert(0, os.path.join(REPO, "scripts"))
     import paper_split
 
-    if not os.path.exists(os.path.join(SMOLLM2_DIR, "model.safetensors")):
-        log(f"  WARNING: {rel(SMOLLM2_DIR)}/model.safetensors missing; skipping")
+    loaded = load_smollm2()
+    if loaded is None:
         return None
-    tok = AutoTokenizer.from_pretrained(SMOLLM2_DIR)
-    model = load_model(SMOLLM2_DIR)
+    tok, model = loaded
     L = model.config.num_hidden_layers
     states = {}
 

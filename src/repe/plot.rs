@@ -63,23 +63,24 @@ pub fn viridis(t: f64) -> RGBColor {
         (170., 220., 50.),
         (253., 231., 37.),
     ];
-    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
-    let x = t * (V.len() - 1) as f64;
-    let i = (x.floor() as usize).min(V.len() - 2);
-    let f = x - i as f64;
-    let mix = |a: f64, b: f64| (a + (b - a) * f).round() as u8;
-    RGBColor(mix(V[i].0, V[i + 1].0), mix(V[i].1, V[i + 1].1), mix(V[i].2, V[i + 1].2))
+    interpolate(&V, if t.is_finite() { t } else { 0.0 })
 }
 
 /// Blue–white–red (a coolwarm-like diverging map); `t` in [0, 1], 0.5 white.
 pub fn coolwarm(t: f64) -> RGBColor {
     const V: [(f64, f64, f64); 5] = [(59., 76., 192.), (141., 176., 254.), (242., 242., 242.), (244., 154., 123.), (180., 4., 38.)];
-    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.5 };
-    let x = t * (V.len() - 1) as f64;
-    let i = (x.floor() as usize).min(V.len() - 2);
+    interpolate(&V, if t.is_finite() { t } else { 0.5 })
+}
+
+/// The colour at `t` (clamped to [0, 1]) of the map through `anchors`, equally spaced, by
+/// linear interpolation per channel.
+fn interpolate(anchors: &[(f64, f64, f64)], t: f64) -> RGBColor {
+    let x = t.clamp(0.0, 1.0) * (anchors.len() - 1) as f64;
+    let i = (x.floor() as usize).min(anchors.len() - 2);
     let f = x - i as f64;
     let mix = |a: f64, b: f64| (a + (b - a) * f).round() as u8;
-    RGBColor(mix(V[i].0, V[i + 1].0), mix(V[i].1, V[i + 1].1), mix(V[i].2, V[i + 1].2))
+    let (a, b) = (anchors[i], anchors[i + 1]);
+    RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
 /// Grouped bars: one group of bars per category, one bar per series (`values[i]` for

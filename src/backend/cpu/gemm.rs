@@ -1483,7 +1483,7 @@ fn fma_burst(isa: Isa) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn reference(x: &[f32], t: usize, k: usize, w: &[f32], n: usize, b: Option<&[f32]>) -> Vec<f32> {

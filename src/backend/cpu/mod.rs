@@ -720,18 +720,7 @@ mod tests {
     use crate::backend::{unfused_attention_input, unfused_mlp_input, AttentionInput};
     use crate::model::weights::{MatrixSource, SourcePart};
     use std::sync::Arc;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(7);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) - 0.5
-            })
-            .collect()
-    }
+    use gemm::tests::pseudo as values;
 
     fn same_bits(a: &[f32], b: &[f32]) -> bool {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
