@@ -185,24 +185,71 @@ unsafe fn block_avx512(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads
     block::<Avx512>(q, k_cache, v_cache, heads, plan, alibi, s, g, row0, nrows, out)
 }
 
-/// A prefill block on AVX-512: each key tile is transposed once (`kt[d][j]`), then every query
-/// of the block scores 16 keys per vector, each score one FMA chain over d = 0..hd in order
-/// (no horizontal sums). Per (row, head) the operations depend only on its position and data.
+/// A prefill block's working memory, reused by every block a thread runs (a block used to
+/// allocate and zero ~30 KB, which cost a fifth of attention's time on short sequences).
+#[cfg(target_arch = "x86_64")]
+#[derive(Default)]
+struct PrefillScratch {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    o: Vec<f32>,
+    kt: Vec<f32>,
+    active: Vec<usize>,
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    static PREFILL_SCRATCH: std::cell::RefCell<PrefillScratch> = std::cell::RefCell::new(PrefillScratch::default());
+}
+
+/// Queries scored together against a key tile (they share each loaded key vector).
+#[cfg(target_arch = "x86_64")]
+const QUERIES_TOGETHER: usize = 4;
+
+/// A prefill block on AVX-512: each key tile is transposed once (`kt[d][j]`), then the block's
+/// queries score 16 keys per vector, four queries at a time (so that 4·⌈n/16⌉ independent FMA
+/// chains hide the FMA latency), each score one FMA chain over d = 0..hd in order (no horizontal
+/// sums); probabilities times V are accumulated two queries at a time, each output element one
+/// chain over the keys in order. Per (row, head) the operations depend only on its position and
+/// data, never on which queries share a group.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn block_avx512_tiled(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, s: usize, g: usize, row0: usize, nrows: usize, out: *mut f32) {
+    PREFILL_SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => prefill_block(q, k_cache, v_cache, heads, plan, alibi, (s, g, row0, nrows), out, &mut scratch),
+        // Not reached (a block never re-enters), but a fresh scratch is always correct.
+        Err(_) => prefill_block(q, k_cache, v_cache, heads, plan, alibi, (s, g, row0, nrows), out, &mut PrefillScratch::default()),
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn prefill_block(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, task: (usize, usize, usize, usize), out: *mut f32, sc: &mut PrefillScratch) {
     use std::arch::x86_64::*;
+    let (s, g, row0, nrows) = task;
     let (hd, qd, kvd) = (heads.head_dim, heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
     let group = heads.q_heads / heads.kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let seq = &plan.seqs[s];
     let nq = nrows * group;
-    let mut m = vec![f32::NEG_INFINITY; nq];
-    let mut l = vec![0f32; nq];
-    let mut o = vec![0f32; nq * hd];
-    let mut kt = vec![0f32; hd * KEY_TILE];
-    let mut scores = [0f32; KEY_TILE];
+    let grow = |v: &mut Vec<f32>, n: usize| {
+        if v.len() < n {
+            v.resize(n, 0.0);
+        }
+    };
+    grow(&mut sc.m, nq);
+    grow(&mut sc.l, nq);
+    grow(&mut sc.o, nq * hd);
+    grow(&mut sc.kt, hd * KEY_TILE);
+    let PrefillScratch { m, l, o, kt, active } = sc;
+    m[..nq].fill(f32::NEG_INFINITY);
+    l[..nq].fill(0.0);
+    // Query qi = i·group + hq: row row0 + i, head g·group + hq.
+    let pos = |qi: usize| plan.positions[row0 + qi / group] as usize;
+    let qptr = |qi: usize| q.as_ptr().add((row0 + qi / group) * qd + (g * group + qi % group) * hd);
+    let mut scores = [[0f32; KEY_TILE]; QUERIES_TOGETHER];
     let keys_max = plan.positions[row0 + nrows - 1] as usize + 1;
     let mut t0 = 0;
     while t0 < keys_max {
@@ -229,47 +276,202 @@ unsafe fn block_avx512_tiled(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads:
                 kt[d * KEY_TILE + j] = *key(j).add(d);
             }
         }
-        for i in 0..nrows {
-            let row = row0 + i;
-            let pos = plan.positions[row] as usize;
-            if t0 > pos {
-                continue;
+        active.clear();
+        active.extend((0..nq).filter(|&qi| pos(qi) >= t0));
+        let vbase = v_cache.as_ptr().add((seq.kv_start + t0) * kvd + g * hd);
+        for chunk in active.chunks(QUERIES_TOGETHER) {
+            // Keys each query sees in this tile; a short chunk repeats its last query (scored, unused).
+            let n: [usize; QUERIES_TOGETHER] = std::array::from_fn(|j| (pos(chunk[j.min(chunk.len() - 1)]) + 1 - t0).min(KEY_TILE));
+            let qs: [*const f32; QUERIES_TOGETHER] = std::array::from_fn(|j| qptr(chunk[j.min(chunk.len() - 1)]));
+            match n.iter().max().map_or(1, |m| m.div_ceil(16)) {
+                1 => qk_tiles::<1>(qs, hd, kt, &mut scores),
+                2 => qk_tiles::<2>(qs, hd, kt, &mut scores),
+                3 => qk_tiles::<3>(qs, hd, kt, &mut scores),
+                _ => qk_tiles::<4>(qs, hd, kt, &mut scores),
             }
-            let n = (pos + 1 - t0).min(KEY_TILE);
-            for hq in 0..group {
-                let h = g * group + hq;
-                let qv = &q[row * qd + h * hd..row * qd + (h + 1) * hd];
-                let qi = i * group + hq;
-                match n.div_ceil(16) {
-                    1 => qk_tile::<1>(qv, &kt, &mut scores),
-                    2 => qk_tile::<2>(qv, &kt, &mut scores),
-                    3 => qk_tile::<3>(qv, &kt, &mut scores),
-                    _ => qk_tile::<4>(qv, &kt, &mut scores),
+            let mut corr = [0f32; QUERIES_TOGETHER];
+            for (j, &qi) in chunk.iter().enumerate() {
+                let (h, p) = (g * group + qi % group, pos(qi));
+                let sc = &mut scores[j][..n[j]];
+                let tile_max = scale_and_max(sc, scale, alibi.map(|a| (a[h], t0 as f32 - p as f32)));
+                corr[j] = softmax_step::<Avx512>(sc, tile_max, &mut m[qi], &mut l[qi]);
+            }
+            // Every query's first tile is t0 = 0: its output starts from zero there.
+            let fresh = t0 == 0;
+            let mut j = 0;
+            while j < chunk.len() {
+                let (qa, na) = (chunk[j], n[j]);
+                let oa = o.as_mut_ptr().add(qa * hd);
+                if j + 1 < chunk.len() {
+                    let (qb, nb) = (chunk[j + 1], n[j + 1]);
+                    let ob = o.as_mut_ptr().add(qb * hd);
+                    pv_pair(hd, [oa, ob], [corr[j], corr[j + 1]], [&scores[j][..na], &scores[j + 1][..nb]], vbase, kvd, fresh);
+                    j += 2;
+                } else {
+                    pv_pair(hd, [oa, oa], [corr[j], corr[j]], [&scores[j][..na], &[]], vbase, kvd, fresh);
+                    j += 1;
                 }
-                let mut tile_max = f32::NEG_INFINITY;
-                for (j, sc) in scores[..n].iter_mut().enumerate() {
-                    *sc = *sc * scale + alibi.map_or(0.0, |a| a[h] * ((t0 + j) as f32 - pos as f32));
-                    tile_max = tile_max.max(*sc);
-                }
-                let vbase = v_cache[(seq.kv_start + t0) * kvd + g * hd..].as_ptr();
-                online_update::<Avx512>(&mut scores[..n], tile_max, &mut m[qi], &mut l[qi], &mut o[qi * hd..(qi + 1) * hd], vbase, kvd);
             }
         }
         t0 += KEY_TILE;
     }
-    write_rows(&o, &l, out, row0, nrows, g, group, qd, hd);
+    write_rows(o, l, out, row0, nrows, g, group, qd, hd);
+}
+
+/// `x = x·scale + slope·(j + offset)` for each score j (`+ 0` without ALiBi: the scalar
+/// path's operations, in vectors, one rounding each), and the tile's maximum (NaN scores ignored,
+/// as `f32::max` does).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn scale_and_max(x: &mut [f32], scale: f32, alibi: Option<(f32, f32)>) -> f32 {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let sv = _mm512_set1_ps(scale);
+    let lanes = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
+    let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut i = 0;
+    while i < n {
+        let k: __mmask16 = if n - i >= 16 { 0xffff } else { (1u32 << (n - i)) as u16 - 1 };
+        let add = match alibi {
+            // (j as f32 − pos as f32) is exact for positions below 2^24, as is j + offset here.
+            Some((slope, offset)) => _mm512_mul_ps(_mm512_set1_ps(slope), _mm512_add_ps(_mm512_add_ps(lanes, _mm512_set1_ps(i as f32)), _mm512_set1_ps(offset))),
+            None => _mm512_setzero_ps(),
+        };
+        let v = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x.as_ptr().add(i)), sv), add);
+        _mm512_mask_storeu_ps(x.as_mut_ptr().add(i), k, v);
+        // max(v, max) returns max where v is NaN; masked-off lanes keep max.
+        max = _mm512_mask_max_ps(max, k, v, max);
+        i += 16;
+    }
+    _mm512_reduce_max_ps(max)
+}
+
+/// Scores of up to four queries (`qs`, hd values each) against the first 16·NV keys of a
+/// transposed tile; each score is `fma(q[d], k[d], ·)` over d in order, from zero.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn qk_tiles<const NV: usize>(qs: [*const f32; QUERIES_TOGETHER], hd: usize, kt: &[f32], scores: &mut [[f32; KEY_TILE]; QUERIES_TOGETHER]) {
+    use std::arch::x86_64::*;
+    debug_assert!(kt.len() >= hd * KEY_TILE);
+    let mut acc = [[_mm512_setzero_ps(); NV]; QUERIES_TOGETHER];
+    for d in 0..hd {
+        let row = kt.as_ptr().add(d * KEY_TILE);
+        let keys: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(row.add(v * 16)));
+        for (a, qv) in acc.iter_mut().zip(qs) {
+            let xv = _mm512_set1_ps(*qv.add(d));
+            for (x, k) in a.iter_mut().zip(keys) {
+                *x = _mm512_fmadd_ps(xv, k, *x);
+            }
+        }
+    }
+    for (a, out) in acc.iter().zip(scores.iter_mut()) {
+        for (v, x) in a.iter().enumerate() {
+            _mm512_storeu_ps(out.as_mut_ptr().add(v * 16), *x);
+        }
+    }
+}
+
+/// `o = o·corr` then `o = p[j]·v_j + o` for each key j in order, for two queries at once (each
+/// loaded value row serves both), with exactly [`Ops::scale_accumulate`]'s operations per
+/// element. `fresh`: the outputs start from zero (their first tile; corr is then 0) instead of
+/// being read. The two outputs may be the same pointer when the second `p` is empty.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pv_pair(hd: usize, o: [*mut f32; 2], corr: [f32; 2], p: [&[f32]; 2], v: *const f32, stride: usize, fresh: bool) {
+    match hd.div_ceil(16) {
+        1 => pv_pair_c::<1>(hd, o, corr, p, v, stride, fresh),
+        2 => pv_pair_c::<2>(hd, o, corr, p, v, stride, fresh),
+        3 => pv_pair_c::<3>(hd, o, corr, p, v, stride, fresh),
+        4 => pv_pair_c::<4>(hd, o, corr, p, v, stride, fresh),
+        5 => pv_pair_c::<5>(hd, o, corr, p, v, stride, fresh),
+        6 => pv_pair_c::<6>(hd, o, corr, p, v, stride, fresh),
+        7 => pv_pair_c::<7>(hd, o, corr, p, v, stride, fresh),
+        8 => pv_pair_c::<8>(hd, o, corr, p, v, stride, fresh),
+        _ => {
+            for (k, (&oq, &pq)) in o.iter().zip(&p).enumerate() {
+                if k == 1 && pq.is_empty() {
+                    break;
+                }
+                let out = std::slice::from_raw_parts_mut(oq, hd);
+                if fresh {
+                    out.fill(0.0);
+                }
+                Avx512::scale_accumulate(out, corr[k], pq, v, stride);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn pv_pair_c<const C: usize>(hd: usize, o: [*mut f32; 2], corr: [f32; 2], p: [&[f32]; 2], v: *const f32, stride: usize, fresh: bool) {
+    use std::arch::x86_64::*;
+    let mask = |c: usize| -> __mmask16 {
+        let left = hd.saturating_sub(c * 16);
+        if left >= 16 {
+            0xffff
+        } else {
+            (1u32 << left) as u16 - 1
+        }
+    };
+    let two = !p[1].is_empty();
+    let mut acc = [[_mm512_setzero_ps(); C]; 2];
+    for (k, a) in acc.iter_mut().enumerate().take(if two { 2 } else { 1 }) {
+        if fresh {
+            continue;
+        }
+        for (c, x) in a.iter_mut().enumerate() {
+            *x = _mm512_maskz_loadu_ps(mask(c), o[k].add(c * 16));
+            if corr[k] != 1.0 {
+                *x = _mm512_mul_ps(*x, _mm512_set1_ps(corr[k]));
+            }
+        }
+    }
+    let both = if two { p[0].len().min(p[1].len()) } else { 0 };
+    for j in 0..both {
+        let row = v.add(j * stride);
+        let (pa, pb) = (_mm512_set1_ps(p[0][j]), _mm512_set1_ps(p[1][j]));
+        for c in 0..C {
+            let vv = _mm512_maskz_loadu_ps(mask(c), row.add(c * 16));
+            acc[0][c] = _mm512_fmadd_ps(pa, vv, acc[0][c]);
+            acc[1][c] = _mm512_fmadd_ps(pb, vv, acc[1][c]);
+        }
+    }
+    for (k, a) in acc.iter_mut().enumerate().take(if two { 2 } else { 1 }) {
+        for (j, &pj) in p[k].iter().enumerate().skip(both) {
+            let row = v.add(j * stride);
+            let pv = _mm512_set1_ps(pj);
+            for (c, x) in a.iter_mut().enumerate() {
+                *x = _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(mask(c), row.add(c * 16)), *x);
+            }
+        }
+        for (c, x) in a.iter().enumerate() {
+            _mm512_mask_storeu_ps(o[k].add(c * 16), mask(c), *x);
+        }
+    }
 }
 
 /// One key tile of the online softmax for one (row, head): rescale the running output by the
 /// change of maximum, add this tile's probabilities times V.
 #[inline(always)]
 unsafe fn online_update<O: Ops>(scores: &mut [f32], tile_max: f32, m: &mut f32, l: &mut f32, o: &mut [f32], v: *const f32, stride: usize) {
+    let corr = softmax_step::<O>(scores, tile_max, m, l);
+    O::scale_accumulate(o, corr, scores, v, stride);
+}
+
+/// The softmax half of [`online_update`]: turns the tile's scores into `exp(score − max)`, updates
+/// the running max and sum, and returns the factor the running output must be scaled by.
+#[inline(always)]
+unsafe fn softmax_step<O: Ops>(scores: &mut [f32], tile_max: f32, m: &mut f32, l: &mut f32) -> f32 {
     let m_new = m.max(tile_max);
     let corr = if *m == f32::NEG_INFINITY { 0.0 } else { (*m - m_new).exp() };
     let sum = O::exp_sub_sum(scores, m_new);
     *l = *l * corr + sum;
     *m = m_new;
-    O::scale_accumulate(o, corr, scores, v, stride);
+    corr
 }
 
 /// Writes the normalised outputs `o / l` of a block's rows × query heads of KV head `g`.
@@ -284,25 +486,6 @@ unsafe fn write_rows(o: &[f32], l: &[f32], out: *mut f32, row0: usize, nrows: us
                 *dst.add(d) = v * inv;
             }
         }
-    }
-}
-
-/// Scores of one query against the first 16·NV keys of a transposed tile.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn qk_tile<const NV: usize>(qv: &[f32], kt: &[f32], scores: &mut [f32; KEY_TILE]) {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm512_setzero_ps(); NV];
-    for (d, &x) in qv.iter().enumerate() {
-        let xv = _mm512_set1_ps(x);
-        let row = kt.as_ptr().add(d * KEY_TILE);
-        for (v, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(xv, _mm512_loadu_ps(row.add(v * 16)), *a);
-        }
-    }
-    for (v, a) in acc.iter().enumerate() {
-        _mm512_storeu_ps(scores.as_mut_ptr().add(v * 16), *a);
     }
 }
 
@@ -416,6 +599,28 @@ mod tests {
             for (a, b) in out.iter().zip(&want) {
                 assert!((a - b).abs() < 2e-5, "{heads:?} {lens:?}: {a} vs {b}");
             }
+        }
+    }
+
+    /// A row's output must not depend on which other rows share its block (prefill groups the
+    /// queries of a block four by four for scoring and two by two against V): rows 50..130 of a
+    /// sequence, prefilled as a continuation over the cached keys of rows 0..50, are blocked
+    /// 50–65, 66–81, … instead of 48–63, 64–79, …, and must equal the whole prefill bit for bit.
+    #[test]
+    fn a_row_does_not_depend_on_its_block() {
+        for (heads, alibi) in [
+            (Heads { q_heads: 9, kv_heads: 3, head_dim: 64 }, None),
+            (Heads { q_heads: 4, kv_heads: 4, head_dim: 20 }, Some(vec![0.5f32, 0.25, 0.125, 0.0625])),
+            (Heads { q_heads: 2, kv_heads: 1, head_dim: 160 }, None),
+        ] {
+            let (qd, kvd) = (heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
+            let (n, cut) = (130usize, 50usize);
+            let (q, k, v) = (f(n * qd, 6.0), f(n * kvd, 7.0), f(n * kvd, 8.0));
+            let mut whole = vec![0f32; n * qd];
+            attention(&q, &k, &v, heads, &packed(&[n]), alibi.as_deref(), &mut whole);
+            let mut tail = vec![0f32; (n - cut) * qd];
+            attention(&q[cut * qd..], &k, &v, heads, &BatchPlan::new(&[n - cut], &[cut], &[0]), alibi.as_deref(), &mut tail);
+            assert_eq!(tail, whole[cut * qd..], "{heads:?}");
         }
     }
 
