@@ -431,13 +431,14 @@ unsafe fn pv_pair_c<const C: usize>(hd: usize, o: [*mut f32; 2], corr: [f32; 2],
         }
     }
     let both = if two { p[0].len().min(p[1].len()) } else { 0 };
-    for j in 0..both {
+    let [acc_a, acc_b] = &mut acc;
+    for (j, (&pa, &pb)) in p[0].iter().zip(p[1]).enumerate().take(both) {
         let row = v.add(j * stride);
-        let (pa, pb) = (_mm512_set1_ps(p[0][j]), _mm512_set1_ps(p[1][j]));
-        for c in 0..C {
+        let (pa, pb) = (_mm512_set1_ps(pa), _mm512_set1_ps(pb));
+        for (c, (a, b)) in acc_a.iter_mut().zip(acc_b.iter_mut()).enumerate() {
             let vv = _mm512_maskz_loadu_ps(mask(c), row.add(c * 16));
-            acc[0][c] = _mm512_fmadd_ps(pa, vv, acc[0][c]);
-            acc[1][c] = _mm512_fmadd_ps(pb, vv, acc[1][c]);
+            *a = _mm512_fmadd_ps(pa, vv, *a);
+            *b = _mm512_fmadd_ps(pb, vv, *b);
         }
     }
     for (k, a) in acc.iter_mut().enumerate().take(if two { 2 } else { 1 }) {
