@@ -399,3 +399,54 @@ fn scheduler_chunks_and_mixes_without_changing_any_sequence() {
     // Steered requests differ from the unsteered one of the same prompt length class.
     assert_ne!(alone[1].iter().map(|t| t.probes[0]).collect::<Vec<_>>(), run(vec![GenRequest { steering: None, ..request(1) }], 4096, 1).0[0].iter().map(|t| t.probes[0]).collect::<Vec<_>>());
 }
+
+/// A row's logits must not depend on how its sequence was split into passes: one prefill of the
+/// whole sequence (150 tokens, three key tiles), a prefill of 40 tokens followed by one-row
+/// decode passes, and passes of 1, 2, 3, 5 and 8 rows in turn give the same logits at every row,
+/// bit for bit. (On AVX-512 decode rows once took their own attention kernel, which agreed with
+/// prefill only to rounding.) Head dims 8 and 64 (the fused QKV epilogue).
+#[test]
+fn logits_do_not_depend_on_how_a_sequence_is_split_into_passes() {
+    use resid::backend::Backend;
+    use resid::engine::plan::BatchPlan;
+    use resid::engine::{Pass, Phase};
+    for spec in [TinySpec::default(), TinySpec { hidden: 256, inter: 96, heads: 4, kv_heads: 2, ..TinySpec::default() }] {
+        let (_t, e) = engine(&spec);
+        let ids = random_ids(150, spec.vocab, 11);
+        let n = ids.len();
+        let run = |splits: &[usize]| -> Vec<f32> {
+            assert_eq!(splits.iter().sum::<usize>(), n);
+            let mut kv = e.backend.kv(e.num_layers(), n, e.kv_dim()).unwrap();
+            let (mut out, mut start) = (Vec::new(), 0);
+            for &len in splits {
+                let plan = BatchPlan::new(&[len], &[start], &[0]);
+                let rows: Vec<usize> = (0..len).collect();
+                let pass = Pass { ids: &ids[start..start + len], plan: &plan, phase: Phase::Prompt, steering: &[None], capture: None, logits_rows: &rows };
+                out.extend(e.forward(&mut kv, pass).unwrap());
+                start += len;
+            }
+            out
+        };
+        let whole = run(&[n]);
+        assert_eq!(whole.len(), n * spec.vocab);
+        // The first differing row, not 14,550 numbers.
+        let same = |got: Vec<f32>, what: &str| {
+            assert_eq!(got.len(), whole.len());
+            if let Some(i) = got.iter().zip(&whole).position(|(a, b)| a.to_bits() != b.to_bits()) {
+                panic!("hidden {}: {what}: row {} differs from the whole prefill ({} vs {})", spec.hidden, i / spec.vocab, got[i], whole[i]);
+            }
+        };
+        let decoded: Vec<usize> = std::iter::once(40).chain(std::iter::repeat_n(1, n - 40)).collect();
+        same(run(&decoded), "prefill of 40, then one row per pass");
+        let (mut mixed, mut left) = (Vec::new(), n);
+        for len in [1usize, 2, 3, 5, 8].into_iter().cycle() {
+            let len = len.min(left);
+            mixed.push(len);
+            left -= len;
+            if left == 0 {
+                break;
+            }
+        }
+        same(run(&mixed), "passes of 1, 2, 3, 5 and 8 rows");
+    }
+}

@@ -5,12 +5,12 @@
 //! rows of one sequence × the query heads sharing a key/value head).
 //!
 //! **One order per (row, head).** Tiles start at absolute key positions 0, 64, 128, …; a
-//! score is one fixed computation (in prefill on AVX-512, one FMA chain over the head dimension
-//! against a transposed key tile; otherwise a 16-lane dot product with a fixed lane tree); the
-//! tile's exponentials are summed in a fixed tree; values are accumulated key by key in order.
-//! None of this depends on which other rows or sequences share the pass, the block or the
-//! thread, so results are bit-identical whatever the batch. (Decode rows, scored one key at a
-//! time, agree with prefill to rounding.)
+//! score is one fixed computation (on AVX-512, one FMA chain over the head dimension against a
+//! transposed key tile; otherwise a 16-lane dot product with a fixed lane tree); the tile's
+//! exponentials are summed in a fixed tree; values are accumulated key by key in order. None of
+//! this depends on which other rows or sequences share the pass, the block or the thread, nor on
+//! whether the row is decoded alone or prefilled with others, so results are bit-identical
+//! whatever the batch and however a sequence is split into passes.
 use crate::backend::Heads;
 use crate::engine::plan::BatchPlan;
 use rayon::prelude::*;
@@ -57,12 +57,10 @@ pub fn attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan
             #[cfg(target_arch = "x86_64")]
             {
                 if super::gemm::isa() == super::gemm::Isa::Avx512 {
-                    // Prefill (several new rows of one sequence): scores 16 keys at a time
-                    // against a transposed key tile. Decode: one dot product per key.
-                    if plan.seqs[s].len > 1 {
-                        return block_avx512_tiled(q, k_cache, v_cache, heads, plan, alibi, s, g, row0, nrows, ptr.0);
-                    }
-                    return block_avx512(q, k_cache, v_cache, heads, plan, alibi, s, g, row0, nrows, ptr.0);
+                    // Prefill and decode rows alike (16 keys at a time against a transposed key
+                    // tile), so that a row's bits do not depend on how its sequence was split
+                    // into passes.
+                    return block_avx512_tiled(q, k_cache, v_cache, heads, plan, alibi, s, g, row0, nrows, ptr.0);
                 }
             }
             block::<Portable>(q, k_cache, v_cache, heads, plan, alibi, s, g, row0, nrows, ptr.0)
@@ -79,7 +77,6 @@ pub fn attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan
 
 /// The vector operations of a block, inlined into one function per instruction set.
 trait Ops {
-    unsafe fn dot(a: &[f32], b: &[f32]) -> f32;
     unsafe fn exp_sub_sum(x: &mut [f32], m: f32) -> f32;
     /// `o = o·corr`, then `o = p[j]·v_j + o` for each j in order (`v_j` at `v + j·stride`).
     unsafe fn scale_accumulate(o: &mut [f32], corr: f32, p: &[f32], v: *const f32, stride: usize) {
@@ -96,10 +93,6 @@ struct Portable;
 
 impl Ops for Portable {
     #[inline(always)]
-    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        super::vmath::dot(a, b)
-    }
-    #[inline(always)]
     unsafe fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
         super::vmath::exp_sub_sum(x, m)
     }
@@ -110,10 +103,6 @@ struct Avx512;
 
 #[cfg(target_arch = "x86_64")]
 impl Ops for Avx512 {
-    #[inline(always)]
-    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        super::vmath::avx512::dot(a, b)
-    }
     #[inline(always)]
     unsafe fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
         super::vmath::avx512::exp_sub_sum(x, m)
@@ -176,13 +165,6 @@ unsafe fn pv<const C: usize>(o: &mut [f32], corr: f32, p: &[f32], v: *const f32,
     for (c, a) in acc.iter().enumerate() {
         _mm512_mask_storeu_ps(o.as_mut_ptr().add(c * 16), mask(c), *a);
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_avx512(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, s: usize, g: usize, row0: usize, nrows: usize, out: *mut f32) {
-    block::<Avx512>(q, k_cache, v_cache, heads, plan, alibi, s, g, row0, nrows, out)
 }
 
 /// A prefill block's working memory, reused by every block a thread runs (a block of a short
@@ -490,7 +472,8 @@ unsafe fn write_rows(o: &[f32], l: &[f32], out: *mut f32, row0: usize, nrows: us
     }
 }
 
-/// One task: rows row0..row0+nrows of sequence `s`, the query heads of key/value head `g`.
+/// One task without AVX-512: rows row0..row0+nrows of sequence `s`, the query heads of key/value
+/// head `g`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn block<O: Ops>(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, s: usize, g: usize, row0: usize, nrows: usize, out: *mut f32) {
@@ -523,7 +506,7 @@ unsafe fn block<O: Ops>(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
                     let key = t0 + j;
                     let slot = seq.kv_start + key;
                     let kv = &k_cache[slot * kvd + g * hd..slot * kvd + (g + 1) * hd];
-                    *sc = O::dot(qv, kv) * scale + alibi.map_or(0.0, |a| a[h] * (key as f32 - pos as f32));
+                    *sc = super::vmath::dot(qv, kv) * scale + alibi.map_or(0.0, |a| a[h] * (key as f32 - pos as f32));
                     tile_max = tile_max.max(*sc);
                 }
                 let vbase = v_cache[(seq.kv_start + t0) * kvd + g * hd..].as_ptr();
@@ -639,15 +622,12 @@ mod tests {
         let mut alone = vec![0f32; n * qd];
         attention(&q[s0 * qd..(s0 + n) * qd], &k[s0 * kvd..(s0 + n) * kvd], &v[s0 * kvd..(s0 + n) * kvd], heads, &packed(&[n]), None, &mut alone);
         assert_eq!(alone, all[s0 * qd..(s0 + n) * qd]);
-        // Its row at position 100 as a decode step over the cached keys: the same values (not
-        // necessarily the same bits: on AVX-512, prefill scores keys 16 at a time).
+        // Its row at position 100 as a decode step over the cached keys: the same bits.
         let p = 100;
         let plan = BatchPlan::new(&[1], &[p], &[0]);
         let mut one = vec![0f32; qd];
         attention(&q[(s0 + p) * qd..(s0 + p + 1) * qd], &k[s0 * kvd..(s0 + n) * kvd], &v[s0 * kvd..(s0 + n) * kvd], heads, &plan, None, &mut one);
-        for (a, b) in one.iter().zip(&all[(s0 + p) * qd..(s0 + p + 1) * qd]) {
-            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
-        }
+        assert_eq!(one, all[(s0 + p) * qd..(s0 + p + 1) * qd]);
         // A decode step is itself batch-invariant.
         let two = BatchPlan::new(&[1, 1], &[p, 3], &[0, n]);
         let mut q2 = q[(s0 + p) * qd..(s0 + p + 1) * qd].to_vec();
