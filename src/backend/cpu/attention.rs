@@ -107,64 +107,6 @@ impl Ops for Avx512 {
     unsafe fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
         super::vmath::avx512::exp_sub_sum(x, m)
     }
-    #[inline(always)]
-    unsafe fn scale_accumulate(o: &mut [f32], corr: f32, p: &[f32], v: *const f32, stride: usize) {
-        // The output row stays in registers for the whole tile (up to 256 values).
-        match o.len().div_ceil(16) {
-            1 => pv::<1>(o, corr, p, v, stride),
-            2 => pv::<2>(o, corr, p, v, stride),
-            3 => pv::<3>(o, corr, p, v, stride),
-            4 => pv::<4>(o, corr, p, v, stride),
-            5 => pv::<5>(o, corr, p, v, stride),
-            6 => pv::<6>(o, corr, p, v, stride),
-            7 => pv::<7>(o, corr, p, v, stride),
-            8 => pv::<8>(o, corr, p, v, stride),
-            9..=16 => pv::<16>(o, corr, p, v, stride),
-            _ => {
-                if corr != 1.0 {
-                    o.iter_mut().for_each(|x| *x *= corr);
-                }
-                for (j, &pj) in p.iter().enumerate() {
-                    super::vmath::avx512::axpy(pj, std::slice::from_raw_parts(v.add(j * stride), o.len()), o);
-                }
-            }
-        }
-    }
-}
-
-/// `scale_accumulate` for outputs of at most 16·C values, in C registers. Per element the same
-/// operations as the generic version: one multiply by `corr` (skipped when 1), then one FMA per key.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn pv<const C: usize>(o: &mut [f32], corr: f32, p: &[f32], v: *const f32, stride: usize) {
-    use std::arch::x86_64::*;
-    let n = o.len();
-    let mask = |c: usize| -> __mmask16 {
-        let left = n.saturating_sub(c * 16);
-        if left >= 16 {
-            0xffff
-        } else {
-            (1u32 << left) as u16 - 1
-        }
-    };
-    let mut acc = [_mm512_setzero_ps(); C];
-    for (c, a) in acc.iter_mut().enumerate() {
-        *a = _mm512_maskz_loadu_ps(mask(c), o.as_ptr().add(c * 16));
-        if corr != 1.0 {
-            *a = _mm512_mul_ps(*a, _mm512_set1_ps(corr));
-        }
-    }
-    for (j, &pj) in p.iter().enumerate() {
-        let pv = _mm512_set1_ps(pj);
-        let row = v.add(j * stride);
-        for (c, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(mask(c), row.add(c * 16)), *a);
-        }
-    }
-    for (c, a) in acc.iter().enumerate() {
-        _mm512_mask_storeu_ps(o.as_mut_ptr().add(c * 16), mask(c), *a);
-    }
 }
 
 /// A prefill block's working memory, reused by every block a thread runs (a block of a short
@@ -314,7 +256,7 @@ unsafe fn scale_and_max(x: &mut [f32], scale: f32, alibi: Option<(f32, f32)>) ->
     let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
     let mut i = 0;
     while i < n {
-        let k: __mmask16 = if n - i >= 16 { 0xffff } else { (1u32 << (n - i)) as u16 - 1 };
+        let k = super::vmath::avx512::mask(n, i);
         let add = match alibi {
             // (j as f32 − pos as f32) is exact for positions below 2^24, as is j + offset here.
             Some((slope, offset)) => _mm512_mul_ps(_mm512_set1_ps(slope), _mm512_add_ps(_mm512_add_ps(lanes, _mm512_set1_ps(i as f32)), _mm512_set1_ps(offset))),
@@ -371,6 +313,13 @@ unsafe fn pv_pair(hd: usize, o: [*mut f32; 2], corr: [f32; 2], p: [&[f32]; 2], v
         6 => pv_pair_c::<6>(hd, o, corr, p, v, stride, fresh),
         7 => pv_pair_c::<7>(hd, o, corr, p, v, stride, fresh),
         8 => pv_pair_c::<8>(hd, o, corr, p, v, stride, fresh),
+        // Wide heads: one query at a time (two would need 32 accumulators).
+        9..=16 => {
+            pv_pair_c::<16>(hd, [o[0], o[0]], [corr[0]; 2], [p[0], &[]], v, stride, fresh);
+            if !p[1].is_empty() {
+                pv_pair_c::<16>(hd, [o[1], o[1]], [corr[1]; 2], [p[1], &[]], v, stride, fresh);
+            }
+        }
         _ => {
             for (k, (&oq, &pq)) in o.iter().zip(&p).enumerate() {
                 if k == 1 && pq.is_empty() {
@@ -391,14 +340,7 @@ unsafe fn pv_pair(hd: usize, o: [*mut f32; 2], corr: [f32; 2], p: [&[f32]; 2], v
 #[inline]
 unsafe fn pv_pair_c<const C: usize>(hd: usize, o: [*mut f32; 2], corr: [f32; 2], p: [&[f32]; 2], v: *const f32, stride: usize, fresh: bool) {
     use std::arch::x86_64::*;
-    let mask = |c: usize| -> __mmask16 {
-        let left = hd.saturating_sub(c * 16);
-        if left >= 16 {
-            0xffff
-        } else {
-            (1u32 << left) as u16 - 1
-        }
-    };
+    let mask = |c: usize| super::vmath::avx512::mask(hd, c * 16);
     let two = !p[1].is_empty();
     let mut acc = [[_mm512_setzero_ps(); C]; 2];
     for (k, a) in acc.iter_mut().enumerate().take(if two { 2 } else { 1 }) {

@@ -110,12 +110,14 @@ pub(crate) mod avx512 {
         _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n))
     }
 
+    /// The lanes of a 16-wide step at `i` over `n` values: all 16, the tail's, or none past n.
     #[inline(always)]
-    fn mask(n: usize, i: usize) -> __mmask16 {
-        if n - i >= 16 {
+    pub fn mask(n: usize, i: usize) -> __mmask16 {
+        let left = n.saturating_sub(i);
+        if left >= 16 {
             0xffff
         } else {
-            (1u32 << (n - i)) as u16 - 1
+            (1u32 << left) as u16 - 1
         }
     }
 
@@ -160,7 +162,7 @@ pub(crate) mod avx512 {
         let one = _mm512_set1_ps(1.0);
         let mut i = 0;
         while i < n {
-            let m: __mmask16 = if n - i >= 16 { 0xffff } else { (1u32 << (n - i)) as u16 - 1 };
+            let m = mask(n, i);
             let g = _mm512_maskz_loadu_ps(m, gate.as_ptr().add(i));
             let u = _mm512_maskz_loadu_ps(m, up.as_ptr().add(i));
             let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
@@ -178,7 +180,7 @@ pub(crate) mod avx512 {
         let mut acc = _mm512_setzero_ps();
         let mut i = 0;
         while i < n {
-            let k: __mmask16 = if n - i >= 16 { 0xffff } else { (1u32 << (n - i)) as u16 - 1 };
+            let k = mask(n, i);
             let v = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x.as_ptr().add(i)), mv));
             let v = _mm512_maskz_mov_ps(k, v);
             _mm512_mask_storeu_ps(x.as_mut_ptr().add(i), k, v);
