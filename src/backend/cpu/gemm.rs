@@ -3,7 +3,7 @@
 //! Weights are repacked once into K-major panels of [`NR`] = 32 output columns
 //! (`panel[p][k][j] = W[32p + j, k]`, zero-padded, 64-byte aligned), so a microkernel streams a
 //! panel contiguously while it broadcasts activations. Register-blocked microkernels exist per
-//! instruction set, chosen at run time: AVX-512F (up to 8 tokens × 32 columns, or 4 × 64),
+//! instruction set, chosen at run time: AVX-512F (6 tokens × 64 columns, two panels at once),
 //! AVX2+FMA (3 × 32, or 1 × 64), a portable `mul_add` loop for other CPUs, and AVX512-BF16
 //! (`vdpbf16ps`: bf16 weights and activations, f32 accumulation) for the bf16 compute path.
 //!
@@ -20,8 +20,9 @@
 //! a time into an L1 tile and finishes them from there (activation; bias, norm, rotation, KV
 //! store), so the GEMM's output never goes out to memory and back. Same chains, same results.
 //!
-//! Activations are packed once per call into micro-panels of 8 rows (`[k][8]`, 8×8 transposes),
-//! so a kernel reads one contiguous activation stream and one weight stream. Work is split along
+//! Activations are packed once per call into micro-panels (`[k][mr]`: 6 rows on AVX-512 through
+//! masked permutes, 3 on AVX2, 4 portable, 8 in bf16 through 8×8 transposes), so a kernel reads
+//! one contiguous activation stream beside its weight streams. Work is split along
 //! N (panel groups) and along T (blocks of rows sized to stay in L2) over rayon's persistent
 //! pool. The packed activations (and, for bf16, the converted ones) live in per-thread scratch
 //! buffers that are reused: nothing is allocated per call once they have grown.
@@ -491,6 +492,12 @@ unsafe impl Sync for Src {}
 /// Packs rows t0..t0+mr (of `ld` elements) into a micro-panel `[kdepth][mr]`: the kernel then
 /// reads its activations as one contiguous stream.
 unsafe fn pack_a(src: Src, ld: usize, t0: usize, mr: usize, kdepth: usize, dst: *mut u32) {
+    #[cfg(target_arch = "x86_64")]
+    if mr == 6 && isa() == Isa::Avx512 {
+        let rows: [*const u32; 6] = std::array::from_fn(|i| src.0.add((t0 + i) * ld));
+        simd512::pack6(&rows, kdepth, dst);
+        return;
+    }
     if mr == 8 {
         let rows: [*const u32; 8] = std::array::from_fn(|i| src.0.add((t0 + i) * ld));
         #[cfg(target_arch = "x86_64")]
@@ -537,13 +544,8 @@ pub fn gemm(x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, y:
     match w.format {
         Compute::F32 => {
             let isa = isa();
-            let mr = match isa {
-                Isa::Avx512 => 8,
-                Isa::Avx2 => 3,
-                Isa::Portable => 4,
-            };
             let src = Src(x.as_ptr() as *const u32);
-            drive(tokens, k, src, Panels::of(w), mr, 4, &|a, t0, mr, p, np| {
+            drive(tokens, k, src, Panels::of(w), f32_rows(isa), f32_pair_rows(isa), &|a, t0, mr, p, np| {
                 // SAFETY: `a` is the packed micro-panel of rows t0..t0+mr, panels p..p+np
                 // exist, the task owns these outputs.
                 unsafe { kernel_f32(isa, a as *const f32, w, p, np, mr, t0, out) }
@@ -771,10 +773,11 @@ impl Panels {
 }
 
 /// Splits the work into (row block × panel group) tasks and runs `kern(a, t0, rows, panel, np)`
-/// over them, `a` being rows t0..t0+rows packed as consecutive micro-panels of `mr_max` rows. The split only decides who
-/// computes an element, never how.
+/// over them, `a` being rows t0..t0+rows packed as consecutive micro-panels of `mr_max` rows;
+/// np = 2 (two panels in one kernel) where a task has at most `pair_rows` rows and a next panel.
+/// The split only decides who computes an element, never how.
 #[allow(clippy::type_complexity)]
-fn drive(tokens: usize, kdepth: usize, src: Src, panels: Panels, mr_max: usize, np_small_rows: usize, kern: &(dyn Fn(*const u32, usize, usize, usize, usize) + Sync)) {
+fn drive(tokens: usize, kdepth: usize, src: Src, panels: Panels, mr_max: usize, pair_rows: usize, kern: &(dyn Fn(*const u32, usize, usize, usize, usize) + Sync)) {
     let Panels { count: panels, pair_break } = panels;
     // A row block of activations (kdepth × 4 bytes per row) plus one panel stay in L2.
     let mc = (l2_block_bytes() / (kdepth * 4).max(1) / mr_max * mr_max).max(mr_max);
@@ -783,8 +786,12 @@ fn drive(tokens: usize, kdepth: usize, src: Src, panels: Panels, mr_max: usize, 
     let target = if threads == 1 { 1 } else { 8 * threads };
     // A few rows (decode) stream the weights once, memory-bound: one long contiguous stream per
     // thread (the prefetchers ramp up once), in equal parts.
-    let groups = if tokens <= np_small_rows { threads.min(panels) } else { target.div_ceil(mblocks).clamp(1, panels) };
-    let g = panels.div_ceil(groups);
+    let groups = if tokens <= DECODE_ROWS { threads.min(panels) } else { target.div_ceil(mblocks).clamp(1, panels) };
+    let mut g = panels.div_ceil(groups);
+    if pair_rows == usize::MAX {
+        // Kernels take panels in pairs: groups of an even count leave no panel alone.
+        g = g.div_ceil(2) * 2;
+    }
     let ngroups = panels.div_ceil(g);
     with_scratch(&A_SCRATCH, tokens * kdepth, |buf| {
         // Every micro-panel once: rows t0..t0+mr at offset t0·kdepth, t0 a multiple of mr_max.
@@ -809,8 +816,8 @@ fn drive(tokens: usize, kdepth: usize, src: Src, panels: Panels, mr_max: usize, 
             let (p0, p1) = (gi * g, ((gi + 1) * g).min(panels));
             let mut p = p0;
             while p < p1 {
-                // Few rows: two panels at once, for more independent FMA chains.
-                let np = if m1 - m0 <= np_small_rows && p + 1 < p1 && p + 1 != pair_break { 2 } else { 1 };
+                // Two panels at once: more independent FMA chains per loaded activation.
+                let np = if m1 - m0 <= pair_rows && p + 1 < p1 && p + 1 != pair_break { 2 } else { 1 };
                 // SAFETY: the micro-panels of rows m0..m1 lie inside the packed buffer.
                 kern(unsafe { a.0.add(m0 * kdepth) }, m0, m1 - m0, p, np);
                 p += np;
@@ -822,6 +829,28 @@ fn drive(tokens: usize, kdepth: usize, src: Src, panels: Panels, mr_max: usize, 
             (0..mblocks * ngroups).into_par_iter().for_each(task);
         }
     });
+}
+
+/// Up to this many rows, a GEMM streams the weights once in one long stream per thread.
+const DECODE_ROWS: usize = 4;
+
+/// Rows in an f32 micro-panel of `isa`'s kernels (the activations are packed so).
+fn f32_rows(isa: Isa) -> usize {
+    match isa {
+        // 6 rows × 2 panels (24 accumulators): 6–14 % faster than 8 × 1 panel on an Intel Xeon
+        // (family 6 model 167), in isolation and in a two-thread GEMM (NOTES.md, 2026-12-05).
+        Isa::Avx512 => 6,
+        Isa::Avx2 => 3,
+        Isa::Portable => 4,
+    }
+}
+
+/// Up to how many rows a task hands `isa`'s f32 kernels two panels at once (with more, one).
+fn f32_pair_rows(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => usize::MAX,
+        Isa::Avx2 | Isa::Portable => 4,
+    }
 }
 
 /// Dispatches an f32 block: rows t0..t0+mr of x (at `a`), panels p..p+np.
@@ -980,13 +1009,8 @@ fn fused(isa: Isa, x: &[f32], tokens: usize, w: &PackedMatrix, count: usize, uni
     if tokens == 0 || count == 0 {
         return;
     }
-    let mr = match isa {
-        Isa::Avx512 => 8,
-        Isa::Avx2 => 3,
-        Isa::Portable => 4,
-    };
     let src = Src(x.as_ptr() as *const u32);
-    drive(tokens, k, src, Panels { count, pair_break: usize::MAX }, mr, 4, &|a, t0, rows, u, np| {
+    drive(tokens, k, src, Panels { count, pair_break: usize::MAX }, f32_rows(isa), f32_pair_rows(isa), &|a, t0, rows, u, np| {
         let a = a as *const f32;
         // SAFETY: `a` is the packed micro-panel of rows t0..t0+rows, the units' panels exist, the
         // task owns these outputs.
@@ -1014,8 +1038,9 @@ unsafe fn fused_block(isa: Isa, a: *const f32, w: &PackedMatrix, panels: (usize,
     while i < rows {
         let r = (rows - i).min(FUSED_ROWS);
         let ai = a.add(i * w.k);
-        if n == 2 && rows <= 4 {
-            // Few rows: both panels in one kernel, for more independent FMA chains.
+        if n == 2 && rows <= f32_pair_rows(isa) {
+            // Both panels in one kernel (AVX-512: always; otherwise few rows), for more
+            // independent FMA chains.
             block_f32(isa, ai, panel(first), offset * pstride, w.k, r, 2, to_tile(tp));
         } else {
             for j in 0..n {
@@ -1116,21 +1141,22 @@ mod simd512 {
     pub unsafe fn f32_block(a: *const f32, b: *const f32, pstride: usize, k: usize, rows: usize, np: usize, out: Out) {
         let mut i = 0;
         while i < rows {
-            let mr = (rows - i).min(8);
+            // Micro-panels of 6 rows ([`super::f32_rows`]).
+            let mr = (rows - i).min(6);
             let (a, out) = (a.add(i * k), Out { y: out.y.add(i * out.ldy), ..out });
             match (mr, np) {
                 (1, 2) => f32_kern::<1, 4>(a, b, pstride, k, out),
                 (2, 2) => f32_kern::<2, 4>(a, b, pstride, k, out),
                 (3, 2) => f32_kern::<3, 4>(a, b, pstride, k, out),
                 (4, 2) => f32_kern::<4, 4>(a, b, pstride, k, out),
+                (5, 2) => f32_kern::<5, 4>(a, b, pstride, k, out),
+                (_, 2) => f32_kern::<6, 4>(a, b, pstride, k, out),
                 (1, _) => f32_kern::<1, 2>(a, b, pstride, k, out),
                 (2, _) => f32_kern::<2, 2>(a, b, pstride, k, out),
                 (3, _) => f32_kern::<3, 2>(a, b, pstride, k, out),
                 (4, _) => f32_kern::<4, 2>(a, b, pstride, k, out),
                 (5, _) => f32_kern::<5, 2>(a, b, pstride, k, out),
-                (6, _) => f32_kern::<6, 2>(a, b, pstride, k, out),
-                (7, _) => f32_kern::<7, 2>(a, b, pstride, k, out),
-                _ => f32_kern::<8, 2>(a, b, pstride, k, out),
+                _ => f32_kern::<6, 2>(a, b, pstride, k, out),
             }
             i += mr;
         }
@@ -1167,6 +1193,53 @@ mod simd512 {
             for (j, &v) in row.iter().enumerate() {
                 store16(&out, i, (j / 2) * NR + (j % 2) * 16, v);
             }
+        }
+    }
+
+    /// Lane l of output vector q of a 16-column chunk packed `[16][6]` is flat element
+    /// f = 16q + l: row f % 6, column f / 6.
+    const PACK6_COLUMNS: [[i32; 16]; 6] = {
+        let mut idx = [[0; 16]; 6];
+        let mut f = 0;
+        while f < 96 {
+            idx[f / 16][f % 16] = (f / 6) as i32;
+            f += 1;
+        }
+        idx
+    };
+    /// The lanes of output vector q that come from row i.
+    const PACK6_LANES: [[u16; 6]; 6] = {
+        let mut m = [[0; 6]; 6];
+        let mut f = 0;
+        while f < 96 {
+            m[f / 16][f % 6] |= 1 << (f % 16);
+            f += 1;
+        }
+        m
+    };
+
+    /// Packs 6 rows into a micro-panel `[kdepth][6]`, 16 columns at a time: each of the 6
+    /// output vectors gathers its lanes from the rows by masked permutes (pure data movement).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn pack6(rows: &[*const u32; 6], kdepth: usize, dst: *mut u32) {
+        let idx: [__m512i; 6] = std::array::from_fn(|q| _mm512_loadu_si512(PACK6_COLUMNS[q].as_ptr() as *const _));
+        let mut kk = 0;
+        while kk + 16 <= kdepth {
+            let r: [__m512; 6] = std::array::from_fn(|i| _mm512_loadu_ps(rows[i].add(kk) as *const f32));
+            for q in 0..6 {
+                let mut o = _mm512_setzero_ps();
+                for (i, &ri) in r.iter().enumerate() {
+                    o = _mm512_mask_permutexvar_ps(o, PACK6_LANES[q][i], idx[q], ri);
+                }
+                _mm512_storeu_ps(dst.add(kk * 6 + 16 * q) as *mut f32, o);
+            }
+            kk += 16;
+        }
+        while kk < kdepth {
+            for (i, r) in rows.iter().enumerate() {
+                *dst.add(kk * 6 + i) = *r.add(kk);
+            }
+            kk += 1;
         }
     }
 
