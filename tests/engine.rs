@@ -450,3 +450,79 @@ fn logits_do_not_depend_on_how_a_sequence_is_split_into_passes() {
         same(run(&mixed), "passes of 1, 2, 3, 5 and 8 rows");
     }
 }
+
+/// After the last layer's attention a pass runs on the rows something reads alone (each
+/// sequence's last row when captures take the last position and logits are for last rows;
+/// none when the pass only fills the cache). Those rows must get what a full pass gives them,
+/// bit for bit: captured at every point of the last block, steered there and at index L
+/// differently per sequence, and as logits; and a cache-only pass must leave the cache as a
+/// full pass does. Position `all` and logits at every row run the full pass.
+#[test]
+fn the_last_layer_on_the_rows_read_matches_a_full_pass() {
+    use resid::backend::Backend;
+    use resid::engine::capture::Site;
+    use resid::engine::plan::BatchPlan;
+    use resid::engine::steer::SiteSteer;
+    use resid::engine::{Pass, Phase};
+    let (_t, e) = engine(&TinySpec::default());
+    let seqs = seqs();
+    let (l, h, vocab) = (e.num_layers(), e.hidden_size(), e.model.config.vocab_size);
+    let g = e.steer_geometry();
+    let mut points = all_points(&e);
+    points.extend(Site::ALL.map(|site| CapturePoint::Block(l - 1, site)));
+    // Sequence i unsteered (i % 3 == 0) or steered with its own coefficient at every point after
+    // the last attention: a row given another sequence's plan shows.
+    let steering: Vec<Option<Arc<Steering>>> = (0..seqs.len())
+        .map(|i| {
+            (i % 3 != 0).then(|| {
+                let width = |site| if site == Site::Z { g.heads * g.head_dim } else { h };
+                Arc::new(Steering {
+                    directions: Arc::new(pseudo_random((l + 1) * h, 50 + i as u64, 1.0)),
+                    hidden: h,
+                    layers: vec![l - 1, l],
+                    sites: Site::ALL.map(|site| SiteSteer { layer: l - 1, site, vector: Arc::new(pseudo_random(width(site), 60 + i as u64, 1.0)), heads: Vec::new() }).to_vec(),
+                    coef: 0.5 + i as f32,
+                    op: SteerOp::Add,
+                    preserve_norm: false,
+                    positions: SteerPositions::All,
+                })
+            })
+        })
+        .collect();
+    let narrowed = e.extract(&seqs, &CaptureSpec { points: points.clone(), position: CapturePosition::Last }, &steering, 4096, |_, _| {}).unwrap();
+    let full = e.extract(&seqs, &CaptureSpec { points: points.clone(), position: CapturePosition::All }, &steering, 4096, |_, _| {}).unwrap();
+    let mut last_row = 0;
+    for (i, s) in seqs.iter().enumerate() {
+        last_row += s.len();
+        for (slot, p) in points.iter().enumerate() {
+            assert!(narrowed.row(i, slot).iter().zip(full.row(last_row - 1, slot)).all(|(a, b)| a.to_bits() == b.to_bits()), "sequence {i} at {p:?}: the rows read differ from a full pass");
+        }
+    }
+
+    let lens: Vec<usize> = seqs.iter().map(Vec::len).collect();
+    // Arena slots with room for one more token per sequence.
+    let starts: Vec<usize> = lens.iter().scan(0, |next, &n| Some(std::mem::replace(next, *next + n + 1))).collect();
+    let plan = BatchPlan::new(&lens, &vec![0; lens.len()], &starts);
+    let ids: Vec<u32> = seqs.iter().flatten().copied().collect();
+    let every_row: Vec<usize> = (0..plan.rows()).collect();
+    let forward = |kv: &mut _, rows: &[usize]| e.forward(kv, Pass { ids: &ids, plan: &plan, phase: Phase::Prompt, steering: &steering, capture: None, logits_rows: rows }).unwrap();
+    let fresh_kv = || e.backend.kv(e.num_layers(), plan.rows() + seqs.len(), e.kv_dim()).unwrap();
+    let (mut kv_full, mut kv_last, mut kv_only) = (fresh_kv(), fresh_kv(), fresh_kv());
+    let all_logits = forward(&mut kv_full, &every_row);
+    let last_logits = forward(&mut kv_last, &plan.last_rows());
+    for (i, &r) in plan.last_rows().iter().enumerate() {
+        let (got, want) = (&last_logits[i * vocab..(i + 1) * vocab], &all_logits[r * vocab..(r + 1) * vocab]);
+        assert!(got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "sequence {i}: last-row logits differ from a full pass");
+    }
+    assert!(forward(&mut kv_only, &[]).is_empty());
+    // One decode step per sequence over each cache: the cache-only pass stored every layer.
+    let next: Vec<u32> = (0..seqs.len() as u32).collect();
+    let step_plan = BatchPlan::new(&vec![1; seqs.len()], &lens, &starts);
+    let step_rows: Vec<usize> = (0..seqs.len()).collect();
+    let step = |kv: &mut _| e.forward(kv, Pass { ids: &next, plan: &step_plan, phase: Phase::Generated, steering: &steering, capture: None, logits_rows: &step_rows }).unwrap();
+    let want = step(&mut kv_full);
+    for (what, kv) in [("last-row logits", &mut kv_last), ("cache only", &mut kv_only)] {
+        let got = step(kv);
+        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "decode after a pass with {what} differs from after a full pass");
+    }
+}

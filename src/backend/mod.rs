@@ -176,6 +176,13 @@ pub trait Backend: Send + Sync {
         steering: &[Option<PointSteering<'_>>],
         hidden: usize,
     ) -> Result<Self::Pass>;
+    /// Narrows the pass, after its last attention, to some of its rows: `rows[i]` becomes row
+    /// i, `plan` describes the rows kept and `steering` is every point's plan for them (as
+    /// `begin_pass` gets it). The steps after it see only those rows (the engine gathers the
+    /// activations). Returns false, changing nothing, where the backend keeps every row.
+    fn narrow_pass(&self, _pass: &mut Self::Pass, _plan: &BatchPlan, _rows: &[usize], _steering: &[Option<PointSteering<'_>>]) -> Result<bool> {
+        Ok(false)
+    }
     /// Copies the pass's captured rows into the caller's output.
     fn end_pass(&self, pass: Self::Pass, sink: Option<&mut CaptureSink>) -> Result<()>;
 

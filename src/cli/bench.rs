@@ -267,6 +267,26 @@ fn attention_flops<B: Backend>(e: &Engine<B>, pos: usize) -> f64 {
     4.0 * ((pos + 1) * c.head_dim * c.num_heads * c.num_layers) as f64
 }
 
+/// FLOPs an extraction at the last position performs: `depth` layers for every token, except
+/// that where the backend narrows the last of them to the rows read (the CPU), only each
+/// sequence's last token goes through that layer's attention, o projection and MLP.
+fn extract_flops<B: Backend>(e: &Engine<B>, seqs: &[Vec<u32>], depth: usize, narrowed: bool) -> f64 {
+    let c = &e.model.config;
+    let (layers, h, qd, kvd) = (c.num_layers as f64, c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let qkv = 2.0 * ((qd + 2 * kvd) * h) as f64;
+    let rest = matrix_flops_per_token(e) / layers - qkv;
+    let attention = |pos: usize| attention_flops(e, pos) / layers;
+    let depth = depth as f64;
+    let mut total = 0.0;
+    for s in seqs {
+        for pos in 0..s.len() {
+            let tail = if narrowed && pos + 1 < s.len() { 0.0 } else { 1.0 };
+            total += depth * qkv + (depth - 1.0 + tail) * (rest + attention(pos));
+        }
+    }
+    total
+}
+
 fn pseudo(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..n)
@@ -373,7 +393,7 @@ fn extract<B: Backend>(e: &Engine<B>, a: &BenchArgs, on_cpu: bool) -> Result<Val
     let peak = gemm_peak(e, peak_rows, 5, a.quiet)?;
     let peak_gflops = peak["gflop_per_s"].as_f64().unwrap_or(f64::NAN);
 
-    let flops: f64 = seqs.iter().map(|s| (0..s.len()).map(|p| matrix_flops_per_token(e) + attention_flops(e, p)).sum::<f64>()).sum();
+    let flops = extract_flops(e, &seqs, spec.deepest_index(e.num_layers()), on_cpu);
     let fma_before = fma;
     let mut progress = Progress::new("extract", seqs.len(), "sequences", a.quiet);
     let mut done = (0usize, 0usize);

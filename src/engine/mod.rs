@@ -16,7 +16,7 @@ use capture::{CapturePoint, CapturePosition, CaptureSink, CaptureSpec, Captured,
 use plan::BatchPlan;
 use sample::SampleParams;
 use std::sync::Arc;
-use steer::{plan_pass, steer_key, SteerGeometry, Steering};
+use steer::{plan_pass, steer_key, PointSteering, SteerGeometry, Steering};
 
 /// A loaded model on one backend. Immutable after loading: share it across threads.
 pub struct Engine<B: Backend> {
@@ -251,13 +251,38 @@ impl<B: Backend> Engine<B> {
         };
         // Every point's steering is planned before the pass, so a device backend uploads it once.
         let steering = plan_pass(last_point, n_layers, pass.steering, &plan.row_seq, pass.phase);
+        // After the last computed layer's attention, the rest of that layer and the final
+        // residual step matter only for the rows something reads: each sequence's last row
+        // when every capture takes position `last` and logits are for last rows, or none when
+        // the pass only fills the cache. Those rows alone go on (each step after attention is
+        // row by row, so they come out bit-identical), steered by the same plan of the same
+        // sequences.
+        let tail_rows: Option<Vec<usize>> = {
+            let last_rows_read = spec.is_none_or(|s| s.position == CapturePosition::Last)
+                && (pass.logits_rows.is_empty() || pass.logits_rows.iter().copied().eq(plan.seqs.iter().map(|s| s.start + s.len - 1)));
+            if last_point == 0 || !last_rows_read {
+                None
+            } else if spec.is_none() && pass.logits_rows.is_empty() {
+                Some(Vec::new())
+            } else {
+                Some(plan.last_rows()).filter(|r| r.len() < rows)
+            }
+        };
+        let tail_plan = tail_rows.as_ref().filter(|r| !r.is_empty()).map(|_| plan.last_rows_only());
+        let tail_steering = match &tail_plan {
+            Some(p) => plan_pass(last_point, n_layers, pass.steering, &p.row_seq, pass.phase),
+            None => Vec::new(),
+        };
+        // The steering plan of the rows the pass runs on (another once narrowed).
+        let active: std::cell::Cell<&[Option<PointSteering>]> = std::cell::Cell::new(&steering);
         // A point inside block l: its steering plan and capture slot, None when neither (the
         // common path, which then runs as if the point did not exist).
         let site_point = |l: usize, site: Site| {
-            let steer = steering.get(steer_key(n_layers, l, Some(site))).and_then(Option::as_ref);
+            let steer = active.get().get(steer_key(n_layers, l, Some(site))).and_then(Option::as_ref);
             let slot = spec.and_then(|s| s.slot(CapturePoint::Block(l, site)));
             (steer.is_some() || slot.is_some()).then_some((steer, slot))
         };
+        let mut narrowed = false;
         let mut state = be.begin_pass(plan, &self.inv_freq, layout, &steering, h)?;
         be.mark("begin pass (between passes, tables)");
 
@@ -277,7 +302,7 @@ impl<B: Backend> Engine<B> {
             } else {
                 (&w.final_norm, w.final_norm_bias.as_ref())
             };
-            let steer = steering.get(l).and_then(Option::as_ref);
+            let steer = active.get().get(l).and_then(Option::as_ref);
             let slot = |p| spec.and_then(|s| s.slot(p));
             let (residual_slot, normed_slot) = if l < n_layers {
                 (slot(CapturePoint::Hidden(l)), None)
@@ -292,11 +317,13 @@ impl<B: Backend> Engine<B> {
         point(0, &mut state, &mut x, &mut normed)?;
 
         if last_point > 0 {
-            let hidden = |cols| be.scratch_act(rows, cols, ActKind::Hidden);
-            let (mut qkv, mut q, mut attn) = (hidden(qd + 2 * kvd)?, hidden(qd)?, hidden(qd)?);
+            let hidden = |rows, cols| be.scratch_act(rows, cols, ActKind::Hidden);
+            let (mut qkv, mut q, mut attn) = (hidden(rows, qd + 2 * kvd)?, hidden(rows, qd)?, hidden(rows, qd)?);
             let mlp = self.model.spec.mlp;
             let up_rows = if mlp == MlpKind::SwiGlu { 2 * inter } else { inter };
-            let (mut gate_up, mut act) = (hidden(up_rows)?, hidden(inter)?);
+            let (mut gate_up, mut act) = (hidden(rows, up_rows)?, hidden(rows, inter)?);
+            // Rows the steps after attention run on (fewer once narrowed).
+            let mut live = rows;
             // A sub-layer's output before its residual add, made only when a pass steers or
             // captures there: otherwise the projections add straight into the residual.
             let mut branch: Option<B::Act> = None;
@@ -305,8 +332,25 @@ impl<B: Backend> Engine<B> {
                 let input = AttentionInput { qkv: &lw.qkv, bias: lw.qkv_bias.as_ref(), qk_norm, heads: self.heads };
                 be.attention_input(&state, &normed, input, kv, l, &mut qkv, &mut q)?;
                 be.mark("rope and kv store (all of the attention input when fused)");
+                let tail = l + 1 == last_point;
+                if tail && tail_rows.as_ref().is_some_and(Vec::is_empty) {
+                    // Nothing reads this pass's output: the last layer's keys and values are stored.
+                    break;
+                }
                 be.attention(&state, &q, kv, l, self.heads, self.alibi.as_deref(), &mut attn)?;
                 be.mark("attention");
+                if let (Some(keep), Some(tail_plan), true) = (&tail_rows, &tail_plan, tail) {
+                    if be.narrow_pass(&mut state, tail_plan, keep, &tail_steering)? {
+                        attn = be.gather_rows(&attn, keep)?;
+                        x = be.gather_rows(&x, keep)?;
+                        live = keep.len();
+                        (normed, gate_up, act) = (hidden(live, h)?, hidden(live, up_rows)?, hidden(live, inter)?);
+                        branch = None;
+                        active.set(&tail_steering);
+                        narrowed = true;
+                        be.mark("narrow to the rows read");
+                    }
+                }
                 if let Some((steer, slot)) = site_point(l, Site::Z) {
                     be.branch_step(&mut state, &mut attn, steer, slot, None)?;
                     be.mark("hook_z (steer, capture)");
@@ -316,7 +360,7 @@ impl<B: Backend> Engine<B> {
                     Some((steer, slot)) => {
                         let b = match branch.as_mut() {
                             Some(b) => b,
-                            None => branch.insert(be.scratch_act(rows, h, ActKind::Residual)?),
+                            None => branch.insert(be.scratch_act(live, h, ActKind::Residual)?),
                         };
                         be.linear(&attn, &lw.o, lw.o_bias.as_ref(), b, false)?;
                         be.mark("o projection");
@@ -336,7 +380,7 @@ impl<B: Backend> Engine<B> {
                     Some((steer, slot)) => {
                         let b = match branch.as_mut() {
                             Some(b) => b,
-                            None => branch.insert(be.scratch_act(rows, h, ActKind::Residual)?),
+                            None => branch.insert(be.scratch_act(live, h, ActKind::Residual)?),
                         };
                         be.down_projection(&state, &act, &lw.down, lw.down_bias.as_ref(), b, false)?;
                         be.mark("down projection");
@@ -353,9 +397,10 @@ impl<B: Backend> Engine<B> {
         let logits = if pass.logits_rows.is_empty() {
             None
         } else {
-            // Decode steps need every row, in order: no gather.
+            // Decode steps need every row, in order: no gather; nor does a narrowed pass,
+            // whose rows are the logits rows.
             let gathered;
-            let last = if pass.logits_rows.iter().copied().eq(0..rows) {
+            let last = if narrowed || pass.logits_rows.iter().copied().eq(0..rows) {
                 &normed
             } else {
                 gathered = be.gather_rows(&normed, pass.logits_rows)?;

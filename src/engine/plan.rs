@@ -65,6 +65,14 @@ impl BatchPlan {
     pub fn last_rows(&self) -> Vec<usize> {
         self.seqs.iter().map(|s| s.start + s.len - 1).collect()
     }
+
+    /// The plan of [`Self::last_rows`] alone: row i is sequence i's last new token, with its
+    /// position and arena slot (its earlier new tokens count as cached).
+    pub fn last_rows_only(&self) -> Self {
+        let past: Vec<usize> = self.seqs.iter().map(|s| s.past + s.len - 1).collect();
+        let kv_starts: Vec<usize> = self.seqs.iter().map(|s| s.kv_start).collect();
+        Self::new(&vec![1; self.seqs.len()], &past, &kv_starts)
+    }
 }
 
 #[cfg(test)]
@@ -79,5 +87,9 @@ mod tests {
         assert_eq!(plan.row_seq, vec![0, 0, 1, 1, 1]);
         assert_eq!(plan.last_rows(), vec![1, 4]);
         assert_eq!(plan.seqs[1].rows(), 2..5);
+        let last = plan.last_rows_only();
+        assert_eq!(last.positions, vec![1, 6]);
+        assert_eq!(last.row_seq, vec![0, 1]);
+        assert_eq!(last.seqs[1], SeqSpan { start: 1, len: 1, past: 6, kv_start: 10 });
     }
 }

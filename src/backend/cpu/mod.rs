@@ -351,6 +351,11 @@ pub struct CpuPass {
     capture: Option<(Captured, CapturePosition)>,
 }
 
+/// The rows at position 0.
+fn sink_rows(plan: &BatchPlan) -> Vec<usize> {
+    plan.positions.iter().enumerate().filter(|&(_, &p)| p == 0).map(|(r, _)| r).collect()
+}
+
 fn apply_norm(x: &[f32], h: usize, norm: &Norm<'_, F32Data>, out: &mut [f32]) {
     match norm.kind {
         NormKind::Rms => residual::norm_rows(x, h, norm.weight, norm.eps, out),
@@ -470,8 +475,15 @@ impl Backend for CpuBackend {
             let rows = if c.position == CapturePosition::All { plan.rows() } else { plan.seqs.len() };
             (Captured::new(rows, c.slots, c.width, Vec::new()), c.position)
         });
-        let sink_rows = plan.positions.iter().enumerate().filter(|&(_, &p)| p == 0).map(|(r, _)| r).collect();
-        Ok(CpuPass { plan: plan.clone(), sink_rows, rope: rope::rope_rows(inv_freq, &plan.positions), capture })
+        Ok(CpuPass { plan: plan.clone(), sink_rows: sink_rows(plan), rope: rope::rope_rows(inv_freq, &plan.positions), capture })
+    }
+
+    // Steering is read from each point's plan in `residual_step`, as in `begin_pass`.
+    fn narrow_pass(&self, pass: &mut CpuPass, plan: &BatchPlan, rows: &[usize], _steering: &[Option<PointSteering<'_>>]) -> Result<bool> {
+        pass.rope = pass.rope.select(rows);
+        pass.sink_rows = sink_rows(plan);
+        pass.plan = plan.clone();
+        Ok(true)
     }
 
     fn end_pass(&self, pass: CpuPass, sink: Option<&mut CaptureSink>) -> Result<()> {

@@ -38,6 +38,15 @@ pub struct RopeRows {
     pub half: usize,
 }
 
+impl RopeRows {
+    /// The tables of `rows` alone, in that order.
+    pub fn select(&self, rows: &[usize]) -> RopeRows {
+        let h = self.half;
+        let pick = |t: &[f32]| rows.iter().flat_map(|&r| &t[r * h..(r + 1) * h]).copied().collect();
+        RopeRows { cos: pick(&self.cos), sin: pick(&self.sin), half: h }
+    }
+}
+
 /// cos/sin for each packed row's position.
 pub fn rope_rows(inv_freq: &[f32], positions: &[u32]) -> RopeRows {
     let half = inv_freq.len();
