@@ -786,10 +786,12 @@ fn drive(tokens: usize, kdepth: usize, src: Src, panels: Panels, mr_max: usize, 
     let target = if threads == 1 { 1 } else { 8 * threads };
     // A few rows (decode) stream the weights once, memory-bound: one long contiguous stream per
     // thread (the prefetchers ramp up once), in equal parts.
-    let groups = if tokens <= DECODE_ROWS { threads.min(panels) } else { target.div_ceil(mblocks).clamp(1, panels) };
+    let few = tokens <= DECODE_ROWS;
+    let groups = if few { threads.min(panels) } else { target.div_ceil(mblocks).clamp(1, panels) };
     let mut g = panels.div_ceil(groups);
-    if pair_rows == usize::MAX {
-        // Kernels take panels in pairs: groups of an even count leave no panel alone.
+    if pair_rows == usize::MAX && !few {
+        // Kernels take panels in pairs: groups of an even count leave no panel alone. (Not for
+        // a few rows: their equal halves matter more than a single panel's slower kernel.)
         g = g.div_ceil(2) * 2;
     }
     let ngroups = panels.div_ceil(g);
