@@ -258,14 +258,14 @@ impl<B: Backend> Engine<B> {
         // row by row, so they come out bit-identical), steered by the same plan of the same
         // sequences.
         let tail_rows: Option<Vec<usize>> = {
-            let last_rows_read = spec.is_none_or(|s| s.position == CapturePosition::Last)
-                && (pass.logits_rows.is_empty() || pass.logits_rows.iter().copied().eq(plan.seqs.iter().map(|s| s.start + s.len - 1)));
+            let last_rows = plan.last_rows();
+            let last_rows_read = spec.is_none_or(|s| s.position == CapturePosition::Last) && (pass.logits_rows.is_empty() || pass.logits_rows == last_rows);
             if last_point == 0 || !last_rows_read {
                 None
             } else if spec.is_none() && pass.logits_rows.is_empty() {
                 Some(Vec::new())
             } else {
-                Some(plan.last_rows()).filter(|r| r.len() < rows)
+                Some(last_rows).filter(|r| r.len() < rows)
             }
         };
         let tail_plan = tail_rows.as_ref().filter(|r| !r.is_empty()).map(|_| plan.last_rows_only());
