@@ -780,9 +780,17 @@ impl Panels {
 fn drive(tokens: usize, kdepth: usize, src: Src, panels: Panels, mr_max: usize, pair_rows: usize, kern: &(dyn Fn(*const u32, usize, usize, usize, usize) + Sync)) {
     let Panels { count: panels, pair_break } = panels;
     // A row block of activations (kdepth × 4 bytes per row) plus one panel stay in L2.
-    let mc = (l2_block_bytes() / (kdepth * 4).max(1) / mr_max * mr_max).max(mr_max);
-    let mblocks = tokens.div_ceil(mc);
+    let mut mc = (l2_block_bytes() / (kdepth * 4).max(1) / mr_max * mr_max).max(mr_max);
     let threads = rayon::current_num_threads().max(1);
+    if threads > 1 {
+        // Row blocks of equal size, as many as a multiple of the threads, so that each thread
+        // gets the same work: 2,048 rows made 6 blocks of 330 and one of 68 before, and the
+        // threads' unequal shares cost 6–9 % of extraction on an Intel Xeon (NOTES.md,
+        // 2026-12-05 15:18).
+        let blocks = tokens.div_ceil(mc).div_ceil(threads) * threads;
+        mc = tokens.div_ceil(blocks).div_ceil(mr_max).max(1) * mr_max;
+    }
+    let mblocks = tokens.div_ceil(mc);
     let target = if threads == 1 { 1 } else { 8 * threads };
     // A few rows (decode) stream the weights once, memory-bound: one long contiguous stream per
     // thread (the prefetchers ramp up once), in equal parts.
