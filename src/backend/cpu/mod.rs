@@ -137,6 +137,10 @@ struct HeadStore<'a> {
     v: RowPtr,
     /// Each row's arena slot.
     slots: Vec<usize>,
+    /// AVX-512 present and the rotation (if any) pairs halves of a 64-wide head:
+    /// [`rope::rotate_store_head64`] applies.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    vector_store: bool,
 }
 
 impl<'a> HeadStore<'a> {
@@ -162,6 +166,7 @@ impl<'a> HeadStore<'a> {
             k: RowPtr(kv.k[l].as_mut_ptr()),
             v: RowPtr(kv.v[l].as_mut_ptr()),
             slots,
+            vector_store: gemm::isa() == gemm::Isa::Avx512 && heads.head_dim == 64 && matches!(pass.rope.half, 0 | 32),
         }
     }
 
@@ -178,6 +183,14 @@ impl<'a> HeadStore<'a> {
     /// r < rows, h < nq + 2·nkv, and no other thread stores head h of row r meanwhile.
     unsafe fn finish(&self, r: usize, h: usize, vals: &mut [f32], tmp: &mut [f32]) {
         let Heads { q_heads: nq, kv_heads: nkv, head_dim: hd } = self.heads;
+        #[cfg(target_arch = "x86_64")]
+        if let (Ok(head), None, None, true) = (<&[f32; 64]>::try_from(&*vals), self.bias, self.qk_norm, self.vector_store) {
+            // The common case (no bias, no per-head norm, 64-wide heads) in vectors, the same
+            // operations as below.
+            let half = self.rope.half;
+            let (cos, sin) = if h < nq + nkv { (&self.rope.cos[r * half..(r + 1) * half], &self.rope.sin[r * half..(r + 1) * half]) } else { (&[][..], &[][..]) };
+            return rope::rotate_store_head64(head, cos, sin, self.head_ptr(r, h));
+        }
         if let Some(b) = self.bias {
             vals.iter_mut().zip(&b[h * hd..(h + 1) * hd]).for_each(|(x, b)| *x += b);
         }
@@ -192,15 +205,23 @@ impl<'a> HeadStore<'a> {
                 rope::rotate_row(vals, 1, hd, cos, sin);
             }
         }
+        std::ptr::copy_nonoverlapping(vals.as_ptr(), self.head_ptr(r, h), hd);
+    }
+
+    /// Where head h of row r goes: its row of q, or its row's arena slot in the keys or values.
+    ///
+    /// # Safety
+    /// r < rows, h < nq + 2·nkv.
+    unsafe fn head_ptr(&self, r: usize, h: usize) -> *mut f32 {
+        let Heads { q_heads: nq, kv_heads: nkv, head_dim: hd } = self.heads;
         let kvd = nkv * hd;
-        let dst = if h < nq {
+        if h < nq {
             self.q.0.add(r * nq * hd + h * hd)
         } else if h < nq + nkv {
             self.k.0.add(self.slots[r] * kvd + (h - nq) * hd)
         } else {
             self.v.0.add(self.slots[r] * kvd + (h - nq - nkv) * hd)
-        };
-        std::ptr::copy_nonoverlapping(vals.as_ptr(), dst, hd);
+        }
     }
 }
 
