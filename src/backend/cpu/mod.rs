@@ -138,7 +138,7 @@ struct HeadStore<'a> {
     /// Each row's arena slot.
     slots: Vec<usize>,
     /// AVX-512 present and the rotation (if any) pairs halves of a 64-wide head:
-    /// [`rope::rotate_store_head64`] applies.
+    /// [`rope::rotate_store_head64`] applies to heads of 64 values.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     vector_store: bool,
 }
@@ -166,7 +166,7 @@ impl<'a> HeadStore<'a> {
             k: RowPtr(kv.k[l].as_mut_ptr()),
             v: RowPtr(kv.v[l].as_mut_ptr()),
             slots,
-            vector_store: gemm::isa() == gemm::Isa::Avx512 && heads.head_dim == 64 && matches!(pass.rope.half, 0 | 32),
+            vector_store: gemm::isa() == gemm::Isa::Avx512 && matches!(pass.rope.half, 0 | 32),
         }
     }
 
@@ -187,8 +187,7 @@ impl<'a> HeadStore<'a> {
         if let (Ok(head), None, None, true) = (<&[f32; 64]>::try_from(&*vals), self.bias, self.qk_norm, self.vector_store) {
             // The common case (no bias, no per-head norm, 64-wide heads) in vectors, the same
             // operations as below.
-            let half = self.rope.half;
-            let (cos, sin) = if h < nq + nkv { (&self.rope.cos[r * half..(r + 1) * half], &self.rope.sin[r * half..(r + 1) * half]) } else { (&[][..], &[][..]) };
+            let (cos, sin) = if h < nq + nkv { self.rope.row(r) } else { (&[][..], &[][..]) };
             return rope::rotate_store_head64(head, cos, sin, self.head_ptr(r, h));
         }
         if let Some(b) = self.bias {
@@ -199,9 +198,8 @@ impl<'a> HeadStore<'a> {
                 norm::rms_norm_row(vals, if h < nq { qn } else { kn }, eps, tmp);
                 vals.copy_from_slice(tmp);
             }
-            let half = self.rope.half;
-            if half > 0 {
-                let (cos, sin) = (&self.rope.cos[r * half..(r + 1) * half], &self.rope.sin[r * half..(r + 1) * half]);
+            if self.rope.half > 0 {
+                let (cos, sin) = self.rope.row(r);
                 rope::rotate_row(vals, 1, hd, cos, sin);
             }
         }

@@ -39,6 +39,12 @@ pub struct RopeRows {
 }
 
 impl RopeRows {
+    /// Row r's cos and sin values (`half` each).
+    pub fn row(&self, r: usize) -> (&[f32], &[f32]) {
+        let h = self.half;
+        (&self.cos[r * h..(r + 1) * h], &self.sin[r * h..(r + 1) * h])
+    }
+
     /// The tables of `rows` alone, in that order.
     pub fn select(&self, rows: &[usize]) -> RopeRows {
         let h = self.half;
@@ -130,7 +136,7 @@ mod tests {
         let r = rope_rows(&inv, &[0, 7, 1234]);
         let vals: [f32; 64] = std::array::from_fn(|i| ((i as f32) * 0.37).sin() * 3.0 - 0.5);
         for row in 0..3 {
-            let (cos, sin) = (&r.cos[row * 32..(row + 1) * 32], &r.sin[row * 32..(row + 1) * 32]);
+            let (cos, sin) = r.row(row);
             let mut want = vals.to_vec();
             rotate_row(&mut want, 1, 64, cos, sin);
             let mut got = [f32::NAN; 64];
