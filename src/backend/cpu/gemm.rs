@@ -22,7 +22,9 @@
 //!
 //! Activations are packed once per call into micro-panels (`[k][mr]`: 6 rows on AVX-512 through
 //! masked permutes, 3 on AVX2, 4 portable, 8 in bf16 through 8×8 transposes), so a kernel reads
-//! one contiguous activation stream beside its weight streams. Work is split along
+//! one contiguous activation stream beside its weight streams. A producer that only feeds f32
+//! GEMMs writes that layout itself ([`pack_rows_with`] for a norm, [`OutLayout::Packed`] for
+//! the MLP activation), and they skip the packing ([`Input::Packed`], [`gemm_prepacked`]). Work is split along
 //! N (panel groups) and along T (blocks of rows sized to stay in L2) over rayon's persistent
 //! pool. The packed activations (and, for bf16, the converted ones) live in per-thread scratch
 //! buffers that are reused: nothing is allocated per call once they have grown.
@@ -489,6 +491,14 @@ struct Src(*const u32);
 unsafe impl Send for Src {}
 unsafe impl Sync for Src {}
 
+/// The activations [`drive`] hands its kernels: row-major ones it packs first, or ones already
+/// in the packed layout ([`gemm_prepacked`]).
+#[derive(Clone, Copy)]
+enum Source {
+    Rows(Src),
+    Packed(Src),
+}
+
 /// Packs rows t0..t0+mr (of `ld` elements) into a micro-panel `[kdepth][mr]`: the kernel then
 /// reads its activations as one contiguous stream.
 unsafe fn pack_a(src: Src, ld: usize, t0: usize, mr: usize, kdepth: usize, dst: *mut u32) {
@@ -540,18 +550,114 @@ fn output(x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, y: &
 /// `y[t, n] = Σ_k x[t, k]·W[n, k] + b[n]`, adding to y instead when `accumulate`.
 pub fn gemm(x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, y: &mut [f32], accumulate: bool) {
     let Some(out) = output(x, tokens, w, bias, y, accumulate) else { return };
-    let k = w.k;
     match w.format {
-        Compute::F32 => {
-            let isa = isa();
-            let src = Src(x.as_ptr() as *const u32);
-            drive(tokens, k, src, Panels::of(w), f32_rows(isa), f32_pair_rows(isa), &|a, t0, mr, p, np| {
-                // SAFETY: `a` is the packed micro-panel of rows t0..t0+mr, panels p..p+np
-                // exist, the task owns these outputs.
-                unsafe { kernel_f32(isa, a as *const f32, w, p, np, mr, t0, out) }
-            });
-        }
+        Compute::F32 => gemm_f32_on(isa(), Source::Rows(Src(x.as_ptr() as *const u32)), tokens, w, out),
         Compute::Bf16 => gemm_bf16(x, tokens, w, out, &[]),
+    }
+}
+
+/// The f32 GEMM with the kernels of `isa` (which the CPU must have).
+fn gemm_f32_on(isa: Isa, src: Source, tokens: usize, w: &PackedMatrix, out: Out) {
+    drive(tokens, w.k, src, Panels::of(w), f32_rows(isa), f32_pair_rows(isa), &|a, t0, mr, p, np| {
+        // SAFETY: `a` is the packed micro-panel of rows t0..t0+mr, panels p..p+np exist, the
+        // task owns these outputs.
+        unsafe { kernel_f32(isa, a as *const f32, w, p, np, mr, t0, out) }
+    });
+}
+
+/// Activations `[tokens, k]` as the fused GEMMs take them.
+#[derive(Clone, Copy)]
+pub enum Input<'a> {
+    /// Row-major.
+    Rows(&'a [f32]),
+    /// In the f32 kernels' packed layout ([`pack_rows_with`], [`OutLayout::Packed`]).
+    Packed(&'a [f32]),
+}
+
+impl<'a> Input<'a> {
+    fn values(self) -> &'a [f32] {
+        match self {
+            Input::Rows(x) | Input::Packed(x) => x,
+        }
+    }
+
+    fn source(self) -> Source {
+        match self {
+            Input::Rows(x) => Source::Rows(Src(x.as_ptr() as *const u32)),
+            Input::Packed(a) => Source::Packed(Src(a.as_ptr() as *const u32)),
+        }
+    }
+}
+
+/// Writes a `[tokens, k]` matrix in the f32 kernels' packed layout, each row computed by
+/// `row(r, values)` into an L1-resident buffer first: a producer (a norm) so writes a GEMM's
+/// input once, instead of row-major for the GEMM to read and pack again.
+pub fn pack_rows_with(tokens: usize, k: usize, out: &mut [f32], row: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    assert_eq!(out.len(), tokens * k, "packed activation shape");
+    let mr_max = f32_rows(isa());
+    let dst = SendPtr(out.as_mut_ptr());
+    let micro_panel = |buf: &mut Vec<f32>, b: usize| {
+        let t0 = b * mr_max;
+        let mr = (tokens - t0).min(mr_max);
+        buf.resize(mr_max * k, 0.0);
+        for (i, values) in buf.chunks_mut(k.max(1)).take(mr).enumerate() {
+            row(t0 + i, values);
+        }
+        #[allow(clippy::redundant_locals)]
+        let dst = dst;
+        // SAFETY: the buffer holds mr rows of k; micro-panels are disjoint slices of `out`.
+        unsafe { pack_a(Src(buf.as_ptr() as *const u32), k, 0, mr, k, dst.0.add(t0 * k) as *mut u32) };
+    };
+    let nb = tokens.div_ceil(mr_max);
+    if rayon::current_num_threads() > 1 && tokens * k > 1 << 15 {
+        (0..nb).into_par_iter().for_each_init(Vec::new, micro_panel);
+    } else {
+        let mut buf = Vec::new();
+        (0..nb).for_each(|b| micro_panel(&mut buf, b));
+    }
+}
+
+/// [`gemm`] of activations already in the f32 kernels' packed layout (as
+/// [`gemm_activation`] writes them with [`OutLayout::Packed`]): the same products, bit for bit,
+/// without packing. Returns false (computing nothing) where W is not f32.
+pub fn gemm_prepacked(a: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, y: &mut [f32], accumulate: bool) -> bool {
+    gemm_prepacked_on(isa(), a, tokens, w, bias, y, accumulate)
+}
+
+fn gemm_prepacked_on(isa: Isa, a: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, y: &mut [f32], accumulate: bool) -> bool {
+    if w.format != Compute::F32 {
+        return false;
+    }
+    if let Some(out) = output(a, tokens, w, bias, y, accumulate) {
+        gemm_f32_on(isa, Source::Packed(Src(a.as_ptr() as *const u32)), tokens, w, out);
+    }
+    true
+}
+
+/// Where row t, column c of a `[tokens, k]` matrix lies in the f32 kernels' packed layout of
+/// `isa`: micro-panels of `f32_rows(isa)` rows (fewer in the last), the one starting at row t0
+/// stored `[k][mr]` from element t0·k.
+fn packed_index(isa: Isa, tokens: usize, k: usize, t: usize, c: usize) -> usize {
+    let mr_max = f32_rows(isa);
+    let t0 = t / mr_max * mr_max;
+    let mr = (tokens - t0).min(mr_max);
+    t0 * k + c * mr + (t - t0)
+}
+
+/// Row-major `[tokens, k]` from the f32 kernels' packed layout (for consumers other than
+/// [`gemm_prepacked`]).
+pub fn unpack_rows(a: &[f32], tokens: usize, k: usize, out: &mut [f32]) {
+    assert!(a.len() == tokens * k && out.len() == tokens * k, "packed activation shape");
+    for (t, row) in out.chunks_mut(k.max(1)).enumerate().take(tokens) {
+        unpack_row(a, tokens, t, row);
+    }
+}
+
+/// Row t (`out.len()` values) of a `[tokens, out.len()]` matrix in the f32 kernels' packed layout.
+pub fn unpack_row(a: &[f32], tokens: usize, t: usize, out: &mut [f32]) {
+    let (isa, k) = (isa(), out.len());
+    for (c, v) in out.iter_mut().enumerate() {
+        *v = a[packed_index(isa, tokens, k, t, c)];
     }
 }
 
@@ -576,7 +682,7 @@ fn gemm_bf16(x: &[f32], tokens: usize, w: &PackedMatrix, out: Out, skip: &[(usiz
             return amx::gemm(xb, tokens, w, out);
         }
         let src = Src(xb.as_ptr());
-        drive(tokens, kp, src, Panels::of(w), 8, 4, &|a, t0, mr, p, np| {
+        drive(tokens, kp, Source::Rows(src), Panels::of(w), 8, 4, &|a, t0, mr, p, np| {
             // SAFETY: `a` is the packed micro-panel of rows t0..t0+mr, panels p..p+np exist, the
             // task owns these outputs; bf16 matrices exist only when the CPU has AVX512-BF16.
             unsafe { kernel_bf16(a, w, p, np, mr, t0, out) }
@@ -777,7 +883,7 @@ impl Panels {
 /// np = 2 (two panels in one kernel) where a task has at most `pair_rows` rows and a next panel.
 /// The split only decides who computes an element, never how.
 #[allow(clippy::type_complexity)]
-fn drive(tokens: usize, kdepth: usize, src: Src, panels: Panels, mr_max: usize, pair_rows: usize, kern: &(dyn Fn(*const u32, usize, usize, usize, usize) + Sync)) {
+fn drive(tokens: usize, kdepth: usize, src: Source, panels: Panels, mr_max: usize, pair_rows: usize, kern: &(dyn Fn(*const u32, usize, usize, usize, usize) + Sync)) {
     let Panels { count: panels, pair_break } = panels;
     // A row block of activations (kdepth × 4 bytes per row) plus one panel stay in L2.
     let mut mc = (l2_block_bytes() / (kdepth * 4).max(1) / mr_max * mr_max).max(mr_max);
@@ -803,21 +909,7 @@ fn drive(tokens: usize, kdepth: usize, src: Src, panels: Panels, mr_max: usize, 
         g = g.div_ceil(2) * 2;
     }
     let ngroups = panels.div_ceil(g);
-    with_scratch(&A_SCRATCH, tokens * kdepth, |buf| {
-        // Every micro-panel once: rows t0..t0+mr at offset t0·kdepth, t0 a multiple of mr_max.
-        let dst = Src(buf.as_mut_ptr() as *const u32);
-        let pack = |b: usize| {
-            let (t0, dst) = (b * mr_max, dst);
-            // SAFETY: rows t0..t0+mr exist; micro-panels are disjoint.
-            unsafe { pack_a(src, kdepth, t0, (tokens - t0).min(mr_max), kdepth, (dst.0 as *mut u32).add(t0 * kdepth)) };
-        };
-        let nb = tokens.div_ceil(mr_max);
-        if threads > 1 && tokens * kdepth > 1 << 15 {
-            (0..nb).into_par_iter().for_each(pack);
-        } else {
-            (0..nb).for_each(pack);
-        }
-        let a = Src(buf.as_ptr());
+    let run = |a: Src| {
         let task = |i: usize| {
             #[allow(clippy::redundant_locals)]
             let a = a;
@@ -838,7 +930,26 @@ fn drive(tokens: usize, kdepth: usize, src: Src, panels: Panels, mr_max: usize, 
         } else {
             (0..mblocks * ngroups).into_par_iter().for_each(task);
         }
-    });
+    };
+    match src {
+        Source::Packed(a) => run(a),
+        Source::Rows(src) => with_scratch(&A_SCRATCH, tokens * kdepth, |buf| {
+            // Every micro-panel once: rows t0..t0+mr at offset t0·kdepth, t0 a multiple of mr_max.
+            let dst = Src(buf.as_mut_ptr() as *const u32);
+            let pack = |b: usize| {
+                let (t0, dst) = (b * mr_max, dst);
+                // SAFETY: rows t0..t0+mr exist; micro-panels are disjoint.
+                unsafe { pack_a(src, kdepth, t0, (tokens - t0).min(mr_max), kdepth, (dst.0 as *mut u32).add(t0 * kdepth)) };
+            };
+            let nb = tokens.div_ceil(mr_max);
+            if threads > 1 && tokens * kdepth > 1 << 15 {
+                (0..nb).into_par_iter().for_each(pack);
+            } else {
+                (0..nb).for_each(pack);
+            }
+            run(Src(buf.as_ptr()))
+        }),
+    }
 }
 
 /// Up to this many rows, a GEMM streams the weights once in one long stream per thread.
@@ -899,9 +1010,11 @@ pub enum Activation {
     GeluTanh,
 }
 
-/// Rows a fused task computes into its tile before the epilogue: a multiple of every kernel's
-/// micro-panel height (8, 3 and 4), small enough for the tile to stay in L1 (6 KiB).
+/// Rows a fused task computes into its tile before the epilogue: a multiple of every f32
+/// kernel's micro-panel height (6, 3 and 4: a tile is whole micro-panels, as `store_packed`
+/// needs), small enough for the tile to stay in L1 (6 KiB).
 const FUSED_ROWS: usize = 24;
+const _: () = assert!(FUSED_ROWS.is_multiple_of(6) && FUSED_ROWS.is_multiple_of(3) && FUSED_ROWS.is_multiple_of(4));
 
 /// A fused GEMM's accumulator tile: [`FUSED_ROWS`] rows of two panels.
 #[repr(align(64))]
@@ -922,12 +1035,52 @@ unsafe impl Sync for FusedPtr {}
 /// bit-identical to the GEMM followed by the activation, and as batch- and thread-invariant.
 /// Returns false (computing nothing) where W is not f32 or, for SwiGLU, not a `[gate; up]` whose
 /// halves start on panel boundaries ([`PackedMatrix::pack_halves`]).
-pub fn gemm_activation(x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, act: Activation, y: &mut [f32]) -> bool {
-    gemm_activation_on(isa(), x, tokens, w, bias, act, y)
+///
+/// With [`OutLayout::Packed`], `y` is written in the layout [`gemm_prepacked`] reads, so that the
+/// next GEMM (the down projection) need not read it back and pack it.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_activation(x: Input<'_>, tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, act: Activation, y: &mut [f32], layout: OutLayout) -> bool {
+    gemm_activation_on(isa(), x, tokens, w, bias, act, y, layout)
+}
+
+/// How [`gemm_activation`] lays out its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutLayout {
+    /// Row-major `[tokens, width]`.
+    Rows,
+    /// The f32 kernels' packed layout of `[tokens, width]` ([`gemm_prepacked`], [`unpack_rows`]).
+    Packed,
+}
+
+/// Stores columns `c0..c0+cols` of rows t.. (`rows`, values from column `from` of each) of a
+/// `[tokens, width]` matrix in the f32 kernels' packed layout of `isa`; t is a multiple of the
+/// micro-panel height, so the rows are whole micro-panels (the last may be short) and each
+/// micro-panel's columns are one contiguous `[cols][mr]` block.
+#[allow(clippy::too_many_arguments)]
+unsafe fn store_packed(isa: Isa, y: *mut f32, tokens: usize, width: usize, t: usize, c0: usize, cols: usize, rows: &[[f32; 2 * NR]], from: usize) {
+    let mr_max = f32_rows(isa);
+    debug_assert!(t.is_multiple_of(mr_max) && from + cols <= 2 * NR);
+    for (j, block) in rows.chunks(mr_max).enumerate() {
+        let tm = t + j * mr_max;
+        let mr = (tokens - tm).min(mr_max);
+        let dst = y.add(tm * width + c0 * mr);
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 && mr == 6 && cols == NR {
+            let src: [*const u32; 6] = std::array::from_fn(|i| block[i][from..].as_ptr() as *const u32);
+            simd512::pack6(&src, NR, dst as *mut u32);
+            continue;
+        }
+        for c in 0..cols {
+            for (i, row) in block.iter().enumerate().take(mr) {
+                *dst.add(c * mr + i) = row[from + c];
+            }
+        }
+    }
 }
 
 /// [`gemm_activation`] with the kernels of `isa` (which the CPU must have).
-fn gemm_activation_on(isa: Isa, x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, act: Activation, y: &mut [f32]) -> bool {
+#[allow(clippy::too_many_arguments)]
+fn gemm_activation_on(isa: Isa, x: Input<'_>, tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, act: Activation, y: &mut [f32], layout: OutLayout) -> bool {
     let (width, count, units) = match act {
         Activation::SwiGlu => match w.half_panels(w.n / 2) {
             // Each gate panel with its up panel.
@@ -946,32 +1099,56 @@ fn gemm_activation_on(isa: Isa, x: &[f32], tokens: usize, w: &PackedMatrix, bias
         assert_eq!(b.len(), w.n, "bias shape");
     }
     let yp = FusedPtr(y.as_mut_ptr());
-    fused(isa, x, tokens, w, count, units, &|t, q, np, vals| {
+    fused(isa, x, tokens, w, count, units, &|t, q, np, rows| {
         #[allow(clippy::redundant_locals)]
         let yp = yp;
-        // SAFETY: row t's output panels q..q+np belong to this task.
-        let y = unsafe { std::slice::from_raw_parts_mut(yp.0.add(t * width), width) };
+        // SAFETY: rows t.. of output panels q..q+np belong to this task.
+        let y_row = |r: usize| unsafe { std::slice::from_raw_parts_mut(yp.0.add(r * width), width) };
         match act {
             Activation::SwiGlu => {
                 let (c0, cols) = (q * NR, (width - q * NR).min(NR));
-                let (gate, up) = vals.split_at_mut(NR);
-                if let Some(b) = bias {
-                    for c in 0..cols {
-                        gate[c] += b[c0 + c];
-                        up[c] += b[width + c0 + c];
+                for (i, vals) in rows.iter_mut().enumerate() {
+                    let (gate, up) = vals.split_at_mut(NR);
+                    if let Some(b) = bias {
+                        for c in 0..cols {
+                            gate[c] += b[c0 + c];
+                            up[c] += b[width + c0 + c];
+                        }
+                    }
+                    match layout {
+                        OutLayout::Rows => super::vmath::swiglu_row(&gate[..cols], &up[..cols], &mut y_row(t + i)[c0..c0 + cols]),
+                        OutLayout::Packed => {
+                            // Into the gate's columns, to be stored as whole micro-panels.
+                            let mut out = [0f32; NR];
+                            super::vmath::swiglu_row(&gate[..cols], &up[..cols], &mut out[..cols]);
+                            gate[..cols].copy_from_slice(&out[..cols]);
+                        }
                     }
                 }
-                super::vmath::swiglu_row(&gate[..cols], &up[..cols], &mut y[c0..c0 + cols]);
+                if layout == OutLayout::Packed {
+                    // SAFETY: as above; t is a tile's first row.
+                    unsafe { store_packed(isa, yp.0, tokens, width, t, c0, cols, rows, 0) };
+                }
             }
             Activation::GeluTanh => {
                 for j in 0..np {
                     let c0 = (q + j) * NR;
-                    for c in 0..(width - c0).min(NR) {
-                        let v = match bias {
-                            Some(b) => vals[j * NR + c] + b[c0 + c],
-                            None => vals[j * NR + c],
-                        };
-                        y[c0 + c] = super::vmath::gelu_tanh(v);
+                    let cols = (width - c0).min(NR);
+                    for (i, vals) in rows.iter_mut().enumerate() {
+                        for c in 0..cols {
+                            let v = match bias {
+                                Some(b) => vals[j * NR + c] + b[c0 + c],
+                                None => vals[j * NR + c],
+                            };
+                            match layout {
+                                OutLayout::Rows => y_row(t + i)[c0 + c] = super::vmath::gelu_tanh(v),
+                                OutLayout::Packed => vals[j * NR + c] = super::vmath::gelu_tanh(v),
+                            }
+                        }
+                    }
+                    if layout == OutLayout::Packed {
+                        // SAFETY: as above.
+                        unsafe { store_packed(isa, yp.0, tokens, width, t, c0, cols, rows, j * NR) };
                     }
                 }
             }
@@ -985,20 +1162,25 @@ fn gemm_activation_on(isa: Isa, x: &[f32], tokens: usize, w: &PackedMatrix, bias
 /// each the FMA chain of [`gemm`], no bias) to finish and store. Each head is computed by one
 /// task, so the epilogue sees whole heads (rotary pairs, per-head norms). Returns false
 /// (computing nothing) where W is not laid out so.
-pub fn gemm_heads(x: &[f32], tokens: usize, w: &PackedMatrix, epi: &(dyn Fn(usize, usize, &mut [f32]) + Sync)) -> bool {
+pub fn gemm_heads(x: Input<'_>, tokens: usize, w: &PackedMatrix, epi: &(dyn Fn(usize, usize, &mut [f32]) + Sync)) -> bool {
     gemm_heads_on(isa(), x, tokens, w, epi)
 }
 
-fn gemm_heads_on(isa: Isa, x: &[f32], tokens: usize, w: &PackedMatrix, epi: &(dyn Fn(usize, usize, &mut [f32]) + Sync)) -> bool {
+fn gemm_heads_on(isa: Isa, x: Input<'_>, tokens: usize, w: &PackedMatrix, epi: &(dyn Fn(usize, usize, &mut [f32]) + Sync)) -> bool {
     if w.format != Compute::F32 || w.halves.is_some() || !w.n.is_multiple_of(2 * NR) {
         return false;
     }
-    fused(isa, x, tokens, w, w.panels / 2, Units::Pairs { stride: 2, offset: 1 }, &|t, h, _, vals| epi(t, h, vals));
+    fused(isa, x, tokens, w, w.panels / 2, Units::Pairs { stride: 2, offset: 1 }, &|t, h, _, rows| {
+        for (i, vals) in rows.iter_mut().enumerate() {
+            epi(t + i, h, vals);
+        }
+    });
     true
 }
 
-/// A fused GEMM's epilogue: `epi(t, u, panels, values)` finishes row t of unit u.
-type FusedEpilogue<'a> = dyn Fn(usize, usize, usize, &mut [f32]) + Sync + 'a;
+/// A fused GEMM's epilogue: `epi(t, u, panels, rows)` finishes rows t.. of unit u, each row's
+/// values in its first `NR·panels` columns. t is a multiple of the kernels' micro-panel height.
+type FusedEpilogue<'a> = dyn Fn(usize, usize, usize, &mut [[f32; 2 * NR]]) + Sync + 'a;
 
 /// What one unit of a fused GEMM's work is.
 #[derive(Clone, Copy)]
@@ -1011,16 +1193,15 @@ enum Units {
 
 /// The fused GEMMs' driver: the `count` units of W's panels are spread over tasks as [`gemm`]
 /// spreads panels; a task computes a unit's panels for [`FUSED_ROWS`] rows at a time into an
-/// L1-resident tile, then hands each row's values (`NR` per panel, no bias) to
-/// `epi(t, u, panels, values)`.
-fn fused(isa: Isa, x: &[f32], tokens: usize, w: &PackedMatrix, count: usize, units: Units, epi: &FusedEpilogue) {
+/// L1-resident tile, then hands the tile's rows (`NR` values per panel, no bias) to
+/// `epi(t, u, panels, rows)`.
+fn fused(isa: Isa, x: Input<'_>, tokens: usize, w: &PackedMatrix, count: usize, units: Units, epi: &FusedEpilogue) {
     let k = w.k;
-    assert_eq!(x.len(), tokens * k, "x shape");
+    assert_eq!(x.values().len(), tokens * k, "x shape");
     if tokens == 0 || count == 0 {
         return;
     }
-    let src = Src(x.as_ptr() as *const u32);
-    drive(tokens, k, src, Panels { count, pair_break: usize::MAX }, f32_rows(isa), f32_pair_rows(isa), &|a, t0, rows, u, np| {
+    drive(tokens, k, x.source(), Panels { count, pair_break: usize::MAX }, f32_rows(isa), f32_pair_rows(isa), &|a, t0, rows, u, np| {
         let a = a as *const f32;
         // SAFETY: `a` is the packed micro-panel of rows t0..t0+rows, the units' panels exist, the
         // task owns these outputs.
@@ -1035,7 +1216,7 @@ fn fused(isa: Isa, x: &[f32], tokens: usize, w: &PackedMatrix, count: usize, uni
 
 /// Unit `u` of rows t0..t0+rows: `panels = (first, offset, n)` are panels first + j·offset,
 /// j < n (n ≤ 2), computed [`FUSED_ROWS`] rows at a time into tile columns 32j.., then handed to
-/// the epilogue row by row.
+/// the epilogue.
 #[allow(clippy::too_many_arguments)]
 unsafe fn fused_block(isa: Isa, a: *const f32, w: &PackedMatrix, panels: (usize, usize, usize), rows: usize, t0: usize, u: usize, epi: &FusedEpilogue) {
     let (first, offset, n) = panels;
@@ -1057,9 +1238,7 @@ unsafe fn fused_block(isa: Isa, a: *const f32, w: &PackedMatrix, panels: (usize,
                 block_f32(isa, ai, panel(first + j * offset), pstride, w.k, r, 1, to_tile(tp.add(j * NR)));
             }
         }
-        for (row, vals) in tile.0.iter_mut().enumerate().take(r) {
-            epi(t0 + i + row, u, n, &mut vals[..n * NR]);
-        }
+        epi(t0 + i, u, n, &mut tile.0[..r]);
         i += r;
     }
 }
@@ -1668,7 +1847,7 @@ pub(crate) mod tests {
                     for threads in [1, 2] {
                         y2.copy_from_slice(&if acc { y0.clone() } else { vec![0f32; t * n] });
                         rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| {
-                            drive(t, k, Src(x.as_ptr() as *const u32), Panels::of(&p), mr, 4, &|a, t0, mr, pp, np| unsafe { kernel_f32(lower, a as *const f32, &p, pp, np, mr, t0, out) })
+                            drive(t, k, Source::Rows(Src(x.as_ptr() as *const u32)), Panels::of(&p), mr, 4, &|a, t0, mr, pp, np| unsafe { kernel_f32(lower, a as *const f32, &p, pp, np, mr, t0, out) })
                         });
                         assert_eq!(y2, want, "{lower:?} {t}x{k}x{n} threads {threads}");
                     }
@@ -1894,12 +2073,27 @@ pub(crate) mod tests {
                 for &isa in &isas {
                     for pool in &pools {
                         let n = pool.current_num_threads();
-                        let mut y = vec![f32::NAN; t * inter];
-                        assert!(pool.install(|| gemm_activation_on(isa, &x, t, &halves, bias, Activation::SwiGlu, &mut y)));
-                        assert!(y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "SwiGLU {isa:?} {t}x{k}x{inter} bias={} threads {n}", bias.is_some());
-                        let mut y = vec![f32::NAN; t * inter];
-                        assert!(pool.install(|| gemm_activation_on(isa, &x, t, &single_up, bias.map(|b| &b[..inter]), Activation::GeluTanh, &mut y)));
-                        assert!(y.iter().zip(&want_gelu).all(|(a, b)| a.to_bits() == b.to_bits()), "GELU {isa:?} {t}x{k}x{inter} bias={} threads {n}", bias.is_some());
+                        for layout in [OutLayout::Rows, OutLayout::Packed] {
+                            // Packed: each value where `packed_index` puts it (every slot written).
+                            let rows_of = |y: &[f32]| -> Vec<f32> { if layout == OutLayout::Rows { y.to_vec() } else { (0..t * inter).map(|i| y[packed_index(isa, t, inter, i / inter, i % inter)]).collect() } };
+                            let mut y = vec![f32::NAN; t * inter];
+                            assert!(pool.install(|| gemm_activation_on(isa, Input::Rows(&x), t, &halves, bias, Activation::SwiGlu, &mut y, layout)));
+                            assert!(rows_of(&y).iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "SwiGLU {isa:?} {layout:?} {t}x{k}x{inter} bias={} threads {n}", bias.is_some());
+                            assert!(y.iter().all(|v| !v.is_nan()), "SwiGLU {isa:?} {layout:?} {t}x{k}x{inter}: a slot left unwritten");
+                            let mut y = vec![f32::NAN; t * inter];
+                            assert!(pool.install(|| gemm_activation_on(isa, Input::Rows(&x), t, &single_up, bias.map(|b| &b[..inter]), Activation::GeluTanh, &mut y, layout)));
+                            assert!(rows_of(&y).iter().zip(&want_gelu).all(|(a, b)| a.to_bits() == b.to_bits()), "GELU {isa:?} {layout:?} {t}x{k}x{inter} bias={} threads {n}", bias.is_some());
+                            assert!(y.iter().all(|v| !v.is_nan()), "GELU {isa:?} {layout:?} {t}x{k}x{inter}: a slot left unwritten");
+                        }
+                        // The packed output into the next GEMM: the row-major GEMM's bits.
+                        let mut packed = vec![0f32; t * inter];
+                        assert!(pool.install(|| gemm_activation_on(isa, Input::Rows(&x), t, &halves, bias, Activation::SwiGlu, &mut packed, OutLayout::Packed)));
+                        let down = PackedMatrix::pack(&pseudo(7 * inter, 45), 7, inter, Compute::F32);
+                        let mut want_down = pseudo(t * 7, 46);
+                        let mut got_down = want_down.clone();
+                        pool.install(|| gemm_f32_on(isa, Source::Rows(Src(want.as_ptr() as *const u32)), t, &down, output(&want, t, &down, None, &mut want_down, true).unwrap()));
+                        assert!(pool.install(|| gemm_prepacked_on(isa, &packed, t, &down, None, &mut got_down, true)));
+                        assert!(got_down.iter().zip(&want_down).all(|(a, b)| a.to_bits() == b.to_bits()), "prepacked {isa:?} {t}x{inter}x7 threads {n}");
                     }
                 }
             }
@@ -1913,7 +2107,7 @@ pub(crate) mod tests {
                 for pool in &pools {
                     let got: Vec<std::sync::atomic::AtomicU32> = (0..want.len()).map(|_| std::sync::atomic::AtomicU32::new(u32::MAX)).collect();
                     let n = ph.n;
-                    assert!(pool.install(|| gemm_heads_on(isa, &x, t, &ph, &|r, h, vals| {
+                    assert!(pool.install(|| gemm_heads_on(isa, Input::Rows(&x), t, &ph, &|r, h, vals| {
                         for (c, v) in vals.iter().enumerate() {
                             got[r * n + h * 2 * NR + c].store(v.to_bits(), std::sync::atomic::Ordering::Relaxed);
                         }
@@ -1923,7 +2117,7 @@ pub(crate) mod tests {
             }
             // A stacked matrix whose halves are not on panel boundaries, packed plainly: refused.
             if inter % NR != 0 {
-                assert!(!gemm_activation(&x, t, &plain, None, Activation::SwiGlu, &mut vec![0f32; t * inter]));
+                assert!(!gemm_activation(Input::Rows(&x), t, &plain, None, Activation::SwiGlu, &mut vec![0f32; t * inter], OutLayout::Rows));
             }
         }
     }

@@ -310,6 +310,13 @@ impl CpuMatrix {
     /// `out = x·Wᵀ + b` (or `+=`); a split matrix computes `f32_rows` wholly in f32.
     fn multiply(&self, x: &CpuAct, b: Option<&F32Data>, out: &mut CpuAct, accumulate: bool, f32_rows: &[usize]) {
         let (exact, bias) = (self.packed(), b.map(|b| &b[..]));
+        if x.packed {
+            if self.split.is_none() && gemm::gemm_prepacked(&x.data, x.rows, exact, bias, &mut out.data, accumulate) {
+                return;
+            }
+            // bf16 matrices take row-major activations (not met in a pass: see `packs_inputs`).
+            return self.multiply(&CpuAct::new(x.row_major().into_owned(), x.rows, x.cols), b, out, accumulate, f32_rows);
+        }
         match self.split_panels() {
             Some(fast) => gemm::gemm_split(&x.data, x.rows, fast, exact, bias, &mut out.data, accumulate, f32_rows),
             None => gemm::gemm(&x.data, x.rows, exact, bias, &mut out.data, accumulate),
@@ -347,6 +354,35 @@ pub struct CpuAct {
     pub data: Vec<f32>,
     pub rows: usize,
     pub cols: usize,
+    /// `data` is in the f32 GEMM's packed layout ([`gemm::gemm_prepacked`]), not row-major, as
+    /// `residual_step` writes a norm that only GEMMs read and `mlp_input` the activation for the
+    /// down projection. [`CpuAct::row_major`] reads it either way.
+    pub packed: bool,
+}
+
+impl CpuAct {
+    fn new(data: Vec<f32>, rows: usize, cols: usize) -> Self {
+        CpuAct { data, rows, cols, packed: false }
+    }
+
+    /// The values as the fused GEMMs take them.
+    fn input(&self) -> gemm::Input<'_> {
+        if self.packed {
+            gemm::Input::Packed(&self.data)
+        } else {
+            gemm::Input::Rows(&self.data)
+        }
+    }
+
+    /// The values row-major, unpacked where they are packed.
+    pub fn row_major(&self) -> std::borrow::Cow<'_, [f32]> {
+        if !self.packed {
+            return std::borrow::Cow::Borrowed(&self.data);
+        }
+        let mut rows = vec![0f32; self.data.len()];
+        gemm::unpack_rows(&self.data, self.rows, self.cols, &mut rows);
+        std::borrow::Cow::Owned(rows)
+    }
 }
 
 pub struct CpuKv {
@@ -373,6 +409,12 @@ pub struct CpuPass {
 /// The rows at position 0.
 fn sink_rows(plan: &BatchPlan) -> Vec<usize> {
     plan.positions.iter().enumerate().filter(|&(_, &p)| p == 0).map(|(r, _)| r).collect()
+}
+
+/// Whether GEMM inputs are written in the f32 kernels' packed layout: with f32 compute, where
+/// every matrix is f32 and reads it without packing (bf16 matrices would unpack it again).
+fn packs_inputs() -> bool {
+    compute() == Compute::F32
 }
 
 fn apply_norm(x: &[f32], h: usize, norm: &Norm<'_, F32Data>, out: &mut [f32]) {
@@ -459,14 +501,14 @@ impl Backend for CpuBackend {
     }
 
     fn act(&self, rows: usize, cols: usize, _kind: ActKind) -> Result<CpuAct> {
-        Ok(CpuAct { data: vec![0.0; rows * cols], rows, cols })
+        Ok(CpuAct::new(vec![0.0; rows * cols], rows, cols))
     }
 
     fn act_from(&self, data: &[f32], rows: usize, cols: usize, _kind: ActKind) -> Result<CpuAct> {
         if data.len() != rows * cols {
             return Err(crate::error::Error::input(format!("{} values for a {rows}x{cols} activation", data.len())));
         }
-        Ok(CpuAct { data: data.to_vec(), rows, cols })
+        Ok(CpuAct::new(data.to_vec(), rows, cols))
     }
 
     fn kv(&self, stored_layers: usize, slots: usize, kv_dim: usize) -> Result<CpuKv> {
@@ -478,7 +520,7 @@ impl Backend for CpuBackend {
     }
 
     fn to_host(&self, a: &CpuAct) -> Result<Vec<f32>> {
-        Ok(a.data.clone())
+        Ok(a.row_major().into_owned())
     }
 
     // Steering is read from each point's plan in `residual_step`; nothing to prepare here.
@@ -580,7 +622,7 @@ impl Backend for CpuBackend {
         if fused_rope() && w.split.is_none() && heads.head_dim == 2 * gemm::NR && rotary {
             let dst = HeadStore::new(pass, input.bias, input.qk_norm, heads, kv, layer, q);
             assert_eq!(w.rows, dst.width(), "QKV projection rows");
-            let fused = gemm::gemm_heads(&x.data, x.rows, w.packed(), &|r, h, vals| {
+            let fused = gemm::gemm_heads(x.input(), x.rows, w.packed(), &|r, h, vals| {
                 let mut tmp = [0f32; 2 * gemm::NR];
                 // SAFETY: head h of row r is handed to one task once.
                 unsafe { dst.finish(r, h, vals, &mut tmp) }
@@ -600,16 +642,18 @@ impl Backend for CpuBackend {
 
     /// The gate/up GEMM with the activation in its epilogue ([`gemm::gemm_activation`]):
     /// bit-identical to the unfused default, without the `[rows, 2I]` round trip through
-    /// `scratch`. f32 matrices only (bf16 ones, and any when `RESID_CPU_FUSED_MLP=0`, take the
-    /// unfused path).
+    /// `scratch`, and leaving `out` packed for `down_projection` (which alone reads it). f32
+    /// matrices only (bf16 ones, and any when `RESID_CPU_FUSED_MLP=0`, take the unfused path).
     fn mlp_input(&self, kind: MlpKind, x: &CpuAct, w: &CpuMatrix, b: Option<&F32Data>, scratch: &mut CpuAct, out: &mut CpuAct) -> Result<()> {
         let act = match kind {
             MlpKind::SwiGlu => gemm::Activation::SwiGlu,
             MlpKind::GeluTanh => gemm::Activation::GeluTanh,
         };
-        if w.split.is_none() && fused_mlp() && gemm::gemm_activation(&x.data, x.rows, w.packed(), b.map(|b| &b[..]), act, &mut out.data) {
+        if w.split.is_none() && fused_mlp() && gemm::gemm_activation(x.input(), x.rows, w.packed(), b.map(|b| &b[..]), act, &mut out.data, gemm::OutLayout::Packed) {
+            out.packed = true;
             return Ok(());
         }
+        out.packed = false;
         super::unfused_mlp_input(self, kind, x, w, b, scratch, out)
     }
 
@@ -651,7 +695,13 @@ impl Backend for CpuBackend {
         if let (Some(slot), Some((buf, position))) = (capture_residual, pass.capture.as_mut()) {
             residual::capture_rows(&x.data, h, &pass.plan, buf, *position, slot);
         }
-        apply_norm(&x.data, h, &norm, &mut normed.data);
+        normed.packed = packs_inputs() && capture_normed.is_none() && !post_ln;
+        if normed.packed {
+            // Only GEMMs read it: written packed as they read it, not packed again by each.
+            gemm::pack_rows_with(normed.rows, h, &mut normed.data, &|r, out| apply_norm(&x.data[r * h..(r + 1) * h], h, &norm, out));
+        } else {
+            apply_norm(&x.data, h, &norm, &mut normed.data);
+        }
         if let (Some(slot), Some((buf, position))) = (capture_normed, pass.capture.as_mut()) {
             residual::capture_rows(&normed.data, h, &pass.plan, buf, *position, slot);
         }
@@ -685,11 +735,15 @@ impl Backend for CpuBackend {
     }
 
     fn gather_rows(&self, x: &CpuAct, rows: &[usize]) -> Result<CpuAct> {
-        let mut data = Vec::with_capacity(rows.len() * x.cols);
-        for &r in rows {
-            data.extend_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
+        let mut data = vec![0f32; rows.len() * x.cols];
+        for (out, &r) in data.chunks_mut(x.cols.max(1)).zip(rows) {
+            if x.packed {
+                gemm::unpack_row(&x.data, x.rows, r, out);
+            } else {
+                out.copy_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
+            }
         }
-        Ok(CpuAct { data, rows: rows.len(), cols: x.cols })
+        Ok(CpuAct::new(data, rows.len(), x.cols))
     }
 
     fn set_profiling(&self, on: bool) -> Result<()> {
@@ -757,6 +811,50 @@ mod tests {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
     }
 
+    /// `x` in the f32 GEMM's packed layout, as `residual_step` writes a norm.
+    fn packed(x: &CpuAct) -> CpuAct {
+        let mut data = vec![f32::NAN; x.data.len()];
+        gemm::pack_rows_with(x.rows, x.cols, &mut data, &|r, out| out.copy_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]));
+        CpuAct { data, rows: x.rows, cols: x.cols, packed: true }
+    }
+
+    /// A norm that only GEMMs read is written packed (f32 compute), its values those of the
+    /// row-major norm; with `post_ln` (the residual continues from it) it stays row-major.
+    #[test]
+    fn residual_step_writes_a_norm_packed_only_for_gemms() {
+        let be = CpuBackend;
+        let hidden = 40;
+        let weight = F32Data::Owned(values(hidden, 8).iter().map(|v| 1.0 + v).collect());
+        let bias = F32Data::Owned(values(hidden, 9));
+        for long in [0, 37] {
+            let plan = plan(long);
+            let rows = plan.rows();
+            let x0 = values(rows * hidden, 10);
+            for (kind, bias) in [(NormKind::Rms, None), (NormKind::Layer, Some(&bias))] {
+                let norm = || Norm { kind, weight: &weight, bias, eps: 1e-5 };
+                let mut want = vec![0f32; rows * hidden];
+                apply_norm(&x0, hidden, &norm(), &mut want);
+                for post_ln in [false, true] {
+                    let mut pass = be.begin_pass(&plan, &[], None, &[], hidden).unwrap();
+                    let mut x = be.act_from(&x0, rows, hidden, ActKind::Residual).unwrap();
+                    let mut normed = be.act(rows, hidden, ActKind::Hidden).unwrap();
+                    be.residual_step(&mut pass, &mut x, norm(), &mut normed, None, None, None, post_ln).unwrap();
+                    let case = format!("{kind:?} post_ln {post_ln} {rows} rows");
+                    assert_eq!(normed.packed, !post_ln && compute() == Compute::F32, "{case}");
+                    assert!(same_bits(&be.to_host(&normed).unwrap(), &want), "{case}");
+                    if normed.packed {
+                        assert!(!same_bits(&normed.data, &want), "{case}: packed is not row-major");
+                    }
+                    // The rows the LM head reads.
+                    let pick = [rows - 1, 0, 2];
+                    let gathered = be.gather_rows(&normed, &pick).unwrap();
+                    let want_rows: Vec<f32> = pick.iter().flat_map(|&r| want[r * hidden..(r + 1) * hidden].to_vec()).collect();
+                    assert!(!gathered.packed && same_bits(&gathered.data, &want_rows), "{case}: gathered rows");
+                }
+            }
+        }
+    }
+
     /// A pass over three sequences (one with cached tokens) in an arena with gaps: 3 rows (the
     /// few-row kernels) or 40 (tiles and row blocks).
     fn plan(long: usize) -> BatchPlan {
@@ -786,24 +884,28 @@ mod tests {
                 let pass = be.begin_pass(&plan, &inv_freq, None, &[], hidden).unwrap();
                 let x = be.act_from(&values(rows * hidden, 5), rows, hidden, ActKind::Hidden).unwrap();
                 let input = || AttentionInput::<CpuBackend> { qkv: &w, bias: bias.as_ref(), qk_norm: with_norm.then_some((&qn, &kn, 1e-6)), heads };
-                let run = |fused: bool| {
+                let xp = packed(&x);
+                let run = |fused: bool, x: &CpuAct| {
                     let mut kv = be.kv(2, 160, kvd).unwrap();
                     let (mut scratch, mut q) = (be.act(rows, n, ActKind::Hidden).unwrap(), be.act(rows, qd, ActKind::Hidden).unwrap());
                     if fused {
-                        be.attention_input(&pass, &x, input(), &mut kv, 1, &mut scratch, &mut q).unwrap();
+                        be.attention_input(&pass, x, input(), &mut kv, 1, &mut scratch, &mut q).unwrap();
                     } else {
-                        unfused_attention_input(&be, &pass, &x, input(), &mut kv, 1, &mut scratch, &mut q).unwrap();
+                        unfused_attention_input(&be, &pass, x, input(), &mut kv, 1, &mut scratch, &mut q).unwrap();
                     }
                     (q.data, kv.k[1].clone(), kv.v[1].clone())
                 };
-                let want = run(false);
+                let want = run(false, &x);
                 assert!(want.1.iter().any(|&v| v != 0.0));
                 for pool in &pools {
-                    let got = pool.install(|| run(true));
-                    let case = format!("nq {nq} nkv {nkv} bias {with_bias} norm {with_norm} rotary {rotary}, {rows} rows, {} threads", pool.current_num_threads());
-                    assert!(same_bits(&got.0, &want.0), "queries: {case}");
-                    assert!(same_bits(&got.1, &want.1), "keys: {case}");
-                    assert!(same_bits(&got.2, &want.2), "values: {case}");
+                    // Row-major and packed input (as a norm writes it), fused and not.
+                    for (fused, x, layout) in [(true, &x, "rows"), (true, &xp, "packed"), (false, &xp, "packed")] {
+                        let got = pool.install(|| run(fused, x));
+                        let case = format!("fused {fused} {layout} nq {nq} nkv {nkv} bias {with_bias} norm {with_norm} rotary {rotary}, {rows} rows, {} threads", pool.current_num_threads());
+                        assert!(same_bits(&got.0, &want.0), "queries: {case}");
+                        assert!(same_bits(&got.1, &want.1), "keys: {case}");
+                        assert!(same_bits(&got.2, &want.2), "values: {case}");
+                    }
                 }
             }
         }
@@ -820,20 +922,33 @@ mod tests {
             let part = |seed| SourcePart::Values(Arc::new(values(inter * hidden, seed)));
             let swiglu = be.weight_matrix(&MatrixSource::stacked(vec![part(1), part(2)], hidden).unwrap()).unwrap();
             let gelu = be.weight_matrix(&MatrixSource::from_values(values(inter * hidden, 3), inter, hidden).unwrap()).unwrap();
+            let down = be.weight_matrix(&MatrixSource::from_values(values(hidden * inter, 6), hidden, inter).unwrap()).unwrap();
             for rows in [1, 3, 30] {
                 let x = be.act_from(&values(rows * hidden, 4), rows, hidden, ActKind::Hidden).unwrap();
+                let xp = packed(&x);
                 for (kind, w, width) in [(MlpKind::SwiGlu, &swiglu, 2 * inter), (MlpKind::GeluTanh, &gelu, inter)] {
                     for bias in [None, Some(F32Data::Owned(values(width, 5)))] {
-                        let run = |fused: bool| {
+                        // The activation, and the down projection that reads it (packed when fused).
+                        let run = |fused: bool, x: &CpuAct| {
                             let (mut scratch, mut out) = (be.act(rows, width, ActKind::Hidden).unwrap(), be.act(rows, inter, ActKind::Hidden).unwrap());
                             if fused {
-                                be.mlp_input(kind, &x, w, bias.as_ref(), &mut scratch, &mut out).unwrap();
+                                be.mlp_input(kind, x, w, bias.as_ref(), &mut scratch, &mut out).unwrap();
                             } else {
-                                unfused_mlp_input(&be, kind, &x, w, bias.as_ref(), &mut scratch, &mut out).unwrap();
+                                unfused_mlp_input(&be, kind, x, w, bias.as_ref(), &mut scratch, &mut out).unwrap();
                             }
-                            out.data
+                            let mut y = be.act_from(&values(rows * hidden, 7), rows, hidden, ActKind::Hidden).unwrap();
+                            be.linear(&out, &down, None, &mut y, true).unwrap();
+                            (out.packed, be.to_host(&out).unwrap(), y.data)
                         };
-                        assert!(same_bits(&run(true), &run(false)), "{kind:?} I {inter} rows {rows} bias {}", bias.is_some());
+                        let want = run(false, &x);
+                        assert!(!want.0);
+                        for (fused, x, layout) in [(true, &x, "rows"), (true, &xp, "packed"), (false, &xp, "packed")] {
+                            let got = run(fused, x);
+                            let case = format!("fused {fused} {layout} {kind:?} I {inter} rows {rows} bias {}", bias.is_some());
+                            assert_eq!(got.0, fused, "activation packed: {case}");
+                            assert!(same_bits(&got.1, &want.1), "activation: {case}");
+                            assert!(same_bits(&got.2, &want.2), "down projection: {case}");
+                        }
                     }
                 }
             }
