@@ -608,12 +608,18 @@ pub fn pack_rows_with(tokens: usize, k: usize, out: &mut [f32], row: &(dyn Fn(us
         // SAFETY: the buffer holds mr rows of k; micro-panels are disjoint slices of `out`.
         unsafe { pack_a(Src(buf.as_ptr() as *const u32), k, 0, mr, k, dst.0.add(t0 * k) as *mut u32) };
     };
+    each_micro_panel(tokens, mr_max, k, Vec::new, micro_panel);
+}
+
+/// Calls `f(scratch, b)` for every micro-panel b (rows b·mr_max..) of `tokens` rows of `kdepth`
+/// elements: over the pool where there is enough to share, each worker with its own `scratch`.
+fn each_micro_panel<S>(tokens: usize, mr_max: usize, kdepth: usize, scratch: impl Fn() -> S + Sync + Send, f: impl Fn(&mut S, usize) + Sync + Send) {
     let nb = tokens.div_ceil(mr_max);
-    if rayon::current_num_threads() > 1 && tokens * k > 1 << 15 {
-        (0..nb).into_par_iter().for_each_init(Vec::new, micro_panel);
+    if rayon::current_num_threads() > 1 && tokens * kdepth > 1 << 15 {
+        (0..nb).into_par_iter().for_each_init(scratch, f);
     } else {
-        let mut buf = Vec::new();
-        (0..nb).for_each(|b| micro_panel(&mut buf, b));
+        let mut own = scratch();
+        (0..nb).for_each(|b| f(&mut own, b));
     }
 }
 
@@ -936,17 +942,11 @@ fn drive(tokens: usize, kdepth: usize, src: Source, panels: Panels, mr_max: usiz
         Source::Rows(src) => with_scratch(&A_SCRATCH, tokens * kdepth, |buf| {
             // Every micro-panel once: rows t0..t0+mr at offset t0·kdepth, t0 a multiple of mr_max.
             let dst = Src(buf.as_mut_ptr() as *const u32);
-            let pack = |b: usize| {
+            each_micro_panel(tokens, mr_max, kdepth, || (), |_, b| {
                 let (t0, dst) = (b * mr_max, dst);
                 // SAFETY: rows t0..t0+mr exist; micro-panels are disjoint.
                 unsafe { pack_a(src, kdepth, t0, (tokens - t0).min(mr_max), kdepth, (dst.0 as *mut u32).add(t0 * kdepth)) };
-            };
-            let nb = tokens.div_ceil(mr_max);
-            if threads > 1 && tokens * kdepth > 1 << 15 {
-                (0..nb).into_par_iter().for_each(pack);
-            } else {
-                (0..nb).for_each(pack);
-            }
+            });
             run(Src(buf.as_ptr()))
         }),
     }
@@ -1055,7 +1055,7 @@ pub enum OutLayout {
 /// Stores columns `c0..c0+cols` of rows t.. (`rows`, values from column `from` of each) of a
 /// `[tokens, width]` matrix in the f32 kernels' packed layout of `isa`; t is a multiple of the
 /// micro-panel height, so the rows are whole micro-panels (the last may be short) and each
-/// micro-panel's columns are one contiguous `[cols][mr]` block.
+/// micro-panel's columns are one contiguous `[cols][mr]` block, packed as [`pack_a`] packs.
 #[allow(clippy::too_many_arguments)]
 unsafe fn store_packed(isa: Isa, y: *mut f32, tokens: usize, width: usize, t: usize, c0: usize, cols: usize, rows: &[[f32; 2 * NR]], from: usize) {
     let mr_max = f32_rows(isa);
@@ -1063,18 +1063,9 @@ unsafe fn store_packed(isa: Isa, y: *mut f32, tokens: usize, width: usize, t: us
     for (j, block) in rows.chunks(mr_max).enumerate() {
         let tm = t + j * mr_max;
         let mr = (tokens - tm).min(mr_max);
-        let dst = y.add(tm * width + c0 * mr);
-        #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx512 && mr == 6 && cols == NR {
-            let src: [*const u32; 6] = std::array::from_fn(|i| block[i][from..].as_ptr() as *const u32);
-            simd512::pack6(&src, NR, dst as *mut u32);
-            continue;
-        }
-        for c in 0..cols {
-            for (i, row) in block.iter().enumerate().take(mr) {
-                *dst.add(c * mr + i) = row[from + c];
-            }
-        }
+        // The block's rows lie 2·NR values apart in the tile.
+        let src = Src(block[0][from..].as_ptr() as *const u32);
+        pack_a(src, 2 * NR, 0, mr, cols, y.add(tm * width + c0 * mr) as *mut u32);
     }
 }
 
