@@ -728,6 +728,7 @@ fn machine(on_cpu: bool) -> Value {
         "isa": cpu_features(),
         "f32_kernels": resid::backend::cpu::gemm::isa().name(),
         "bf16_kernels": resid::backend::cpu::gemm::has_bf16(),
+        "decode_prefetch_rows": resid::backend::cpu::gemm::decode_prefetch_rows(),
         "caches_cpu0": caches,
         "memory_gib": mem_gib,
         "os": std::env::consts::OS,

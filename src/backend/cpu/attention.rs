@@ -11,6 +11,7 @@
 //! this depends on which other rows or sequences share the pass, the block or the thread, nor on
 //! whether the row is decoded alone or prefilled with others, so results are bit-identical
 //! whatever the batch and however a sequence is split into passes.
+use super::gemm::OutLayout;
 use crate::backend::Heads;
 use crate::engine::plan::BatchPlan;
 use rayon::prelude::*;
@@ -20,8 +21,14 @@ pub const KEY_TILE: usize = 64;
 /// Query rows of one sequence handled together (they share every key/value tile).
 pub const QUERY_BLOCK: usize = 16;
 
+/// Where the tasks write: `[rows, q_heads * head_dim]`, row-major or in the f32 GEMM's packed
+/// layout (for the o projection, which then does not pack it).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+struct OutPtr {
+    ptr: *mut f32,
+    layout: OutLayout,
+    rows: usize,
+}
 // SAFETY: every task writes the heads of its own group in its own rows only.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
@@ -29,6 +36,13 @@ unsafe impl Sync for OutPtr {}
 /// `k_cache`/`v_cache`: `[slots, kv_heads * head_dim]`. `out`: `[rows, q_heads * head_dim]`.
 /// `alibi`: per-head slopes adding `slope·(j − p)` to the score of key j for a query at p.
 pub fn attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, out: &mut [f32]) {
+    attention_into(q, k_cache, v_cache, heads, plan, alibi, out, OutLayout::Rows)
+}
+
+/// [`attention`] with `out` in `layout`: the same values, row-major or where
+/// [`super::gemm::packed_row`] puts them.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_into(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, out: &mut [f32], layout: OutLayout) {
     let qd = heads.q_heads * heads.head_dim;
     assert_eq!(q.len(), plan.rows() * qd, "q shape");
     assert_eq!(out.len(), plan.rows() * qd, "out shape");
@@ -47,7 +61,7 @@ pub fn attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan
             }
         }
     }
-    let ptr = OutPtr(out.as_mut_ptr());
+    let ptr = OutPtr { ptr: out.as_mut_ptr(), layout, rows: plan.rows() };
     let run = |&(s, g, row0, nrows): &(usize, usize, usize, usize)| {
         // The whole wrapper, not its raw-pointer field, is what the closure must capture.
         #[allow(clippy::redundant_locals)]
@@ -60,10 +74,10 @@ pub fn attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan
                     // Prefill and decode rows alike (16 keys at a time against a transposed key
                     // tile), so that a row's bits do not depend on how its sequence was split
                     // into passes.
-                    return block_avx512_tiled(q, k_cache, v_cache, heads, plan, alibi, s, g, row0, nrows, ptr.0);
+                    return block_avx512_tiled(q, k_cache, v_cache, heads, plan, alibi, s, g, row0, nrows, ptr);
                 }
             }
-            block::<Portable>(q, k_cache, v_cache, heads, plan, alibi, s, g, row0, nrows, ptr.0)
+            block::<Portable>(q, k_cache, v_cache, heads, plan, alibi, s, g, row0, nrows, ptr)
         };
     };
     // Short contexts (decode of a few rows) are cheaper on the calling thread.
@@ -139,7 +153,7 @@ const QUERIES_TOGETHER: usize = 4;
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_avx512_tiled(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, s: usize, g: usize, row0: usize, nrows: usize, out: *mut f32) {
+unsafe fn block_avx512_tiled(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, s: usize, g: usize, row0: usize, nrows: usize, out: OutPtr) {
     PREFILL_SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut scratch) => prefill_block(q, k_cache, v_cache, heads, plan, alibi, (s, g, row0, nrows), out, &mut scratch),
         // Not reached (a block never re-enters), but a fresh scratch is always correct.
@@ -150,7 +164,7 @@ unsafe fn block_avx512_tiled(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads:
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn prefill_block(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, task: (usize, usize, usize, usize), out: *mut f32, sc: &mut PrefillScratch) {
+unsafe fn prefill_block(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, task: (usize, usize, usize, usize), out: OutPtr, sc: &mut PrefillScratch) {
     use std::arch::x86_64::*;
     let (s, g, row0, nrows) = task;
     let (hd, qd, kvd) = (heads.head_dim, heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
@@ -399,17 +413,46 @@ unsafe fn softmax_step<O: Ops>(scores: &mut [f32], tile_max: f32, m: &mut f32, l
     corr
 }
 
-/// Writes the normalised outputs `o / l` of a block's rows × query heads of KV head `g`.
+/// Writes the normalised outputs `o / l` of a block's rows × query heads of KV head `g`
+/// (normalising `o` in place).
 #[allow(clippy::too_many_arguments)]
-unsafe fn write_rows(o: &[f32], l: &[f32], out: *mut f32, row0: usize, nrows: usize, g: usize, group: usize, qd: usize, hd: usize) {
-    for i in 0..nrows {
-        for hq in 0..group {
-            let (h, qi) = (g * group + hq, i * group + hq);
-            let inv = 1.0 / l[qi];
-            let dst = out.add((row0 + i) * qd + h * hd);
-            for (d, &v) in o[qi * hd..(qi + 1) * hd].iter().enumerate() {
-                *dst.add(d) = v * inv;
+unsafe fn write_rows(o: &mut [f32], l: &[f32], out: OutPtr, row0: usize, nrows: usize, g: usize, group: usize, qd: usize, hd: usize) {
+    for (qi, &sum) in l[..nrows * group].iter().enumerate() {
+        let inv = 1.0 / sum;
+        o[qi * hd..(qi + 1) * hd].iter_mut().for_each(|v| *v *= inv);
+    }
+    let head = |i: usize, hq: usize| o[(i * group + hq) * hd..].as_ptr();
+    let mut i = 0;
+    while i < nrows {
+        let (start, stride) = match out.layout {
+            OutLayout::Rows => ((row0 + i) * qd, 1),
+            OutLayout::Packed => super::gemm::packed_row(out.rows, qd, row0 + i),
+        };
+        // Element c of the row at start + c·stride.
+        let dst = |hq: usize| out.ptr.add(start + (g * group + hq) * hd * stride);
+        if stride == 1 {
+            for hq in 0..group {
+                std::ptr::copy_nonoverlapping(head(i, hq), dst(hq), hd);
             }
+            i += 1;
+        } else if start % qd == 0 && i + stride <= nrows {
+            // The first row of a micro-panel that lies wholly in the block: its heads transposed
+            // at once (the vector transposition of the GEMM's packing).
+            for hq in 0..group {
+                let mut rows = [std::ptr::null::<f32>(); 8];
+                for (r, p) in rows.iter_mut().enumerate().take(stride) {
+                    *p = head(i + r, hq);
+                }
+                super::gemm::pack_micro_panel(&rows[..stride], hd, dst(hq));
+            }
+            i += stride;
+        } else {
+            for hq in 0..group {
+                for d in 0..hd {
+                    *dst(hq).add(d * stride) = *head(i, hq).add(d);
+                }
+            }
+            i += 1;
         }
     }
 }
@@ -418,7 +461,7 @@ unsafe fn write_rows(o: &[f32], l: &[f32], out: *mut f32, row0: usize, nrows: us
 /// head `g`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn block<O: Ops>(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, s: usize, g: usize, row0: usize, nrows: usize, out: *mut f32) {
+unsafe fn block<O: Ops>(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, s: usize, g: usize, row0: usize, nrows: usize, out: OutPtr) {
     let (hd, qd, kvd) = (heads.head_dim, heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
     let group = heads.q_heads / heads.kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -457,7 +500,7 @@ unsafe fn block<O: Ops>(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
         }
         t0 += KEY_TILE;
     }
-    write_rows(&o, &l, out, row0, nrows, g, group, qd, hd);
+    write_rows(&mut o, &l, out, row0, nrows, g, group, qd, hd);
 }
 
 #[cfg(test)]
@@ -525,6 +568,30 @@ mod tests {
             for (a, b) in out.iter().zip(&want) {
                 assert!((a - b).abs() < 2e-5, "{heads:?} {lens:?}: {a} vs {b}");
             }
+        }
+    }
+
+    /// Written in the f32 GEMM's packed layout (for the o projection), the output holds the
+    /// row-major output's values bit for bit, every slot written: micro-panels that straddle two
+    /// sequences or two 16-row blocks, a decode row, and heads of 64 and 20 dimensions.
+    #[test]
+    fn packed_output_holds_the_row_major_values() {
+        for (heads, plan) in [
+            (Heads { q_heads: 9, kv_heads: 3, head_dim: 64 }, packed(&[5, 130, 17])),
+            (Heads { q_heads: 4, kv_heads: 2, head_dim: 20 }, packed(&[7, 3, 1, 40])),
+            (Heads { q_heads: 9, kv_heads: 3, head_dim: 64 }, BatchPlan::new(&[1], &[33], &[0])),
+        ] {
+            let (qd, kvd, rows) = (heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim, plan.rows());
+            let slots = plan.seqs.iter().map(|s| s.kv_start + s.len).max().unwrap_or(0).max(34);
+            let (q, k, v) = (f(rows * qd, 9.0), f(slots * kvd, 10.0), f(slots * kvd, 11.0));
+            let mut by_rows = vec![0f32; rows * qd];
+            attention(&q, &k, &v, heads, &plan, None, &mut by_rows);
+            let mut by_panels = vec![f32::NAN; rows * qd];
+            attention_into(&q, &k, &v, heads, &plan, None, &mut by_panels, OutLayout::Packed);
+            assert!(by_panels.iter().all(|x| !x.is_nan()), "{heads:?}: a slot not written");
+            let mut unpacked = vec![0f32; rows * qd];
+            super::super::gemm::unpack_rows(&by_panels, rows, qd, &mut unpacked);
+            assert!(unpacked.iter().zip(&by_rows).all(|(a, b)| a.to_bits() == b.to_bits()), "{heads:?} {rows} rows");
         }
     }
 

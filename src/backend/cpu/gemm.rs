@@ -36,12 +36,26 @@ use std::sync::OnceLock;
 #[cfg(target_arch = "x86_64")]
 pub mod amx;
 
-/// Panel rows (128 bytes each) that the one- and two-row f32 kernels prefetch ahead of their
-/// loads (decode streams every weight once). On an Intel Xeon (family 6 model 167) it helped
-/// only while the VM's memory bandwidth was throttled (0.96–1.09 of the copy-bandwidth limit
-/// against 0.80–0.89; 8 and 24 rows less), and was neutral within noise at full bandwidth
-/// (NOTES.md, 2026-12-05).
-const DECODE_PREFETCH_ROWS: usize = 16;
+/// How far ahead of its loads, in panel rows (128 bytes each), the one- and two-row f32 kernels
+/// (decode, which streams every weight once) issue a prefetch: `None` for no prefetch. Chosen by
+/// vendor, by measurement (NOTES.md, 2026-12-05), once per process:
+/// - Intel Xeon (family 6 model 167): 16 rows ahead. It helped only while the VM's memory
+///   bandwidth was throttled (0.96–1.09 of the copy-bandwidth limit against 0.80–0.89; 8 and 24
+///   rows less), and was neutral within noise at full bandwidth.
+/// - AMD EPYC Zen 4 (family 25 model 17): 0, a prefetch of the row just loaded. In decode steps
+///   interleaved one by one, that was 2–4 % faster than no prefetch, and 2–9 % faster than
+///   prefetching 2, 4, 8 or 16 rows ahead.
+///
+/// `RESID_CPU_DECODE_PREFETCH=ROWS` (or `none`) overrides it, for comparisons.
+pub fn decode_prefetch_rows() -> Option<usize> {
+    static ROWS: OnceLock<Option<usize>> = OnceLock::new();
+    *ROWS.get_or_init(|| match std::env::var("RESID_CPU_DECODE_PREFETCH").ok().as_deref() {
+        Some("none") => None,
+        Some(v) if v.parse::<usize>().is_ok() => v.parse().ok(),
+        _ if cpu_vendor() == "AuthenticAMD" => Some(0),
+        _ => Some(16),
+    })
+}
 
 /// Output columns per packed panel.
 pub const NR: usize = 32;
@@ -644,10 +658,42 @@ fn gemm_prepacked_on(isa: Isa, a: &[f32], tokens: usize, w: &PackedMatrix, bias:
 /// `isa`: micro-panels of `f32_rows(isa)` rows (fewer in the last), the one starting at row t0
 /// stored `[k][mr]` from element t0·k.
 fn packed_index(isa: Isa, tokens: usize, k: usize, t: usize, c: usize) -> usize {
+    let (start, stride) = packed_row_on(isa, tokens, k, t);
+    start + c * stride
+}
+
+/// Where row t of a `[tokens, k]` matrix lies in the f32 kernels' packed layout: its column c at
+/// `start + c·stride` (returned as `(start, stride)`).
+pub fn packed_row(tokens: usize, k: usize, t: usize) -> (usize, usize) {
+    packed_row_on(isa(), tokens, k, t)
+}
+
+/// Stores `width` columns of a whole micro-panel's rows (`rows`: one pointer per row of the
+/// micro-panel, `width` values each) at `dst` as `[width][rows.len()]`: the packed layout of those
+/// columns, `dst` being where [`packed_row`] puts the first row's first of them.
+///
+/// # Safety
+/// Each row pointer must be valid for `width` reads and `dst` for `width · rows.len()` writes.
+pub unsafe fn pack_micro_panel(rows: &[*const f32], width: usize, dst: *mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    if let (Ok(six), Isa::Avx512) = (<&[*const f32; 6]>::try_from(rows), isa()) {
+        let six: [*const u32; 6] = six.map(|r| r as *const u32);
+        simd512::pack6(&six, width, dst as *mut u32);
+        return;
+    }
+    let mr = rows.len();
+    for (i, r) in rows.iter().enumerate() {
+        for c in 0..width {
+            *dst.add(c * mr + i) = *r.add(c);
+        }
+    }
+}
+
+fn packed_row_on(isa: Isa, tokens: usize, k: usize, t: usize) -> (usize, usize) {
     let mr_max = f32_rows(isa);
     let t0 = t / mr_max * mr_max;
     let mr = (tokens - t0).min(mr_max);
-    t0 * k + c * mr + (t - t0)
+    (t0 * k + (t - t0), mr)
 }
 
 /// Row-major `[tokens, k]` from the f32 kernels' packed layout (for consumers other than
@@ -1351,15 +1397,16 @@ mod simd512 {
         for (j, p) in bp.iter_mut().enumerate() {
             *p = b.add((j / 2) * pstride + (j % 2) * 16);
         }
+        let prefetch = if MR <= 2 { super::decode_prefetch_rows() } else { None };
         for kk in 0..k {
             let mut wv = [_mm512_setzero_ps(); NV];
             for j in 0..NV {
                 wv[j] = _mm512_load_ps(bp[j].add(kk * NR));
             }
-            if MR <= 2 {
+            if let Some(ahead) = prefetch {
                 // Past a panel's end this touches the next panel or nothing: a prefetch never faults.
                 for j in 0..NV {
-                    _mm_prefetch::<_MM_HINT_T0>(bp[j].wrapping_add((kk + super::DECODE_PREFETCH_ROWS) * NR) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(bp[j].wrapping_add((kk + ahead) * NR) as *const i8);
                 }
             }
             for i in 0..MR {
@@ -1946,7 +1993,8 @@ pub(crate) mod tests {
         gemm(&x, t, &fast, Some(&bias), &mut plain, false);
         for r in 0..t {
             let e = rel(&split, r);
-            if has_bf16() {
+            // The bf16 kernels run only beside the AVX-512 f32 kernels (not under RESID_CPU_ISA=avx2).
+            if bf16_kernel().is_some() {
                 // Without outliers the split is plain bf16, bit for bit.
                 if r % 2 == 1 {
                     assert_eq!(split[r * n..(r + 1) * n], plain[r * n..(r + 1) * n], "row {r}");

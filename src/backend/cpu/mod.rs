@@ -636,7 +636,11 @@ impl Backend for CpuBackend {
 
     fn attention(&self, pass: &CpuPass, q: &CpuAct, kv: &CpuKv, layer: usize, heads: Heads, alibi: Option<&[f32]>, out: &mut CpuAct) -> Result<()> {
         let l = kv.layer(layer);
-        attention::attention(&q.data, &kv.k[l], &kv.v[l], heads, &pass.plan, alibi, &mut out.data);
+        // Written packed for the o projection, which then skips its packing; `branch_step` (hook_z)
+        // and `gather_rows` read it row-major.
+        out.packed = packs_inputs();
+        let layout = if out.packed { gemm::OutLayout::Packed } else { gemm::OutLayout::Rows };
+        attention::attention_into(&q.data, &kv.k[l], &kv.v[l], heads, &pass.plan, alibi, &mut out.data, layout);
         Ok(())
     }
 
@@ -720,6 +724,11 @@ impl Backend for CpuBackend {
         add_to: Option<&mut CpuAct>,
     ) -> Result<()> {
         let w = branch.cols;
+        if branch.packed {
+            // Attention's output, written packed for the o projection: steered and captured row-major.
+            branch.data = branch.row_major().into_owned();
+            branch.packed = false;
+        }
         if let Some(st) = steer {
             residual::steer_rows(&mut branch.data, w, st);
         }
