@@ -24,7 +24,7 @@
 //! masked permutes, 3 on AVX2, 4 portable, 8 in bf16 through 8×8 transposes), so a kernel reads
 //! one contiguous activation stream beside its weight streams. A producer that only feeds f32
 //! GEMMs writes that layout itself ([`pack_rows_with`] for a norm, [`OutLayout::Packed`] for
-//! the MLP activation), and they skip the packing ([`Input::Packed`], [`gemm_prepacked`]). Work is split along
+//! the MLP activation, [`packed_row`] and [`pack_micro_panel`] for attention's output), and they skip the packing ([`Input::Packed`], [`gemm_prepacked`]). Work is split along
 //! N (panel groups) and along T (blocks of rows sized to stay in L2) over rayon's persistent
 //! pool. The packed activations (and, for bf16, the converted ones) live in per-thread scratch
 //! buffers that are reused: nothing is allocated per call once they have grown.

@@ -355,8 +355,8 @@ pub struct CpuAct {
     pub rows: usize,
     pub cols: usize,
     /// `data` is in the f32 GEMM's packed layout ([`gemm::gemm_prepacked`]), not row-major, as
-    /// `residual_step` writes a norm that only GEMMs read and `mlp_input` the activation for the
-    /// down projection. [`CpuAct::row_major`] reads it either way.
+    /// `residual_step` writes a norm that only GEMMs read, `mlp_input` the activation for the
+    /// down projection and `attention` its output for the o projection. [`CpuAct::row_major`] reads it either way.
     pub packed: bool,
 }
 
