@@ -439,11 +439,8 @@ unsafe fn write_rows(o: &mut [f32], l: &[f32], out: OutPtr, row0: usize, nrows: 
             // The first row of a micro-panel that lies wholly in the block: its heads transposed
             // at once (the vector transposition of the GEMM's packing).
             for hq in 0..group {
-                let mut rows = [std::ptr::null::<f32>(); 8];
-                for (r, p) in rows.iter_mut().enumerate().take(stride) {
-                    *p = head(i + r, hq);
-                }
-                super::gemm::pack_micro_panel(&rows[..stride], hd, dst(hq));
+                // Consecutive rows of one head lie group·hd apart in `o`.
+                super::gemm::pack_micro_panel(head(i, hq), group * hd, stride, hd, dst(hq));
             }
             i += stride;
         } else {

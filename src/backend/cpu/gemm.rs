@@ -49,11 +49,13 @@ pub mod amx;
 /// `RESID_CPU_DECODE_PREFETCH=ROWS` (or `none`) overrides it, for comparisons.
 pub fn decode_prefetch_rows() -> Option<usize> {
     static ROWS: OnceLock<Option<usize>> = OnceLock::new();
-    *ROWS.get_or_init(|| match std::env::var("RESID_CPU_DECODE_PREFETCH").ok().as_deref() {
-        Some("none") => None,
-        Some(v) if v.parse::<usize>().is_ok() => v.parse().ok(),
-        _ if cpu_vendor() == "AuthenticAMD" => Some(0),
-        _ => Some(16),
+    *ROWS.get_or_init(|| {
+        let by_vendor = || Some(if cpu_vendor() == "AuthenticAMD" { 0 } else { 16 });
+        match std::env::var("RESID_CPU_DECODE_PREFETCH").ok().as_deref() {
+            Some("none") => None,
+            Some(rows) => rows.parse().ok().or_else(by_vendor),
+            None => by_vendor(),
+        }
     })
 }
 
@@ -668,25 +670,14 @@ pub fn packed_row(tokens: usize, k: usize, t: usize) -> (usize, usize) {
     packed_row_on(isa(), tokens, k, t)
 }
 
-/// Stores `width` columns of a whole micro-panel's rows (`rows`: one pointer per row of the
-/// micro-panel, `width` values each) at `dst` as `[width][rows.len()]`: the packed layout of those
+/// Packs rows `src`, `src + ld`, … (`mr` of them, a whole micro-panel, `width` values each) as
+/// `[width][mr]` at `dst`, as the GEMM packs its inputs ([`pack_a`]): the packed layout of those
 /// columns, `dst` being where [`packed_row`] puts the first row's first of them.
 ///
 /// # Safety
-/// Each row pointer must be valid for `width` reads and `dst` for `width · rows.len()` writes.
-pub unsafe fn pack_micro_panel(rows: &[*const f32], width: usize, dst: *mut f32) {
-    #[cfg(target_arch = "x86_64")]
-    if let (Ok(six), Isa::Avx512) = (<&[*const f32; 6]>::try_from(rows), isa()) {
-        let six: [*const u32; 6] = six.map(|r| r as *const u32);
-        simd512::pack6(&six, width, dst as *mut u32);
-        return;
-    }
-    let mr = rows.len();
-    for (i, r) in rows.iter().enumerate() {
-        for c in 0..width {
-            *dst.add(c * mr + i) = *r.add(c);
-        }
-    }
+/// The `mr` rows must be valid for `width` reads and `dst` for `width · mr` writes.
+pub unsafe fn pack_micro_panel(src: *const f32, ld: usize, mr: usize, width: usize, dst: *mut f32) {
+    pack_a(Src(src as *const u32), ld, 0, mr, width, dst as *mut u32)
 }
 
 fn packed_row_on(isa: Isa, tokens: usize, k: usize, t: usize) -> (usize, usize) {
