@@ -1145,12 +1145,8 @@ fn gemm_activation_on(isa: Isa, x: Input<'_>, tokens: usize, w: &PackedMatrix, b
                     }
                     match layout {
                         OutLayout::Rows => super::vmath::swiglu_row(&gate[..cols], &up[..cols], &mut y_row(t + i)[c0..c0 + cols]),
-                        OutLayout::Packed => {
-                            // Into the gate's columns, to be stored as whole micro-panels.
-                            let mut out = [0f32; NR];
-                            super::vmath::swiglu_row(&gate[..cols], &up[..cols], &mut out[..cols]);
-                            gate[..cols].copy_from_slice(&out[..cols]);
-                        }
+                        // Into the gate's columns, to be stored as whole micro-panels.
+                        OutLayout::Packed => super::vmath::swiglu_in_place(&mut gate[..cols], &up[..cols]),
                     }
                 }
                 if layout == OutLayout::Packed {

@@ -5,16 +5,31 @@
 /// `out[i] = silu(gate[i]) · up[i]` with silu(x) = x / (1 + e^(−x)).
 pub fn swiglu_row(gate: &[f32], up: &[f32], out: &mut [f32]) {
     assert!(gate.len() == out.len() && up.len() == out.len());
+    // SAFETY: three slices of out.len() elements.
+    unsafe { swiglu_raw(gate.as_ptr(), up.as_ptr(), out.as_mut_ptr(), out.len()) }
+}
+
+/// [`swiglu_row`] written over `gate` (the fused GEMM's epilogue stores the result where the
+/// gate's products were, with no copy through a buffer). The same bits as `swiglu_row`.
+pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len());
+    // SAFETY: element i is read before it is written, by the same lane of the same step.
+    unsafe { swiglu_raw(gate.as_ptr(), up.as_ptr(), gate.as_mut_ptr(), gate.len()) }
+}
+
+/// `out` may be `gate` itself: each element is read and then written in one step.
+unsafe fn swiglu_raw(gate: *const f32, up: *const f32, out: *mut f32, n: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         if super::gemm::isa() == super::gemm::Isa::Avx512 {
             // SAFETY: AVX-512F checked.
-            unsafe { avx512::swiglu_row(gate, up, out) };
+            avx512::swiglu_raw(gate, up, out, n);
             return;
         }
     }
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + (-g).exp()) * u;
+    for i in 0..n {
+        let (g, u) = (*gate.add(i), *up.add(i));
+        *out.add(i) = g / (1.0 + (-g).exp()) * u;
     }
 }
 
@@ -156,18 +171,18 @@ pub(crate) mod avx512 {
         }
     }
 
+    /// `out` may be `gate`: each 16 elements are loaded before they are stored.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn swiglu_row(gate: &[f32], up: &[f32], out: &mut [f32]) {
-        let n = out.len();
+    pub unsafe fn swiglu_raw(gate: *const f32, up: *const f32, out: *mut f32, n: usize) {
         let one = _mm512_set1_ps(1.0);
         let mut i = 0;
         while i < n {
             let m = mask(n, i);
-            let g = _mm512_maskz_loadu_ps(m, gate.as_ptr().add(i));
-            let u = _mm512_maskz_loadu_ps(m, up.as_ptr().add(i));
+            let g = _mm512_maskz_loadu_ps(m, gate.add(i));
+            let u = _mm512_maskz_loadu_ps(m, up.add(i));
             let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
             let s = _mm512_div_ps(g, _mm512_add_ps(one, e));
-            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), m, _mm512_mul_ps(s, u));
+            _mm512_mask_storeu_ps(out.add(i), m, _mm512_mul_ps(s, u));
             i += 16;
         }
     }
@@ -229,6 +244,14 @@ mod tests {
             let g = xs[i] as f64;
             let want = g / (1.0 + (-g).exp()) * up[i] as f64;
             assert!((out[i] as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "{i}: {} vs {want}", out[i]);
+        }
+        // In place: the same bits, at every length's tail.
+        for n in [1, 15, 16, 17, 64, 3801] {
+            let mut inplace = xs[..n].to_vec();
+            swiglu_in_place(&mut inplace, &up[..n]);
+            let mut want = vec![0f32; n];
+            swiglu_row(&xs[..n], &up[..n], &mut want);
+            assert_eq!(inplace.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "n = {n}");
         }
     }
 }
