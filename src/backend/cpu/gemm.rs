@@ -996,7 +996,7 @@ fn drive(tokens: usize, kdepth: usize, src: Source, panels: Panels, mr_max: usiz
 }
 
 /// Up to this many rows, a GEMM streams the weights once in one long stream per thread.
-const DECODE_ROWS: usize = 4;
+pub(crate) const DECODE_ROWS: usize = 4;
 
 /// Rows in an f32 micro-panel of `isa`'s kernels (the activations are packed so).
 fn f32_rows(isa: Isa) -> usize {
