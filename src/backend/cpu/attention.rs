@@ -21,6 +21,10 @@ pub const KEY_TILE: usize = 64;
 /// Query rows of one sequence handled together (they share every key/value tile).
 pub const QUERY_BLOCK: usize = 16;
 
+/// Queries × positions (summed over a pass's rows) from which attention's tasks are shared
+/// between the workers.
+const PARALLEL_MIN_WORK: usize = 1 << 14;
+
 /// Where the tasks write: `[rows, q_heads * head_dim]`, row-major or in the f32 GEMM's packed
 /// layout (for the o projection, which then does not pack it).
 #[derive(Clone, Copy)]
@@ -83,9 +87,13 @@ pub fn attention_into(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads,
             block::<Portable>(q, k_cache, v_cache, heads, plan, alibi, s, g, row0, nrows, ptr)
         };
     };
-    // Short contexts (decode of a few rows) are cheaper on the calling thread.
+    // The shortest contexts are cheaper on the calling thread. The other workers are kept awake
+    // through a pass (`on_workers`), so sharing costs little: SmolLM2-135M's decode steps (shared
+    // from 29 positions on) ran 0.5 % faster at 12–260 positions and 3.1 % faster at 300–430
+    // than with the threshold of 2^18 before, which kept them on one thread below 455 positions
+    // (steps alternated one by one; AMD EPYC Zen 4, NOTES.md 2026-12-06).
     let work: usize = plan.positions.iter().map(|&p| p as usize + 1).sum::<usize>() * qd;
-    if tasks.len() > 1 && rayon::current_num_threads() > 1 && work >= 1 << 18 {
+    if tasks.len() > 1 && rayon::current_num_threads() > 1 && work >= PARALLEL_MIN_WORK {
         tasks.par_iter().for_each(run);
     } else {
         tasks.iter().for_each(run);
