@@ -21,8 +21,8 @@ pub const KEY_TILE: usize = 64;
 /// Query rows of one sequence handled together (they share every key/value tile).
 pub const QUERY_BLOCK: usize = 16;
 
-/// Queries × positions (summed over a pass's rows) from which attention's tasks are shared
-/// between the workers.
+/// Query values × keys visited (summed over a pass's rows) from which attention's tasks are
+/// shared between the workers.
 const PARALLEL_MIN_WORK: usize = 1 << 14;
 
 /// Where the tasks write: `[rows, q_heads * head_dim]`, row-major or in the f32 GEMM's packed
@@ -106,7 +106,8 @@ pub fn attention_into(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads,
 const KV_PREFETCH_BYTES: usize = 512 << 10;
 
 /// Prefetches the cached keys and values that the rows of a decode step will read: in each
-/// sequence the slots up to its last row's position, whole rows (every key/value head), up to
+/// sequence the slots from the first up to its last row's position, whole rows (every key/value
+/// head), keys and values alike (they are read tile by tile in that order), up to
 /// [`KV_PREFETCH_BYTES`] in all. They were written one step ago, and the whole model has streamed
 /// through the caches since, so the tasks' reads (each one head's 256 bytes of a row, on one
 /// thread) missed one after the other: over 51–179 positions, a step's attention took 31–35 µs
@@ -115,16 +116,17 @@ const KV_PREFETCH_BYTES: usize = 512 << 10;
 fn prefetch_keys_and_values(plan: &BatchPlan, k_cache: &[f32], v_cache: &[f32], kvd: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        let mut budget = KV_PREFETCH_BYTES;
+        let row_bytes = 2 * kvd * std::mem::size_of::<f32>();
+        let mut budget_rows = KV_PREFETCH_BYTES / row_bytes.max(1);
         for seq in &plan.seqs {
             let Some(&last) = plan.positions[seq.start..seq.start + seq.len].last() else { continue };
-            let values = (seq.kv_start * kvd)..((seq.kv_start + last as usize + 1) * kvd);
+            let rows = (last as usize + 1).min(budget_rows);
+            budget_rows -= rows;
+            let values = (seq.kv_start * kvd)..((seq.kv_start + rows) * kvd);
             for cache in [k_cache, v_cache] {
                 let Some(region) = cache.get(values.clone()) else { return };
-                let bytes = std::mem::size_of_val(region).min(budget);
-                budget -= bytes;
                 let base = region.as_ptr() as *const i8;
-                for line in (0..bytes).step_by(64) {
+                for line in (0..std::mem::size_of_val(region)).step_by(64) {
                     // SAFETY: a prefetch never faults; the address lies inside `region` anyway.
                     unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(base.add(line)) };
                 }
