@@ -3,6 +3,7 @@ and arrays that torch takes without a copy."""
 import _thread
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -77,6 +78,10 @@ def test_the_gil_is_released_during_compute(model):
 
 
 def _interrupt_after(seconds):
+    # interrupt_main() does nothing while SIGINT is ignored, as it is in a shell's background
+    # jobs (`cmd &` without job control, e.g. a CI runner's): restore Python's Ctrl-C handler.
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(seconds, _thread.interrupt_main)
     timer.start()
     return timer
