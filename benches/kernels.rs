@@ -6,10 +6,12 @@
 //! Groups: `gemm_f32` and `gemm_bf16` (the packed microkernels through `gemm::gemm` at the stacked
 //! QKV, O, stacked gate/up and down shapes, for 1, 64 and 512 tokens), `attention_prefill`
 //! (causal attention of 4 sequences of 64, 512 and 2,048 tokens), `attention_decode` (one new
-//! row over 512 and 4,096 cached keys), `residual_step` (norm; steer + norm; steer + capture +
-//! norm), `layer` (one whole decoder layer through the backend: 1 and 512 tokens) and
-//! `stats_fold` (`resid stats`' f64 fold of 2,048 captured rows into one point's mean and
-//! second moments; FLOPs are the upper triangle's multiply-adds × 2).
+//! row over 512, 1,024 and 4,096 cached keys, inside a pass with the workers kept awake as in
+//! decode; `cold/…`: over 256 and 1,024 keys with every core's caches streamed over first, as a
+//! decode step's weights do), `residual_step` (norm; steer + norm; steer + capture + norm),
+//! `layer` (one whole decoder layer through the backend: 1 and 512 tokens) and `stats_fold`
+//! (`resid stats`' f64 fold of 2,048 captured rows into one point's mean and second moments;
+//! FLOPs are the upper triangle's multiply-adds × 2).
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use resid::backend::cpu::gemm::{self, Compute, PackedMatrix};
 use resid::backend::cpu::{attention, residual, CpuBackend, CpuMatrix};
@@ -19,6 +21,7 @@ use resid::engine::capture::{CapturePosition, Captured};
 use resid::engine::plan::BatchPlan;
 use resid::engine::steer::{PointSteering, SlotSteer, SteerOp};
 use resid::model::weights::{F32Data, MatrixSource};
+use rayon::prelude::*;
 use std::hint::black_box;
 use std::time::Duration;
 
@@ -77,13 +80,30 @@ fn bench_attention(c: &mut Criterion) {
     }
     g.finish();
     let mut g = c.benchmark_group("attention_decode");
-    for &past in &[512usize, 4096] {
+    // What a decode step's weights stream through every core's caches between two attentions.
+    let evict = vec![1f32; 64 << 18];
+    for (cold, past) in [(false, 512usize), (false, 1024), (false, 4096), (true, 256), (true, 1024)] {
         let plan = BatchPlan::new(&[1], &[past], &[0]);
         let (q, k, v) = (data(576, 3), data((past + 1) * 192, 4), data((past + 1) * 192, 5));
         let mut out = vec![0f32; 576];
         g.throughput(Throughput::Elements(1));
-        g.bench_with_input(BenchmarkId::from_parameter(past), &past, |b, _| {
-            b.iter(|| attention::attention(black_box(&q), &k, &v, HEADS, &plan, None, &mut out))
+        let id = if cold { format!("cold/{past}") } else { past.to_string() };
+        // Inside a pass with the workers kept awake, as the engine runs a decode step.
+        g.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                CpuBackend.on_workers(|| {
+                    let mut timed = Duration::ZERO;
+                    for _ in 0..iters {
+                        if cold {
+                            black_box(evict.par_chunks(evict.len() / rayon::current_num_threads()).map(|c| c.iter().fold(0u32, |a, x| a ^ x.to_bits())).reduce(|| 0, |a, b| a ^ b));
+                        }
+                        let start = std::time::Instant::now();
+                        attention::attention(black_box(&q), &k, &v, HEADS, &plan, None, &mut out);
+                        timed += start.elapsed();
+                    }
+                    timed
+                })
+            })
         });
     }
     g.finish();

@@ -11,6 +11,10 @@
 //! this depends on which other rows or sequences share the pass, the block or the thread, nor on
 //! whether the row is decoded alone or prefilled with others, so results are bit-identical
 //! whatever the batch and however a sequence is split into passes.
+//!
+//! Decode steps over long contexts ([`PHASED_MIN_KEYS`]) split those same operations in three
+//! phases whose units are shared evenly between the workers (scores by key tiles, the online
+//! softmax by query, probabilities × V by output columns); see `decode_phased`.
 use super::gemm::OutLayout;
 use crate::backend::Heads;
 use crate::engine::plan::BatchPlan;
@@ -65,10 +69,22 @@ pub fn attention_into(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads,
             }
         }
     }
-    if plan.rows() <= super::gemm::DECODE_ROWS {
+    let ptr = OutPtr { ptr: out.as_mut_ptr(), layout, rows: plan.rows() };
+    let decode = plan.rows() <= super::gemm::DECODE_ROWS;
+    #[cfg(target_arch = "x86_64")]
+    {
+        let keys: usize = plan.positions.iter().map(|&p| p as usize + 1).sum();
+        if decode && keys >= PHASED_MIN_KEYS && rayon::current_num_threads() > 1 && super::gemm::isa() == super::gemm::Isa::Avx512 {
+            DECODE_SCRATCH.with(|cell| match cell.try_borrow_mut() {
+                Ok(mut scratch) => decode_phased(q, k_cache, v_cache, heads, plan, alibi, ptr, &mut scratch),
+                Err(_) => decode_phased(q, k_cache, v_cache, heads, plan, alibi, ptr, &mut DecodeScratch::default()),
+            });
+            return;
+        }
+    }
+    if decode {
         prefetch_keys_and_values(plan, k_cache, v_cache, heads.kv_heads * heads.head_dim);
     }
-    let ptr = OutPtr { ptr: out.as_mut_ptr(), layout, rows: plan.rows() };
     let run = |&(s, g, row0, nrows): &(usize, usize, usize, usize)| {
         // The whole wrapper, not its raw-pointer field, is what the closure must capture.
         #[allow(clippy::redundant_locals)]
@@ -125,11 +141,7 @@ fn prefetch_keys_and_values(plan: &BatchPlan, k_cache: &[f32], v_cache: &[f32], 
             let values = (seq.kv_start * kvd)..((seq.kv_start + rows) * kvd);
             for cache in [k_cache, v_cache] {
                 let Some(region) = cache.get(values.clone()) else { return };
-                let base = region.as_ptr() as *const i8;
-                for line in (0..std::mem::size_of_val(region)).step_by(64) {
-                    // SAFETY: a prefetch never faults; the address lies inside `region` anyway.
-                    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(base.add(line)) };
-                }
+                prefetch_lines(region.as_ptr(), std::mem::size_of_val(region));
             }
         }
     }
@@ -213,7 +225,6 @@ unsafe fn block_avx512_tiled(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads:
 #[target_feature(enable = "avx512f,avx2")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn prefill_block(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, task: (usize, usize, usize, usize), out: OutPtr, sc: &mut PrefillScratch) {
-    use std::arch::x86_64::*;
     let (s, g, row0, nrows) = task;
     let (hd, qd, kvd) = (heads.head_dim, heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
     let group = heads.q_heads / heads.kv_heads;
@@ -240,28 +251,7 @@ unsafe fn prefill_block(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
     let mut t0 = 0;
     while t0 < keys_max {
         let nk = (keys_max - t0).min(KEY_TILE);
-        // Transpose keys t0..t0+nk of head g into kt[d][j] (8×8 blocks, then the edges).
-        let key = |j: usize| k_cache.as_ptr().add((seq.kv_start + t0 + j) * kvd + g * hd);
-        let (j8, d8) = (nk / 8 * 8, hd / 8 * 8);
-        for j in (0..j8).step_by(8) {
-            for d in (0..d8).step_by(8) {
-                let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(key(j + i).add(d)));
-                let c = super::gemm::simd256::transpose8(r);
-                for (dd, v) in c.iter().enumerate() {
-                    _mm256_storeu_ps(kt.as_mut_ptr().add((d + dd) * KEY_TILE + j), *v);
-                }
-            }
-            for i in 0..8 {
-                for d in d8..hd {
-                    kt[d * KEY_TILE + j + i] = *key(j + i).add(d);
-                }
-            }
-        }
-        for j in j8..nk {
-            for d in 0..hd {
-                kt[d * KEY_TILE + j] = *key(j).add(d);
-            }
-        }
+        transpose_key_tile(k_cache.as_ptr().add((seq.kv_start + t0) * kvd + g * hd), kvd, nk, hd, kt);
         active.clear();
         active.extend((0..nq).filter(|&qi| pos(qi) >= t0));
         let vbase = v_cache.as_ptr().add((seq.kv_start + t0) * kvd + g * hd);
@@ -269,12 +259,7 @@ unsafe fn prefill_block(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
             // Keys each query sees in this tile; a short chunk repeats its last query (scored, unused).
             let n: [usize; QUERIES_TOGETHER] = std::array::from_fn(|j| (pos(chunk[j.min(chunk.len() - 1)]) + 1 - t0).min(KEY_TILE));
             let qs: [*const f32; QUERIES_TOGETHER] = std::array::from_fn(|j| qptr(chunk[j.min(chunk.len() - 1)]));
-            match n.iter().max().map_or(1, |m| m.div_ceil(16)) {
-                1 => qk_tiles::<1>(qs, hd, kt, &mut scores),
-                2 => qk_tiles::<2>(qs, hd, kt, &mut scores),
-                3 => qk_tiles::<3>(qs, hd, kt, &mut scores),
-                _ => qk_tiles::<4>(qs, hd, kt, &mut scores),
-            }
+            score_tile(qs, n, hd, kt, &mut scores);
             let mut corr = [0f32; QUERIES_TOGETHER];
             for (j, &qi) in chunk.iter().enumerate() {
                 let (h, p) = (g * group + qi % group, pos(qi));
@@ -302,6 +287,423 @@ unsafe fn prefill_block(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
         t0 += KEY_TILE;
     }
     write_rows(o, l, out, row0, nrows, g, group, qd, hd);
+}
+
+/// Keys (summed over a decode step's rows) from which a decode step on AVX-512 runs its attention
+/// in phases ([`decode_phased`]) rather than one task per sequence and key/value head.
+#[cfg(target_arch = "x86_64")]
+const PHASED_MIN_KEYS: usize = 256;
+
+/// A phased decode step's working memory, shared by its workers, on the calling thread (reused by
+/// every step). Query qi is (row, head); each holds `stride` scores and `tiles` tile values.
+#[cfg(target_arch = "x86_64")]
+#[derive(Default)]
+struct DecodeScratch {
+    /// `[query][key]`: scaled scores, then `exp(score − running max)`.
+    scores: Vec<f32>,
+    /// `[query][tile]`: each tile's maximum score.
+    tile_max: Vec<f32>,
+    /// `[query][tile]`: the factor the running output is scaled by before adding the tile.
+    corr: Vec<f32>,
+    /// `[query]`: the softmax's sum.
+    sum: Vec<f32>,
+    /// `[query][head_dim]`: the unnormalised output.
+    o: Vec<f32>,
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    static DECODE_SCRATCH: std::cell::RefCell<DecodeScratch> = std::cell::RefCell::new(DecodeScratch::default());
+}
+
+/// [`DecodeScratch`]'s buffers as the phases' units see them.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Phased {
+    scores: *mut f32,
+    tile_max: *mut f32,
+    corr: *mut f32,
+    sum: *mut f32,
+    o: *mut f32,
+    /// Scores (a whole number of tiles) and tiles per query.
+    stride: usize,
+    tiles: usize,
+}
+// SAFETY: within a phase, units write disjoint (query, tile) or (query, column) ranges; a phase
+// reads only what the phases before it wrote.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Send for Phased {}
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for Phased {}
+
+/// The index of query (sequence `s`, key/value head `g`, the sequence's row `i`, head `hq` of
+/// the group): each (sequence, group)'s queries are consecutive, as [`write_rows`] reads them.
+#[cfg(target_arch = "x86_64")]
+fn query_index(plan: &BatchPlan, heads: Heads, s: usize, g: usize, i: usize, hq: usize) -> usize {
+    let group = heads.q_heads / heads.kv_heads;
+    let seq = &plan.seqs[s];
+    seq.start * heads.q_heads + (g * seq.len + i) * group + hq
+}
+
+/// A decode step's attention in three phases, each shared evenly between the workers, so that
+/// long contexts are read at the speed of every core (one task per key/value head left one of two
+/// cores idle a third of the time with SmolLM2's three, and read each head's strided slices):
+/// 1. the scores, by key tiles: each worker reads whole rows of its own tiles;
+/// 2. the online softmax, by query: each tile's maximum, exponentials and sum, in tile order;
+/// 3. probabilities × V, by 16 output columns: each output element one chain over the keys in
+///    order, as in [`pv_pair`].
+///
+/// Every value is computed by exactly the operations of [`prefill_block`] (each score one FMA
+/// chain over d in order, the same scaling, maxima, exponentials, tile sums, corrections and
+/// accumulation order), so a row's bits are the same as when it is prefilled, and do not depend
+/// on how the units fall to the workers.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn decode_phased(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, out: OutPtr, sc: &mut DecodeScratch) {
+    let (hd, qd) = (heads.head_dim, heads.q_heads * heads.head_dim);
+    let group = heads.q_heads / heads.kv_heads;
+    let nq = plan.rows() * heads.q_heads;
+    let tiles = plan.positions.iter().map(|&p| p as usize + 1).max().unwrap_or(1).div_ceil(KEY_TILE);
+    let stride = tiles * KEY_TILE;
+    let grow = |v: &mut Vec<f32>, n: usize| {
+        if v.len() < n {
+            v.resize(n, 0.0);
+        }
+    };
+    grow(&mut sc.scores, nq * stride);
+    grow(&mut sc.tile_max, nq * tiles);
+    grow(&mut sc.corr, nq * tiles);
+    grow(&mut sc.sum, nq);
+    grow(&mut sc.o, nq * hd);
+    let ph = Phased { scores: sc.scores.as_mut_ptr(), tile_max: sc.tile_max.as_mut_ptr(), corr: sc.corr.as_mut_ptr(), sum: sc.sum.as_mut_ptr(), o: sc.o.as_mut_ptr(), stride, tiles };
+    // Each phase's units in as many contiguous runs as there are workers.
+    let runs = |n: usize| n.div_ceil(rayon::current_num_threads()).max(1);
+    let live = || plan.seqs.iter().enumerate().filter(|(_, seq)| seq.len > 0);
+
+    let mut score_units = Vec::new();
+    for (s, seq) in live() {
+        let keys = plan.positions[seq.start + seq.len - 1] as usize + 1;
+        for t in 0..keys.div_ceil(KEY_TILE) {
+            score_units.extend((0..heads.kv_heads).map(|g| (s, t, g)));
+        }
+    }
+    score_units.par_chunks(runs(score_units.len())).for_each(|units| {
+        #[allow(clippy::redundant_locals)]
+        let ph = ph;
+        prefetch_run(units, plan, k_cache, v_cache, heads.kv_heads * hd);
+        for &unit in units {
+            // SAFETY: unit (s, t, g) writes tile t of the queries of sequence s and group g.
+            unsafe { score_unit(q, k_cache, heads, plan, alibi, unit, ph) };
+        }
+    });
+
+    let softmax_units: Vec<(usize, usize)> = (0..plan.rows()).flat_map(|r| (0..heads.q_heads).map(move |h| (r, h))).collect();
+    let seq_of = |r: usize| plan.row_seq[r] as usize;
+    softmax_units.par_chunks(runs(softmax_units.len())).for_each(|units| {
+        #[allow(clippy::redundant_locals)]
+        let ph = ph;
+        for &(r, h) in units {
+            let s = seq_of(r);
+            let qi = query_index(plan, heads, s, h / group, r - plan.seqs[s].start, h % group);
+            // SAFETY: query qi's scores, corrections and sum, written by this unit alone.
+            unsafe { softmax_unit(qi, plan.positions[r] as usize + 1, ph) };
+        }
+    });
+
+    let chunks = hd.div_ceil(16);
+    let pv_units: Vec<(usize, usize, usize)> = (0..plan.rows()).flat_map(|r| (0..heads.kv_heads).flat_map(move |g| (0..chunks).map(move |c| (r, g, c)))).collect();
+    pv_units.par_chunks(runs(pv_units.len())).for_each(|units| {
+        #[allow(clippy::redundant_locals)]
+        let ph = ph;
+        // Consecutive units of one (row, group) are run together: each value row is read once.
+        let mut i = 0;
+        while i < units.len() {
+            let (r, g, c0) = units[i];
+            let n = units[i..].iter().take_while(|&&(r2, g2, _)| (r2, g2) == (r, g)).count();
+            let s = seq_of(r);
+            let seq = &plan.seqs[s];
+            let first = query_index(plan, heads, s, g, r - seq.start, 0);
+            let v = v_cache[seq.kv_start * heads.kv_heads * hd + g * hd..].as_ptr();
+            // SAFETY: columns c0..c0+n of the group's queries of row r, written by this unit alone.
+            unsafe { pv_unit(hd, c0, n, first, group, plan.positions[r] as usize + 1, v, heads.kv_heads * hd, ph) };
+            i += n;
+        }
+    });
+
+    for (s, seq) in live() {
+        for g in 0..heads.kv_heads {
+            let first = query_index(plan, heads, s, g, 0, 0);
+            // SAFETY: the rows of sequence s, the heads of group g.
+            unsafe { write_rows(&mut sc.o[first * hd..], &sc.sum[first..], out, seq.start, seq.len, g, group, qd, hd) };
+        }
+    }
+}
+
+/// Prefetches the cached keys and values of a worker's run of [`decode_phased`]'s score units:
+/// whole rows of its tiles, in order, up to [`KV_PREFETCH_BYTES`] (as
+/// [`prefetch_keys_and_values`] does for the caller before one task per head; the keys of later
+/// tiles are prefetched a tile ahead by [`score_unit`], the values by [`pv_stream`]).
+#[cfg(target_arch = "x86_64")]
+fn prefetch_run(units: &[(usize, usize, usize)], plan: &BatchPlan, k_cache: &[f32], v_cache: &[f32], kvd: usize) {
+    let mut budget_rows = KV_PREFETCH_BYTES / (2 * kvd * std::mem::size_of::<f32>()).max(1);
+    let mut last = None;
+    for &(s, t, _) in units {
+        if last == Some((s, t)) {
+            continue;
+        }
+        last = Some((s, t));
+        let seq = &plan.seqs[s];
+        let keys = plan.positions[seq.start + seq.len - 1] as usize + 1;
+        let first = seq.kv_start + t * KEY_TILE;
+        let rows = (keys - t * KEY_TILE).min(KEY_TILE).min(budget_rows);
+        budget_rows -= rows;
+        for cache in [k_cache, v_cache] {
+            if let Some(region) = cache.get(first * kvd..(first + rows) * kvd) {
+                prefetch_lines(region.as_ptr(), std::mem::size_of_val(region));
+            }
+        }
+        if budget_rows == 0 {
+            return;
+        }
+    }
+}
+
+/// Prefetches every cache line that holds a byte of `start..start + bytes`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn prefetch_lines(start: *const f32, bytes: usize) {
+    let (first, end) = (start as usize & !63, start as usize + bytes);
+    for line in (first..end).step_by(64) {
+        // SAFETY: a prefetch never faults.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line as *const i8) };
+    }
+}
+
+/// Phase 1 of [`decode_phased`], unit (sequence `s`, tile `t`, key/value head `g`): the scaled
+/// scores of the tile's keys for every query of the sequence and group that sees it, and their
+/// maximum. The same head's keys of the next tile are prefetched first.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn score_unit(q: &[f32], k_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, (s, t, g): (usize, usize, usize), ph: Phased) {
+    let (hd, qd, kvd) = (heads.head_dim, heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
+    let group = heads.q_heads / heads.kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let seq = &plan.seqs[s];
+    let positions = &plan.positions[seq.start..seq.start + seq.len];
+    let keys = positions[seq.len - 1] as usize + 1;
+    let t0 = t * KEY_TILE;
+    let nk = (keys - t0).min(KEY_TILE);
+    let key0 = k_cache.as_ptr().add((seq.kv_start + t0) * kvd + g * hd);
+    for j in 0..keys.saturating_sub(t0 + KEY_TILE).min(KEY_TILE) {
+        prefetch_lines(key0.add((KEY_TILE + j) * kvd), hd * std::mem::size_of::<f32>());
+    }
+    // The group's queries (row i of the sequence, head hq: local index i·group + hq) that see this
+    // tile, up to four at a time.
+    let mut active = (0..seq.len * group).filter(|&local| positions[local / group] as usize >= t0).peekable();
+    let mut scores = [[0f32; KEY_TILE]; QUERIES_TOGETHER];
+    while active.peek().is_some() {
+        let mut chunk = [0usize; QUERIES_TOGETHER];
+        let mut len = 0;
+        for local in active.by_ref().take(QUERIES_TOGETHER) {
+            chunk[len] = local;
+            len += 1;
+        }
+        let n: [usize; QUERIES_TOGETHER] = std::array::from_fn(|j| (positions[chunk[j.min(len - 1)] / group] as usize + 1 - t0).min(KEY_TILE));
+        let qs: [*const f32; QUERIES_TOGETHER] = std::array::from_fn(|j| {
+            let local = chunk[j.min(len - 1)];
+            q.as_ptr().add((seq.start + local / group) * qd + (g * group + local % group) * hd)
+        });
+        let scored = n[..len].iter().max().copied().unwrap_or(0);
+        for j0 in (0..scored).step_by(16) {
+            // Keys past the tile's last repeat it (scored, unused).
+            let rows: [*const f32; 16] = std::array::from_fn(|i| key0.add((j0 + i).min(nk - 1) * kvd));
+            match len {
+                1 => qk_rows::<1>([qs[0]], rows, hd, j0, &mut scores),
+                2 => qk_rows::<2>([qs[0], qs[1]], rows, hd, j0, &mut scores),
+                3 => qk_rows::<3>([qs[0], qs[1], qs[2]], rows, hd, j0, &mut scores),
+                _ => qk_rows::<4>(qs, rows, hd, j0, &mut scores),
+            }
+        }
+        for (j, &local) in chunk[..len].iter().enumerate() {
+            let (i, hq) = (local / group, local % group);
+            let x = &mut scores[j][..n[j]];
+            let tile_max = scale_and_max(x, scale, alibi.map(|a| (a[g * group + hq], t0 as f32 - positions[i] as f32)));
+            let qi = query_index(plan, heads, s, g, i, hq);
+            std::ptr::copy_nonoverlapping(x.as_ptr(), ph.scores.add(qi * ph.stride + t0), x.len());
+            *ph.tile_max.add(qi * ph.tiles + t) = tile_max;
+        }
+    }
+}
+
+/// Unscaled scores of NQ queries against 16 keys (`rows`: each key's head slice), into
+/// `scores[q][j0..j0 + 16]`: each score one FMA chain over d in order from zero, as
+/// [`qk_tiles`] computes it against a transposed tile, but transposing 16 keys × 8 dimensions at
+/// a time in registers (a decode step's few queries do not pay for writing and reading a
+/// transposed tile).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+#[inline]
+unsafe fn qk_rows<const NQ: usize>(qs: [*const f32; NQ], rows: [*const f32; 16], hd: usize, j0: usize, scores: &mut [[f32; KEY_TILE]; QUERIES_TOGETHER]) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); NQ];
+    let d8 = hd / 8 * 8;
+    for d in (0..d8).step_by(8) {
+        let lo = super::gemm::simd256::transpose8(std::array::from_fn(|i| _mm256_loadu_ps(rows[i].add(d))));
+        let hi = super::gemm::simd256::transpose8(std::array::from_fn(|i| _mm256_loadu_ps(rows[8 + i].add(d))));
+        for dd in 0..8 {
+            let col = _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(_mm256_castps_pd(lo[dd])), _mm256_castps_pd(hi[dd])));
+            for (a, q) in acc.iter_mut().zip(qs) {
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(d + dd)), col, *a);
+            }
+        }
+    }
+    for d in d8..hd {
+        let col: [f32; 16] = std::array::from_fn(|i| *rows[i].add(d));
+        let col = _mm512_loadu_ps(col.as_ptr());
+        for (a, q) in acc.iter_mut().zip(qs) {
+            *a = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(d)), col, *a);
+        }
+    }
+    for (a, out) in acc.iter().zip(scores.iter_mut()) {
+        _mm512_storeu_ps(out.as_mut_ptr().add(j0), *a);
+    }
+}
+
+/// Phase 2 of [`decode_phased`], unit query `qi` (seeing `keys` keys): the online softmax over its
+/// tiles in order, exactly [`softmax_step`]'s, keeping each tile's correction and the final sum.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn softmax_unit(qi: usize, keys: usize, ph: Phased) {
+    let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
+    for t in 0..keys.div_ceil(KEY_TILE) {
+        let t0 = t * KEY_TILE;
+        let x = std::slice::from_raw_parts_mut(ph.scores.add(qi * ph.stride + t0), (keys - t0).min(KEY_TILE));
+        *ph.corr.add(qi * ph.tiles + t) = softmax_step::<Avx512>(x, *ph.tile_max.add(qi * ph.tiles + t), &mut m, &mut l);
+    }
+    *ph.sum.add(qi) = l;
+}
+
+/// Phase 3 of [`decode_phased`]: probabilities × V for output columns `16·c0..16·(c0 + n)` of the
+/// `group` queries `first..first + group` (one row, one key/value head; `v`: that head's first
+/// value, `stride` values between rows), up to four queries × four column vectors at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv_unit(hd: usize, c0: usize, n: usize, first: usize, group: usize, keys: usize, v: *const f32, stride: usize, ph: Phased) {
+    let mut c = c0;
+    while c < c0 + n {
+        let nc = (c0 + n - c).min(4);
+        let mut hq = 0;
+        while hq < group {
+            let nqs = (group - hq).min(4);
+            let qis: [usize; 4] = std::array::from_fn(|j| first + hq + j.min(nqs - 1));
+            macro_rules! run {
+                ($($q:literal $c:literal),*) => {
+                    match (nqs, nc) {
+                        $(($q, $c) => pv_stream::<$q, $c>(hd, c, keys, v, stride, qis, ph),)*
+                        _ => unreachable!("at most 4 queries × 4 column vectors"),
+                    }
+                };
+            }
+            run!(1 1, 1 2, 1 3, 1 4, 2 1, 2 2, 2 3, 2 4, 3 1, 3 2, 3 3, 3 4, 4 1, 4 2, 4 3, 4 4);
+            hq += nqs;
+        }
+        c += nc;
+    }
+}
+
+/// Value rows [`pv_stream`] prefetches ahead of the one it adds (a third of a tile: the lines
+/// arrive from memory while about 30 rows are added).
+#[cfg(target_arch = "x86_64")]
+const PV_AHEAD: usize = 32;
+
+/// [`pv_unit`]'s kernel: NQ queries (`qis`) × NC column vectors from vector `c0`, each element
+/// one chain over the keys: from zero in the first tile, then times the tile's correction (unless
+/// it is 1) before each further tile, then `p[j]·v_j +` in order, as [`pv_pair_c`] computes it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn pv_stream<const NQ: usize, const NC: usize>(hd: usize, c0: usize, keys: usize, v: *const f32, stride: usize, qis: [usize; 4], ph: Phased) {
+    use std::arch::x86_64::*;
+    let masks: [__mmask16; NC] = std::array::from_fn(|c| super::vmath::avx512::mask(hd, (c0 + c) * 16));
+    let probs: [*const f32; NQ] = std::array::from_fn(|k| ph.scores.add(qis[k] * ph.stride) as *const f32);
+    let mut acc = [[_mm512_setzero_ps(); NC]; NQ];
+    let mut t0 = 0;
+    while t0 < keys {
+        if t0 > 0 {
+            for (k, a) in acc.iter_mut().enumerate() {
+                let corr = *ph.corr.add(qis[k] * ph.tiles + t0 / KEY_TILE);
+                if corr != 1.0 {
+                    a.iter_mut().for_each(|x| *x = _mm512_mul_ps(*x, _mm512_set1_ps(corr)));
+                }
+            }
+        }
+        for j in t0..(t0 + KEY_TILE).min(keys) {
+            let row = v.add(j * stride + c0 * 16);
+            if j + PV_AHEAD < keys {
+                prefetch_lines(row.add(PV_AHEAD * stride), NC * 64);
+            }
+            let vv: [__m512; NC] = std::array::from_fn(|c| _mm512_maskz_loadu_ps(masks[c], row.add(c * 16)));
+            for (a, p) in acc.iter_mut().zip(probs) {
+                let pj = _mm512_set1_ps(*p.add(j));
+                for (x, vc) in a.iter_mut().zip(vv) {
+                    *x = _mm512_fmadd_ps(pj, vc, *x);
+                }
+            }
+        }
+        t0 += KEY_TILE;
+    }
+    for (a, &qi) in acc.iter().zip(&qis) {
+        for (c, x) in a.iter().enumerate() {
+            _mm512_mask_storeu_ps(ph.o.add(qi * hd + (c0 + c) * 16), masks[c], *x);
+        }
+    }
+}
+
+/// Transposes the first `nk` keys of a tile (`key`: the first key's head slice, `stride` values
+/// between consecutive keys) into `kt[d][j]` (8×8 blocks, then the edges).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+#[inline]
+unsafe fn transpose_key_tile(key: *const f32, stride: usize, nk: usize, hd: usize, kt: &mut [f32]) {
+    use std::arch::x86_64::*;
+    debug_assert!(kt.len() >= hd * KEY_TILE && nk <= KEY_TILE);
+    let key = |j: usize| key.add(j * stride);
+    let (j8, d8) = (nk / 8 * 8, hd / 8 * 8);
+    for j in (0..j8).step_by(8) {
+        for d in (0..d8).step_by(8) {
+            let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(key(j + i).add(d)));
+            let c = super::gemm::simd256::transpose8(r);
+            for (dd, v) in c.iter().enumerate() {
+                _mm256_storeu_ps(kt.as_mut_ptr().add((d + dd) * KEY_TILE + j), *v);
+            }
+        }
+        for i in 0..8 {
+            for d in d8..hd {
+                kt[d * KEY_TILE + j + i] = *key(j + i).add(d);
+            }
+        }
+    }
+    for j in j8..nk {
+        for d in 0..hd {
+            kt[d * KEY_TILE + j] = *key(j).add(d);
+        }
+    }
+}
+
+/// Unscaled scores of up to four queries against a transposed tile, query j's first `n[j]` keys
+/// (the vectors that cover the longest).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn score_tile(qs: [*const f32; QUERIES_TOGETHER], n: [usize; QUERIES_TOGETHER], hd: usize, kt: &[f32], scores: &mut [[f32; KEY_TILE]; QUERIES_TOGETHER]) {
+    match n.iter().max().map_or(1, |m| m.div_ceil(16)) {
+        1 => qk_tiles::<1>(qs, hd, kt, scores),
+        2 => qk_tiles::<2>(qs, hd, kt, scores),
+        3 => qk_tiles::<3>(qs, hd, kt, scores),
+        _ => qk_tiles::<4>(qs, hd, kt, scores),
+    }
 }
 
 /// `x = x·scale + slope·(j + offset)` for each score j (`+ 0` without ALiBi: the scalar
@@ -659,6 +1061,57 @@ mod tests {
             let mut tail = vec![0f32; (n - cut) * qd];
             attention(&q[cut * qd..], &k, &v, heads, &BatchPlan::new(&[n - cut], &[cut], &[0]), alibi.as_deref(), &mut tail);
             assert_eq!(tail, whole[cut * qd..], "{heads:?}");
+        }
+    }
+
+    /// Decode steps over long contexts (run in phases on AVX-512, from [`PHASED_MIN_KEYS`] keys,
+    /// on more than one worker) give each row the bits of its prefill: one and several rows, one
+    /// and several sequences, a sequence of two rows, ALiBi, heads of 20, 64, 128 and 160
+    /// dimensions, groups of 1–8 query heads, on 2 and 3 workers and on one.
+    #[test]
+    fn long_decode_steps_match_prefill() {
+        for (heads, alibi) in [
+            (Heads { q_heads: 9, kv_heads: 3, head_dim: 64 }, None),
+            (Heads { q_heads: 4, kv_heads: 4, head_dim: 20 }, Some(vec![0.5f32, 0.25, 0.125, 0.0625])),
+            (Heads { q_heads: 2, kv_heads: 1, head_dim: 160 }, None),
+            (Heads { q_heads: 16, kv_heads: 2, head_dim: 128 }, None),
+        ] {
+            let (qd, kvd) = (heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
+            // Two sequences prefilled whole; their cached keys and values back to back.
+            let lens = [700usize, 301];
+            let rows: usize = lens.iter().sum();
+            let (q, k, v) = (f(rows * qd, 12.0), f(rows * kvd, 13.0), f(rows * kvd, 14.0));
+            let mut whole = vec![0f32; rows * qd];
+            attention(&q, &k, &v, heads, &packed(&lens), alibi.as_deref(), &mut whole);
+            let second = lens[0];
+            // (rows per sequence, their first positions, the sequences' first slots)
+            let steps: [(&[usize], &[usize], &[usize]); 5] = [
+                (&[1], &[699], &[0]),
+                (&[1], &[255], &[0]),
+                (&[1], &[300], &[second]),
+                (&[1, 1, 2], &[640, 200, 298], &[0, second, second]),
+                (&[1, 1], &[64, 191], &[0, 0]),
+            ];
+            for (step_lens, firsts, kv_starts) in steps {
+                let plan = BatchPlan::new(step_lens, firsts, kv_starts);
+                let mut qs = Vec::new();
+                let mut want = Vec::new();
+                for ((&n, &p), &kv) in step_lens.iter().zip(firsts).zip(kv_starts) {
+                    qs.extend_from_slice(&q[(kv + p) * qd..(kv + p + n) * qd]);
+                    want.extend_from_slice(&whole[(kv + p) * qd..(kv + p + n) * qd]);
+                }
+                for threads in [2, 3, 1] {
+                    let mut got = vec![f32::NAN; want.len()];
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    pool.install(|| attention(&qs, &k, &v, heads, &plan, alibi.as_deref(), &mut got));
+                    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{heads:?} {step_lens:?} at {firsts:?}, {threads} workers");
+                    let mut packed_out = vec![f32::NAN; want.len()];
+                    pool.install(|| attention_into(&qs, &k, &v, heads, &plan, alibi.as_deref(), &mut packed_out, OutLayout::Packed));
+                    let mut unpacked = vec![0f32; want.len()];
+                    super::super::gemm::unpack_rows(&packed_out, plan.rows(), qd, &mut unpacked);
+                    assert!(unpacked.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{heads:?} {step_lens:?} packed, {threads} workers");
+                }
+            }
         }
     }
 
