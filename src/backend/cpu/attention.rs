@@ -57,6 +57,17 @@ pub fn attention_into(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads,
     if let Some(a) = alibi {
         assert_eq!(a.len(), heads.q_heads, "alibi slopes");
     }
+    let ptr = OutPtr { ptr: out.as_mut_ptr(), layout, rows: plan.rows() };
+    let decode = plan.rows() <= super::gemm::DECODE_ROWS;
+    let keys: usize = plan.positions.iter().map(|&p| p as usize + 1).sum();
+    #[cfg(target_arch = "x86_64")]
+    if decode && keys >= PHASED_MIN_KEYS && rayon::current_num_threads() > 1 && super::gemm::isa() == super::gemm::Isa::Avx512 {
+        DECODE_SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut scratch) => decode_phased(q, k_cache, v_cache, heads, plan, alibi, ptr, &mut scratch),
+            Err(_) => decode_phased(q, k_cache, v_cache, heads, plan, alibi, ptr, &mut DecodeScratch::default()),
+        });
+        return;
+    }
     // Tasks: (sequence, key/value head, block of the sequence's rows).
     let mut tasks = Vec::new();
     for (s, seq) in plan.seqs.iter().enumerate() {
@@ -67,19 +78,6 @@ pub fn attention_into(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads,
                 tasks.push((s, g, seq.start + r, n));
                 r += n;
             }
-        }
-    }
-    let ptr = OutPtr { ptr: out.as_mut_ptr(), layout, rows: plan.rows() };
-    let decode = plan.rows() <= super::gemm::DECODE_ROWS;
-    #[cfg(target_arch = "x86_64")]
-    {
-        let keys: usize = plan.positions.iter().map(|&p| p as usize + 1).sum();
-        if decode && keys >= PHASED_MIN_KEYS && rayon::current_num_threads() > 1 && super::gemm::isa() == super::gemm::Isa::Avx512 {
-            DECODE_SCRATCH.with(|cell| match cell.try_borrow_mut() {
-                Ok(mut scratch) => decode_phased(q, k_cache, v_cache, heads, plan, alibi, ptr, &mut scratch),
-                Err(_) => decode_phased(q, k_cache, v_cache, heads, plan, alibi, ptr, &mut DecodeScratch::default()),
-            });
-            return;
         }
     }
     if decode {
@@ -108,8 +106,7 @@ pub fn attention_into(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads,
     // from 29 positions on) ran 0.5 % faster at 12–260 positions and 3.1 % faster at 300–430
     // than with the threshold of 2^18 before, which kept them on one thread below 455 positions
     // (steps alternated one by one; AMD EPYC Zen 4, NOTES.md 2026-12-06).
-    let work: usize = plan.positions.iter().map(|&p| p as usize + 1).sum::<usize>() * qd;
-    if tasks.len() > 1 && rayon::current_num_threads() > 1 && work >= PARALLEL_MIN_WORK {
+    if tasks.len() > 1 && rayon::current_num_threads() > 1 && keys * qd >= PARALLEL_MIN_WORK {
         tasks.par_iter().for_each(run);
     } else {
         tasks.iter().for_each(run);
@@ -225,6 +222,7 @@ unsafe fn block_avx512_tiled(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads:
 #[target_feature(enable = "avx512f,avx2")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn prefill_block(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, task: (usize, usize, usize, usize), out: OutPtr, sc: &mut PrefillScratch) {
+    use std::arch::x86_64::*;
     let (s, g, row0, nrows) = task;
     let (hd, qd, kvd) = (heads.head_dim, heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
     let group = heads.q_heads / heads.kv_heads;
@@ -251,7 +249,28 @@ unsafe fn prefill_block(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
     let mut t0 = 0;
     while t0 < keys_max {
         let nk = (keys_max - t0).min(KEY_TILE);
-        transpose_key_tile(k_cache.as_ptr().add((seq.kv_start + t0) * kvd + g * hd), kvd, nk, hd, kt);
+        // Transpose keys t0..t0+nk of head g into kt[d][j] (8×8 blocks, then the edges).
+        let key = |j: usize| k_cache.as_ptr().add((seq.kv_start + t0 + j) * kvd + g * hd);
+        let (j8, d8) = (nk / 8 * 8, hd / 8 * 8);
+        for j in (0..j8).step_by(8) {
+            for d in (0..d8).step_by(8) {
+                let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(key(j + i).add(d)));
+                let c = super::gemm::simd256::transpose8(r);
+                for (dd, v) in c.iter().enumerate() {
+                    _mm256_storeu_ps(kt.as_mut_ptr().add((d + dd) * KEY_TILE + j), *v);
+                }
+            }
+            for i in 0..8 {
+                for d in d8..hd {
+                    kt[d * KEY_TILE + j + i] = *key(j + i).add(d);
+                }
+            }
+        }
+        for j in j8..nk {
+            for d in 0..hd {
+                kt[d * KEY_TILE + j] = *key(j).add(d);
+            }
+        }
         active.clear();
         active.extend((0..nq).filter(|&qi| pos(qi) >= t0));
         let vbase = v_cache.as_ptr().add((seq.kv_start + t0) * kvd + g * hd);
@@ -259,7 +278,12 @@ unsafe fn prefill_block(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
             // Keys each query sees in this tile; a short chunk repeats its last query (scored, unused).
             let n: [usize; QUERIES_TOGETHER] = std::array::from_fn(|j| (pos(chunk[j.min(chunk.len() - 1)]) + 1 - t0).min(KEY_TILE));
             let qs: [*const f32; QUERIES_TOGETHER] = std::array::from_fn(|j| qptr(chunk[j.min(chunk.len() - 1)]));
-            score_tile(qs, n, hd, kt, &mut scores);
+            match n.iter().max().map_or(1, |m| m.div_ceil(16)) {
+                1 => qk_tiles::<1>(qs, hd, kt, &mut scores),
+                2 => qk_tiles::<2>(qs, hd, kt, &mut scores),
+                3 => qk_tiles::<3>(qs, hd, kt, &mut scores),
+                _ => qk_tiles::<4>(qs, hd, kt, &mut scores),
+            }
             let mut corr = [0f32; QUERIES_TOGETHER];
             for (j, &qi) in chunk.iter().enumerate() {
                 let (h, p) = (g * group + qi % group, pos(qi));
@@ -658,51 +682,6 @@ unsafe fn pv_stream<const NQ: usize, const NC: usize>(hd: usize, c0: usize, keys
         for (c, x) in a.iter().enumerate() {
             _mm512_mask_storeu_ps(ph.o.add(qi * hd + (c0 + c) * 16), masks[c], *x);
         }
-    }
-}
-
-/// Transposes the first `nk` keys of a tile (`key`: the first key's head slice, `stride` values
-/// between consecutive keys) into `kt[d][j]` (8×8 blocks, then the edges).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2")]
-#[inline]
-unsafe fn transpose_key_tile(key: *const f32, stride: usize, nk: usize, hd: usize, kt: &mut [f32]) {
-    use std::arch::x86_64::*;
-    debug_assert!(kt.len() >= hd * KEY_TILE && nk <= KEY_TILE);
-    let key = |j: usize| key.add(j * stride);
-    let (j8, d8) = (nk / 8 * 8, hd / 8 * 8);
-    for j in (0..j8).step_by(8) {
-        for d in (0..d8).step_by(8) {
-            let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(key(j + i).add(d)));
-            let c = super::gemm::simd256::transpose8(r);
-            for (dd, v) in c.iter().enumerate() {
-                _mm256_storeu_ps(kt.as_mut_ptr().add((d + dd) * KEY_TILE + j), *v);
-            }
-        }
-        for i in 0..8 {
-            for d in d8..hd {
-                kt[d * KEY_TILE + j + i] = *key(j + i).add(d);
-            }
-        }
-    }
-    for j in j8..nk {
-        for d in 0..hd {
-            kt[d * KEY_TILE + j] = *key(j).add(d);
-        }
-    }
-}
-
-/// Unscaled scores of up to four queries against a transposed tile, query j's first `n[j]` keys
-/// (the vectors that cover the longest).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn score_tile(qs: [*const f32; QUERIES_TOGETHER], n: [usize; QUERIES_TOGETHER], hd: usize, kt: &[f32], scores: &mut [[f32; KEY_TILE]; QUERIES_TOGETHER]) {
-    match n.iter().max().map_or(1, |m| m.div_ceil(16)) {
-        1 => qk_tiles::<1>(qs, hd, kt, scores),
-        2 => qk_tiles::<2>(qs, hd, kt, scores),
-        3 => qk_tiles::<3>(qs, hd, kt, scores),
-        _ => qk_tiles::<4>(qs, hd, kt, scores),
     }
 }
 
