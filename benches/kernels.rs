@@ -71,11 +71,11 @@ fn bench_attention(c: &mut Criterion) {
         let seqs = 4;
         let rows = seqs * len;
         let plan = BatchPlan::new(&vec![len; seqs], &vec![0; seqs], &(0..seqs).map(|i| i * len).collect::<Vec<_>>());
-        let (q, k, v) = (data(rows * 576, 3), data(rows * 192, 4), data(rows * 192, 5));
+        let (q, k, v) = (data(rows * 576, 3), attention::block_keys(&data(rows * 192, 4), 192), data(rows * 192, 5));
         let mut out = vec![0f32; rows * 576];
         g.throughput(Throughput::Elements(rows as u64));
         g.bench_with_input(BenchmarkId::from_parameter(len), &len, |b, _| {
-            b.iter(|| attention::attention(black_box(&q), &k, &v, HEADS, &plan, None, &mut out))
+            b.iter(|| attention::attention_into(black_box(&q), &k, &v, HEADS, &plan, None, &mut out, gemm::OutLayout::Rows))
         });
     }
     g.finish();
@@ -84,7 +84,7 @@ fn bench_attention(c: &mut Criterion) {
     let evict = vec![1f32; 64 << 18];
     for (cold, past) in [(false, 512usize), (false, 1024), (false, 4096), (true, 256), (true, 1024)] {
         let plan = BatchPlan::new(&[1], &[past], &[0]);
-        let (q, k, v) = (data(576, 3), data((past + 1) * 192, 4), data((past + 1) * 192, 5));
+        let (q, k, v) = (data(576, 3), attention::block_keys(&data((past + 1) * 192, 4), 192), data((past + 1) * 192, 5));
         let mut out = vec![0f32; 576];
         g.throughput(Throughput::Elements(1));
         let id = if cold { format!("cold/{past}") } else { past.to_string() };
@@ -98,7 +98,7 @@ fn bench_attention(c: &mut Criterion) {
                             black_box(evict.par_chunks(evict.len() / rayon::current_num_threads()).map(|c| c.iter().fold(0u32, |a, x| a ^ x.to_bits())).reduce(|| 0, |a, b| a ^ b));
                         }
                         let start = std::time::Instant::now();
-                        attention::attention(black_box(&q), &k, &v, HEADS, &plan, None, &mut out);
+                        attention::attention_into(black_box(&q), &k, &v, HEADS, &plan, None, &mut out, gemm::OutLayout::Rows);
                         timed += start.elapsed();
                     }
                     timed

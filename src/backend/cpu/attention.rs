@@ -5,8 +5,9 @@
 //! rows of one sequence × the query heads sharing a key/value head).
 //!
 //! **One order per (row, head).** Tiles start at absolute key positions 0, 64, 128, …; a
-//! score is one fixed computation (on AVX-512, one FMA chain over the head dimension against a
-//! transposed key tile; otherwise a 16-lane dot product with a fixed lane tree); the tile's
+//! score is one fixed computation (on AVX-512, one FMA chain over the head dimension against 16
+//! keys as the key cache holds them, see [`KEY_BLOCK`]; otherwise a 16-lane dot product with a
+//! fixed lane tree); the tile's
 //! exponentials are summed in a fixed tree; values are accumulated key by key in order. None of
 //! this depends on which other rows or sequences share the pass, the block or the thread, nor on
 //! whether the row is decoded alone or prefilled with others, so results are bit-identical
@@ -29,6 +30,53 @@ pub const QUERY_BLOCK: usize = 16;
 /// shared between the workers.
 const PARALLEL_MIN_WORK: usize = 1 << 14;
 
+/// Slots per block of the key cache. The keys are cached transposed, block by block: in each
+/// block of 16 slots, for each key/value head, each of the head's elements holds the 16 slots'
+/// values side by side (`[block][kv head][element][slot % 16]`). A score is one FMA chain over
+/// the head's elements against 16 keys at once; with the keys stored that way it loads them as
+/// they lie, where row-major keys had to be transposed for every tile and every step (decode's
+/// score phase spent most of its time on that transposition and on reading one head's 256-byte
+/// slices of whole rows). Values stay row-major: P·V reads them row by row.
+pub const KEY_BLOCK: usize = 16;
+// A vector of 16 consecutive slots lies in one block.
+const _: () = assert!(KEY_BLOCK.is_multiple_of(16));
+
+/// Values of a key cache of `slots` slots of `kvd` values: whole blocks, and one more that the
+/// reads of 16 keys from a slot inside the last block touch (unused lanes, never a result).
+pub fn key_cache_len(slots: usize, kvd: usize) -> usize {
+    (slots.div_ceil(KEY_BLOCK) + 1) * KEY_BLOCK * kvd
+}
+
+/// Where element 0 of key/value head `g` of slot `slot` lies in a key cache of rows of `kvd`
+/// values and heads of `hd`; element d lies d·[`KEY_BLOCK`] values further.
+#[inline(always)]
+pub fn key_at(slot: usize, kvd: usize, g: usize, hd: usize) -> usize {
+    (slot / KEY_BLOCK * kvd + g * hd) * KEY_BLOCK + slot % KEY_BLOCK
+}
+
+/// The key cache holding row-major keys `rows` (`[slots, kvd]`), for tests and benchmarks.
+pub fn block_keys(rows: &[f32], kvd: usize) -> Vec<f32> {
+    let slots = rows.len() / kvd.max(1);
+    let mut cache = vec![0f32; key_cache_len(slots, kvd)];
+    for (slot, row) in rows.chunks_exact(kvd.max(1)).enumerate() {
+        store_key(&mut cache, slot, kvd, row);
+    }
+    cache
+}
+
+/// Stores row-major key row `row` (every head, `kvd` values) in slot `slot` of a key cache.
+fn store_key(cache: &mut [f32], slot: usize, kvd: usize, row: &[f32]) {
+    let base = key_at(slot, kvd, 0, 0);
+    for (e, &x) in row.iter().enumerate() {
+        cache[base + e * KEY_BLOCK] = x;
+    }
+}
+
+/// The values of the key cache's slots `first..first + n`, every head: whole blocks.
+fn key_blocks(first: usize, n: usize, kvd: usize) -> std::ops::Range<usize> {
+    first / KEY_BLOCK * KEY_BLOCK * kvd..(first + n).div_ceil(KEY_BLOCK) * KEY_BLOCK * kvd
+}
+
 /// Where the tasks write: `[rows, q_heads * head_dim]`, row-major or in the f32 GEMM's packed
 /// layout (for the o projection, which then does not pack it).
 #[derive(Clone, Copy)]
@@ -41,21 +89,30 @@ struct OutPtr {
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// `k_cache`/`v_cache`: `[slots, kv_heads * head_dim]`. `out`: `[rows, q_heads * head_dim]`.
-/// `alibi`: per-head slopes adding `slope·(j − p)` to the score of key j for a query at p.
-pub fn attention(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, out: &mut [f32]) {
-    attention_into(q, k_cache, v_cache, heads, plan, alibi, out, OutLayout::Rows)
+/// Attention over row-major cached keys and values (`[slots, kv_heads * head_dim]` each), for
+/// tests and benchmarks: the keys are first copied into a key cache ([`block_keys`]).
+/// `out`: `[rows, q_heads * head_dim]`. `alibi`: per-head slopes adding `slope·(j − p)` to the
+/// score of key j for a query at p.
+pub fn attention(q: &[f32], k_rows: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, out: &mut [f32]) {
+    let k_cache = block_keys(k_rows, heads.kv_heads * heads.head_dim);
+    attention_into(q, &k_cache, v_cache, heads, plan, alibi, out, OutLayout::Rows)
 }
 
-/// [`attention`] with `out` in `layout`: the same values, row-major or where
+/// Attention over a key cache (`k_cache`, laid out in blocks of [`KEY_BLOCK`] slots) and
+/// row-major values (`[slots, kv_heads * head_dim]`), with `out` in `layout`: row-major or where
 /// [`super::gemm::packed_row`] puts them.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_into(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, out: &mut [f32], layout: OutLayout) {
-    let qd = heads.q_heads * heads.head_dim;
+    let (qd, kvd) = (heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
     assert_eq!(q.len(), plan.rows() * qd, "q shape");
     assert_eq!(out.len(), plan.rows() * qd, "out shape");
     if let Some(a) = alibi {
         assert_eq!(a.len(), heads.q_heads, "alibi slopes");
+    }
+    // The kernels read the caches through raw pointers: every slot they read must exist.
+    for seq in plan.seqs.iter().filter(|seq| seq.len > 0) {
+        let end = seq.kv_start + plan.positions[seq.start + seq.len - 1] as usize + 1;
+        assert!(end * kvd <= v_cache.len() && key_cache_len(end, kvd) <= k_cache.len(), "KV slot {} outside the caches", end - 1);
     }
     let ptr = OutPtr { ptr: out.as_mut_ptr(), layout, rows: plan.rows() };
     let decode = plan.rows() <= super::gemm::DECODE_ROWS;
@@ -92,8 +149,8 @@ pub fn attention_into(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads,
             #[cfg(target_arch = "x86_64")]
             {
                 if super::gemm::isa() == super::gemm::Isa::Avx512 {
-                    // Prefill and decode rows alike (16 keys at a time against a transposed key
-                    // tile), so that a row's bits do not depend on how its sequence was split
+                    // Prefill and decode rows alike (16 keys at a time, each score one FMA chain
+                    // over d), so that a row's bits do not depend on how its sequence was split
                     // into passes.
                     return block_avx512_tiled(q, k_cache, v_cache, heads, plan, alibi, s, g, row0, nrows, ptr);
                 }
@@ -136,8 +193,8 @@ fn prefetch_keys_and_values(plan: &BatchPlan, k_cache: &[f32], v_cache: &[f32], 
             let rows = (last as usize + 1).min(budget_rows);
             budget_rows -= rows;
             let values = (seq.kv_start * kvd)..((seq.kv_start + rows) * kvd);
-            for cache in [k_cache, v_cache] {
-                let Some(region) = cache.get(values.clone()) else { return };
+            for region in [k_cache.get(key_blocks(seq.kv_start, rows, kvd)), v_cache.get(values)] {
+                let Some(region) = region else { return };
                 prefetch_lines(region.as_ptr(), std::mem::size_of_val(region));
             }
         }
@@ -201,8 +258,9 @@ thread_local! {
 #[cfg(target_arch = "x86_64")]
 const QUERIES_TOGETHER: usize = 4;
 
-/// A prefill block on AVX-512: each key tile is transposed once (`kt[d][j]`), then the block's
-/// queries score 16 keys per vector, four queries at a time (so that 4·⌈n/16⌉ independent FMA
+/// A prefill block on AVX-512: the block's queries score each key tile (read as the key cache
+/// holds it, or joined once into `kt[d][j]` where the tile's first slot is not a multiple of 16)
+/// 16 keys per vector, four queries at a time (so that 4·⌈n/16⌉ independent FMA
 /// chains hide the FMA latency), each score one FMA chain over d = 0..hd in order (no horizontal
 /// sums); probabilities times V are accumulated two queries at a time, each output element one
 /// chain over the keys in order. Per (row, head) the operations depend only on its position and
@@ -249,27 +307,19 @@ unsafe fn prefill_block(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
     let mut t0 = 0;
     while t0 < keys_max {
         let nk = (keys_max - t0).min(KEY_TILE);
-        // Transpose keys t0..t0+nk of head g into kt[d][j] (8×8 blocks, then the edges).
-        let key = |j: usize| k_cache.as_ptr().add((seq.kv_start + t0 + j) * kvd + g * hd);
-        let (j8, d8) = (nk / 8 * 8, hd / 8 * 8);
-        for j in (0..j8).step_by(8) {
-            for d in (0..d8).step_by(8) {
-                let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(key(j + i).add(d)));
-                let c = super::gemm::simd256::transpose8(r);
-                for (dd, v) in c.iter().enumerate() {
-                    _mm256_storeu_ps(kt.as_mut_ptr().add((d + dd) * KEY_TILE + j), *v);
+        // Keys t0..t0+nk of head g, 16 by 16: as the key cache holds them where the sequence's
+        // slots start a vector of 16, otherwise each 16 joined from two vectors into kt[d][j].
+        let first = seq.kv_start + t0;
+        let mut tile = KeyTile::in_cache(k_cache, first, kvd, g, hd);
+        if !first.is_multiple_of(16) {
+            let idx = shift_index(first % 16);
+            for v in 0..nk.div_ceil(16) {
+                for d in 0..hd {
+                    let joined = _mm512_permutex2var_ps(_mm512_loadu_ps(tile.vecs[v].add(d * KEY_BLOCK)), idx, _mm512_loadu_ps(tile.vecs[v + 1].add(d * KEY_BLOCK)));
+                    _mm512_storeu_ps(kt.as_mut_ptr().add(d * KEY_TILE + 16 * v), joined);
                 }
             }
-            for i in 0..8 {
-                for d in d8..hd {
-                    kt[d * KEY_TILE + j + i] = *key(j + i).add(d);
-                }
-            }
-        }
-        for j in j8..nk {
-            for d in 0..hd {
-                kt[d * KEY_TILE + j] = *key(j).add(d);
-            }
+            tile = KeyTile { vecs: std::array::from_fn(|u| kt.as_ptr().wrapping_add(16 * u)), d_stride: KEY_TILE };
         }
         active.clear();
         active.extend((0..nq).filter(|&qi| pos(qi) >= t0));
@@ -278,11 +328,12 @@ unsafe fn prefill_block(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
             // Keys each query sees in this tile; a short chunk repeats its last query (scored, unused).
             let n: [usize; QUERIES_TOGETHER] = std::array::from_fn(|j| (pos(chunk[j.min(chunk.len() - 1)]) + 1 - t0).min(KEY_TILE));
             let qs: [*const f32; QUERIES_TOGETHER] = std::array::from_fn(|j| qptr(chunk[j.min(chunk.len() - 1)]));
+            let unshifted = _mm512_setzero_si512();
             match n.iter().max().map_or(1, |m| m.div_ceil(16)) {
-                1 => qk_tiles::<1>(qs, hd, kt, &mut scores),
-                2 => qk_tiles::<2>(qs, hd, kt, &mut scores),
-                3 => qk_tiles::<3>(qs, hd, kt, &mut scores),
-                _ => qk_tiles::<4>(qs, hd, kt, &mut scores),
+                1 => qk_keys::<4, 1, false>(qs, hd, tile, unshifted, &mut scores),
+                2 => qk_keys::<4, 2, false>(qs, hd, tile, unshifted, &mut scores),
+                3 => qk_keys::<4, 3, false>(qs, hd, tile, unshifted, &mut scores),
+                _ => qk_keys::<4, 4, false>(qs, hd, tile, unshifted, &mut scores),
             }
             let mut corr = [0f32; QUERIES_TOGETHER];
             for (j, &qi) in chunk.iter().enumerate() {
@@ -481,10 +532,8 @@ fn prefetch_run(units: &[(usize, usize, usize)], plan: &BatchPlan, k_cache: &[f3
         let first = seq.kv_start + t * KEY_TILE;
         let rows = (keys - t * KEY_TILE).min(KEY_TILE).min(budget_rows);
         budget_rows -= rows;
-        for cache in [k_cache, v_cache] {
-            if let Some(region) = cache.get(first * kvd..(first + rows) * kvd) {
-                prefetch_lines(region.as_ptr(), std::mem::size_of_val(region));
-            }
+        for region in [k_cache.get(key_blocks(first, rows, kvd)), v_cache.get(first * kvd..(first + rows) * kvd)].into_iter().flatten() {
+            prefetch_lines(region.as_ptr(), std::mem::size_of_val(region));
         }
         if budget_rows == 0 {
             return;
@@ -505,7 +554,7 @@ fn prefetch_lines(start: *const f32, bytes: usize) {
 
 /// Phase 1 of [`decode_phased`], unit (sequence `s`, tile `t`, key/value head `g`): the scaled
 /// scores of the tile's keys for every query of the sequence and group that sees it, and their
-/// maximum. The same head's keys of the next tile are prefetched first.
+/// maximum.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2")]
 #[allow(clippy::too_many_arguments)]
@@ -515,13 +564,13 @@ unsafe fn score_unit(q: &[f32], k_cache: &[f32], heads: Heads, plan: &BatchPlan,
     let scale = 1.0 / (hd as f32).sqrt();
     let seq = &plan.seqs[s];
     let positions = &plan.positions[seq.start..seq.start + seq.len];
-    let keys = positions[seq.len - 1] as usize + 1;
     let t0 = t * KEY_TILE;
-    let nk = (keys - t0).min(KEY_TILE);
-    let key0 = k_cache.as_ptr().add((seq.kv_start + t0) * kvd + g * hd);
-    for j in 0..keys.saturating_sub(t0 + KEY_TILE).min(KEY_TILE) {
-        prefetch_lines(key0.add((KEY_TILE + j) * kvd), hd * std::mem::size_of::<f32>());
-    }
+    // The tile's keys as the cache holds them; 16 by 16 joined from two vectors where the
+    // sequence's slots do not start a vector of 16.
+    let first = seq.kv_start + t0;
+    let offset = first % 16;
+    let tile = KeyTile::in_cache(k_cache, first, kvd, g, hd);
+    let idx = shift_index(offset);
     // The group's queries (row i of the sequence, head hq: local index i·group + hq) that see this
     // tile, up to four at a time.
     let mut active = (0..seq.len * group).filter(|&local| positions[local / group] as usize >= t0).peekable();
@@ -538,17 +587,19 @@ unsafe fn score_unit(q: &[f32], k_cache: &[f32], heads: Heads, plan: &BatchPlan,
             let local = chunk[j.min(len - 1)];
             q.as_ptr().add((seq.start + local / group) * qd + (g * group + local % group) * hd)
         });
-        let scored = n[..len].iter().max().copied().unwrap_or(0);
-        for j0 in (0..scored).step_by(16) {
-            // Keys past the tile's last repeat it (scored, unused).
-            let rows: [*const f32; 16] = std::array::from_fn(|i| key0.add((j0 + i).min(nk - 1) * kvd));
-            match len {
-                1 => qk_rows::<1>([qs[0]], rows, hd, j0, &mut scores),
-                2 => qk_rows::<2>([qs[0], qs[1]], rows, hd, j0, &mut scores),
-                3 => qk_rows::<3>([qs[0], qs[1], qs[2]], rows, hd, j0, &mut scores),
-                _ => qk_rows::<4>(qs, rows, hd, j0, &mut scores),
-            }
+        let vectors = n[..len].iter().max().map_or(1, |m| m.div_ceil(16));
+        macro_rules! score {
+            ($($q:literal $v:literal),*) => {
+                match (len, vectors, offset != 0) {
+                    $(
+                        ($q, $v, false) => qk_keys::<$q, $v, false>(std::array::from_fn(|j| qs[j]), hd, tile, idx, &mut scores),
+                        ($q, $v, true) => qk_keys::<$q, $v, true>(std::array::from_fn(|j| qs[j]), hd, tile, idx, &mut scores),
+                    )*
+                    _ => unreachable!("1–4 queries × 1–4 vectors of 16 keys"),
+                }
+            };
         }
+        score!(1 1, 1 2, 1 3, 1 4, 2 1, 2 2, 2 3, 2 4, 3 1, 3 2, 3 3, 3 4, 4 1, 4 2, 4 3, 4 4);
         for (j, &local) in chunk[..len].iter().enumerate() {
             let (i, hq) = (local / group, local % group);
             let x = &mut scores[j][..n[j]];
@@ -557,40 +608,6 @@ unsafe fn score_unit(q: &[f32], k_cache: &[f32], heads: Heads, plan: &BatchPlan,
             std::ptr::copy_nonoverlapping(x.as_ptr(), ph.scores.add(qi * ph.stride + t0), x.len());
             *ph.tile_max.add(qi * ph.tiles + t) = tile_max;
         }
-    }
-}
-
-/// Unscaled scores of NQ queries against 16 keys (`rows`: each key's head slice), into
-/// `scores[q][j0..j0 + 16]`: each score one FMA chain over d in order from zero, as
-/// [`qk_tiles`] computes it against a transposed tile, but transposing 16 keys × 8 dimensions at
-/// a time in registers (a decode step's few queries do not pay for writing and reading a
-/// transposed tile).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2")]
-#[inline]
-unsafe fn qk_rows<const NQ: usize>(qs: [*const f32; NQ], rows: [*const f32; 16], hd: usize, j0: usize, scores: &mut [[f32; KEY_TILE]; QUERIES_TOGETHER]) {
-    use std::arch::x86_64::*;
-    let mut acc = [_mm512_setzero_ps(); NQ];
-    let d8 = hd / 8 * 8;
-    for d in (0..d8).step_by(8) {
-        let lo = super::gemm::simd256::transpose8(std::array::from_fn(|i| _mm256_loadu_ps(rows[i].add(d))));
-        let hi = super::gemm::simd256::transpose8(std::array::from_fn(|i| _mm256_loadu_ps(rows[8 + i].add(d))));
-        for dd in 0..8 {
-            let col = _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(_mm256_castps_pd(lo[dd])), _mm256_castps_pd(hi[dd])));
-            for (a, q) in acc.iter_mut().zip(qs) {
-                *a = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(d + dd)), col, *a);
-            }
-        }
-    }
-    for d in d8..hd {
-        let col: [f32; 16] = std::array::from_fn(|i| *rows[i].add(d));
-        let col = _mm512_loadu_ps(col.as_ptr());
-        for (a, q) in acc.iter_mut().zip(qs) {
-            *a = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(d)), col, *a);
-        }
-    }
-    for (a, out) in acc.iter().zip(scores.iter_mut()) {
-        _mm512_storeu_ps(out.as_mut_ptr().add(j0), *a);
     }
 }
 
@@ -714,18 +731,60 @@ unsafe fn scale_and_max(x: &mut [f32], scale: f32, alibi: Option<(f32, f32)>) ->
     _mm512_reduce_max_ps(max)
 }
 
-/// Scores of up to four queries (`qs`, hd values each) against the first 16·NV keys of a
-/// transposed tile; each score is `fma(q[d], k[d], ·)` over d in order, from zero.
+/// Where [`qk_keys`] reads a tile's keys: element d of the 16 keys of vector u at
+/// `vecs[u] + d·d_stride` (16 values side by side), in the key cache itself or in a prefill
+/// block's joined copy. Vector u + 1 follows u: a shifted read joins the two.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct KeyTile {
+    vecs: [*const f32; KEY_TILE / 16 + 1],
+    d_stride: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl KeyTile {
+    /// Keys of head `g` from slot `first` on, as the key cache holds them: vector u holds the 16
+    /// slots from `first` rounded down to 16, + 16u (so `first % 16` is the shift that joins
+    /// vectors u and u + 1 into 16 keys from `first + 16u`).
+    fn in_cache(k_cache: &[f32], first: usize, kvd: usize, g: usize, hd: usize) -> Self {
+        let base = first - first % 16;
+        // wrapping_add: the last vectors may lie past the cache when the tile's keys end before
+        // them; they are then never read.
+        KeyTile { vecs: std::array::from_fn(|u| k_cache.as_ptr().wrapping_add(key_at(base + 16 * u, kvd, g, hd))), d_stride: KEY_BLOCK }
+    }
+}
+
+/// The permutation that takes 16 keys from the `offset`-th of one vector of 16 cached keys on
+/// (lanes `offset..16` of the vector, then lanes `0..offset` of the next, which
+/// `_mm512_permutex2var_ps` addresses as 16 + lane).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn qk_tiles<const NV: usize>(qs: [*const f32; QUERIES_TOGETHER], hd: usize, kt: &[f32], scores: &mut [[f32; KEY_TILE]; QUERIES_TOGETHER]) {
+unsafe fn shift_index(offset: usize) -> std::arch::x86_64::__m512i {
     use std::arch::x86_64::*;
-    debug_assert!(kt.len() >= hd * KEY_TILE);
-    let mut acc = [[_mm512_setzero_ps(); NV]; QUERIES_TOGETHER];
+    _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(offset as i32))
+}
+
+/// Scores of NQ queries (`qs`, hd values each) against the first 16·NV keys of `tile`, into
+/// `scores[q][..16·NV]`; each score is `fma(q[d], k[d], ·)` over d in order, from zero. `SHIFT`:
+/// keys 16v.. are joined by `idx` from vectors v and v + 1, for keys that do not start a
+/// vector of the key cache.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn qk_keys<const NQ: usize, const NV: usize, const SHIFT: bool>(qs: [*const f32; NQ], hd: usize, tile: KeyTile, idx: std::arch::x86_64::__m512i, scores: &mut [[f32; KEY_TILE]; QUERIES_TOGETHER]) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); NV]; NQ];
     for d in 0..hd {
-        let row = kt.as_ptr().add(d * KEY_TILE);
-        let keys: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(row.add(v * 16)));
+        let at = d * tile.d_stride;
+        let keys: [__m512; NV] = std::array::from_fn(|v| {
+            let k = _mm512_loadu_ps(tile.vecs[v].add(at));
+            if SHIFT {
+                _mm512_permutex2var_ps(k, idx, _mm512_loadu_ps(tile.vecs[v + 1].add(at)))
+            } else {
+                k
+            }
+        });
         for (a, qv) in acc.iter_mut().zip(qs) {
             let xv = _mm512_set1_ps(*qv.add(d));
             for (x, k) in a.iter_mut().zip(keys) {
@@ -898,9 +957,15 @@ unsafe fn block<O: Ops>(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
     let mut l = vec![0f32; nq];
     let mut o = vec![0f32; nq * hd];
     let mut scores = [0f32; KEY_TILE];
+    // The tile's keys of head g, row-major, gathered once from the key cache's blocks.
+    let mut tile = vec![0f32; KEY_TILE * hd];
     let keys_max = plan.positions[row0 + nrows - 1] as usize + 1;
     let mut t0 = 0;
     while t0 < keys_max {
+        for (j, key) in tile.chunks_exact_mut(hd).take((keys_max - t0).min(KEY_TILE)).enumerate() {
+            let at = key_at(seq.kv_start + t0 + j, kvd, g, hd);
+            key.iter_mut().enumerate().for_each(|(d, x)| *x = k_cache[at + d * KEY_BLOCK]);
+        }
         for i in 0..nrows {
             let row = row0 + i;
             let pos = plan.positions[row] as usize;
@@ -915,9 +980,7 @@ unsafe fn block<O: Ops>(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
                 let mut tile_max = f32::NEG_INFINITY;
                 for (j, sc) in scores[..n].iter_mut().enumerate() {
                     let key = t0 + j;
-                    let slot = seq.kv_start + key;
-                    let kv = &k_cache[slot * kvd + g * hd..slot * kvd + (g + 1) * hd];
-                    *sc = super::vmath::dot(qv, kv) * scale + alibi.map_or(0.0, |a| a[h] * (key as f32 - pos as f32));
+                    *sc = super::vmath::dot(qv, &tile[j * hd..(j + 1) * hd]) * scale + alibi.map_or(0.0, |a| a[h] * (key as f32 - pos as f32));
                     tile_max = tile_max.max(*sc);
                 }
                 let vbase = v_cache[(seq.kv_start + t0) * kvd + g * hd..].as_ptr();
@@ -997,6 +1060,33 @@ mod tests {
         }
     }
 
+    /// The key cache's layout: every (slot, element) of a row has its own place inside
+    /// [`key_cache_len`] and outside the last block (kept for the reads of 16 keys from a slot
+    /// inside the block before it), consecutive slots of a block lie side by side, and
+    /// [`block_keys`] puts each row's values there.
+    #[test]
+    fn key_cache_holds_each_key_once() {
+        for (slots, kvd, hd) in [(1usize, 8usize, 8usize), (37, 40, 20), (64, 192, 64), (17, 320, 160)] {
+            let rows = f(slots * kvd, 15.0);
+            let cache = block_keys(&rows, kvd);
+            assert_eq!(cache.len(), key_cache_len(slots, kvd));
+            let mut seen = vec![false; cache.len()];
+            for slot in 0..slots {
+                for g in 0..kvd / hd {
+                    for d in 0..hd {
+                        let at = key_at(slot, kvd, g, hd) + d * KEY_BLOCK;
+                        assert!(at < cache.len() - KEY_BLOCK * kvd, "slot {slot} head {g} element {d} in the last block");
+                        assert!(!std::mem::replace(&mut seen[at], true), "slot {slot} head {g} element {d} shares its place");
+                        assert_eq!(cache[at].to_bits(), rows[slot * kvd + g * hd + d].to_bits());
+                        if slot % KEY_BLOCK > 0 {
+                            assert_eq!(at, key_at(slot - 1, kvd, g, hd) + d * KEY_BLOCK + 1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Written in the f32 GEMM's packed layout (for the o projection), the output holds the
     /// row-major output's values bit for bit, every slot written: micro-panels that straddle two
     /// sequences or two 16-row blocks, a decode row, and heads of 64 and 20 dimensions.
@@ -1013,7 +1103,7 @@ mod tests {
             let mut by_rows = vec![0f32; rows * qd];
             attention(&q, &k, &v, heads, &plan, None, &mut by_rows);
             let mut by_panels = vec![f32::NAN; rows * qd];
-            attention_into(&q, &k, &v, heads, &plan, None, &mut by_panels, OutLayout::Packed);
+            attention_into(&q, &block_keys(&k, kvd), &v, heads, &plan, None, &mut by_panels, OutLayout::Packed);
             assert!(by_panels.iter().all(|x| !x.is_nan()), "{heads:?}: a slot not written");
             let mut unpacked = vec![0f32; rows * qd];
             super::super::gemm::unpack_rows(&by_panels, rows, qd, &mut unpacked);
@@ -1085,7 +1175,7 @@ mod tests {
                     pool.install(|| attention(&qs, &k, &v, heads, &plan, alibi.as_deref(), &mut got));
                     assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{heads:?} {step_lens:?} at {firsts:?}, {threads} workers");
                     let mut packed_out = vec![f32::NAN; want.len()];
-                    pool.install(|| attention_into(&qs, &k, &v, heads, &plan, alibi.as_deref(), &mut packed_out, OutLayout::Packed));
+                    pool.install(|| attention_into(&qs, &block_keys(&k, kvd), &v, heads, &plan, alibi.as_deref(), &mut packed_out, OutLayout::Packed));
                     let mut unpacked = vec![0f32; want.len()];
                     super::super::gemm::unpack_rows(&packed_out, plan.rows(), qd, &mut unpacked);
                     assert!(unpacked.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{heads:?} {step_lens:?} packed, {threads} workers");

@@ -148,12 +148,12 @@ impl<'a> HeadStore<'a> {
         let plan = &pass.plan;
         let l = kv.layer(layer);
         let kvd = heads.kv_heads * heads.head_dim;
-        let cache_len = kv.k[l].len();
+        let (values_len, keys_len) = (kv.v[l].len(), kv.k[l].len());
         assert_eq!(q.data.len(), plan.rows() * heads.q_heads * heads.head_dim, "query rows");
         let slots = (0..plan.rows())
             .map(|r| {
                 let slot = plan.seqs[plan.row_seq[r] as usize].kv_start + plan.positions[r] as usize;
-                assert!((slot + 1) * kvd <= cache_len, "KV slot {slot} outside the arena");
+                assert!((slot + 1) * kvd <= values_len && attention::key_cache_len(slot + 1, kvd) <= keys_len, "KV slot {slot} outside the arena");
                 slot
             })
             .collect();
@@ -188,7 +188,11 @@ impl<'a> HeadStore<'a> {
             // The common case (no bias, no per-head norm, 64-wide heads) in vectors, the same
             // operations as below.
             let (cos, sin) = if h < nq + nkv { self.rope.row(r) } else { (&[][..], &[][..]) };
-            return rope::rotate_store_head64(head, cos, sin, self.head_ptr(r, h));
+            if !(nq..nq + nkv).contains(&h) {
+                return rope::rotate_store_head64(head, cos, sin, self.head_ptr(r, h));
+            }
+            rope::rotate_store_head64(head, cos, sin, tmp.as_mut_ptr());
+            return self.store_key(r, h - nq, tmp);
         }
         if let Some(b) = self.bias {
             vals.iter_mut().zip(&b[h * hd..(h + 1) * hd]).for_each(|(x, b)| *x += b);
@@ -203,22 +207,36 @@ impl<'a> HeadStore<'a> {
                 rope::rotate_row(vals, 1, hd, cos, sin);
             }
         }
+        if (nq..nq + nkv).contains(&h) {
+            return self.store_key(r, h - nq, vals);
+        }
         std::ptr::copy_nonoverlapping(vals.as_ptr(), self.head_ptr(r, h), hd);
     }
 
-    /// Where head h of row r goes: its row of q, or its row's arena slot in the keys or values.
+    /// Stores key/value head g of row r (`key`: head_dim values) in its slot of the key cache,
+    /// where the head's elements lie [`attention::KEY_BLOCK`] values apart.
     ///
     /// # Safety
-    /// r < rows, h < nq + 2·nkv.
+    /// r < rows, g < nkv, and no other thread stores head g of row r meanwhile.
+    unsafe fn store_key(&self, r: usize, g: usize, key: &[f32]) {
+        let Heads { kv_heads: nkv, head_dim: hd, .. } = self.heads;
+        let at = self.k.0.add(attention::key_at(self.slots[r], nkv * hd, g, hd));
+        for (d, &x) in key[..hd].iter().enumerate() {
+            *at.add(d * attention::KEY_BLOCK) = x;
+        }
+    }
+
+    /// Where head h of row r goes: its row of q, or its row's arena slot in the values.
+    ///
+    /// # Safety
+    /// r < rows, h < nq + 2·nkv and not a key head (those are [`Self::store_key`]'s).
     unsafe fn head_ptr(&self, r: usize, h: usize) -> *mut f32 {
         let Heads { q_heads: nq, kv_heads: nkv, head_dim: hd } = self.heads;
-        let kvd = nkv * hd;
+        debug_assert!(!(nq..nq + nkv).contains(&h), "key heads are stored by store_key");
         if h < nq {
             self.q.0.add(r * nq * hd + h * hd)
-        } else if h < nq + nkv {
-            self.k.0.add(self.slots[r] * kvd + (h - nq) * hd)
         } else {
-            self.v.0.add(self.slots[r] * kvd + (h - nq - nkv) * hd)
+            self.v.0.add(self.slots[r] * nkv * hd + (h - nq - nkv) * hd)
         }
     }
 }
@@ -387,7 +405,9 @@ impl CpuAct {
 
 pub struct CpuKv {
     stored_layers: usize,
+    /// Per stored layer: the keys in blocks of [`attention::KEY_BLOCK`] slots ([`attention::key_at`]).
     k: Vec<Vec<f32>>,
+    /// Per stored layer: the values, `[slots, kv_dim]`.
     v: Vec<Vec<f32>>,
 }
 
@@ -514,7 +534,7 @@ impl Backend for CpuBackend {
     fn kv(&self, stored_layers: usize, slots: usize, kv_dim: usize) -> Result<CpuKv> {
         Ok(CpuKv {
             stored_layers: stored_layers.max(1),
-            k: (0..stored_layers.max(1)).map(|_| vec![0.0; slots * kv_dim]).collect(),
+            k: (0..stored_layers.max(1)).map(|_| vec![0.0; attention::key_cache_len(slots, kv_dim)]).collect(),
             v: (0..stored_layers.max(1)).map(|_| vec![0.0; slots * kv_dim]).collect(),
         })
     }
@@ -868,6 +888,36 @@ mod tests {
     /// few-row kernels) or 40 (tiles and row blocks).
     fn plan(long: usize) -> BatchPlan {
         BatchPlan::new(&[2, long, 1], &[0, 3, 7], &[100, 0, 60])
+    }
+
+    /// Each row's key and value heads land in its slot as attention reads them: the keys in
+    /// [`attention::block_keys`]' layout, the values row-major; slots start inside and at the
+    /// start of a key block; heads of 64 (stored in vectors) and 20 values.
+    #[test]
+    fn stored_heads_land_where_attention_reads_them() {
+        let be = CpuBackend;
+        for hd in [64, 20] {
+            let heads = Heads { q_heads: 4, kv_heads: 2, head_dim: hd };
+            let (qd, kvd) = (4 * hd, 2 * hd);
+            let plan = plan(37);
+            let rows = plan.rows();
+            // No rotation, bias or norm: the stored heads are the projection's columns.
+            let pass = be.begin_pass(&plan, &[], None, &[], 8).unwrap();
+            let qkv = be.act_from(&values(rows * (qd + 2 * kvd), 6), rows, qd + 2 * kvd, ActKind::Hidden).unwrap();
+            let slots = 160;
+            let mut kv = be.kv(1, slots, kvd).unwrap();
+            let mut q = be.act(rows, qd, ActKind::Hidden).unwrap();
+            be.rope_store_kv(&pass, &qkv, None, None, heads, &mut kv, 0, &mut q).unwrap();
+            let (mut keys, mut vals) = (vec![0f32; slots * kvd], vec![0f32; slots * kvd]);
+            for r in 0..rows {
+                let slot = plan.seqs[plan.row_seq[r] as usize].kv_start + plan.positions[r] as usize;
+                let row = &qkv.data[r * (qd + 2 * kvd)..(r + 1) * (qd + 2 * kvd)];
+                keys[slot * kvd..(slot + 1) * kvd].copy_from_slice(&row[qd..qd + kvd]);
+                vals[slot * kvd..(slot + 1) * kvd].copy_from_slice(&row[qd + kvd..]);
+            }
+            assert!(same_bits(&kv.k[0], &attention::block_keys(&keys, kvd)), "keys, head_dim {hd}");
+            assert!(same_bits(&kv.v[0], &vals), "values, head_dim {hd}");
+        }
     }
 
     /// The fused attention input (QKV GEMM, then bias, Q/K norm, rotation and KV store in its
