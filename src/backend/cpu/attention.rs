@@ -245,6 +245,7 @@ struct PrefillScratch {
     m: Vec<f32>,
     l: Vec<f32>,
     o: Vec<f32>,
+    /// A key tile joined into `[d][j]`, where its first slot is not a multiple of 16.
     kt: Vec<f32>,
     active: Vec<usize>,
 }
@@ -423,7 +424,7 @@ fn query_index(plan: &BatchPlan, heads: Heads, s: usize, g: usize, i: usize, hq:
 /// A decode step's attention in three phases, each shared evenly between the workers, so that
 /// long contexts are read at the speed of every core (one task per key/value head left one of two
 /// cores idle a third of the time with SmolLM2's three, and read each head's strided slices):
-/// 1. the scores, by key tiles: each worker reads whole rows of its own tiles;
+/// 1. the scores, by key tiles: each worker reads the key blocks of its own tiles;
 /// 2. the online softmax, by query: each tile's maximum, exponentials and sum, in tile order;
 /// 3. probabilities × V, by 16 output columns: each output element one chain over the keys in
 ///    order, as in [`pv_pair`].
@@ -515,9 +516,10 @@ fn decode_phased(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan
 }
 
 /// Prefetches the cached keys and values of a worker's run of [`decode_phased`]'s score units:
-/// whole rows of its tiles, in order, up to [`KV_PREFETCH_BYTES`] (as
-/// [`prefetch_keys_and_values`] does for the caller before one task per head; the keys of later
-/// tiles are prefetched a tile ahead by [`score_unit`], the values by [`pv_stream`]).
+/// the key blocks and value rows of its tiles, in order, up to [`KV_PREFETCH_BYTES`] (as
+/// [`prefetch_keys_and_values`] does for the caller before one task per head; later values are
+/// prefetched by [`pv_stream`], later keys are left to the hardware, their blocks being read in
+/// order).
 #[cfg(target_arch = "x86_64")]
 fn prefetch_run(units: &[(usize, usize, usize)], plan: &BatchPlan, k_cache: &[f32], v_cache: &[f32], kvd: usize) {
     let mut budget_rows = KV_PREFETCH_BYTES / (2 * kvd * std::mem::size_of::<f32>()).max(1);
