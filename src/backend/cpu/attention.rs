@@ -59,16 +59,22 @@ pub fn block_keys(rows: &[f32], kvd: usize) -> Vec<f32> {
     let slots = rows.len() / kvd.max(1);
     let mut cache = vec![0f32; key_cache_len(slots, kvd)];
     for (slot, row) in rows.chunks_exact(kvd.max(1)).enumerate() {
-        store_key(&mut cache, slot, kvd, row);
+        // SAFETY: the cache holds `slots` slots of `kvd` values.
+        unsafe { store_key(cache.as_mut_ptr(), slot, kvd, 0, row) };
     }
     cache
 }
 
-/// Stores row-major key row `row` (every head, `kvd` values) in slot `slot` of a key cache.
-fn store_key(cache: &mut [f32], slot: usize, kvd: usize, row: &[f32]) {
-    let base = key_at(slot, kvd, 0, 0);
-    for (e, &x) in row.iter().enumerate() {
-        cache[base + e * KEY_BLOCK] = x;
+/// Stores `values` as elements `first..` of slot `slot`'s row (`kvd` values: every key/value
+/// head) in the key cache at `cache`, where a row's elements lie [`KEY_BLOCK`] values apart.
+///
+/// # Safety
+/// The cache holds `key_cache_len(slot + 1, kvd)` values, `first + values.len() <= kvd`, and no
+/// other thread writes these elements meanwhile.
+pub(super) unsafe fn store_key(cache: *mut f32, slot: usize, kvd: usize, first: usize, values: &[f32]) {
+    let at = cache.add(key_at(slot, kvd, 0, 0) + first * KEY_BLOCK);
+    for (e, &x) in values.iter().enumerate() {
+        *at.add(e * KEY_BLOCK) = x;
     }
 }
 
@@ -138,7 +144,7 @@ pub fn attention_into(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads,
         }
     }
     if decode {
-        prefetch_keys_and_values(plan, k_cache, v_cache, heads.kv_heads * heads.head_dim);
+        prefetch_keys_and_values(plan, k_cache, v_cache, kvd);
     }
     let run = |&(s, g, row0, nrows): &(usize, usize, usize, usize)| {
         // The whole wrapper, not its raw-pointer field, is what the closure must capture.
@@ -316,8 +322,7 @@ unsafe fn prefill_block(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
             let idx = shift_index(first % 16);
             for v in 0..nk.div_ceil(16) {
                 for d in 0..hd {
-                    let joined = _mm512_permutex2var_ps(_mm512_loadu_ps(tile.vecs[v].add(d * KEY_BLOCK)), idx, _mm512_loadu_ps(tile.vecs[v + 1].add(d * KEY_BLOCK)));
-                    _mm512_storeu_ps(kt.as_mut_ptr().add(d * KEY_TILE + 16 * v), joined);
+                    _mm512_storeu_ps(kt.as_mut_ptr().add(d * KEY_TILE + 16 * v), key_vector::<true>(tile, v, d * tile.d_stride, idx));
                 }
             }
             tile = KeyTile { vecs: std::array::from_fn(|u| kt.as_ptr().wrapping_add(16 * u)), d_stride: KEY_TILE };
@@ -767,6 +772,21 @@ unsafe fn shift_index(offset: usize) -> std::arch::x86_64::__m512i {
     _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(offset as i32))
 }
 
+/// Element `at / d_stride` of keys 16v..16v + 16 of `tile`: vector v as it lies, or (`SHIFT`)
+/// joined by `idx` from vectors v and v + 1.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn key_vector<const SHIFT: bool>(tile: KeyTile, v: usize, at: usize, idx: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let k = _mm512_loadu_ps(tile.vecs[v].add(at));
+    if SHIFT {
+        _mm512_permutex2var_ps(k, idx, _mm512_loadu_ps(tile.vecs[v + 1].add(at)))
+    } else {
+        k
+    }
+}
+
 /// Scores of NQ queries (`qs`, hd values each) against the first 16·NV keys of `tile`, into
 /// `scores[q][..16·NV]`; each score is `fma(q[d], k[d], ·)` over d in order, from zero. `SHIFT`:
 /// keys 16v.. are joined by `idx` from vectors v and v + 1, for keys that do not start a
@@ -778,15 +798,7 @@ unsafe fn qk_keys<const NQ: usize, const NV: usize, const SHIFT: bool>(qs: [*con
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); NV]; NQ];
     for d in 0..hd {
-        let at = d * tile.d_stride;
-        let keys: [__m512; NV] = std::array::from_fn(|v| {
-            let k = _mm512_loadu_ps(tile.vecs[v].add(at));
-            if SHIFT {
-                _mm512_permutex2var_ps(k, idx, _mm512_loadu_ps(tile.vecs[v + 1].add(at)))
-            } else {
-                k
-            }
-        });
+        let keys: [__m512; NV] = std::array::from_fn(|v| key_vector::<SHIFT>(tile, v, d * tile.d_stride, idx));
         for (a, qv) in acc.iter_mut().zip(qs) {
             let xv = _mm512_set1_ps(*qv.add(d));
             for (x, k) in a.iter_mut().zip(keys) {

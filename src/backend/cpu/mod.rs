@@ -220,10 +220,8 @@ impl<'a> HeadStore<'a> {
     /// r < rows, g < nkv, and no other thread stores head g of row r meanwhile.
     unsafe fn store_key(&self, r: usize, g: usize, key: &[f32]) {
         let Heads { kv_heads: nkv, head_dim: hd, .. } = self.heads;
-        let at = self.k.0.add(attention::key_at(self.slots[r], nkv * hd, g, hd));
-        for (d, &x) in key[..hd].iter().enumerate() {
-            *at.add(d * attention::KEY_BLOCK) = x;
-        }
+        // The arena was checked to hold slot r (`new`).
+        attention::store_key(self.k.0, self.slots[r], nkv * hd, g * hd, &key[..hd]);
     }
 
     /// Where head h of row r goes: its row of q, or its row's arena slot in the values.
