@@ -71,7 +71,7 @@ fn bench_attention(c: &mut Criterion) {
         let seqs = 4;
         let rows = seqs * len;
         let plan = BatchPlan::new(&vec![len; seqs], &vec![0; seqs], &(0..seqs).map(|i| i * len).collect::<Vec<_>>());
-        let (q, k, v) = (data(rows * 576, 3), attention::block_keys(&data(rows * 192, 4), 192), data(rows * 192, 5));
+        let (q, k, v) = (data(rows * 576, 3), attention::block_keys(&data(rows * 192, 4), 192), attention::head_values(&data(rows * 192, 5), HEADS.kv_heads, HEADS.head_dim));
         let mut out = vec![0f32; rows * 576];
         g.throughput(Throughput::Elements(rows as u64));
         g.bench_with_input(BenchmarkId::from_parameter(len), &len, |b, _| {
@@ -84,7 +84,7 @@ fn bench_attention(c: &mut Criterion) {
     let evict = vec![1f32; 64 << 18];
     for (cold, past) in [(false, 512usize), (false, 1024), (false, 4096), (true, 256), (true, 1024)] {
         let plan = BatchPlan::new(&[1], &[past], &[0]);
-        let (q, k, v) = (data(576, 3), attention::block_keys(&data((past + 1) * 192, 4), 192), data((past + 1) * 192, 5));
+        let (q, k, v) = (data(576, 3), attention::block_keys(&data((past + 1) * 192, 4), 192), attention::head_values(&data((past + 1) * 192, 5), HEADS.kv_heads, HEADS.head_dim));
         let mut out = vec![0f32; 576];
         g.throughput(Throughput::Elements(1));
         let id = if cold { format!("cold/{past}") } else { past.to_string() };

@@ -36,7 +36,7 @@ const PARALLEL_MIN_WORK: usize = 1 << 14;
 /// the head's elements against 16 keys at once; with the keys stored that way it loads them as
 /// they lie, where row-major keys had to be transposed for every tile and every step (decode's
 /// score phase spent most of its time on that transposition and on reading one head's 256-byte
-/// slices of whole rows). Values stay row-major: P·V reads them row by row.
+/// slices of whole rows). Values are cached head by head instead ([`value_at`]).
 pub const KEY_BLOCK: usize = 16;
 // A vector of 16 consecutive slots lies in one block.
 const _: () = assert!(KEY_BLOCK.is_multiple_of(16));
@@ -78,6 +78,33 @@ pub(super) unsafe fn store_key(cache: *mut f32, slot: usize, kvd: usize, first: 
     }
 }
 
+/// Where value head `g` of slot `slot` starts in a value cache of `slots` slots and heads of `hd`
+/// values: each head's values of every slot lie together, slot after slot
+/// (`[kv head][slot][element]`), so that P·V, which reads one head's values of consecutive slots,
+/// reads them in one piece. Row-major values (`[slot][kv head][element]`) made those reads one
+/// head's 256-byte slice of each whole row: attention over 1,024 cached positions took 20–40 %
+/// longer than with this layout, on either decode path and for SmolLM2's heads as for
+/// 7-billion-parameter models' (AMD EPYC Zen 4; NOTES.md, 2026-12-06 10:46).
+#[inline(always)]
+pub fn value_at(slot: usize, slots: usize, g: usize, hd: usize) -> usize {
+    (g * slots + slot) * hd
+}
+
+/// The value cache holding row-major values `rows` (`[slots, kv_heads · hd]`), for tests and
+/// benchmarks.
+pub fn head_values(rows: &[f32], kv_heads: usize, hd: usize) -> Vec<f32> {
+    let kvd = kv_heads * hd;
+    let slots = rows.len() / kvd.max(1);
+    let mut cache = vec![0f32; slots * kvd];
+    for (slot, row) in rows.chunks_exact(kvd.max(1)).enumerate() {
+        for (g, head) in row.chunks_exact(hd.max(1)).enumerate() {
+            let at = value_at(slot, slots, g, hd);
+            cache[at..at + hd].copy_from_slice(head);
+        }
+    }
+    cache
+}
+
 /// The values of the key cache's slots `first..first + n`, every head: whole blocks.
 fn key_blocks(first: usize, n: usize, kvd: usize) -> std::ops::Range<usize> {
     first / KEY_BLOCK * KEY_BLOCK * kvd..(first + n).div_ceil(KEY_BLOCK) * KEY_BLOCK * kvd
@@ -96,17 +123,19 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 /// Attention over row-major cached keys and values (`[slots, kv_heads * head_dim]` each), for
-/// tests and benchmarks: the keys are first copied into a key cache ([`block_keys`]).
+/// tests and benchmarks: they are first copied into a key cache ([`block_keys`]) and a value
+/// cache ([`head_values`]).
 /// `out`: `[rows, q_heads * head_dim]`. `alibi`: per-head slopes adding `slope·(j − p)` to the
 /// score of key j for a query at p.
-pub fn attention(q: &[f32], k_rows: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, out: &mut [f32]) {
+pub fn attention(q: &[f32], k_rows: &[f32], v_rows: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, out: &mut [f32]) {
     let k_cache = block_keys(k_rows, heads.kv_heads * heads.head_dim);
-    attention_into(q, &k_cache, v_cache, heads, plan, alibi, out, OutLayout::Rows)
+    let v_cache = head_values(v_rows, heads.kv_heads, heads.head_dim);
+    attention_into(q, &k_cache, &v_cache, heads, plan, alibi, out, OutLayout::Rows)
 }
 
-/// Attention over a key cache (`k_cache`, laid out in blocks of [`KEY_BLOCK`] slots) and
-/// row-major values (`[slots, kv_heads * head_dim]`), with `out` in `layout`: row-major or where
-/// [`super::gemm::packed_row`] puts them.
+/// Attention over a key cache (`k_cache`, laid out in blocks of [`KEY_BLOCK`] slots) and a value
+/// cache (`v_cache`, head by head, [`value_at`]; its length tells its slots), with `out` in
+/// `layout`: row-major or where [`super::gemm::packed_row`] puts them.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_into(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, out: &mut [f32], layout: OutLayout) {
     let (qd, kvd) = (heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
@@ -115,10 +144,12 @@ pub fn attention_into(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads,
     if let Some(a) = alibi {
         assert_eq!(a.len(), heads.q_heads, "alibi slopes");
     }
+    assert!(v_cache.len().is_multiple_of(kvd.max(1)), "value cache of whole slots");
+    let v_slots = v_cache.len() / kvd.max(1);
     // The kernels read the caches through raw pointers: every slot they read must exist.
     for seq in plan.seqs.iter().filter(|seq| seq.len > 0) {
         let end = seq.kv_start + plan.positions[seq.start + seq.len - 1] as usize + 1;
-        assert!(end * kvd <= v_cache.len() && key_cache_len(end, kvd) <= k_cache.len(), "KV slot {} outside the caches", end - 1);
+        assert!(end <= v_slots && key_cache_len(end, kvd) <= k_cache.len(), "KV slot {} outside the caches", end - 1);
     }
     let ptr = OutPtr { ptr: out.as_mut_ptr(), layout, rows: plan.rows() };
     let decode = plan.rows() <= super::gemm::DECODE_ROWS;
@@ -144,7 +175,7 @@ pub fn attention_into(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads,
         }
     }
     if decode {
-        prefetch_keys_and_values(plan, k_cache, v_cache, kvd);
+        prefetch_keys_and_values(plan, k_cache, v_cache, heads);
     }
     let run = |&(s, g, row0, nrows): &(usize, usize, usize, usize)| {
         // The whole wrapper, not its raw-pointer field, is what the closure must capture.
@@ -182,31 +213,38 @@ pub fn attention_into(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads,
 const KV_PREFETCH_BYTES: usize = 512 << 10;
 
 /// Prefetches the cached keys and values that the rows of a decode step will read: in each
-/// sequence the slots from the first up to its last row's position, whole rows (every key/value
-/// head), keys and values alike (they are read tile by tile in that order), up to
+/// sequence the slots from the first up to its last row's position, every key/value head, keys
+/// and values alike (they are read tile by tile in that order), up to
 /// [`KV_PREFETCH_BYTES`] in all. They were written one step ago, and the whole model has streamed
 /// through the caches since, so the tasks' reads (each one head's 256 bytes of a row, on one
 /// thread) missed one after the other: over 51–179 positions, a step's attention took 31–35 µs
 /// a layer, and 24–28 µs with this (AMD EPYC Zen 4; NOTES.md, 2026-12-06). A prefetch has no
 /// result, so no value changes.
-fn prefetch_keys_and_values(plan: &BatchPlan, k_cache: &[f32], v_cache: &[f32], kvd: usize) {
+fn prefetch_keys_and_values(plan: &BatchPlan, k_cache: &[f32], v_cache: &[f32], heads: Heads) {
     #[cfg(target_arch = "x86_64")]
     {
-        let row_bytes = 2 * kvd * std::mem::size_of::<f32>();
+        let row_bytes = 2 * heads.kv_heads * heads.head_dim * std::mem::size_of::<f32>();
         let mut budget_rows = KV_PREFETCH_BYTES / row_bytes.max(1);
         for seq in &plan.seqs {
             let Some(&last) = plan.positions[seq.start..seq.start + seq.len].last() else { continue };
             let rows = (last as usize + 1).min(budget_rows);
             budget_rows -= rows;
-            let values = (seq.kv_start * kvd)..((seq.kv_start + rows) * kvd);
-            for region in [k_cache.get(key_blocks(seq.kv_start, rows, kvd)), v_cache.get(values)] {
-                let Some(region) = region else { return };
-                prefetch_lines(region.as_ptr(), std::mem::size_of_val(region));
-            }
+            prefetch_slots(k_cache, v_cache, seq.kv_start, rows, heads);
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (plan, k_cache, v_cache, kvd);
+    let _ = (plan, k_cache, v_cache, heads);
+}
+
+/// Prefetches the cached keys (whole blocks) and every head's values of slots `first..first + n`.
+#[cfg(target_arch = "x86_64")]
+fn prefetch_slots(k_cache: &[f32], v_cache: &[f32], first: usize, n: usize, heads: Heads) {
+    let (hd, kvd) = (heads.head_dim, heads.kv_heads * heads.head_dim);
+    let v_slots = v_cache.len() / kvd.max(1);
+    let values = (0..heads.kv_heads).map(|g| v_cache.get(value_at(first, v_slots, g, hd)..value_at(first + n, v_slots, g, hd)));
+    for region in std::iter::once(k_cache.get(key_blocks(first, n, kvd))).chain(values).flatten() {
+        prefetch_lines(region.as_ptr(), std::mem::size_of_val(region));
+    }
 }
 
 /// The vector operations of a block, inlined into one function per instruction set.
@@ -329,7 +367,7 @@ unsafe fn prefill_block(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
         }
         active.clear();
         active.extend((0..nq).filter(|&qi| pos(qi) >= t0));
-        let vbase = v_cache.as_ptr().add((seq.kv_start + t0) * kvd + g * hd);
+        let vbase = v_cache.as_ptr().add(value_at(seq.kv_start + t0, v_cache.len() / kvd, g, hd));
         for chunk in active.chunks(QUERIES_TOGETHER) {
             // Keys each query sees in this tile; a short chunk repeats its last query (scored, unused).
             let n: [usize; QUERIES_TOGETHER] = std::array::from_fn(|j| (pos(chunk[j.min(chunk.len() - 1)]) + 1 - t0).min(KEY_TILE));
@@ -357,10 +395,10 @@ unsafe fn prefill_block(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
                 if j + 1 < chunk.len() {
                     let (qb, nb) = (chunk[j + 1], n[j + 1]);
                     let ob = o.as_mut_ptr().add(qb * hd);
-                    pv_pair(hd, [oa, ob], [corr[j], corr[j + 1]], [&scores[j][..na], &scores[j + 1][..nb]], vbase, kvd, fresh);
+                    pv_pair(hd, [oa, ob], [corr[j], corr[j + 1]], [&scores[j][..na], &scores[j + 1][..nb]], vbase, hd, fresh);
                     j += 2;
                 } else {
-                    pv_pair(hd, [oa, oa], [corr[j], corr[j]], [&scores[j][..na], &[]], vbase, kvd, fresh);
+                    pv_pair(hd, [oa, oa], [corr[j], corr[j]], [&scores[j][..na], &[]], vbase, hd, fresh);
                     j += 1;
                 }
             }
@@ -443,6 +481,7 @@ fn query_index(plan: &BatchPlan, heads: Heads, s: usize, g: usize, i: usize, hq:
 fn decode_phased(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, out: OutPtr, sc: &mut DecodeScratch) {
     let (hd, qd) = (heads.head_dim, heads.q_heads * heads.head_dim);
     let group = heads.q_heads / heads.kv_heads;
+    let v_slots = v_cache.len() / (heads.kv_heads * hd);
     let nq = plan.rows() * heads.q_heads;
     let tiles = plan.positions.iter().map(|&p| p as usize + 1).max().unwrap_or(1).div_ceil(KEY_TILE);
     let stride = tiles * KEY_TILE;
@@ -471,7 +510,7 @@ fn decode_phased(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan
     score_units.par_chunks(runs(score_units.len())).for_each(|units| {
         #[allow(clippy::redundant_locals)]
         let ph = ph;
-        prefetch_run(units, plan, k_cache, v_cache, heads.kv_heads * hd);
+        prefetch_run(units, plan, k_cache, v_cache, heads);
         for &unit in units {
             // SAFETY: unit (s, t, g) writes tile t of the queries of sequence s and group g.
             unsafe { score_unit(q, k_cache, heads, plan, alibi, unit, ph) };
@@ -496,7 +535,8 @@ fn decode_phased(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan
     pv_units.par_chunks(runs(pv_units.len())).for_each(|units| {
         #[allow(clippy::redundant_locals)]
         let ph = ph;
-        // Consecutive units of one (row, group) are run together: each value row is read once.
+        // Consecutive units of one (row, group) are run together: each of the head's values is
+        // read once.
         let mut i = 0;
         while i < units.len() {
             let (r, g, c0) = units[i];
@@ -504,9 +544,9 @@ fn decode_phased(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan
             let s = seq_of(r);
             let seq = &plan.seqs[s];
             let first = query_index(plan, heads, s, g, r - seq.start, 0);
-            let v = v_cache[seq.kv_start * heads.kv_heads * hd + g * hd..].as_ptr();
+            let v = v_cache[value_at(seq.kv_start, v_slots, g, hd)..].as_ptr();
             // SAFETY: columns c0..c0+n of the group's queries of row r, written by this unit alone.
-            unsafe { pv_unit(hd, c0, n, first, group, plan.positions[r] as usize + 1, v, heads.kv_heads * hd, ph) };
+            unsafe { pv_unit(hd, c0, n, first, group, plan.positions[r] as usize + 1, v, hd, ph) };
             i += n;
         }
     });
@@ -521,13 +561,13 @@ fn decode_phased(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan
 }
 
 /// Prefetches the cached keys and values of a worker's run of [`decode_phased`]'s score units:
-/// the key blocks and value rows of its tiles, in order, up to [`KV_PREFETCH_BYTES`] (as
+/// the key blocks and values of its tiles, in order, up to [`KV_PREFETCH_BYTES`] (as
 /// [`prefetch_keys_and_values`] does for the caller before one task per head; later values are
 /// prefetched by [`pv_stream`], later keys are left to the hardware, their blocks being read in
 /// order).
 #[cfg(target_arch = "x86_64")]
-fn prefetch_run(units: &[(usize, usize, usize)], plan: &BatchPlan, k_cache: &[f32], v_cache: &[f32], kvd: usize) {
-    let mut budget_rows = KV_PREFETCH_BYTES / (2 * kvd * std::mem::size_of::<f32>()).max(1);
+fn prefetch_run(units: &[(usize, usize, usize)], plan: &BatchPlan, k_cache: &[f32], v_cache: &[f32], heads: Heads) {
+    let mut budget_rows = KV_PREFETCH_BYTES / (2 * heads.kv_heads * heads.head_dim * std::mem::size_of::<f32>()).max(1);
     let mut last = None;
     for &(s, t, _) in units {
         if last == Some((s, t)) {
@@ -539,9 +579,7 @@ fn prefetch_run(units: &[(usize, usize, usize)], plan: &BatchPlan, k_cache: &[f3
         let first = seq.kv_start + t * KEY_TILE;
         let rows = (keys - t * KEY_TILE).min(KEY_TILE).min(budget_rows);
         budget_rows -= rows;
-        for region in [k_cache.get(key_blocks(first, rows, kvd)), v_cache.get(first * kvd..(first + rows) * kvd)].into_iter().flatten() {
-            prefetch_lines(region.as_ptr(), std::mem::size_of_val(region));
-        }
+        prefetch_slots(k_cache, v_cache, first, rows, heads);
         if budget_rows == 0 {
             return;
         }
@@ -997,8 +1035,8 @@ unsafe fn block<O: Ops>(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
                     *sc = super::vmath::dot(qv, &tile[j * hd..(j + 1) * hd]) * scale + alibi.map_or(0.0, |a| a[h] * (key as f32 - pos as f32));
                     tile_max = tile_max.max(*sc);
                 }
-                let vbase = v_cache[(seq.kv_start + t0) * kvd + g * hd..].as_ptr();
-                online_update::<O>(&mut scores[..n], tile_max, &mut m[qi], &mut l[qi], &mut o[qi * hd..(qi + 1) * hd], vbase, kvd);
+                let vbase = v_cache[value_at(seq.kv_start + t0, v_cache.len() / kvd, g, hd)..].as_ptr();
+                online_update::<O>(&mut scores[..n], tile_max, &mut m[qi], &mut l[qi], &mut o[qi * hd..(qi + 1) * hd], vbase, hd);
             }
         }
         t0 += KEY_TILE;
@@ -1074,6 +1112,31 @@ mod tests {
         }
     }
 
+    /// The value cache's layout: every (slot, head, element) has its own place among the cache's
+    /// `slots · kvd` values, a head's values of consecutive slots follow each other, and
+    /// [`head_values`] puts each row's values there.
+    #[test]
+    fn value_cache_holds_each_value_once() {
+        for (slots, kvd, hd) in [(1usize, 8usize, 8usize), (37, 40, 20), (64, 192, 64), (17, 320, 160)] {
+            let rows = f(slots * kvd, 16.0);
+            let cache = head_values(&rows, kvd / hd, hd);
+            assert_eq!(cache.len(), slots * kvd);
+            let mut seen = vec![false; cache.len()];
+            for slot in 0..slots {
+                for g in 0..kvd / hd {
+                    for d in 0..hd {
+                        let at = value_at(slot, slots, g, hd) + d;
+                        assert!(!std::mem::replace(&mut seen[at], true), "slot {slot} head {g} element {d} shares its place");
+                        assert_eq!(cache[at].to_bits(), rows[slot * kvd + g * hd + d].to_bits());
+                        if slot > 0 {
+                            assert_eq!(at, value_at(slot - 1, slots, g, hd) + d + hd);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// The key cache's layout: every (slot, element) of a row has its own place inside
     /// [`key_cache_len`] and outside the last block (kept for the reads of 16 keys from a slot
     /// inside the block before it), consecutive slots of a block lie side by side, and
@@ -1117,7 +1180,7 @@ mod tests {
             let mut by_rows = vec![0f32; rows * qd];
             attention(&q, &k, &v, heads, &plan, None, &mut by_rows);
             let mut by_panels = vec![f32::NAN; rows * qd];
-            attention_into(&q, &block_keys(&k, kvd), &v, heads, &plan, None, &mut by_panels, OutLayout::Packed);
+            attention_into(&q, &block_keys(&k, kvd), &head_values(&v, heads.kv_heads, heads.head_dim), heads, &plan, None, &mut by_panels, OutLayout::Packed);
             assert!(by_panels.iter().all(|x| !x.is_nan()), "{heads:?}: a slot not written");
             let mut unpacked = vec![0f32; rows * qd];
             super::super::gemm::unpack_rows(&by_panels, rows, qd, &mut unpacked);
@@ -1189,7 +1252,7 @@ mod tests {
                     pool.install(|| attention(&qs, &k, &v, heads, &plan, alibi.as_deref(), &mut got));
                     assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{heads:?} {step_lens:?} at {firsts:?}, {threads} workers");
                     let mut packed_out = vec![f32::NAN; want.len()];
-                    pool.install(|| attention_into(&qs, &block_keys(&k, kvd), &v, heads, &plan, alibi.as_deref(), &mut packed_out, OutLayout::Packed));
+                    pool.install(|| attention_into(&qs, &block_keys(&k, kvd), &head_values(&v, heads.kv_heads, heads.head_dim), heads, &plan, alibi.as_deref(), &mut packed_out, OutLayout::Packed));
                     let mut unpacked = vec![0f32; want.len()];
                     super::super::gemm::unpack_rows(&packed_out, plan.rows(), qd, &mut unpacked);
                     assert!(unpacked.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{heads:?} {step_lens:?} packed, {threads} workers");

@@ -137,6 +137,8 @@ struct HeadStore<'a> {
     v: RowPtr,
     /// Each row's arena slot.
     slots: Vec<usize>,
+    /// Slots of the value arena ([`attention::value_at`] lays each head's values out over them).
+    value_slots: usize,
     /// AVX-512 present and the rotation (if any) pairs halves of a 64-wide head:
     /// [`rope::rotate_store_head64`] applies to heads of 64 values.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -148,12 +150,12 @@ impl<'a> HeadStore<'a> {
         let plan = &pass.plan;
         let l = kv.layer(layer);
         let kvd = heads.kv_heads * heads.head_dim;
-        let (values_len, keys_len) = (kv.v[l].len(), kv.k[l].len());
+        let (value_slots, keys_len) = (kv.v[l].len() / kvd.max(1), kv.k[l].len());
         assert_eq!(q.data.len(), plan.rows() * heads.q_heads * heads.head_dim, "query rows");
         let slots = (0..plan.rows())
             .map(|r| {
                 let slot = plan.seqs[plan.row_seq[r] as usize].kv_start + plan.positions[r] as usize;
-                assert!((slot + 1) * kvd <= values_len && attention::key_cache_len(slot + 1, kvd) <= keys_len, "KV slot {slot} outside the arena");
+                assert!(slot < value_slots && attention::key_cache_len(slot + 1, kvd) <= keys_len, "KV slot {slot} outside the arena");
                 slot
             })
             .collect();
@@ -166,6 +168,7 @@ impl<'a> HeadStore<'a> {
             k: RowPtr(kv.k[l].as_mut_ptr()),
             v: RowPtr(kv.v[l].as_mut_ptr()),
             slots,
+            value_slots,
             vector_store: gemm::isa() == gemm::Isa::Avx512 && matches!(pass.rope.half, 0 | 32),
         }
     }
@@ -224,7 +227,8 @@ impl<'a> HeadStore<'a> {
         attention::store_key(self.k.0, self.slots[r], nkv * hd, g * hd, &key[..hd]);
     }
 
-    /// Where head h of row r goes: its row of q, or its row's arena slot in the values.
+    /// Where head h of row r goes: its row of q, or its place for the row's arena slot in the
+    /// values.
     ///
     /// # Safety
     /// r < rows, h < nq + 2·nkv and not a key head (those are [`Self::store_key`]'s).
@@ -234,7 +238,7 @@ impl<'a> HeadStore<'a> {
         if h < nq {
             self.q.0.add(r * nq * hd + h * hd)
         } else {
-            self.v.0.add(self.slots[r] * nkv * hd + (h - nq - nkv) * hd)
+            self.v.0.add(attention::value_at(self.slots[r], self.value_slots, h - nq - nkv, hd))
         }
     }
 }
@@ -405,7 +409,7 @@ pub struct CpuKv {
     stored_layers: usize,
     /// Per stored layer: the keys in blocks of [`attention::KEY_BLOCK`] slots ([`attention::key_at`]).
     k: Vec<Vec<f32>>,
-    /// Per stored layer: the values, `[slots, kv_dim]`.
+    /// Per stored layer: the values, head by head (`[kv head][slot][head_dim]`, [`attention::value_at`]).
     v: Vec<Vec<f32>>,
 }
 
@@ -889,8 +893,8 @@ mod tests {
     }
 
     /// Each row's key and value heads land in its slot as attention reads them: the keys in
-    /// [`attention::block_keys`]' layout, the values row-major; slots start inside and at the
-    /// start of a key block; heads of 64 (stored in vectors) and 20 values.
+    /// [`attention::block_keys`]' layout, the values in [`attention::head_values`]'; slots start
+    /// inside and at the start of a key block; heads of 64 (stored in vectors) and 20 values.
     #[test]
     fn stored_heads_land_where_attention_reads_them() {
         let be = CpuBackend;
@@ -914,7 +918,7 @@ mod tests {
                 vals[slot * kvd..(slot + 1) * kvd].copy_from_slice(&row[qd + kvd..]);
             }
             assert!(same_bits(&kv.k[0], &attention::block_keys(&keys, kvd)), "keys, head_dim {hd}");
-            assert!(same_bits(&kv.v[0], &vals), "values, head_dim {hd}");
+            assert!(same_bits(&kv.v[0], &attention::head_values(&vals, 2, hd)), "values, head_dim {hd}");
         }
     }
 
