@@ -13,9 +13,10 @@
 //! whether the row is decoded alone or prefilled with others, so results are bit-identical
 //! whatever the batch and however a sequence is split into passes.
 //!
-//! Decode steps over long contexts ([`PHASED_MIN_KEYS`]) split those same operations in three
-//! phases whose units are shared evenly between the workers (scores by key tiles, the online
-//! softmax by query, probabilities × V by output columns); see `decode_phased`.
+//! Decode steps over long contexts ([`PHASED_MIN_KEYS`]) whose tasks would leave workers idle
+//! split those same operations in three phases whose units are shared evenly between the workers
+//! (scores by key tiles, the online softmax by query, probabilities × V by output columns); see
+//! `decode_phased`.
 use super::gemm::OutLayout;
 use crate::backend::Heads;
 use crate::engine::plan::BatchPlan;
@@ -155,7 +156,12 @@ pub fn attention_into(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads,
     let decode = plan.rows() <= super::gemm::DECODE_ROWS;
     let keys: usize = plan.positions.iter().map(|&p| p as usize + 1).sum();
     #[cfg(target_arch = "x86_64")]
-    if decode && keys >= PHASED_MIN_KEYS && rayon::current_num_threads() > 1 && super::gemm::isa() == super::gemm::Isa::Avx512 {
+    if decode
+        && keys >= PHASED_MIN_KEYS
+        && rayon::current_num_threads() > 1
+        && super::gemm::isa() == super::gemm::Isa::Avx512
+        && per_head_tasks_leave_workers_idle(plan, heads.kv_heads, rayon::current_num_threads())
+    {
         DECODE_SCRATCH.with(|cell| match cell.try_borrow_mut() {
             Ok(mut scratch) => decode_phased(q, k_cache, v_cache, heads, plan, alibi, ptr, &mut scratch),
             Err(_) => decode_phased(q, k_cache, v_cache, heads, plan, alibi, ptr, &mut DecodeScratch::default()),
@@ -409,9 +415,36 @@ unsafe fn prefill_block(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
 }
 
 /// Keys (summed over a decode step's rows) from which a decode step on AVX-512 runs its attention
-/// in phases ([`decode_phased`]) rather than one task per sequence and key/value head.
+/// in phases ([`decode_phased`]) rather than one task per sequence and key/value head, where those
+/// tasks would leave workers idle ([`per_head_tasks_leave_workers_idle`]).
 #[cfg(target_arch = "x86_64")]
 const PHASED_MIN_KEYS: usize = 256;
+
+/// Whether one task per (sequence, key/value head) would keep the busiest worker over an eighth
+/// longer than an even share of the work: the tasks, weighted by the keys their rows visit, dealt
+/// longest first to the least loaded worker. Phases split any step evenly, but cost three
+/// hand-overs and a pass over the scores; where the tasks divide evenly they were as fast or
+/// faster. Decode attention, cold, two workers, phases ÷ one task per head over 256–4,096 keys
+/// (AMD EPYC Zen 4; NOTES.md, 2026-12-06 10:46): 3 key/value heads (SmolLM2: 3 tasks) 1.08–1.24
+/// at 256 and 512 keys but 0.59–0.75 from 1,024; with tasks that divide evenly, 2 heads of 64
+/// (Qwen2-0.5B) 1.08–1.25, 8 of 128 (Llama-3-8B) 1.02–1.11, 32 of 128 (LLaMA-2-7B) 1.04–1.24,
+/// 8 of 64 0.94–1.12 and 16 of 64 0.84–1.04.
+#[cfg(target_arch = "x86_64")]
+fn per_head_tasks_leave_workers_idle(plan: &BatchPlan, kv_heads: usize, workers: usize) -> bool {
+    use std::cmp::Reverse;
+    let mut keys: Vec<usize> = plan.seqs.iter().map(|seq| plan.positions[seq.start..seq.start + seq.len].iter().map(|&p| p as usize + 1).sum()).collect();
+    keys.sort_unstable_by(|a, b| b.cmp(a));
+    let mut loads = std::collections::BinaryHeap::from(vec![Reverse(0usize); workers.max(1)]);
+    for &k in &keys {
+        for _ in 0..kv_heads {
+            let Reverse(least) = loads.pop().unwrap_or_default();
+            loads.push(Reverse(least + k));
+        }
+    }
+    let busiest = loads.into_iter().map(|Reverse(load)| load).max().unwrap_or(0);
+    let total = keys.iter().sum::<usize>() * kv_heads;
+    8 * busiest * workers > 9 * total
+}
 
 /// A phased decode step's working memory, shared by its workers, on the calling thread (reused by
 /// every step). Query qi is (row, head); each holds `stride` scores and `tiles` tile values.
@@ -1210,10 +1243,27 @@ mod tests {
         }
     }
 
+    /// Phases only where one task per (sequence, key/value head) would keep a worker waiting: tasks
+    /// fewer than the workers or not dividing among them, or sequences of unequal lengths.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn phases_only_where_per_head_tasks_leave_workers_idle() {
+        let one = BatchPlan::new(&[1], &[999], &[0]);
+        for (kv_heads, workers, idle) in [(3, 2, true), (1, 2, true), (5, 2, true), (2, 2, false), (6, 2, false), (32, 2, false), (4, 3, true), (8, 16, true), (32, 16, false)] {
+            assert_eq!(per_head_tasks_leave_workers_idle(&one, kv_heads, workers), idle, "{kv_heads} heads, {workers} workers");
+        }
+        let uneven = BatchPlan::new(&[1, 1], &[999, 99], &[0, 1000]);
+        assert!(per_head_tasks_leave_workers_idle(&uneven, 1, 2), "1,000 keys against 100");
+        assert!(!per_head_tasks_leave_workers_idle(&uneven, 2, 2), "1,000 + 100 keys on each worker");
+        let even = BatchPlan::new(&[1, 1, 1], &[499, 299, 199], &[0, 500, 800]);
+        assert!(!per_head_tasks_leave_workers_idle(&even, 1, 2), "500 keys against 300 + 200");
+    }
+
     /// Decode steps over long contexts (run in phases on AVX-512, from [`PHASED_MIN_KEYS`] keys,
-    /// on more than one worker) give each row the bits of its prefill: one and several rows, one
-    /// and several sequences, a sequence of two rows, ALiBi, heads of 20, 64, 128 and 160
-    /// dimensions, groups of 1–8 query heads, on 2 and 3 workers and on one.
+    /// where one task per head would leave workers idle: every head configuration here on 3
+    /// workers, some on 2) give each row the bits of its prefill: one and several rows, one and
+    /// several sequences, a sequence of two rows, ALiBi, heads of 20, 64, 128 and 160 dimensions,
+    /// groups of 1–8 query heads, on 2 and 3 workers and on one.
     #[test]
     fn long_decode_steps_match_prefill() {
         for (heads, alibi) in [
