@@ -84,7 +84,7 @@ pub(super) unsafe fn store_key(cache: *mut f32, slot: usize, kvd: usize, first: 
 /// (`[kv head][slot][element]`), so that P·V, which reads one head's values of consecutive slots,
 /// reads them in one piece. Row-major values (`[slot][kv head][element]`) made those reads one
 /// head's 256-byte slice of each whole row: a decode step's attention over 1,024 cached
-/// positions took 12–27 % longer in phases and 34–70 % longer as one task per head than with
+/// positions took 13–35 % longer in phases and 19–70 % longer as one task per head than with
 /// this layout, for SmolLM2's heads as for 7-billion-parameter models' (AMD EPYC Zen 4;
 /// NOTES.md, 2026-12-06 10:46).
 #[inline(always)]
@@ -1262,9 +1262,9 @@ mod tests {
 
     /// Decode steps over long contexts (run in phases on AVX-512, from [`PHASED_MIN_KEYS`] keys,
     /// where one task per head would leave workers idle: SmolLM2's heads on 2 workers, the others
-    /// on 3, and steps of unequal sequences) give each row the bits of its prefill: one and several rows, one and
-    /// several sequences, a sequence of two rows, ALiBi, heads of 20, 64, 128 and 160 dimensions,
-    /// groups of 1–8 query heads, on 2 and 3 workers and on one.
+    /// on 3, and steps of unequal sequences) give each row the bits of its prefill: one and
+    /// several rows, one and several sequences, a sequence of two rows, ALiBi, heads of 20, 64,
+    /// 128 and 160 dimensions, groups of 1–8 query heads, on 2 and 3 workers and on one.
     #[test]
     fn long_decode_steps_match_prefill() {
         for (heads, alibi) in [
