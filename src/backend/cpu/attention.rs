@@ -92,6 +92,11 @@ pub fn value_at(slot: usize, slots: usize, g: usize, hd: usize) -> usize {
     (g * slots + slot) * hd
 }
 
+/// The slots of a value cache: its length over a row's values (every key/value head).
+fn value_slots(v_cache: &[f32], heads: Heads) -> usize {
+    v_cache.len() / (heads.kv_heads * heads.head_dim).max(1)
+}
+
 /// The value cache holding row-major values `rows` (`[slots, kv_heads · hd]`), for tests and
 /// benchmarks.
 pub fn head_values(rows: &[f32], kv_heads: usize, hd: usize) -> Vec<f32> {
@@ -147,7 +152,7 @@ pub fn attention_into(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads,
         assert_eq!(a.len(), heads.q_heads, "alibi slopes");
     }
     assert!(v_cache.len().is_multiple_of(kvd.max(1)), "value cache of whole slots");
-    let v_slots = v_cache.len() / kvd.max(1);
+    let v_slots = value_slots(v_cache, heads);
     // The kernels read the caches through raw pointers: every slot they read must exist.
     for seq in plan.seqs.iter().filter(|seq| seq.len > 0) {
         let end = seq.kv_start + plan.positions[seq.start + seq.len - 1] as usize + 1;
@@ -156,13 +161,9 @@ pub fn attention_into(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads,
     let ptr = OutPtr { ptr: out.as_mut_ptr(), layout, rows: plan.rows() };
     let decode = plan.rows() <= super::gemm::DECODE_ROWS;
     let keys: usize = plan.positions.iter().map(|&p| p as usize + 1).sum();
+    let workers = rayon::current_num_threads();
     #[cfg(target_arch = "x86_64")]
-    if decode
-        && keys >= PHASED_MIN_KEYS
-        && rayon::current_num_threads() > 1
-        && super::gemm::isa() == super::gemm::Isa::Avx512
-        && per_head_tasks_leave_workers_idle(plan, heads.kv_heads, rayon::current_num_threads())
-    {
+    if decode && keys >= PHASED_MIN_KEYS && workers > 1 && super::gemm::isa() == super::gemm::Isa::Avx512 && per_head_tasks_leave_workers_idle(plan, heads.kv_heads, workers) {
         DECODE_SCRATCH.with(|cell| match cell.try_borrow_mut() {
             Ok(mut scratch) => decode_phased(q, k_cache, v_cache, heads, plan, alibi, ptr, &mut scratch),
             Err(_) => decode_phased(q, k_cache, v_cache, heads, plan, alibi, ptr, &mut DecodeScratch::default()),
@@ -207,7 +208,7 @@ pub fn attention_into(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads,
     // from 29 positions on) ran 0.5 % faster at 12–260 positions and 3.1 % faster at 300–430
     // than with the threshold of 2^18 before, which kept them on one thread below 455 positions
     // (steps alternated one by one; AMD EPYC Zen 4, NOTES.md 2026-12-06).
-    if tasks.len() > 1 && rayon::current_num_threads() > 1 && keys * qd >= PARALLEL_MIN_WORK {
+    if tasks.len() > 1 && workers > 1 && keys * qd >= PARALLEL_MIN_WORK {
         tasks.par_iter().for_each(run);
     } else {
         tasks.iter().for_each(run);
@@ -247,7 +248,7 @@ fn prefetch_keys_and_values(plan: &BatchPlan, k_cache: &[f32], v_cache: &[f32], 
 #[cfg(target_arch = "x86_64")]
 fn prefetch_slots(k_cache: &[f32], v_cache: &[f32], first: usize, n: usize, heads: Heads) {
     let (hd, kvd) = (heads.head_dim, heads.kv_heads * heads.head_dim);
-    let v_slots = v_cache.len() / kvd.max(1);
+    let v_slots = value_slots(v_cache, heads);
     let values = (0..heads.kv_heads).map(|g| v_cache.get(value_at(first, v_slots, g, hd)..value_at(first + n, v_slots, g, hd)));
     for region in std::iter::once(k_cache.get(key_blocks(first, n, kvd))).chain(values).flatten() {
         prefetch_lines(region.as_ptr(), std::mem::size_of_val(region));
@@ -335,6 +336,7 @@ unsafe fn prefill_block(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
     use std::arch::x86_64::*;
     let (s, g, row0, nrows) = task;
     let (hd, qd, kvd) = (heads.head_dim, heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
+    let v_slots = value_slots(v_cache, heads);
     let group = heads.q_heads / heads.kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let seq = &plan.seqs[s];
@@ -374,7 +376,7 @@ unsafe fn prefill_block(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
         }
         active.clear();
         active.extend((0..nq).filter(|&qi| pos(qi) >= t0));
-        let vbase = v_cache.as_ptr().add(value_at(seq.kv_start + t0, v_cache.len() / kvd, g, hd));
+        let vbase = v_cache.as_ptr().add(value_at(seq.kv_start + t0, v_slots, g, hd));
         for chunk in active.chunks(QUERIES_TOGETHER) {
             // Keys each query sees in this tile; a short chunk repeats its last query (scored, unused).
             let n: [usize; QUERIES_TOGETHER] = std::array::from_fn(|j| (pos(chunk[j.min(chunk.len() - 1)]) + 1 - t0).min(KEY_TILE));
@@ -515,7 +517,7 @@ fn query_index(plan: &BatchPlan, heads: Heads, s: usize, g: usize, i: usize, hq:
 fn decode_phased(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, out: OutPtr, sc: &mut DecodeScratch) {
     let (hd, qd) = (heads.head_dim, heads.q_heads * heads.head_dim);
     let group = heads.q_heads / heads.kv_heads;
-    let v_slots = v_cache.len() / (heads.kv_heads * hd);
+    let v_slots = value_slots(v_cache, heads);
     let nq = plan.rows() * heads.q_heads;
     let tiles = plan.positions.iter().map(|&p| p as usize + 1).max().unwrap_or(1).div_ceil(KEY_TILE);
     let stride = tiles * KEY_TILE;
@@ -1034,6 +1036,7 @@ unsafe fn write_rows(o: &mut [f32], l: &[f32], out: OutPtr, row0: usize, nrows: 
 #[inline(always)]
 unsafe fn block<O: Ops>(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan: &BatchPlan, alibi: Option<&[f32]>, s: usize, g: usize, row0: usize, nrows: usize, out: OutPtr) {
     let (hd, qd, kvd) = (heads.head_dim, heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
+    let v_slots = value_slots(v_cache, heads);
     let group = heads.q_heads / heads.kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let seq = &plan.seqs[s];
@@ -1069,7 +1072,7 @@ unsafe fn block<O: Ops>(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
                     *sc = super::vmath::dot(qv, &tile[j * hd..(j + 1) * hd]) * scale + alibi.map_or(0.0, |a| a[h] * (key as f32 - pos as f32));
                     tile_max = tile_max.max(*sc);
                 }
-                let vbase = v_cache[value_at(seq.kv_start + t0, v_cache.len() / kvd, g, hd)..].as_ptr();
+                let vbase = v_cache[value_at(seq.kv_start + t0, v_slots, g, hd)..].as_ptr();
                 online_update::<O>(&mut scores[..n], tile_max, &mut m[qi], &mut l[qi], &mut o[qi * hd..(qi + 1) * hd], vbase, hd);
             }
         }
