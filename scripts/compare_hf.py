@@ -133,8 +133,9 @@ def summary(d):
         b = load(name)
         if b:
             print(f"resid bench ({b['compute']}): {b['tokens_per_s']:.0f} tok/s on random ids, {b['gflop_per_s']:.1f} GFLOP/s = "
-                  f"{b['fraction_of_gemm_peak']:.0%} of its GEMM peak {b['gemm_peak_gflop_per_s']:.1f} GFLOP/s "
-                  f"(FMA peak {b.get('fma_peak_gflop_per_s', float('nan')):.1f})")
+                  f"{b['fraction_of_gemm_peak']:.1%} of its GEMM peak {b['gemm_peak_gflop_per_s']:.1f} GFLOP/s "
+                  f"({b.get('fraction_of_one_matrix_gemm_peak', float('nan')):.1%} of the one-matrix peak; "
+                  f"FMA peak {b.get('fma_peak_gflop_per_s', float('nan')):.1f})")
     r = load("torch-rates.json")
     if r:
         print("torch GEMM GFLOP/s: " + ", ".join(f"{k.replace('_gemm_gflops', '')} {v:.0f}" for k, v in r.items() if "gflops" in k))

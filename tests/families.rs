@@ -135,3 +135,33 @@ fn selftest_random_models_of_every_family_run() {
         assert!(c.data.iter().all(|v| v.is_finite()) && c.data.iter().any(|v| *v != 0.0));
     }
 }
+
+/// `resid bench` counts a token's projection FLOPs as 2 · `layer_matrix_elements` per layer. The
+/// reference is each fixture checkpoint itself: every 2-D tensor but the embeddings and the LM
+/// head. (Before 2026-12-06 the bench counted a gate matrix for GELU MLPs too: BLOOM a third over.)
+#[test]
+fn layer_matrix_elements_match_every_family_checkpoint() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    let mut families = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let dir = entry.unwrap().path();
+        let m = resid::model::ModelDir::open(&dir).unwrap();
+        let c = &m.config;
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let mut in_file = 0;
+        for (name, info) in meta.tensors() {
+            let shape = &info.shape;
+            let vocab_rows = shape.len() == 2 && shape[0] == c.vocab_size && shape[1] == c.hidden_size;
+            assert!(!vocab_rows || !name.contains(".0."), "{}: {name} looks like a layer tensor of vocabulary rows", dir.display());
+            if shape.len() == 2 && !vocab_rows {
+                in_file += shape.iter().product::<usize>();
+            }
+        }
+        assert_eq!(m.spec.layer_matrix_elements(c) * c.num_layers, in_file, "{}", dir.display());
+        let up = if m.spec.mlp == resid::model::arch::MlpKind::SwiGlu { 2 } else { 1 };
+        assert_eq!(m.spec.mlp_input_rows(c), up * c.intermediate_size, "{}", dir.display());
+        families.insert(c.family.name());
+    }
+    assert!(families.len() >= 5, "fixtures of every family: {families:?}");
+}

@@ -253,12 +253,10 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// FLOPs of the decoder blocks' matrices per token (2 · parameters).
+/// FLOPs of the decoder blocks' matrices per token (2 · their parameters).
 fn matrix_flops_per_token<B: Backend>(e: &Engine<B>) -> f64 {
-    let c = &e.model.config;
-    let (h, qd, kvd, inter) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
-    let per_layer = (qd + 2 * kvd) * h + h * qd + 2 * inter * h + h * inter;
-    2.0 * (per_layer * c.num_layers) as f64
+    let m = &e.model;
+    2.0 * (m.spec.layer_matrix_elements(&m.config) * m.config.num_layers) as f64
 }
 
 /// Attention FLOPs of a token at position `pos` (QKᵀ and PV over pos + 1 keys, every layer).
@@ -297,31 +295,50 @@ fn pseudo(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// The GEMM rate through `Backend::linear` at the model's four shapes, `rows` tokens each, as
-/// the forward pass calls them (o and down accumulate into the f32 residual): per shape the best
-/// of at least `reps` timed calls (more, up to 50, until 0.3 s have been spent on the shape), so
+/// The GEMM rate through `Backend::linear` at the model's four projections, `rows` tokens each,
+/// as the forward pass calls them (o and down accumulate into the f32 residual): per projection
+/// the best of at least `reps` timed calls (more, up to 50, until 0.3 s have been spent on it), so
 /// that a burst of other work on the machine does not lower the peak.
-fn gemm_peak<B: Backend>(e: &Engine<B>, rows: usize, reps: usize, quiet: bool) -> Result<Value> {
+///
+/// `Weights::Model` (the in-pass peak): the calls go through the model's own matrices, layer after
+/// layer from the first, so each call's weights come from where the pass finds them (memory, for
+/// a model larger than the last-level cache). `Weights::OneMatrix`: one random matrix per shape,
+/// called again and again, so its weights stay cached; the peak `resid bench` reported before
+/// 2026-12-06, kept for comparison.
+fn gemm_peak<B: Backend>(e: &Engine<B>, rows: usize, reps: usize, weights: PeakWeights, quiet: bool) -> Result<Value> {
     let be = &e.backend;
-    let c = &e.model.config;
+    let (c, spec) = (&e.model.config, &e.model.spec);
     let (h, qd, kvd, inter) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
-    let shapes = [("qkv", qd + 2 * kvd, h, false), ("o", h, qd, true), ("gate_up", 2 * inter, h, false), ("down", h, inter, true)];
+    type Pick<B> = fn(&resid::model::LayerWeights<B>) -> &<B as Backend>::Matrix;
+    let shapes: [(&str, usize, usize, bool, Pick<B>); 4] = [
+        ("qkv", qd + 2 * kvd, h, false, |l| &l.qkv),
+        ("o", h, qd, true, |l| &l.o),
+        ("gate_up", spec.mlp_input_rows(c), h, false, |l| &l.gate_up),
+        ("down", h, inter, true, |l| &l.down),
+    ];
     let mut total_flops = 0.0;
     let mut total_best = 0.0;
     let mut per_shape = serde_json::Map::new();
-    for (i, &(name, n, k, acc)) in shapes.iter().enumerate() {
-        note(quiet, &format!("GEMM peak: {name} [{rows} x {k}] x [{k} x {n}]ᵀ"));
-        let w = be.matrix(&MatrixSource::from_values(pseudo(n * k, i as u64 + 1), n, k)?)?;
+    for (i, &(name, n, k, acc, pick)) in shapes.iter().enumerate() {
+        note(quiet, &format!("GEMM peak ({}): {name} [{rows} x {k}] x [{k} x {n}]ᵀ", weights.label()));
+        let one = match weights {
+            PeakWeights::OneMatrix => Some(be.matrix(&MatrixSource::from_values(pseudo(n * k, i as u64 + 1), n, k)?)?),
+            PeakWeights::Model => None,
+        };
+        let layers = &e.weights.layers;
+        let matrix = |call: usize| one.as_ref().unwrap_or_else(|| pick(&layers[call % layers.len()]));
         // Random inputs: zeros run faster on some matrix units and would inflate the peak.
         let x = be.act_from(&pseudo(rows * k, 100 + i as u64).iter().map(|v| v * 50.0).collect::<Vec<_>>(), rows, k, ActKind::Hidden)?;
         let mut y = be.act(rows, n, if acc { ActKind::Residual } else { ActKind::Hidden })?;
-        be.linear(&x, &w, None, &mut y, acc)?;
+        // Untimed: sizes the scratch buffers. The last layer's matrix, so that the timed calls'
+        // first matrices were last read a whole pass ago.
+        be.linear(&x, matrix(layers.len().saturating_sub(1)), None, &mut y, acc)?;
         be.synchronize()?;
         let mut best = f64::MAX;
         let (spent, mut done) = (Instant::now(), 0);
         while done < reps || (done < 50 && spent.elapsed().as_secs_f64() < 0.3) {
             let t = Instant::now();
-            be.linear(&x, &w, None, &mut y, acc)?;
+            be.linear(&x, matrix(done), None, &mut y, acc)?;
             be.synchronize()?;
             best = best.min(t.elapsed().as_secs_f64());
             done += 1;
@@ -335,8 +352,36 @@ fn gemm_peak<B: Backend>(e: &Engine<B>, rows: usize, reps: usize, quiet: bool) -
         "gflop_per_s": round(total_flops / total_best / 1e9, 2),
         "rows": rows,
         "min_repeats": reps,
+        "weights": weights.label(),
         "shapes": per_shape,
     }))
+}
+
+/// Whose weights [`gemm_peak`] multiplies by.
+#[derive(Clone, Copy)]
+enum PeakWeights {
+    Model,
+    OneMatrix,
+}
+
+impl PeakWeights {
+    fn label(self) -> &'static str {
+        match self {
+            PeakWeights::Model => "the model's, layer after layer",
+            PeakWeights::OneMatrix => "one random matrix per shape, reused",
+        }
+    }
+}
+
+/// The better of two measurements of a peak (before and after the timed run: the less disturbed).
+fn better_peak(before: Value, after: Value) -> (Value, f64) {
+    let rate = |v: &Value| v["gflop_per_s"].as_f64().unwrap_or(f64::NAN);
+    let (b, a) = (rate(&before), rate(&after));
+    if a > b {
+        (after, a)
+    } else {
+        (before, b)
+    }
 }
 
 fn run_on<B: Backend>(e: &Engine<B>, a: &BenchArgs, on_cpu: bool) -> Result<Value> {
@@ -390,8 +435,8 @@ fn extract<B: Backend>(e: &Engine<B>, a: &BenchArgs, on_cpu: bool) -> Result<Val
         None
     };
     let peak_rows = batch_tokens.min(tokens).clamp(1, 2048);
-    let peak = gemm_peak(e, peak_rows, 5, a.quiet)?;
-    let peak_gflops = peak["gflop_per_s"].as_f64().unwrap_or(f64::NAN);
+    let peaks = |e: &Engine<B>| -> Result<[Value; 2]> { Ok([gemm_peak(e, peak_rows, 5, PeakWeights::Model, a.quiet)?, gemm_peak(e, peak_rows, 5, PeakWeights::OneMatrix, a.quiet)?]) };
+    let [peak, one_matrix] = peaks(e)?;
 
     let flops = extract_flops(e, &seqs, spec.deepest_index(e.num_layers()), on_cpu);
     let fma_before = fma;
@@ -409,12 +454,10 @@ fn extract<B: Backend>(e: &Engine<B>, a: &BenchArgs, on_cpu: bool) -> Result<Val
     let seconds = t.elapsed().as_secs_f64();
     let gflops = flops / seconds / 1e9;
     // The peaks again after the run; the better of the two is the machine's (less disturbed).
-    note(a.quiet, "GEMM peak again");
-    let peak_after = gemm_peak(e, peak_rows, 5, a.quiet)?;
-    let (peak, peak_gflops) = match peak_after["gflop_per_s"].as_f64() {
-        Some(p) if p > peak_gflops => (peak_after, p),
-        _ => (peak, peak_gflops),
-    };
+    note(a.quiet, "GEMM peaks again");
+    let [peak_after, one_matrix_after] = peaks(e)?;
+    let (peak, peak_gflops) = better_peak(peak, peak_after);
+    let (one_matrix, one_matrix_gflops) = better_peak(one_matrix, one_matrix_after);
     let fma = fma_before.map(|f| f.max(resid::backend::cpu::gemm::fma_peak_gflops(0.5)));
     let mut v = json!({
         "sequences": seqs.len(),
@@ -430,6 +473,8 @@ fn extract<B: Backend>(e: &Engine<B>, a: &BenchArgs, on_cpu: bool) -> Result<Val
         "gemm_peak_gflop_per_s": round(peak_gflops, 2),
         "fraction_of_gemm_peak": round(gflops / peak_gflops, 3),
         "gemm_peak_limited_tokens_per_s": round(peak_gflops * 1e9 / (flops / tokens as f64), 1),
+        "one_matrix_gemm_peak": one_matrix,
+        "fraction_of_one_matrix_gemm_peak": round(gflops / one_matrix_gflops, 3),
     });
     if let Some(f) = fma {
         let o = v.as_object_mut().unwrap();

@@ -10,7 +10,7 @@ use crate::backend::cpu::rope::inverse_frequencies;
 use crate::backend::{ActKind, AttentionInput, Backend, CaptureLayout, Heads, NonFinite};
 use crate::error::{Error, Result};
 use crate::backend::Norm;
-use crate::model::arch::{alibi_slopes, MlpKind, PositionKind};
+use crate::model::arch::{alibi_slopes, PositionKind};
 use crate::model::{ModelDir, ModelWeights};
 use capture::{CapturePoint, CapturePosition, CaptureSink, CaptureSpec, Captured, Site};
 use plan::BatchPlan;
@@ -320,7 +320,7 @@ impl<B: Backend> Engine<B> {
             let hidden = |rows, cols| be.scratch_act(rows, cols, ActKind::Hidden);
             let (mut qkv, mut q, mut attn) = (hidden(rows, qd + 2 * kvd)?, hidden(rows, qd)?, hidden(rows, qd)?);
             let mlp = self.model.spec.mlp;
-            let up_rows = if mlp == MlpKind::SwiGlu { 2 * inter } else { inter };
+            let up_rows = self.model.spec.mlp_input_rows(&self.model.config);
             let (mut gate_up, mut act) = (hidden(rows, up_rows)?, hidden(rows, inter)?);
             // Rows the steps after attention run on (fewer once narrowed).
             let mut live = rows;

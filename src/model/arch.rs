@@ -267,6 +267,22 @@ impl ArchSpec {
     }
 
     /// Every tensor a checkpoint of this config must hold, in load order.
+    /// Rows of the matrix the MLP's input goes through: gate and up stacked (SwiGLU), or the up
+    /// projection alone (GELU).
+    pub fn mlp_input_rows(&self, c: &ModelConfig) -> usize {
+        match self.mlp {
+            MlpKind::SwiGlu => 2 * c.intermediate_size,
+            MlpKind::GeluTanh => c.intermediate_size,
+        }
+    }
+
+    /// Elements of one decoder layer's weight matrices (its 2-D tensors): the multiply-adds each
+    /// token costs in that layer's projections.
+    pub fn layer_matrix_elements(&self, c: &ModelConfig) -> usize {
+        let roles = self.layer_names.iter().filter_map(|(role, _)| self.layer_tensor_shape(*role, c));
+        roles.filter(|shape| shape.len() == 2).map(|shape| shape.iter().product::<usize>()).sum()
+    }
+
     pub fn expected_tensors(&self, c: &ModelConfig) -> Vec<ExpectedTensor> {
         let mut out = vec![ExpectedTensor { name: self.embed.into(), shape: vec![c.vocab_size, c.hidden_size] }];
         for layer in 0..c.num_layers {
