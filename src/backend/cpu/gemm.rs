@@ -927,7 +927,8 @@ impl Panels {
     }
 }
 
-/// Splits the work into (row block × panel group) tasks and runs `kern(a, t0, rows, panel, np)`
+/// Splits the work into (row block × panel group) tasks, or for the rows of one row block into
+/// each thread's share of the panels ([`panel_shares`]), and runs `kern(a, t0, rows, panel, np)`
 /// over them, `a` being rows t0..t0+rows packed as consecutive micro-panels of `mr_max` rows;
 /// np = 2 (two panels in one kernel) where a task has at most `pair_rows` rows and a next panel.
 /// The split only decides who computes an element, never how.
@@ -937,6 +938,39 @@ fn drive(tokens: usize, kdepth: usize, src: Source, panels: Panels, mr_max: usiz
     // A row block of activations (kdepth × 4 bytes per row) plus one panel stay in L2.
     let mut mc = (l2_block_bytes() / (kdepth * 4).max(1) / mr_max * mr_max).max(mr_max);
     let threads = rayon::current_num_threads().max(1);
+    // A few rows (decode) stream the weights once, memory-bound: one long contiguous stream per
+    // thread (the prefetchers ramp up once), in equal parts.
+    let few = tokens <= DECODE_ROWS;
+    // Rows of more than one micro-panel that fit one row block stay one: the threads share the
+    // panels in equal contiguous runs instead, so each panel streams from memory once and serves
+    // every micro-panel from L2. As a row block per thread (12 + 4 rows for 16), both threads
+    // streamed every panel, together only while they kept pace. SmolLM2-135M's GEMMs with the
+    // weights cycled from memory, 2 threads, AMD EPYC Zen 4: 8–24 rows 0.82–1.03 of the time
+    // before (most 0.85–0.91), the LM head of a 16-sequence decode step 7.2–7.7 ms against
+    // 8.8–11.2; one micro-panel (≤ 6 rows) was 2–11 % slower so, and keeps the grid below
+    // (NOTES.md, 2026-12-06 14:12).
+    let share_panels = threads > 1 && !few && tokens > mr_max && tokens <= mc;
+    let body = |a: Src, (m0, m1, p0, p1): Task| {
+        let mut p = p0;
+        while p < p1 {
+            // Two panels at once: more independent FMA chains per loaded activation.
+            let np = if m1 - m0 <= pair_rows && p + 1 < p1 && p + 1 != pair_break { 2 } else { 1 };
+            // SAFETY: the micro-panels of rows m0..m1 lie inside the packed buffer.
+            kern(unsafe { a.0.add(m0 * kdepth) }, m0, m1 - m0, p, np);
+            p += np;
+        }
+    };
+    if share_panels {
+        let shares = panel_shares(tokens, mr_max, panels, threads);
+        let run = |a: Src| {
+            shares.par_iter().for_each(|share| {
+                #[allow(clippy::redundant_locals)]
+                let a = a;
+                share.iter().for_each(|&t| body(a, t));
+            })
+        };
+        return with_packed(src, tokens, kdepth, mr_max, run);
+    }
     if threads > 1 {
         // Row blocks of equal size, as many as a multiple of the threads, so that each thread
         // gets the same work: 2,048 rows made 6 blocks of 330 and one of 68 before, and the
@@ -947,9 +981,6 @@ fn drive(tokens: usize, kdepth: usize, src: Source, panels: Panels, mr_max: usiz
     }
     let mblocks = tokens.div_ceil(mc);
     let target = if threads == 1 { 1 } else { 8 * threads };
-    // A few rows (decode) stream the weights once, memory-bound: one long contiguous stream per
-    // thread (the prefetchers ramp up once), in equal parts.
-    let few = tokens <= DECODE_ROWS;
     let groups = if few { threads.min(panels) } else { target.div_ceil(mblocks).clamp(1, panels) };
     let mut g = panels.div_ceil(groups);
     if pair_rows == usize::MAX && !few {
@@ -960,19 +991,8 @@ fn drive(tokens: usize, kdepth: usize, src: Source, panels: Panels, mr_max: usiz
     let ngroups = panels.div_ceil(g);
     let run = |a: Src| {
         let task = |i: usize| {
-            #[allow(clippy::redundant_locals)]
-            let a = a;
             let (mb, gi) = (i / ngroups, i % ngroups);
-            let (m0, m1) = (mb * mc, ((mb + 1) * mc).min(tokens));
-            let (p0, p1) = (gi * g, ((gi + 1) * g).min(panels));
-            let mut p = p0;
-            while p < p1 {
-                // Two panels at once: more independent FMA chains per loaded activation.
-                let np = if m1 - m0 <= pair_rows && p + 1 < p1 && p + 1 != pair_break { 2 } else { 1 };
-                // SAFETY: the micro-panels of rows m0..m1 lie inside the packed buffer.
-                kern(unsafe { a.0.add(m0 * kdepth) }, m0, m1 - m0, p, np);
-                p += np;
-            }
+            body(a, (mb * mc, ((mb + 1) * mc).min(tokens), gi * g, ((gi + 1) * g).min(panels)));
         };
         if threads == 1 || mblocks * ngroups == 1 {
             (0..mblocks * ngroups).for_each(task);
@@ -980,6 +1000,14 @@ fn drive(tokens: usize, kdepth: usize, src: Source, panels: Panels, mr_max: usiz
             (0..mblocks * ngroups).into_par_iter().for_each(task);
         }
     };
+    with_packed(src, tokens, kdepth, mr_max, run)
+}
+
+/// A GEMM task: rows m0..m1 (from a micro-panel's first row) against panels p0..p1.
+type Task = (usize, usize, usize, usize);
+
+/// Runs `run` on the activations packed as the kernels read them: as given, or packed first.
+fn with_packed(src: Source, tokens: usize, kdepth: usize, mr_max: usize, run: impl Fn(Src)) {
     match src {
         Source::Packed(a) => run(a),
         Source::Rows(src) => with_scratch(&A_SCRATCH, tokens * kdepth, |buf| {
@@ -993,6 +1021,30 @@ fn drive(tokens: usize, kdepth: usize, src: Source, panels: Panels, mr_max: usiz
             run(Src(buf.as_ptr()))
         }),
     }
+}
+
+/// Each thread's tasks where the threads share the panels of one row block: the (panel pair ×
+/// micro-panel) units in pair-major order, dealt out in `threads` contiguous equal runs. A run
+/// is whole pairs over every row, plus at its ends the part of a pair's rows it shares with the
+/// next thread, so each thread does the same work (to a micro-panel) and reads every panel but
+/// those at most two once.
+fn panel_shares(tokens: usize, mr_max: usize, panels: usize, threads: usize) -> Vec<Vec<Task>> {
+    let (micro, pairs) = (tokens.div_ceil(mr_max), panels.div_ceil(2));
+    let units = micro * pairs;
+    (0..threads)
+        .map(|t| {
+            let (lo, hi) = (units * t / threads, units * (t + 1) / threads);
+            let mut tasks = Vec::new();
+            let mut u = lo;
+            while u < hi {
+                let (pair, first) = (u / micro, u % micro);
+                let last = (first + hi - u).min(micro);
+                tasks.push((first * mr_max, (last * mr_max).min(tokens), 2 * pair, (2 * pair + 2).min(panels)));
+                u += last - first;
+            }
+            tasks
+        })
+        .collect()
 }
 
 /// Up to this many rows, a GEMM streams the weights once in one long stream per thread.
@@ -1860,7 +1912,7 @@ pub(crate) mod tests {
             let p = PackedMatrix::pack(&w, n, k, Compute::F32);
             for (bias, acc) in [(None, false), (Some(&b[..]), false), (Some(&b[..]), true)] {
                 let want = chain(&x, t, k, &w, n, bias, if acc { Some(&y0) } else { None });
-                for threads in [1, 2] {
+                for threads in [1, 2, 3] {
                     let mut y = if acc { y0.clone() } else { vec![0f32; t * n] };
                     rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| gemm(&x, t, &p, bias, &mut y, acc));
                     assert_eq!(y, want, "{isa:?} {t}x{k}x{n} bias={} acc={acc} threads {threads}", bias.is_some());
@@ -1883,6 +1935,37 @@ pub(crate) mod tests {
                         assert_eq!(y2, want, "{lower:?} {t}x{k}x{n} threads {threads}");
                     }
                 }
+            }
+        }
+    }
+
+    /// Threads sharing one row block's panels: every (row, panel) is computed exactly once, every
+    /// task starts at a micro-panel, and the threads' work differs by at most one micro-panel.
+    #[test]
+    fn panel_shares_cover_every_row_and_panel_once_in_equal_parts() {
+        for (tokens, mr, panels) in [(5, 6, 18), (16, 6, 18), (16, 6, 96), (7, 6, 1), (13, 8, 3), (64, 6, 1536), (6, 6, 2), (100, 3, 5)] {
+            for threads in 2..=5 {
+                let shares = panel_shares(tokens, mr, panels, threads);
+                assert_eq!(shares.len(), threads);
+                let mut seen = vec![0u8; tokens * panels];
+                let mut work = Vec::new();
+                for share in &shares {
+                    let mut units = 0;
+                    for &(m0, m1, p0, p1) in share {
+                        assert!(m0 % mr == 0 && m0 < m1 && m1 <= tokens && p0 < p1 && p1 <= panels, "{tokens} {mr} {panels} {threads}: task {:?}", (m0, m1, p0, p1));
+                        assert!(p1 - p0 <= 2 && p0 % 2 == 0, "a task is one panel pair");
+                        for r in m0..m1 {
+                            for p in p0..p1 {
+                                seen[r * panels + p] += 1;
+                            }
+                        }
+                        units += (m1 - m0).div_ceil(mr);
+                    }
+                    work.push(units);
+                }
+                assert!(seen.iter().all(|&c| c == 1), "{tokens} rows {mr}/micro-panel {panels} panels {threads} threads: not covered once");
+                let (lo, hi) = (work.iter().min().unwrap(), work.iter().max().unwrap());
+                assert!(hi - lo <= 1, "{tokens} {mr} {panels} {threads}: micro-panel pairs per thread {work:?}");
             }
         }
     }
