@@ -300,12 +300,13 @@ fn pseudo(n: usize, seed: u64) -> Vec<f32> {
 /// the best of at least `reps` timed calls (more, up to 50, until 0.3 s have been spent on it), so
 /// that a burst of other work on the machine does not lower the peak.
 ///
-/// `Weights::Model` (the in-pass peak): the calls go through the model's own matrices, layer after
-/// layer from the first, so each call's weights come from where the pass finds them (memory, for
-/// a model larger than the last-level cache). `Weights::OneMatrix`: one random matrix per shape,
-/// called again and again, so its weights stay cached; the peak `resid bench` reported before
-/// 2026-12-06, kept for comparison.
+/// `PeakWeights::Model` (the in-pass peak): the calls go through the model's own matrices, layer
+/// after layer from the first, so each call's weights come from where the pass finds them (memory,
+/// for a model larger than the last-level cache). `PeakWeights::OneMatrix`: one random matrix per
+/// shape, called again and again, so its weights stay cached; the peak `resid bench` reported
+/// before 2026-12-06, kept for comparison (and the only one of a model without layers).
 fn gemm_peak<B: Backend>(e: &Engine<B>, rows: usize, reps: usize, weights: PeakWeights, quiet: bool) -> Result<Value> {
+    let weights = if e.weights.layers.is_empty() { PeakWeights::OneMatrix } else { weights };
     let be = &e.backend;
     let (c, spec) = (&e.model.config, &e.model.spec);
     let (h, qd, kvd, inter) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
