@@ -9,7 +9,7 @@ pub mod profile;
 
 use crate::engine::capture::{CapturePosition, CaptureSink};
 use crate::engine::plan::BatchPlan;
-use crate::engine::sample::{sample_row, SampleParams};
+use crate::engine::sample::{sample_rows, SampleParams};
 use crate::engine::steer::PointSteering;
 use crate::error::Result;
 use crate::model::arch::{MlpKind, NormKind};
@@ -294,15 +294,10 @@ pub trait Backend: Send + Sync {
     /// Copies the given rows of `x` into a new activation.
     fn gather_rows(&self, x: &Self::Act, rows: &[usize]) -> Result<Self::Act>;
     /// One token per row of `logits` (`[rows, vocab]`), row r by `params[r]` as
-    /// [`sample_row`] defines it. A device backend samples where the logits are and returns only
+    /// [`sample_row`](crate::engine::sample::sample_row) defines it. A device backend samples where the logits are and returns only
     /// the ids.
     fn sample(&self, logits: &Self::Act, params: &[SampleParams]) -> Result<Vec<u32>> {
-        let host = self.to_host(logits)?;
-        let rows = params.len();
-        if rows == 0 || host.len() % rows != 0 {
-            return Err(crate::error::Error::input(format!("{rows} sampling rows for {} logits", host.len())));
-        }
-        Ok(host.chunks(host.len() / rows).zip(params).map(|(row, &p)| sample_row(row, p)).collect())
+        sample_rows(&self.to_host(logits)?, params)
     }
 
     // --- For benchmarks (`resid bench`).

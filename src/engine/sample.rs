@@ -106,6 +106,20 @@ fn nucleus(e: &[f32], target: f32) -> (f32, f32) {
     (0.0, e.iter().sum())
 }
 
+/// One pick per row of `logits` (`params[i]` for row i), rows in parallel: what every backend
+/// that samples on the host runs.
+pub fn sample_rows(logits: &[f32], params: &[SampleParams]) -> crate::error::Result<Vec<u32>> {
+    use rayon::prelude::*;
+    let rows = params.len();
+    if rows == 0 || logits.is_empty() || !logits.len().is_multiple_of(rows) {
+        return Err(crate::error::Error::input(format!("{rows} sampling rows for {} logits", logits.len())));
+    }
+    if rows == 1 {
+        return Ok(vec![sample_row(logits, params[0])]);
+    }
+    Ok(logits.par_chunks(logits.len() / rows).zip(params).map(|(row, &p)| sample_row(row, p)).collect())
+}
+
 /// A per-sequence sampler: sequence i of a request draws from its own stream, so its text does
 /// not depend on what else is generated beside it.
 pub struct Sampler {

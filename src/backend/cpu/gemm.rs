@@ -928,7 +928,7 @@ impl Panels {
 }
 
 /// Splits the work into (row block × panel group) tasks, or for the rows of one row block into
-/// each thread's share of the panels ([`panel_shares`]), and runs `kern(a, t0, rows, panel, np)`
+/// each thread's share of the panels ([`panel_share`]), and runs `kern(a, t0, rows, panel, np)`
 /// over them, `a` being rows t0..t0+rows packed as consecutive micro-panels of `mr_max` rows;
 /// np = 2 (two panels in one kernel) where a task has at most `pair_rows` rows and a next panel.
 /// The split only decides who computes an element, never how.
@@ -961,12 +961,11 @@ fn drive(tokens: usize, kdepth: usize, src: Source, panels: Panels, mr_max: usiz
         }
     };
     if share_panels {
-        let shares = panel_shares(tokens, mr_max, panels, threads);
         let run = |a: Src| {
-            shares.par_iter().for_each(|share| {
+            (0..threads).into_par_iter().for_each(|t| {
                 #[allow(clippy::redundant_locals)]
                 let a = a;
-                share.iter().for_each(|&t| body(a, t));
+                panel_share(tokens, mr_max, panels, threads, t).for_each(|task| body(a, task));
             })
         };
         return with_packed(src, tokens, kdepth, mr_max, run);
@@ -1023,28 +1022,24 @@ fn with_packed(src: Source, tokens: usize, kdepth: usize, mr_max: usize, run: im
     }
 }
 
-/// Each thread's tasks where the threads share the panels of one row block: the (panel pair ×
+/// Thread `t`'s tasks where the threads share the panels of one row block: the (panel pair ×
 /// micro-panel) units in pair-major order, dealt out in `threads` contiguous equal runs. A run
 /// is whole pairs over every row, plus at its ends the part of a pair's rows it shares with the
 /// next thread, so each thread does the same work (to a micro-panel) and reads every panel but
-/// those at most two once.
-fn panel_shares(tokens: usize, mr_max: usize, panels: usize, threads: usize) -> Vec<Vec<Task>> {
+/// those at most two once. An iterator, so a GEMM call allocates nothing for it.
+fn panel_share(tokens: usize, mr_max: usize, panels: usize, threads: usize, t: usize) -> impl Iterator<Item = Task> {
     let (micro, pairs) = (tokens.div_ceil(mr_max), panels.div_ceil(2));
     let units = micro * pairs;
-    (0..threads)
-        .map(|t| {
-            let (lo, hi) = (units * t / threads, units * (t + 1) / threads);
-            let mut tasks = Vec::new();
-            let mut u = lo;
-            while u < hi {
-                let (pair, first) = (u / micro, u % micro);
-                let last = (first + hi - u).min(micro);
-                tasks.push((first * mr_max, (last * mr_max).min(tokens), 2 * pair, (2 * pair + 2).min(panels)));
-                u += last - first;
-            }
-            tasks
-        })
-        .collect()
+    let (mut u, hi) = (units * t / threads, units * (t + 1) / threads);
+    std::iter::from_fn(move || {
+        if u >= hi {
+            return None;
+        }
+        let (pair, first) = (u / micro, u % micro);
+        let last = (first + hi - u).min(micro);
+        u += last - first;
+        Some((first * mr_max, (last * mr_max).min(tokens), 2 * pair, (2 * pair + 2).min(panels)))
+    })
 }
 
 /// Up to this many rows, a GEMM streams the weights once in one long stream per thread.
@@ -1945,7 +1940,7 @@ pub(crate) mod tests {
     fn panel_shares_cover_every_row_and_panel_once_in_equal_parts() {
         for (tokens, mr, panels) in [(5, 6, 18), (16, 6, 18), (16, 6, 96), (7, 6, 1), (13, 8, 3), (64, 6, 1536), (6, 6, 2), (100, 3, 5)] {
             for threads in 2..=5 {
-                let shares = panel_shares(tokens, mr, panels, threads);
+                let shares: Vec<Vec<Task>> = (0..threads).map(|t| panel_share(tokens, mr, panels, threads, t).collect()).collect();
                 assert_eq!(shares.len(), threads);
                 let mut seen = vec![0u8; tokens * panels];
                 let mut work = Vec::new();

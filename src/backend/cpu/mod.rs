@@ -18,7 +18,7 @@ use super::{ActKind, Backend, CaptureLayout, Heads, Norm};
 use crate::model::arch::{MlpKind, NormKind};
 use crate::engine::capture::{CapturePosition, CaptureSink, Captured};
 use crate::engine::plan::BatchPlan;
-use crate::engine::sample::{sample_row, SampleParams};
+use crate::engine::sample::{sample_rows, SampleParams};
 use crate::engine::steer::PointSteering;
 use crate::error::Result;
 use crate::model::weights::{F32Data, MatrixSource};
@@ -547,17 +547,9 @@ impl Backend for CpuBackend {
     }
 
     /// The trait's picks, from the logits where they are (no copy: 3 MB for 16 rows of a
-    /// 49,152-token vocabulary) and rows in parallel.
+    /// 49,152-token vocabulary).
     fn sample(&self, logits: &CpuAct, params: &[SampleParams]) -> Result<Vec<u32>> {
-        let rows = params.len();
-        if rows == 0 || logits.data.is_empty() || !logits.data.len().is_multiple_of(rows) {
-            return Err(crate::error::Error::input(format!("{rows} sampling rows for {} logits", logits.data.len())));
-        }
-        let host = logits.row_major();
-        if rows == 1 {
-            return Ok(vec![sample_row(&host, params[0])]);
-        }
-        Ok(host.par_chunks(host.len() / rows).zip(params).map(|(row, &p)| sample_row(row, p)).collect())
+        sample_rows(&logits.row_major(), params)
     }
 
     // Steering is read from each point's plan in `residual_step`; nothing to prepare here.
