@@ -775,6 +775,7 @@ fn machine(on_cpu: bool) -> Value {
         "f32_kernels": resid::backend::cpu::gemm::isa().name(),
         "bf16_kernels": resid::backend::cpu::gemm::has_bf16(),
         "decode_prefetch_rows": resid::backend::cpu::gemm::decode_prefetch_rows(),
+        "panel_prefetch_rows": resid::backend::cpu::gemm::panel_prefetch_rows(),
         "caches_cpu0": caches,
         "memory_gib": mem_gib,
         "os": std::env::consts::OS,
