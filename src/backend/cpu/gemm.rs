@@ -49,7 +49,7 @@ pub mod amx;
 /// `RESID_CPU_DECODE_PREFETCH=ROWS` (or `none`) overrides it, for comparisons.
 pub fn decode_prefetch_rows() -> Option<usize> {
     static ROWS: OnceLock<Option<usize>> = OnceLock::new();
-    *ROWS.get_or_init(|| prefetch_policy("RESID_CPU_DECODE_PREFETCH", || Some(if cpu_vendor() == "AuthenticAMD" { 0 } else { 16 })))
+    *ROWS.get_or_init(|| prefetch_policy(std::env::var("RESID_CPU_DECODE_PREFETCH").ok().as_deref(), || Some(if cpu_vendor() == "AuthenticAMD" { 0 } else { 16 })))
 }
 
 /// The same for the f32 kernels of three rows and more. Each panel's first micro-panel streams
@@ -57,19 +57,19 @@ pub fn decode_prefetch_rows() -> Option<usize> {
 /// first micro-panel, so batched decode waited on memory: on an Intel Xeon (family 6 model 167)
 /// the gate/up GEMM of a 16-sequence step read its weights at 15 GB/s, against 23 for batch 1.
 /// Chosen by vendor, by measurement (NOTES.md, 2026-12-06 17:28):
-/// - Intel: 8 rows ahead. Decode steps of 4–32 sequences 7–30 % faster (4, 8 and 12 rows ahead
-///   alike), extraction unchanged within noise.
+/// - Intel: 8 rows ahead. Decode steps of 4–32 sequences 5–20 % faster (4, 8 and 12 rows ahead
+///   alike), extraction 2–4 % faster.
 /// - AMD: none, as before (not yet measured there).
 ///
 /// `RESID_CPU_PANEL_PREFETCH=ROWS` (or `none`) overrides it, for comparisons.
 pub fn panel_prefetch_rows() -> Option<usize> {
     static ROWS: OnceLock<Option<usize>> = OnceLock::new();
-    *ROWS.get_or_init(|| prefetch_policy("RESID_CPU_PANEL_PREFETCH", || if cpu_vendor() == "AuthenticAMD" { None } else { Some(8) }))
+    *ROWS.get_or_init(|| prefetch_policy(std::env::var("RESID_CPU_PANEL_PREFETCH").ok().as_deref(), || if cpu_vendor() == "AuthenticAMD" { None } else { Some(8) }))
 }
 
-/// A prefetch distance from `var` (`none` or a row count), else the vendor's default.
-fn prefetch_policy(var: &str, by_vendor: impl Fn() -> Option<usize>) -> Option<usize> {
-    match std::env::var(var).ok().as_deref() {
+/// A prefetch distance from an override (`none` or a row count), else the vendor's default.
+fn prefetch_policy(setting: Option<&str>, by_vendor: impl Fn() -> Option<usize>) -> Option<usize> {
+    match setting {
         Some("none") => None,
         Some(rows) => rows.parse().ok().or_else(by_vendor),
         None => by_vendor(),
@@ -1954,15 +1954,10 @@ pub(crate) mod tests {
     /// A prefetch distance: `none`, a row count, or (unset or unreadable) the vendor's default.
     #[test]
     fn prefetch_policy_reads_none_a_count_or_falls_back() {
-        let var = "RESID_TEST_PREFETCH_POLICY";
         let vendor = || Some(7);
-        std::env::remove_var(var);
-        assert_eq!(prefetch_policy(var, vendor), Some(7));
-        for (value, rows) in [("none", None), ("0", Some(0)), ("12", Some(12)), ("far", Some(7)), ("-1", Some(7))] {
-            std::env::set_var(var, value);
-            assert_eq!(prefetch_policy(var, vendor), rows, "{value}");
+        for (setting, rows) in [(None, Some(7)), (Some("none"), None), (Some("0"), Some(0)), (Some("12"), Some(12)), (Some("far"), Some(7)), (Some("-1"), Some(7))] {
+            assert_eq!(prefetch_policy(setting, vendor), rows, "{setting:?}");
         }
-        std::env::remove_var(var);
     }
 
     /// Threads sharing one row block's panels: every (row, panel) is computed exactly once, every
