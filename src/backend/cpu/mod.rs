@@ -406,6 +406,117 @@ impl CpuAct {
     }
 }
 
+impl Drop for CpuAct {
+    fn drop(&mut self) {
+        spare::SPARE.give(std::mem::take(&mut self.data));
+    }
+}
+
+/// Buffers of dropped activations, kept for the next activations of the pass or of the next
+/// pass, as PyTorch's caching allocator keeps device memory. glibc served each large activation
+/// from fresh pages, from a worker thread's arena, and unmapped them when it was dropped (raising
+/// its mmap and trim thresholds changed nothing): a 16-sequence decode step of SmolLM2 faulted
+/// in its 3 MB of logits and its MLP buffer page by page, some 800 page faults, and each munmap
+/// cost a TLB shootdown of the other thread (NOTES.md, 2026-12-06 19:48).
+mod spare {
+    use std::sync::Mutex;
+
+    /// Smaller buffers come from malloc's free lists anyway.
+    pub const MIN_LEN: usize = 1 << 14;
+    /// A decode step holds two such buffers at once (the MLP's and the logits), a prefill pass
+    /// a few more; more kept buffers only held memory.
+    pub const MAX_BUFFERS: usize = 8;
+    /// The bytes kept unless `RESID_CPU_SPARE_MB` says otherwise (0: none).
+    pub const DEFAULT_MAX_BYTES: usize = 128 << 20;
+
+    /// The activations' pool.
+    pub static SPARE: Pool = Pool::new(None);
+
+    fn max_bytes_from_env() -> usize {
+        static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        *BYTES.get_or_init(|| std::env::var("RESID_CPU_SPARE_MB").ok().and_then(|mb| mb.trim().parse::<usize>().ok()).map_or(DEFAULT_MAX_BYTES, |mb| mb << 20))
+    }
+
+    /// Kept buffers, up to [`MAX_BUFFERS`] and `max_bytes` (None: `RESID_CPU_SPARE_MB` or
+    /// [`DEFAULT_MAX_BYTES`]).
+    pub struct Pool {
+        kept: Mutex<Kept>,
+        max_bytes: Option<usize>,
+    }
+
+    struct Kept {
+        buffers: Vec<Vec<f32>>,
+        bytes: usize,
+    }
+
+    fn bytes(v: &Vec<f32>) -> usize {
+        v.capacity() * std::mem::size_of::<f32>()
+    }
+
+    impl Pool {
+        pub const fn new(max_bytes: Option<usize>) -> Self {
+            Pool { kept: Mutex::new(Kept { buffers: Vec::new(), bytes: 0 }), max_bytes }
+        }
+
+        fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
+            // A panic elsewhere while it was held leaves the list consistent.
+            self.kept.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        /// `len` zeros, in a kept buffer where one is large enough (the smallest such).
+        pub fn zeroed(&self, len: usize) -> Vec<f32> {
+            if len >= MIN_LEN {
+                let mut kept = self.kept();
+                let fit = kept.buffers.iter().enumerate().filter(|(_, v)| v.capacity() >= len).min_by_key(|(_, v)| v.capacity()).map(|(i, _)| i);
+                // None fits: the largest grows (its pages reused, by mremap where glibc mapped
+                // it), so that passes of growing rows do not each leave a set of buffers behind.
+                let pick = fit.or_else(|| kept.buffers.iter().enumerate().max_by_key(|(_, v)| v.capacity()).map(|(i, _)| i));
+                if let Some(i) = pick {
+                    let mut v = kept.buffers.swap_remove(i);
+                    kept.bytes -= bytes(&v);
+                    drop(kept);
+                    v.clear();
+                    v.reserve_exact(len);
+                    v.resize(len, 0.0);
+                    return v;
+                }
+            }
+            vec![0.0; len]
+        }
+
+        /// Keeps `v` for a later [`Pool::zeroed`], within the caps: past them the smallest
+        /// buffers go.
+        pub fn give(&self, v: Vec<f32>) {
+            let max_bytes = self.max_bytes.unwrap_or_else(max_bytes_from_env);
+            if v.capacity() < MIN_LEN || bytes(&v) > max_bytes {
+                return;
+            }
+            let mut evicted = Vec::new();
+            {
+                let mut kept = self.kept();
+                kept.bytes += bytes(&v);
+                kept.buffers.push(v);
+                while kept.buffers.len() > MAX_BUFFERS || kept.bytes > max_bytes {
+                    let Some((i, _)) = kept.buffers.iter().enumerate().min_by_key(|(_, v)| v.capacity()) else { break };
+                    let v = kept.buffers.swap_remove(i);
+                    kept.bytes -= bytes(&v);
+                    evicted.push(v);
+                }
+            }
+            // Freed (unmapped) outside the lock.
+            drop(evicted);
+        }
+
+        /// The capacities kept, smallest first.
+        #[cfg(test)]
+        pub fn capacities(&self) -> Vec<usize> {
+            let mut c: Vec<usize> = self.kept().buffers.iter().map(Vec::capacity).collect();
+            c.sort_unstable();
+            c
+        }
+    }
+}
+
 pub struct CpuKv {
     stored_layers: usize,
     /// Per stored layer: the keys in blocks of [`attention::KEY_BLOCK`] slots ([`attention::key_at`]).
@@ -524,7 +635,7 @@ impl Backend for CpuBackend {
     }
 
     fn act(&self, rows: usize, cols: usize, _kind: ActKind) -> Result<CpuAct> {
-        Ok(CpuAct::new(vec![0.0; rows * cols], rows, cols))
+        Ok(CpuAct::new(spare::SPARE.zeroed(rows * cols), rows, cols))
     }
 
     fn act_from(&self, data: &[f32], rows: usize, cols: usize, _kind: ActKind) -> Result<CpuAct> {
@@ -845,6 +956,53 @@ mod tests {
     use std::sync::Arc;
     use gemm::tests::pseudo as values;
 
+    /// A kept buffer comes back for a request it fits, the smallest that fits, zeroed and of
+    /// the length asked, or the largest grown where none fits; a small one is not kept.
+    #[test]
+    fn spare_buffers_come_back_zeroed_best_fit_first() {
+        let pool = spare::Pool::new(Some(spare::DEFAULT_MAX_BYTES));
+        let (min, big) = (spare::MIN_LEN, 4 * spare::MIN_LEN);
+        pool.give(vec![7.0; min - 1]);
+        assert!(pool.capacities().is_empty(), "a buffer under MIN_LEN is not kept");
+        let dirty = vec![f32::NAN; 2 * min];
+        let dirty_at = dirty.as_ptr();
+        pool.give(dirty);
+        pool.give(vec![3.0; big]);
+        let v = pool.zeroed(min + 1);
+        assert_eq!(v.as_ptr(), dirty_at, "the smallest buffer that fits");
+        assert_eq!(v.len(), min + 1);
+        assert!(v.iter().all(|&x| x.to_bits() == 0), "zeroed, not the previous values");
+        assert_eq!(pool.capacities(), vec![big]);
+        let grown = pool.zeroed(big + 1);
+        assert_eq!(grown.len(), big + 1);
+        assert!(grown.iter().all(|&x| x.to_bits() == 0));
+        assert!(pool.capacities().is_empty(), "none fits: the largest grows");
+        assert_eq!(pool.zeroed(min).len(), min, "none kept: a new buffer");
+    }
+
+    /// Past MAX_BUFFERS or the byte cap the smallest buffers go; one over the cap, or any with
+    /// a cap of 0, is not kept.
+    #[test]
+    fn spare_pool_keeps_within_its_caps() {
+        let cap = 64 * spare::MIN_LEN * 4;
+        let pool = spare::Pool::new(Some(cap));
+        for i in 0..spare::MAX_BUFFERS + 2 {
+            pool.give(Vec::with_capacity(spare::MIN_LEN + i));
+        }
+        let kept = pool.capacities();
+        assert_eq!(kept.len(), spare::MAX_BUFFERS);
+        assert_eq!(kept[0], spare::MIN_LEN + 2, "the two smallest went");
+        // Capacity is never touched: no memory is committed for these.
+        // With room for the largest small one beside it.
+        pool.give(Vec::with_capacity(cap / 4 - 2 * spare::MIN_LEN));
+        assert_eq!(pool.capacities(), vec![spare::MIN_LEN + spare::MAX_BUFFERS + 1, cap / 4 - 2 * spare::MIN_LEN], "the smaller ones went to fit it");
+        pool.give(Vec::with_capacity(cap / 4 + 1));
+        assert_eq!(pool.capacities().len(), 2, "over the cap: not kept");
+        let off = spare::Pool::new(Some(0));
+        off.give(vec![1.0; spare::MIN_LEN]);
+        assert!(off.capacities().is_empty(), "a cap of 0 keeps nothing");
+    }
+
     fn same_bits(a: &[f32], b: &[f32]) -> bool {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
     }
@@ -961,7 +1119,7 @@ mod tests {
                     } else {
                         unfused_attention_input(&be, &pass, x, input(), &mut kv, 1, &mut scratch, &mut q).unwrap();
                     }
-                    (q.data, kv.k[1].clone(), kv.v[1].clone())
+                    (std::mem::take(&mut q.data), kv.k[1].clone(), kv.v[1].clone())
                 };
                 let want = run(false, &x);
                 assert!(want.1.iter().any(|&v| v != 0.0));
@@ -1006,7 +1164,7 @@ mod tests {
                             }
                             let mut y = be.act_from(&values(rows * hidden, 7), rows, hidden, ActKind::Hidden).unwrap();
                             be.linear(&out, &down, None, &mut y, true).unwrap();
-                            (out.packed, be.to_host(&out).unwrap(), y.data)
+                            (out.packed, be.to_host(&out).unwrap(), std::mem::take(&mut y.data))
                         };
                         let want = run(false, &x);
                         assert!(!want.0);
