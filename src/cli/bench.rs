@@ -776,6 +776,7 @@ fn machine(on_cpu: bool) -> Value {
         "bf16_kernels": resid::backend::cpu::gemm::has_bf16(),
         "decode_prefetch_rows": resid::backend::cpu::gemm::decode_prefetch_rows(),
         "panel_prefetch_rows": resid::backend::cpu::gemm::panel_prefetch_rows(),
+        "k_chunks": resid::backend::cpu::gemm::k_chunks(),
         "caches_cpu0": caches,
         "memory_gib": mem_gib,
         "os": std::env::consts::OS,

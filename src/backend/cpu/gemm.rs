@@ -67,6 +67,39 @@ pub fn panel_prefetch_rows() -> Option<usize> {
     *ROWS.get_or_init(|| prefetch_policy(std::env::var("RESID_CPU_PANEL_PREFETCH").ok().as_deref(), || if cpu_vendor() == "AuthenticAMD" { None } else { Some(8) }))
 }
 
+/// Whether the AVX-512 f32 GEMM takes blocks of 13–66 rows (3–11 micro-panels, as batched
+/// decode and short prompts give) in chunks of [`K_CHUNK`] panel rows, every micro-panel over a
+/// chunk while it is in L1 and prefetching the next ([`simd512`]'s `f32_block_chunked`). Whole
+/// micro-panels one after another left memory idle: the first streamed each panel, the others
+/// then computed from L2, so a 16-row GEMM with its weights cycled from memory took the time of
+/// a 1-row GEMM plus that of the same GEMM in cache. Chosen by vendor, by measurement (NOTES.md,
+/// 2026-12-06 19:48):
+/// - Intel Xeon (family 6 model 167): on. Decode steps of 16 sequences 5–13 % faster, of 32
+///   6–11 %, bit-identical; at 2 micro-panels (7–12 rows) the fused gate/up GEMM was slower,
+///   hence from 3; blocks of a larger fused GEMM (extraction) find their panels in L2 and lost
+///   10 % so, hence only few-row GEMMs (see `block_f32`).
+/// - AMD: off (not yet measured there).
+///
+/// `RESID_CPU_K_CHUNKS=on|off` overrides it, for comparisons.
+pub fn k_chunks() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| on_off_policy(std::env::var("RESID_CPU_K_CHUNKS").ok().as_deref(), || cpu_vendor() != "AuthenticAMD"))
+}
+
+/// Panel rows per chunk of [`k_chunks`]: 16, 24, 32 and 48 measured alike, 16 a little ahead.
+pub const K_CHUNK: usize = 16;
+/// Rows up to which a GEMM's blocks may be taken in chunks (11 micro-panels of 6).
+pub const K_CHUNK_MAX_ROWS: usize = 66;
+
+/// `on` or `off` from an override, else the vendor's default.
+fn on_off_policy(setting: Option<&str>, by_vendor: impl Fn() -> bool) -> bool {
+    match setting {
+        Some("on") => true,
+        Some("off") => false,
+        _ => by_vendor(),
+    }
+}
+
 /// A prefetch distance from an override (`none` or a row count), else the vendor's default.
 fn prefetch_policy(setting: Option<&str>, by_vendor: impl Fn() -> Option<usize>) -> Option<usize> {
     match setting {
@@ -1088,17 +1121,20 @@ unsafe fn kernel_f32(isa: Isa, a: *const f32, w: &PackedMatrix, p: usize, np: us
     let pstride = w.kdepth * NR;
     let (col0, end) = w.panel_cols(p);
     let out = Out { y: out.y.add(t0 * out.ldy + col0), cols: end.min(out.cols) - col0, bias: if out.bias.is_null() { out.bias } else { out.bias.add(col0) }, ..out };
-    block_f32(isa, a, b, pstride, w.k, rows, np, out)
+    block_f32(isa, a, b, pstride, w.k, rows, np, rows <= K_CHUNK_MAX_ROWS, out)
 }
 
 /// The f32 microkernels of `isa` over `rows` rows (at `a`) and `np` panels: the first at `b`,
-/// the second `pstride` floats on.
+/// the second `pstride` floats on. `few`: these rows are all the GEMM's rows that read these
+/// panels (at most [`K_CHUNK_MAX_ROWS`]), so the panels stream from memory, and the kernels may
+/// take them in chunks ([`k_chunks`]); a block of a larger fused GEMM finds them in L2.
 #[allow(clippy::too_many_arguments)]
 #[inline]
-unsafe fn block_f32(isa: Isa, a: *const f32, b: *const f32, pstride: usize, k: usize, rows: usize, np: usize, out: Out) {
+unsafe fn block_f32(isa: Isa, a: *const f32, b: *const f32, pstride: usize, k: usize, rows: usize, np: usize, few: bool, out: Out) {
     #[cfg(target_arch = "x86_64")]
     {
         match isa {
+            Isa::Avx512 if few && rows > 12 && k_chunks() => return simd512::f32_block_chunked(a, b, pstride, k, rows, np, out),
             Isa::Avx512 => return simd512::f32_block(a, b, pstride, k, rows, np, out),
             Isa::Avx2 => return simd256::f32_block(a, b, pstride, k, rows, np, out),
             Isa::Portable => {}
@@ -1326,10 +1362,10 @@ unsafe fn fused_block(isa: Isa, a: *const f32, w: &PackedMatrix, panels: (usize,
         if n == 2 && rows <= f32_pair_rows(isa) {
             // Both panels in one kernel (AVX-512: always; otherwise few rows), for more
             // independent FMA chains.
-            block_f32(isa, ai, panel(first), offset * pstride, w.k, r, 2, to_tile(tp));
+            block_f32(isa, ai, panel(first), offset * pstride, w.k, r, 2, rows <= K_CHUNK_MAX_ROWS, to_tile(tp));
         } else {
             for j in 0..n {
-                block_f32(isa, ai, panel(first + j * offset), pstride, w.k, r, 1, to_tile(tp.add(j * NR)));
+                block_f32(isa, ai, panel(first + j * offset), pstride, w.k, r, 1, rows <= K_CHUNK_MAX_ROWS, to_tile(tp.add(j * NR)));
             }
         }
         epi(t0 + i, u, n, &mut tile.0[..r]);
@@ -1442,6 +1478,121 @@ mod simd512 {
                 _ => f32_kern::<6, 2>(a, b, pstride, k, out),
             }
             i += mr;
+        }
+    }
+
+    /// Micro-panels up to which [`f32_block_chunked`] takes a block (its accumulator tiles stay
+    /// in L1 beside two chunks: 11 × 1.5 KiB).
+    pub const CHUNKED_MICRO: usize = super::K_CHUNK_MAX_ROWS / 6;
+
+    /// One micro-panel's accumulators: up to 6 rows × 4 vectors.
+    const TILE: usize = 6 * 4 * 16;
+
+    #[repr(C, align(64))]
+    struct AccTiles([[f32; TILE]; CHUNKED_MICRO]);
+
+    /// The same block, chunk by chunk of [`super::K_CHUNK`] panel rows: every micro-panel runs
+    /// over a chunk, its accumulators kept in a tile between chunks, while the chunk is in L1,
+    /// and together they prefetch the next chunk, so memory streams while the micro-panels
+    /// compute (see [`super::k_chunks`]). Each output is the same FMA chain in the same order as
+    /// in [`f32_block`] (a tile holds the running sums exactly), so results are bit-identical.
+    ///
+    /// # Safety
+    /// As [`f32_block`], with at most [`CHUNKED_MICRO`] micro-panels.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn f32_block_chunked(a: *const f32, b: *const f32, pstride: usize, k: usize, rows: usize, np: usize, out: Out) {
+        let micro = rows.div_ceil(6);
+        debug_assert!(micro <= CHUNKED_MICRO);
+        let mut tiles = AccTiles([[0.0; TILE]; CHUNKED_MICRO]);
+        let mut k0 = 0;
+        while k0 < k {
+            let k1 = (k0 + super::K_CHUNK).min(k);
+            for (t, tile) in tiles.0.iter_mut().enumerate().take(micro) {
+                let i = t * 6;
+                let a = a.add(i * k);
+                let c = Chunk { k0, k1, micro, t, tile: tile.as_mut_ptr() };
+                match ((rows - i).min(6), np) {
+                    (1, 2) => f32_chunk::<1, 4>(a, b, pstride, c),
+                    (2, 2) => f32_chunk::<2, 4>(a, b, pstride, c),
+                    (3, 2) => f32_chunk::<3, 4>(a, b, pstride, c),
+                    (4, 2) => f32_chunk::<4, 4>(a, b, pstride, c),
+                    (5, 2) => f32_chunk::<5, 4>(a, b, pstride, c),
+                    (_, 2) => f32_chunk::<6, 4>(a, b, pstride, c),
+                    (1, _) => f32_chunk::<1, 2>(a, b, pstride, c),
+                    (2, _) => f32_chunk::<2, 2>(a, b, pstride, c),
+                    (3, _) => f32_chunk::<3, 2>(a, b, pstride, c),
+                    (4, _) => f32_chunk::<4, 2>(a, b, pstride, c),
+                    (5, _) => f32_chunk::<5, 2>(a, b, pstride, c),
+                    _ => f32_chunk::<6, 2>(a, b, pstride, c),
+                }
+            }
+            k0 = k1;
+        }
+        let vectors = if np == 2 { 4 } else { 2 };
+        for (t, tile) in tiles.0.iter().enumerate().take(micro) {
+            let i = t * 6;
+            let out = Out { y: out.y.add(i * out.ldy), ..out };
+            for r in 0..(rows - i).min(6) {
+                for j in 0..vectors {
+                    store16(&out, r, (j / 2) * NR + (j % 2) * 16, _mm512_load_ps(tile.as_ptr().add((r * 4 + j) * 16)));
+                }
+            }
+        }
+    }
+
+    /// Micro-panel `t` of `micro` over panel rows k0..k1, its running sums in `tile`
+    /// (`[row][vector][16]`, 4 vectors a row).
+    #[derive(Clone, Copy)]
+    struct Chunk {
+        k0: usize,
+        k1: usize,
+        micro: usize,
+        t: usize,
+        tile: *mut f32,
+    }
+
+    /// MR rows × NV vectors over one chunk; micro-panel t prefetches the next chunk's rows
+    /// t, t + micro, … (each of them: NV lines).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn f32_chunk<const MR: usize, const NV: usize>(a: *const f32, b: *const f32, pstride: usize, c: Chunk) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        if c.k0 > 0 {
+            for i in 0..MR {
+                for j in 0..NV {
+                    acc[i][j] = _mm512_load_ps(c.tile.add((i * 4 + j) * 16));
+                }
+            }
+        }
+        let mut bp = [b; NV];
+        for (j, p) in bp.iter_mut().enumerate() {
+            *p = b.add((j / 2) * pstride + (j % 2) * 16);
+        }
+        let mut until_prefetch = c.t;
+        for kk in c.k0..c.k1 {
+            let mut wv = [_mm512_setzero_ps(); NV];
+            for j in 0..NV {
+                wv[j] = _mm512_load_ps(bp[j].add(kk * NR));
+            }
+            if until_prefetch == 0 {
+                // Past a panel's end this touches the next panel or nothing: a prefetch never faults.
+                for j in 0..NV {
+                    _mm_prefetch::<_MM_HINT_T0>(bp[j].wrapping_add((kk + super::K_CHUNK) * NR) as *const i8);
+                }
+                until_prefetch = c.micro;
+            }
+            until_prefetch -= 1;
+            for i in 0..MR {
+                let xv = _mm512_set1_ps(*a.add(kk * MR + i));
+                for j in 0..NV {
+                    acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+                }
+            }
+        }
+        for i in 0..MR {
+            for j in 0..NV {
+                _mm512_store_ps(c.tile.add((i * 4 + j) * 16), acc[i][j]);
+            }
         }
     }
 
@@ -1948,6 +2099,48 @@ pub(crate) mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The k-chunked AVX-512 blocks (which the GEMMs take on some CPUs only, see `k_chunks`)
+    /// are the same FMA chain, across chunk ends, partial micro-panels and single panels.
+    #[test]
+    fn k_chunked_blocks_are_the_same_fma_chain() {
+        if detect_isa() != Isa::Avx512 {
+            eprintln!("no AVX-512 here: the k-chunked kernels are not built for this CPU");
+            return;
+        }
+        for &(t, k, n) in &[(13, 33, 97), (18, 16, 64), (24, 576, 70), (31, 17, 40), (66, 100, 130), (40, 1, 33), (7, 50, 32)] {
+            let x = pseudo(t * k, 8);
+            let w = pseudo(n * k, 9);
+            let b = pseudo(n, 10);
+            let y0 = pseudo(t * n, 11);
+            let p = PackedMatrix::pack(&w, n, k, Compute::F32);
+            for (bias, acc) in [(None, false), (Some(&b[..]), true)] {
+                let want = chain(&x, t, k, &w, n, bias, if acc { Some(&y0) } else { None });
+                let mut y = if acc { y0.clone() } else { vec![0f32; t * n] };
+                let out = Out { y: y.as_mut_ptr(), ldy: n, cols: n, bias: bias.map_or(std::ptr::null(), |b| b.as_ptr()), accumulate: acc };
+                // One thread: every row in one block.
+                rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| {
+                    drive(t, k, Source::Rows(Src(x.as_ptr() as *const u32)), Panels::of(&p), 6, usize::MAX, &|a, t0, rows, pp, np| unsafe {
+                        assert!(rows.div_ceil(6) <= simd512::CHUNKED_MICRO, "{rows} rows in one block");
+                        // The whole Out (Sync), not its pointer fields, into the closure.
+                        let whole = out;
+                        let (col0, end) = p.panel_cols(pp);
+                        let bias = if whole.bias.is_null() { whole.bias } else { whole.bias.add(col0) };
+                        let out = Out { y: whole.y.add(t0 * whole.ldy + col0), cols: end.min(whole.cols) - col0, bias, ..whole };
+                        simd512::f32_block_chunked(a as *const f32, p.buf.ptr.add(pp * p.panel_bytes()) as *const f32, p.kdepth * NR, k, rows, np, out)
+                    })
+                });
+                assert_eq!(y, want, "{t}x{k}x{n} bias={} acc={acc}", bias.is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn on_off_policy_reads_on_off_or_falls_back() {
+        for (setting, vendor, on) in [(None, true, true), (None, false, false), (Some("on"), false, true), (Some("off"), true, false), (Some("yes"), false, false), (Some("yes"), true, true)] {
+            assert_eq!(on_off_policy(setting, || vendor), on, "{setting:?}, vendor default {vendor}");
         }
     }
 
