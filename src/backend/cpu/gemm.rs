@@ -1125,9 +1125,9 @@ unsafe fn kernel_f32(isa: Isa, a: *const f32, w: &PackedMatrix, p: usize, np: us
 }
 
 /// The f32 microkernels of `isa` over `rows` rows (at `a`) and `np` panels: the first at `b`,
-/// the second `pstride` floats on. `few`: these rows are all the GEMM's rows that read these
-/// panels (at most [`K_CHUNK_MAX_ROWS`]), so the panels stream from memory, and the kernels may
-/// take them in chunks ([`k_chunks`]); a block of a larger fused GEMM finds them in L2.
+/// the second `pstride` floats on. `few`: the GEMM's task has at most [`K_CHUNK_MAX_ROWS`] rows,
+/// so these panels stream from memory for it, and the kernels may take them in chunks
+/// ([`k_chunks`]); a block of a larger fused task finds them in L2.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 unsafe fn block_f32(isa: Isa, a: *const f32, b: *const f32, pstride: usize, k: usize, rows: usize, np: usize, few: bool, out: Out) {
