@@ -440,13 +440,8 @@ mod spare {
     /// Kept buffers, up to [`MAX_BUFFERS`] and `max_bytes` (None: `RESID_CPU_SPARE_MB` or
     /// [`DEFAULT_MAX_BYTES`]).
     pub struct Pool {
-        kept: Mutex<Kept>,
+        kept: Mutex<Vec<Vec<f32>>>,
         max_bytes: Option<usize>,
-    }
-
-    struct Kept {
-        buffers: Vec<Vec<f32>>,
-        bytes: usize,
     }
 
     fn bytes(v: &Vec<f32>) -> usize {
@@ -455,10 +450,10 @@ mod spare {
 
     impl Pool {
         pub const fn new(max_bytes: Option<usize>) -> Self {
-            Pool { kept: Mutex::new(Kept { buffers: Vec::new(), bytes: 0 }), max_bytes }
+            Pool { kept: Mutex::new(Vec::new()), max_bytes }
         }
 
-        fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
+        fn kept(&self) -> std::sync::MutexGuard<'_, Vec<Vec<f32>>> {
             // A panic elsewhere while it was held leaves the list consistent.
             self.kept.lock().unwrap_or_else(|e| e.into_inner())
         }
@@ -467,13 +462,12 @@ mod spare {
         pub fn zeroed(&self, len: usize) -> Vec<f32> {
             if len >= MIN_LEN {
                 let mut kept = self.kept();
-                let fit = kept.buffers.iter().enumerate().filter(|(_, v)| v.capacity() >= len).min_by_key(|(_, v)| v.capacity()).map(|(i, _)| i);
+                let fit = kept.iter().enumerate().filter(|(_, v)| v.capacity() >= len).min_by_key(|(_, v)| v.capacity()).map(|(i, _)| i);
                 // None fits: the largest grows (its pages reused, by mremap where glibc mapped
                 // it), so that passes of growing rows do not each leave a set of buffers behind.
-                let pick = fit.or_else(|| kept.buffers.iter().enumerate().max_by_key(|(_, v)| v.capacity()).map(|(i, _)| i));
+                let pick = fit.or_else(|| kept.iter().enumerate().max_by_key(|(_, v)| v.capacity()).map(|(i, _)| i));
                 if let Some(i) = pick {
-                    let mut v = kept.buffers.swap_remove(i);
-                    kept.bytes -= bytes(&v);
+                    let mut v = kept.swap_remove(i);
                     drop(kept);
                     v.clear();
                     v.reserve_exact(len);
@@ -494,13 +488,11 @@ mod spare {
             let mut evicted = Vec::new();
             {
                 let mut kept = self.kept();
-                kept.bytes += bytes(&v);
-                kept.buffers.push(v);
-                while kept.buffers.len() > MAX_BUFFERS || kept.bytes > max_bytes {
-                    let Some((i, _)) = kept.buffers.iter().enumerate().min_by_key(|(_, v)| v.capacity()) else { break };
-                    let v = kept.buffers.swap_remove(i);
-                    kept.bytes -= bytes(&v);
-                    evicted.push(v);
+                kept.push(v);
+                // At most MAX_BUFFERS + 1 capacities to sum: no running tally to keep in step.
+                while kept.len() > MAX_BUFFERS || kept.iter().map(bytes).sum::<usize>() > max_bytes {
+                    let Some((i, _)) = kept.iter().enumerate().min_by_key(|(_, v)| v.capacity()) else { break };
+                    evicted.push(kept.swap_remove(i));
                 }
             }
             // Freed (unmapped) outside the lock.
@@ -510,7 +502,7 @@ mod spare {
         /// The capacities kept, smallest first.
         #[cfg(test)]
         pub fn capacities(&self) -> Vec<usize> {
-            let mut c: Vec<usize> = self.kept().buffers.iter().map(Vec::capacity).collect();
+            let mut c: Vec<usize> = self.kept().iter().map(Vec::capacity).collect();
             c.sort_unstable();
             c
         }
