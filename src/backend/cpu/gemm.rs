@@ -1218,7 +1218,7 @@ fn gemm_activation_on(isa: Isa, x: Input<'_>, tokens: usize, w: &PackedMatrix, b
     let (width, count, units) = match act {
         Activation::SwiGlu => match w.half_panels(w.n / 2) {
             // Each gate panel with its up panel.
-            Some(hp) if w.n.is_multiple_of(2) => (w.n / 2, hp, Units::Pairs { stride: 1, offset: hp }),
+            Some(hp) if w.n.is_multiple_of(2) => (w.n / 2, hp, Units::Pairs { stride: 1, offset: hp, dealt: 1 }),
             _ => return false,
         },
         // W's own panels, paired as in `gemm`.
@@ -1300,7 +1300,14 @@ fn gemm_heads_on(isa: Isa, x: Input<'_>, tokens: usize, w: &PackedMatrix, epi: &
     if w.format != Compute::F32 || w.halves.is_some() || !w.n.is_multiple_of(2 * NR) {
         return false;
     }
-    fused(isa, x, tokens, w, w.panels / 2, Units::Pairs { stride: 2, offset: 1 }, &|t, h, _, rows| {
+    // The heads' epilogues differ in cost: a key head's store touches 64 cache lines (one per
+    // element, `attention::key_at`), a value head's 4 in a page of their own, a query head's 4
+    // in the query rows. In order, the key and value heads (last) fell in the last thread's run,
+    // which stored them all while the others waited. Dealt out, SmolLM2-135M's QKV GEMM of a
+    // 16-sequence decode step took 249–264 µs against 302 on an Intel Xeon (NOTES.md,
+    // 2026-12-06 23:09).
+    let dealt = rayon::current_num_threads().max(1);
+    fused(isa, x, tokens, w, w.panels / 2, Units::Pairs { stride: 2, offset: 1, dealt }, &|t, h, _, rows| {
         for (i, vals) in rows.iter_mut().enumerate() {
             epi(t + i, h, vals);
         }
@@ -1317,8 +1324,19 @@ type FusedEpilogue<'a> = dyn Fn(usize, usize, usize, &mut [[f32; 2 * NR]]) + Syn
 enum Units {
     /// Output panel u, with panel u + 1 when the rows are few (as in [`gemm`]).
     Panels,
-    /// Panels `u·stride` and `u·stride + offset`, always together.
-    Pairs { stride: usize, offset: usize },
+    /// Panels `v·stride` and `v·stride + offset`, always together, for unit v =
+    /// [`dealt_unit`]`(u, count, dealt)`: units dealt out as cards to `dealt` hands, so that each
+    /// of that many contiguous runs of u holds every `dealt`-th unit (1: in order).
+    Pairs { stride: usize, offset: usize, dealt: usize },
+}
+
+/// The unit at position `i` of units 0..n dealt round-robin to `hands` hands laid end to end:
+/// hand r holds r, r + hands, r + 2·hands, …
+fn dealt_unit(i: usize, n: usize, hands: usize) -> usize {
+    let (per, extra) = (n / hands, n % hands);
+    // Hands 0..extra hold per + 1 units, the rest per.
+    let (hand, at) = if i < extra * (per + 1) { (i / (per + 1), i % (per + 1)) } else { (extra + (i - extra * (per + 1)) / per.max(1), (i - extra * (per + 1)) % per.max(1)) };
+    hand + at * hands
 }
 
 /// The fused GEMMs' driver: the `count` units of W's panels are spread over tasks as [`gemm`]
@@ -1338,7 +1356,7 @@ fn fused(isa: Isa, x: Input<'_>, tokens: usize, w: &PackedMatrix, count: usize, 
         unsafe {
             match units {
                 Units::Panels => fused_block(isa, a, w, (u, 1, np), rows, t0, u, epi),
-                Units::Pairs { stride, offset } => (u..u + np).for_each(|u| fused_block(isa, a, w, (u * stride, offset, 2), rows, t0, u, epi)),
+                Units::Pairs { stride, offset, dealt } => (u..u + np).map(|u| dealt_unit(u, count, dealt)).for_each(|u| fused_block(isa, a, w, (u * stride, offset, 2), rows, t0, u, epi)),
             }
         }
     });
@@ -2449,6 +2467,19 @@ pub(crate) mod tests {
                 assert!(!gemm_activation(Input::Rows(&x), t, &plain, None, Activation::SwiGlu, &mut vec![0f32; t * inter], OutLayout::Rows));
             }
         }
+    }
+
+    #[test]
+    fn dealt_units_are_every_hands_th_unit_per_hand() {
+        for n in 1..40 {
+            for hands in 1..7 {
+                let want: Vec<usize> = (0..hands).flat_map(|r| (r..n).step_by(hands)).collect();
+                let got: Vec<usize> = (0..n).map(|i| dealt_unit(i, n, hands)).collect();
+                assert_eq!(got, want, "{n} units, {hands} hands");
+            }
+        }
+        // SmolLM2's 9 query, 3 key and 3 value heads in two halves: keys and values in both.
+        assert_eq!((0..8).map(|i| dealt_unit(i, 15, 2)).collect::<Vec<_>>(), [0, 2, 4, 6, 8, 10, 12, 14]);
     }
 
     #[test]
