@@ -16,6 +16,12 @@ use crate::model::arch::{MlpKind, NormKind};
 use crate::model::weights::{F32Data, MatrixSource};
 use crate::backend::moments::PointMoments;
 
+/// Where a sequence's first slot in a KV arena is a multiple of this, the CPU backend reads its
+/// cached keys straight from their blocks of 16 slots; elsewhere it first shifts every tile of
+/// 64 keys into place (a permute and a store per vector). Allocators of arena slots start
+/// sequences there when they can.
+pub const KV_SLOT_ALIGN: usize = 16;
+
 /// Attention geometry.
 #[derive(Debug, Clone, Copy)]
 pub struct Heads {

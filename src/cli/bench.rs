@@ -18,7 +18,7 @@ use super::{with_engine, ModelArgs};
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
 use rand::{Rng, SeedableRng};
-use resid::backend::{ActKind, Backend};
+use resid::backend::{ActKind, Backend, KV_SLOT_ALIGN};
 use resid::engine::capture::{CapturePoint, CapturePosition, CaptureSink, CaptureSpec, Captured};
 use resid::engine::plan::BatchPlan;
 use resid::engine::sample::SampleParams;
@@ -525,9 +525,10 @@ impl<B: Backend> Decoder<B> {
         let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
         let mut starts = Vec::new();
         let mut slots = 0;
+        // Each sequence from an aligned slot, as the scheduler places them (`KV_SLOT_ALIGN`).
         for l in &lens {
             starts.push(slots);
-            slots += l + room;
+            slots = (slots + l + room).next_multiple_of(KV_SLOT_ALIGN);
         }
         let mut kv = e.backend.kv(e.num_layers(), slots, e.kv_dim())?;
         let plan = BatchPlan::new(&lens, &vec![0; lens.len()], &starts);

@@ -41,6 +41,8 @@ const PARALLEL_MIN_WORK: usize = 1 << 14;
 pub const KEY_BLOCK: usize = 16;
 // A vector of 16 consecutive slots lies in one block.
 const _: () = assert!(KEY_BLOCK.is_multiple_of(16));
+// Sequences whose slots start at the arenas' alignment start a vector (no shifted tiles).
+const _: () = assert!(crate::backend::KV_SLOT_ALIGN.is_multiple_of(16));
 
 /// Values of a key cache of `slots` slots of `kvd` values: whole blocks, and one more that the
 /// reads of 16 keys from a slot inside the last block touch (unused lanes, never a result).
