@@ -156,24 +156,14 @@ impl SlotArena {
     /// 2026-12-06 23:09).
     fn alloc(&mut self, len: usize) -> Option<usize> {
         let skip = |start: usize| start.next_multiple_of(KV_SLOT_ALIGN) - start;
-        let aligned = self.free.iter().position(|&(s, l)| len > 0 && skip(s) + len <= l);
-        let (i, skipped) = match aligned {
-            Some(i) => (i, skip(self.free[i].0)),
-            None => (self.free.iter().position(|&(_, l)| l >= len)?, 0),
-        };
+        let aligned = self.free.iter().enumerate().find_map(|(i, &(s, l))| (len > 0 && skip(s) + len <= l).then_some((i, skip(s))));
+        let (i, skipped) = aligned.or_else(|| self.free.iter().position(|&(_, l)| l >= len).map(|i| (i, 0)))?;
         let (start, l) = self.free[i];
-        let (at, after) = (start + skipped, l - skipped - len);
-        match (skipped > 0, after > 0) {
-            (false, false) => {
-                self.free.remove(i);
-            }
-            (false, true) => self.free[i] = (at + len, after),
-            (true, false) => self.free[i] = (start, skipped),
-            (true, true) => {
-                self.free[i] = (start, skipped);
-                self.free.insert(i + 1, (at + len, after));
-            }
-        }
+        let at = start + skipped;
+        // What is left of the range on either side stays free (never adjacent: the new
+        // `at..at + len` parts them).
+        let left = [(start, skipped), (at + len, l - skipped - len)];
+        self.free.splice(i..=i, left.into_iter().filter(|&(_, n)| n > 0));
         Some(at)
     }
 

@@ -1334,8 +1334,9 @@ enum Units {
 /// hand r holds r, r + hands, r + 2·hands, …
 fn dealt_unit(i: usize, n: usize, hands: usize) -> usize {
     let (per, extra) = (n / hands, n % hands);
-    // Hands 0..extra hold per + 1 units, the rest per.
-    let (hand, at) = if i < extra * (per + 1) { (i / (per + 1), i % (per + 1)) } else { (extra + (i - extra * (per + 1)) / per.max(1), (i - extra * (per + 1)) % per.max(1)) };
+    // Hands 0..extra hold per + 1 units (positions 0..big), the rest per.
+    let big = extra * (per + 1);
+    let (hand, at) = if i < big { (i / (per + 1), i % (per + 1)) } else { (extra + (i - big) / per.max(1), (i - big) % per.max(1)) };
     hand + at * hands
 }
 
