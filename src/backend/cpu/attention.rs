@@ -184,9 +184,6 @@ pub fn attention_into(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads,
             }
         }
     }
-    if decode {
-        prefetch_keys_and_values(plan, k_cache, v_cache, heads);
-    }
     let run = |&(s, g, row0, nrows): &(usize, usize, usize, usize)| {
         // The whole wrapper, not its raw-pointer field, is what the closure must capture.
         #[allow(clippy::redundant_locals)]
@@ -210,40 +207,93 @@ pub fn attention_into(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads,
     // from 29 positions on) ran 0.5 % faster at 12–260 positions and 3.1 % faster at 300–430
     // than with the threshold of 2^18 before, which kept them on one thread below 455 positions
     // (steps alternated one by one; AMD EPYC Zen 4, NOTES.md 2026-12-06).
-    if tasks.len() > 1 && workers > 1 && keys * qd >= PARALLEL_MIN_WORK {
+    let parallel = tasks.len() > 1 && workers > 1 && keys * qd >= PARALLEL_MIN_WORK;
+    if decode {
+        // Each worker prefetches its own run's keys and values, then computes it.
+        let run_prefetched = |run_tasks: &[Task]| {
+            prefetch_tasks(run_tasks, plan, k_cache, v_cache, heads);
+            run_tasks.iter().for_each(run);
+        };
+        if parallel {
+            runs_of_even_keys(&tasks, plan, workers).par_iter().for_each(|r| run_prefetched(r));
+        } else {
+            run_prefetched(&tasks);
+        }
+    } else if parallel {
         tasks.par_iter().for_each(run);
     } else {
         tasks.iter().for_each(run);
     }
 }
 
-/// At most this many bytes of keys and values are prefetched for a decode step's attention
-/// (half of a Zen 4 core's L2, a quarter of an Intel Xeon's), so that the first lines are still
-/// cached when they are read.
+/// An attention task: (sequence, key/value head, first row, rows).
+type Task = (usize, usize, usize, usize);
+
+/// The keys a task's rows visit.
+fn task_keys(plan: &BatchPlan, &(_, _, row0, nrows): &Task) -> usize {
+    plan.positions[row0..row0 + nrows].iter().map(|&p| p as usize + 1).sum()
+}
+
+/// `tasks` cut into up to `workers` contiguous runs of about equal keys.
+fn runs_of_even_keys<'t>(tasks: &'t [Task], plan: &BatchPlan, workers: usize) -> Vec<&'t [Task]> {
+    let total: usize = tasks.iter().map(|t| task_keys(plan, t)).sum();
+    let (mut runs, mut start, mut done) = (Vec::with_capacity(workers), 0, 0);
+    for (i, task) in tasks.iter().enumerate() {
+        done += task_keys(plan, task);
+        // Run k ends once the keys so far reach k/workers of the total.
+        if done * workers >= total * (runs.len() + 1) && runs.len() + 1 < workers {
+            runs.push(&tasks[start..=i]);
+            start = i + 1;
+        }
+    }
+    runs.push(&tasks[start..]);
+    runs.retain(|run| !run.is_empty());
+    runs
+}
+
+/// At most this many bytes of keys and values are prefetched by each worker for a decode step's
+/// attention (half of a Zen 4 core's L2, a quarter of an Intel Xeon's), so that the first lines
+/// are still cached when they are read.
 const KV_PREFETCH_BYTES: usize = 512 << 10;
 
-/// Prefetches the cached keys and values that the rows of a decode step will read: in each
-/// sequence the slots from the first up to its last row's position, every key/value head, keys
-/// and values alike (they are read tile by tile in that order), up to
-/// [`KV_PREFETCH_BYTES`] in all. They were written one step ago, and the whole model has streamed
-/// through the caches since, so the tasks' reads (each one head's 256 bytes of a row, on one
-/// thread) missed one after the other: over 51–179 positions, a step's attention took 31–35 µs
-/// a layer, and 24–28 µs with this (AMD EPYC Zen 4; NOTES.md, 2026-12-06). A prefetch has no
-/// result, so no value changes.
-fn prefetch_keys_and_values(plan: &BatchPlan, k_cache: &[f32], v_cache: &[f32], heads: Heads) {
+/// Prefetches the cached keys and values that a worker's run of a decode step's tasks will read:
+/// for each task, its key/value head's key blocks and values from the sequence's first slot up to
+/// its last row's position (read tile by tile in that order), up to [`KV_PREFETCH_BYTES`] a run.
+/// They were written one step ago, and the whole model has streamed through the caches since, so
+/// the tasks' reads missed one after the other: over 51–179 positions, a step's attention took
+/// 31–35 µs a layer, and 24–28 µs with the caller prefetching every task's slots (AMD EPYC Zen 4;
+/// NOTES.md, 2026-12-06). One thread issuing every prefetch pulled them at one core's share of
+/// the memory's bandwidth before any task started; each worker prefetching its own run's heads
+/// took attention at 48 positions from 16–20 to 10 µs a layer at batch 1 and from 50–53 to 29–35
+/// at batch 4, at 300 positions from 86–100 to 61–63 at batch 2 (Intel Xeon; NOTES.md,
+/// 2026-12-07). A prefetch has no result, so no value changes.
+fn prefetch_tasks(tasks: &[Task], plan: &BatchPlan, k_cache: &[f32], v_cache: &[f32], heads: Heads) {
     #[cfg(target_arch = "x86_64")]
     {
-        let row_bytes = 2 * heads.kv_heads * heads.head_dim * std::mem::size_of::<f32>();
-        let mut budget_rows = KV_PREFETCH_BYTES / row_bytes.max(1);
-        for seq in &plan.seqs {
-            let Some(&last) = plan.positions[seq.start..seq.start + seq.len].last() else { continue };
-            let rows = (last as usize + 1).min(budget_rows);
-            budget_rows -= rows;
-            prefetch_slots(k_cache, v_cache, seq.kv_start, rows, heads);
+        let (hd, kvd) = (heads.head_dim, heads.kv_heads * heads.head_dim);
+        let v_slots = value_slots(v_cache, heads);
+        // A slot of one head: its key and its value.
+        let slot_bytes = 2 * hd * std::mem::size_of::<f32>();
+        let mut budget = KV_PREFETCH_BYTES / slot_bytes.max(1);
+        for &(s, g, row0, nrows) in tasks {
+            let first = plan.seqs[s].kv_start;
+            let n = (plan.positions[row0 + nrows - 1] as usize + 1).min(budget);
+            budget -= n;
+            for block in (first / KEY_BLOCK..(first + n).div_ceil(KEY_BLOCK)).map(|b| b * KEY_BLOCK) {
+                if let Some(keys) = k_cache.get(key_at(block, kvd, g, hd)..key_at(block, kvd, g, hd) + hd * KEY_BLOCK) {
+                    prefetch_lines(keys.as_ptr(), std::mem::size_of_val(keys));
+                }
+            }
+            if let Some(values) = v_cache.get(value_at(first, v_slots, g, hd)..value_at(first + n, v_slots, g, hd)) {
+                prefetch_lines(values.as_ptr(), std::mem::size_of_val(values));
+            }
+            if budget == 0 {
+                return;
+            }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (plan, k_cache, v_cache, heads);
+    let _ = (tasks, plan, k_cache, v_cache, heads);
 }
 
 /// Prefetches the cached keys (whole blocks) and every head's values of slots `first..first + n`.
@@ -600,7 +650,7 @@ fn decode_phased(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Heads, plan
 
 /// Prefetches the cached keys and values of a worker's run of [`decode_phased`]'s score units:
 /// the key blocks and values of its tiles, in order, up to [`KV_PREFETCH_BYTES`] (as
-/// [`prefetch_keys_and_values`] does for the caller before one task per head; later values are
+/// [`prefetch_tasks`] does for a run of one task per head; later values are
 /// prefetched by [`pv_stream`], later keys are left to the hardware, their blocks being read in
 /// order).
 #[cfg(target_arch = "x86_64")]
@@ -1320,6 +1370,65 @@ mod tests {
                     let mut unpacked = vec![0f32; want.len()];
                     super::super::gemm::unpack_rows(&packed_out, plan.rows(), qd, &mut unpacked);
                     assert!(unpacked.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{heads:?} {step_lens:?} packed, {threads} workers");
+                }
+            }
+        }
+    }
+
+    /// A decode step's tasks cut into runs: in order, each task once, at most one run per worker,
+    /// none empty, and no run longer than an even share of the keys by more than one task's.
+    #[test]
+    fn runs_of_even_keys_cover_the_tasks_in_order() {
+        let plan = BatchPlan::new(&[1, 1, 2, 1], &[10, 500, 20, 0], &[0, 16, 528, 560]);
+        let mut tasks = Vec::new();
+        for (s, seq) in plan.seqs.iter().enumerate() {
+            tasks.extend((0..3).map(|g| (s, g, seq.start, seq.len)));
+        }
+        let total: usize = tasks.iter().map(|t| task_keys(&plan, t)).sum();
+        let longest = tasks.iter().map(|t| task_keys(&plan, t)).max().unwrap();
+        for workers in 1..=16 {
+            let runs = runs_of_even_keys(&tasks, &plan, workers);
+            assert_eq!(runs.concat(), tasks, "{workers} workers");
+            assert!(!runs.is_empty() && runs.len() <= workers && runs.iter().all(|r| !r.is_empty()), "{workers} workers: {} runs", runs.len());
+            for run in &runs {
+                let keys: usize = run.iter().map(|t| task_keys(&plan, t)).sum();
+                assert!(keys * workers <= total + longest * workers, "{workers} workers: a run of {keys} keys of {total}");
+            }
+        }
+        assert!(runs_of_even_keys(&[], &plan, 2).is_empty());
+    }
+
+    /// Decode steps of up to [`DECODE_ROWS`](super::super::gemm::DECODE_ROWS) rows, whose
+    /// workers each prefetch and run their own run of tasks, give each row the bits of its
+    /// prefill, on 1–3 workers: SmolLM2's heads (3 tasks a sequence, runs that split a
+    /// sequence's heads) and heads of 20, sequences of 2–300 cached positions, a sequence of two
+    /// rows.
+    #[test]
+    fn short_decode_steps_match_prefill() {
+        for heads in [Heads { q_heads: 9, kv_heads: 3, head_dim: 64 }, Heads { q_heads: 4, kv_heads: 2, head_dim: 20 }] {
+            let (qd, kvd) = (heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
+            let lens = [300usize, 40, 97];
+            let rows: usize = lens.iter().sum();
+            let (q, k, v) = (f(rows * qd, 15.0), f(rows * kvd, 16.0), f(rows * kvd, 17.0));
+            let mut whole = vec![0f32; rows * qd];
+            attention(&q, &k, &v, heads, &packed(&lens), None, &mut whole);
+            let steps: [(&[usize], &[usize], &[usize]); 4] = [
+                (&[1], &[120], &[0]),
+                (&[1, 1], &[2, 39], &[300, 300]),
+                (&[1, 2, 1], &[299, 60, 30], &[0, 340, 300]),
+                (&[1, 1, 1, 1], &[250, 96, 11, 38], &[0, 340, 0, 300]),
+            ];
+            for (step_lens, firsts, kv_starts) in steps {
+                let plan = BatchPlan::new(step_lens, firsts, kv_starts);
+                let (mut qs, mut want) = (Vec::new(), Vec::new());
+                for ((&n, &p), &kv) in step_lens.iter().zip(firsts).zip(kv_starts) {
+                    qs.extend_from_slice(&q[(kv + p) * qd..(kv + p + n) * qd]);
+                    want.extend_from_slice(&whole[(kv + p) * qd..(kv + p + n) * qd]);
+                }
+                for threads in [2, 3, 1] {
+                    let mut got = vec![f32::NAN; want.len()];
+                    rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| attention(&qs, &k, &v, heads, &plan, None, &mut got));
+                    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{heads:?} {step_lens:?} at {firsts:?}, {threads} workers");
                 }
             }
         }
