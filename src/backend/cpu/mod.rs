@@ -519,9 +519,10 @@ pub struct CpuKv {
 
 /// Zeroed f32s whose first value starts a cache line: the KV caches. A `Vec<f32>` this large
 /// comes from `mmap` through glibc, 16 bytes past a page, so every 64-byte vector of 16 cached
-/// keys and every value row straddled two lines. Aligned, a decode step's rotary embedding with
-/// its KV store took 161 instead of 244 µs a layer at 16 sequences and 249 instead of 371 at
-/// 32, and batched decode gained 3–11 % (Intel Xeon; NOTES.md, 2026-12-07). Bits are unchanged.
+/// keys and every value row straddled two lines. Aligned, a decode step's QKV projection with its
+/// rotary embedding and KV store took 161 instead of 244 µs a layer at 16 sequences and 249
+/// instead of 371 at 32, and batched decode gained 3–11 % (Intel Xeon; NOTES.md, 2026-12-07).
+/// Bits are unchanged.
 struct LineAligned {
     buf: Vec<f32>,
     at: usize,
