@@ -1344,33 +1344,42 @@ mod tests {
             let mut whole = vec![0f32; rows * qd];
             attention(&q, &k, &v, heads, &packed(&lens), alibi.as_deref(), &mut whole);
             let second = lens[0];
-            // (rows per sequence, their first positions, the sequences' first slots)
-            let steps: [(&[usize], &[usize], &[usize]); 5] = [
+            let steps: [Step; 5] = [
                 (&[1], &[699], &[0]),
                 (&[1], &[255], &[0]),
                 (&[1], &[300], &[second]),
                 (&[1, 1, 2], &[640, 200, 298], &[0, second, second]),
                 (&[1, 1], &[64, 191], &[0, 0]),
             ];
-            for (step_lens, firsts, kv_starts) in steps {
-                let plan = BatchPlan::new(step_lens, firsts, kv_starts);
-                let mut qs = Vec::new();
-                let mut want = Vec::new();
-                for ((&n, &p), &kv) in step_lens.iter().zip(firsts).zip(kv_starts) {
-                    qs.extend_from_slice(&q[(kv + p) * qd..(kv + p + n) * qd]);
-                    want.extend_from_slice(&whole[(kv + p) * qd..(kv + p + n) * qd]);
-                }
-                for threads in [2, 3, 1] {
-                    let mut got = vec![f32::NAN; want.len()];
-                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                    pool.install(|| attention(&qs, &k, &v, heads, &plan, alibi.as_deref(), &mut got));
-                    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{heads:?} {step_lens:?} at {firsts:?}, {threads} workers");
-                    let mut packed_out = vec![f32::NAN; want.len()];
-                    pool.install(|| attention_into(&qs, &block_keys(&k, kvd), &head_values(&v, heads.kv_heads, heads.head_dim), heads, &plan, alibi.as_deref(), &mut packed_out, OutLayout::Packed));
-                    let mut unpacked = vec![0f32; want.len()];
-                    super::super::gemm::unpack_rows(&packed_out, plan.rows(), qd, &mut unpacked);
-                    assert!(unpacked.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{heads:?} {step_lens:?} packed, {threads} workers");
-                }
+            assert_steps_match_prefill(heads, alibi.as_deref(), (&q, &k, &v), &whole, &steps);
+        }
+    }
+
+    /// A decode step: (rows per sequence, their first positions, the sequences' first slots).
+    type Step<'a> = (&'a [usize], &'a [usize], &'a [usize]);
+
+    /// Each step's rows, run on 2, 3 and 1 workers with the cached keys and values of prefilled
+    /// sequences (`q`, `k`, `v` row-major, `whole` their prefill's output), have their prefill's
+    /// bits, row-major and packed.
+    fn assert_steps_match_prefill(heads: Heads, alibi: Option<&[f32]>, (q, k, v): (&[f32], &[f32], &[f32]), whole: &[f32], steps: &[Step]) {
+        let (qd, kvd) = (heads.q_heads * heads.head_dim, heads.kv_heads * heads.head_dim);
+        for &(step_lens, firsts, kv_starts) in steps {
+            let plan = BatchPlan::new(step_lens, firsts, kv_starts);
+            let (mut qs, mut want) = (Vec::new(), Vec::new());
+            for ((&n, &p), &kv) in step_lens.iter().zip(firsts).zip(kv_starts) {
+                qs.extend_from_slice(&q[(kv + p) * qd..(kv + p + n) * qd]);
+                want.extend_from_slice(&whole[(kv + p) * qd..(kv + p + n) * qd]);
+            }
+            for threads in [2, 3, 1] {
+                let mut got = vec![f32::NAN; want.len()];
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| attention(&qs, k, v, heads, &plan, alibi, &mut got));
+                assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{heads:?} {step_lens:?} at {firsts:?}, {threads} workers");
+                let mut packed_out = vec![f32::NAN; want.len()];
+                pool.install(|| attention_into(&qs, &block_keys(k, kvd), &head_values(v, heads.kv_heads, heads.head_dim), heads, &plan, alibi, &mut packed_out, OutLayout::Packed));
+                let mut unpacked = vec![0f32; want.len()];
+                super::super::gemm::unpack_rows(&packed_out, plan.rows(), qd, &mut unpacked);
+                assert!(unpacked.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{heads:?} {step_lens:?} packed, {threads} workers");
             }
         }
     }
@@ -1412,25 +1421,13 @@ mod tests {
             let (q, k, v) = (f(rows * qd, 15.0), f(rows * kvd, 16.0), f(rows * kvd, 17.0));
             let mut whole = vec![0f32; rows * qd];
             attention(&q, &k, &v, heads, &packed(&lens), None, &mut whole);
-            let steps: [(&[usize], &[usize], &[usize]); 4] = [
+            let steps: [Step; 4] = [
                 (&[1], &[120], &[0]),
                 (&[1, 1], &[2, 39], &[300, 300]),
                 (&[1, 2, 1], &[299, 60, 30], &[0, 340, 300]),
                 (&[1, 1, 1, 1], &[250, 96, 11, 38], &[0, 340, 0, 300]),
             ];
-            for (step_lens, firsts, kv_starts) in steps {
-                let plan = BatchPlan::new(step_lens, firsts, kv_starts);
-                let (mut qs, mut want) = (Vec::new(), Vec::new());
-                for ((&n, &p), &kv) in step_lens.iter().zip(firsts).zip(kv_starts) {
-                    qs.extend_from_slice(&q[(kv + p) * qd..(kv + p + n) * qd]);
-                    want.extend_from_slice(&whole[(kv + p) * qd..(kv + p + n) * qd]);
-                }
-                for threads in [2, 3, 1] {
-                    let mut got = vec![f32::NAN; want.len()];
-                    rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| attention(&qs, &k, &v, heads, &plan, None, &mut got));
-                    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{heads:?} {step_lens:?} at {firsts:?}, {threads} workers");
-                }
-            }
+            assert_steps_match_prefill(heads, None, (&q, &k, &v), &whole, &steps);
         }
     }
 
