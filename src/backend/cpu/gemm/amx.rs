@@ -7,8 +7,9 @@
 //! The operands are the bf16 path's own layouts: activations as rows of bf16 pairs (an A tile is
 //! 16 rows × 16 pairs, at the row stride), and the packed weight panels `[k pair][32 columns][2]`
 //! (a B tile is 16 pair-rows × 16 columns: half a panel row, at a 128-byte stride). K is padded
-//! with zero pairs to a multiple of 16 pairs in both, and the activations with zero rows to a
-//! multiple of 32, so that every tile is whole.
+//! with zero pairs to a multiple of 16 pairs in both. Up to 16 activation rows (decode) make
+//! short tiles of just those rows; more are padded with zero rows to a multiple of 32, so that
+//! every tile is whole.
 //!
 //! Batch invariance: an output element only ever accumulates its own row's tiles, in increasing
 //! K, from zero; which rows share a tile, and how the work is split, never changes that.
@@ -21,7 +22,14 @@ pub const KSTEP: usize = 16;
 /// Activation rows per block (two A tiles).
 pub const MBLOCK: usize = 32;
 
-/// The tile configuration `ldtilecfg` reads: palette 1, eight tiles of 16 rows × 64 bytes
+/// Weight tiles are prefetched (into L1) this many K steps ahead (2 KiB of a panel each) while
+/// a panel's first block streams it from memory. Without, AMX read the weights at 10–20 GB/s
+/// where the f32 kernels read 25. On an Intel Xeon (family 6 model 167), batch-1 bf16 decode
+/// tokens/s, alternated (NOTES.md, 2026-12-07 05:29): 2 steps 70.0–77.4, 3 71.6–77.0, 4
+/// 71.2–81.6, 6 72.4–73.7, 8 66.3–69.4; `prefetcht1`/`t2` 6–10 % behind `t0`.
+const PREFETCH_STEPS: usize = 4;
+
+/// The tile configuration `ldtilecfg` reads: palette 1, eight tiles of 64 bytes a row
 /// (tmm0–3 accumulators, tmm4–5 activations, tmm6–7 weights).
 #[repr(C, align(64))]
 struct TileConfig {
@@ -32,13 +40,18 @@ struct TileConfig {
     rows: [u8; 16],
 }
 
-static CONFIG: TileConfig = TileConfig {
-    palette: 1,
-    start_row: 0,
-    reserved: [0; 14],
-    colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
-    rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
-};
+impl TileConfig {
+    /// Accumulator and activation tiles of `m` rows (1–16), weight tiles of 16 pair-rows.
+    const fn rows(m: u8) -> Self {
+        TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+            rows: [m, m, m, m, m, m, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+        }
+    }
+}
 
 /// Whether the CPU has AMX-BF16 and the kernel granted this process the tile state (asked for
 /// once, on the first call).
@@ -70,9 +83,14 @@ pub fn padded_pairs(kp: usize) -> usize {
     kp.div_ceil(KSTEP) * KSTEP
 }
 
-/// Rows of the activation buffer: padded to whole blocks.
+/// Rows of the activation buffer: up to 16 as they are (short tiles), more padded to whole
+/// blocks.
 pub fn padded_rows(tokens: usize) -> usize {
-    tokens.div_ceil(MBLOCK) * MBLOCK
+    if tokens <= 16 {
+        tokens
+    } else {
+        tokens.div_ceil(MBLOCK) * MBLOCK
+    }
 }
 
 /// `out = xb · Wᵀ` through the epilogue of `out`: `xb` holds `padded_rows(tokens)` rows of
@@ -89,25 +107,30 @@ pub(super) fn gemm(xb: &[u32], tokens: usize, w: &PackedMatrix, out: Out) {
     let chunks = blocks.div_ceil(chunk_blocks);
     let threads = rayon::current_num_threads().max(1);
     let target = if threads == 1 { 1 } else { 8 * threads };
-    let group = panels.div_ceil(target.div_ceil(chunks).clamp(1, panels));
-    let groups = panels.div_ceil(group);
+    // Groups differ by at most one panel: 18 panels (a down projection) in 16 groups of at most
+    // 2, not 9 groups of 2, of which one thread took 5 (down projections in batch-1 decode
+    // 145–157 → 92–101 µs a layer).
+    let groups = target.div_ceil(chunks).clamp(1, panels);
+    // Up to 16 rows: tiles of just those rows (no zero rows to load or multiply).
+    let config = TileConfig::rows(tokens.min(16) as u8);
     let a = super::Src(xb.as_ptr());
     let task = |i: usize| {
         #[allow(clippy::redundant_locals)]
         let a = a;
         let (c, g) = (i / groups, i % groups);
         let (b0, b1) = (c * chunk_blocks, ((c + 1) * chunk_blocks).min(blocks));
-        let (p0, p1) = (g * group, ((g + 1) * group).min(panels));
+        let (p0, p1) = (g * panels / groups, (g + 1) * panels / groups);
         // SAFETY: AMX is available (checked by the caller), the tiles are configured on this
         // thread before use, and every tile load stays inside the padded buffers.
         unsafe {
-            configure();
+            configure(&config);
             for p in p0..p1 {
                 let b = w.buf.ptr.add(p * w.panel_bytes()) as *const u32;
                 for blk in b0..b1 {
                     let t0 = blk * MBLOCK;
                     let rows = (tokens - t0).min(MBLOCK);
-                    block(a.0.add(t0 * kdepth), kdepth, b, rows, p * NR, t0, out);
+                    // Later blocks find the panel in L2.
+                    block(a.0.add(t0 * kdepth), kdepth, b, rows, p * NR, t0, blk == b0, out);
                 }
             }
             release();
@@ -121,8 +144,8 @@ pub(super) fn gemm(xb: &[u32], tokens: usize, w: &PackedMatrix, out: Out) {
 }
 
 #[inline(always)]
-unsafe fn configure() {
-    asm!("ldtilecfg [{0}]", in(reg) &CONFIG as *const TileConfig, options(nostack, readonly));
+unsafe fn configure(config: &TileConfig) {
+    asm!("ldtilecfg [{0}]", in(reg) config as *const TileConfig, options(nostack, readonly));
 }
 
 #[inline(always)]
@@ -131,13 +154,14 @@ unsafe fn release() {
 }
 
 /// Rows t0..t0+rows (at most 32; `a` points at row t0, `kdepth` pairs a row) × one panel
-/// (`b`, columns col0..col0+32), through the epilogue.
+/// (`b`, columns col0..col0+32), through the epilogue; `prefetch`: the panel comes from memory.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn block(a: *const u32, kdepth: usize, b: *const u32, rows: usize, col0: usize, t0: usize, out: Out) {
+unsafe fn block(a: *const u32, kdepth: usize, b: *const u32, rows: usize, col0: usize, t0: usize, prefetch: bool, out: Out) {
     let lda = kdepth * 4;
     let ldb = NR * 4;
-    let a1 = a.add(16 * kdepth);
+    // Only read with more than 16 rows (a short tile has no second half).
+    let a1 = a.wrapping_add(16 * kdepth);
     asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
     if rows > 16 {
         asm!("tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
@@ -145,6 +169,13 @@ unsafe fn block(a: *const u32, kdepth: usize, b: *const u32, rows: usize, col0: 
     let mut kk = 0;
     while kk < kdepth {
         let (ak, bk) = (a.add(kk), b.add(kk * NR));
+        if prefetch {
+            // Past the last panel's end this touches nothing: a prefetch never faults.
+            let ahead = bk.wrapping_add(PREFETCH_STEPS * KSTEP * NR) as *const i8;
+            for line in 0..KSTEP * NR * 4 / 64 {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(ahead.wrapping_add(line * 64));
+            }
+        }
         if rows > 16 {
             asm!(
                 "tileloadd tmm4, [{a} + {lda}*1]",
@@ -155,7 +186,7 @@ unsafe fn block(a: *const u32, kdepth: usize, b: *const u32, rows: usize, col0: 
                 "tdpbf16ps tmm1, tmm4, tmm7",
                 "tdpbf16ps tmm2, tmm5, tmm6",
                 "tdpbf16ps tmm3, tmm5, tmm7",
-                a = in(reg) ak, a1 = in(reg) a1.add(kk), b = in(reg) bk, lda = in(reg) lda, ldb = in(reg) ldb,
+                a = in(reg) ak, a1 = in(reg) a1.wrapping_add(kk), b = in(reg) bk, lda = in(reg) lda, ldb = in(reg) ldb,
                 options(nostack, readonly),
             );
         } else {
