@@ -19,6 +19,7 @@
 //! two panels (SwiGLU's gate panel with its up panel, a 64-column attention head) for 24 rows at
 //! a time into an L1 tile and finishes them from there (activation; bias, norm, rotation, KV
 //! store), so the GEMM's output never goes out to memory and back. Same chains, same results.
+//! bf16 matrices fuse on AMX ([`amx::fused`]: blocks of up to 32 rows, row-major output only).
 //!
 //! Activations are packed once per call into micro-panels (`[k][mr]`: 6 rows on AVX-512 through
 //! masked permutes, 3 on AVX2, 4 portable, 8 in bf16 through 8×8 transposes), so a kernel reads
@@ -1176,8 +1177,12 @@ unsafe impl Sync for FusedPtr {}
 /// few). Every product is the FMA chain of [`gemm`], `+ b` is the same single add, and the
 /// activation is [`super::vmath`]'s (the one the unfused `activation` applies), so `y` is
 /// bit-identical to the GEMM followed by the activation, and as batch- and thread-invariant.
-/// Returns false (computing nothing) where W is not f32 or, for SwiGLU, not a `[gate; up]` whose
-/// halves start on panel boundaries ([`PackedMatrix::pack_halves`]).
+/// Returns false (computing nothing) where W is neither f32 nor bf16 on AMX with
+/// [`OutLayout::Rows`] and a row-major `x` ([`fuses_on_amx`]; the same bits as `gemm` in bf16
+/// followed by the activation), or, for SwiGLU, not a `[gate; up]` whose halves start on panel
+/// boundaries ([`PackedMatrix::pack_halves`]; bf16 matrices keep the plain layout, so theirs must
+/// be whole panels). On AMX, SmolLM2-135M's bf16 extraction ran 17–29 % faster fused (NOTES.md,
+/// 2026-12-07 05:29).
 ///
 /// With [`OutLayout::Packed`], `y` is written in the layout [`gemm_prepacked`] reads, so that the
 /// next GEMM (the down projection) need not read it back and pack it.
@@ -1225,7 +1230,8 @@ fn gemm_activation_on(isa: Isa, x: Input<'_>, tokens: usize, w: &PackedMatrix, b
         Activation::GeluTanh if w.halves.is_none() => (w.n, w.panels, Units::Panels),
         Activation::GeluTanh => return false,
     };
-    if w.format != Compute::F32 {
+    let on_amx = fuses_on_amx(w, x) && layout == OutLayout::Rows;
+    if w.format != Compute::F32 && !on_amx {
         return false;
     }
     assert_eq!(y.len(), tokens * width, "y shape");
@@ -1233,7 +1239,7 @@ fn gemm_activation_on(isa: Isa, x: Input<'_>, tokens: usize, w: &PackedMatrix, b
         assert_eq!(b.len(), w.n, "bias shape");
     }
     let yp = FusedPtr(y.as_mut_ptr());
-    fused(isa, x, tokens, w, count, units, &|t, q, np, rows| {
+    fused_any(isa, x, tokens, w, count, units, &|t, q, np, rows| {
         #[allow(clippy::redundant_locals)]
         let yp = yp;
         // SAFETY: rows t.. of output panels q..q+np belong to this task.
@@ -1287,9 +1293,10 @@ fn gemm_activation_on(isa: Isa, x: Input<'_>, tokens: usize, w: &PackedMatrix, b
     true
 }
 
-/// `x·Wᵀ` of f32 W (plain layout, N a multiple of 2·[`NR`]) in heads of 64 columns, without
-/// writing it out: `epi(t, h, values)` gets row t's 64 products of head h (columns 64h..64h+64;
-/// each the FMA chain of [`gemm`], no bias) to finish and store. Each head is computed by one
+/// `x·Wᵀ` of f32 W, or of bf16 W on AMX ([`fuses_on_amx`]), plain layout, N a multiple of
+/// 2·[`NR`], in heads of 64 columns, without writing it out: `epi(t, h, values)` gets row t's 64
+/// products of head h (columns 64h..64h+64; each as [`gemm`] computes it, no bias) to finish
+/// and store. Each head is computed by one
 /// task, so the epilogue sees whole heads (rotary pairs, per-head norms). Returns false
 /// (computing nothing) where W is not laid out so.
 pub fn gemm_heads(x: Input<'_>, tokens: usize, w: &PackedMatrix, epi: &(dyn Fn(usize, usize, &mut [f32]) + Sync)) -> bool {
@@ -1297,7 +1304,7 @@ pub fn gemm_heads(x: Input<'_>, tokens: usize, w: &PackedMatrix, epi: &(dyn Fn(u
 }
 
 fn gemm_heads_on(isa: Isa, x: Input<'_>, tokens: usize, w: &PackedMatrix, epi: &(dyn Fn(usize, usize, &mut [f32]) + Sync)) -> bool {
-    if w.format != Compute::F32 || w.halves.is_some() || !w.n.is_multiple_of(2 * NR) {
+    if (w.format != Compute::F32 && !fuses_on_amx(w, x)) || w.halves.is_some() || !w.n.is_multiple_of(2 * NR) {
         return false;
     }
     // The heads' epilogues differ in cost: a key head's store touches 64 cache lines (one per
@@ -1307,7 +1314,7 @@ fn gemm_heads_on(isa: Isa, x: Input<'_>, tokens: usize, w: &PackedMatrix, epi: &
     // 16-sequence decode step took 249–264 µs against 302 on an Intel Xeon (NOTES.md,
     // 2026-12-06 23:09).
     let dealt = rayon::current_num_threads().max(1);
-    fused(isa, x, tokens, w, w.panels / 2, Units::Pairs { stride: 2, offset: 1, dealt }, &|t, h, _, rows| {
+    fused_any(isa, x, tokens, w, w.panels / 2, Units::Pairs { stride: 2, offset: 1, dealt }, &|t, h, _, rows| {
         for (i, vals) in rows.iter_mut().enumerate() {
             epi(t + i, h, vals);
         }
@@ -1338,6 +1345,47 @@ fn dealt_unit(i: usize, n: usize, hands: usize) -> usize {
     let big = extra * (per + 1);
     let (hand, at) = if i < big { (i / (per + 1), i % (per + 1)) } else { (extra + (i - big) / per.max(1), (i - big) % per.max(1)) };
     hand + at * hands
+}
+
+/// Whether a fused GEMM of bf16 `w` runs on AMX ([`amx::fused`]): the AMX kernel, and a
+/// row-major input (bf16 GEMMs never read the f32 kernels' packed layout).
+fn fuses_on_amx(w: &PackedMatrix, x: Input<'_>) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        w.format == Compute::Bf16 && bf16_kernel() == Some(Bf16Kernel::Amx) && matches!(x, Input::Rows(_))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, x);
+        false
+    }
+}
+
+/// [`fused`] for an f32 `w`, [`amx::fused`] for a bf16 one (see [`fuses_on_amx`]): the same
+/// units and epilogue; the AMX blocks hand the epilogue up to 32 rows at a time.
+fn fused_any(isa: Isa, x: Input<'_>, tokens: usize, w: &PackedMatrix, count: usize, units: Units, epi: &FusedEpilogue) {
+    #[cfg(target_arch = "x86_64")]
+    if w.format == Compute::Bf16 {
+        debug_assert!(fuses_on_amx(w, x));
+        let (x, kp) = (x.values(), w.kdepth);
+        assert_eq!(x.len(), tokens * w.k, "x shape");
+        if tokens == 0 || count == 0 {
+            return;
+        }
+        let unit = |i: usize| match units {
+            Units::Panels => (i, i, 1, 1),
+            Units::Pairs { stride, offset, dealt } => {
+                let u = dealt_unit(i, count, dealt);
+                (u, u * stride, offset, 2)
+            }
+        };
+        return with_scratch(&BF16_SCRATCH, amx_rows(tokens) * kp, |xb| {
+            to_bf16_pairs(x, tokens, w.k, kp, xb);
+            xb[tokens * kp..].fill(0);
+            amx::fused(xb, tokens, w, count, &unit, epi);
+        });
+    }
+    fused(isa, x, tokens, w, count, units, epi)
 }
 
 /// The fused GEMMs' driver: the `count` units of W's panels are spread over tasks as [`gemm`]
@@ -2467,6 +2515,73 @@ pub(crate) mod tests {
             // A stacked matrix whose halves are not on panel boundaries, packed plainly: refused.
             if inter % NR != 0 {
                 assert!(!gemm_activation(Input::Rows(&x), t, &plain, None, Activation::SwiGlu, &mut vec![0f32; t * inter], OutLayout::Rows));
+            }
+        }
+    }
+
+    /// The fused epilogues on AMX against the bf16 GEMM followed by the same finishing, as the
+    /// unfused path runs them: bit for bit, on row counts of short tiles (1–16), of one and two
+    /// A tiles and of several blocks, odd widths, with and without bias, on 1–3 threads. The
+    /// packed output layout (f32 kernels only), and SwiGLU halves off panel boundaries, are
+    /// refused.
+    #[test]
+    fn fused_amx_is_the_unfused_bf16_result() {
+        set_bf16_even_if_slower(true);
+        #[cfg(target_arch = "x86_64")]
+        let on_amx = bf16_kernel() == Some(Bf16Kernel::Amx);
+        #[cfg(not(target_arch = "x86_64"))]
+        let on_amx = false;
+        if !on_amx {
+            eprintln!("no AMX here");
+            return;
+        }
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let pools: Vec<_> = [1, 2, 3].iter().map(|&n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()).collect();
+        for &(t, k, inter) in &[(1, 7, 5), (5, 64, 64), (16, 100, 96), (17, 33, 40), (33, 576, 64), (70, 200, 33), (600, 64, 32)] {
+            let x = pseudo(t * k, 51);
+            let w = pseudo(2 * inter * k, 52);
+            let b = pseudo(2 * inter, 53);
+            let halves = PackedMatrix::pack_halves(&w, 2 * inter, k, Compute::Bf16);
+            let up = PackedMatrix::pack(&w[..inter * k], inter, k, Compute::Bf16);
+            for bias in [None, Some(&b[..])] {
+                let mut gu = vec![0f32; t * 2 * inter];
+                gemm(&x, t, &halves, bias, &mut gu, false);
+                let mut want = vec![0f32; t * inter];
+                for (o, row) in want.chunks_mut(inter).zip(gu.chunks(2 * inter)) {
+                    super::super::vmath::swiglu_row(&row[..inter], &row[inter..], o);
+                }
+                let mut up_y = vec![0f32; t * inter];
+                gemm(&x, t, &up, bias.map(|b| &b[..inter]), &mut up_y, false);
+                let want_gelu: Vec<f32> = up_y.iter().map(|&v| super::super::vmath::gelu_tanh(v)).collect();
+                for pool in &pools {
+                    let n = pool.current_num_threads();
+                    let mut y = vec![f32::NAN; t * inter];
+                    let fused = pool.install(|| gemm_activation(Input::Rows(&x), t, &halves, bias, Activation::SwiGlu, &mut y, OutLayout::Rows));
+                    // bf16 matrices keep the plain layout: halves off panel boundaries are refused.
+                    assert_eq!(fused, inter % NR == 0, "SwiGLU {t}x{k}x{inter}: fused");
+                    if fused {
+                        assert_eq!(bits(&y), bits(&want), "SwiGLU {t}x{k}x{inter} bias={} threads {n}", bias.is_some());
+                    }
+                    let mut y = vec![f32::NAN; t * inter];
+                    assert!(pool.install(|| gemm_activation(Input::Rows(&x), t, &up, bias.map(|b| &b[..inter]), Activation::GeluTanh, &mut y, OutLayout::Rows)));
+                    assert_eq!(bits(&y), bits(&want_gelu), "GELU {t}x{k}x{inter} bias={} threads {n}", bias.is_some());
+                }
+            }
+            assert!(!gemm_activation(Input::Rows(&x), t, &halves, None, Activation::SwiGlu, &mut vec![0f32; t * inter], OutLayout::Packed));
+            // Heads of 64 columns: the epilogue gets exactly the GEMM's products.
+            let heads = (2 * inter).div_ceil(2 * NR);
+            let ph = PackedMatrix::pack(&pseudo(heads * 2 * NR * k, 54), heads * 2 * NR, k, Compute::Bf16);
+            let mut want = vec![0f32; t * ph.n];
+            gemm(&x, t, &ph, None, &mut want, false);
+            for pool in &pools {
+                let got: Vec<std::sync::atomic::AtomicU32> = (0..want.len()).map(|_| std::sync::atomic::AtomicU32::new(u32::MAX)).collect();
+                let n = ph.n;
+                assert!(pool.install(|| gemm_heads(Input::Rows(&x), t, &ph, &|r, h, vals| {
+                    for (c, v) in vals.iter().enumerate() {
+                        got[r * n + h * 2 * NR + c].store(v.to_bits(), std::sync::atomic::Ordering::Relaxed);
+                    }
+                })));
+                assert!(got.iter().zip(&want).all(|(a, b)| a.load(std::sync::atomic::Ordering::Relaxed) == b.to_bits()), "heads {t}x{k}x{n} threads {}", pool.current_num_threads());
             }
         }
     }

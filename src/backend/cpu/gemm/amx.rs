@@ -97,10 +97,48 @@ pub fn padded_rows(tokens: usize) -> usize {
 /// `w.kdepth` bf16 pairs (zero padding), `w` is packed in bf16 with `kdepth` a multiple of
 /// [`KSTEP`].
 pub(super) fn gemm(xb: &[u32], tokens: usize, w: &PackedMatrix, out: Out) {
-    use rayon::prelude::*;
     let kdepth = w.kdepth;
     debug_assert!(kdepth.is_multiple_of(KSTEP) && xb.len() >= padded_rows(tokens) * kdepth);
-    let panels = w.panels;
+    run(xb, tokens, kdepth, w.panels, &|a, p, t0, rows, first| {
+        // SAFETY: (for `run`'s callers) panel p exists, and the task owns these outputs.
+        unsafe {
+            let b = w.buf.ptr.add(p * w.panel_bytes()) as *const u32;
+            block(a, kdepth, b, rows, p * NR, t0, first, out)
+        }
+    });
+}
+
+/// The fused GEMMs' driver on AMX ([`super::fused`]'s): unit i of `count` is `unit(i) = (u,
+/// first, offset, n)`, panels first + j·offset for j < n (n ≤ 2) into columns 32j.. of a tile,
+/// whose rows go to `epi(t, u, n, rows)` block by block (up to 32 rows).
+pub(super) fn fused(xb: &[u32], tokens: usize, w: &PackedMatrix, count: usize, unit: &(dyn Fn(usize) -> (usize, usize, usize, usize) + Sync), epi: &super::FusedEpilogue) {
+    let kdepth = w.kdepth;
+    debug_assert!(kdepth.is_multiple_of(KSTEP) && xb.len() >= padded_rows(tokens) * kdepth);
+    run(xb, tokens, kdepth, count, &|a, i, t0, rows, first| {
+        let (u, p0, offset, n) = unit(i);
+        let mut tile = Tile([[0.0; 2 * NR]; MBLOCK]);
+        for j in 0..n {
+            // SAFETY: the unit's panels exist; the tile holds 32 rows of 64 columns (256-byte
+            // rows), panel j's columns from 32j.
+            unsafe {
+                let b = w.buf.ptr.add((p0 + j * offset) * w.panel_bytes()) as *const u32;
+                tiles(a, kdepth, b, rows, first, tile.0.as_mut_ptr().cast::<f32>().add(j * NR), 2 * NR * 4);
+            }
+        }
+        epi(t0, u, n, &mut tile.0[..rows]);
+    });
+}
+
+/// A fused block's values: up to 32 rows × two panels.
+#[repr(C, align(64))]
+struct Tile([[f32; 2 * NR]; MBLOCK]);
+
+/// Spreads `count` units (panels, or a fused GEMM's units) over tasks and calls `work(a, i, t0,
+/// rows, first)` for each unit i and block of rows t0..t0+rows (at `a`), with AMX configured
+/// for them; `first`: the first block of its row chunk, which streams the unit's weights.
+fn run(xb: &[u32], tokens: usize, kdepth: usize, count: usize, work: &(dyn Fn(*const u32, usize, usize, usize, bool) + Sync)) {
+    use rayon::prelude::*;
+    let panels = count;
     let blocks = tokens.div_ceil(MBLOCK);
     // Row chunks whose activations stay in L2 while the panels stream past them.
     let chunk_blocks = ((512 * 1024) / (MBLOCK * kdepth * 4).max(1)).clamp(1, blocks);
@@ -125,12 +163,11 @@ pub(super) fn gemm(xb: &[u32], tokens: usize, w: &PackedMatrix, out: Out) {
         unsafe {
             configure(&config);
             for p in p0..p1 {
-                let b = w.buf.ptr.add(p * w.panel_bytes()) as *const u32;
                 for blk in b0..b1 {
                     let t0 = blk * MBLOCK;
                     let rows = (tokens - t0).min(MBLOCK);
                     // Later blocks find the panel in L2.
-                    block(a.0.add(t0 * kdepth), kdepth, b, rows, p * NR, t0, blk == b0, out);
+                    work(a.0.add(t0 * kdepth), p, t0, rows, blk == b0);
                 }
             }
             release();
@@ -158,6 +195,21 @@ unsafe fn release() {
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn block(a: *const u32, kdepth: usize, b: *const u32, rows: usize, col0: usize, t0: usize, prefetch: bool, out: Out) {
+    #[repr(C, align(64))]
+    struct Acc([f32; MBLOCK * NR]);
+    let mut acc = Acc([0.0; MBLOCK * NR]);
+    let c = acc.0.as_mut_ptr();
+    tiles(a, kdepth, b, rows, prefetch, c, NR * 4);
+    let out = Out { y: out.y.add(t0 * out.ldy + col0), cols: out.cols - col0, bias: if out.bias.is_null() { out.bias } else { out.bias.add(col0) }, ..out };
+    for r in 0..rows {
+        simd512::store_row32(&out, r, c.add(r * NR));
+    }
+}
+
+/// The products of rows `a` (up to 32) × panel `b`, stored as f32 rows of 32 at `c`, `ldc`
+/// bytes apart (a multiple of 64).
+#[inline(always)]
+unsafe fn tiles(a: *const u32, kdepth: usize, b: *const u32, rows: usize, prefetch: bool, c: *mut f32, ldc: usize) {
     let lda = kdepth * 4;
     let ldb = NR * 4;
     // Only read with more than 16 rows (a short tile has no second half).
@@ -202,27 +254,19 @@ unsafe fn block(a: *const u32, kdepth: usize, b: *const u32, rows: usize, col0: 
         }
         kk += KSTEP;
     }
-    // The accumulators, 32 × 32 f32 (128-byte rows), then the epilogue row by row.
-    #[repr(align(64))]
-    struct Acc([f32; MBLOCK * NR]);
-    let mut acc = Acc([0.0; MBLOCK * NR]);
-    let c = acc.0.as_mut_ptr();
+    // The accumulators: 16 rows each of 16 columns (tmm0, tmm2) and the next 16 (tmm1, tmm3).
     asm!(
         "tilestored [{c} + {ldc}*1], tmm0",
         "tilestored [{c} + {ldc}*1 + 64], tmm1",
-        c = in(reg) c, ldc = in(reg) ldb,
+        c = in(reg) c, ldc = in(reg) ldc,
         options(nostack),
     );
     if rows > 16 {
         asm!(
             "tilestored [{c} + {ldc}*1], tmm2",
             "tilestored [{c} + {ldc}*1 + 64], tmm3",
-            c = in(reg) c.add(16 * NR), ldc = in(reg) ldb,
+            c = in(reg) c.cast::<u8>().add(16 * ldc), ldc = in(reg) ldc,
             options(nostack),
         );
-    }
-    let out = Out { y: out.y.add(t0 * out.ldy + col0), cols: out.cols - col0, bias: if out.bias.is_null() { out.bias } else { out.bias.add(col0) }, ..out };
-    for r in 0..rows {
-        simd512::store_row32(&out, r, c.add(r * NR));
     }
 }
