@@ -1181,7 +1181,7 @@ unsafe impl Sync for FusedPtr {}
 /// [`OutLayout::Rows`] and a row-major `x` ([`fuses_on_amx`]; the same bits as `gemm` in bf16
 /// followed by the activation), or, for SwiGLU, not a `[gate; up]` whose halves start on panel
 /// boundaries ([`PackedMatrix::pack_halves`]; bf16 matrices keep the plain layout, so theirs must
-/// be whole panels). On AMX, SmolLM2-135M's bf16 extraction ran 17–29 % faster fused (NOTES.md,
+/// be whole panels). On AMX, SmolLM2-135M's bf16 extraction ran 17–31 % faster fused (NOTES.md,
 /// 2026-12-07 05:29).
 ///
 /// With [`OutLayout::Packed`], `y` is written in the layout [`gemm_prepacked`] reads, so that the
@@ -1296,9 +1296,8 @@ fn gemm_activation_on(isa: Isa, x: Input<'_>, tokens: usize, w: &PackedMatrix, b
 /// `x·Wᵀ` of f32 W, or of bf16 W on AMX ([`fuses_on_amx`]), plain layout, N a multiple of
 /// 2·[`NR`], in heads of 64 columns, without writing it out: `epi(t, h, values)` gets row t's 64
 /// products of head h (columns 64h..64h+64; each as [`gemm`] computes it, no bias) to finish
-/// and store. Each head is computed by one
-/// task, so the epilogue sees whole heads (rotary pairs, per-head norms). Returns false
-/// (computing nothing) where W is not laid out so.
+/// and store. Each head is computed by one task, so the epilogue sees whole heads (rotary pairs,
+/// per-head norms). Returns false (computing nothing) where W is not laid out so.
 pub fn gemm_heads(x: Input<'_>, tokens: usize, w: &PackedMatrix, epi: &(dyn Fn(usize, usize, &mut [f32]) + Sync)) -> bool {
     gemm_heads_on(isa(), x, tokens, w, epi)
 }

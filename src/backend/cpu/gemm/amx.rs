@@ -138,17 +138,16 @@ struct Tile([[f32; 2 * NR]; MBLOCK]);
 /// for them; `first`: the first block of its row chunk, which streams the unit's weights.
 fn run(xb: &[u32], tokens: usize, kdepth: usize, count: usize, work: &(dyn Fn(*const u32, usize, usize, usize, bool) + Sync)) {
     use rayon::prelude::*;
-    let panels = count;
     let blocks = tokens.div_ceil(MBLOCK);
     // Row chunks whose activations stay in L2 while the panels stream past them.
     let chunk_blocks = ((512 * 1024) / (MBLOCK * kdepth * 4).max(1)).clamp(1, blocks);
     let chunks = blocks.div_ceil(chunk_blocks);
     let threads = rayon::current_num_threads().max(1);
     let target = if threads == 1 { 1 } else { 8 * threads };
-    // Groups differ by at most one panel: 18 panels (a down projection) in 16 groups of at most
+    // Groups differ by at most one unit: 18 panels (a down projection) in 16 groups of at most
     // 2, not 9 groups of 2, of which one thread took 5 (down projections in batch-1 decode
     // 145–157 → 92–101 µs a layer).
-    let groups = target.div_ceil(chunks).clamp(1, panels);
+    let groups = target.div_ceil(chunks).clamp(1, count);
     // Up to 16 rows: tiles of just those rows (no zero rows to load or multiply).
     let config = TileConfig::rows(tokens.min(16) as u8);
     let a = super::Src(xb.as_ptr());
@@ -157,17 +156,17 @@ fn run(xb: &[u32], tokens: usize, kdepth: usize, count: usize, work: &(dyn Fn(*c
         let a = a;
         let (c, g) = (i / groups, i % groups);
         let (b0, b1) = (c * chunk_blocks, ((c + 1) * chunk_blocks).min(blocks));
-        let (p0, p1) = (g * panels / groups, (g + 1) * panels / groups);
+        let (u0, u1) = (g * count / groups, (g + 1) * count / groups);
         // SAFETY: AMX is available (checked by the caller), the tiles are configured on this
         // thread before use, and every tile load stays inside the padded buffers.
         unsafe {
             configure(&config);
-            for p in p0..p1 {
+            for u in u0..u1 {
                 for blk in b0..b1 {
                     let t0 = blk * MBLOCK;
                     let rows = (tokens - t0).min(MBLOCK);
-                    // Later blocks find the panel in L2.
-                    work(a.0.add(t0 * kdepth), p, t0, rows, blk == b0);
+                    // Later blocks find the unit's panels in L2.
+                    work(a.0.add(t0 * kdepth), u, t0, rows, blk == b0);
                 }
             }
             release();
