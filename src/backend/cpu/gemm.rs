@@ -769,16 +769,9 @@ fn gemm_bf16(x: &[f32], tokens: usize, w: &PackedMatrix, out: Out, skip: &[(usiz
     let on_amx = bf16_kernel() == Some(Bf16Kernel::Amx);
     #[cfg(not(target_arch = "x86_64"))]
     let on_amx = false;
-    // AMX reads whole tiles: rows padded with zero rows.
-    let rows = if on_amx { amx_rows(tokens) } else { tokens };
-    with_scratch(&BF16_SCRATCH, rows * kp, |xb| {
-        to_bf16_pairs(x, tokens, w.k, kp, xb);
-        for &(t, j, _) in skip {
-            xb[t * kp + j / 2] &= if j % 2 == 0 { 0xffff_0000 } else { 0x0000_ffff };
-        }
+    with_bf16_input(x, tokens, w, on_amx, skip, |xb| {
         #[cfg(target_arch = "x86_64")]
         if on_amx {
-            xb[tokens * kp..].fill(0);
             return amx::gemm(xb, tokens, w, out);
         }
         let src = Src(xb.as_ptr());
@@ -800,6 +793,21 @@ fn amx_pairs(kp: usize) -> usize {
     {
         kp
     }
+}
+
+/// Runs `f` on x's rows as bf16 pairs (`w.kdepth` a row, in per-thread scratch), the inputs
+/// `(row, k, _)` in `skip` zeroed; `on_amx`: padded with zero rows to AMX's whole tiles.
+fn with_bf16_input<R>(x: &[f32], tokens: usize, w: &PackedMatrix, on_amx: bool, skip: &[(usize, usize, f32)], f: impl FnOnce(&[u32]) -> R) -> R {
+    let kp = w.kdepth;
+    let rows = if on_amx { amx_rows(tokens) } else { tokens };
+    with_scratch(&BF16_SCRATCH, rows * kp, |xb| {
+        to_bf16_pairs(x, tokens, w.k, kp, xb);
+        for &(t, j, _) in skip {
+            xb[t * kp + j / 2] &= if j % 2 == 0 { 0xffff_0000 } else { 0x0000_ffff };
+        }
+        xb[tokens * kp..].fill(0);
+        f(xb)
+    })
 }
 
 /// Activation rows of a bf16 GEMM on AMX.
@@ -1366,7 +1374,7 @@ fn fused_any(isa: Isa, x: Input<'_>, tokens: usize, w: &PackedMatrix, count: usi
     #[cfg(target_arch = "x86_64")]
     if w.format == Compute::Bf16 {
         debug_assert!(fuses_on_amx(w, x));
-        let (x, kp) = (x.values(), w.kdepth);
+        let x = x.values();
         assert_eq!(x.len(), tokens * w.k, "x shape");
         if tokens == 0 || count == 0 {
             return;
@@ -1378,11 +1386,7 @@ fn fused_any(isa: Isa, x: Input<'_>, tokens: usize, w: &PackedMatrix, count: usi
                 (u, u * stride, offset, 2)
             }
         };
-        return with_scratch(&BF16_SCRATCH, amx_rows(tokens) * kp, |xb| {
-            to_bf16_pairs(x, tokens, w.k, kp, xb);
-            xb[tokens * kp..].fill(0);
-            amx::fused(xb, tokens, w, count, &unit, epi);
-        });
+        return with_bf16_input(x, tokens, w, true, &[], |xb| amx::fused(xb, tokens, w, count, &unit, epi));
     }
     fused(isa, x, tokens, w, count, units, epi)
 }
@@ -2431,6 +2435,33 @@ pub(crate) mod tests {
         });
     }
 
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
+    /// The unfused path's SwiGLU of `[gate; up]` GEMM rows (`2·inter` values each).
+    fn swiglu_rows(gu: &[f32], inter: usize) -> Vec<f32> {
+        let mut y = vec![0f32; gu.len() / 2];
+        for (o, row) in y.chunks_mut(inter).zip(gu.chunks(2 * inter)) {
+            super::super::vmath::swiglu_row(&row[..inter], &row[inter..], o);
+        }
+        y
+    }
+
+    /// What a fused heads GEMM (`run`, given the epilogue) hands its epilogue, as the bits of a
+    /// `[t, n]` matrix; `u32::MAX` where no value came. Panics if `run` refuses.
+    fn heads_bits(t: usize, n: usize, run: impl FnOnce(&(dyn Fn(usize, usize, &mut [f32]) + Sync)) -> bool) -> Vec<u32> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let got: Vec<AtomicU32> = (0..t * n).map(|_| AtomicU32::new(u32::MAX)).collect();
+        let fused = run(&|r, h, vals| {
+            for (c, v) in vals.iter().enumerate() {
+                got[r * n + h * 2 * NR + c].store(v.to_bits(), Ordering::Relaxed);
+            }
+        });
+        assert!(fused, "the heads GEMM refused");
+        got.iter().map(|a| a.load(Ordering::Relaxed)).collect()
+    }
+
     /// The fused MLP input against the GEMM followed by the activation, as the unfused path
     /// runs them: bit for bit, on odd widths (halves not on panel boundaries), row counts around
     /// the tile and the pair kernels, with and without bias, on every instruction set the CPU
@@ -2459,10 +2490,7 @@ pub(crate) mod tests {
                 let mut gu_halves = vec![0f32; t * 2 * inter];
                 gemm(&x, t, &halves, bias, &mut gu_halves, false);
                 assert_eq!(gu_halves, gu, "{t}x{k}x{inter}: plain GEMM over the halves layout");
-                let mut want = vec![0f32; t * inter];
-                for (o, row) in want.chunks_mut(inter).zip(gu.chunks(2 * inter)) {
-                    super::super::vmath::swiglu_row(&row[..inter], &row[inter..], o);
-                }
+                let want = swiglu_rows(&gu, inter);
                 let mut up = vec![0f32; t * inter];
                 gemm(&x, t, &single_up, bias.map(|b| &b[..inter]), &mut up, false);
                 let want_gelu: Vec<f32> = up.iter().map(|&v| super::super::vmath::gelu_tanh(v)).collect();
@@ -2501,14 +2529,8 @@ pub(crate) mod tests {
             gemm(&x, t, &ph, None, &mut want, false);
             for &isa in &isas {
                 for pool in &pools {
-                    let got: Vec<std::sync::atomic::AtomicU32> = (0..want.len()).map(|_| std::sync::atomic::AtomicU32::new(u32::MAX)).collect();
-                    let n = ph.n;
-                    assert!(pool.install(|| gemm_heads_on(isa, Input::Rows(&x), t, &ph, &|r, h, vals| {
-                        for (c, v) in vals.iter().enumerate() {
-                            got[r * n + h * 2 * NR + c].store(v.to_bits(), std::sync::atomic::Ordering::Relaxed);
-                        }
-                    })));
-                    assert!(got.iter().zip(&want).all(|(a, b)| a.load(std::sync::atomic::Ordering::Relaxed) == b.to_bits()), "heads {isa:?} {t}x{k}x{n} threads {}", pool.current_num_threads());
+                    let got = pool.install(|| heads_bits(t, ph.n, |epi| gemm_heads_on(isa, Input::Rows(&x), t, &ph, epi)));
+                    assert!(got == bits(&want), "heads {isa:?} {t}x{k}x{} threads {}", ph.n, pool.current_num_threads());
                 }
             }
             // A stacked matrix whose halves are not on panel boundaries, packed plainly: refused.
@@ -2534,7 +2556,6 @@ pub(crate) mod tests {
             eprintln!("no AMX here");
             return;
         }
-        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         let pools: Vec<_> = [1, 2, 3].iter().map(|&n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()).collect();
         for &(t, k, inter) in &[(1, 7, 5), (5, 64, 64), (16, 100, 96), (17, 33, 40), (33, 576, 64), (70, 200, 33), (600, 64, 32)] {
             let x = pseudo(t * k, 51);
@@ -2545,10 +2566,7 @@ pub(crate) mod tests {
             for bias in [None, Some(&b[..])] {
                 let mut gu = vec![0f32; t * 2 * inter];
                 gemm(&x, t, &halves, bias, &mut gu, false);
-                let mut want = vec![0f32; t * inter];
-                for (o, row) in want.chunks_mut(inter).zip(gu.chunks(2 * inter)) {
-                    super::super::vmath::swiglu_row(&row[..inter], &row[inter..], o);
-                }
+                let want = swiglu_rows(&gu, inter);
                 let mut up_y = vec![0f32; t * inter];
                 gemm(&x, t, &up, bias.map(|b| &b[..inter]), &mut up_y, false);
                 let want_gelu: Vec<f32> = up_y.iter().map(|&v| super::super::vmath::gelu_tanh(v)).collect();
@@ -2573,14 +2591,8 @@ pub(crate) mod tests {
             let mut want = vec![0f32; t * ph.n];
             gemm(&x, t, &ph, None, &mut want, false);
             for pool in &pools {
-                let got: Vec<std::sync::atomic::AtomicU32> = (0..want.len()).map(|_| std::sync::atomic::AtomicU32::new(u32::MAX)).collect();
-                let n = ph.n;
-                assert!(pool.install(|| gemm_heads(Input::Rows(&x), t, &ph, &|r, h, vals| {
-                    for (c, v) in vals.iter().enumerate() {
-                        got[r * n + h * 2 * NR + c].store(v.to_bits(), std::sync::atomic::Ordering::Relaxed);
-                    }
-                })));
-                assert!(got.iter().zip(&want).all(|(a, b)| a.load(std::sync::atomic::Ordering::Relaxed) == b.to_bits()), "heads {t}x{k}x{n} threads {}", pool.current_num_threads());
+                let got = pool.install(|| heads_bits(t, ph.n, |epi| gemm_heads(Input::Rows(&x), t, &ph, epi)));
+                assert!(got == bits(&want), "heads {t}x{k}x{} threads {}", ph.n, pool.current_num_threads());
             }
         }
     }
