@@ -625,7 +625,7 @@ pub fn gemm(x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, y:
     let Some(out) = output(x, tokens, w, bias, y, accumulate) else { return };
     match w.format {
         Compute::F32 => gemm_f32_on(isa(), Source::Rows(Src(x.as_ptr() as *const u32)), tokens, w, out),
-        Compute::Bf16 => gemm_bf16(x, tokens, w, out, &[]),
+        Compute::Bf16 => gemm_bf16(x, tokens, w, out, None),
     }
 }
 
@@ -761,15 +761,16 @@ pub fn unpack_row(a: &[f32], tokens: usize, t: usize, out: &mut [f32]) {
     }
 }
 
-/// The bf16 product of x (rounded to bf16 pairs), leaving out the inputs `(row, k, _)` listed in
-/// `skip`.
-fn gemm_bf16(x: &[f32], tokens: usize, w: &PackedMatrix, out: Out, skip: &[(usize, usize, f32)]) {
+/// The bf16 product of x (rounded to bf16 pairs); with `outliers`, each row's outliers
+/// ([`for_each_outlier`]) are left out of it and appended there as `(row, k, value)`, in row
+/// order.
+fn gemm_bf16(x: &[f32], tokens: usize, w: &PackedMatrix, out: Out, outliers: Option<&mut Vec<(usize, usize, f32)>>) {
     let kp = w.kdepth;
     #[cfg(target_arch = "x86_64")]
     let on_amx = bf16_kernel() == Some(Bf16Kernel::Amx);
     #[cfg(not(target_arch = "x86_64"))]
     let on_amx = false;
-    with_bf16_input(x, tokens, w, on_amx, skip, |xb| {
+    with_bf16_input(x, tokens, w, on_amx, outliers, |xb| {
         #[cfg(target_arch = "x86_64")]
         if on_amx {
             return amx::gemm(xb, tokens, w, out);
@@ -795,15 +796,16 @@ fn amx_pairs(kp: usize) -> usize {
     }
 }
 
-/// Runs `f` on x's rows as bf16 pairs (`w.kdepth` a row, in per-thread scratch), the inputs
-/// `(row, k, _)` in `skip` zeroed; `on_amx`: padded with zero rows to AMX's whole tiles.
-fn with_bf16_input<R>(x: &[f32], tokens: usize, w: &PackedMatrix, on_amx: bool, skip: &[(usize, usize, f32)], f: impl FnOnce(&[u32]) -> R) -> R {
+/// Runs `f` on x's rows as bf16 pairs (`w.kdepth` a row, in per-thread scratch); with
+/// `outliers`, each row's outliers zeroed there and appended to `outliers` (as [`gemm_bf16`]);
+/// `on_amx`: padded with zero rows to AMX's whole tiles.
+fn with_bf16_input<R>(x: &[f32], tokens: usize, w: &PackedMatrix, on_amx: bool, outliers: Option<&mut Vec<(usize, usize, f32)>>, f: impl FnOnce(&[u32]) -> R) -> R {
     let kp = w.kdepth;
     let rows = if on_amx { amx_rows(tokens) } else { tokens };
     with_scratch(&BF16_SCRATCH, rows * kp, |xb| {
-        to_bf16_pairs(x, tokens, w.k, kp, xb);
-        for &(t, j, _) in skip {
-            xb[t * kp + j / 2] &= if j % 2 == 0 { 0xffff_0000 } else { 0x0000_ffff };
+        let found = to_bf16_pairs(x, tokens, w.k, kp, xb, outliers.is_some());
+        if let Some(outliers) = outliers {
+            outliers.extend(found);
         }
         xb[tokens * kp..].fill(0);
         f(xb)
@@ -866,10 +868,10 @@ pub fn gemm_split(x: &[f32], tokens: usize, fast: &PackedMatrix, exact: &PackedM
     let f32_x: Vec<f32> = f32_rows.iter().flat_map(|&t| &x[t * k..(t + 1) * k]).copied().collect();
     let mut f32_y: Vec<f32> = if accumulate { f32_rows.iter().flat_map(|&t| &y[t * n..(t + 1) * n]).copied().collect() } else { vec![0.0; f32_rows.len() * n] };
     let Some(out) = output(x, tokens, fast, bias, y, accumulate) else { return };
-    // Found once per row: left out of the bf16 product, then added in f32, row by row in
-    // increasing j (a few per row, so one thread suffices).
-    let outliers = find_outliers(x, k);
-    gemm_bf16(x, tokens, fast, out, &outliers);
+    // Found once per row (as the row is converted to bf16): left out of the bf16 product, then
+    // added in f32, row by row in increasing j (a few per row, so one thread suffices).
+    let mut outliers = Vec::new();
+    gemm_bf16(x, tokens, fast, out, Some(&mut outliers));
     for &(t, j, v) in &outliers {
         for p in 0..exact.panels {
             let cols = (n - p * NR).min(NR);
@@ -888,46 +890,50 @@ pub fn gemm_split(x: &[f32], tokens: usize, fast: &PackedMatrix, exact: &PackedM
     }
 }
 
-/// Every row's outliers (see [`for_each_outlier`]) as `(row, k, value)`, in row order.
-fn find_outliers(x: &[f32], k: usize) -> Vec<(usize, usize, f32)> {
-    let row_outliers = |(t, row): (usize, &[f32])| {
-        let mut found = Vec::new();
-        for_each_outlier(row, |j, v| found.push((t, j, v)));
-        found
-    };
-    if x.len() > 1 << 16 {
-        x.par_chunks(k).enumerate().flat_map_iter(row_outliers).collect()
-    } else {
-        x.chunks(k).enumerate().flat_map(row_outliers).collect()
-    }
-}
-
-/// Rows of x as bf16 pairs (low half = even k), `ld` pairs a row, zero-padded beyond K.
-fn to_bf16_pairs(x: &[f32], tokens: usize, k: usize, ld: usize, out: &mut [u32]) {
+/// Rows of x as bf16 pairs (low half = even k), `ld` pairs a row, zero-padded beyond K. With
+/// `find_outliers`, returns each row's outliers ([`for_each_outlier`]) as `(row, k, value)` in
+/// row order, zeroed in `out`: searched for as the row is converted, so that x is read from
+/// memory once (SmolLM2-135M's down projection input is 12 MiB at 2,048 rows).
+fn to_bf16_pairs(x: &[f32], tokens: usize, k: usize, ld: usize, out: &mut [u32], find_outliers: bool) -> Vec<(usize, usize, f32)> {
     let kp = k.div_ceil(2);
     let conv = |(t, o): (usize, &mut [u32])| {
         let row = &x[t * k..(t + 1) * k];
+        let mut found = Vec::new();
+        if find_outliers {
+            for_each_outlier(row, |j, v| found.push((t, j, v)));
+        }
         let (o, pad) = o.split_at_mut(kp);
         pad.fill(0);
-        #[cfg(target_arch = "x86_64")]
-        {
-            if has_bf16() {
-                // SAFETY: feature checked.
-                unsafe { simd512::row_to_bf16(row, o) };
-                return;
-            }
+        row_to_bf16_pairs(row, o);
+        for &(_, j, _) in &found {
+            o[j / 2] &= if j % 2 == 0 { 0xffff_0000 } else { 0x0000_ffff };
         }
-        for (i, o) in o.iter_mut().enumerate() {
-            let lo = half::bf16::from_f32(row[2 * i]).to_bits() as u32;
-            let hi = if 2 * i + 1 < k { half::bf16::from_f32(row[2 * i + 1]).to_bits() as u32 } else { 0 };
-            *o = lo | (hi << 16);
-        }
+        found
     };
     let out = &mut out[..tokens * ld];
     if tokens * k > 1 << 16 {
-        out.par_chunks_mut(ld).enumerate().for_each(conv);
+        out.par_chunks_mut(ld).enumerate().flat_map_iter(conv).collect()
     } else {
-        out.chunks_mut(ld).enumerate().for_each(conv);
+        out.chunks_mut(ld).enumerate().flat_map(conv).collect()
+    }
+}
+
+/// One row as bf16 pairs (`out`: `row.len()` / 2 pairs, rounded up; the last one's high half 0
+/// for an odd length).
+fn row_to_bf16_pairs(row: &[f32], out: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_bf16() {
+            // SAFETY: feature checked.
+            unsafe { simd512::row_to_bf16(row, out) };
+            return;
+        }
+    }
+    let k = row.len();
+    for (i, o) in out.iter_mut().enumerate() {
+        let lo = half::bf16::from_f32(row[2 * i]).to_bits() as u32;
+        let hi = if 2 * i + 1 < k { half::bf16::from_f32(row[2 * i + 1]).to_bits() as u32 } else { 0 };
+        *o = lo | (hi << 16);
     }
 }
 
@@ -1386,7 +1392,7 @@ fn fused_any(isa: Isa, x: Input<'_>, tokens: usize, w: &PackedMatrix, count: usi
                 (u, u * stride, offset, 2)
             }
         };
-        return with_bf16_input(x, tokens, w, true, &[], |xb| amx::fused(xb, tokens, w, count, &unit, epi));
+        return with_bf16_input(x, tokens, w, true, None, |xb| amx::fused(xb, tokens, w, count, &unit, epi));
     }
     fused(isa, x, tokens, w, count, units, epi)
 }
@@ -2328,16 +2334,18 @@ pub(crate) mod tests {
     /// Rows with massive inputs (as in down projections): plain bf16 loses the big terms'
     /// precision, the split applies them in f32. Also: a row's split result does not depend on
     /// the batch or the thread count, and rows listed as f32 rows get exactly the f32 GEMM's
-    /// result, with and without accumulation.
+    /// result, with and without accumulation. 45 rows of 1,536 inputs are converted (and their
+    /// outliers found) by the workers; each row alone, on the calling thread.
     #[test]
     fn split_applies_outlier_inputs_in_f32() {
-        let (t, k, n) = (37, 1536, 100);
+        let (t, k, n) = (45, 1536, 100);
+        assert!(t * k > 1 << 16, "the batch must take the parallel conversion");
         let mut x = pseudo(t * k, 21);
-        // Every other row gets a few inputs far beyond 16 × its RMS (the pseudo values are
-        // uniform in ±1, RMS ≈ 0.58), one of them at an odd index (the high half of a bf16 pair).
+        // Every other row gets two inputs beyond 16 × its RMS (with them, RMS ≈ 10), one at an
+        // odd index (the high half of a bf16 pair), one at an even one (the low half).
         for r in (0..t).step_by(2) {
             x[r * k + 7] = 300.0 + r as f32;
-            x[r * k + 1000] = -123.4567;
+            x[r * k + 1000] = -250.4567;
         }
         let w = pseudo(n * k, 22);
         let bias = pseudo(n, 23);
