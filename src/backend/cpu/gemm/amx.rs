@@ -99,11 +99,11 @@ pub fn padded_rows(tokens: usize) -> usize {
 pub(super) fn gemm(xb: &[u32], tokens: usize, w: &PackedMatrix, out: Out) {
     let kdepth = w.kdepth;
     debug_assert!(kdepth.is_multiple_of(KSTEP) && xb.len() >= padded_rows(tokens) * kdepth);
-    run(xb, tokens, kdepth, w.panels, &|a, p, t0, rows, first| {
+    run(xb, tokens, kdepth, w.panels, &|a, p, t0, rows, first, tile| {
         // SAFETY: (for `run`'s callers) panel p exists, and the task owns these outputs.
         unsafe {
             let b = w.buf.ptr.add(p * w.panel_bytes()) as *const u32;
-            block(a, kdepth, b, rows, p * NR, t0, first, out)
+            block(a, kdepth, b, rows, p * NR, t0, first, tile, out)
         }
     });
 }
@@ -114,9 +114,8 @@ pub(super) fn gemm(xb: &[u32], tokens: usize, w: &PackedMatrix, out: Out) {
 pub(super) fn fused(xb: &[u32], tokens: usize, w: &PackedMatrix, count: usize, unit: &(dyn Fn(usize) -> (usize, usize, usize, usize) + Sync), epi: &super::FusedEpilogue) {
     let kdepth = w.kdepth;
     debug_assert!(kdepth.is_multiple_of(KSTEP) && xb.len() >= padded_rows(tokens) * kdepth);
-    run(xb, tokens, kdepth, count, &|a, i, t0, rows, first| {
+    run(xb, tokens, kdepth, count, &|a, i, t0, rows, first, tile| {
         let (u, p0, offset, n) = unit(i);
-        let mut tile = Tile([[0.0; 2 * NR]; MBLOCK]);
         for j in 0..n {
             // SAFETY: the unit's panels exist; the tile holds 32 rows of 64 columns (256-byte
             // rows), panel j's columns from 32j.
@@ -129,14 +128,20 @@ pub(super) fn fused(xb: &[u32], tokens: usize, w: &PackedMatrix, count: usize, u
     });
 }
 
-/// A fused block's values: up to 32 rows × two panels.
+/// A block's products, stored from the accumulator tiles: up to 32 rows × two panels (a fused
+/// unit's), or × one panel in the first half (the plain GEMM's, as rows of 32).
 #[repr(C, align(64))]
 struct Tile([[f32; 2 * NR]; MBLOCK]);
 
+/// [`run`]'s work on a block: `(a, unit, t0, rows, first, tile)`.
+type Work<'a> = dyn Fn(*const u32, usize, usize, usize, bool, &mut Tile) + Sync + 'a;
+
 /// Spreads `count` units (panels, or a fused GEMM's units) over tasks and calls `work(a, i, t0,
-/// rows, first)` for each unit i and block of rows t0..t0+rows (at `a`), with AMX configured
-/// for them; `first`: the first block of its row chunk, which streams the unit's weights.
-fn run(xb: &[u32], tokens: usize, kdepth: usize, count: usize, work: &(dyn Fn(*const u32, usize, usize, usize, bool) + Sync)) {
+/// rows, first, tile)` for each unit i and block of rows t0..t0+rows (at `a`), with AMX
+/// configured for them; `first`: the first block of its row chunk, which streams the unit's
+/// weights; `tile`: the task's own, zeroed once per task (a memset per block was 3 % of a bf16
+/// decode's samples), holding the previous block's values.
+fn run(xb: &[u32], tokens: usize, kdepth: usize, count: usize, work: &Work) {
     use rayon::prelude::*;
     let blocks = tokens.div_ceil(MBLOCK);
     // Row chunks whose activations stay in L2 while the panels stream past them.
@@ -157,6 +162,7 @@ fn run(xb: &[u32], tokens: usize, kdepth: usize, count: usize, work: &(dyn Fn(*c
         let (c, g) = (i / groups, i % groups);
         let (b0, b1) = (c * chunk_blocks, ((c + 1) * chunk_blocks).min(blocks));
         let (u0, u1) = (g * count / groups, (g + 1) * count / groups);
+        let mut tile = Tile([[0.0; 2 * NR]; MBLOCK]);
         // SAFETY: AMX is available (checked by the caller), the tiles are configured on this
         // thread before use, and every tile load stays inside the padded buffers.
         unsafe {
@@ -166,7 +172,7 @@ fn run(xb: &[u32], tokens: usize, kdepth: usize, count: usize, work: &(dyn Fn(*c
                     let t0 = blk * MBLOCK;
                     let rows = (tokens - t0).min(MBLOCK);
                     // Later blocks find the unit's panels in L2.
-                    work(a.0.add(t0 * kdepth), u, t0, rows, blk == b0);
+                    work(a.0.add(t0 * kdepth), u, t0, rows, blk == b0, &mut tile);
                 }
             }
             release();
@@ -190,14 +196,13 @@ unsafe fn release() {
 }
 
 /// Rows t0..t0+rows (at most 32; `a` points at row t0, `kdepth` pairs a row) × one panel
-/// (`b`, columns col0..col0+32), through the epilogue; `prefetch`: the panel comes from memory.
+/// (`b`, columns col0..col0+32), through `tile` and the epilogue; `prefetch`: the panel comes
+/// from memory.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn block(a: *const u32, kdepth: usize, b: *const u32, rows: usize, col0: usize, t0: usize, prefetch: bool, out: Out) {
-    #[repr(C, align(64))]
-    struct Acc([f32; MBLOCK * NR]);
-    let mut acc = Acc([0.0; MBLOCK * NR]);
-    let c = acc.0.as_mut_ptr();
+unsafe fn block(a: *const u32, kdepth: usize, b: *const u32, rows: usize, col0: usize, t0: usize, prefetch: bool, tile: &mut Tile, out: Out) {
+    // Rows of 32 values, back to back (the tile's first half).
+    let c = tile.0.as_mut_ptr().cast::<f32>();
     tiles(a, kdepth, b, rows, prefetch, c, NR * 4);
     let out = Out { y: out.y.add(t0 * out.ldy + col0), cols: out.cols - col0, bias: if out.bias.is_null() { out.bias } else { out.bias.add(col0) }, ..out };
     for r in 0..rows {
