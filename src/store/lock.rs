@@ -110,7 +110,8 @@ fn same_file(_: &File, path: &Path) -> bool {
 /// Removes the temporary files (`.NAME.PID.tmp`, see [`crate::io::AtomicPath`]) that other
 /// processes left in `dir`, optionally only those of the output named `only`. Call it while
 /// holding the lock that covers every writer of those files: any such file is then a dead
-/// run's. Returns what was removed.
+/// run's, or the probe of a run refused the lock (which removes it itself, maybe first).
+/// Returns what was removed.
 pub fn remove_stale_temp_files(dir: &Path, only: Option<&str>) -> Result<Vec<PathBuf>> {
     let me = std::process::id();
     let mut removed = Vec::new();
@@ -127,12 +128,25 @@ pub fn remove_stale_temp_files(dir: &Path, only: Option<&str>) -> Result<Vec<Pat
         }
         if entry.file_type().is_ok_and(|t| t.is_file()) {
             let path = entry.path();
-            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-            removed.push(path);
+            if remove_if_present(&path)? {
+                removed.push(path);
+            }
         }
     }
     removed.sort();
     Ok(removed)
+}
+
+/// Removes `path`; false if it was already gone. A run refused the lock still probes the
+/// output with a temporary file of its own ([`crate::io::check_writable`]) and removes it: when
+/// that happened between the holder's listing and its removal, the holder failed on "No such
+/// file or directory" and both runs exited 6 (1 in 10 of `concurrent_writers_started_together`).
+fn remove_if_present(path: &Path) -> Result<bool> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io(path, e)),
+    }
 }
 
 /// Locks a directory output for a whole run: creates it, locks it and removes dead runs'
@@ -212,5 +226,22 @@ mod tests {
         let mut left: Vec<String> = std::fs::read_dir(d).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
         left.sort();
         assert_eq!(left, vec![mine.clone(), ".x.tmp".to_string(), "keep.tmp".to_string(), "shard-00000.safetensors".to_string()]);
+    }
+
+    /// A temporary file that its owner removed meanwhile is not an error (the holder of a lock
+    /// lists another run's probe, which that run then removes); other failures are, naming the
+    /// path.
+    #[test]
+    fn a_temp_file_gone_before_its_removal_is_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join(".a.safetensors.4000001.tmp");
+        assert!(!remove_if_present(&gone).unwrap(), "already gone: nothing removed");
+        std::fs::write(&gone, b"x").unwrap();
+        assert!(remove_if_present(&gone).unwrap());
+        assert!(!gone.exists());
+        let not_a_file = dir.path().join("sub");
+        std::fs::create_dir(&not_a_file).unwrap();
+        let err = remove_if_present(&not_a_file).unwrap_err().to_string();
+        assert!(err.contains("sub"), "{err}");
     }
 }
