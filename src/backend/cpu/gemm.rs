@@ -890,6 +890,9 @@ pub fn gemm_split(x: &[f32], tokens: usize, fast: &PackedMatrix, exact: &PackedM
     }
 }
 
+/// Above this many values [`to_bf16_pairs`] shares the rows between the workers.
+const PARALLEL_CONVERSION_VALUES: usize = 1 << 16;
+
 /// Rows of x as bf16 pairs (low half = even k), `ld` pairs a row, zero-padded beyond K. With
 /// `find_outliers`, returns each row's outliers ([`for_each_outlier`]) as `(row, k, value)` in
 /// row order, zeroed in `out`: searched for as the row is converted, so that x is read from
@@ -911,7 +914,7 @@ fn to_bf16_pairs(x: &[f32], tokens: usize, k: usize, ld: usize, out: &mut [u32],
         found
     };
     let out = &mut out[..tokens * ld];
-    if tokens * k > 1 << 16 {
+    if tokens * k > PARALLEL_CONVERSION_VALUES {
         out.par_chunks_mut(ld).enumerate().flat_map_iter(conv).collect()
     } else {
         out.chunks_mut(ld).enumerate().flat_map(conv).collect()
@@ -2339,7 +2342,7 @@ pub(crate) mod tests {
     #[test]
     fn split_applies_outlier_inputs_in_f32() {
         let (t, k, n) = (45, 1536, 100);
-        assert!(t * k > 1 << 16, "the batch must take the parallel conversion");
+        assert!(t * k > PARALLEL_CONVERSION_VALUES, "the batch must take the parallel conversion");
         let mut x = pseudo(t * k, 21);
         // Every other row gets two inputs beyond 16 × its RMS (with them, RMS ≈ 10), one at an
         // odd index (the high half of a bf16 pair), one at an even one (the low half).
