@@ -914,7 +914,17 @@ fn to_bf16_pairs(x: &[f32], tokens: usize, k: usize, ld: usize, out: &mut [u32],
         found
     };
     let out = &mut out[..tokens * ld];
-    if tokens * k > PARALLEL_CONVERSION_VALUES {
+    let parallel = tokens * k > PARALLEL_CONVERSION_VALUES;
+    if !find_outliers {
+        // Nothing to gather: the GEMMs other than down projections convert without collecting.
+        if parallel {
+            out.par_chunks_mut(ld).enumerate().for_each(|r| drop(conv(r)));
+        } else {
+            out.chunks_mut(ld).enumerate().for_each(|r| drop(conv(r)));
+        }
+        return Vec::new();
+    }
+    if parallel {
         out.par_chunks_mut(ld).enumerate().flat_map_iter(conv).collect()
     } else {
         out.chunks_mut(ld).enumerate().flat_map(conv).collect()
