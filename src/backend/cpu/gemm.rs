@@ -2315,7 +2315,8 @@ pub(crate) mod tests {
     /// The bf16 kernel in use (AMX tiles or AVX512-BF16) against an f64 sum of the same
     /// bf16-rounded products: only the f32 accumulation may differ, so the bound is tight. Odd K
     /// and row counts that are not whole tiles check the padding; 1–16 rows AMX's short tiles,
-    /// 18 and 19 panels its uneven panel groups.
+    /// 18 and 19 panels its uneven panel groups, 330 rows of K 1,536 its row chunks of unequal
+    /// blocks (11 blocks in 3 or 4 chunks).
     #[test]
     fn bf16_kernel_matches_rounded_reference() {
         set_bf16_even_if_slower(true);
@@ -2324,7 +2325,7 @@ pub(crate) mod tests {
             return;
         }
         let round = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
-        for &(t, k, n) in &[(1, 7, 5), (17, 33, 40), (33, 576, 64), (70, 1537, 97), (5, 64, 3), (16, 100, 600), (3, 1536, 576)] {
+        for &(t, k, n) in &[(1, 7, 5), (17, 33, 40), (33, 576, 64), (70, 1537, 97), (5, 64, 3), (16, 100, 600), (3, 1536, 576), (330, 1536, 40)] {
             let x = pseudo(t * k, 31);
             let w = pseudo(n * k, 32);
             let bias = pseudo(n, 33);
