@@ -29,6 +29,12 @@ pub const MBLOCK: usize = 32;
 /// 71.2–81.6, 6 72.4–73.7, 8 66.3–69.4; `prefetcht1`/`t2` 6–10 % behind `t0`.
 const PREFETCH_STEPS: usize = 4;
 
+/// A block's activation rows (more than 16) are prefetched into L1 this many K steps ahead. On
+/// an Intel Xeon (family 6 model 167), bf16 extraction tokens/s (`resid bench`, NOTES.md,
+/// 2026-12-07 11:23): none 3,739–3,793, 1 step 3,837–4,059, 2 3,920–4,195, 3 4,084–4,195, 4
+/// 3,994–4,193, 6 4,027–4,051, 8 3,900–3,941.
+const A_PREFETCH_STEPS: usize = 4;
+
 /// The tile configuration `ldtilecfg` reads: palette 1, eight tiles of 64 bytes a row
 /// (tmm0–3 accumulators, tmm4–5 activations, tmm6–7 weights).
 #[repr(C, align(64))]
@@ -239,6 +245,12 @@ unsafe fn tiles(a: *const u32, kdepth: usize, b: *const u32, rows: usize, prefet
             }
         }
         if rows > 16 {
+            // Each row's line of a later K step, from L2 (a block's 32 rows are 32 streams of one
+            // line a step, which the hardware prefetchers did not keep ahead of).
+            let ahead = ak.wrapping_add(A_PREFETCH_STEPS * KSTEP) as *const i8;
+            for r in 0..rows {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(ahead.wrapping_add(r * lda));
+            }
             asm!(
                 "tileloadd tmm4, [{a} + {lda}*1]",
                 "tileloadd tmm6, [{b} + {ldb}*1]",
