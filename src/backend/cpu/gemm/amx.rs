@@ -246,7 +246,8 @@ unsafe fn tiles(a: *const u32, kdepth: usize, b: *const u32, rows: usize, prefet
         }
         if rows > 16 {
             // Each row's line of a later K step, from L2 (a block's 32 rows are 32 streams of one
-            // line a step, which the hardware prefetchers did not keep ahead of).
+            // line a step, which the hardware prefetchers did not keep ahead of). Past the last
+            // row's end this touches nothing.
             let ahead = ak.wrapping_add(A_PREFETCH_STEPS * KSTEP) as *const i8;
             for r in 0..rows {
                 std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(ahead.wrapping_add(r * lda));
