@@ -779,8 +779,8 @@ impl Backend for CpuBackend {
     /// ([`gemm::gemm_heads`]): each task finishes whole heads of 64 columns (two panels, which
     /// in HF's `rotate_half` layout hold a head's two halves) from an L1 tile and stores them,
     /// without the `[rows, (nq + 2·nkv)·hd]` round trip through `scratch`. Bit-identical to the
-    /// unfused default (the same per-head finishing). f32 matrices, and bf16 ones on AMX, with
-    /// head_dim 64 only; others, and any when `RESID_CPU_FUSED_ROPE=0`, take the unfused path.
+    /// unfused default (the same per-head finishing). f32 and bf16 matrices, with head_dim 64
+    /// only; others, and any when `RESID_CPU_FUSED_ROPE=0`, take the unfused path.
     fn attention_input(&self, pass: &CpuPass, x: &CpuAct, input: super::AttentionInput<'_, Self>, kv: &mut CpuKv, layer: usize, scratch: &mut CpuAct, q: &mut CpuAct) -> Result<()> {
         let (heads, w) = (input.heads, input.qkv);
         let rotary = pass.rope.half == 0 || 2 * pass.rope.half == heads.head_dim;
@@ -812,8 +812,8 @@ impl Backend for CpuBackend {
     /// The gate/up GEMM with the activation in its epilogue ([`gemm::gemm_activation`]):
     /// bit-identical to the unfused default, without the `[rows, 2I]` round trip through
     /// `scratch`, and leaving `out` packed for `down_projection` (which alone reads it) when the
-    /// compute is f32. f32 matrices, and bf16 ones on AMX (row-major output); others, and any
-    /// when `RESID_CPU_FUSED_MLP=0`, take the unfused path.
+    /// compute is f32. f32 and bf16 matrices (bf16: row-major output); split ones, and any when
+    /// `RESID_CPU_FUSED_MLP=0`, take the unfused path.
     fn mlp_input(&self, kind: MlpKind, x: &CpuAct, w: &CpuMatrix, b: Option<&F32Data>, scratch: &mut CpuAct, out: &mut CpuAct) -> Result<()> {
         let act = match kind {
             MlpKind::SwiGlu => gemm::Activation::SwiGlu,

@@ -114,7 +114,7 @@ pub(super) fn gemm(xb: &[u32], tokens: usize, w: &PackedMatrix, out: Out) {
     });
 }
 
-/// The fused GEMMs' driver on AMX ([`super::fused`]'s): unit i of `count` is `unit(i) = (u,
+/// The fused GEMMs' driver on AMX ([`super::fused_on`]'s): unit i of `count` is `unit(i) = (u,
 /// first, offset, n)`, panels first + j·offset for j < n (n ≤ 2) into columns 32j.. of a tile,
 /// whose rows go to `epi(t, u, n, rows)` block by block (up to 32 rows).
 pub(super) fn fused(xb: &[u32], tokens: usize, w: &PackedMatrix, count: usize, unit: &(dyn Fn(usize) -> (usize, usize, usize, usize) + Sync), epi: &super::FusedEpilogue) {
