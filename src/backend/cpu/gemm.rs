@@ -1399,14 +1399,14 @@ fn fuses_bf16(w: &PackedMatrix, x: Input<'_>) -> bool {
 /// on AMX, else [`fused_on`] the AVX512-BF16 kernels: the same units and epilogue; the AMX blocks hand the
 /// epilogue up to 32 rows at a time.
 fn fused_any(isa: Isa, x: Input<'_>, tokens: usize, w: &PackedMatrix, count: usize, units: Units, epi: &FusedEpilogue) {
+    assert_eq!(x.values().len(), tokens * w.k, "x shape");
+    if tokens == 0 || count == 0 {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if w.format == Compute::Bf16 {
         debug_assert!(fuses_bf16(w, x));
         let x = x.values();
-        assert_eq!(x.len(), tokens * w.k, "x shape");
-        if tokens == 0 || count == 0 {
-            return;
-        }
         if bf16_kernel() != Some(Bf16Kernel::Amx) {
             return with_bf16_input(x, tokens, w, false, None, |xb| fused_on(FusedKernels::Bf16, Source::Rows(Src(xb.as_ptr())), tokens, w, count, units, epi));
         }
@@ -1418,11 +1418,6 @@ fn fused_any(isa: Isa, x: Input<'_>, tokens: usize, w: &PackedMatrix, count: usi
             }
         };
         return with_bf16_input(x, tokens, w, true, None, |xb| amx::fused(xb, tokens, w, count, &unit, epi));
-    }
-    let k = w.k;
-    assert_eq!(x.values().len(), tokens * k, "x shape");
-    if tokens == 0 || count == 0 {
-        return;
     }
     fused_on(FusedKernels::F32(isa), x.source(), tokens, w, count, units, epi)
 }
@@ -1491,10 +1486,11 @@ unsafe fn fused_block(kernels: FusedKernels, a: *const u32, w: &PackedMatrix, pa
     let tp = tile.0.as_mut_ptr() as *mut f32;
     let to_tile = |y: *mut f32| Out { y, ldy: 2 * NR, cols: NR * n, bias: std::ptr::null(), accumulate: false };
     let few = rows <= K_CHUNK_MAX_ROWS;
+    let both_in_one = n == 2 && rows <= kernels.rows().1;
     let mut i = 0;
     while i < rows {
         let r = (rows - i).min(FUSED_ROWS);
-        if n == 2 && rows <= kernels.rows().1 {
+        if both_in_one {
             // Both panels in one kernel (AVX-512: always; otherwise few rows), for more
             // independent FMA chains.
             kernels.block(a, w, i, r, panel(first), offset * pstride, 2, few, to_tile(tp));
