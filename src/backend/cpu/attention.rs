@@ -367,8 +367,10 @@ const QUERIES_TOGETHER: usize = 4;
 /// holds it, or joined once into `kt[d][j]` where the tile's first slot is not a multiple of 16)
 /// 16 keys per vector, four queries at a time (so that 4·⌈n/16⌉ independent FMA
 /// chains hide the FMA latency), each score one FMA chain over d = 0..hd in order (no horizontal
-/// sums); probabilities times V are accumulated two queries at a time, each output element one
-/// chain over the keys in order. Per (row, head) the operations depend only on its position and
+/// sums), the online softmax on the four queries' scores in registers ([`chunk_probabilities`]);
+/// probabilities times V are accumulated four queries at a time for heads of up to 64 (two
+/// otherwise, or for the last queries of a tile), each output element one chain over the keys in
+/// order. Per (row, head) the operations depend only on its position and
 /// data, never on which queries share a group.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2")]
@@ -430,36 +432,46 @@ unsafe fn prefill_block(q: &[f32], k_cache: &[f32], v_cache: &[f32], heads: Head
         active.extend((0..nq).filter(|&qi| pos(qi) >= t0));
         let vbase = v_cache.as_ptr().add(value_at(seq.kv_start + t0, v_slots, g, hd));
         for chunk in active.chunks(QUERIES_TOGETHER) {
-            // Keys each query sees in this tile; a short chunk repeats its last query (scored, unused).
-            let n: [usize; QUERIES_TOGETHER] = std::array::from_fn(|j| (pos(chunk[j.min(chunk.len() - 1)]) + 1 - t0).min(KEY_TILE));
-            let qs: [*const f32; QUERIES_TOGETHER] = std::array::from_fn(|j| qptr(chunk[j.min(chunk.len() - 1)]));
-            let unshifted = _mm512_setzero_si512();
-            match n.iter().max().map_or(1, |m| m.div_ceil(16)) {
-                1 => qk_keys::<4, 1, false>(qs, hd, tile, unshifted, &mut scores),
-                2 => qk_keys::<4, 2, false>(qs, hd, tile, unshifted, &mut scores),
-                3 => qk_keys::<4, 3, false>(qs, hd, tile, unshifted, &mut scores),
-                _ => qk_keys::<4, 4, false>(qs, hd, tile, unshifted, &mut scores),
+            // Per query of the chunk (a short chunk repeats its last query: scored, unused), in
+            // one loop: `std::array::from_fn` per array was called out of line, 2.4 % of a long
+            // prefill's attention.
+            let live = chunk.len();
+            let mut n = [0usize; QUERIES_TOGETHER];
+            let mut qs = [std::ptr::null(); QUERIES_TOGETHER];
+            let mut outs = [std::ptr::null_mut(); QUERIES_TOGETHER];
+            let mut state = [(std::ptr::null_mut(), std::ptr::null_mut()); QUERIES_TOGETHER];
+            let mut bias = [None; QUERIES_TOGETHER];
+            for j in 0..QUERIES_TOGETHER {
+                let qi = chunk[j.min(live - 1)];
+                // The keys it sees in this tile.
+                n[j] = (pos(qi) + 1 - t0).min(KEY_TILE);
+                qs[j] = qptr(qi);
+                outs[j] = o.as_mut_ptr().add(qi * hd);
+                state[j] = (m.as_mut_ptr().add(qi), l.as_mut_ptr().add(qi));
+                if let Some(slopes) = alibi {
+                    bias[j] = Some((slopes[g * group + qi % group], t0 as f32 - pos(qi) as f32));
+                }
             }
-            let mut corr = [0f32; QUERIES_TOGETHER];
-            for (j, &qi) in chunk.iter().enumerate() {
-                let (h, p) = (g * group + qi % group, pos(qi));
-                let sc = &mut scores[j][..n[j]];
-                let tile_max = scale_and_max(sc, scale, alibi.map(|a| (a[h], t0 as f32 - p as f32)));
-                corr[j] = softmax_step::<Avx512>(sc, tile_max, &mut m[qi], &mut l[qi]);
-            }
+            let corr = match n.iter().max().map_or(1, |m| m.div_ceil(16)) {
+                1 => chunk_probabilities::<1>(qs, hd, tile, n, live, scale, bias, state, &mut scores),
+                2 => chunk_probabilities::<2>(qs, hd, tile, n, live, scale, bias, state, &mut scores),
+                3 => chunk_probabilities::<3>(qs, hd, tile, n, live, scale, bias, state, &mut scores),
+                _ => chunk_probabilities::<4>(qs, hd, tile, n, live, scale, bias, state, &mut scores),
+            };
             // Every query's first tile is t0 = 0: its output starts from zero there.
             let fresh = t0 == 0;
+            let p = |j: usize| &scores[j][..n[j]];
+            if live == QUERIES_TOGETHER && hd <= 64 {
+                pv_quad(hd, outs, corr, [p(0), p(1), p(2), p(3)], vbase, hd, fresh);
+                continue;
+            }
             let mut j = 0;
-            while j < chunk.len() {
-                let (qa, na) = (chunk[j], n[j]);
-                let oa = o.as_mut_ptr().add(qa * hd);
-                if j + 1 < chunk.len() {
-                    let (qb, nb) = (chunk[j + 1], n[j + 1]);
-                    let ob = o.as_mut_ptr().add(qb * hd);
-                    pv_pair(hd, [oa, ob], [corr[j], corr[j + 1]], [&scores[j][..na], &scores[j + 1][..nb]], vbase, hd, fresh);
+            while j < live {
+                if j + 1 < live {
+                    pv_pair(hd, [outs[j], outs[j + 1]], [corr[j], corr[j + 1]], [p(j), p(j + 1)], vbase, hd, fresh);
                     j += 2;
                 } else {
-                    pv_pair(hd, [oa, oa], [corr[j], corr[j]], [&scores[j][..na], &[]], vbase, hd, fresh);
+                    pv_pair(hd, [outs[j], outs[j]], [corr[j], corr[j]], [p(j), &[]], vbase, hd, fresh);
                     j += 1;
                 }
             }
@@ -794,7 +806,7 @@ const PV_AHEAD: usize = 32;
 
 /// [`pv_unit`]'s kernel: NQ queries (`qis`) × NC column vectors from vector `c0`, each element
 /// one chain over the keys: from zero in the first tile, then times the tile's correction (unless
-/// it is 1) before each further tile, then `p[j]·v_j +` in order, as [`pv_pair_c`] computes it.
+/// it is 1) before each further tile, then `p[j]·v_j +` in order, as [`pv_c`] computes it.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -845,23 +857,34 @@ unsafe fn scale_and_max(x: &mut [f32], scale: f32, alibi: Option<(f32, f32)>) ->
     use std::arch::x86_64::*;
     let n = x.len();
     let sv = _mm512_set1_ps(scale);
-    let lanes = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
     let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
     let mut i = 0;
     while i < n {
         let k = super::vmath::avx512::mask(n, i);
-        let add = match alibi {
-            // (j as f32 − pos as f32) is exact for positions below 2^24, as is j + offset here.
-            Some((slope, offset)) => _mm512_mul_ps(_mm512_set1_ps(slope), _mm512_add_ps(_mm512_add_ps(lanes, _mm512_set1_ps(i as f32)), _mm512_set1_ps(offset))),
-            None => _mm512_setzero_ps(),
-        };
-        let v = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x.as_ptr().add(i)), sv), add);
+        let v = scaled_scores(_mm512_maskz_loadu_ps(k, x.as_ptr().add(i)), i, sv, alibi);
         _mm512_mask_storeu_ps(x.as_mut_ptr().add(i), k, v);
         // max(v, max) returns max where v is NaN; masked-off lanes keep max.
         max = _mm512_mask_max_ps(max, k, v, max);
         i += 16;
     }
     _mm512_reduce_max_ps(max)
+}
+
+/// Scores `i..i + 16` of a tile, scaled (`sv`: the scale in every lane) with ALiBi's bias added.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn scaled_scores(x: std::arch::x86_64::__m512, i: usize, sv: std::arch::x86_64::__m512, alibi: Option<(f32, f32)>) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let add = match alibi {
+        // (j as f32 − pos as f32) is exact for positions below 2^24, as is j + offset here.
+        Some((slope, offset)) => {
+            let lanes = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
+            _mm512_mul_ps(_mm512_set1_ps(slope), _mm512_add_ps(_mm512_add_ps(lanes, _mm512_set1_ps(i as f32)), _mm512_set1_ps(offset)))
+        }
+        None => _mm512_setzero_ps(),
+    };
+    _mm512_add_ps(_mm512_mul_ps(x, sv), add)
 }
 
 /// Where [`qk_keys`] reads a tile's keys: element d of the 16 keys of vector u at
@@ -922,6 +945,20 @@ unsafe fn key_vector<const SHIFT: bool>(tile: KeyTile, v: usize, at: usize, idx:
 #[inline]
 unsafe fn qk_keys<const NQ: usize, const NV: usize, const SHIFT: bool>(qs: [*const f32; NQ], hd: usize, tile: KeyTile, idx: std::arch::x86_64::__m512i, scores: &mut [[f32; KEY_TILE]; QUERIES_TOGETHER]) {
     use std::arch::x86_64::*;
+    let acc = qk_vectors::<NQ, NV, SHIFT>(qs, hd, tile, idx);
+    for (a, out) in acc.iter().zip(scores.iter_mut()) {
+        for (v, x) in a.iter().enumerate() {
+            _mm512_storeu_ps(out.as_mut_ptr().add(v * 16), *x);
+        }
+    }
+}
+
+/// [`qk_keys`]' scores, left in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn qk_vectors<const NQ: usize, const NV: usize, const SHIFT: bool>(qs: [*const f32; NQ], hd: usize, tile: KeyTile, idx: std::arch::x86_64::__m512i) -> [[std::arch::x86_64::__m512; NV]; NQ] {
+    use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); NV]; NQ];
     for d in 0..hd {
         let keys: [__m512; NV] = std::array::from_fn(|v| key_vector::<SHIFT>(tile, v, d * tile.d_stride, idx));
@@ -932,11 +969,67 @@ unsafe fn qk_keys<const NQ: usize, const NV: usize, const SHIFT: bool>(qs: [*con
             }
         }
     }
-    for (a, out) in acc.iter().zip(scores.iter_mut()) {
-        for (v, x) in a.iter().enumerate() {
-            _mm512_storeu_ps(out.as_mut_ptr().add(v * 16), *x);
+    acc
+}
+
+/// One key tile's step of the online softmax for a chunk of four queries (the first `live` of
+/// them real; `n[j]` keys each, at most 16·NV): their scores against the tile
+/// ([`qk_vectors`]), scaled with ALiBi's bias, the running maxima and sums (`state[j]`: m and l)
+/// updated and the probabilities `exp(score − max)` written to `scores[j][..n[j]]`; returns
+/// the factors the running outputs must be scaled by. Per query exactly the operations of
+/// [`qk_keys`], [`scale_and_max`] and [`softmax_step`] in turn, so the bits are theirs; but the
+/// scores stay in registers between the three, and the four queries' exponentials and sums run
+/// side by side where one query's 4·16 exponentials and its horizontal sums were a latency
+/// chain: the softmax was ~30 % of a long prefill's attention, whose QKᵀ and P·V loops ran near
+/// the FMA rate. With [`pv_quad`], criterion's `attention_prefill/2048` took 114–120 ms against
+/// 127–141 before (AMD EPYC Zen 4, five alternated rounds; NOTES.md, 2026-12-07 16:46).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn chunk_probabilities<const NV: usize>(qs: [*const f32; QUERIES_TOGETHER], hd: usize, tile: KeyTile, n: [usize; QUERIES_TOGETHER], live: usize, scale: f32, alibi: [Option<(f32, f32)>; QUERIES_TOGETHER], state: [(*mut f32, *mut f32); QUERIES_TOGETHER], scores: &mut [[f32; KEY_TILE]; QUERIES_TOGETHER]) -> [f32; QUERIES_TOGETHER] {
+    use super::vmath::avx512::{exp16, mask, sum_tree16};
+    use std::arch::x86_64::*;
+    let mut x = qk_vectors::<QUERIES_TOGETHER, NV, false>(qs, hd, tile, _mm512_setzero_si512());
+    let sv = _mm512_set1_ps(scale);
+    let mut tile_max = [f32::NEG_INFINITY; QUERIES_TOGETHER];
+    for j in 0..QUERIES_TOGETHER {
+        if j < live {
+            let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+            for (v, xv) in x[j].iter_mut().enumerate() {
+                *xv = scaled_scores(*xv, 16 * v, sv, alibi[j]);
+                max = _mm512_mask_max_ps(max, mask(n[j], 16 * v), *xv, max);
+            }
+            tile_max[j] = _mm512_reduce_max_ps(max);
         }
     }
+    let mut corr = [1f32; QUERIES_TOGETHER];
+    let mut sums = [_mm512_setzero_ps(); QUERIES_TOGETHER];
+    let mut m_new = [0f32; QUERIES_TOGETHER];
+    for j in 0..QUERIES_TOGETHER {
+        if j < live {
+            (m_new[j], corr[j]) = running_max(*state[j].0, tile_max[j]);
+        }
+    }
+    for j in 0..QUERIES_TOGETHER {
+        if j < live {
+            let mv = _mm512_set1_ps(m_new[j]);
+            for (v, xv) in x[j].iter().enumerate() {
+                if 16 * v < n[j] {
+                    let k = mask(n[j], 16 * v);
+                    let p = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(*xv, mv)));
+                    _mm512_mask_storeu_ps(scores[j].as_mut_ptr().add(16 * v), k, p);
+                    sums[j] = _mm512_add_ps(sums[j], p);
+                }
+            }
+        }
+    }
+    for j in 0..live.min(QUERIES_TOGETHER) {
+        let (m, l) = state[j];
+        *l = *l * corr[j] + sum_tree16(sums[j]);
+        *m = m_new[j];
+    }
+    corr
 }
 
 /// `o = o·corr` then `o = p[j]·v_j + o` for each key j in order, for two queries at once (each
@@ -947,19 +1040,19 @@ unsafe fn qk_keys<const NQ: usize, const NV: usize, const SHIFT: bool>(qs: [*con
 #[target_feature(enable = "avx512f")]
 unsafe fn pv_pair(hd: usize, o: [*mut f32; 2], corr: [f32; 2], p: [&[f32]; 2], v: *const f32, stride: usize, fresh: bool) {
     match hd.div_ceil(16) {
-        1 => pv_pair_c::<1>(hd, o, corr, p, v, stride, fresh),
-        2 => pv_pair_c::<2>(hd, o, corr, p, v, stride, fresh),
-        3 => pv_pair_c::<3>(hd, o, corr, p, v, stride, fresh),
-        4 => pv_pair_c::<4>(hd, o, corr, p, v, stride, fresh),
-        5 => pv_pair_c::<5>(hd, o, corr, p, v, stride, fresh),
-        6 => pv_pair_c::<6>(hd, o, corr, p, v, stride, fresh),
-        7 => pv_pair_c::<7>(hd, o, corr, p, v, stride, fresh),
-        8 => pv_pair_c::<8>(hd, o, corr, p, v, stride, fresh),
+        1 => pv_c::<2, 1>(hd, o, corr, p, v, stride, fresh),
+        2 => pv_c::<2, 2>(hd, o, corr, p, v, stride, fresh),
+        3 => pv_c::<2, 3>(hd, o, corr, p, v, stride, fresh),
+        4 => pv_c::<2, 4>(hd, o, corr, p, v, stride, fresh),
+        5 => pv_c::<2, 5>(hd, o, corr, p, v, stride, fresh),
+        6 => pv_c::<2, 6>(hd, o, corr, p, v, stride, fresh),
+        7 => pv_c::<2, 7>(hd, o, corr, p, v, stride, fresh),
+        8 => pv_c::<2, 8>(hd, o, corr, p, v, stride, fresh),
         // Wide heads: one query at a time (two would need 32 accumulators).
         9..=16 => {
-            pv_pair_c::<16>(hd, [o[0], o[0]], [corr[0]; 2], [p[0], &[]], v, stride, fresh);
+            pv_c::<2, 16>(hd, [o[0], o[0]], [corr[0]; 2], [p[0], &[]], v, stride, fresh);
             if !p[1].is_empty() {
-                pv_pair_c::<16>(hd, [o[1], o[1]], [corr[1]; 2], [p[1], &[]], v, stride, fresh);
+                pv_c::<2, 16>(hd, [o[1], o[1]], [corr[1]; 2], [p[1], &[]], v, stride, fresh);
             }
         }
         _ => {
@@ -977,15 +1070,32 @@ unsafe fn pv_pair(hd: usize, o: [*mut f32; 2], corr: [f32; 2], p: [&[f32]; 2], v
     }
 }
 
+/// [`pv_pair`] for four queries at once (each loaded value vector serves four), for heads of up
+/// to 64 (16 accumulators).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pv_quad(hd: usize, o: [*mut f32; 4], corr: [f32; 4], p: [&[f32]; 4], v: *const f32, stride: usize, fresh: bool) {
+    match hd.div_ceil(16) {
+        1 => pv_c::<4, 1>(hd, o, corr, p, v, stride, fresh),
+        2 => pv_c::<4, 2>(hd, o, corr, p, v, stride, fresh),
+        3 => pv_c::<4, 3>(hd, o, corr, p, v, stride, fresh),
+        _ => pv_c::<4, 4>(hd, o, corr, p, v, stride, fresh),
+    }
+}
+
+/// `o[k] = o[k]·corr[k]`, then `o[k] = p[k][j]·v_j + o[k]` for each key j in order, for NQ
+/// queries of C column vectors each; keys that all the queries see are visited once for all of
+/// them. Queries after the first whose `p` is empty are not there (their `o` is not written);
+/// the keys are then visited query by query.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn pv_pair_c<const C: usize>(hd: usize, o: [*mut f32; 2], corr: [f32; 2], p: [&[f32]; 2], v: *const f32, stride: usize, fresh: bool) {
+unsafe fn pv_c<const NQ: usize, const C: usize>(hd: usize, o: [*mut f32; NQ], corr: [f32; NQ], p: [&[f32]; NQ], v: *const f32, stride: usize, fresh: bool) {
     use std::arch::x86_64::*;
     let mask = |c: usize| super::vmath::avx512::mask(hd, c * 16);
-    let two = !p[1].is_empty();
-    let mut acc = [[_mm512_setzero_ps(); C]; 2];
-    for (k, a) in acc.iter_mut().enumerate().take(if two { 2 } else { 1 }) {
+    let live = 1 + p[1..].iter().filter(|q| !q.is_empty()).count();
+    let mut acc = [[_mm512_setzero_ps(); C]; NQ];
+    for (k, a) in acc.iter_mut().enumerate().take(live) {
         if fresh {
             continue;
         }
@@ -996,19 +1106,19 @@ unsafe fn pv_pair_c<const C: usize>(hd: usize, o: [*mut f32; 2], corr: [f32; 2],
             }
         }
     }
-    let both = if two { p[0].len().min(p[1].len()) } else { 0 };
-    let [acc_a, acc_b] = &mut acc;
-    for (j, (&pa, &pb)) in p[0].iter().zip(p[1]).enumerate().take(both) {
+    let common = if live == NQ { p.iter().map(|q| q.len()).min().unwrap_or(0) } else { 0 };
+    for j in 0..common {
         let row = v.add(j * stride);
-        let (pa, pb) = (_mm512_set1_ps(pa), _mm512_set1_ps(pb));
-        for (c, (a, b)) in acc_a.iter_mut().zip(acc_b.iter_mut()).enumerate() {
+        let pj: [__m512; NQ] = std::array::from_fn(|k| _mm512_set1_ps(*p[k].get_unchecked(j)));
+        for c in 0..C {
             let vv = _mm512_maskz_loadu_ps(mask(c), row.add(c * 16));
-            *a = _mm512_fmadd_ps(pa, vv, *a);
-            *b = _mm512_fmadd_ps(pb, vv, *b);
+            for (a, &pk) in acc.iter_mut().zip(&pj) {
+                a[c] = _mm512_fmadd_ps(pk, vv, a[c]);
+            }
         }
     }
-    for (k, a) in acc.iter_mut().enumerate().take(if two { 2 } else { 1 }) {
-        for (j, &pj) in p[k].iter().enumerate().skip(both) {
+    for (k, a) in acc.iter_mut().enumerate().take(live) {
+        for (j, &pj) in p[k].iter().enumerate().skip(common) {
             let row = v.add(j * stride);
             let pv = _mm512_set1_ps(pj);
             for (c, x) in a.iter_mut().enumerate() {
@@ -1033,20 +1143,28 @@ unsafe fn online_update<O: Ops>(scores: &mut [f32], tile_max: f32, m: &mut f32, 
 /// the running max and sum, and returns the factor the running output must be scaled by.
 #[inline(always)]
 unsafe fn softmax_step<O: Ops>(scores: &mut [f32], tile_max: f32, m: &mut f32, l: &mut f32) -> f32 {
-    let m_new = m.max(tile_max);
-    // exp(0) is exactly 1: most tiles after the first leave the maximum where it was, and a call
-    // to expf per (query, tile) took 3 % of a long prefill's attention.
-    let corr = if *m == f32::NEG_INFINITY {
-        0.0
-    } else if *m == m_new {
-        1.0
-    } else {
-        (*m - m_new).exp()
-    };
+    let (m_new, corr) = running_max(*m, tile_max);
     let sum = O::exp_sub_sum(scores, m_new);
     *l = *l * corr + sum;
     *m = m_new;
     corr
+}
+
+/// The running maximum after a tile whose maximum is `tile_max`, and the factor `exp(m − m_new)`
+/// that rescales what was summed under the old one.
+#[inline(always)]
+fn running_max(m: f32, tile_max: f32) -> (f32, f32) {
+    let m_new = m.max(tile_max);
+    // exp(0) is exactly 1: most tiles after the first leave the maximum where it was, and a call
+    // to expf per (query, tile) took 3 % of a long prefill's attention.
+    let corr = if m == f32::NEG_INFINITY {
+        0.0
+    } else if m == m_new {
+        1.0
+    } else {
+        (m - m_new).exp()
+    };
+    (m_new, corr)
 }
 
 /// Writes the normalised outputs `o / l` of a block's rows × query heads of KV head `g`

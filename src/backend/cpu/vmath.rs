@@ -147,7 +147,14 @@ pub(crate) mod avx512 {
             acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a.as_ptr().add(i)), _mm512_maskz_loadu_ps(m, b.as_ptr().add(i)), acc);
             i += 16;
         }
-        // The same tree as `tree16`: (l, l+8), then (l, l+4), then (0,2)+(1,3).
+        sum_tree16(acc)
+    }
+
+    /// The sum of the 16 lanes in [`super::tree16`]'s order ((l, l+8), then (l, l+4), then
+    /// (0,2)+(1,3)), without a round trip through memory.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub unsafe fn sum_tree16(acc: __m512) -> f32 {
         let lo = _mm512_castps512_ps256(acc);
         let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
         let a8 = _mm256_add_ps(lo, hi);
@@ -202,9 +209,7 @@ pub(crate) mod avx512 {
             acc = _mm512_add_ps(acc, v);
             i += 16;
         }
-        let mut lanes = [0f32; 16];
-        _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
-        super::tree16(&lanes)
+        sum_tree16(acc)
     }
 }
 
