@@ -992,7 +992,8 @@ unsafe fn chunk_probabilities<const NV: usize>(qs: [*const f32; QUERIES_TOGETHER
     use std::arch::x86_64::*;
     let mut x = qk_vectors::<QUERIES_TOGETHER, NV, false>(qs, hd, tile, _mm512_setzero_si512());
     let sv = _mm512_set1_ps(scale);
-    let mut tile_max = [f32::NEG_INFINITY; QUERIES_TOGETHER];
+    let mut corr = [1f32; QUERIES_TOGETHER];
+    let mut m_new = [0f32; QUERIES_TOGETHER];
     for j in 0..QUERIES_TOGETHER {
         if j < live {
             let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
@@ -1000,17 +1001,10 @@ unsafe fn chunk_probabilities<const NV: usize>(qs: [*const f32; QUERIES_TOGETHER
                 *xv = scaled_scores(*xv, 16 * v, sv, alibi[j]);
                 max = _mm512_mask_max_ps(max, mask(n[j], 16 * v), *xv, max);
             }
-            tile_max[j] = _mm512_reduce_max_ps(max);
+            (m_new[j], corr[j]) = running_max(*state[j].0, _mm512_reduce_max_ps(max));
         }
     }
-    let mut corr = [1f32; QUERIES_TOGETHER];
     let mut sums = [_mm512_setzero_ps(); QUERIES_TOGETHER];
-    let mut m_new = [0f32; QUERIES_TOGETHER];
-    for j in 0..QUERIES_TOGETHER {
-        if j < live {
-            (m_new[j], corr[j]) = running_max(*state[j].0, tile_max[j]);
-        }
-    }
     for j in 0..QUERIES_TOGETHER {
         if j < live {
             let mv = _mm512_set1_ps(m_new[j]);
@@ -1024,7 +1018,7 @@ unsafe fn chunk_probabilities<const NV: usize>(qs: [*const f32; QUERIES_TOGETHER
             }
         }
     }
-    for j in 0..live.min(QUERIES_TOGETHER) {
+    for j in 0..live {
         let (m, l) = state[j];
         *l = *l * corr[j] + sum_tree16(sums[j]);
         *m = m_new[j];
