@@ -65,6 +65,30 @@ fn bench_gemm_bf16(c: &mut Criterion) {
     bench_gemm_with(c, "gemm_bf16", Compute::Bf16);
 }
 
+/// Few-row GEMMs (batched decode) with their weights streamed from memory, as in a decode step:
+/// copies of the matrix that together exceed the last-level cache are used in turn.
+fn bench_gemm_streamed(c: &mut Criterion) {
+    let mut g = c.benchmark_group("gemm_f32_streamed");
+    for (name, n, k) in shapes() {
+        // 64 MiB of weights or more: twice the L3 of an AMD EPYC Zen 4 CCD.
+        let copies = (64 << 20) / (n * k * 4) + 1;
+        let ws: Vec<PackedMatrix> = (0..copies).map(|i| PackedMatrix::pack(&data(n * k, 2 + i as u32), n, k, Compute::F32)).collect();
+        for &tokens in &[8usize, 16, 32] {
+            let x = data(tokens * k, 1);
+            let mut y = vec![0f32; tokens * n];
+            let mut next = 0;
+            g.throughput(Throughput::Elements((2 * tokens * n * k) as u64));
+            g.bench_with_input(BenchmarkId::new(name, tokens), &tokens, |b, &t| {
+                b.iter(|| {
+                    next = (next + 1) % copies;
+                    gemm::gemm(black_box(&x), t, &ws[next], None, &mut y, false)
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 fn bench_attention(c: &mut Criterion) {
     let mut g = c.benchmark_group("attention_prefill");
     for &len in &[64usize, 512, 2048] {
@@ -222,5 +246,5 @@ fn config() -> Criterion {
     Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2)).sample_size(20)
 }
 
-criterion_group! { name = benches; config = config(); targets = bench_gemm_f32, bench_gemm_bf16, bench_attention, bench_residual, bench_layer, bench_weight_staging, bench_stats_fold }
+criterion_group! { name = benches; config = config(); targets = bench_gemm_f32, bench_gemm_streamed, bench_gemm_bf16, bench_attention, bench_residual, bench_layer, bench_weight_staging, bench_stats_fold }
 criterion_main!(benches);

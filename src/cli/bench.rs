@@ -778,6 +778,7 @@ fn machine(on_cpu: bool) -> Value {
         "decode_prefetch_rows": resid::backend::cpu::gemm::decode_prefetch_rows(),
         "panel_prefetch_rows": resid::backend::cpu::gemm::panel_prefetch_rows(),
         "k_chunks": resid::backend::cpu::gemm::k_chunks(),
+        "next_unit_prefetch": resid::backend::cpu::gemm::next_unit_prefetch(),
         "caches_cpu0": caches,
         "memory_gib": mem_gib,
         "os": std::env::consts::OS,

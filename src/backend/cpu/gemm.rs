@@ -90,6 +90,25 @@ pub fn k_chunks() -> bool {
     *ON.get_or_init(|| on_off_policy(std::env::var("RESID_CPU_K_CHUNKS").ok().as_deref(), || cpu_vendor() != "AuthenticAMD"))
 }
 
+/// Whether the AVX-512 kernels (f32, and AVX512-BF16) of a few-row GEMM (more than one
+/// micro-panel, at most [`K_CHUNK_MAX_ROWS`] rows: batched decode, short prompts) prefetch the
+/// task's next unit of panels into L2 while they compute the current one (see
+/// [`prefetched_next`] for which units). Without it, each unit's first micro-panel streamed its
+/// panels from memory at memory speed and the others then computed from L2 with memory idle:
+/// SmolLM2-135M's gate/up GEMM of 16 rows took 283 µs with its weights in cache and 400–460
+/// streamed. Chosen by vendor, by measurement (NOTES.md, 2026-12-07 19:48):
+/// - AMD EPYC Zen 4 (family 25 model 17): on. f32 decode steps of 16 sequences 22 % faster
+///   (medians of five alternated rounds), of 32 19 %, of 8 7 %; bf16 steps of 8 and 16
+///   sequences 10–12 %; bit-identical.
+/// - Intel Xeon: off, not measured there ([`k_chunks`] overlaps memory with compute there
+///   above 12 rows).
+///
+/// `RESID_CPU_NEXT_PREFETCH=on|off` overrides it, for comparisons.
+pub fn next_unit_prefetch() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| on_off_policy(std::env::var("RESID_CPU_NEXT_PREFETCH").ok().as_deref(), || cpu_vendor() == "AuthenticAMD"))
+}
+
 /// Panel rows per chunk of [`k_chunks`]: 16, 24, 32 and 48 measured alike, 16 a little ahead.
 pub const K_CHUNK: usize = 16;
 /// Rows up to which a GEMM's blocks may be taken in chunks (11 micro-panels of 6).
@@ -634,10 +653,10 @@ pub fn gemm(x: &[f32], tokens: usize, w: &PackedMatrix, bias: Option<&[f32]>, y:
 
 /// The f32 GEMM with the kernels of `isa` (which the CPU must have).
 fn gemm_f32_on(isa: Isa, src: Source, tokens: usize, w: &PackedMatrix, out: Out) {
-    drive(tokens, w.k, src, Panels::of(w), f32_rows(isa), f32_pair_rows(isa), &|a, t0, mr, p, np| {
+    drive(tokens, w.k, src, Panels::of(w), f32_rows(isa), f32_pair_rows(isa), &|a, t0, mr, p, np, next| {
         // SAFETY: `a` is the packed micro-panel of rows t0..t0+mr, panels p..p+np exist, the
         // task owns these outputs.
-        unsafe { kernel_f32(isa, a as *const f32, w, p, np, mr, t0, out) }
+        unsafe { kernel_f32(isa, a as *const f32, w, p, np, mr, t0, next, out) }
     });
 }
 
@@ -779,10 +798,10 @@ fn gemm_bf16(x: &[f32], tokens: usize, w: &PackedMatrix, out: Out, outliers: Opt
             return amx::gemm(xb, tokens, w, out);
         }
         let src = Src(xb.as_ptr());
-        drive(tokens, kp, Source::Rows(src), Panels::of(w), BF16_ROWS, BF16_PAIR_ROWS, &|a, t0, mr, p, np| {
+        drive(tokens, kp, Source::Rows(src), Panels::of(w), BF16_ROWS, BF16_PAIR_ROWS, &|a, t0, mr, p, np, next| {
             // SAFETY: `a` is the packed micro-panel of rows t0..t0+mr, panels p..p+np exist, the
             // task owns these outputs; bf16 matrices exist only when the CPU has AVX512-BF16.
-            unsafe { kernel_bf16(a, w, p, np, mr, t0, out) }
+            unsafe { kernel_bf16(a, w, p, np, mr, t0, next, out) }
         });
     });
 }
@@ -1014,12 +1033,13 @@ impl Panels {
 }
 
 /// Splits the work into (row block × panel group) tasks, or for the rows of one row block into
-/// each thread's share of the panels ([`panel_share`]), and runs `kern(a, t0, rows, panel, np)`
-/// over them, `a` being rows t0..t0+rows packed as consecutive micro-panels of `mr_max` rows;
-/// np = 2 (two panels in one kernel) where a task has at most `pair_rows` rows and a next panel.
+/// each thread's share of the panels ([`panel_share`]), and runs `kern(a, t0, rows, panel, np,
+/// next)` over them, `a` being rows t0..t0+rows packed as consecutive micro-panels of `mr_max`
+/// rows; np = 2 (two panels in one kernel) where a task has at most `pair_rows` rows and a next
+/// panel; `next` is the panel the task computes after these (to prefetch), if any.
 /// The split only decides who computes an element, never how.
 #[allow(clippy::type_complexity)]
-fn drive(tokens: usize, kdepth: usize, src: Source, panels: Panels, mr_max: usize, pair_rows: usize, kern: &(dyn Fn(*const u32, usize, usize, usize, usize) + Sync)) {
+fn drive(tokens: usize, kdepth: usize, src: Source, panels: Panels, mr_max: usize, pair_rows: usize, kern: &(dyn Fn(*const u32, usize, usize, usize, usize, Option<usize>) + Sync)) {
     let Panels { count: panels, pair_break } = panels;
     // A row block of activations (kdepth × 4 bytes per row) plus one panel stay in L2.
     let mut mc = (l2_block_bytes() / (kdepth * 4).max(1) / mr_max * mr_max).max(mr_max);
@@ -1036,13 +1056,15 @@ fn drive(tokens: usize, kdepth: usize, src: Source, panels: Panels, mr_max: usiz
     // 8.8–11.2; one micro-panel (≤ 6 rows) was 2–11 % slower so, and keeps the grid below
     // (NOTES.md, 2026-12-06 14:12).
     let share_panels = threads > 1 && !few && tokens > mr_max && tokens <= mc;
-    let body = |a: Src, (m0, m1, p0, p1): Task| {
+    // `after`: the first panel of the thread's next task, if it is known.
+    let body = |a: Src, (m0, m1, p0, p1): Task, after: Option<usize>| {
         let mut p = p0;
         while p < p1 {
             // Two panels at once: more independent FMA chains per loaded activation.
             let np = if m1 - m0 <= pair_rows && p + 1 < p1 && p + 1 != pair_break { 2 } else { 1 };
+            let next = if p + np < p1 { Some(p + np) } else { after };
             // SAFETY: the micro-panels of rows m0..m1 lie inside the packed buffer.
-            kern(unsafe { a.0.add(m0 * kdepth) }, m0, m1 - m0, p, np);
+            kern(unsafe { a.0.add(m0 * kdepth) }, m0, m1 - m0, p, np, next);
             p += np;
         }
     };
@@ -1051,7 +1073,10 @@ fn drive(tokens: usize, kdepth: usize, src: Source, panels: Panels, mr_max: usiz
             (0..threads).into_par_iter().for_each(|t| {
                 #[allow(clippy::redundant_locals)]
                 let a = a;
-                panel_share(tokens, mr_max, panels, threads, t).for_each(|task| body(a, task));
+                let mut tasks = panel_share(tokens, mr_max, panels, threads, t).peekable();
+                while let Some(task) = tasks.next() {
+                    body(a, task, tasks.peek().map(|&(_, _, p, _)| p));
+                }
             })
         };
         return with_packed(src, tokens, kdepth, mr_max, run);
@@ -1077,7 +1102,7 @@ fn drive(tokens: usize, kdepth: usize, src: Source, panels: Panels, mr_max: usiz
     let run = |a: Src| {
         let task = |i: usize| {
             let (mb, gi) = (i / ngroups, i % ngroups);
-            body(a, (mb * mc, ((mb + 1) * mc).min(tokens), gi * g, ((gi + 1) * g).min(panels)));
+            body(a, (mb * mc, ((mb + 1) * mc).min(tokens), gi * g, ((gi + 1) * g).min(panels)), None);
         };
         if threads == 1 || mblocks * ngroups == 1 {
             (0..mblocks * ngroups).for_each(task);
@@ -1150,34 +1175,50 @@ fn f32_pair_rows(isa: Isa) -> usize {
     }
 }
 
-/// Dispatches an f32 block: rows t0..t0+mr of x (at `a`), panels p..p+np.
+/// Dispatches an f32 block: rows t0..t0+mr of x (at `a`), panels p..p+np; the task's next
+/// panel is `next`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel_f32(isa: Isa, a: *const f32, w: &PackedMatrix, p: usize, np: usize, rows: usize, t0: usize, out: Out) {
+unsafe fn kernel_f32(isa: Isa, a: *const f32, w: &PackedMatrix, p: usize, np: usize, rows: usize, t0: usize, next: Option<usize>, out: Out) {
     let b = w.buf.ptr.add(p * w.panel_bytes()) as *const f32;
     let pstride = w.kdepth * NR;
     let (col0, end) = w.panel_cols(p);
     let out = Out { y: out.y.add(t0 * out.ldy + col0), cols: end.min(out.cols) - col0, bias: if out.bias.is_null() { out.bias } else { out.bias.add(col0) }, ..out };
-    block_f32(isa, a, b, pstride, w.k, rows, np, rows <= K_CHUNK_MAX_ROWS, out)
+    let next = next.map_or(std::ptr::null(), |q| w.buf.ptr.add(q * w.panel_bytes()) as *const f32);
+    block_f32(isa, a, b, pstride, w.k, rows, np, rows <= K_CHUNK_MAX_ROWS, next, out)
 }
 
 /// The f32 microkernels of `isa` over `rows` rows (at `a`) and `np` panels: the first at `b`,
 /// the second `pstride` floats on. `few`: the GEMM's task has at most [`K_CHUNK_MAX_ROWS`] rows,
 /// so these panels stream from memory for it, and the kernels may take them in chunks
-/// ([`k_chunks`]); a block of a larger fused task finds them in L2.
+/// ([`k_chunks`]), or prefetch the task's next unit ([`next_unit_prefetch`]): `next`, laid out
+/// as these panels (null: none); a block of a larger fused task finds them in L2.
 #[allow(clippy::too_many_arguments)]
 #[inline]
-unsafe fn block_f32(isa: Isa, a: *const f32, b: *const f32, pstride: usize, k: usize, rows: usize, np: usize, few: bool, out: Out) {
+unsafe fn block_f32(isa: Isa, a: *const f32, b: *const f32, pstride: usize, k: usize, rows: usize, np: usize, few: bool, next: *const f32, out: Out) {
     #[cfg(target_arch = "x86_64")]
     {
         match isa {
             Isa::Avx512 if few && rows > 12 && k_chunks() => return simd512::f32_block_chunked(a, b, pstride, k, rows, np, out),
-            Isa::Avx512 => return simd512::f32_block(a, b, pstride, k, rows, np, out),
+            Isa::Avx512 => return simd512::f32_block(a, b, pstride, k, rows, np, prefetched_next(few, np, k, next), out),
             Isa::Avx2 => return simd256::f32_block(a, b, pstride, k, rows, np, out),
             Isa::Portable => {}
         }
     }
-    let _ = isa;
+    let _ = (isa, next);
     portable_f32(a, b, pstride, k, rows, np, out)
+}
+
+/// `next` where the AVX-512 kernels of a block of `np` panels `depth` rows deep prefetch it
+/// ([`next_unit_prefetch`]), else null: a few-row task's (`few`), and only where two units fit
+/// in L2 at once, within a row block's share of it. The down projection's units (2 × 384 KiB
+/// for K = 1,536) did not fit on AMD EPYC Zen 4, and ran slower so.
+fn prefetched_next<T>(few: bool, np: usize, depth: usize, next: *const T) -> *const T {
+    let fits = 2 * np * depth * NR * 4 <= l2_block_bytes();
+    if few && fits && next_unit_prefetch() {
+        next
+    } else {
+        std::ptr::null()
+    }
 }
 
 /// The activation a fused GEMM ([`gemm_activation`]) applies in its epilogue.
@@ -1443,13 +1484,13 @@ impl FusedKernels {
     }
 
     /// Rows i..i+r of the task's packed rows at `a`, over `np` panels from `b` (the second
-    /// `pstride` values on) into `out`. `few`: as [`block_f32`]'s.
+    /// `pstride` values on) into `out`. `few` and `next`: as [`block_f32`]'s.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn block(self, a: *const u32, w: &PackedMatrix, i: usize, r: usize, b: *const u8, pstride: usize, np: usize, few: bool, out: Out) {
+    unsafe fn block(self, a: *const u32, w: &PackedMatrix, i: usize, r: usize, b: *const u8, pstride: usize, np: usize, few: bool, next: *const u8, out: Out) {
         match self {
-            FusedKernels::F32(isa) => block_f32(isa, (a as *const f32).add(i * w.k), b as *const f32, pstride, w.k, r, np, few, out),
+            FusedKernels::F32(isa) => block_f32(isa, (a as *const f32).add(i * w.k), b as *const f32, pstride, w.k, r, np, few, next as *const f32, out),
             #[cfg(target_arch = "x86_64")]
-            FusedKernels::Bf16 => simd512::bf16_block(a.add(i * w.kdepth), b as *const u32, pstride, w.kdepth, r, np, out),
+            FusedKernels::Bf16 => simd512::bf16_block(a.add(i * w.kdepth), b as *const u32, pstride, w.kdepth, r, np, prefetched_next(few, np, w.kdepth, next as *const u32), out),
         }
     }
 }
@@ -1461,13 +1502,21 @@ impl FusedKernels {
 #[allow(clippy::too_many_arguments)]
 fn fused_on(kernels: FusedKernels, src: Source, tokens: usize, w: &PackedMatrix, count: usize, units: Units, epi: &FusedEpilogue) {
     let (mr, pair_rows) = kernels.rows();
-    drive(tokens, w.kdepth, src, Panels { count, pair_break: usize::MAX }, mr, pair_rows, &|a, t0, rows, u, np| {
+    // SAFETY (of its uses): the panel exists.
+    let panel = |p: usize| unsafe { w.buf.ptr.add(p * w.panel_bytes()) as *const u8 };
+    drive(tokens, w.kdepth, src, Panels { count, pair_break: usize::MAX }, mr, pair_rows, &|a, t0, rows, u, np, next| {
         // SAFETY: `a` is the packed micro-panel of rows t0..t0+rows, the units' panels exist, the
         // task owns these outputs.
         unsafe {
             match units {
-                Units::Panels => fused_block(kernels, a, w, (u, 1, np), rows, t0, u, epi),
-                Units::Pairs { stride, offset, dealt } => (u..u + np).map(|u| dealt_unit(u, count, dealt)).for_each(|u| fused_block(kernels, a, w, (u * stride, offset, 2), rows, t0, u, epi)),
+                Units::Panels => fused_block(kernels, a, w, (u, 1, np), rows, t0, u, next.map_or(std::ptr::null(), panel), epi),
+                Units::Pairs { stride, offset, dealt } => {
+                    let first = |i: usize| dealt_unit(i, count, dealt) * stride;
+                    for i in u..u + np {
+                        let next = if i + 1 < u + np { Some(i + 1) } else { next };
+                        fused_block(kernels, a, w, (first(i), offset, 2), rows, t0, dealt_unit(i, count, dealt), next.map_or(std::ptr::null(), |i| panel(first(i))), epi);
+                    }
+                }
             }
         }
     });
@@ -1475,9 +1524,10 @@ fn fused_on(kernels: FusedKernels, src: Source, tokens: usize, w: &PackedMatrix,
 
 /// Unit `u` of rows t0..t0+rows: `panels = (first, offset, n)` are panels first + j·offset,
 /// j < n (n ≤ 2), computed [`FUSED_ROWS`] rows at a time into tile columns 32j.., then handed to
-/// the epilogue.
+/// the epilogue. `next`: the first panel of the task's next unit, laid out as these (null: none),
+/// which the first tile's kernels may prefetch ([`block_f32`]).
 #[allow(clippy::too_many_arguments)]
-unsafe fn fused_block(kernels: FusedKernels, a: *const u32, w: &PackedMatrix, panels: (usize, usize, usize), rows: usize, t0: usize, u: usize, epi: &FusedEpilogue) {
+unsafe fn fused_block(kernels: FusedKernels, a: *const u32, w: &PackedMatrix, panels: (usize, usize, usize), rows: usize, t0: usize, u: usize, next: *const u8, epi: &FusedEpilogue) {
     let (first, offset, n) = panels;
     // f32 values or bf16 pairs: 4 bytes either way.
     let pstride = w.kdepth * NR;
@@ -1490,13 +1540,16 @@ unsafe fn fused_block(kernels: FusedKernels, a: *const u32, w: &PackedMatrix, pa
     let mut i = 0;
     while i < rows {
         let r = (rows - i).min(FUSED_ROWS);
+        // The next unit streams in once, during the first tile.
+        let next = if i == 0 { next } else { std::ptr::null() };
         if both_in_one {
             // Both panels in one kernel (AVX-512: always; otherwise few rows), for more
             // independent FMA chains.
-            kernels.block(a, w, i, r, panel(first), offset * pstride, 2, few, to_tile(tp));
+            kernels.block(a, w, i, r, panel(first), offset * pstride, 2, few, next, to_tile(tp));
         } else {
             for j in 0..n {
-                kernels.block(a, w, i, r, panel(first + j * offset), pstride, 1, few, to_tile(tp.add(j * NR)));
+                let next = if next.is_null() { next } else { next.add(j * offset * w.panel_bytes()) };
+                kernels.block(a, w, i, r, panel(first + j * offset), pstride, 1, few, next, to_tile(tp.add(j * NR)));
             }
         }
         epi(t0 + i, u, n, &mut tile.0[..r]);
@@ -1505,18 +1558,19 @@ unsafe fn fused_block(kernels: FusedKernels, a: *const u32, w: &PackedMatrix, pa
 }
 
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel_bf16(a: *const u32, w: &PackedMatrix, p: usize, np: usize, rows: usize, t0: usize, out: Out) {
+unsafe fn kernel_bf16(a: *const u32, w: &PackedMatrix, p: usize, np: usize, rows: usize, t0: usize, next: Option<usize>, out: Out) {
     let b = w.buf.ptr.add(p * w.panel_bytes()) as *const u32;
+    let next = next.map_or(std::ptr::null(), |q| w.buf.ptr.add(q * w.panel_bytes()) as *const u32);
     let pstride = w.kdepth * NR;
     let (col0, end) = w.panel_cols(p);
     let out = Out { y: out.y.add(t0 * out.ldy + col0), cols: end.min(out.cols) - col0, bias: if out.bias.is_null() { out.bias } else { out.bias.add(col0) }, ..out };
     #[cfg(target_arch = "x86_64")]
     {
-        simd512::bf16_block(a, b, pstride, w.kdepth, rows, np, out)
+        simd512::bf16_block(a, b, pstride, w.kdepth, rows, np, prefetched_next(rows <= K_CHUNK_MAX_ROWS, np, w.kdepth, next), out)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (a, b, pstride, rows, np, out);
+        let _ = (a, b, pstride, rows, np, next, out);
         unreachable!("bf16 matrices are only packed on CPUs with AVX512-BF16")
     }
 }
@@ -1586,27 +1640,91 @@ mod simd512 {
         store16(out, row, 16, _mm512_load_ps(acc.add(16)));
     }
 
+    /// The next unit's panels (laid out as the block's; f32 values or bf16 pairs, 4 bytes
+    /// either way), which the block's micro-panels prefetch into L2 between them: micro-panel
+    /// `part` of `parts` its `part`-th share of the panel rows, one row every `parts` of its
+    /// own, so the stream is spread evenly over the block.
+    #[derive(Clone, Copy)]
+    struct Ahead {
+        next: *const u32,
+        part: usize,
+        parts: usize,
+    }
+
+    impl Ahead {
+        /// A block's micro-panels of `rows` rows, `mr` each: none where there is one (it streams
+        /// its own panels from memory; prefetching more would only compete).
+        fn of_block(next: *const u32, rows: usize, mr: usize) -> impl Fn(usize) -> Ahead {
+            let parts = rows.div_ceil(mr);
+            let next = if parts > 1 { next } else { std::ptr::null() };
+            move |i| Ahead { next, part: i / mr, parts }
+        }
+
+        /// The prefetch stream of a micro-panel of `depth` panel rows over NV vectors (NV/2
+        /// panels, the second `pstride` on).
+        #[inline(always)]
+        fn stream<const NV: usize>(self, pstride: usize, depth: usize) -> AheadStream<NV> {
+            let mut lines = [self.next; NV];
+            for (j, l) in lines.iter_mut().enumerate() {
+                *l = self.next.wrapping_add((j / 2) * pstride + (j % 2) * 16);
+            }
+            AheadStream { lines, row: self.part * depth / self.parts.max(1), until: 0, every: self.parts }
+        }
+    }
+
+    /// A micro-panel's share of [`Ahead`]: the next unit's panel row it prefetches next, in
+    /// `until` rows of its own.
+    struct AheadStream<const NV: usize> {
+        lines: [*const u32; NV],
+        row: usize,
+        until: usize,
+        every: usize,
+    }
+
+    impl<const NV: usize> AheadStream<NV> {
+        /// Called once per panel row of the micro-panel.
+        #[inline(always)]
+        unsafe fn tick(&mut self) {
+            if self.lines[0].is_null() {
+                return;
+            }
+            if self.until == 0 {
+                // Into L2, where the next unit's micro-panels will find it (a prefetch never faults).
+                for l in self.lines {
+                    _mm_prefetch::<_MM_HINT_T1>(l.wrapping_add(self.row * NR) as *const i8);
+                }
+                self.row += 1;
+                self.until = self.every;
+            }
+            self.until -= 1;
+        }
+    }
+
+    /// Rows of x (micro-panels of 6 at `a`) × `np` panels (at `b`, the second `pstride` on);
+    /// with two micro-panels or more, prefetching `next` (null: none) as [`Ahead`] says.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn f32_block(a: *const f32, b: *const f32, pstride: usize, k: usize, rows: usize, np: usize, out: Out) {
+    pub unsafe fn f32_block(a: *const f32, b: *const f32, pstride: usize, k: usize, rows: usize, np: usize, next: *const f32, out: Out) {
+        let ahead_of = Ahead::of_block(next as *const u32, rows, 6);
         let mut i = 0;
         while i < rows {
             // Micro-panels of 6 rows ([`super::f32_rows`]).
             let mr = (rows - i).min(6);
             let (a, out) = (a.add(i * k), Out { y: out.y.add(i * out.ldy), ..out });
+            let ahead = ahead_of(i);
             match (mr, np) {
-                (1, 2) => f32_kern::<1, 4>(a, b, pstride, k, out),
-                (2, 2) => f32_kern::<2, 4>(a, b, pstride, k, out),
-                (3, 2) => f32_kern::<3, 4>(a, b, pstride, k, out),
-                (4, 2) => f32_kern::<4, 4>(a, b, pstride, k, out),
-                (5, 2) => f32_kern::<5, 4>(a, b, pstride, k, out),
-                (_, 2) => f32_kern::<6, 4>(a, b, pstride, k, out),
-                (1, _) => f32_kern::<1, 2>(a, b, pstride, k, out),
-                (2, _) => f32_kern::<2, 2>(a, b, pstride, k, out),
-                (3, _) => f32_kern::<3, 2>(a, b, pstride, k, out),
-                (4, _) => f32_kern::<4, 2>(a, b, pstride, k, out),
-                (5, _) => f32_kern::<5, 2>(a, b, pstride, k, out),
-                _ => f32_kern::<6, 2>(a, b, pstride, k, out),
+                (1, 2) => f32_kern::<1, 4>(a, b, pstride, k, ahead, out),
+                (2, 2) => f32_kern::<2, 4>(a, b, pstride, k, ahead, out),
+                (3, 2) => f32_kern::<3, 4>(a, b, pstride, k, ahead, out),
+                (4, 2) => f32_kern::<4, 4>(a, b, pstride, k, ahead, out),
+                (5, 2) => f32_kern::<5, 4>(a, b, pstride, k, ahead, out),
+                (_, 2) => f32_kern::<6, 4>(a, b, pstride, k, ahead, out),
+                (1, _) => f32_kern::<1, 2>(a, b, pstride, k, ahead, out),
+                (2, _) => f32_kern::<2, 2>(a, b, pstride, k, ahead, out),
+                (3, _) => f32_kern::<3, 2>(a, b, pstride, k, ahead, out),
+                (4, _) => f32_kern::<4, 2>(a, b, pstride, k, ahead, out),
+                (5, _) => f32_kern::<5, 2>(a, b, pstride, k, ahead, out),
+                _ => f32_kern::<6, 2>(a, b, pstride, k, ahead, out),
             }
             i += mr;
         }
@@ -1730,13 +1848,14 @@ mod simd512 {
     /// MR rows (a micro-panel `[k][MR]`) × NV 16-column vectors (NV/2 panels).
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn f32_kern<const MR: usize, const NV: usize>(a: *const f32, b: *const f32, pstride: usize, k: usize, out: Out) {
+    unsafe fn f32_kern<const MR: usize, const NV: usize>(a: *const f32, b: *const f32, pstride: usize, k: usize, ahead: Ahead, out: Out) {
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
         let mut bp = [b; NV];
         for (j, p) in bp.iter_mut().enumerate() {
             *p = b.add((j / 2) * pstride + (j % 2) * 16);
         }
         let prefetch = if MR <= 2 { super::decode_prefetch_rows() } else { super::panel_prefetch_rows() };
+        let mut next_unit = ahead.stream::<NV>(pstride, k);
         for kk in 0..k {
             let mut wv = [_mm512_setzero_ps(); NV];
             for j in 0..NV {
@@ -1748,6 +1867,7 @@ mod simd512 {
                     _mm_prefetch::<_MM_HINT_T0>(bp[j].wrapping_add((kk + ahead) * NR) as *const i8);
                 }
             }
+            next_unit.tick();
             for i in 0..MR {
                 let xv = _mm512_set1_ps(*a.add(kk * MR + i));
                 for j in 0..NV {
@@ -1811,24 +1931,26 @@ mod simd512 {
 
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn bf16_block(a: *const u32, b: *const u32, pstride: usize, kp: usize, rows: usize, np: usize, out: Out) {
+    pub unsafe fn bf16_block(a: *const u32, b: *const u32, pstride: usize, kp: usize, rows: usize, np: usize, next: *const u32, out: Out) {
+        let ahead_of = Ahead::of_block(next, rows, 8);
         let mut i = 0;
         while i < rows {
             let mr = (rows - i).min(8);
             let (a, out) = (a.add(i * kp), Out { y: out.y.add(i * out.ldy), ..out });
+            let ahead = ahead_of(i);
             match (mr, np) {
-                (1, 2) => bf16_kern::<1, 4>(a, b, pstride, kp, out),
-                (2, 2) => bf16_kern::<2, 4>(a, b, pstride, kp, out),
-                (3, 2) => bf16_kern::<3, 4>(a, b, pstride, kp, out),
-                (4, 2) => bf16_kern::<4, 4>(a, b, pstride, kp, out),
-                (1, _) => bf16_kern::<1, 2>(a, b, pstride, kp, out),
-                (2, _) => bf16_kern::<2, 2>(a, b, pstride, kp, out),
-                (3, _) => bf16_kern::<3, 2>(a, b, pstride, kp, out),
-                (4, _) => bf16_kern::<4, 2>(a, b, pstride, kp, out),
-                (5, _) => bf16_kern::<5, 2>(a, b, pstride, kp, out),
-                (6, _) => bf16_kern::<6, 2>(a, b, pstride, kp, out),
-                (7, _) => bf16_kern::<7, 2>(a, b, pstride, kp, out),
-                _ => bf16_kern::<8, 2>(a, b, pstride, kp, out),
+                (1, 2) => bf16_kern::<1, 4>(a, b, pstride, kp, ahead, out),
+                (2, 2) => bf16_kern::<2, 4>(a, b, pstride, kp, ahead, out),
+                (3, 2) => bf16_kern::<3, 4>(a, b, pstride, kp, ahead, out),
+                (4, 2) => bf16_kern::<4, 4>(a, b, pstride, kp, ahead, out),
+                (1, _) => bf16_kern::<1, 2>(a, b, pstride, kp, ahead, out),
+                (2, _) => bf16_kern::<2, 2>(a, b, pstride, kp, ahead, out),
+                (3, _) => bf16_kern::<3, 2>(a, b, pstride, kp, ahead, out),
+                (4, _) => bf16_kern::<4, 2>(a, b, pstride, kp, ahead, out),
+                (5, _) => bf16_kern::<5, 2>(a, b, pstride, kp, ahead, out),
+                (6, _) => bf16_kern::<6, 2>(a, b, pstride, kp, ahead, out),
+                (7, _) => bf16_kern::<7, 2>(a, b, pstride, kp, ahead, out),
+                _ => bf16_kern::<8, 2>(a, b, pstride, kp, ahead, out),
             }
             i += mr;
         }
@@ -1837,17 +1959,19 @@ mod simd512 {
     /// `vdpbf16ps`: each 32-bit lane multiplies a bf16 pair of x by the pair of its column.
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[inline]
-    unsafe fn bf16_kern<const MR: usize, const NV: usize>(a: *const u32, b: *const u32, pstride: usize, kp: usize, out: Out) {
+    unsafe fn bf16_kern<const MR: usize, const NV: usize>(a: *const u32, b: *const u32, pstride: usize, kp: usize, ahead: Ahead, out: Out) {
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
         let mut bp = [b; NV];
         for (j, p) in bp.iter_mut().enumerate() {
             *p = b.add((j / 2) * pstride + (j % 2) * 16);
         }
+        let mut next_unit = ahead.stream::<NV>(pstride, kp);
         for kk in 0..kp {
             let mut wv = [_mm512_setzero_si512(); NV];
             for j in 0..NV {
                 wv[j] = _mm512_load_si512(bp[j].add(kk * NR) as *const __m512i);
             }
+            next_unit.tick();
             for i in 0..MR {
                 let xv: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(kk * MR + i) as i32));
                 for j in 0..NV {
@@ -2224,7 +2348,7 @@ pub(crate) mod tests {
                     for threads in [1, 2] {
                         y2.copy_from_slice(&if acc { y0.clone() } else { vec![0f32; t * n] });
                         rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| {
-                            drive(t, k, Source::Rows(Src(x.as_ptr() as *const u32)), Panels::of(&p), mr, 4, &|a, t0, mr, pp, np| unsafe { kernel_f32(lower, a as *const f32, &p, pp, np, mr, t0, out) })
+                            drive(t, k, Source::Rows(Src(x.as_ptr() as *const u32)), Panels::of(&p), mr, 4, &|a, t0, mr, pp, np, next| unsafe { kernel_f32(lower, a as *const f32, &p, pp, np, mr, t0, next, out) })
                         });
                         assert_eq!(y2, want, "{lower:?} {t}x{k}x{n} threads {threads}");
                     }
@@ -2253,7 +2377,7 @@ pub(crate) mod tests {
                 let out = Out { y: y.as_mut_ptr(), ldy: n, cols: n, bias: bias.map_or(std::ptr::null(), |b| b.as_ptr()), accumulate: acc };
                 // One thread: every row in one block.
                 rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| {
-                    drive(t, k, Source::Rows(Src(x.as_ptr() as *const u32)), Panels::of(&p), 6, usize::MAX, &|a, t0, rows, pp, np| unsafe {
+                    drive(t, k, Source::Rows(Src(x.as_ptr() as *const u32)), Panels::of(&p), 6, usize::MAX, &|a, t0, rows, pp, np, _| unsafe {
                         assert!(rows.div_ceil(6) <= simd512::CHUNKED_MICRO, "{rows} rows in one block");
                         // The whole Out (Sync), not its pointer fields, into the closure.
                         let whole = out;
@@ -2311,6 +2435,38 @@ pub(crate) mod tests {
                 assert!(seen.iter().all(|&c| c == 1), "{tokens} rows {mr}/micro-panel {panels} panels {threads} threads: not covered once");
                 let (lo, hi) = (work.iter().min().unwrap(), work.iter().max().unwrap());
                 assert!(hi - lo <= 1, "{tokens} {mr} {panels} {threads}: micro-panel pairs per thread {work:?}");
+            }
+        }
+    }
+
+    /// `drive` tells each kernel call the panel its thread computes next (which the few-row
+    /// kernels prefetch, [`next_unit_prefetch`]): the following call's, across the tasks of a
+    /// thread's panel share too, and none only after a task (a share: after a thread's run).
+    #[test]
+    fn drive_names_the_panel_each_call_computes_next() {
+        use std::sync::Mutex;
+        let kdepth = 8;
+        for (tokens, panels, threads) in [(16, 96, 2), (13, 7, 2), (30, 18, 3), (16, 5, 4), (300, 40, 2), (1, 9, 2), (64, 1536, 2)] {
+            let x = pseudo(tokens * kdepth, 1);
+            let calls = Mutex::new(Vec::new());
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| {
+                drive(tokens, kdepth, Source::Rows(Src(x.as_ptr() as *const u32)), Panels { count: panels, pair_break: usize::MAX }, 6, usize::MAX, &|_, t0, rows, p, np, next| {
+                    calls.lock().unwrap().push((rayon::current_thread_index(), t0, rows, p, np, next));
+                })
+            });
+            let calls = calls.into_inner().unwrap();
+            let shared = tokens > 6 && tokens <= (l2_block_bytes() / (kdepth * 4) / 6 * 6);
+            let mut ends = 0;
+            for (i, &(worker, t0, rows, p, np, next)) in calls.iter().enumerate() {
+                let following = calls[i + 1..].iter().find(|c| c.0 == worker);
+                match next {
+                    Some(q) => assert_eq!(following.map(|c| c.3), Some(q), "{tokens} rows {panels} panels {threads} threads: call {:?} names {q}", (t0, rows, p, np)),
+                    None => ends += 1,
+                }
+            }
+            if shared {
+                let runs = (0..threads).filter(|&t| panel_share(tokens, 6, panels, threads, t).next().is_some()).count();
+                assert_eq!(ends, runs, "{tokens} rows {panels} panels {threads} threads: a thread's next task went unnamed");
             }
         }
     }
