@@ -1511,10 +1511,11 @@ fn fused_on(kernels: FusedKernels, src: Source, tokens: usize, w: &PackedMatrix,
             match units {
                 Units::Panels => fused_block(kernels, a, w, (u, 1, np), rows, t0, u, next.map_or(std::ptr::null(), panel), epi),
                 Units::Pairs { stride, offset, dealt } => {
-                    let first = |i: usize| dealt_unit(i, count, dealt) * stride;
                     for i in u..u + np {
+                        let unit = dealt_unit(i, count, dealt);
                         let next = if i + 1 < u + np { Some(i + 1) } else { next };
-                        fused_block(kernels, a, w, (first(i), offset, 2), rows, t0, dealt_unit(i, count, dealt), next.map_or(std::ptr::null(), |i| panel(first(i))), epi);
+                        let next = next.map_or(std::ptr::null(), |i| panel(dealt_unit(i, count, dealt) * stride));
+                        fused_block(kernels, a, w, (unit * stride, offset, 2), rows, t0, unit, next, epi);
                     }
                 }
             }
