@@ -11,7 +11,8 @@
 //! decode step's weights do), `residual_step` (norm; steer + norm; steer + capture + norm),
 //! `layer` (one whole decoder layer through the backend: 1 and 512 tokens) and `stats_fold`
 //! (`resid stats`' f64 fold of 2,048 captured rows into one point's mean and second moments;
-//! FLOPs are the upper triangle's multiply-adds × 2).
+//! FLOPs are the upper triangle's multiply-adds × 2) and `sampling` (one token from a 49,152-token
+//! logits row: greedy, temperature, top-p, top-k, log-probabilities).
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use resid::backend::cpu::gemm::{self, Compute, PackedMatrix};
 use resid::backend::cpu::{attention, residual, CpuBackend, CpuMatrix};
@@ -242,9 +243,52 @@ fn bench_stats_fold(c: &mut Criterion) {
     g.finish();
 }
 
+/// A 49,152-token logits row (SmolLM2's vocabulary): a N(0, 2²) bulk, and for `peaked` 32
+/// leading tokens at 14 down to 8 (top-1 17 %, the 0.9 nucleus 16 tokens at T = 1: a confident
+/// next token); without them (`flat`) the 0.9 nucleus holds thousands.
+fn logits_row(peaked: bool) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut row: Vec<f32> = (0..49_152)
+        .map(|_| {
+            // Box–Muller.
+            let (u, v): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
+            2.0 * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+        })
+        .collect();
+    if peaked {
+        // Spread over the vocabulary, not the first ids.
+        for i in 0..32 {
+            let at = (i * 1_531 + 17) % row.len();
+            row[at] = 14.0 - 6.0 * i as f32 / 31.0;
+        }
+    }
+    row
+}
+
+/// Choosing one token from one row, as a decode step does per sequence: greedy; temperature;
+/// temperature with a nucleus (`top_p`, on the peaked and the flat row); top-k (the host
+/// sampler); and the OpenAI `logprobs` of a row (top 5).
+fn bench_sampling(c: &mut Criterion) {
+    use resid::engine::sample::{sample_row, SampleParams, Sampler};
+    use resid::Sampling;
+    let (peaked, flat) = (logits_row(true), logits_row(false));
+    let mut g = c.benchmark_group("sampling");
+    g.throughput(Throughput::Elements(1));
+    let temperature = |top_p: f32| SampleParams { temperature: 0.8, top_p, uniform: 0.37 };
+    g.bench_function("greedy", |b| b.iter(|| sample_row(black_box(&peaked), SampleParams::GREEDY)));
+    g.bench_function("temperature", |b| b.iter(|| sample_row(black_box(&peaked), temperature(1.0))));
+    g.bench_function("top_p/peaked", |b| b.iter(|| sample_row(black_box(&peaked), temperature(0.9))));
+    g.bench_function("top_p/flat", |b| b.iter(|| sample_row(black_box(&flat), temperature(0.9))));
+    let mut top_k = Sampler::new(Sampling::Sample { temperature: 0.8, top_k: 50, top_p: 1.0, seed: 5 }, 0);
+    g.bench_function("top_k", |b| b.iter(|| top_k.next(black_box(&peaked))));
+    g.bench_function("logprobs", |b| b.iter(|| resid::sched::log_probabilities(black_box(&peaked), 3, 5)));
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2)).sample_size(20)
 }
 
-criterion_group! { name = benches; config = config(); targets = bench_gemm_f32, bench_gemm_streamed, bench_gemm_bf16, bench_attention, bench_residual, bench_layer, bench_weight_staging, bench_stats_fold }
+criterion_group! { name = benches; config = config(); targets = bench_gemm_f32, bench_gemm_streamed, bench_gemm_bf16, bench_attention, bench_residual, bench_layer, bench_weight_staging, bench_stats_fold, bench_sampling }
 criterion_main!(benches);

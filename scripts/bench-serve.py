@@ -5,9 +5,10 @@ at several concurrencies, steered and unsteered, against any OpenAI-compatible s
 
     python3 scripts/bench-serve.py --url http://127.0.0.1:8000 [--concurrency 1,4,16,64]
         [--max-tokens 64] [--requests-per-client 2] [--steering JSON] [--label NAME] [--json OUT]
+        [--temperature T [--top-p P] [--top-k K]] [--logprobs N]
 
-Each client sends its requests one after another, streaming (`stream: true`, greedy,
-`ignore_eos`), and times every chunk: TTFT is from sending a request to its first token, ITL
+Each client sends its requests one after another, streaming (`stream: true`, greedy unless
+`--temperature` is given, `ignore_eos`), and times every chunk: TTFT is from sending a request to its first token, ITL
 the gaps between tokens of one request. Aggregate tokens/s = all generated tokens / wall time
 of the whole level. `--steering` is sent as the request's `steering` field (resid); a server
 steered globally (llama.cpp's --control-vector) is run without it and labelled by --label.
@@ -74,13 +75,13 @@ def one_request(url, body):
     return times[0] - sent, gaps, len(times)
 
 
-def level(url, concurrency, per_client, max_tokens, steering, model):
+def level(url, concurrency, per_client, max_tokens, steering, model, sampling):
     ttfts, gaps, tokens, errors = [], [], [0], []
     lock = threading.Lock()
 
     def client(k):
         for j in range(per_client):
-            body = {"prompt": PROMPTS[(k + j) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+            body = {"prompt": PROMPTS[(k + j) % len(PROMPTS)], "max_tokens": max_tokens, "stream": True, "ignore_eos": True, **sampling}
             if model:
                 body["model"] = model
             if steering is not None:
@@ -126,7 +127,18 @@ def main():
     ap.add_argument("--ids", type=int, metavar="N", help="prompts of N random token ids instead of text (models without a tokenizer)")
     ap.add_argument("--label", default="")
     ap.add_argument("--json", help="append the results as JSON lines here")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    ap.add_argument("--top-p", type=float, help="nucleus mass sent as top_p (with --temperature)")
+    ap.add_argument("--top-k", type=int, help="top_k (an extension of resid's and llama.cpp's servers)")
+    ap.add_argument("--logprobs", type=int, metavar="N", help="ask for each token's log-probability and the top N (the completions API's logprobs)")
     a = ap.parse_args()
+    sampling = {"temperature": a.temperature}
+    if a.top_p is not None:
+        sampling["top_p"] = a.top_p
+    if a.top_k is not None:
+        sampling["top_k"] = a.top_k
+    if a.logprobs is not None:
+        sampling["logprobs"] = a.logprobs
     steering = json.loads(a.steering) if a.steering else None
     if a.ids or a.steering_direction:
         u = urllib.parse.urlparse(a.url)
@@ -143,12 +155,13 @@ def main():
             norm = sum(x * x for x in row) ** 0.5
             steering = {"directions": [[4 * x / norm for x in row]], "layers": a.steering_direction}
     # Warm-up: one request, not counted.
-    level(a.url, 1, 1, 8, steering, a.model)
+    level(a.url, 1, 1, 8, steering, a.model, sampling)
     print(f"| server | concurrency | requests | tokens/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) |")
     print("|---|---|---|---|---|---|")
     for c in [int(x) for x in a.concurrency.split(",")]:
-        r = level(a.url, c, a.requests_per_client, a.max_tokens, steering, a.model)
+        r = level(a.url, c, a.requests_per_client, a.max_tokens, steering, a.model, sampling)
         r["label"] = a.label
+        r["sampling"] = sampling
         print(f"| {a.label} | {c} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
               f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} |" + (f" {r['errors']} errors: {r['first_error']}" if r["errors"] else ""),
               flush=True)

@@ -295,19 +295,30 @@ fn concurrent_load_gives_each_request_its_sequential_result() {
     ];
     let body = |i: usize| {
         let mut b = json!({"prompt": prompts[i % 8], "max_tokens": 8, "probes": [{"vector": "honesty", "layer": 10}]});
-        // Every other distinct request samples, with its own seed.
+        // Every other distinct request samples, with its own seed; half of those with top-k, and
+        // two requests ask for log-probabilities: a pass with any of these picks every row on
+        // the host, rows in parallel.
         if (i / 8) % 2 == 1 {
             b["temperature"] = json!(0.9);
             b["seed"] = json!(1000 + i % 16);
+            if i % 2 == 1 {
+                b["top_k"] = json!(40);
+            }
         } else {
             b["temperature"] = json!(0);
+        }
+        if i % 8 == 5 {
+            b["logprobs"] = json!(2);
         }
         if !steering[(i / 4) % 4].is_null() {
             b["steering"] = steering[(i / 4) % 4].clone();
         }
         b
     };
-    let essence = |r: &Value| -> Value { json!({"tokens": r["choices"][0]["token_ids"], "text": r["choices"][0]["text"], "probes": r["choices"][0]["probes"], "finish": r["choices"][0]["finish_reason"]}) };
+    let essence = |r: &Value| -> Value {
+        let c = &r["choices"][0];
+        json!({"tokens": c["token_ids"], "text": c["text"], "probes": c["probes"], "finish": c["finish_reason"], "logprobs": c["logprobs"]})
+    };
     // Alone, one at a time: the 16 distinct requests.
     let alone: Vec<Value> = (0..16)
         .map(|i| {

@@ -18,6 +18,7 @@ use crate::engine::sample::{SampleParams, Sampler, Sampling};
 use crate::engine::steer::Steering;
 use crate::engine::{Engine, Pass, Phase};
 use crate::error::{Error, Result};
+use rayon::prelude::*;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -211,6 +212,9 @@ enum Waiting {
 
 /// A sampled token, its log-probability and the top alternatives' (when asked for).
 type Picked = (u32, Option<f32>, Vec<(u32, f32)>);
+
+/// A running sequence's sampler and its request's `logprobs`, lent to one row's pick.
+type RowSampler<'a> = (&'a mut Sampler, Option<usize>);
 
 /// One sequence's part of a pass.
 enum Entry {
@@ -619,18 +623,27 @@ impl<'e, B: Backend> Scheduler<'e, B> {
         let mut picked: Vec<Picked> = Vec::with_capacity(gen_rows.len());
         if host {
             let logits = e.forward(&mut self.kv, pass)?;
-            for (row, &i) in logits.chunks(vocab).zip(&gen_rows) {
-                let s = &mut self.running[i];
-                let id = s.sampler.next(row);
-                let (lp, top) = match s.req.logprobs {
-                    Some(n) => {
-                        let (lp, top) = log_probabilities(row, id, n);
-                        (Some(lp), top)
-                    }
-                    None => (None, Vec::new()),
-                };
-                picked.push((id, lp, top));
-            }
+            // Rows in parallel, each with its own sequence's sampler: a row's log-probabilities
+            // take ~0.28 ms (its top-k pick ~0.07), so 16 rows one after another took a tenth of
+            // a decode step.
+            let mut samplers: Vec<Option<RowSampler>> = self.running.iter_mut().map(|s| Some((&mut s.sampler, s.req.logprobs))).collect();
+            // (`gen_rows` names each running sequence at most once.)
+            let rows: Vec<(&[f32], RowSampler)> =
+                logits.chunks(vocab).zip(&gen_rows).filter_map(|(row, &i)| Some((row, samplers.get_mut(i)?.take()?))).collect();
+            picked = rows
+                .into_par_iter()
+                .map(|(row, (sampler, logprobs))| {
+                    let id = sampler.next(row);
+                    let (lp, top) = match logprobs {
+                        Some(n) => {
+                            let (lp, top) = log_probabilities(row, id, n);
+                            (Some(lp), top)
+                        }
+                        None => (None, Vec::new()),
+                    };
+                    (id, lp, top)
+                })
+                .collect();
         } else if gen_rows.is_empty() {
             e.forward(&mut self.kv, pass)?;
         } else {
