@@ -5,13 +5,16 @@ at several concurrencies, steered and unsteered, against any OpenAI-compatible s
 
     python3 scripts/bench-serve.py --url http://127.0.0.1:8000 [--concurrency 1,4,16,64]
         [--max-tokens 64] [--requests-per-client 2] [--steering JSON] [--label NAME] [--json OUT]
-        [--temperature T [--top-p P] [--top-k K]] [--logprobs N]
+        [--temperature T [--top-p P] [--top-k K]] [--logprobs N] [--shared-prefix N]
 
 Each client sends its requests one after another, streaming (`stream: true`, greedy unless
 `--temperature` is given, `ignore_eos`), and times every chunk: TTFT is from sending a request to its first token, ITL
 the gaps between tokens of one request. Aggregate tokens/s = all generated tokens / wall time
 of the whole level. `--steering` is sent as the request's `steering` field (resid); a server
 steered globally (llama.cpp's --control-vector) is run without it and labelled by --label.
+`--shared-prefix N` starts every prompt with the same N words (or ids): a system prompt or
+few-shot examples, which a server's prefix cache need not prefill again. The 8 prompts repeat
+across requests and levels, so a prefix cache also serves whole prompts after their first use.
 """
 import argparse
 import http.client
@@ -131,6 +134,7 @@ def main():
     ap.add_argument("--top-p", type=float, help="nucleus mass sent as top_p (with --temperature)")
     ap.add_argument("--top-k", type=int, help="top_k (an extension of resid's and llama.cpp's servers)")
     ap.add_argument("--logprobs", type=int, metavar="N", help="ask for each token's log-probability and the top N (the completions API's logprobs)")
+    ap.add_argument("--shared-prefix", type=int, metavar="N", default=0, help="start every prompt with the same N words (token ids with --ids)")
     a = ap.parse_args()
     sampling = {"temperature": a.temperature}
     if a.top_p is not None:
@@ -154,6 +158,16 @@ def main():
             row = [rng.uniform(-1, 1) for _ in range(info["hidden_size"])]
             norm = sum(x * x for x in row) ** 0.5
             steering = {"directions": [[4 * x / norm for x in row]], "layers": a.steering_direction}
+    if a.shared_prefix:
+        import random
+        rng = random.Random(1)
+        if a.ids:
+            preamble = [rng.randrange(1000) for _ in range(a.shared_prefix)]
+            PROMPTS[:] = [preamble + p for p in PROMPTS]
+        else:
+            words = "the value of honesty fairness kindness people law power care trust a community and each".split()
+            preamble = " ".join(rng.choice(words) for _ in range(a.shared_prefix)) + ".\n\n"
+            PROMPTS[:] = [preamble + p for p in PROMPTS]
     # Warm-up: one request, not counted.
     level(a.url, 1, 1, 8, steering, a.model, sampling)
     print(f"| server | concurrency | requests | tokens/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) |")

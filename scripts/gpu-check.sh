@@ -21,7 +21,7 @@
 # the GEMV kernel and without programmatic dependent launch (A/B); and the cost of steering
 # and of capture (`resid bench --workload steer`: batch 16, every index, prefill and decode);
 # then `resid serve --device cuda` under scripts/bench-serve.py (concurrency 1, 16, 64; sampled
-# with top-p and with top-k at 16); then
+# with top-p and with top-k at 16; a shared 256-id preamble at 16, through the prefix cache); then
 # points inside blocks (capture cost A/B, CUDA against CPU) and `resid stats` against extraction;
 # then `resid stats` accumulating on the device: time at 3 and at every point, and its numbers
 # against numpy over the device's rows and against the CPU backend.
@@ -155,13 +155,15 @@ if "$RESID" serve --help > /dev/null 2>&1 && [ -f "$WORK/llama-1b/model.safetens
     done
     if [ -n "$url" ]; then
         # Greedy unsteered and steered at 1, 16 and 64 clients; sampled (top-p on the device,
-        # top-k on the host) at 16.
-        for variant in none inline top_p top_k; do
+        # top-k on the host) at 16; prompts behind a shared 256-id preamble at 16 (the prefix
+        # cache copies its keys and values on the device: resid_prompt_tokens_cached_total).
+        for variant in none inline top_p top_k shared_prefix; do
             extra=(--concurrency 1,16,64)
             case "$variant" in
                 inline) extra+=(--steering-direction 8-15) ;;
                 top_p) extra=(--concurrency 16 --temperature 0.8 --top-p 0.9) ;;
                 top_k) extra=(--concurrency 16 --temperature 0.8 --top-k 50) ;;
+                shared_prefix) extra=(--concurrency 16 --shared-prefix 256) ;;
             esac
             timeout 240 "$PY" "$ROOT/scripts/bench-serve.py" --url "$url" --ids 64 --requests-per-client 1 \
                 --max-tokens 32 --label "resid cuda $variant" --json "$OUT/serve-bench.jsonl" "${extra[@]}" >> "$OUT/gpu-check.log" 2>&1 \

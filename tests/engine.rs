@@ -364,7 +364,7 @@ fn scheduler_chunks_and_mixes_without_changing_any_sequence() {
         deadline: None,
     };
     let run = |reqs: Vec<GenRequest>, max_batch_tokens: usize, max_running: usize| {
-        let cfg = SchedConfig { max_batch_tokens, max_running, kv_slots: 4096, check_interrupt: false };
+        let cfg = SchedConfig { max_batch_tokens, max_running, kv_slots: 4096, check_interrupt: false, prefix_cache: false };
         let mut s = Scheduler::new(&e, cfg).unwrap();
         let outs: Vec<Collect> = reqs
             .into_iter()
@@ -398,6 +398,120 @@ fn scheduler_chunks_and_mixes_without_changing_any_sequence() {
     assert!(none[0].tokens.is_empty() && none[0].finish == resid::FinishReason::Length);
     // Steered requests differ from the unsteered one of the same prompt length class.
     assert_ne!(alone[1].iter().map(|t| t.probes[0]).collect::<Vec<_>>(), run(vec![GenRequest { steering: None, ..request(1) }], 4096, 1).0[0].iter().map(|t| t.probes[0]).collect::<Vec<_>>());
+}
+
+/// The prefix cache: a prompt that begins with a finished sequence's tokens (a shared start,
+/// a conversation's next turn with the previous answer, the same prompt again) starts from that
+/// sequence's cached keys and values, and every sequence still gets exactly what it gets alone:
+/// tokens, log-probabilities and probe values bit for bit. Reuse needs the same steering (the
+/// same values in new objects count), stops at the prompt where steering is limited to prompt
+/// positions, and leaves two rows to prefill. With room for copies the counts are exact; in an
+/// arena too small for a copy beside the cached sequence, the request takes the sequence's own
+/// slots over, and a capture job evicts what it needs.
+#[test]
+fn the_prefix_cache_reuses_keys_and_values_without_changing_any_sequence() {
+    use resid::sched::{CaptureFailure, CaptureListener, Collect, GenRequest, Probe, SchedConfig, Scheduler, TokenOut};
+    use resid::Captured;
+    let (_t, e) = engine(&TinySpec::default());
+    let h = e.hidden_size();
+    let probe = Probe { layer: 2, direction: Arc::new((0..h).map(|i| (i % 5) as f32 - 2.0).collect()) };
+    let req = |prompt: Vec<u32>, steering: Option<Arc<Steering>>, k: usize| GenRequest {
+        prompt,
+        max_new_tokens: 6,
+        sampling: if k % 2 == 1 { Sampling::Sample { temperature: 0.8, top_k: 0, top_p: 0.9, seed: 9 } } else { Sampling::Greedy },
+        stream: k,
+        stop_tokens: vec![],
+        steering,
+        probes: vec![probe.clone()],
+        logprobs: Some(3),
+        deadline: None,
+    };
+    // Requests one after another through one scheduler: each one's tokens and cached count.
+    let run = |reqs: &[GenRequest], prefix_cache: bool, kv_slots: usize| -> (Vec<(Vec<TokenOut>, usize)>, Scheduler<'_, _>) {
+        let cfg = SchedConfig { max_batch_tokens: 64, max_running: 1, kv_slots, check_interrupt: false, prefix_cache };
+        let mut s = Scheduler::new(&e, cfg).unwrap();
+        let outs: Vec<Collect> = reqs
+            .iter()
+            .map(|r| {
+                let c = Collect::default();
+                s.submit(r.clone(), Box::new(c.clone())).unwrap();
+                c
+            })
+            .collect();
+        s.run_until_idle().unwrap();
+        (
+            outs.iter()
+                .map(|c| {
+                    let c = c.take();
+                    assert!(c.error.is_none() && c.finish.is_some());
+                    (c.tokens, c.cached_tokens)
+                })
+                .collect(),
+            s,
+        )
+    };
+    let alone = |r: &GenRequest| run(std::slice::from_ref(r), false, 4096).0.remove(0).0;
+    let ids_of = |toks: &[TokenOut], n: usize| toks.iter().take(n).map(|t| t.id).collect::<Vec<u32>>();
+    let cat = |parts: &[&[u32]]| parts.concat();
+    let all = || Some(steering(&e, vec![1, 2], 6.0, SteerOp::Add, SteerPositions::All));
+    let prompt_only = || Some(steering(&e, vec![1, 2], 6.0, SteerOp::Add, SteerPositions::Prompt));
+    let p = random_ids(24, 97, 1);
+    let q = random_ids(12, 97, 2);
+    let g0 = ids_of(&alone(&req(p.clone(), None, 0)), 5);
+    let g5 = ids_of(&alone(&req(q.clone(), prompt_only(), 5)), 3);
+    let next_turn = cat(&[&p, &g0, &random_ids(4, 97, 3)]);
+    let reqs = vec![
+        req(p.clone(), None, 0),
+        // A shared start.
+        req(cat(&[&p[..16], &random_ids(8, 97, 4)]), None, 1),
+        // The next turn: the prompt, 5 of its 6 answer tokens (the last was never fed), more.
+        req(next_turn.clone(), None, 2),
+        // Steered: nothing cached under this steering yet; then the same values again.
+        req(next_turn.clone(), all(), 3),
+        req(next_turn.clone(), all(), 4),
+        // Steering at prompt positions: the answer's tokens were steered as generated ones.
+        req(q.clone(), prompt_only(), 5),
+        req(cat(&[&q, &g5, &random_ids(3, 97, 6)]), prompt_only(), 6),
+        // The same prompt again: all but its last two tokens.
+        req(p.clone(), None, 7),
+    ];
+    let want: Vec<Vec<TokenOut>> = reqs.iter().map(alone).collect();
+    let (cached_run, sched) = run(&reqs, true, 4096);
+    let counts: Vec<usize> = cached_run.iter().map(|o| o.1).collect();
+    assert_eq!(counts, [0, 16, 29, 0, 31, 0, 12, 22], "prompt tokens taken from the prefix cache");
+    for (k, (got, _)) in cached_run.iter().enumerate() {
+        assert_eq!(got, &want[k], "request {k} changed with the prefix cache");
+    }
+    // Request 2's sequence extends request 0's, which was dropped as no longer needed.
+    assert_eq!(sched.cached_prefixes().0, 7);
+    drop(sched);
+    let (uncached, _) = run(&reqs, false, 4096);
+    assert!(uncached.iter().enumerate().all(|(k, o)| o.1 == 0 && o.0 == want[k]));
+
+    // 48 slots: one sequence's 30 to 39, and no room for a copy beside it.
+    let (tight, mut sched) = run(&reqs, true, 48);
+    let counts: Vec<usize> = tight.iter().map(|o| o.1).collect();
+    assert_eq!(counts, [0, 16, 16, 0, 31, 0, 12, 0], "prompt tokens taken over in place");
+    for (k, (got, _)) in tight.iter().enumerate() {
+        assert_eq!(got, &want[k], "request {k} changed in the small arena");
+    }
+    // A capture job of 40 tokens evicts the cached sequence.
+    #[derive(Clone, Default)]
+    struct Keep(Arc<std::sync::Mutex<Option<Result<Captured, CaptureFailure>>>>);
+    impl CaptureListener for Keep {
+        fn done(&mut self, r: Result<Captured, CaptureFailure>) {
+            *self.0.lock().unwrap() = Some(r);
+        }
+    }
+    let seq = random_ids(40, 97, 7);
+    let spec = CaptureSpec { points: vec![CapturePoint::Hidden(2)], position: CapturePosition::Last };
+    let keep = Keep::default();
+    let capture = resid::sched::CaptureRequest { seqs: vec![seq.clone()], spec: spec.clone(), steering: None, deadline: None };
+    sched.submit_capture(capture, Box::new(keep.clone())).unwrap();
+    sched.run_until_idle().unwrap();
+    assert_eq!(sched.cached_prefixes().0, 0);
+    let got = keep.0.lock().unwrap().take().unwrap().ok().unwrap();
+    assert_eq!(got.data, e.extract(&[seq], &spec, &[None], 4096, |_, _| {}).unwrap().data);
 }
 
 /// A row's logits must not depend on how its sequence was split into passes: one prefill of the

@@ -251,6 +251,39 @@ fn completions_equal_resid_generate_with_and_without_steering() {
     assert!(chunks.last().unwrap()["choices"][0]["finish_reason"].is_string());
 }
 
+/// The prefix cache through the server: a conversation's next turn (the prompt, the answer and
+/// a new question, as token ids) starts from the first request's cached keys and values, says
+/// so in `usage.prompt_tokens_details.cached_tokens` (OpenAI's field) and in /metrics, and gets
+/// exactly the tokens `resid generate` computes from scratch. `--no-prefix-cache` reuses nothing.
+#[test]
+fn the_next_turn_starts_from_the_cached_prefix() {
+    let Some(model) = model_dir() else { return };
+    let e = engine();
+    let tok = e.model.tokenizer.as_ref().unwrap();
+    let first = tok.encode("The most important value in life is").unwrap();
+    let question = tok.encode(" Why is that so important to people?").unwrap();
+    for (flags, on) in [(&[][..], true), (&["--no-prefix-cache"][..], false)] {
+        let server = Server::start(&model, flags, &[]);
+        let (s, r) = server.post("/v1/completions", &json!({"prompt": first, "max_tokens": 8, "temperature": 0, "ignore_eos": true}));
+        assert_eq!(s, 200, "{r}");
+        assert_eq!(r["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+        let answer = token_ids(&r["choices"][0]);
+        assert_eq!(answer.len(), 8);
+        let next = [first.clone(), answer.clone(), question.clone()].concat();
+        let (s, r) = server.post("/v1/completions", &json!({"prompt": next, "max_tokens": 8, "temperature": 0, "ignore_eos": true}));
+        assert_eq!(s, 200, "{r}");
+        let opts = GenerateOptions { max_new_tokens: 8, sampling: Sampling::Greedy, stop_tokens: vec![] };
+        let want = e.generate(std::slice::from_ref(&next), &[None], &opts).unwrap().remove(0).tokens;
+        assert_eq!(token_ids(&r["choices"][0]), want, "prefix cache {on}");
+        // The first prompt and every answer token but the last, which was never fed back.
+        let cached = if on { first.len() + answer.len() - 1 } else { 0 };
+        assert_eq!(r["usage"]["prompt_tokens_details"]["cached_tokens"], cached, "{r}");
+        assert_eq!(server.metric("resid_prompt_tokens_cached_total"), cached as f64);
+        // The second sequence extends the first, which is dropped as no longer needed.
+        assert!(server.wait_metric("resid_prefix_cache_sequences", if on { 1.0 } else { 0.0 }, Duration::from_secs(5)));
+    }
+}
+
 #[test]
 fn probes_read_the_residual_stream_of_each_generated_token() {
     let Some(model) = model_dir() else { return };
@@ -582,7 +615,10 @@ fn serves_on_the_cuda_backend_through_the_emulator() {
     let want = cpu_engine.generate(&[prompt.clone(), prompt.clone()], &[None, Some(steer)], &opts).unwrap();
     let cache = dir.path().join("kernels");
     let server = Server::start(&model, &["--device", "cuda", "--kv-budget-mib", "4"], &[("LD_LIBRARY_PATH", libs.to_str().unwrap()), ("RESID_KERNEL_CACHE", cache.to_str().unwrap())]);
-    for (steering, expected) in [(Value::Null, &want[0]), (json!({"directions": dirs, "coef": 3.0, "layers": [1, 2]}), &want[1])] {
+    // The third request starts from the first one's cached keys and values (all but the
+    // prompt's last two tokens): the device's copy of the prefix cache.
+    let steered = json!({"directions": dirs, "coef": 3.0, "layers": [1, 2]});
+    for (k, (steering, expected)) in [(Value::Null, &want[0]), (steered, &want[1]), (Value::Null, &want[0])].into_iter().enumerate() {
         let mut body = json!({"prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": true});
         if !steering.is_null() {
             body["steering"] = steering;
@@ -593,6 +629,7 @@ fn serves_on_the_cuda_backend_through_the_emulator() {
         // bf16 device activations may flip a near-tie late; the first tokens must agree.
         assert_eq!(got.len(), 6);
         assert_eq!(got[..3], expected.tokens[..3], "cuda (emulator) {got:?} vs cpu {:?}", expected.tokens);
+        assert_eq!(r["usage"]["prompt_tokens_details"]["cached_tokens"], if k == 2 { 3 } else { 0 });
     }
 }
 

@@ -165,6 +165,10 @@ pub trait Backend: Send + Sync {
     fn act_from(&self, data: &[f32], rows: usize, cols: usize, kind: ActKind) -> Result<Self::Act>;
     /// `stored_layers` may be 1 when no pass reuses the cache (extraction): layers then share it.
     fn kv(&self, stored_layers: usize, slots: usize, kv_dim: usize) -> Result<Self::Kv>;
+    /// Copies the keys and values of slots `from..from + len` to `to..to + len` in every stored
+    /// layer (the ranges do not overlap), as they are stored: the scheduler's prefix cache hands
+    /// a prompt the cached keys and values of a finished sequence that began with its tokens.
+    fn kv_copy(&self, kv: &mut Self::Kv, heads: Heads, from: usize, to: usize, len: usize) -> Result<()>;
     /// Bytes of one cached key or value element (for KV budgets).
     fn kv_value_bytes(&self) -> usize {
         4

@@ -112,6 +112,10 @@ struct ServeArgs {
     /// Memory for the KV cache, which bounds the tokens of all running sequences together.
     #[arg(long, default_value_t = 1024)]
     kv_budget_mib: usize,
+    /// Free each finished sequence's KV slots at once, instead of keeping its keys and values
+    /// until the slots are needed for a prompt that begins with its tokens.
+    #[arg(long)]
+    no_prefix_cache: bool,
     /// The model's name in the API (default: the model directory's name).
     #[arg(long)]
     served_model_name: Option<String>,
@@ -769,6 +773,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     cfg.max_running = a.max_running;
     cfg.max_queue = a.max_queue;
     cfg.kv_budget_mib = a.kv_budget_mib;
+    cfg.prefix_cache = !a.no_prefix_cache;
     cfg.max_body_bytes = a.max_body_mib.saturating_mul(1 << 20);
     cfg.max_n = a.max_n;
     cfg.request_timeout = a.request_timeout;

@@ -407,12 +407,17 @@ fn compare<B: Backend>(name: &str, spec: &RandomLlama, cpu: &Engine<CpuBackend>,
         }
     }
     let sampling = check_sampling(name, spec, dev, failures)?;
+    let copied_kv_continues = kv_copy_continues_as_the_original(dev, spec.vocab)?;
+    if !copied_kv_continues {
+        failures.push(format!("{name}: a sequence continued from copied keys and values (the prefix cache) got other logits than from the originals"));
+    }
     let summary = format!(
-        "{name:<18} {checks:>6} hidden-state checks, worst relative error {:.2e} (tolerance {TOL:e}; {} sign-aware ties set aside); {compared_steps} greedy steps compared ({steered_steps} steered); {} sampled rows ({} at a rounding boundary)",
+        "{name:<18} {checks:>6} hidden-state checks, worst relative error {:.2e} (tolerance {TOL:e}; {} sign-aware ties set aside); {compared_steps} greedy steps compared ({steered_steps} steered); {} sampled rows ({} at a rounding boundary); copied KV {}",
         worst.0,
         sign_ties.len(),
         sampling["rows"],
-        sampling["boundary_ties"]
+        sampling["boundary_ties"],
+        if copied_kv_continues { "continues bit for bit" } else { "DIFFERS" }
     );
     Ok(serde_json::json!({
         "model": name,
@@ -423,8 +428,27 @@ fn compare<B: Backend>(name: &str, spec: &RandomLlama, cpu: &Engine<CpuBackend>,
         "greedy_steps_compared": compared_steps,
         "steered_greedy_steps_compared": steered_steps,
         "sampling": sampling,
+        "copied_kv_continues_bit_for_bit": copied_kv_continues,
         "summary": summary,
     }))
+}
+
+/// The prefix cache's copy ([`Backend::kv_copy`]): 38 tokens prefilled at slot 0, their keys
+/// and values copied to slot 69 (off the arena's alignment), and two more tokens run from each
+/// range. The same kernels over the same cached values must give the same logits, bit for bit.
+fn kv_copy_continues_as_the_original<B: Backend>(e: &Engine<B>, vocab: usize) -> Result<bool> {
+    let seq = ids(40, vocab, 700);
+    let (n, to) = (seq.len() - 2, 69);
+    let mut kv = e.backend.kv(e.num_layers(), to + seq.len(), e.kv_dim())?;
+    let plan = BatchPlan::new(&[n], &[0], &[0]);
+    e.forward(&mut kv, Pass { ids: &seq[..n], plan: &plan, phase: Phase::Prompt, steering: &[None], capture: None, logits_rows: &[n - 1] })?;
+    e.backend.kv_copy(&mut kv, e.heads(), 0, to, n)?;
+    let mut rest = |start: usize| {
+        let plan = BatchPlan::new(&[2], &[n], &[start]);
+        e.forward(&mut kv, Pass { ids: &seq[n..], plan: &plan, phase: Phase::Prompt, steering: &[None], capture: None, logits_rows: &[0, 1] })
+    };
+    let (original, copied) = (rest(0)?, rest(to)?);
+    Ok(original.len() == 2 * vocab && original.iter().zip(&copied).all(|(a, b)| a.to_bits() == b.to_bits()))
 }
 
 /// Whether `pick` is within rounding of what [`sample_row`] would pick: the draw (or the nucleus

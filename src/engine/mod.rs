@@ -96,6 +96,11 @@ impl<B: Backend> Engine<B> {
         Ok(Engine { inv_freq, alibi, heads, backend, model, weights })
     }
 
+    /// Attention heads: query heads, key/value heads and their width.
+    pub fn heads(&self) -> Heads {
+        self.heads
+    }
+
     pub fn num_layers(&self) -> usize {
         self.model.config.num_layers
     }

@@ -297,6 +297,23 @@ impl Steering {
 }
 
 impl Steering {
+    /// Whether `other` steers every row exactly as this does (the same vectors bit for bit,
+    /// targets, coefficient, operation and positions), so that keys and values computed under
+    /// one serve the other: the scheduler's prefix cache reuses a sequence's only then.
+    pub fn same_as(&self, other: &Steering) -> bool {
+        let same_bits = |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        let same_vec = |a: &Arc<Vec<f32>>, b: &Arc<Vec<f32>>| Arc::ptr_eq(a, b) || same_bits(a, b);
+        self.hidden == other.hidden
+            && self.layers == other.layers
+            && self.coef.to_bits() == other.coef.to_bits()
+            && self.op == other.op
+            && self.preserve_norm == other.preserve_norm
+            && self.positions == other.positions
+            && same_vec(&self.directions, &other.directions)
+            && self.sites.len() == other.sites.len()
+            && self.sites.iter().zip(&other.sites).all(|(a, b)| a.layer == b.layer && a.site == b.site && a.heads == b.heads && same_vec(&a.vector, &b.vector))
+    }
+
     pub fn validate(&self, num_layers: usize, hidden: usize) -> Result<()> {
         if self.hidden != hidden {
             return Err(Error::input(format!(

@@ -15,7 +15,7 @@ use crate::engine::capture::{CapturePoint, CapturePosition, CaptureSink, Capture
 use crate::engine::generate::{FinishReason, GenerateOptions, Generation};
 use crate::engine::plan::BatchPlan;
 use crate::engine::sample::{SampleParams, Sampler, Sampling};
-use crate::engine::steer::Steering;
+use crate::engine::steer::{SteerPositions, Steering};
 use crate::engine::{Engine, Pass, Phase};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
@@ -35,6 +35,10 @@ pub struct SchedConfig {
     /// Stop with [`Error::Interrupted`] when the process was asked to (the command line and
     /// Python); a server drains instead.
     pub check_interrupt: bool,
+    /// Keep each finished sequence's keys and values in its arena slots until the slots are
+    /// needed, and start a prompt that begins with its tokens (under the same steering) from
+    /// them instead of computing them again (see [`CachedPrefix`]).
+    pub prefix_cache: bool,
 }
 
 impl SchedConfig {
@@ -99,8 +103,9 @@ pub trait GenListener: Send {
     fn gone(&self) -> bool {
         false
     }
-    /// The request left the queue and started (a server counts its queue by this).
-    fn admitted(&mut self) {}
+    /// The request left the queue and started (a server counts its queue by this), with
+    /// `cached_tokens` of its prompt taken from the prefix cache.
+    fn admitted(&mut self, _cached_tokens: usize) {}
 }
 
 /// Hidden states of several sequences, captured in the scheduler's passes.
@@ -133,12 +138,14 @@ pub struct StepReport {
     pub decode_rows: usize,
     pub prefill_rows: usize,
     pub capture_rows: usize,
+    /// Prompt tokens that admitted requests took from the prefix cache instead of prefilling.
+    pub cached_tokens: usize,
     pub generated_tokens: usize,
     pub seconds: f64,
 }
 
 /// First-fit allocator of contiguous KV-slot ranges.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct SlotArena {
     /// Free ranges (start, len), sorted by start, never adjacent.
     free: Vec<(usize, usize)>,
@@ -168,6 +175,15 @@ impl SlotArena {
         Some(at)
     }
 
+    /// `len` slots at `start`, if they are free.
+    fn alloc_at(&mut self, start: usize, len: usize) -> Option<usize> {
+        let i = self.free.iter().position(|&(s, l)| s <= start && start + len <= s + l)?;
+        let (s, l) = self.free[i];
+        let left = [(s, start - s), (start + len, s + l - start - len)];
+        self.free.splice(i..=i, left.into_iter().filter(|&(_, n)| n > 0));
+        Some(start)
+    }
+
     fn release(&mut self, start: usize, len: usize) {
         if len == 0 {
             return;
@@ -183,6 +199,50 @@ impl SlotArena {
             self.free[i - 1].1 += self.free[i].1;
             self.free.remove(i);
         }
+    }
+}
+
+/// A finished sequence's keys and values, left in its arena range for a later prompt that
+/// begins with the same tokens. The prompt then prefills only the rest: in f32 on the CPU that
+/// gives every row the bits a whole prefill gives it, since a row's keys and values do not
+/// depend on how its sequence was split into passes (`tests/engine.rs`).
+struct CachedPrefix {
+    kv_start: usize,
+    capacity: usize,
+    /// The tokens whose keys and values the range holds, from position 0.
+    tokens: Vec<u32>,
+    /// How many of them were the prompt: steering limited to prompt or generated positions
+    /// steered the others as generated tokens.
+    prompt_len: usize,
+    steering: Option<Arc<Steering>>,
+    /// The scheduler's clock when it was cached or last copied from: the least recently used
+    /// is evicted first.
+    used: u64,
+}
+
+impl CachedPrefix {
+    /// How many leading tokens of `req`'s prompt this holds, leaving at least two rows to
+    /// prefill: the last one's logits are needed, and a prompt is never cut into a one-row
+    /// piece (see [`Scheduler::step`]).
+    fn reusable_for(&self, req: &GenRequest) -> usize {
+        if !same_steering(&self.steering, &req.steering) {
+            return 0;
+        }
+        let held = match &req.steering {
+            Some(s) if s.positions != SteerPositions::All => self.prompt_len,
+            _ => self.tokens.len(),
+        };
+        let common = self.tokens[..held].iter().zip(&req.prompt).take_while(|(a, b)| a == b).count();
+        common.min(req.prompt.len().saturating_sub(2))
+    }
+}
+
+/// Whether keys and values computed under one steering serve the other.
+fn same_steering(a: &Option<Arc<Steering>>, b: &Option<Arc<Steering>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a.same_as(b),
+        _ => false,
     }
 }
 
@@ -232,6 +292,11 @@ pub struct Scheduler<'e, B: Backend> {
     waiting: VecDeque<Waiting>,
     running: Vec<GenSeq>,
     captures: Vec<CaptureJob>,
+    prefixes: Vec<CachedPrefix>,
+    /// Counts admissions and retirements, for [`CachedPrefix::used`].
+    clock: u64,
+    /// [`StepReport::cached_tokens`] of the step under way.
+    cached_tokens: usize,
 }
 
 impl<'e, B: Backend> Scheduler<'e, B> {
@@ -241,7 +306,18 @@ impl<'e, B: Backend> Scheduler<'e, B> {
             return Err(Error::input("the scheduler needs max_batch_tokens of at least 2 (--max-batch-tokens) and max_running of at least 1"));
         }
         let kv = engine.backend.kv(engine.num_layers(), cfg.kv_slots.max(1), engine.kv_dim())?;
-        Ok(Scheduler { engine, arena: SlotArena::new(cfg.kv_slots), cfg, kv, waiting: VecDeque::new(), running: Vec::new(), captures: Vec::new() })
+        Ok(Scheduler {
+            engine,
+            arena: SlotArena::new(cfg.kv_slots),
+            cfg,
+            kv,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            captures: Vec::new(),
+            prefixes: Vec::new(),
+            clock: 0,
+            cached_tokens: 0,
+        })
     }
 
     pub fn config(&self) -> &SchedConfig {
@@ -251,6 +327,11 @@ impl<'e, B: Backend> Scheduler<'e, B> {
     /// Requests waiting for admission.
     pub fn queued(&self) -> usize {
         self.waiting.len()
+    }
+
+    /// Finished sequences whose keys and values the prefix cache holds, and their tokens.
+    pub fn cached_prefixes(&self) -> (usize, usize) {
+        (self.prefixes.len(), self.prefixes.iter().map(|p| p.tokens.len()).sum())
     }
 
     /// Sequences generating, and capture jobs under way.
@@ -425,20 +506,24 @@ impl<'e, B: Backend> Scheduler<'e, B> {
                 Waiting::Gen(req, _) if req.max_new_tokens == 0 => {
                     // Nothing to generate: done without a pass.
                     if let Some(Waiting::Gen(_, mut listener)) = self.waiting.pop_front() {
-                        listener.admitted();
+                        listener.admitted(0);
                         listener.event(GenEvent::Finished(FinishReason::Length));
                     }
                 }
-                Waiting::Gen(req, _) => {
+                Waiting::Gen(..) => {
                     if self.running.len() >= self.cfg.max_running {
                         break;
                     }
-                    let capacity = self.slots_needed(req.prompt.len(), req.max_new_tokens);
-                    let Some(kv_start) = self.arena.alloc(capacity) else { break };
                     let Some(Waiting::Gen(req, mut listener)) = self.waiting.pop_front() else { break };
-                    listener.admitted();
+                    let capacity = self.slots_needed(req.prompt.len(), req.max_new_tokens);
+                    let Some((kv_start, cached)) = self.place(&req, capacity) else {
+                        self.waiting.push_front(Waiting::Gen(req, listener));
+                        break;
+                    };
+                    listener.admitted(cached);
+                    self.cached_tokens += cached;
                     let sampler = Sampler::new(req.sampling, req.stream);
-                    self.running.push(GenSeq { req: *req, listener, sampler, kv_start, capacity, prefilled: 0, tokens: Vec::new() });
+                    self.running.push(GenSeq { req: *req, listener, sampler, kv_start, capacity, prefilled: cached, tokens: Vec::new() });
                 }
                 Waiting::Capture(_) => {
                     let Some(Waiting::Capture(mut job)) = self.waiting.pop_front() else { break };
@@ -449,16 +534,89 @@ impl<'e, B: Backend> Scheduler<'e, B> {
         }
     }
 
+    /// Slots for a generation request of `capacity` slots, and how many of its prompt's tokens
+    /// are already in them: those of the cached prefix that holds the most of the prompt. The
+    /// prefix is copied into a free range and stays cached. Where no range is free, the request
+    /// takes the prefix's own slots over (extended into free slots behind it); where that does
+    /// not fit either, the least recently used prefixes are evicted (this one last) to make room.
+    fn place(&mut self, req: &GenRequest, capacity: usize) -> Option<(usize, usize)> {
+        let best = self
+            .prefixes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.reusable_for(req), i))
+            .filter(|&(n, _)| n > 0)
+            .max_by_key(|&(n, i)| (n, std::cmp::Reverse(i)));
+        let Some((reused, i)) = best else { return alloc_evicting(&mut self.arena, &mut self.prefixes, capacity).map(|at| (at, 0)) };
+        self.clock += 1;
+        self.prefixes[i].used = self.clock;
+        let from = self.prefixes[i].kv_start;
+        let at = match self.arena.alloc(capacity) {
+            Some(at) => at,
+            None => {
+                let held = self.prefixes[i].capacity;
+                self.arena.release(from, held);
+                if let Some(at) = self.arena.alloc_at(from, capacity) {
+                    self.prefixes.swap_remove(i);
+                    return Some((at, reused));
+                }
+                // Held again: the range was free a moment ago.
+                if self.arena.alloc_at(from, held).is_none() {
+                    self.prefixes.swap_remove(i);
+                }
+                let at = alloc_evicting(&mut self.arena, &mut self.prefixes, capacity)?;
+                if !self.prefixes.iter().any(|p| p.kv_start == from) {
+                    // Evicted too: its slots may be the new range's.
+                    return Some((at, 0));
+                }
+                at
+            }
+        };
+        // A failed copy only costs the prefill.
+        let copied = self.engine.backend.kv_copy(&mut self.kv, self.engine.heads(), from, at, reused).is_ok();
+        Some((at, if copied { reused } else { 0 }))
+    }
+
+    /// Keeps a finished sequence's keys and values for later prompts, or frees its slots.
+    fn finish_slots(&mut self, s: GenSeq) {
+        // The cache holds the prompt, and every generated token but the last (never fed back).
+        let whole_prompt = s.prefilled == s.req.prompt.len();
+        let mut tokens = s.req.prompt;
+        tokens.truncate(s.prefilled);
+        if whole_prompt {
+            tokens.extend(s.tokens.iter().take(s.tokens.len().saturating_sub(1)));
+        }
+        if !self.cfg.prefix_cache || tokens.len() < 2 {
+            self.arena.release(s.kv_start, s.capacity);
+            return;
+        }
+        self.clock += 1;
+        let prefix = CachedPrefix { kv_start: s.kv_start, capacity: s.capacity, prompt_len: s.prefilled, tokens, steering: s.req.steering, used: self.clock };
+        // Older prefixes that this one extends are no longer needed.
+        let mut i = 0;
+        while i < self.prefixes.len() {
+            let p = &self.prefixes[i];
+            if same_steering(&p.steering, &prefix.steering) && p.prompt_len <= prefix.prompt_len && prefix.tokens.starts_with(&p.tokens) {
+                let p = self.prefixes.swap_remove(i);
+                self.arena.release(p.kv_start, p.capacity);
+            } else {
+                i += 1;
+            }
+        }
+        self.prefixes.push(prefix);
+    }
+
     /// Runs one forward pass over whatever is ready. Returns None when there was nothing to do.
     pub fn step(&mut self) -> Result<Option<StepReport>> {
         if self.cfg.check_interrupt {
             crate::interrupt::check()?;
         }
+        self.cached_tokens = 0;
         self.admit();
         let started = Instant::now();
         let budget = self.cfg.max_batch_tokens;
         let mut entries = Vec::new();
-        let mut report = StepReport::default();
+        let mut report = StepReport { cached_tokens: self.cached_tokens, ..StepReport::default() };
         // Decode rows first: every running sequence past its prompt advances each step.
         for (i, s) in self.running.iter().enumerate() {
             if s.prefilled == s.req.prompt.len() {
@@ -497,7 +655,7 @@ impl<'e, B: Backend> Scheduler<'e, B> {
                 if rows + len > budget && !alone {
                     break 'jobs;
                 }
-                let Some(kv_start) = self.arena.alloc(len) else { break 'jobs };
+                let Some(kv_start) = alloc_evicting(&mut self.arena, &mut self.prefixes, len) else { break 'jobs };
                 capture_slots.push((kv_start, len));
                 entries.push(Entry::Capture { job: j, seq, kv_start });
                 rows += len;
@@ -710,7 +868,7 @@ impl<'e, B: Backend> Scheduler<'e, B> {
             if let Some(reason) = finish {
                 let mut s = self.running.swap_remove(i);
                 s.listener.event(GenEvent::Finished(reason));
-                self.arena.release(s.kv_start, s.capacity);
+                self.finish_slots(s);
             } else {
                 i += 1;
             }
@@ -749,6 +907,28 @@ impl<'e, B: Backend> Scheduler<'e, B> {
         for &j in jobs.iter().rev() {
             let mut job = self.captures.remove(j);
             job.listener.done(Err(CaptureFailure::Failed(e.replicate())));
+        }
+    }
+}
+
+/// `len` slots from the arena, evicting the least recently used cached prefixes until they fit.
+/// Nothing is evicted where even evicting every prefix would not make room: the request waits
+/// for running sequences to finish, and the cache stays whole.
+fn alloc_evicting(arena: &mut SlotArena, prefixes: &mut Vec<CachedPrefix>, len: usize) -> Option<usize> {
+    if let Some(at) = arena.alloc(len) {
+        return Some(at);
+    }
+    let mut trial = arena.clone();
+    for p in prefixes.iter() {
+        trial.release(p.kv_start, p.capacity);
+    }
+    trial.alloc(len)?;
+    loop {
+        let oldest = prefixes.iter().enumerate().min_by_key(|(_, p)| p.used).map(|(i, _)| i)?;
+        let p = prefixes.swap_remove(oldest);
+        arena.release(p.kv_start, p.capacity);
+        if let Some(at) = arena.alloc(len) {
+            return Some(at);
         }
     }
 }
@@ -839,6 +1019,8 @@ pub struct Collected {
     pub tokens: Vec<TokenOut>,
     pub finish: Option<FinishReason>,
     pub error: Option<Error>,
+    /// Prompt tokens taken from the prefix cache when the request was admitted.
+    pub cached_tokens: usize,
 }
 
 impl Collect {
@@ -859,6 +1041,10 @@ impl Collect {
 impl GenListener for Collect {
     fn gone(&self) -> bool {
         self.1.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn admitted(&mut self, cached_tokens: usize) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).cached_tokens = cached_tokens;
     }
 
     fn event(&mut self, event: GenEvent) -> bool {
@@ -927,6 +1113,8 @@ impl<B: Backend> Engine<B> {
             max_running: prompts.len().max(1),
             kv_slots,
             check_interrupt: true,
+            // Every prompt is admitted at once: none starts after another finished.
+            prefix_cache: false,
         };
         let mut sched = Scheduler::new(self, cfg)?;
         let mut outs = Vec::with_capacity(prompts.len());
@@ -1014,6 +1202,40 @@ mod tests {
         assert_eq!(a.free, vec![(0, 10)]);
         assert_eq!(a.alloc(10), Some(0));
         assert_eq!(a.alloc(1), None);
+    }
+
+    #[test]
+    fn prefixes_are_evicted_oldest_first_and_only_where_that_makes_room() {
+        let prefix = |kv_start, capacity, used| CachedPrefix { kv_start, capacity, tokens: Vec::new(), prompt_len: 0, steering: None, used };
+        // A running sequence at 0..20; cached prefixes at 20..40 (older) and 40..64.
+        let mut a = SlotArena::new(64);
+        assert_eq!(a.alloc(20), Some(0));
+        assert_eq!(a.alloc_at(20, 20), Some(20));
+        assert_eq!(a.alloc_at(40, 24), Some(40));
+        let mut cached = vec![prefix(40, 24, 2), prefix(20, 20, 1)];
+        // 45 slots would not fit even with both evicted: both stay.
+        assert_eq!(alloc_evicting(&mut a, &mut cached, 45), None);
+        assert_eq!(cached.len(), 2);
+        // 16 fit once the older one is gone.
+        assert_eq!(alloc_evicting(&mut a, &mut cached, 16), Some(20));
+        assert_eq!(cached.iter().map(|p| p.kv_start).collect::<Vec<_>>(), [40]);
+        assert_eq!(alloc_evicting(&mut a, &mut cached, 20), Some(36));
+        assert!(cached.is_empty());
+    }
+
+    #[test]
+    fn arena_allocates_at_a_given_start_only_where_free() {
+        let mut a = SlotArena::new(64);
+        assert_eq!(a.alloc(20), Some(0));
+        assert_eq!(a.alloc_at(10, 5), None);
+        assert_eq!(a.alloc_at(30, 10), Some(30));
+        assert_eq!(a.free, vec![(20, 10), (40, 24)]);
+        assert_eq!(a.alloc_at(35, 10), None);
+        assert_eq!(a.alloc_at(40, 24), Some(40));
+        assert_eq!(a.alloc_at(40, 1), None);
+        a.release(0, 20);
+        assert_eq!(a.alloc_at(0, 30), Some(0));
+        assert_eq!(a.free, vec![]);
     }
 
     #[test]

@@ -52,12 +52,15 @@ pub struct Metrics {
     pub request_errors: Counter,
     pub rejected_queue_full: Counter,
     pub prompt_tokens: Counter,
+    pub cached_prompt_tokens: Counter,
     pub generation_tokens: Counter,
     pub steered_requests: Counter,
     pub hidden_state_requests: Counter,
     pub passes: Counter,
     pub running: AtomicU64,
     pub queued: AtomicU64,
+    pub cached_prefixes: AtomicU64,
+    pub cached_prefix_tokens: AtomicU64,
     pub rows_per_pass: Histogram,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
@@ -71,12 +74,15 @@ impl Default for Metrics {
             request_errors: Counter::default(),
             rejected_queue_full: Counter::default(),
             prompt_tokens: Counter::default(),
+            cached_prompt_tokens: Counter::default(),
             generation_tokens: Counter::default(),
             steered_requests: Counter::default(),
             hidden_state_requests: Counter::default(),
             passes: Counter::default(),
             running: AtomicU64::new(0),
             queued: AtomicU64::new(0),
+            cached_prefixes: AtomicU64::new(0),
+            cached_prefix_tokens: AtomicU64::new(0),
             rows_per_pass: Histogram::new((0..13).map(|k| (1u64 << k) as f64).collect()),
             time_to_first_token: latency(),
             inter_token_latency: latency(),
@@ -87,11 +93,12 @@ impl Default for Metrics {
 impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &Counter); 8] = [
+        let counters: [(&str, &str, &Counter); 9] = [
             ("resid_requests_total", "Requests received on the API routes.", &self.requests),
             ("resid_request_errors_total", "Requests answered with an error status.", &self.request_errors),
             ("resid_requests_rejected_queue_full_total", "Requests refused with 429 because the queue was full.", &self.rejected_queue_full),
             ("resid_prompt_tokens_total", "Prompt tokens of admitted requests.", &self.prompt_tokens),
+            ("resid_prompt_tokens_cached_total", "Prompt tokens taken from the prefix cache instead of prefilled.", &self.cached_prompt_tokens),
             ("resid_generation_tokens_total", "Tokens generated.", &self.generation_tokens),
             ("resid_steered_requests_total", "Requests with steering.", &self.steered_requests),
             ("resid_hidden_state_requests_total", "Hidden-state (extraction) requests.", &self.hidden_state_requests),
@@ -103,6 +110,8 @@ impl Metrics {
         for (name, help, g) in [
             ("resid_requests_running", "Sequences generating and capture jobs under way.", &self.running),
             ("resid_requests_queued", "Requests waiting for admission.", &self.queued),
+            ("resid_prefix_cache_sequences", "Finished sequences whose keys and values the prefix cache holds.", &self.cached_prefixes),
+            ("resid_prefix_cache_tokens", "Tokens whose keys and values the prefix cache holds.", &self.cached_prefix_tokens),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", g.load(Ordering::Relaxed));
         }

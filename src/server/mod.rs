@@ -40,6 +40,8 @@ pub struct ServeConfig {
     pub max_running: usize,
     pub max_queue: usize,
     pub kv_budget_mib: usize,
+    /// Keep finished sequences' keys and values for prompts that begin with their tokens.
+    pub prefix_cache: bool,
     pub served_model_name: String,
     /// Largest request body, in bytes (413 beyond).
     pub max_body_bytes: usize,
@@ -66,6 +68,7 @@ impl ServeConfig {
             max_running: 64,
             max_queue: 256,
             kv_budget_mib: 1024,
+            prefix_cache: true,
             served_model_name,
             max_body_bytes: 32 << 20,
             max_n: 16,
@@ -211,7 +214,7 @@ pub fn serve<B: Backend + Send + Sync + 'static>(engine: Engine<B>, mut cfg: Ser
     if kv_slots < 2 {
         return Err(Error::input(format!("--kv-budget-mib {}: holds {kv_slots} tokens of this model's KV cache; give more", cfg.kv_budget_mib)));
     }
-    let sched_cfg = SchedConfig { max_batch_tokens: cfg.max_batch_tokens, max_running: cfg.max_running, kv_slots, check_interrupt: false };
+    let sched_cfg = SchedConfig { max_batch_tokens: cfg.max_batch_tokens, max_running: cfg.max_running, kv_slots, check_interrupt: false, prefix_cache: cfg.prefix_cache };
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = std::sync::mpsc::channel::<Command>();
     let stop = Arc::new(AtomicBool::new(false));
@@ -326,6 +329,7 @@ fn scheduler_loop<B: Backend>(
                 metrics.passes.add(1);
                 metrics.rows_per_pass.observe(r.rows as f64);
                 metrics.generation_tokens.add(r.generated_tokens as u64);
+                metrics.cached_prompt_tokens.add(r.cached_tokens as u64);
             }
             Ok(None) => {
                 if !sched.is_idle() {
@@ -337,6 +341,9 @@ fn scheduler_loop<B: Backend>(
         }
         metrics.running.store(sched.running() as u64, Ordering::Relaxed);
         metrics.queued.store(sched.queued() as u64, Ordering::Relaxed);
+        let (prefixes, cached_tokens) = sched.cached_prefixes();
+        metrics.cached_prefixes.store(prefixes as u64, Ordering::Relaxed);
+        metrics.cached_prefix_tokens.store(cached_tokens as u64, Ordering::Relaxed);
     }
 }
 

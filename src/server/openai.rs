@@ -16,7 +16,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
@@ -161,6 +161,9 @@ struct Job {
     sampling: Sampling,
     deadline: Instant,
     timeout: f64,
+    /// Per prompt, the most of its tokens that one of its choices found in the prefix cache
+    /// (`usage.prompt_tokens_details.cached_tokens`).
+    cached: Arc<Vec<AtomicUsize>>,
 }
 
 fn tokenize(app: &App, input: &PromptInput, what: &str) -> ApiResult<Vec<u32>> {
@@ -227,7 +230,8 @@ fn prepare(app: &App, params: GenParams, kind: Kind) -> ApiResult<Job> {
     };
     let stop_tokens = if params.ignore_eos { Vec::new() } else { app.model.stop_tokens().to_vec() };
     let timeout = params.timeout.unwrap_or(app.request_timeout).min(app.request_timeout.max(0.001));
-    Ok(Job { kind, prompts, max_tokens, steering, probes, stop_tokens, sampling, deadline: Instant::now() + Duration::from_secs_f64(timeout), timeout, params })
+    let cached = Arc::new(prompts.iter().map(|_| AtomicUsize::new(0)).collect());
+    Ok(Job { kind, prompts, max_tokens, steering, probes, stop_tokens, sampling, deadline: Instant::now() + Duration::from_secs_f64(timeout), timeout, params, cached })
 }
 
 /// Sends a choice's events to its request's handler.
@@ -236,6 +240,8 @@ struct ChannelListener {
     tx: UnboundedSender<(usize, GenEvent)>,
     cancel: Arc<AtomicBool>,
     ticket: Option<QueueTicket>,
+    /// Its prompt's entry of [`Job::cached`].
+    cached: (Arc<Vec<AtomicUsize>>, usize),
 }
 
 impl GenListener for ChannelListener {
@@ -245,8 +251,12 @@ impl GenListener for ChannelListener {
     fn gone(&self) -> bool {
         self.cancel.load(Ordering::Relaxed) || self.tx.is_closed()
     }
-    fn admitted(&mut self) {
+    fn admitted(&mut self, cached_tokens: usize) {
         self.ticket = None;
+        // Read after the choice's last event, which the channel orders after this.
+        if let Some(c) = self.cached.0.get(self.cached.1) {
+            c.fetch_max(cached_tokens, Ordering::Relaxed);
+        }
     }
 }
 
@@ -276,7 +286,7 @@ fn submit(app: &App, job: &Job) -> ApiResult<Submitted> {
                 logprobs: job.params.logprobs,
                 deadline: Some(job.deadline),
             };
-            let listener = ChannelListener { index: p * n + c, tx: tx.clone(), cancel: flag, ticket: tickets.pop() };
+            let listener = ChannelListener { index: p * n + c, tx: tx.clone(), cancel: flag, ticket: tickets.pop(), cached: (job.cached.clone(), p) };
             app.send(Command::Gen(Box::new(req), Box::new(listener)))?;
         }
     }
@@ -414,7 +424,11 @@ fn chat_logprobs(entries: &[TokenLogprob]) -> Value {
 fn usage(job: &Job, choices: &[Choice]) -> Value {
     let prompt: usize = job.prompts.iter().map(Vec::len).sum();
     let completion: usize = choices.iter().map(|c| c.tokens.len()).sum();
-    json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion })
+    let cached: usize = job.cached.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+    json!({
+        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+        "prompt_tokens_details": { "cached_tokens": cached },
+    })
 }
 
 async fn generate(app: Arc<App>, job: Job) -> Response {

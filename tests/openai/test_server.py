@@ -124,6 +124,18 @@ def test_chat_stream_equals_whole_answer(server):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_next_turn_reports_cached_prompt_tokens(server):
+    """A conversation's next turn starts from the first turn's cached keys and values; the client
+    reads how many prompt tokens that covered from OpenAI's usage.prompt_tokens_details."""
+    c = server.client()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is kindness?"}]
+    first = c.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=12, temperature=0)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "And fairness?"}]
+    second = c.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=12, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens
+
+
 def test_steering_and_probes_in_extra_body(server):
     c = server.client()
     messages = [{"role": "user", "content": "Tell me about power."}]

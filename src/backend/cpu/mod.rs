@@ -678,6 +678,29 @@ impl Backend for CpuBackend {
         })
     }
 
+    fn kv_copy(&self, kv: &mut CpuKv, heads: Heads, from: usize, to: usize, len: usize) -> Result<()> {
+        let (kvd, hd) = (heads.kv_heads * heads.head_dim, heads.head_dim);
+        let slots = kv.v.first().map_or(0, |v| v.len() / kvd.max(1));
+        if from.max(to) + len > slots || from.abs_diff(to) < len {
+            return Err(crate::error::Error::input(format!("KV copy of {len} slots from {from} to {to} in an arena of {slots}")));
+        }
+        for (k, v) in kv.k.iter_mut().zip(kv.v.iter_mut()) {
+            // A slot's keys are strided by the block (`attention::key_at`); its values lie in
+            // one run per head (`attention::value_at`).
+            for i in 0..len {
+                let (src, dst) = (attention::key_at(from + i, kvd, 0, 1), attention::key_at(to + i, kvd, 0, 1));
+                for e in 0..kvd {
+                    k[dst + e * attention::KEY_BLOCK] = k[src + e * attention::KEY_BLOCK];
+                }
+            }
+            for g in 0..heads.kv_heads {
+                let src = attention::value_at(from, slots, g, hd);
+                v.copy_within(src..src + len * hd, attention::value_at(to, slots, g, hd));
+            }
+        }
+        Ok(())
+    }
+
     fn to_host(&self, a: &CpuAct) -> Result<Vec<f32>> {
         Ok(a.row_major().into_owned())
     }

@@ -674,6 +674,24 @@ impl Backend for CudaBackend {
         Ok(CudaKv { stored_layers: n, k, v })
     }
 
+    fn kv_copy(&self, kv: &mut CudaKv, heads: Heads, from: usize, to: usize, len: usize) -> Result<()> {
+        let kvd = heads.kv_heads * heads.head_dim;
+        let slots = kv.k.first().map_or(0, |k| k.len() / kvd.max(1));
+        if from.max(to) + len > slots || from.abs_diff(to) < len {
+            return Err(Error::input(format!("KV copy of {len} slots from {from} to {to} in an arena of {slots}")));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        // Rows of `kvd` values, slot after slot; through a temporary, as one buffer cannot lend
+        // a source and a destination view at once.
+        for buf in kv.k.iter_mut().chain(kv.v.iter_mut()) {
+            let part = self.stream.clone_dtod(&buf.slice(from * kvd..(from + len) * kvd)).map_err(dev_err("device copy"))?;
+            self.stream.memcpy_dtod(&part, &mut buf.slice_mut(to * kvd..(to + len) * kvd)).map_err(dev_err("device copy"))?;
+        }
+        Ok(())
+    }
+
     fn to_host(&self, a: &CudaAct) -> Result<Vec<f32>> {
         let n = a.rows * a.cols;
         Ok(match &a.buf {
