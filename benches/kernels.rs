@@ -12,7 +12,9 @@
 //! `layer` (one whole decoder layer through the backend: 1 and 512 tokens) and `stats_fold`
 //! (`resid stats`' f64 fold of 2,048 captured rows into one point's mean and second moments;
 //! FLOPs are the upper triangle's multiply-adds × 2) and `sampling` (one token from a 49,152-token
-//! logits row: greedy, temperature, top-p, top-k, log-probabilities).
+//! logits row: greedy, temperature, top-p, top-k, log-probabilities) and `kv_copy` (the prefix
+//! cache's copy of 256 cached tokens' keys and values, all 30 layers, to an aligned and to an
+//! unaligned start; elements are tokens).
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use resid::backend::cpu::gemm::{self, Compute, PackedMatrix};
 use resid::backend::cpu::{attention, residual, CpuBackend, CpuMatrix};
@@ -286,9 +288,20 @@ fn bench_sampling(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_kv_copy(c: &mut Criterion) {
+    let (layers, slots, kvd) = (30, 2048, HEADS.kv_heads * HEADS.head_dim);
+    let mut kv = CpuBackend.kv(layers, slots, kvd).expect("KV arena");
+    let mut g = c.benchmark_group("kv_copy");
+    g.throughput(Throughput::Elements(256));
+    for (name, to) in [("aligned", 256usize), ("unaligned", 263)] {
+        g.bench_function(name, |b| b.iter(|| CpuBackend.kv_copy(&mut kv, HEADS, black_box(0), to, 256).expect("in the arena")));
+    }
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2)).sample_size(20)
 }
 
-criterion_group! { name = benches; config = config(); targets = bench_gemm_f32, bench_gemm_streamed, bench_gemm_bf16, bench_attention, bench_residual, bench_layer, bench_weight_staging, bench_stats_fold, bench_sampling }
+criterion_group! { name = benches; config = config(); targets = bench_gemm_f32, bench_gemm_streamed, bench_gemm_bf16, bench_attention, bench_residual, bench_layer, bench_weight_staging, bench_stats_fold, bench_sampling, bench_kv_copy }
 criterion_main!(benches);
