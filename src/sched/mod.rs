@@ -175,6 +175,11 @@ impl SlotArena {
         Some(at)
     }
 
+    /// Free slots from `start` on without a gap (0 where `start` is taken).
+    fn free_from(&self, start: usize) -> usize {
+        self.free.iter().find(|&&(s, l)| s <= start && start < s + l).map_or(0, |&(s, l)| s + l - start)
+    }
+
     /// `len` slots at `start`, if they are free.
     fn alloc_at(&mut self, start: usize, len: usize) -> Option<usize> {
         let i = self.free.iter().position(|&(s, l)| s <= start && start + len <= s + l)?;
@@ -295,8 +300,6 @@ pub struct Scheduler<'e, B: Backend> {
     prefixes: Vec<CachedPrefix>,
     /// Counts admissions and retirements, for [`CachedPrefix::used`].
     clock: u64,
-    /// [`StepReport::cached_tokens`] of the step under way.
-    cached_tokens: usize,
 }
 
 impl<'e, B: Backend> Scheduler<'e, B> {
@@ -316,7 +319,6 @@ impl<'e, B: Backend> Scheduler<'e, B> {
             captures: Vec::new(),
             prefixes: Vec::new(),
             clock: 0,
-            cached_tokens: 0,
         })
     }
 
@@ -440,8 +442,9 @@ impl<'e, B: Backend> Scheduler<'e, B> {
         Ok(())
     }
 
-    /// Drops expired and abandoned requests, then admits waiting ones while they fit.
-    fn admit(&mut self) {
+    /// Drops expired and abandoned requests, then admits waiting ones while they fit. Returns
+    /// the prompt tokens that admitted requests took from the prefix cache.
+    fn admit(&mut self) -> usize {
         let now = Instant::now();
         let expired = |d: Option<Instant>| d.is_some_and(|d| now >= d);
         // Waiting requests that expired or whose client left.
@@ -501,6 +504,7 @@ impl<'e, B: Backend> Scheduler<'e, B> {
             true
         });
         // First come, first served: a request that does not fit holds back those behind it.
+        let mut cached_tokens = 0;
         while let Some(front) = self.waiting.front() {
             match front {
                 Waiting::Gen(req, _) if req.max_new_tokens == 0 => {
@@ -521,7 +525,7 @@ impl<'e, B: Backend> Scheduler<'e, B> {
                         break;
                     };
                     listener.admitted(cached);
-                    self.cached_tokens += cached;
+                    cached_tokens += cached;
                     let sampler = Sampler::new(req.sampling, req.stream);
                     self.running.push(GenSeq { req: *req, listener, sampler, kv_start, capacity, prefilled: cached, tokens: Vec::new() });
                 }
@@ -532,6 +536,7 @@ impl<'e, B: Backend> Scheduler<'e, B> {
                 }
             }
         }
+        cached_tokens
     }
 
     /// Slots for a generation request of `capacity` slots, and how many of its prompt's tokens
@@ -555,14 +560,10 @@ impl<'e, B: Backend> Scheduler<'e, B> {
             Some(at) => at,
             None => {
                 let held = self.prefixes[i].capacity;
-                self.arena.release(from, held);
-                if let Some(at) = self.arena.alloc_at(from, capacity) {
+                if self.arena.free_from(from + held) >= capacity.saturating_sub(held) {
                     self.prefixes.swap_remove(i);
-                    return Some((at, reused));
-                }
-                // Held again: the range was free a moment ago.
-                if self.arena.alloc_at(from, held).is_none() {
-                    self.prefixes.swap_remove(i);
+                    self.arena.release(from, held);
+                    return self.arena.alloc_at(from, capacity).map(|at| (at, reused));
                 }
                 let at = alloc_evicting(&mut self.arena, &mut self.prefixes, capacity)?;
                 if !self.prefixes.iter().any(|p| p.kv_start == from) {
@@ -611,12 +612,11 @@ impl<'e, B: Backend> Scheduler<'e, B> {
         if self.cfg.check_interrupt {
             crate::interrupt::check()?;
         }
-        self.cached_tokens = 0;
-        self.admit();
+        let cached_tokens = self.admit();
         let started = Instant::now();
         let budget = self.cfg.max_batch_tokens;
         let mut entries = Vec::new();
-        let mut report = StepReport { cached_tokens: self.cached_tokens, ..StepReport::default() };
+        let mut report = StepReport { cached_tokens, ..StepReport::default() };
         // Decode rows first: every running sequence past its prompt advances each step.
         for (i, s) in self.running.iter().enumerate() {
             if s.prefilled == s.req.prompt.len() {
@@ -1233,6 +1233,7 @@ mod tests {
         assert_eq!(a.alloc_at(35, 10), None);
         assert_eq!(a.alloc_at(40, 24), Some(40));
         assert_eq!(a.alloc_at(40, 1), None);
+        assert_eq!((a.free_from(20), a.free_from(25), a.free_from(30)), (10, 5, 0));
         a.release(0, 20);
         assert_eq!(a.alloc_at(0, 30), Some(0));
         assert_eq!(a.free, vec![]);
